@@ -1,0 +1,408 @@
+//! The verification pipeline of one shard:
+//! known producer → content hash → nonce layout → timestamp skew →
+//! batched Ed25519 → payload rules → nonce uniqueness.
+//! (Decoding and size limits happen at the source; the per-producer rate
+//! limit at mempool admission, where one thread sees every producer's txs.)
+//!
+//! Shards are chosen by a hash of the nonce, so a nonce is always checked by
+//! the same shard and the nonce cache needs no sharing. A nonce is recorded
+//! only after its signature verified: forged events cannot burn nonces.
+
+use super::Incoming;
+use crate::crypto::{self, BatchItem, PublicKey};
+use crate::dlq::{RejectReason, Rejection};
+use crate::event::{parse_payload, signed_len, write_signed_bytes};
+use crate::mempool::VerifiedTx;
+use crate::{sha256, Hash32};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+/// What every shard checks against (shared, read-only).
+#[derive(Debug, Clone)]
+pub struct VerifyPolicy {
+    pub producers: HashSet<PublicKey>,
+    pub skew_ms: u64,
+    pub nonce_ttl_ms: u64,
+}
+
+/// Nonces seen within their TTL.
+#[derive(Default)]
+pub struct NonceCache {
+    seen: HashMap<[u8; 16], u64>,
+    order: VecDeque<(u64, [u8; 16])>,
+}
+
+impl NonceCache {
+    /// Records `nonce`; false if it was already there.
+    pub fn insert(&mut self, nonce: [u8; 16], ts: u64) -> bool {
+        if self.seen.contains_key(&nonce) {
+            return false;
+        }
+        self.seen.insert(nonce, ts);
+        self.order.push_back((ts, nonce));
+        true
+    }
+
+    /// Forgets nonces whose timestamp is older than `horizon_ms`.
+    pub fn expire(&mut self, horizon_ms: u64) {
+        while let Some(&(ts, n)) = self.order.front() {
+            if ts >= horizon_ms {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&n);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// Per-shard verifier state.
+pub struct Verifier {
+    policy: Arc<VerifyPolicy>,
+    nonces: NonceCache,
+}
+
+/// Shard index for a nonce (stable across runs and validators).
+pub fn shard_of(nonce: &[u8; 16], shards: usize) -> usize {
+    // The last 4 bytes are random per event; mix in the rest for safety.
+    let h = u64::from_le_bytes(nonce[8..16].try_into().unwrap())
+        ^ u64::from_le_bytes(nonce[..8].try_into().unwrap()).rotate_left(17);
+    (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % shards
+}
+
+fn reject(inc: &Incoming, reason: RejectReason, detail: String) -> Rejection {
+    Rejection {
+        reason,
+        detail,
+        origin: inc.origin.to_string(),
+        original: inc.event.encode(),
+    }
+}
+
+impl Verifier {
+    pub fn new(policy: Arc<VerifyPolicy>) -> Self {
+        Verifier {
+            policy,
+            nonces: NonceCache::default(),
+        }
+    }
+
+    pub fn nonce_cache_len(&self) -> usize {
+        self.nonces.len()
+    }
+
+    /// Verifies a batch at wall-clock time `now_ms`. Every input ends up in
+    /// exactly one of `admitted` or `rejected`.
+    pub fn process(
+        &mut self,
+        batch: Vec<Incoming>,
+        now_ms: u64,
+        received_ms: u64,
+        admitted: &mut Vec<VerifiedTx>,
+        rejected: &mut Vec<Rejection>,
+    ) {
+        let p = &*self.policy;
+        self.nonces
+            .expire(now_ms.saturating_sub(p.nonce_ttl_ms.max(p.skew_ms)));
+        // Cheap checks first; keep survivors with their signed bytes.
+        let mut cand: Vec<(Incoming, Vec<u8>)> = Vec::with_capacity(batch.len());
+        for inc in batch {
+            let ev = &inc.event;
+            if !p.producers.contains(&ev.producer) {
+                let d = format!("producer {} is not configured", hex::encode(ev.producer));
+                rejected.push(reject(&inc, RejectReason::UnknownProducer, d));
+                continue;
+            }
+            if sha256(&ev.payload) != ev.content_hash {
+                rejected.push(reject(
+                    &inc,
+                    RejectReason::ContentHashMismatch,
+                    "content_hash is not SHA-256(payload)".into(),
+                ));
+                continue;
+            }
+            if ev.nonce[..8] != ev.timestamp_ms.to_be_bytes() || ev.nonce[8..12] != ev.producer[..4]
+            {
+                rejected.push(reject(
+                    &inc,
+                    RejectReason::NonceMismatch,
+                    "nonce must be u64 BE timestamp_ms || producer key[0..4] || 4 random bytes"
+                        .into(),
+                ));
+                continue;
+            }
+            if ev.timestamp_ms + p.skew_ms < now_ms {
+                let d = format!(
+                    "timestamp {} is {} ms old, tolerance {} ms",
+                    ev.timestamp_ms,
+                    now_ms - ev.timestamp_ms,
+                    p.skew_ms
+                );
+                rejected.push(reject(&inc, RejectReason::Stale, d));
+                continue;
+            }
+            if ev.timestamp_ms > now_ms + p.skew_ms {
+                let d = format!(
+                    "timestamp {} is {} ms ahead, tolerance {} ms",
+                    ev.timestamp_ms,
+                    ev.timestamp_ms - now_ms,
+                    p.skew_ms
+                );
+                rejected.push(reject(&inc, RejectReason::Future, d));
+                continue;
+            }
+            let mut sb = Vec::with_capacity(signed_len(ev.kind.domain().len()));
+            write_signed_bytes(
+                &mut sb,
+                ev.kind.domain(),
+                ev.timestamp_ms,
+                &ev.nonce,
+                &ev.id,
+                &ev.content_hash,
+            );
+            cand.push((inc, sb));
+        }
+        // One batched signature check for all survivors.
+        let verdicts = {
+            let items: Vec<BatchItem> = cand
+                .iter()
+                .map(|(inc, sb)| BatchItem {
+                    key: &inc.event.producer,
+                    msg: sb,
+                    sig: &inc.event.signature,
+                })
+                .collect();
+            crypto::verify_batch(&items)
+        };
+        for ((inc, sb), verdict) in cand.into_iter().zip(verdicts) {
+            if let Err(e) = verdict {
+                rejected.push(reject(&inc, RejectReason::BadSignature, e.to_string()));
+                continue;
+            }
+            if let Err(d) = parse_payload(inc.event.kind, &inc.event.payload) {
+                rejected.push(reject(&inc, RejectReason::InvalidPayload, d));
+                continue;
+            }
+            if !self.nonces.insert(inc.event.nonce, inc.event.timestamp_ms) {
+                rejected.push(reject(
+                    &inc,
+                    RejectReason::ReplayedNonce,
+                    format!("nonce {} already seen", hex::encode(inc.event.nonce)),
+                ));
+                continue;
+            }
+            let tx_hash: Hash32 = sha256(&sb);
+            admitted.push(VerifiedTx {
+                event: Arc::new(inc.event),
+                tx_hash,
+                received_ms,
+            });
+        }
+    }
+}
+
+/// Per-producer token buckets (manual: MEMPOOL_RATE_PER_SECOND). Time is
+/// passed in, so the limiter is deterministic under test.
+pub struct RateLimiter {
+    rate_per_s: f64,
+    burst: f64,
+    buckets: HashMap<PublicKey, (f64, u64)>,
+}
+
+impl RateLimiter {
+    /// `rate_per_s == 0` disables limiting; `burst == 0` means one second's worth.
+    pub fn new(rate_per_s: u32, burst: u32) -> Self {
+        let burst = if burst == 0 { rate_per_s } else { burst };
+        RateLimiter {
+            rate_per_s: rate_per_s as f64,
+            burst: burst as f64,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one token for `producer` at `now_ms`.
+    pub fn allow(&mut self, producer: &PublicKey, now_ms: u64) -> bool {
+        if self.rate_per_s == 0.0 {
+            return true;
+        }
+        let (tokens, last) = self
+            .buckets
+            .entry(*producer)
+            .or_insert((self.burst, now_ms));
+        let elapsed = now_ms.saturating_sub(*last) as f64 / 1000.0;
+        *tokens = (*tokens + elapsed * self.rate_per_s).min(self.burst);
+        *last = now_ms.max(*last);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{sample_anomaly_payload, Event, TxKind};
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    struct Fx {
+        key: crypto::SigningKey,
+        v: Verifier,
+    }
+
+    fn fx() -> Fx {
+        let key = crypto::generate_key();
+        let policy = VerifyPolicy {
+            producers: [crypto::public_key(&key)].into_iter().collect(),
+            skew_ms: 300_000,
+            nonce_ttl_ms: 900_000,
+        };
+        Fx {
+            key,
+            v: Verifier::new(Arc::new(policy)),
+        }
+    }
+
+    fn ev(k: &crypto::SigningKey, i: u64, ts: u64) -> Event {
+        Event::sign(
+            TxKind::Anomaly,
+            k,
+            (i as u128).to_be_bytes(),
+            sample_anomaly_payload(i, 300),
+            ts,
+            (i as u32).to_be_bytes(),
+        )
+    }
+
+    fn run(v: &mut Verifier, evs: Vec<Event>) -> (Vec<VerifiedTx>, Vec<Rejection>) {
+        let (mut a, mut r) = (vec![], vec![]);
+        v.process(
+            evs.into_iter()
+                .map(|event| Incoming {
+                    event,
+                    origin: "test".into(),
+                })
+                .collect(),
+            NOW,
+            NOW,
+            &mut a,
+            &mut r,
+        );
+        (a, r)
+    }
+
+    #[test]
+    fn every_reason_is_detected() {
+        let mut f = fx();
+        let good = ev(&f.key, 1, NOW);
+        let mut unknown = ev(&crypto::generate_key(), 2, NOW);
+        unknown.nonce[8..12].copy_from_slice(&unknown.producer[..4]);
+        let mut hash = ev(&f.key, 3, NOW);
+        hash.payload[0] ^= 1;
+        let mut nonce = ev(&f.key, 4, NOW);
+        nonce.nonce[9] ^= 1;
+        let stale = ev(&f.key, 5, NOW - 301_000);
+        let future = ev(&f.key, 6, NOW + 301_000);
+        let mut sig = ev(&f.key, 7, NOW);
+        sig.signature[5] ^= 1;
+        let payload = Event::sign(
+            TxKind::Anomaly,
+            &f.key,
+            [8; 16],
+            vec![0x08, 0x00],
+            NOW,
+            [8; 4],
+        );
+        let replay = good.clone();
+        let (a, r) = run(
+            &mut f.v,
+            vec![
+                good.clone(),
+                unknown,
+                hash,
+                nonce,
+                stale,
+                future,
+                sig,
+                payload,
+                replay,
+            ],
+        );
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].tx_hash, good.tx_hash());
+        let reasons: Vec<_> = r.iter().map(|r| r.reason).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                RejectReason::UnknownProducer,
+                RejectReason::ContentHashMismatch,
+                RejectReason::NonceMismatch,
+                RejectReason::Stale,
+                RejectReason::Future,
+                RejectReason::BadSignature,
+                RejectReason::InvalidPayload,
+                RejectReason::ReplayedNonce,
+            ]
+        );
+        // The original bytes travel with the rejection.
+        assert!(Event::decode(TxKind::Anomaly, &r[0].original, &Default::default()).is_ok());
+        // A replay in a later batch is caught too.
+        let (a, r) = run(&mut f.v, vec![good]);
+        assert!(a.is_empty());
+        assert_eq!(r[0].reason, RejectReason::ReplayedNonce);
+    }
+
+    #[test]
+    fn forged_event_does_not_burn_the_nonce() {
+        let mut f = fx();
+        let good = ev(&f.key, 1, NOW);
+        let mut forged = good.clone();
+        forged.signature[0] ^= 1;
+        let (a, r) = run(&mut f.v, vec![forged]);
+        assert!(a.is_empty() && r[0].reason == RejectReason::BadSignature);
+        let (a, _) = run(&mut f.v, vec![good]);
+        assert_eq!(a.len(), 1);
+    }
+
+    #[test]
+    fn rate_limiter_refills() {
+        let mut rl = RateLimiter::new(10, 2);
+        let p = [1u8; 32];
+        assert!(rl.allow(&p, 0));
+        assert!(rl.allow(&p, 0));
+        assert!(!rl.allow(&p, 0));
+        assert!(rl.allow(&p, 100), "one token after 100 ms at 10/s");
+        assert!(!rl.allow(&p, 100));
+        assert!(RateLimiter::new(0, 0).allow(&p, 0));
+    }
+
+    #[test]
+    fn nonce_cache_expires() {
+        let mut c = NonceCache::default();
+        assert!(c.insert([1; 16], 10));
+        assert!(!c.insert([1; 16], 10));
+        c.expire(11);
+        assert!(c.is_empty());
+        assert!(c.insert([1; 16], 20));
+    }
+
+    #[test]
+    fn shards_spread() {
+        let mut counts = [0usize; 4];
+        for i in 0u32..4000 {
+            let mut n = [0u8; 16];
+            n[12..].copy_from_slice(&i.to_le_bytes());
+            counts[shard_of(&n, 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
+    }
+}

@@ -1,0 +1,35 @@
+//! CyberMesh validator: signed security alerts in, one BFT-agreed order out.
+//!
+//! One module per stage of the data flow (see README "Design"):
+//! `ingest` (decode, verify, DLQ reasons) → `mempool` → `block` (builder) →
+//! `state` (deterministic state machine, Merkle root) → `store` (block store),
+//! wired on threads by `runtime`; `node` is the sans-I/O core that owns the
+//! mempool, the builder and the state machine.
+
+pub mod block;
+pub mod config;
+pub mod crypto;
+pub mod dlq;
+pub mod event;
+pub mod ingest;
+pub mod mempool;
+pub mod node;
+pub mod runtime;
+pub mod state;
+pub mod store;
+
+/// Generated protobuf types (`proto/cybermesh/v1/*.proto`).
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/cybermesh.v1.rs"));
+}
+
+/// SHA-256 digest.
+pub type Hash32 = [u8; 32];
+
+/// SHA-256 of `data`.
+#[inline]
+pub fn sha256(data: &[u8]) -> Hash32 {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}

@@ -1,0 +1,614 @@
+//! Runtime: the validator's threads and the rings between them.
+//!
+//! ```text
+//! direct source ─ one reader thread per connection: frame → decode → route by hash(nonce)
+//!        │  Ring<Vec<Incoming>> per shard
+//!        ▼
+//! verify shard × N (pinned when configured): checks → batched Ed25519 → nonces
+//!        │  Ring<Vec<VerifiedTx>> per shard            rejections ─► DLQ thread
+//!        ▼
+//! core thread (single owner): Node (mempool, builder, state) → block store (fsync)
+//!        │  committed blocks
+//!        ▼
+//! subscribers (direct clients' writer threads)
+//! ```
+//! Each stage owns its data; rings are bounded, so a slow stage stops the
+//! one before it and, finally, the TCP reader: backpressure, never growth.
+
+pub mod ring;
+
+use crate::block::Block;
+use crate::config::{IdlePolicy, Validated};
+use crate::dlq::{DlqFileSink, RejectCounters, RejectReason, Rejection};
+use crate::event::{Event, Limits, TxKind};
+use crate::ingest::direct;
+use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
+use crate::ingest::Incoming;
+use crate::mempool::VerifiedTx;
+use crate::node::{self, Node, NodeConfig, Output};
+use crate::state::State;
+use crate::store::BlockStore;
+use crate::{crypto, proto};
+use anyhow::{bail, Context};
+use prost::Message;
+use ring::{idle_wait, Doorbell, Ring};
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Wall-clock milliseconds since the Unix epoch (the runtime's only clock).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Counters published by the stages (lock-free), for logs and metrics.
+#[derive(Default)]
+pub struct RuntimeStats {
+    pub received: AtomicU64,
+    pub verified: AtomicU64,
+    pub rejected: RejectCounters,
+    pub duplicates: AtomicU64,
+    pub height: AtomicU64,
+    pub committed_txs: AtomicU64,
+    pub mempool_size: AtomicU64,
+    pub mempool_bytes: AtomicU64,
+}
+
+type CommitSubscribers = Mutex<Vec<SyncSender<Arc<Vec<u8>>>>>;
+
+struct Shared {
+    stop: Arc<AtomicBool>,
+    idle: IdlePolicy,
+    limits: Limits,
+    batch: usize,
+    shard_in: Vec<Arc<Ring<Vec<Incoming>>>>,
+    dlq: SyncSender<Rejection>,
+    stats: Arc<RuntimeStats>,
+    subscribers: CommitSubscribers,
+    conns: Mutex<Vec<TcpStream>>,
+}
+
+/// A running validator. Drop or `shutdown` to stop it.
+pub struct Running {
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    core: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    listen: std::net::SocketAddr,
+    pub stats: Arc<RuntimeStats>,
+}
+
+impl Running {
+    pub fn direct_addr(&self) -> std::net::SocketAddr {
+        self.listen
+    }
+
+    /// Blocks until `stop` is raised (e.g. by SIGTERM) and the threads end.
+    pub fn wait(mut self) -> anyhow::Result<()> {
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            if self.core.as_ref().is_some_and(|c| c.is_finished()) {
+                break;
+            }
+            std::thread::park_timeout(Duration::from_millis(200));
+        }
+        self.shutdown()
+    }
+
+    /// Stops every thread: sources first, then shards drain, then the core.
+    pub fn shutdown(&mut self) -> anyhow::Result<()> {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for c in self.shared.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = TcpStream::connect(self.listen); // wake the acceptor
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        match self.core.take() {
+            Some(c) => c
+                .join()
+                .map_err(|_| anyhow::anyhow!("core thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+fn pin(core: Option<usize>, what: &str) {
+    if let Some(c) = core {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: c }) {
+            tracing::warn!(core = c, thread = what, "could not pin thread to core");
+        }
+    }
+}
+
+/// Starts a validator from a validated config. Returns once it listens.
+pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
+    let c = &v.config;
+    let strict_key_mode = c.node.environment == crate::config::Environment::Production;
+    let key = crypto::read_key_file(&c.node.key_file, strict_key_mode).with_context(|| {
+        format!(
+            "loading the validator key (node.key_file / CONTROL_SIGNING_KEY_PATH = {})",
+            c.node.key_file.display()
+        )
+    })?;
+    let me = crypto::public_key(&key);
+    match v.validators.get(&c.node.id) {
+        Some(k) if *k == me => {}
+        Some(k) => bail!(
+            "the key in {} has public key {}, but VALIDATOR_{}_PUBKEY_HEX is {}: point node.key_file at validator {}'s key or fix the public key",
+            c.node.key_file.display(),
+            hex::encode(me),
+            c.node.id,
+            hex::encode(k),
+            c.node.id
+        ),
+        None => bail!("validator {} has no public key configured", c.node.id),
+    }
+    if v.validators.len() != 1 {
+        bail!("this build runs a single validator (N = 1); {} validators are configured in CONSENSUS_NODES: multi-validator PBFT is not available yet", v.validators.len());
+    }
+    if c.ingest.source != crate::config::SourceKind::Direct {
+        bail!("INGEST_SOURCE=kafka is not available in this build yet; use INGEST_SOURCE=direct");
+    }
+    let limits = c.limits();
+    std::fs::create_dir_all(&c.node.data_dir)
+        .with_context(|| format!("creating data dir {}", c.node.data_dir.display()))?;
+
+    // Recover: open the block store and re-execute it into the state.
+    let (store, rec) = BlockStore::open(&c.node.data_dir, limits)?;
+    let mut state = State::new(c.state_config());
+    for h in 1..=store.height() {
+        let (b, _) = store.read(h)?.expect("indexed block exists");
+        node::replay(&mut state, &b).map_err(anyhow::Error::msg)?;
+    }
+    tracing::info!(height = store.height(), truncated_bytes = rec.truncated_bytes, state_root = %hex::encode(state.root()), "block store recovered");
+
+    let stats = Arc::new(RuntimeStats::default());
+    stats.height.store(store.height(), Ordering::Relaxed);
+    let (dlq_tx, dlq_rx) = sync_channel::<Rejection>(8192);
+    let core_bell = Arc::new(Doorbell::default());
+    let shards = c.runtime.verify_shards;
+    let shard_bells: Vec<Arc<Doorbell>> =
+        (0..shards).map(|_| Arc::new(Doorbell::default())).collect();
+    let shard_in: Vec<Arc<Ring<Vec<Incoming>>>> = shard_bells
+        .iter()
+        .map(|b| Arc::new(Ring::new(c.runtime.ring_capacity, b.clone())))
+        .collect();
+    let shard_out: Vec<Arc<Ring<Vec<VerifiedTx>>>> = (0..shards)
+        .map(|_| Arc::new(Ring::new(c.runtime.ring_capacity, core_bell.clone())))
+        .collect();
+
+    let listener = TcpListener::bind(&c.ingest.direct_listen).with_context(|| {
+        format!(
+            "binding the direct source on {} (DIRECT_LISTEN_ADDR)",
+            c.ingest.direct_listen
+        )
+    })?;
+    let listen = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        stop: stop.clone(),
+        idle: c.runtime.idle,
+        limits,
+        batch: c.runtime.verify_batch,
+        shard_in: shard_in.clone(),
+        dlq: dlq_tx.clone(),
+        stats: stats.clone(),
+        subscribers: Mutex::new(vec![]),
+        conns: Mutex::new(vec![]),
+    });
+    let mut threads = vec![];
+
+    // DLQ writer.
+    let mut sink = DlqFileSink::open(&c.node.data_dir.join("dlq.jsonl"), c.node.id.to_string())
+        .context("opening the DLQ file")?;
+    let st = stats.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("dlq".into())
+            .spawn(move || dlq_loop(dlq_rx, &mut sink, &st))?,
+    );
+
+    // Verify shards.
+    let policy = Arc::new(VerifyPolicy {
+        producers: v.producers.iter().copied().collect(),
+        skew_ms: c.ingest.max_timestamp_skew.as_millis() as u64,
+        nonce_ttl_ms: c.ingest.nonce_ttl.as_millis() as u64,
+    });
+    for i in 0..shards {
+        let (input, output, bell, sh, pol) = (
+            shard_in[i].clone(),
+            shard_out[i].clone(),
+            shard_bells[i].clone(),
+            shared.clone(),
+            policy.clone(),
+        );
+        let core = c
+            .runtime
+            .pin_cores
+            .then(|| c.runtime.verify_cores.get(i).copied())
+            .flatten();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("verify-{i}"))
+                .spawn(move || {
+                    pin(core, "verify");
+                    shard_loop(Verifier::new(pol), &input, &output, &bell, &sh)
+                })?,
+        );
+    }
+
+    // Core.
+    let ncfg = NodeConfig {
+        builder: c.builder(),
+        mempool: c.mempool_config(),
+        rate_per_second: c.mempool.rate_per_second,
+        rate_burst: c.mempool.rate_burst,
+        proposer: me,
+    };
+    let last = store.last_header().cloned();
+    let node = Node::new(ncfg, state, last, now_ms());
+    let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
+    let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
+    let core = std::thread::Builder::new()
+        .name("core".into())
+        .spawn(move || {
+            pin(core_pin, "core");
+            let r = core_loop(node, store, &outs, &bell, &sh);
+            if let Err(e) = &r {
+                tracing::error!(error = %format!("{e:#}"), "core stopped");
+                sh.stop.store(true, Ordering::SeqCst);
+            }
+            r
+        })?;
+
+    // Direct source acceptor.
+    let sh = shared.clone();
+    threads.push(
+        std::thread::Builder::new()
+            .name("direct-accept".into())
+            .spawn(move || accept_loop(listener, sh))?,
+    );
+    tracing::info!(addr = %listen, shards, "direct source listening");
+    Ok(Running {
+        shared,
+        threads,
+        core: Some(core),
+        listen,
+        stats,
+    })
+}
+
+fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqFileSink, stats: &RuntimeStats) {
+    while let Ok(r) = rx.recv() {
+        let mut next = Some(r);
+        while let Some(r) = next {
+            stats.rejected.add(r.reason);
+            tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, origin = %r.origin, "rejected");
+            if let Err(e) = sink.write(&r) {
+                tracing::error!(error = %e, "DLQ write failed");
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = sink.flush() {
+            tracing::error!(error = %e, "DLQ flush failed");
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
+    for conn in listener.incoming() {
+        if sh.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(conn) = conn else { continue };
+        let _ = conn.set_nodelay(true);
+        let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let (Ok(wconn), Ok(kconn)) = (conn.try_clone(), conn.try_clone()) else {
+            continue;
+        };
+        sh.conns.lock().unwrap().push(kconn);
+        let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(4096);
+        sh.subscribers.lock().unwrap().push(tx);
+        let _ = std::thread::Builder::new()
+            .name("direct-write".into())
+            .spawn(move || {
+                let mut w = BufWriter::new(wconn);
+                while let Ok(frame) = rx.recv() {
+                    if w.write_all(&frame).is_err() {
+                        return;
+                    }
+                    while let Ok(f) = rx.try_recv() {
+                        if w.write_all(&f).is_err() {
+                            return;
+                        }
+                    }
+                    if w.flush().is_err() {
+                        return;
+                    }
+                }
+            });
+        let sh2 = sh.clone();
+        let _ = std::thread::Builder::new()
+            .name("direct-read".into())
+            .spawn(move || read_loop(conn, format!("direct:{peer}").into(), &sh2));
+    }
+}
+
+fn send_reject(sh: &Shared, reason: RejectReason, detail: String, origin: &str, original: &[u8]) {
+    let keep = original.len().min(sh.limits.max_event_bytes);
+    let _ = sh.dlq.send(Rejection {
+        reason,
+        detail,
+        origin: origin.to_string(),
+        original: original[..keep].to_vec(),
+    });
+}
+
+/// One connection: frames → decoded events → per-shard batches.
+fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
+    let mut r = BufReader::with_capacity(256 * 1024, conn);
+    let n = sh.shard_in.len();
+    let mut batches: Vec<Vec<Incoming>> = (0..n).map(|_| Vec::with_capacity(sh.batch)).collect();
+    let flush = |batches: &mut Vec<Vec<Incoming>>, i: usize| -> bool {
+        let b = std::mem::replace(&mut batches[i], Vec::with_capacity(sh.batch));
+        sh.shard_in[i].push(b, sh.idle, &sh.stop).is_ok()
+    };
+    loop {
+        let frame = match direct::read_frame(&mut r, sh.limits.max_event_bytes + 1) {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(_) => break,
+        };
+        sh.stats.received.fetch_add(1, Ordering::Relaxed);
+        let body = match frame {
+            Ok(b) => b,
+            Err(len) => {
+                send_reject(
+                    sh,
+                    RejectReason::Oversized,
+                    format!(
+                        "frame of {len} bytes exceeds {}; connection closed",
+                        sh.limits.max_event_bytes + 1
+                    ),
+                    &origin,
+                    &[],
+                );
+                break;
+            }
+        };
+        let Some((&tag, bytes)) = body.split_first() else {
+            send_reject(
+                sh,
+                RejectReason::Malformed,
+                "empty frame".into(),
+                &origin,
+                &body,
+            );
+            continue;
+        };
+        let Some(kind) = TxKind::from_tag(tag) else {
+            send_reject(
+                sh,
+                RejectReason::Malformed,
+                format!("unknown kind tag {tag} (1 anomaly, 2 evidence, 3 policy)"),
+                &origin,
+                &body,
+            );
+            continue;
+        };
+        match Event::decode(kind, bytes, &sh.limits) {
+            Ok(event) => {
+                let i = shard_of(&event.nonce, n);
+                batches[i].push(Incoming {
+                    event,
+                    origin: origin.clone(),
+                });
+                if batches[i].len() >= sh.batch && !flush(&mut batches, i) {
+                    return;
+                }
+            }
+            Err((reason, detail)) => send_reject(sh, reason, detail, &origin, bytes),
+        }
+        // Nothing more buffered: hand partial batches on rather than wait.
+        if r.buffer().is_empty() {
+            for i in 0..n {
+                if !batches[i].is_empty() && !flush(&mut batches, i) {
+                    return;
+                }
+            }
+        }
+    }
+    for i in 0..n {
+        if !batches[i].is_empty() {
+            let _ = flush(&mut batches, i);
+        }
+    }
+}
+
+fn shard_loop(
+    mut v: Verifier,
+    input: &Ring<Vec<Incoming>>,
+    output: &Ring<Vec<VerifiedTx>>,
+    bell: &Doorbell,
+    sh: &Shared,
+) {
+    loop {
+        let mut batch: Vec<Incoming> = Vec::new();
+        while batch.len() < sh.batch {
+            match input.pop() {
+                Some(mut b) => batch.append(&mut b),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            if sh.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            idle_wait(sh.idle, bell, Duration::from_millis(100), || {
+                !input.is_empty()
+            });
+            continue;
+        }
+        let now = now_ms();
+        let (mut ok, mut bad) = (Vec::with_capacity(batch.len()), Vec::new());
+        v.process(batch, now, now, &mut ok, &mut bad);
+        sh.stats
+            .verified
+            .fetch_add(ok.len() as u64, Ordering::Relaxed);
+        for r in bad {
+            let _ = sh.dlq.send(r);
+        }
+        if !ok.is_empty() && output.push(ok, sh.idle, &sh.stop).is_err() {
+            return;
+        }
+    }
+}
+
+fn commit_frame(block: &Block) -> Arc<Vec<u8>> {
+    let m = proto::DirectCommit {
+        height: block.header.height,
+        block_hash: block.hash().to_vec(),
+        timestamp_ms: block.header.timestamp_ms,
+        nonces: block.txs.iter().map(|t| t.nonce.to_vec()).collect(),
+    };
+    let mut buf = Vec::with_capacity(m.encoded_len() + 4);
+    direct::write_frame(&mut buf, &m.encode_to_vec()).expect("vec write");
+    Arc::new(buf)
+}
+
+fn core_loop(
+    mut node: Node,
+    mut store: BlockStore,
+    inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
+    bell: &Doorbell,
+    sh: &Shared,
+) -> anyhow::Result<()> {
+    let mut out: Vec<Output> = Vec::new();
+    let mut last_log = now_ms();
+    loop {
+        let now = now_ms();
+        let mut worked = false;
+        for ring in inputs {
+            while node.has_room() {
+                let Some(batch) = ring.pop() else { break };
+                node.on_txs(now, batch, &mut out);
+                worked = true;
+            }
+        }
+        node.on_tick(now, &mut out);
+        while !out.is_empty() {
+            for o in std::mem::take(&mut out) {
+                match o {
+                    Output::Reject(r) => {
+                        let _ = sh.dlq.send(r);
+                    }
+                    Output::PersistBlock(b) => {
+                        store.append(&[(&b, None)]).context(
+                            "block store append failed; stopping (restart recovers the store)",
+                        )?;
+                        node.on_block_durable(now_ms(), b.header.height, &mut out);
+                        worked = true;
+                    }
+                    Output::Committed { block, receipts } => {
+                        sh.stats
+                            .height
+                            .store(block.header.height, Ordering::Relaxed);
+                        sh.stats
+                            .committed_txs
+                            .fetch_add(block.txs.len() as u64, Ordering::Relaxed);
+                        tracing::debug!(
+                            height = block.header.height,
+                            txs = block.txs.len(),
+                            rejected = receipts
+                                .iter()
+                                .filter(|r| r.status != crate::state::TxStatus::Applied)
+                                .count(),
+                            "committed"
+                        );
+                        let frame = commit_frame(&block);
+                        sh.subscribers.lock().unwrap().retain(|s| {
+                            match s.try_send(frame.clone()) {
+                                Ok(()) => true,
+                                Err(TrySendError::Full(_)) => {
+                                    tracing::warn!("direct subscriber too slow; dropping it");
+                                    false
+                                }
+                                Err(TrySendError::Disconnected(_)) => false,
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        let s = node.stats();
+        sh.stats.duplicates.store(s.duplicates, Ordering::Relaxed);
+        sh.stats
+            .mempool_size
+            .store(node.mempool_len() as u64, Ordering::Relaxed);
+        sh.stats
+            .mempool_bytes
+            .store(node.mempool_bytes() as u64, Ordering::Relaxed);
+        if now >= last_log + 5000 {
+            last_log = now;
+            tracing::info!(
+                height = node.height(),
+                committed_txs = s.committed_txs,
+                mempool = node.mempool_len(),
+                rejected = sh.stats.rejected.total(),
+                duplicates = s.duplicates,
+                "progress"
+            );
+        }
+        if sh.stop.load(Ordering::Relaxed) && inputs.iter().all(|r| r.is_empty()) {
+            return Ok(());
+        }
+        if !worked {
+            let wait = node
+                .next_deadline_ms()
+                .map_or(100, |d| d.saturating_sub(now_ms()).clamp(1, 100));
+            let room = node.has_room();
+            idle_wait(sh.idle, bell, Duration::from_millis(wait), || {
+                room && inputs.iter().any(|r| !r.is_empty())
+            });
+        }
+    }
+}
+
+/// Sets up logging per the config (idempotent).
+pub fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+/// `cybermesh run`: load and validate the config, start, run until SIGINT/SIGTERM.
+pub fn run_blocking(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let cfg = crate::config::Config::load(config)?;
+    init_logging(&cfg.log.level, cfg.log.format == "json");
+    let v = cfg.validate()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    let running = start(v, stop)?;
+    running.wait()?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! Bounded lock-free rings between stages, with a wake-up that costs nothing
+//! while the consumer is busy.
+//!
+//! A consumer that finds all its rings empty either spins (`IdlePolicy::Spin`)
+//! or parks on its `Doorbell` (`Park`, the default). Producers ring the
+//! doorbell after a push only when someone is waiting on it (one atomic load
+//! otherwise). A full ring makes the producer wait: that is the backpressure.
+
+use crate::config::IdlePolicy;
+use crossbeam_queue::ArrayQueue;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Wakes a parked thread. Cheap to ring when nobody sleeps.
+#[derive(Default)]
+pub struct Doorbell {
+    waiters: AtomicUsize,
+    rung: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Doorbell {
+    pub fn ring(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            *self.rung.lock().unwrap() = true;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Waits until rung or `timeout`, unless `ready()` already holds once the
+    /// waiter is registered (closes the lost-wake-up window).
+    pub fn wait(&self, timeout: Duration, ready: impl Fn() -> bool) {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        if !ready() {
+            let mut rung = self.rung.lock().unwrap();
+            if !*rung {
+                rung = self.cv.wait_timeout(rung, timeout).unwrap().0;
+            }
+            *rung = false;
+        }
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits for `ready()` according to the idle policy, at most `timeout`.
+pub fn idle_wait(policy: IdlePolicy, bell: &Doorbell, timeout: Duration, ready: impl Fn() -> bool) {
+    match policy {
+        IdlePolicy::Spin => {
+            for _ in 0..256 {
+                if ready() {
+                    return;
+                }
+                std::hint::spin_loop();
+            }
+            std::thread::yield_now();
+        }
+        IdlePolicy::Park => bell.wait(timeout, ready),
+    }
+}
+
+/// A bounded multi-producer ring whose consumer parks on `consumer_bell`.
+pub struct Ring<T> {
+    q: ArrayQueue<T>,
+    consumer_bell: Arc<Doorbell>,
+    producer_bell: Doorbell,
+}
+
+impl<T> Ring<T> {
+    pub fn new(capacity: usize, consumer_bell: Arc<Doorbell>) -> Self {
+        Ring {
+            q: ArrayQueue::new(capacity),
+            consumer_bell,
+            producer_bell: Doorbell::default(),
+        }
+    }
+
+    /// Pushes, waiting while the ring is full. Returns the item back if
+    /// `stop` is raised while waiting.
+    pub fn push(&self, mut item: T, idle: IdlePolicy, stop: &AtomicBool) -> Result<(), T> {
+        loop {
+            match self.q.push(item) {
+                Ok(()) => {
+                    self.consumer_bell.ring();
+                    return Ok(());
+                }
+                Err(back) => {
+                    item = back;
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(item);
+                    }
+                    idle_wait(idle, &self.producer_bell, Duration::from_millis(50), || {
+                        !self.q.is_full()
+                    });
+                }
+            }
+        }
+    }
+
+    pub fn pop(&self) -> Option<T> {
+        let v = self.q.pop();
+        if v.is_some() {
+            self.producer_bell.ring();
+        }
+        v
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+    pub fn capacity(&self) -> usize {
+        self.q.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_ring_blocks_producer_until_consumer_pops() {
+        let bell = Arc::new(Doorbell::default());
+        let ring = Arc::new(Ring::new(2, bell.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        ring.push(1, IdlePolicy::Park, &stop).unwrap();
+        ring.push(2, IdlePolicy::Park, &stop).unwrap();
+        let (r2, s2) = (ring.clone(), stop.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            r2.push(3, IdlePolicy::Park, &s2).unwrap();
+            tx.send(()).unwrap();
+        });
+        // The producer cannot finish while the ring is full.
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        assert_eq!(ring.pop(), Some(1));
+        rx.recv().unwrap();
+        h.join().unwrap();
+        let mut got = vec![];
+        while let Some(v) = ring.pop() {
+            got.push(v);
+        }
+        assert_eq!(got, vec![2, 3]);
+    }
+
+    #[test]
+    fn parked_consumer_wakes_on_push() {
+        let bell = Arc::new(Doorbell::default());
+        let ring = Arc::new(Ring::new(8, bell.clone()));
+        let r2 = ring.clone();
+        let h = std::thread::spawn(move || {
+            let mut got = vec![];
+            while got.len() < 100 {
+                match r2.pop() {
+                    Some(v) => got.push(v),
+                    // Long timeout: a lost wake-up would make the test hang, not pass.
+                    None => bell.wait(Duration::from_secs(30), || !r2.is_empty()),
+                }
+            }
+            got
+        });
+        let stop = AtomicBool::new(false);
+        for i in 0..100 {
+            ring.push(i, IdlePolicy::Park, &stop).unwrap();
+        }
+        assert_eq!(h.join().unwrap(), (0..100).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,499 @@
+//! Deterministic state machine: executes committed transactions and keeps a
+//! Merkle state root.
+//!
+//! No clocks, I/O or randomness here: the block timestamp is passed in, and
+//! every validator that executes the same blocks reaches the same root.
+//! Signatures are not checked again (the verify shards did, once).
+//!
+//! State keys (first byte is the table):
+//! * `a` + anomaly id (16)   → `u64 BE height || tx_hash || AnomalyPayload`
+//! * `e` + evidence id (16)  → `u64 BE height || tx_hash || EvidencePayload`
+//! * `p` + policy_id (UTF-8) → `u64 BE height || tx_hash || PolicyPayload` (latest wins)
+//! * `n` + nonce (16)        → `u64 BE timestamp_ms` (replay protection, pruned after the TTL)
+//! * `r` + producer key (32) → `u64 BE accepted || u64 BE rejected`
+
+pub mod merkle;
+
+use crate::event::{parse_payload, Event, TxKind};
+use crate::{proto, sha256, Hash32};
+use merkle::SparseMerkleTree;
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, Copy)]
+pub struct StateConfig {
+    /// A nonce is remembered this long after its timestamp; an older tx is expired.
+    pub nonce_ttl_ms: u64,
+    /// A tx may be at most this far ahead of the block timestamp.
+    pub future_skew_ms: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            nonce_ttl_ms: 15 * 60_000,
+            future_skew_ms: 5 * 60_000,
+        }
+    }
+}
+
+/// Result of one transaction. Rejected transactions stay in the block (the
+/// block is valid), consume their nonce and count against their producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    Applied,
+    Rejected(&'static str),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub tx_hash: Hash32,
+    pub status: TxStatus,
+}
+
+/// What executing a block did; `undo` rolls it back.
+#[derive(Debug)]
+pub struct Executed {
+    pub state_root: Hash32,
+    pub receipts: Vec<Receipt>,
+    pub undo: Undo,
+}
+
+/// Previous values of the keys a block changed, plus the height before it.
+#[derive(Debug, Default)]
+pub struct Undo {
+    prev: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    height: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("snapshot root mismatch: snapshot says {expected}, its entries hash to {actual}")]
+    RootMismatch { expected: String, actual: String },
+    #[error("snapshot is malformed: {0}")]
+    Malformed(String),
+}
+
+pub struct State {
+    cfg: StateConfig,
+    kv: BTreeMap<Vec<u8>, Vec<u8>>,
+    tree: SparseMerkleTree,
+    nonce_index: BTreeSet<(u64, [u8; 16])>,
+    height: u64,
+}
+
+fn nonce_key(n: &[u8; 16]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(b'n');
+    k.extend_from_slice(n);
+    k
+}
+
+fn record(height: u64, tx_hash: &Hash32, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(40 + payload.len());
+    v.extend_from_slice(&height.to_be_bytes());
+    v.extend_from_slice(tx_hash);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Writes of one block, applied to `kv` as they happen and to the tree once.
+struct Batch<'a> {
+    kv: &'a mut BTreeMap<Vec<u8>, Vec<u8>>,
+    undo: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Batch<'_> {
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        let old = self.kv.insert(k.clone(), v);
+        self.undo.entry(k).or_insert(old);
+    }
+    fn delete(&mut self, k: &[u8]) {
+        if let Some(old) = self.kv.remove(k) {
+            self.undo.entry(k.to_vec()).or_insert(Some(old));
+        }
+    }
+    fn get(&self, k: &[u8]) -> Option<&Vec<u8>> {
+        self.kv.get(k)
+    }
+}
+
+impl State {
+    pub fn new(cfg: StateConfig) -> Self {
+        State {
+            cfg,
+            kv: BTreeMap::new(),
+            tree: SparseMerkleTree::new(),
+            nonce_index: BTreeSet::new(),
+            height: 0,
+        }
+    }
+
+    pub fn root(&self) -> Hash32 {
+        self.tree.root()
+    }
+    pub fn height(&self) -> u64 {
+        self.height
+    }
+    pub fn len(&self) -> usize {
+        self.kv.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.kv.is_empty()
+    }
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.kv.get(key).map(|v| v.as_slice())
+    }
+    pub fn has_nonce(&self, nonce: &[u8; 16]) -> bool {
+        self.kv.contains_key(&nonce_key(nonce))
+    }
+    /// Merkle proof for `key` against `root()`.
+    pub fn prove(&self, key: &[u8]) -> merkle::Proof {
+        self.tree.prove(&sha256(key))
+    }
+
+    /// Executes block `height` with timestamp `timestamp_ms`. `txs` carry
+    /// their tx hashes (computed once upstream).
+    pub fn execute_block(
+        &mut self,
+        height: u64,
+        timestamp_ms: u64,
+        txs: &[(&Event, Hash32)],
+    ) -> Executed {
+        assert_eq!(height, self.height + 1, "blocks execute in height order");
+        let mut b = Batch {
+            kv: &mut self.kv,
+            undo: BTreeMap::new(),
+        };
+        // Forget nonces past their TTL: a tx that old is refused as expired anyway.
+        let horizon = timestamp_ms.saturating_sub(self.cfg.nonce_ttl_ms);
+        while let Some(&(ts, n)) = self.nonce_index.first() {
+            if ts >= horizon {
+                break;
+            }
+            self.nonce_index.pop_first();
+            b.delete(&nonce_key(&n));
+        }
+        let mut receipts = Vec::with_capacity(txs.len());
+        let mut producer_delta: BTreeMap<[u8; 32], (u64, u64)> = BTreeMap::new();
+        for (ev, tx_hash) in txs {
+            let status = Self::apply_tx(&mut b, &self.cfg, height, timestamp_ms, ev, tx_hash);
+            if status != TxStatus::Rejected("replayed_nonce")
+                && status != TxStatus::Rejected("expired")
+            {
+                b.put(nonce_key(&ev.nonce), ev.timestamp_ms.to_be_bytes().to_vec());
+                self.nonce_index.insert((ev.timestamp_ms, ev.nonce));
+            }
+            let d = producer_delta.entry(ev.producer).or_default();
+            match status {
+                TxStatus::Applied => d.0 += 1,
+                TxStatus::Rejected(_) => d.1 += 1,
+            }
+            receipts.push(Receipt {
+                tx_hash: *tx_hash,
+                status,
+            });
+        }
+        for (p, (acc, rej)) in producer_delta {
+            let mut k = vec![b'r'];
+            k.extend_from_slice(&p);
+            let (a0, r0) = b
+                .get(&k)
+                .map(|v| {
+                    (
+                        u64::from_be_bytes(v[..8].try_into().unwrap()),
+                        u64::from_be_bytes(v[8..16].try_into().unwrap()),
+                    )
+                })
+                .unwrap_or((0, 0));
+            let mut v = (a0 + acc).to_be_bytes().to_vec();
+            v.extend_from_slice(&(r0 + rej).to_be_bytes());
+            b.put(k, v);
+        }
+        let undo_map = std::mem::take(&mut b.undo);
+        let updates: Vec<merkle::Update> = undo_map
+            .keys()
+            .map(|k| (sha256(k), self.kv.get(k).map(|v| sha256(v))))
+            .collect();
+        self.tree.apply(updates);
+        let undo = Undo {
+            prev: undo_map.into_iter().collect(),
+            height: self.height,
+        };
+        self.height = height;
+        Executed {
+            state_root: self.tree.root(),
+            receipts,
+            undo,
+        }
+    }
+
+    fn apply_tx(
+        b: &mut Batch<'_>,
+        cfg: &StateConfig,
+        height: u64,
+        now: u64,
+        ev: &Event,
+        tx_hash: &Hash32,
+    ) -> TxStatus {
+        if ev.timestamp_ms.saturating_add(cfg.nonce_ttl_ms) <= now {
+            return TxStatus::Rejected("expired");
+        }
+        if ev.timestamp_ms > now.saturating_add(cfg.future_skew_ms) {
+            return TxStatus::Rejected("future");
+        }
+        if b.get(&nonce_key(&ev.nonce)).is_some() {
+            return TxStatus::Rejected("replayed_nonce");
+        }
+        let payload = match parse_payload(ev.kind, &ev.payload) {
+            Ok(p) => p,
+            Err(_) => return TxStatus::Rejected("invalid_payload"),
+        };
+        let key = match (ev.kind, &payload) {
+            (TxKind::Anomaly, _) => [&[b'a'][..], &ev.id].concat(),
+            (TxKind::Evidence, _) => [&[b'e'][..], &ev.id].concat(),
+            (TxKind::Policy, crate::event::Payload::Policy(p)) => {
+                [&[b'p'][..], p.policy_id.as_bytes()].concat()
+            }
+            (TxKind::Policy, _) => unreachable!("parse_payload returns the kind's payload"),
+        };
+        if ev.kind != TxKind::Policy && b.get(&key).is_some() {
+            return TxStatus::Rejected("duplicate_id");
+        }
+        b.put(key, record(height, tx_hash, &ev.payload));
+        TxStatus::Applied
+    }
+
+    /// Rolls back the last executed block (its proposal was abandoned).
+    pub fn rollback(&mut self, undo: Undo) {
+        let mut updates = Vec::with_capacity(undo.prev.len());
+        for (k, old) in undo.prev {
+            if k.first() == Some(&b'n') {
+                let n: [u8; 16] = k[1..].try_into().expect("nonce key");
+                if let Some(v) = self.kv.get(&k) {
+                    self.nonce_index
+                        .remove(&(u64::from_be_bytes(v[..8].try_into().unwrap()), n));
+                }
+                if let Some(v) = &old {
+                    self.nonce_index
+                        .insert((u64::from_be_bytes(v[..8].try_into().unwrap()), n));
+                }
+            }
+            updates.push((sha256(&k), old.as_ref().map(|v| sha256(v))));
+            match old {
+                Some(v) => self.kv.insert(k, v),
+                None => self.kv.remove(&k),
+            };
+        }
+        self.tree.apply(updates);
+        self.height = undo.height;
+    }
+
+    pub fn snapshot(&self, block_hash: Hash32) -> proto::StateSnapshot {
+        proto::StateSnapshot {
+            height: self.height,
+            state_root: self.root().to_vec(),
+            block_hash: block_hash.to_vec(),
+            entries: self
+                .kv
+                .iter()
+                .map(|(k, v)| proto::StateEntry {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Restores a snapshot and re-verifies its root.
+    pub fn restore(snap: &proto::StateSnapshot, cfg: StateConfig) -> Result<State, StateError> {
+        let mut s = State::new(cfg);
+        let mut updates = Vec::with_capacity(snap.entries.len());
+        for e in &snap.entries {
+            if e.key.first() == Some(&b'n') {
+                let n: [u8; 16] = e.key[1..]
+                    .try_into()
+                    .map_err(|_| StateError::Malformed("nonce key length".into()))?;
+                let ts: [u8; 8] = e
+                    .value
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StateError::Malformed("nonce value length".into()))?;
+                s.nonce_index.insert((u64::from_be_bytes(ts), n));
+            }
+            updates.push((sha256(&e.key), Some(sha256(&e.value))));
+            s.kv.insert(e.key.clone(), e.value.clone());
+        }
+        s.tree.apply(updates);
+        if s.root().as_slice() != snap.state_root.as_slice() {
+            return Err(StateError::RootMismatch {
+                expected: hex::encode(&snap.state_root),
+                actual: hex::encode(s.root()),
+            });
+        }
+        s.height = snap.height;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto;
+    use crate::event::sample_anomaly_payload;
+    use prost::Message;
+
+    fn ev(k: &crypto::SigningKey, kind: TxKind, i: u64, ts: u64, payload: Vec<u8>) -> Event {
+        Event::sign(
+            kind,
+            k,
+            (i as u128).to_be_bytes(),
+            payload,
+            ts,
+            (i as u32).to_be_bytes(),
+        )
+    }
+
+    fn run(s: &mut State, h: u64, ts: u64, evs: &[Event]) -> Executed {
+        let txs: Vec<(&Event, Hash32)> = evs.iter().map(|e| (e, e.tx_hash())).collect();
+        s.execute_block(h, ts, &txs)
+    }
+
+    #[test]
+    fn deterministic_root_receipts_replay_and_ttl() {
+        let k = crypto::generate_key();
+        let t0 = 1_700_000_000_000u64;
+        let a = ev(&k, TxKind::Anomaly, 1, t0, sample_anomaly_payload(1, 300));
+        let b = ev(&k, TxKind::Anomaly, 2, t0, sample_anomaly_payload(2, 300));
+        let bad = ev(&k, TxKind::Anomaly, 3, t0, vec![0xff, 0xff]);
+        let pol = ev(
+            &k,
+            TxKind::Policy,
+            4,
+            t0,
+            proto::PolicyPayload {
+                policy_id: "p".into(),
+                action: "block".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let mut s1 = State::new(StateConfig::default());
+        let mut s2 = State::new(StateConfig::default());
+        let e1 = run(
+            &mut s1,
+            1,
+            t0 + 10,
+            &[a.clone(), b.clone(), bad.clone(), pol.clone()],
+        );
+        let e2 = run(
+            &mut s2,
+            1,
+            t0 + 10,
+            &[a.clone(), b.clone(), bad.clone(), pol.clone()],
+        );
+        assert_eq!(e1.state_root, e2.state_root);
+        let st: Vec<_> = e1.receipts.iter().map(|r| r.status).collect();
+        assert_eq!(
+            st,
+            vec![
+                TxStatus::Applied,
+                TxStatus::Applied,
+                TxStatus::Rejected("invalid_payload"),
+                TxStatus::Applied
+            ]
+        );
+        // Replay of the same nonce in a later block is refused.
+        let e = run(&mut s1, 2, t0 + 20, &[a.clone()]);
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected("replayed_nonce"));
+        // Same id, fresh nonce: duplicate id.
+        let a2 = Event::sign(
+            TxKind::Anomaly,
+            &k,
+            a.id,
+            sample_anomaly_payload(9, 300),
+            t0 + 5,
+            [9; 4],
+        );
+        let e = run(&mut s1, 3, t0 + 30, &[a2]);
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected("duplicate_id"));
+        // After the TTL the nonce is pruned and an old tx is expired, not replayed.
+        let late = t0 + StateConfig::default().nonce_ttl_ms + 1;
+        assert!(s1.has_nonce(&a.nonce));
+        let e = run(&mut s1, 4, late, &[]);
+        assert!(!s1.has_nonce(&a.nonce));
+        assert!(e.receipts.is_empty());
+        let e = run(&mut s1, 5, late + 1, &[a.clone()]);
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected("expired"));
+        let fut = ev(
+            &k,
+            TxKind::Anomaly,
+            77,
+            late + 10 * 60_000,
+            sample_anomaly_payload(77, 100),
+        );
+        assert_eq!(
+            run(&mut s1, 6, late + 2, &[fut]).receipts[0].status,
+            TxStatus::Rejected("future")
+        );
+    }
+
+    #[test]
+    fn rollback_restores_root_and_nonces() {
+        let k = crypto::generate_key();
+        let t0 = 1_000_000u64;
+        let mut s = State::new(StateConfig::default());
+        run(
+            &mut s,
+            1,
+            t0,
+            &[ev(
+                &k,
+                TxKind::Anomaly,
+                1,
+                t0,
+                sample_anomaly_payload(1, 100),
+            )],
+        );
+        let root1 = s.root();
+        let x = ev(&k, TxKind::Anomaly, 2, t0, sample_anomaly_payload(2, 100));
+        let e = run(&mut s, 2, t0 + 1, &[x.clone()]);
+        assert_ne!(e.state_root, root1);
+        s.rollback(e.undo);
+        assert_eq!(s.root(), root1);
+        assert_eq!(s.height(), 1);
+        assert!(!s.has_nonce(&x.nonce));
+        let again = run(&mut s, 2, t0 + 1, &[x]);
+        assert_eq!(again.receipts[0].status, TxStatus::Applied);
+        assert_eq!(again.state_root, e.state_root);
+    }
+
+    #[test]
+    fn snapshot_restores_and_rejects_tampering() {
+        let k = crypto::generate_key();
+        let mut s = State::new(StateConfig::default());
+        let evs: Vec<_> = (0..50)
+            .map(|i| ev(&k, TxKind::Anomaly, i, 5000, sample_anomaly_payload(i, 100)))
+            .collect();
+        run(&mut s, 1, 5000, &evs);
+        let snap = s.snapshot([7; 32]);
+        let bytes = snap.encode_to_vec();
+        let back = State::restore(
+            &proto::StateSnapshot::decode(&bytes[..]).unwrap(),
+            StateConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(back.root(), s.root());
+        assert_eq!(back.height(), 1);
+        assert!(back.has_nonce(&evs[3].nonce));
+        let mut bad = snap.clone();
+        bad.entries[5].value.push(0);
+        assert!(matches!(
+            State::restore(&bad, StateConfig::default()),
+            Err(StateError::RootMismatch { .. })
+        ));
+        // Proof of a key against the root.
+        let key = [&[b'a'][..], &evs[0].id].concat();
+        let v = sha256(s.get(&key).unwrap());
+        assert!(s.prove(&key).verify(&s.root(), &sha256(&key), Some(&v)));
+    }
+}
