@@ -131,13 +131,7 @@ impl BuilderConfig {
     /// Whether to cut a block now: a full block is cut at once; otherwise at
     /// least `min_txs` must wait and `build_interval` must have passed since
     /// the last block.
-    pub fn should_build(
-        &self,
-        pending_txs: usize,
-        pending_bytes: usize,
-        now_ms: u64,
-        last_block_ms: u64,
-    ) -> bool {
+    pub fn should_build(&self, pending_txs: usize, pending_bytes: usize, now_ms: u64, last_block_ms: u64) -> bool {
         if pending_txs == 0 || pending_txs < self.min_txs {
             return false;
         }
@@ -190,12 +184,9 @@ impl Block {
     }
 
     pub fn from_proto(p: proto::Block, limits: &Limits) -> Result<Block, BlockError> {
-        let h = p
-            .header
-            .ok_or_else(|| BlockError::Decode("missing header".into()))?;
+        let h = p.header.ok_or_else(|| BlockError::Decode("missing header".into()))?;
         let f32 = |name: &str, v: Vec<u8>| -> Result<Hash32, BlockError> {
-            v.try_into()
-                .map_err(|_| BlockError::Decode(format!("{name} must be 32 bytes")))
+            v.try_into().map_err(|_| BlockError::Decode(format!("{name} must be 32 bytes")))
         };
         let header = BlockHeader {
             height: h.height,
@@ -209,23 +200,14 @@ impl Block {
         };
         let mut txs = Vec::with_capacity(p.txs.len());
         for (index, t) in p.txs.into_iter().enumerate() {
-            let ev = Event::from_tx_proto(t, limits).map_err(|(r, d)| BlockError::Tx {
-                index,
-                detail: format!("{r}: {d}"),
-            })?;
+            let ev = Event::from_tx_proto(t, limits)
+                .map_err(|(r, d)| BlockError::Tx { index, detail: format!("{r}: {d}") })?;
             txs.push(Arc::new(ev));
         }
         let tx_hashes: Vec<Hash32> = txs.iter().map(|t| t.tx_hash()).collect();
-        let b = Block {
-            header,
-            txs,
-            tx_hashes,
-        };
+        let b = Block { header, txs, tx_hashes };
         if b.header.tx_count as usize != b.txs.len() {
-            return Err(BlockError::TxCount {
-                header: b.header.tx_count,
-                actual: b.txs.len(),
-            });
+            return Err(BlockError::TxCount { header: b.header.tx_count, actual: b.txs.len() });
         }
         if tx_root(&b.tx_hashes) != b.header.tx_root {
             return Err(BlockError::TxRoot);
@@ -234,29 +216,19 @@ impl Block {
     }
 
     /// Checks the block against its parent and the builder limits.
-    pub fn validate(
-        &self,
-        parent: Option<&BlockHeader>,
-        cfg: &BuilderConfig,
-    ) -> Result<(), BlockError> {
+    pub fn validate(&self, parent: Option<&BlockHeader>, cfg: &BuilderConfig) -> Result<(), BlockError> {
         let (ph, phash, pts) = match parent {
             Some(p) => (p.height, p.hash(), p.timestamp_ms),
             None => (0, [0u8; 32], 0),
         };
         if self.header.height != ph + 1 {
-            return Err(BlockError::Height {
-                got: self.header.height,
-                parent: ph,
-            });
+            return Err(BlockError::Height { got: self.header.height, parent: ph });
         }
         if self.header.previous_hash != phash {
             return Err(BlockError::PreviousHash);
         }
         if self.header.timestamp_ms < pts {
-            return Err(BlockError::Timestamp {
-                got: self.header.timestamp_ms,
-                parent: pts,
-            });
+            return Err(BlockError::Timestamp { got: self.header.timestamp_ms, parent: pts });
         }
         if self.txs.len() > cfg.max_txs {
             return Err(BlockError::TooManyTxs(self.txs.len(), cfg.max_txs));
@@ -266,10 +238,7 @@ impl Block {
             return Err(BlockError::TooLarge(bytes, cfg.max_bytes));
         }
         if self.header.tx_count as usize != self.txs.len() {
-            return Err(BlockError::TxCount {
-                header: self.header.tx_count,
-                actual: self.txs.len(),
-            });
+            return Err(BlockError::TxCount { header: self.header.tx_count, actual: self.txs.len() });
         }
         if tx_root(&self.tx_hashes) != self.header.tx_root {
             return Err(BlockError::TxRoot);
@@ -309,11 +278,7 @@ mod tests {
             proposer: crypto::public_key(&k),
             tx_count: n as u32,
         };
-        Block {
-            header,
-            txs,
-            tx_hashes,
-        }
+        Block { header, txs, tx_hashes }
     }
 
     #[test]
@@ -325,33 +290,17 @@ mod tests {
         assert_eq!(back.hash(), b1.hash());
         b1.validate(None, &BuilderConfig::default()).unwrap();
         let b2 = make_block(Some(&b1.header), 2);
-        b2.validate(Some(&b1.header), &BuilderConfig::default())
-            .unwrap();
-        assert_eq!(
-            b2.validate(None, &BuilderConfig::default()),
-            Err(BlockError::Height { got: 2, parent: 0 })
-        );
+        b2.validate(Some(&b1.header), &BuilderConfig::default()).unwrap();
+        assert_eq!(b2.validate(None, &BuilderConfig::default()), Err(BlockError::Height { got: 2, parent: 0 }));
         let mut bad = b2.clone();
         bad.txs.pop();
         bad.tx_hashes.pop();
-        assert!(matches!(
-            bad.validate(Some(&b1.header), &BuilderConfig::default()),
-            Err(BlockError::TxCount { .. })
-        ));
+        assert!(matches!(bad.validate(Some(&b1.header), &BuilderConfig::default()), Err(BlockError::TxCount { .. })));
         let mut bad = b2.clone();
         bad.tx_hashes.swap(0, 1);
-        assert_eq!(
-            bad.validate(Some(&b1.header), &BuilderConfig::default()),
-            Err(BlockError::TxRoot)
-        );
-        let small = BuilderConfig {
-            max_txs: 1,
-            ..Default::default()
-        };
-        assert_eq!(
-            b2.validate(Some(&b1.header), &small),
-            Err(BlockError::TooManyTxs(2, 1))
-        );
+        assert_eq!(bad.validate(Some(&b1.header), &BuilderConfig::default()), Err(BlockError::TxRoot));
+        let small = BuilderConfig { max_txs: 1, ..Default::default() };
+        assert_eq!(b2.validate(Some(&b1.header), &small), Err(BlockError::TooManyTxs(2, 1)));
     }
 
     #[test]

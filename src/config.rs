@@ -21,11 +21,8 @@ mod dur {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "bad duration {s:?}: {e} (write e.g. 500ms, 5s, 15m)"
-            ))
-        })
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("bad duration {s:?}: {e} (write e.g. 500ms, 5s, 15m)")))
     }
 }
 
@@ -150,11 +147,7 @@ impl Default for KafkaConfig {
             sasl_mechanism: String::new(),
             sasl_username: String::new(),
             sasl_password: String::new(),
-            input_topics: vec![
-                "ai.anomalies.v1".into(),
-                "ai.evidence.v1".into(),
-                "ai.policy.v1".into(),
-            ],
+            input_topics: vec!["ai.anomalies.v1".into(), "ai.evidence.v1".into(), "ai.policy.v1".into()],
             consumer_group_id: "cybermesh-consensus".into(),
             dlq_topic: "ai.dlq.v1".into(),
             commits_topic: "control.commits.v1".into(),
@@ -178,12 +171,7 @@ pub struct MempoolSection {
 
 impl Default for MempoolSection {
     fn default() -> Self {
-        MempoolSection {
-            max_txs: 1000,
-            max_bytes: 10 * 1024 * 1024,
-            rate_per_second: 1000,
-            rate_burst: 0,
-        }
+        MempoolSection { max_txs: 1000, max_bytes: 10 * 1024 * 1024, rate_per_second: 1000, rate_burst: 0 }
     }
 }
 
@@ -320,11 +308,7 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig {
-            enabled: false,
-            listen: "127.0.0.1:8443".into(),
-            tls_enabled: false,
-        }
+        ApiConfig { enabled: false, listen: "127.0.0.1:8443".into(), tls_enabled: false }
     }
 }
 
@@ -348,10 +332,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-            format: "pretty".into(),
-        }
+        LogConfig { level: "info".into(), format: "pretty".into() }
     }
 }
 
@@ -389,11 +370,7 @@ impl std::fmt::Display for ConfigError {
 }
 
 fn err(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.into(),
-        problem: problem.into(),
-        fix: fix.into(),
-    }
+    ConfigError { key: key.into(), problem: problem.into(), fix: fix.into() }
 }
 
 /// Everything wrong with a configuration, reported together.
@@ -412,19 +389,13 @@ fn parse_num<T: std::str::FromStr>(v: &str) -> Result<T, String>
 where
     T::Err: std::fmt::Display,
 {
-    v.trim()
-        .parse::<T>()
-        .map_err(|e| format!("expected a number, got {v:?}: {e}"))
+    v.trim().parse::<T>().map_err(|e| format!("expected a number, got {v:?}: {e}"))
 }
 fn parse_dur(v: &str) -> Result<Duration, String> {
-    humantime::parse_duration(v.trim())
-        .map_err(|e| format!("bad duration {v:?}: {e} (write e.g. 500ms, 5s, 15m)"))
+    humantime::parse_duration(v.trim()).map_err(|e| format!("bad duration {v:?}: {e} (write e.g. 500ms, 5s, 15m)"))
 }
 fn parse_list(v: &str) -> Vec<String> {
-    v.split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+    v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }
 
 type Setter = fn(&mut Config, &str) -> Result<(), String>;
@@ -437,38 +408,21 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
             "development" | "dev" => Environment::Development,
             "staging" => Environment::Staging,
             "production" | "prod" => Environment::Production,
-            _ => {
-                return Err(format!(
-                    "expected development, staging or production, got {v:?}"
-                ))
-            }
+            _ => return Err(format!("expected development, staging or production, got {v:?}")),
         };
         Ok(())
     }),
     ("CYBERMESH_DATA_DIR", |c, v| Ok(c.node.data_dir = v.into())),
     ("CYBERMESH_KEY_FILE", |c, v| Ok(c.node.key_file = v.into())),
-    ("CONTROL_SIGNING_KEY_PATH", |c, v| {
-        Ok(c.node.key_file = v.into())
-    }),
+    ("CONTROL_SIGNING_KEY_PATH", |c, v| Ok(c.node.key_file = v.into())),
     ("CONSENSUS_NODES", |c, v| {
-        c.cluster.nodes = parse_list(v)
-            .iter()
-            .map(|s| parse_num::<u32>(s))
-            .collect::<Result<_, _>>()?;
+        c.cluster.nodes = parse_list(v).iter().map(|s| parse_num::<u32>(s)).collect::<Result<_, _>>()?;
         Ok(())
     }),
-    ("QUORUM_SIZE", |c, v| {
-        Ok(c.cluster.quorum_size = parse_num(v)?)
-    }),
-    ("P2P_BOOTSTRAP_PEERS", |c, v| {
-        Ok(c.cluster.peers = parse_list(v))
-    }),
-    ("ALLOWED_IPS", |c, v| {
-        Ok(c.cluster.allowed_ips = parse_list(v))
-    }),
-    ("PRODUCER_PUBKEYS", |c, v| {
-        Ok(c.producers.keys = parse_list(v))
-    }),
+    ("QUORUM_SIZE", |c, v| Ok(c.cluster.quorum_size = parse_num(v)?)),
+    ("P2P_BOOTSTRAP_PEERS", |c, v| Ok(c.cluster.peers = parse_list(v))),
+    ("ALLOWED_IPS", |c, v| Ok(c.cluster.allowed_ips = parse_list(v))),
+    ("PRODUCER_PUBKEYS", |c, v| Ok(c.producers.keys = parse_list(v))),
     ("INGEST_SOURCE", |c, v| {
         c.ingest.source = match v.trim() {
             "direct" => SourceKind::Direct,
@@ -477,131 +431,48 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
         };
         Ok(())
     }),
-    ("DIRECT_LISTEN_ADDR", |c, v| {
-        Ok(c.ingest.direct_listen = v.trim().into())
-    }),
-    ("KAFKA_MAX_TIMESTAMP_SKEW", |c, v| {
-        Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)
-    }),
-    ("MEMPOOL_SKEW_TOLERANCE", |c, v| {
-        Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)
-    }),
-    ("MEMPOOL_NONCE_TTL", |c, v| {
-        Ok(c.ingest.nonce_ttl = parse_dur(v)?)
-    }),
-    ("MAX_EVENT_BYTES", |c, v| {
-        Ok(c.ingest.max_event_bytes = parse_num(v)?)
-    }),
-    ("MAX_PAYLOAD_BYTES", |c, v| {
-        Ok(c.ingest.max_payload_bytes = parse_num(v)?)
-    }),
-    (
-        "KAFKA_BROKERS",
-        |c, v| Ok(c.kafka.brokers = v.trim().into()),
-    ),
-    ("KAFKA_TLS_ENABLED", |c, v| {
-        Ok(c.kafka.tls_enabled = parse_bool(v)?)
-    }),
-    ("KAFKA_CA_LOCATION", |c, v| {
-        Ok(c.kafka.ca_location = v.trim().into())
-    }),
-    ("KAFKA_SASL_MECHANISM", |c, v| {
-        Ok(c.kafka.sasl_mechanism = v.trim().into())
-    }),
-    ("KAFKA_SASL_USERNAME", |c, v| {
-        Ok(c.kafka.sasl_username = v.into())
-    }),
-    ("KAFKA_SASL_PASSWORD", |c, v| {
-        Ok(c.kafka.sasl_password = v.into())
-    }),
-    ("KAFKA_INPUT_TOPICS", |c, v| {
-        Ok(c.kafka.input_topics = parse_list(v))
-    }),
-    ("KAFKA_CONSUMER_GROUP_ID", |c, v| {
-        Ok(c.kafka.consumer_group_id = v.trim().into())
-    }),
-    ("KAFKA_DLQ_TOPIC", |c, v| {
-        Ok(c.kafka.dlq_topic = v.trim().into())
-    }),
-    ("CONTROL_COMMITS_TOPIC", |c, v| {
-        Ok(c.kafka.commits_topic = v.trim().into())
-    }),
-    ("CONTROL_REPUTATION_TOPIC", |c, v| {
-        Ok(c.kafka.reputation_topic = v.trim().into())
-    }),
-    ("CONTROL_POLICY_TOPIC", |c, v| {
-        Ok(c.kafka.policy_topic = v.trim().into())
-    }),
-    ("CONTROL_EVIDENCE_TOPIC", |c, v| {
-        Ok(c.kafka.evidence_topic = v.trim().into())
-    }),
-    ("MEMPOOL_MAX_TXS", |c, v| {
-        Ok(c.mempool.max_txs = parse_num(v)?)
-    }),
-    ("MEMPOOL_MAX_BYTES", |c, v| {
-        Ok(c.mempool.max_bytes = parse_num(v)?)
-    }),
-    ("MEMPOOL_RATE_PER_SECOND", |c, v| {
-        Ok(c.mempool.rate_per_second = parse_num(v)?)
-    }),
+    ("DIRECT_LISTEN_ADDR", |c, v| Ok(c.ingest.direct_listen = v.trim().into())),
+    ("KAFKA_MAX_TIMESTAMP_SKEW", |c, v| Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)),
+    ("MEMPOOL_SKEW_TOLERANCE", |c, v| Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)),
+    ("MEMPOOL_NONCE_TTL", |c, v| Ok(c.ingest.nonce_ttl = parse_dur(v)?)),
+    ("MAX_EVENT_BYTES", |c, v| Ok(c.ingest.max_event_bytes = parse_num(v)?)),
+    ("MAX_PAYLOAD_BYTES", |c, v| Ok(c.ingest.max_payload_bytes = parse_num(v)?)),
+    ("KAFKA_BROKERS", |c, v| Ok(c.kafka.brokers = v.trim().into())),
+    ("KAFKA_TLS_ENABLED", |c, v| Ok(c.kafka.tls_enabled = parse_bool(v)?)),
+    ("KAFKA_CA_LOCATION", |c, v| Ok(c.kafka.ca_location = v.trim().into())),
+    ("KAFKA_SASL_MECHANISM", |c, v| Ok(c.kafka.sasl_mechanism = v.trim().into())),
+    ("KAFKA_SASL_USERNAME", |c, v| Ok(c.kafka.sasl_username = v.into())),
+    ("KAFKA_SASL_PASSWORD", |c, v| Ok(c.kafka.sasl_password = v.into())),
+    ("KAFKA_INPUT_TOPICS", |c, v| Ok(c.kafka.input_topics = parse_list(v))),
+    ("KAFKA_CONSUMER_GROUP_ID", |c, v| Ok(c.kafka.consumer_group_id = v.trim().into())),
+    ("KAFKA_DLQ_TOPIC", |c, v| Ok(c.kafka.dlq_topic = v.trim().into())),
+    ("CONTROL_COMMITS_TOPIC", |c, v| Ok(c.kafka.commits_topic = v.trim().into())),
+    ("CONTROL_REPUTATION_TOPIC", |c, v| Ok(c.kafka.reputation_topic = v.trim().into())),
+    ("CONTROL_POLICY_TOPIC", |c, v| Ok(c.kafka.policy_topic = v.trim().into())),
+    ("CONTROL_EVIDENCE_TOPIC", |c, v| Ok(c.kafka.evidence_topic = v.trim().into())),
+    ("MEMPOOL_MAX_TXS", |c, v| Ok(c.mempool.max_txs = parse_num(v)?)),
+    ("MEMPOOL_MAX_BYTES", |c, v| Ok(c.mempool.max_bytes = parse_num(v)?)),
+    ("MEMPOOL_RATE_PER_SECOND", |c, v| Ok(c.mempool.rate_per_second = parse_num(v)?)),
     ("BLOCK_MAX_TXS", |c, v| Ok(c.block.max_txs = parse_num(v)?)),
-    ("BLOCK_MAX_BYTES", |c, v| {
-        Ok(c.block.max_bytes = parse_num(v)?)
-    }),
-    ("BLOCK_BUILD_INTERVAL", |c, v| {
-        Ok(c.block.build_interval = parse_dur(v)?)
-    }),
-    ("BLOCK_MIN_MEMPOOL_TXS", |c, v| {
-        Ok(c.block.min_mempool_txs = parse_num(v)?)
-    }),
-    ("CONSENSUS_BLOCK_TIMEOUT", |c, v| {
-        Ok(c.consensus.block_timeout = parse_dur(v)?)
-    }),
-    ("CONSENSUS_BASE_TIMEOUT", |c, v| {
-        Ok(c.consensus.base_timeout = parse_dur(v)?)
-    }),
-    ("CONSENSUS_MIN_TIMEOUT", |c, v| {
-        Ok(c.consensus.min_timeout = parse_dur(v)?)
-    }),
-    ("CONSENSUS_MAX_TIMEOUT", |c, v| {
-        Ok(c.consensus.max_timeout = parse_dur(v)?)
-    }),
-    ("CONSENSUS_TIMEOUT_INCREASE_FACTOR", |c, v| {
-        Ok(c.consensus.timeout_increase_factor = parse_num(v)?)
-    }),
-    ("CONSENSUS_TIMEOUT_DECREASE_DELTA", |c, v| {
-        Ok(c.consensus.timeout_decrease_delta = parse_dur(v)?)
-    }),
-    ("CONSENSUS_VIEWCHANGE_TIMEOUT", |c, v| {
-        Ok(c.consensus.viewchange_timeout = parse_dur(v)?)
-    }),
-    ("CONSENSUS_HEARTBEAT_INTERVAL", |c, v| {
-        Ok(c.consensus.heartbeat_interval = parse_dur(v)?)
-    }),
-    ("CONSENSUS_MAX_IDLE_TIME", |c, v| {
-        Ok(c.consensus.max_idle_time = parse_dur(v)?)
-    }),
-    ("CONSENSUS_MISSED_HEARTBEATS", |c, v| {
-        Ok(c.consensus.missed_heartbeats = parse_num(v)?)
-    }),
-    ("CONSENSUS_ENABLE_AIMD", |c, v| {
-        Ok(c.consensus.enable_aimd = parse_bool(v)?)
-    }),
-    ("CONSENSUS_ENABLE_REPUTATION", |c, v| {
-        Ok(c.consensus.enable_reputation = parse_bool(v)?)
-    }),
-    ("CONSENSUS_MIN_LEADER_REPUTATION", |c, v| {
-        Ok(c.consensus.min_leader_reputation = parse_num(v)?)
-    }),
-    ("CONSENSUS_ENABLE_QUARANTINE", |c, v| {
-        Ok(c.consensus.enable_quarantine = parse_bool(v)?)
-    }),
-    ("RUNTIME_VERIFY_SHARDS", |c, v| {
-        Ok(c.runtime.verify_shards = parse_num(v)?)
-    }),
-    ("RUNTIME_VERIFY_BATCH", |c, v| {
-        Ok(c.runtime.verify_batch = parse_num(v)?)
-    }),
+    ("BLOCK_MAX_BYTES", |c, v| Ok(c.block.max_bytes = parse_num(v)?)),
+    ("BLOCK_BUILD_INTERVAL", |c, v| Ok(c.block.build_interval = parse_dur(v)?)),
+    ("BLOCK_MIN_MEMPOOL_TXS", |c, v| Ok(c.block.min_mempool_txs = parse_num(v)?)),
+    ("CONSENSUS_BLOCK_TIMEOUT", |c, v| Ok(c.consensus.block_timeout = parse_dur(v)?)),
+    ("CONSENSUS_BASE_TIMEOUT", |c, v| Ok(c.consensus.base_timeout = parse_dur(v)?)),
+    ("CONSENSUS_MIN_TIMEOUT", |c, v| Ok(c.consensus.min_timeout = parse_dur(v)?)),
+    ("CONSENSUS_MAX_TIMEOUT", |c, v| Ok(c.consensus.max_timeout = parse_dur(v)?)),
+    ("CONSENSUS_TIMEOUT_INCREASE_FACTOR", |c, v| Ok(c.consensus.timeout_increase_factor = parse_num(v)?)),
+    ("CONSENSUS_TIMEOUT_DECREASE_DELTA", |c, v| Ok(c.consensus.timeout_decrease_delta = parse_dur(v)?)),
+    ("CONSENSUS_VIEWCHANGE_TIMEOUT", |c, v| Ok(c.consensus.viewchange_timeout = parse_dur(v)?)),
+    ("CONSENSUS_HEARTBEAT_INTERVAL", |c, v| Ok(c.consensus.heartbeat_interval = parse_dur(v)?)),
+    ("CONSENSUS_MAX_IDLE_TIME", |c, v| Ok(c.consensus.max_idle_time = parse_dur(v)?)),
+    ("CONSENSUS_MISSED_HEARTBEATS", |c, v| Ok(c.consensus.missed_heartbeats = parse_num(v)?)),
+    ("CONSENSUS_ENABLE_AIMD", |c, v| Ok(c.consensus.enable_aimd = parse_bool(v)?)),
+    ("CONSENSUS_ENABLE_REPUTATION", |c, v| Ok(c.consensus.enable_reputation = parse_bool(v)?)),
+    ("CONSENSUS_MIN_LEADER_REPUTATION", |c, v| Ok(c.consensus.min_leader_reputation = parse_num(v)?)),
+    ("CONSENSUS_ENABLE_QUARANTINE", |c, v| Ok(c.consensus.enable_quarantine = parse_bool(v)?)),
+    ("RUNTIME_VERIFY_SHARDS", |c, v| Ok(c.runtime.verify_shards = parse_num(v)?)),
+    ("RUNTIME_VERIFY_BATCH", |c, v| Ok(c.runtime.verify_batch = parse_num(v)?)),
     ("RUNTIME_IDLE", |c, v| {
         c.runtime.idle = match v.trim() {
             "park" => IdlePolicy::Park,
@@ -610,28 +481,18 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
         };
         Ok(())
     }),
-    ("RUNTIME_PIN_CORES", |c, v| {
-        Ok(c.runtime.pin_cores = parse_bool(v)?)
-    }),
-    ("ENABLE_PERSISTENCE", |c, v| {
-        Ok(c.database.enabled = parse_bool(v)?)
-    }),
+    ("RUNTIME_PIN_CORES", |c, v| Ok(c.runtime.pin_cores = parse_bool(v)?)),
+    ("ENABLE_PERSISTENCE", |c, v| Ok(c.database.enabled = parse_bool(v)?)),
     ("DB_DSN", |c, v| Ok(c.database.dsn = v.trim().into())),
     ("DATABASE_URL", |c, v| Ok(c.database.dsn = v.trim().into())),
     ("DB_TLS", |c, v| Ok(c.database.tls = parse_bool(v)?)),
     ("ENABLE_API", |c, v| Ok(c.api.enabled = parse_bool(v)?)),
     ("API_LISTEN_ADDR", |c, v| Ok(c.api.listen = v.trim().into())),
-    ("API_TLS_ENABLED", |c, v| {
-        Ok(c.api.tls_enabled = parse_bool(v)?)
-    }),
-    ("ENCRYPTION_KEY", |c, v| {
-        Ok(c.secrets.encryption_key = v.into())
-    }),
+    ("API_TLS_ENABLED", |c, v| Ok(c.api.tls_enabled = parse_bool(v)?)),
+    ("ENCRYPTION_KEY", |c, v| Ok(c.secrets.encryption_key = v.into())),
     ("SECRET_KEY", |c, v| Ok(c.secrets.secret_key = v.into())),
     ("JWT_SECRET", |c, v| Ok(c.secrets.jwt_secret = v.into())),
-    ("AUDIT_SIGNING_KEY", |c, v| {
-        Ok(c.secrets.audit_signing_key = v.into())
-    }),
+    ("AUDIT_SIGNING_KEY", |c, v| Ok(c.secrets.audit_signing_key = v.into())),
     ("LOG_LEVEL", |c, v| Ok(c.log.level = v.trim().into())),
 ];
 
@@ -677,33 +538,21 @@ impl Config {
     }
 
     /// Applies overrides from `vars` (normally the process environment).
-    pub fn apply_env(
-        &mut self,
-        vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<(), ConfigErrors> {
+    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigErrors> {
         let mut errors = vec![];
         let vars: BTreeMap<String, String> = vars.into_iter().collect();
         for (name, set) in ENV_VARS {
             if let Some(v) = vars.get(*name) {
                 if let Err(e) = set(self, v) {
-                    errors.push(err(
-                        name,
-                        e,
-                        format!("set {name} to a valid value or unset it"),
-                    ));
+                    errors.push(err(name, e, format!("set {name} to a valid value or unset it")));
                 }
             }
         }
         for (name, v) in &vars {
-            if let Some(id) = name
-                .strip_prefix("VALIDATOR_")
-                .and_then(|r| r.strip_suffix("_PUBKEY_HEX"))
-            {
+            if let Some(id) = name.strip_prefix("VALIDATOR_").and_then(|r| r.strip_suffix("_PUBKEY_HEX")) {
                 match id.parse::<u32>() {
                     Ok(id) => {
-                        self.cluster
-                            .validators
-                            .insert(id.to_string(), v.trim().to_string());
+                        self.cluster.validators.insert(id.to_string(), v.trim().to_string());
                     }
                     Err(_) => errors.push(err(
                         name,
@@ -721,10 +570,7 @@ impl Config {
     }
 
     pub fn limits(&self) -> Limits {
-        Limits {
-            max_event_bytes: self.ingest.max_event_bytes,
-            max_payload_bytes: self.ingest.max_payload_bytes,
-        }
+        Limits { max_event_bytes: self.ingest.max_event_bytes, max_payload_bytes: self.ingest.max_payload_bytes }
     }
     pub fn builder(&self) -> BuilderConfig {
         BuilderConfig {
@@ -735,10 +581,7 @@ impl Config {
         }
     }
     pub fn mempool_config(&self) -> MempoolConfig {
-        MempoolConfig {
-            max_txs: self.mempool.max_txs,
-            max_bytes: self.mempool.max_bytes,
-        }
+        MempoolConfig { max_txs: self.mempool.max_txs, max_bytes: self.mempool.max_bytes }
     }
     pub fn state_config(&self) -> StateConfig {
         StateConfig {
@@ -772,10 +615,7 @@ impl Config {
         if !c.cluster.nodes.is_empty() && !c.cluster.nodes.contains(&c.node.id) {
             e.push(err(
                 "NODE_ID (node.id)",
-                format!(
-                    "node id {} is not in CONSENSUS_NODES {:?}",
-                    c.node.id, c.cluster.nodes
-                ),
+                format!("node id {} is not in CONSENSUS_NODES {:?}", c.node.id, c.cluster.nodes),
                 "set NODE_ID to one of the listed ids or add it to CONSENSUS_NODES",
             ));
         }
@@ -792,11 +632,7 @@ impl Config {
                     Ok(k) => {
                         validators.insert(*id, k);
                     }
-                    Err(m) => e.push(err(
-                        &var,
-                        m,
-                        "use the public key printed by `cybermesh keygen`",
-                    )),
+                    Err(m) => e.push(err(&var, m, "use the public key printed by `cybermesh keygen`")),
                 },
             }
         }
@@ -842,22 +678,10 @@ impl Config {
             ("MEMPOOL_MAX_BYTES (mempool.max_bytes)", c.mempool.max_bytes),
             ("BLOCK_MAX_TXS (block.max_txs)", c.block.max_txs),
             ("BLOCK_MAX_BYTES (block.max_bytes)", c.block.max_bytes),
-            (
-                "MAX_EVENT_BYTES (ingest.max_event_bytes)",
-                c.ingest.max_event_bytes,
-            ),
-            (
-                "MAX_PAYLOAD_BYTES (ingest.max_payload_bytes)",
-                c.ingest.max_payload_bytes,
-            ),
-            (
-                "RUNTIME_VERIFY_SHARDS (runtime.verify_shards)",
-                c.runtime.verify_shards,
-            ),
-            (
-                "RUNTIME_VERIFY_BATCH (runtime.verify_batch)",
-                c.runtime.verify_batch,
-            ),
+            ("MAX_EVENT_BYTES (ingest.max_event_bytes)", c.ingest.max_event_bytes),
+            ("MAX_PAYLOAD_BYTES (ingest.max_payload_bytes)", c.ingest.max_payload_bytes),
+            ("RUNTIME_VERIFY_SHARDS (runtime.verify_shards)", c.runtime.verify_shards),
+            ("RUNTIME_VERIFY_BATCH (runtime.verify_batch)", c.runtime.verify_batch),
             ("runtime.ring_capacity", c.runtime.ring_capacity),
         ];
         for (k, v) in positive {
@@ -868,20 +692,14 @@ impl Config {
         if c.block.min_mempool_txs > c.block.max_txs {
             e.push(err(
                 "BLOCK_MIN_MEMPOOL_TXS (block.min_mempool_txs)",
-                format!(
-                    "{} exceeds BLOCK_MAX_TXS {}",
-                    c.block.min_mempool_txs, c.block.max_txs
-                ),
+                format!("{} exceeds BLOCK_MAX_TXS {}", c.block.min_mempool_txs, c.block.max_txs),
                 "lower it",
             ));
         }
         if c.block.max_txs > c.mempool.max_txs {
             e.push(err(
                 "BLOCK_MAX_TXS (block.max_txs)",
-                format!(
-                    "{} exceeds MEMPOOL_MAX_TXS {}: blocks could never fill",
-                    c.block.max_txs, c.mempool.max_txs
-                ),
+                format!("{} exceeds MEMPOOL_MAX_TXS {}: blocks could never fill", c.block.max_txs, c.mempool.max_txs),
                 "raise MEMPOOL_MAX_TXS or lower BLOCK_MAX_TXS",
             ));
         }
@@ -893,22 +711,14 @@ impl Config {
             ));
         }
         if c.block.build_interval.is_zero() {
-            e.push(err(
-                "BLOCK_BUILD_INTERVAL (block.build_interval)",
-                "is zero",
-                "set e.g. 500ms",
-            ));
+            e.push(err("BLOCK_BUILD_INTERVAL (block.build_interval)", "is zero", "set e.g. 500ms"));
         }
         if c.ingest.nonce_ttl < c.ingest.max_timestamp_skew {
             e.push(err("MEMPOOL_NONCE_TTL (ingest.nonce_ttl)", "is shorter than the timestamp skew tolerance: a replay could arrive after its nonce is forgotten but before it is stale", "set MEMPOOL_NONCE_TTL >= KAFKA_MAX_TIMESTAMP_SKEW"));
         }
         let cs = &c.consensus;
         if cs.min_timeout > cs.max_timeout {
-            e.push(err(
-                "CONSENSUS_MIN_TIMEOUT",
-                "is above CONSENSUS_MAX_TIMEOUT",
-                "make min <= max",
-            ));
+            e.push(err("CONSENSUS_MIN_TIMEOUT", "is above CONSENSUS_MAX_TIMEOUT", "make min <= max"));
         }
         if !(cs.timeout_increase_factor >= 1.0) {
             e.push(err(
@@ -918,23 +728,14 @@ impl Config {
             ));
         }
         if !(0.0..=1.0).contains(&cs.min_leader_reputation) {
-            e.push(err(
-                "CONSENSUS_MIN_LEADER_REPUTATION",
-                "outside 0.0..=1.0",
-                "use e.g. 0.7",
-            ));
+            e.push(err("CONSENSUS_MIN_LEADER_REPUTATION", "outside 0.0..=1.0", "use e.g. 0.7"));
         }
         if cs.missed_heartbeats == 0 {
             e.push(err("CONSENSUS_MISSED_HEARTBEATS", "is 0", "use e.g. 6"));
         }
         if c.runtime.pin_cores {
             let avail = core_affinity::get_core_ids().map(|v| v.len()).unwrap_or(0);
-            for core in c
-                .runtime
-                .verify_cores
-                .iter()
-                .chain(c.runtime.core_core.iter())
-            {
+            for core in c.runtime.verify_cores.iter().chain(c.runtime.core_core.iter()) {
                 if *core >= avail {
                     e.push(err(
                         "runtime.verify_cores / runtime.core_core",
@@ -944,12 +745,7 @@ impl Config {
                 }
             }
         }
-        if c.ingest.source == SourceKind::Direct
-            && c.ingest
-                .direct_listen
-                .parse::<std::net::SocketAddr>()
-                .is_err()
-        {
+        if c.ingest.source == SourceKind::Direct && c.ingest.direct_listen.parse::<std::net::SocketAddr>().is_err() {
             e.push(err(
                 "DIRECT_LISTEN_ADDR (ingest.direct_listen)",
                 format!("{:?} is not host:port", c.ingest.direct_listen),
@@ -982,13 +778,7 @@ impl Config {
             production_checklist(c, &mut e);
         }
         if e.is_empty() {
-            Ok(Validated {
-                producers,
-                validators,
-                quorum,
-                faults,
-                config: self,
-            })
+            Ok(Validated { producers, validators, quorum, faults, config: self })
         } else {
             Err(ConfigErrors(e))
         }
@@ -999,18 +789,9 @@ fn is_placeholder(s: &str) -> bool {
     let l = s.trim().to_ascii_lowercase();
     l.is_empty()
         || l.starts_with('<')
-        || [
-            "changeme",
-            "change-me",
-            "placeholder",
-            "example",
-            "secret",
-            "password",
-            "todo",
-            "xxx",
-        ]
-        .iter()
-        .any(|p| l.contains(p))
+        || ["changeme", "change-me", "placeholder", "example", "secret", "password", "todo", "xxx"]
+            .iter()
+            .any(|p| l.contains(p))
         || l.chars().all(|c| c == '0')
         || l.chars().collect::<std::collections::BTreeSet<_>>().len() < 4
 }
@@ -1019,11 +800,7 @@ fn is_placeholder(s: &str) -> bool {
 fn production_checklist(c: &Config, e: &mut Vec<ConfigError>) {
     if c.ingest.source == SourceKind::Kafka {
         if !c.kafka.tls_enabled {
-            e.push(err(
-                "KAFKA_TLS_ENABLED",
-                "production requires TLS to Kafka",
-                "set KAFKA_TLS_ENABLED=true",
-            ));
+            e.push(err("KAFKA_TLS_ENABLED", "production requires TLS to Kafka", "set KAFKA_TLS_ENABLED=true"));
         }
         let mech = c.kafka.sasl_mechanism.to_ascii_uppercase();
         if mech == "PLAIN" {
@@ -1040,20 +817,12 @@ fn production_checklist(c: &Config, e: &mut Vec<ConfigError>) {
             ));
         }
         if !mech.is_empty() && is_placeholder(&c.kafka.sasl_password) {
-            e.push(err(
-                "KAFKA_SASL_PASSWORD",
-                "empty or a placeholder",
-                "set the real SASL password",
-            ));
+            e.push(err("KAFKA_SASL_PASSWORD", "empty or a placeholder", "set the real SASL password"));
         }
     }
     if c.ingest.source == SourceKind::Direct {
-        let loopback = c
-            .ingest
-            .direct_listen
-            .parse::<std::net::SocketAddr>()
-            .map(|a| a.ip().is_loopback())
-            .unwrap_or(false);
+        let loopback =
+            c.ingest.direct_listen.parse::<std::net::SocketAddr>().map(|a| a.ip().is_loopback()).unwrap_or(false);
         if !loopback {
             e.push(err(
                 "DIRECT_LISTEN_ADDR",
@@ -1073,11 +842,7 @@ fn production_checklist(c: &Config, e: &mut Vec<ConfigError>) {
         }
     }
     if c.api.enabled && !c.api.tls_enabled {
-        e.push(err(
-            "API_TLS_ENABLED",
-            "production requires TLS on the API",
-            "set API_TLS_ENABLED=true",
-        ));
+        e.push(err("API_TLS_ENABLED", "production requires TLS on the API", "set API_TLS_ENABLED=true"));
     }
     for (name, v, min) in [
         ("ENCRYPTION_KEY", &c.secrets.encryption_key, 64),
@@ -1143,11 +908,7 @@ mod tests {
         c.cluster.nodes = vec![1, 2, 3, 4, 5];
         c.cluster.validators.insert("5".into(), key_hex());
         let v = c.validate().unwrap();
-        assert_eq!(
-            (v.quorum, v.faults),
-            (4, 1),
-            "N=5: f=1, q=N-f=4, not the manual's 3"
-        );
+        assert_eq!((v.quorum, v.faults), (4, 1), "N=5: f=1, q=N-f=4, not the manual's 3");
     }
 
     #[test]
@@ -1180,9 +941,7 @@ mod tests {
         assert_eq!(c.block.build_interval, Duration::from_millis(250));
         assert_eq!(c.mempool.max_txs, 2000);
         assert_eq!(c.cluster.validators["2"], k);
-        let e = c
-            .apply_env([("BLOCK_BUILD_INTERVAL".to_string(), "soon".to_string())])
-            .unwrap_err();
+        let e = c.apply_env([("BLOCK_BUILD_INTERVAL".to_string(), "soon".to_string())]).unwrap_err();
         assert_eq!(e.0[0].key, "BLOCK_BUILD_INTERVAL");
         assert!(e.0[0].problem.contains("bad duration"));
     }
@@ -1212,12 +971,7 @@ mod tests {
         c.database.enabled = true;
         c.database.dsn = "postgresql://u:p@h/db?sslmode=disable".into();
         let k = keys_of(c.clone().validate().unwrap_err());
-        for want in [
-            "KAFKA_TLS_ENABLED",
-            "KAFKA_SASL_MECHANISM",
-            "JWT_SECRET",
-            "DB_TLS / DB_DSN",
-        ] {
+        for want in ["KAFKA_TLS_ENABLED", "KAFKA_SASL_MECHANISM", "JWT_SECRET", "DB_TLS / DB_DSN"] {
             assert!(k.contains(&want.to_string()), "{want} missing from {k:?}");
         }
         use std::os::unix::fs::PermissionsExt;

@@ -66,9 +66,7 @@ pub fn check_public_key(key: &PublicKey) -> Result<(), CryptoError> {
     if !y_is_canonical(key) {
         return Err(CryptoError::KeyNonCanonical);
     }
-    let p = CompressedEdwardsY(*key)
-        .decompress()
-        .ok_or(CryptoError::KeyNotAPoint)?;
+    let p = CompressedEdwardsY(*key).decompress().ok_or(CryptoError::KeyNotAPoint)?;
     // x = 0 with the sign bit set is another non-canonical encoding.
     if p.compress().0 != *key {
         return Err(CryptoError::KeyNonCanonical);
@@ -86,9 +84,7 @@ pub fn check_public_key(key: &PublicKey) -> Result<(), CryptoError> {
 pub fn precheck_signature(sig: &Signature) -> Result<(), CryptoError> {
     let mut s = [0u8; 32];
     s.copy_from_slice(&sig[32..]);
-    if Option::<curve25519_dalek::Scalar>::from(curve25519_dalek::Scalar::from_canonical_bytes(s))
-        .is_none()
-    {
+    if Option::<curve25519_dalek::Scalar>::from(curve25519_dalek::Scalar::from_canonical_bytes(s)).is_none() {
         return Err(CryptoError::NonCanonicalS);
     }
     let mut r = [0u8; 32];
@@ -96,9 +92,7 @@ pub fn precheck_signature(sig: &Signature) -> Result<(), CryptoError> {
     if !y_is_canonical(&r) {
         return Err(CryptoError::BadR);
     }
-    let rp = CompressedEdwardsY(r)
-        .decompress()
-        .ok_or(CryptoError::BadR)?;
+    let rp = CompressedEdwardsY(r).decompress().ok_or(CryptoError::BadR)?;
     if rp.is_small_order() {
         return Err(CryptoError::SmallOrderR);
     }
@@ -109,10 +103,8 @@ pub fn precheck_signature(sig: &Signature) -> Result<(), CryptoError> {
 /// [`check_public_key`].
 pub fn verify_one(key: &PublicKey, msg: &[u8], sig: &Signature) -> Result<(), CryptoError> {
     precheck_signature(sig)?;
-    let vk = ed25519_consensus::VerificationKey::try_from(*key)
-        .map_err(|_| CryptoError::KeyNotAPoint)?;
-    vk.verify(&ed25519_consensus::Signature::from(*sig), msg)
-        .map_err(|_| CryptoError::Invalid)
+    let vk = ed25519_consensus::VerificationKey::try_from(*key).map_err(|_| CryptoError::KeyNotAPoint)?;
+    vk.verify(&ed25519_consensus::Signature::from(*sig), msg).map_err(|_| CryptoError::Invalid)
 }
 
 /// One item of a batch: key, message, signature.
@@ -127,8 +119,7 @@ pub struct BatchItem<'a> {
 /// fails, the batch is bisected so that exactly the bad signatures are
 /// identified (each verdict equals [`verify_one`]'s).
 pub fn verify_batch(items: &[BatchItem<'_>]) -> Vec<Result<(), CryptoError>> {
-    let mut out: Vec<Result<(), CryptoError>> =
-        items.iter().map(|it| precheck_signature(it.sig)).collect();
+    let mut out: Vec<Result<(), CryptoError>> = items.iter().map(|it| precheck_signature(it.sig)).collect();
     let ok: Vec<usize> = (0..items.len()).filter(|&i| out[i].is_ok()).collect();
     verify_subset(items, &ok, &mut out);
     out
@@ -183,20 +174,13 @@ pub fn generate_key() -> SigningKey {
 /// Errors reading or writing key files.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
-    #[error(
-        "{path}: already exists; refusing to overwrite a key (remove it first if you mean to)"
-    )]
+    #[error("{path}: already exists; refusing to overwrite a key (remove it first if you mean to)")]
     Exists { path: String },
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path}: not an Ed25519 PKCS#8 PEM private key ({detail})")]
     Format { path: String, detail: String },
-    #[error(
-        "{path}: key file is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
-    )]
+    #[error("{path}: key file is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
     Permissions { path: String, mode: u32 },
 }
 
@@ -208,25 +192,14 @@ pub fn write_key_file(path: &Path, key: &SigningKey) -> Result<(), KeyFileError>
     let p = path.display().to_string();
     let pem = key
         .to_pkcs8_pem(Default::default())
-        .map_err(|e| KeyFileError::Format {
-            path: p.clone(),
-            detail: e.to_string(),
-        })?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => KeyFileError::Exists { path: p.clone() },
-            _ => KeyFileError::Io {
-                path: p.clone(),
-                source: e,
-            },
-        })?;
-    f.write_all(pem.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| KeyFileError::Io { path: p, source: e })
+        .map_err(|e| KeyFileError::Format { path: p.clone(), detail: e.to_string() })?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| match e
+        .kind()
+    {
+        std::io::ErrorKind::AlreadyExists => KeyFileError::Exists { path: p.clone() },
+        _ => KeyFileError::Io { path: p.clone(), source: e },
+    })?;
+    f.write_all(pem.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| KeyFileError::Io { path: p, source: e })
 }
 
 /// Reads a PKCS#8 PEM Ed25519 key. With `require_private_mode`, a file that
@@ -234,30 +207,20 @@ pub fn write_key_file(path: &Path, key: &SigningKey) -> Result<(), KeyFileError>
 pub fn read_key_file(path: &Path, require_private_mode: bool) -> Result<SigningKey, KeyFileError> {
     use std::os::unix::fs::PermissionsExt;
     let p = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| KeyFileError::Io {
-        path: p.clone(),
-        source: e,
-    })?;
+    let meta = std::fs::metadata(path).map_err(|e| KeyFileError::Io { path: p.clone(), source: e })?;
     let mode = meta.permissions().mode() & 0o777;
     if require_private_mode && mode & 0o077 != 0 {
         return Err(KeyFileError::Permissions { path: p, mode });
     }
-    let text = std::fs::read_to_string(path).map_err(|e| KeyFileError::Io {
-        path: p.clone(),
-        source: e,
-    })?;
-    SigningKey::from_pkcs8_pem(&text).map_err(|e| KeyFileError::Format {
-        path: p,
-        detail: e.to_string(),
-    })
+    let text = std::fs::read_to_string(path).map_err(|e| KeyFileError::Io { path: p.clone(), source: e })?;
+    SigningKey::from_pkcs8_pem(&text).map_err(|e| KeyFileError::Format { path: p, detail: e.to_string() })
 }
 
 /// Parses a 64-hex-char public key.
 pub fn parse_public_key_hex(s: &str) -> Result<PublicKey, String> {
     let bytes = hex::decode(s.trim()).map_err(|e| format!("not hex: {e}"))?;
-    let key: PublicKey = bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| format!("expected 32 bytes (64 hex chars), got {} bytes", b.len()))?;
+    let key: PublicKey =
+        bytes.try_into().map_err(|b: Vec<u8>| format!("expected 32 bytes (64 hex chars), got {} bytes", b.len()))?;
     check_public_key(&key).map_err(|e| e.to_string())?;
     Ok(key)
 }
@@ -274,14 +237,7 @@ mod tests {
     }
 
     fn batch_verdicts(items: &[(PublicKey, Vec<u8>, Signature)]) -> Vec<Result<(), CryptoError>> {
-        let b: Vec<BatchItem> = items
-            .iter()
-            .map(|(k, m, s)| BatchItem {
-                key: k,
-                msg: m,
-                sig: s,
-            })
-            .collect();
+        let b: Vec<BatchItem> = items.iter().map(|(k, m, s)| BatchItem { key: k, msg: m, sig: s }).collect();
         verify_batch(&b)
     }
 
@@ -296,10 +252,7 @@ mod tests {
         let a = ED25519_BASEPOINT_POINT * a_scalar + EIGHT_TORSION[a_torsion];
         let r = ED25519_BASEPOINT_POINT * r_scalar + EIGHT_TORSION[r_torsion];
         let (ae, re) = (a.compress().0, r.compress().0);
-        let h = Sha512::new()
-            .chain_update(re)
-            .chain_update(ae)
-            .chain_update(msg);
+        let h = Sha512::new().chain_update(re).chain_update(ae).chain_update(msg);
         let kk = Scalar::from_hash(h);
         let s = r_scalar + kk * a_scalar;
         let mut sig = [0u8; 64];
@@ -353,8 +306,8 @@ mod tests {
         // s + l has the same value mod l but is non-canonical.
         // l = 2^252 + 27742317777372353535851937790883648493, little-endian.
         let l: [u8; 32] = [
-            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9,
-            0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
         ];
         let s = Scalar::from_canonical_bytes(sig[32..].try_into().unwrap()).unwrap();
         let mut wide = [0u8; 32];
@@ -368,28 +321,19 @@ mod tests {
         assert_eq!(carry, 0);
         {
             sig[32..].copy_from_slice(&wide);
-            assert_eq!(
-                verify_one(&k(&sk), &m, &sig),
-                Err(CryptoError::NonCanonicalS)
-            );
+            assert_eq!(verify_one(&k(&sk), &m, &sig), Err(CryptoError::NonCanonicalS));
             let v = batch_verdicts(&[(k(&sk), m.clone(), sig)]);
             assert_eq!(v[0], Err(CryptoError::NonCanonicalS));
         }
         let mut sig2 = sign(&sk, &m);
         sig2[63] |= 0xf0;
-        assert_eq!(
-            verify_one(&k(&sk), &m, &sig2),
-            Err(CryptoError::NonCanonicalS)
-        );
+        assert_eq!(verify_one(&k(&sk), &m, &sig2), Err(CryptoError::NonCanonicalS));
     }
 
     #[test]
     fn small_order_and_non_canonical_keys_are_refused() {
         for t in EIGHT_TORSION.iter() {
-            assert_eq!(
-                check_public_key(&t.compress().0),
-                Err(CryptoError::KeySmallOrder)
-            );
+            assert_eq!(check_public_key(&t.compress().0), Err(CryptoError::KeySmallOrder));
         }
         // Identity encoded with y = p + 1 (non-canonical).
         let mut enc = [0xffu8; 32];
@@ -412,10 +356,7 @@ mod tests {
             let mut sig = sign(&sk, &m);
             sig[..32].copy_from_slice(&t.compress().0);
             assert_eq!(verify_one(&k(&sk), &m, &sig), Err(CryptoError::SmallOrderR));
-            assert_eq!(
-                batch_verdicts(&[(k(&sk), m.clone(), sig)])[0],
-                Err(CryptoError::SmallOrderR)
-            );
+            assert_eq!(batch_verdicts(&[(k(&sk), m.clone(), sig)])[0], Err(CryptoError::SmallOrderR));
         }
         let mut sig = sign(&sk, &m);
         let mut enc = [0xffu8; 32];
@@ -434,13 +375,8 @@ mod tests {
         let honest = generate_key();
         let mut items = vec![];
         for (at, rt) in [(0, 1), (1, 0), (2, 3), (4, 4), (0, 0)] {
-            let (key, sig) = forge(
-                Scalar::from(1234567u64 + at as u64),
-                at,
-                Scalar::from(7654321u64 + rt as u64),
-                rt,
-                &msg,
-            );
+            let (key, sig) =
+                forge(Scalar::from(1234567u64 + at as u64), at, Scalar::from(7654321u64 + rt as u64), rt, &msg);
             items.push((key, msg.clone(), sig));
         }
         for i in 0..20 {
@@ -456,10 +392,7 @@ mod tests {
             assert_eq!(got, alone, "chunk {chunk}");
         }
         // A torsioned key is refused by the key policy, not by the equation.
-        assert_eq!(
-            check_public_key(&items[1].0),
-            Err(CryptoError::KeyHasTorsion)
-        );
+        assert_eq!(check_public_key(&items[1].0), Err(CryptoError::KeyHasTorsion));
         assert_eq!(check_public_key(&items[0].0), Ok(()));
     }
 
@@ -470,23 +403,12 @@ mod tests {
         let path = dir.path().join("k.pem");
         let sk = generate_key();
         write_key_file(&path, &sk).unwrap();
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let back = read_key_file(&path, true).unwrap();
         assert_eq!(back.to_bytes(), sk.to_bytes());
-        assert!(matches!(
-            write_key_file(&path, &generate_key()),
-            Err(KeyFileError::Exists { .. })
-        ));
+        assert!(matches!(write_key_file(&path, &generate_key()), Err(KeyFileError::Exists { .. })));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(
-            read_key_file(&path, true),
-            Err(KeyFileError::Permissions { .. })
-        ));
-        assert!(std::fs::read_to_string(&path)
-            .unwrap()
-            .starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert!(matches!(read_key_file(&path, true), Err(KeyFileError::Permissions { .. })));
+        assert!(std::fs::read_to_string(&path).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
     }
 }

@@ -115,14 +115,8 @@ pub struct DlqFileSink {
 
 impl DlqFileSink {
     pub fn open(path: &std::path::Path, validator: String) -> std::io::Result<Self> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Ok(DlqFileSink {
-            out: std::io::BufWriter::new(f),
-            validator,
-        })
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(DlqFileSink { out: std::io::BufWriter::new(f), validator })
     }
 
     pub fn write(&mut self, r: &Rejection) -> std::io::Result<()> {

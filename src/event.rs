@@ -84,10 +84,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_event_bytes: 65_536,
-            max_payload_bytes: 61_440,
-        }
+        Limits { max_event_bytes: 65_536, max_payload_bytes: 61_440 }
     }
 }
 
@@ -133,14 +130,7 @@ impl Event {
     /// The bytes the signature covers.
     pub fn signed_bytes(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(signed_len(self.kind.domain().len()));
-        write_signed_bytes(
-            &mut v,
-            self.kind.domain(),
-            self.timestamp_ms,
-            &self.nonce,
-            &self.id,
-            &self.content_hash,
-        );
+        write_signed_bytes(&mut v, self.kind.domain(), self.timestamp_ms, &self.nonce, &self.id, &self.content_hash);
         v
     }
 
@@ -162,51 +152,26 @@ impl Event {
 
     /// Decodes the wire envelope (`SignedEvent`, wire-identical to the three
     /// input messages). Never panics; every failure is a DLQ reason.
-    pub fn decode(
-        kind: TxKind,
-        bytes: &[u8],
-        limits: &Limits,
-    ) -> Result<Event, (RejectReason, String)> {
+    pub fn decode(kind: TxKind, bytes: &[u8], limits: &Limits) -> Result<Event, (RejectReason, String)> {
         if bytes.len() > limits.max_event_bytes {
             return Err((
                 RejectReason::Oversized,
-                format!(
-                    "event is {} bytes, limit {}",
-                    bytes.len(),
-                    limits.max_event_bytes
-                ),
+                format!("event is {} bytes, limit {}", bytes.len(), limits.max_event_bytes),
             ));
         }
-        let m = proto::SignedEvent::decode(bytes)
-            .map_err(|e| (RejectReason::Malformed, e.to_string()))?;
+        let m = proto::SignedEvent::decode(bytes).map_err(|e| (RejectReason::Malformed, e.to_string()))?;
         Self::from_proto(kind, m, limits)
     }
 
-    pub fn from_proto(
-        kind: TxKind,
-        m: proto::SignedEvent,
-        limits: &Limits,
-    ) -> Result<Event, (RejectReason, String)> {
-        fn fixed<const N: usize>(
-            name: &str,
-            v: Vec<u8>,
-        ) -> Result<[u8; N], (RejectReason, String)> {
+    pub fn from_proto(kind: TxKind, m: proto::SignedEvent, limits: &Limits) -> Result<Event, (RejectReason, String)> {
+        fn fixed<const N: usize>(name: &str, v: Vec<u8>) -> Result<[u8; N], (RejectReason, String)> {
             let len = v.len();
-            v.try_into().map_err(|_| {
-                (
-                    RejectReason::Malformed,
-                    format!("{name} must be {N} bytes, got {len}"),
-                )
-            })
+            v.try_into().map_err(|_| (RejectReason::Malformed, format!("{name} must be {N} bytes, got {len}")))
         }
         if m.payload.len() > limits.max_payload_bytes {
             return Err((
                 RejectReason::Oversized,
-                format!(
-                    "payload is {} bytes, limit {}",
-                    m.payload.len(),
-                    limits.max_payload_bytes
-                ),
+                format!("payload is {} bytes, limit {}", m.payload.len(), limits.max_payload_bytes),
             ));
         }
         Ok(Event {
@@ -238,25 +203,14 @@ impl Event {
     }
 
     pub fn to_tx_proto(&self) -> proto::Transaction {
-        proto::Transaction {
-            kind: self.kind.to_proto() as i32,
-            event: Some(self.to_proto()),
-        }
+        proto::Transaction { kind: self.kind.to_proto() as i32, event: Some(self.to_proto()) }
     }
 
     /// Decodes a stored transaction (block store, peers).
-    pub fn from_tx_proto(
-        t: proto::Transaction,
-        limits: &Limits,
-    ) -> Result<Event, (RejectReason, String)> {
-        let kind = TxKind::from_proto(t.kind).ok_or((
-            RejectReason::Malformed,
-            format!("unknown tx kind {}", t.kind),
-        ))?;
-        let ev = t.event.ok_or((
-            RejectReason::Malformed,
-            "transaction without event".to_string(),
-        ))?;
+    pub fn from_tx_proto(t: proto::Transaction, limits: &Limits) -> Result<Event, (RejectReason, String)> {
+        let kind =
+            TxKind::from_proto(t.kind).ok_or((RejectReason::Malformed, format!("unknown tx kind {}", t.kind)))?;
+        let ev = t.event.ok_or((RejectReason::Malformed, "transaction without event".to_string()))?;
         Self::from_proto(kind, ev, limits)
     }
 
@@ -327,17 +281,11 @@ pub fn parse_payload(kind: TxKind, bytes: &[u8]) -> Result<Payload, String> {
         TxKind::Evidence => {
             let p = proto::EvidencePayload::decode(bytes).map_err(|e| e.to_string())?;
             if p.anomaly_id.len() != 16 {
-                return Err(format!(
-                    "anomaly_id must be 16 bytes, got {}",
-                    p.anomaly_id.len()
-                ));
+                return Err(format!("anomaly_id must be 16 bytes, got {}", p.anomaly_id.len()));
             }
             check_len("evidence_type", &p.evidence_type, 64)?;
             if !p.data_hash.is_empty() && p.data_hash.len() != 32 {
-                return Err(format!(
-                    "data_hash must be empty or 32 bytes, got {}",
-                    p.data_hash.len()
-                ));
+                return Err(format!("data_hash must be empty or 32 bytes, got {}", p.data_hash.len()));
             }
             Ok(Payload::Evidence(p))
         }
@@ -422,14 +370,7 @@ mod tests {
     fn decode_rejects_bad_lengths_and_sizes() {
         let limits = Limits::default();
         let key = crypto::generate_key();
-        let ev = Event::sign(
-            TxKind::Anomaly,
-            &key,
-            [1; 16],
-            sample_anomaly_payload(1, 300),
-            1000,
-            [0; 4],
-        );
+        let ev = Event::sign(TxKind::Anomaly, &key, [1; 16], sample_anomaly_payload(1, 300), 1000, [0; 4]);
         let back = Event::decode(TxKind::Anomaly, &ev.encode(), &limits).unwrap();
         assert_eq!(back, ev);
         let mut p = ev.to_proto();
@@ -438,50 +379,24 @@ mod tests {
         assert_eq!(e.0, RejectReason::Malformed);
         assert!(e.1.contains("nonce must be 16 bytes"), "{}", e.1);
         let big = vec![0u8; limits.max_event_bytes + 1];
-        assert_eq!(
-            Event::decode(TxKind::Anomaly, &big, &limits).unwrap_err().0,
-            RejectReason::Oversized
-        );
-        assert_eq!(
-            Event::decode(TxKind::Anomaly, &[0xff, 0xff], &limits)
-                .unwrap_err()
-                .0,
-            RejectReason::Malformed
-        );
+        assert_eq!(Event::decode(TxKind::Anomaly, &big, &limits).unwrap_err().0, RejectReason::Oversized);
+        assert_eq!(Event::decode(TxKind::Anomaly, &[0xff, 0xff], &limits).unwrap_err().0, RejectReason::Malformed);
     }
 
     #[test]
     fn payload_rules() {
         assert!(parse_payload(TxKind::Anomaly, &sample_anomaly_payload(3, 300)).is_ok());
-        let bad = proto::AnomalyPayload {
-            anomaly_type: "x".into(),
-            severity: 11,
-            ..Default::default()
-        }
-        .encode_to_vec();
-        assert!(parse_payload(TxKind::Anomaly, &bad)
-            .unwrap_err()
-            .contains("severity"));
-        let nan = proto::AnomalyPayload {
-            anomaly_type: "x".into(),
-            severity: 1,
-            confidence: f64::NAN,
-            ..Default::default()
-        }
-        .encode_to_vec();
+        let bad =
+            proto::AnomalyPayload { anomaly_type: "x".into(), severity: 11, ..Default::default() }.encode_to_vec();
+        assert!(parse_payload(TxKind::Anomaly, &bad).unwrap_err().contains("severity"));
+        let nan =
+            proto::AnomalyPayload { anomaly_type: "x".into(), severity: 1, confidence: f64::NAN, ..Default::default() }
+                .encode_to_vec();
         assert!(parse_payload(TxKind::Anomaly, &nan).is_err());
-        let ev = proto::EvidencePayload {
-            anomaly_id: vec![1; 15],
-            ..Default::default()
-        }
-        .encode_to_vec();
+        let ev = proto::EvidencePayload { anomaly_id: vec![1; 15], ..Default::default() }.encode_to_vec();
         assert!(parse_payload(TxKind::Evidence, &ev).is_err());
-        let pol = proto::PolicyPayload {
-            policy_id: "p1".into(),
-            action: "block".into(),
-            ..Default::default()
-        }
-        .encode_to_vec();
+        let pol = proto::PolicyPayload { policy_id: "p1".into(), action: "block".into(), ..Default::default() }
+            .encode_to_vec();
         assert!(parse_payload(TxKind::Policy, &pol).is_ok());
         let n = sample_anomaly_payload(7, 300).len();
         assert!((295..=305).contains(&n), "{n}");

@@ -27,10 +27,7 @@ pub struct MempoolConfig {
 
 impl Default for MempoolConfig {
     fn default() -> Self {
-        MempoolConfig {
-            max_txs: 1000,
-            max_bytes: 10 * 1024 * 1024,
-        }
+        MempoolConfig { max_txs: 1000, max_bytes: 10 * 1024 * 1024 }
     }
 }
 
@@ -56,10 +53,7 @@ pub struct Mempool {
 
 impl Mempool {
     pub fn new(cfg: MempoolConfig) -> Self {
-        assert!(
-            cfg.max_txs > 0 && cfg.max_bytes > 0,
-            "mempool limits must be positive"
-        );
+        assert!(cfg.max_txs > 0 && cfg.max_bytes > 0, "mempool limits must be positive");
         Mempool {
             cfg,
             queue: VecDeque::with_capacity(cfg.max_txs),
@@ -151,27 +145,13 @@ mod tests {
 
     fn tx(i: u64) -> VerifiedTx {
         let k = crypto::generate_key();
-        let ev = Event::sign(
-            TxKind::Anomaly,
-            &k,
-            [i as u8; 16],
-            sample_anomaly_payload(i, 300),
-            1,
-            [0; 4],
-        );
-        VerifiedTx {
-            tx_hash: ev.tx_hash(),
-            event: Arc::new(ev),
-            received_ms: 0,
-        }
+        let ev = Event::sign(TxKind::Anomaly, &k, [i as u8; 16], sample_anomaly_payload(i, 300), 1, [0; 4]);
+        VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: 0 }
     }
 
     #[test]
     fn fifo_dedup_limits_and_commit() {
-        let mut m = Mempool::new(MempoolConfig {
-            max_txs: 3,
-            max_bytes: 1 << 20,
-        });
+        let mut m = Mempool::new(MempoolConfig { max_txs: 3, max_bytes: 1 << 20 });
         let (a, b, c, d) = (tx(1), tx(2), tx(3), tx(4));
         assert_eq!(m.admit(a.clone()), Admit::Added);
         assert_eq!(m.admit(a.clone()), Admit::Duplicate);
@@ -180,34 +160,21 @@ mod tests {
         assert!(!m.has_room());
         assert_eq!(m.admit(d.clone()), Admit::Full);
         let blk = m.take_for_block(2, 1 << 20);
-        assert_eq!(
-            blk.iter().map(|t| t.tx_hash).collect::<Vec<_>>(),
-            vec![a.tx_hash, b.tx_hash]
-        );
+        assert_eq!(blk.iter().map(|t| t.tx_hash).collect::<Vec<_>>(), vec![a.tx_hash, b.tx_hash]);
         assert_eq!(m.pending(), 1);
-        assert_eq!(
-            m.admit(a.clone()),
-            Admit::Duplicate,
-            "in-flight content stays deduplicated"
-        );
+        assert_eq!(m.admit(a.clone()), Admit::Duplicate, "in-flight content stays deduplicated");
         assert_eq!(m.commit_in_flight(), 2);
         assert_eq!(m.len(), 1);
         assert_eq!(m.admit(d.clone()), Admit::Added);
         let blk = m.take_for_block(10, 1 << 20);
-        assert_eq!(
-            blk.iter().map(|t| t.tx_hash).collect::<Vec<_>>(),
-            vec![c.tx_hash, d.tx_hash]
-        );
+        assert_eq!(blk.iter().map(|t| t.tx_hash).collect::<Vec<_>>(), vec![c.tx_hash, d.tx_hash]);
     }
 
     #[test]
     fn byte_limit_applies() {
         let one = tx(1);
         let sz = one.event.size();
-        let mut m = Mempool::new(MempoolConfig {
-            max_txs: 100,
-            max_bytes: sz * 2,
-        });
+        let mut m = Mempool::new(MempoolConfig { max_txs: 100, max_bytes: sz * 2 });
         assert_eq!(m.admit(one), Admit::Added);
         assert_eq!(m.admit(tx(2)), Admit::Added);
         assert_eq!(m.admit(tx(3)), Admit::Full);

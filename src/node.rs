@@ -34,10 +34,7 @@ pub enum Output {
     /// Make this block durable, then call `on_block_durable`.
     PersistBlock(Arc<Block>),
     /// The block is committed (durable): notify subscribers.
-    Committed {
-        block: Arc<Block>,
-        receipts: Vec<Receipt>,
-    },
+    Committed { block: Arc<Block>, receipts: Vec<Receipt> },
 }
 
 /// Counters the runtime publishes as metrics.
@@ -66,11 +63,7 @@ pub struct Node {
 impl Node {
     /// `state` must already reflect every block up to `last` (see `replay`).
     pub fn new(cfg: NodeConfig, state: State, last: Option<BlockHeader>, now_ms: u64) -> Self {
-        assert_eq!(
-            state.height(),
-            last.as_ref().map_or(0, |h| h.height),
-            "state and last block disagree"
-        );
+        assert_eq!(state.height(), last.as_ref().map_or(0, |h| h.height), "state and last block disagree");
         Node {
             mempool: Mempool::new(cfg.mempool),
             rate: RateLimiter::new(cfg.rate_per_second, cfg.rate_burst),
@@ -129,9 +122,7 @@ impl Node {
     fn drain_backlog(&mut self) {
         while let Some(tx) = self.backlog.front() {
             // Already committed (a redelivery after restart) or already pending.
-            if self.state.has_nonce(&tx.event.nonce)
-                || self.mempool.contains_content(&tx.event.content_hash)
-            {
+            if self.state.has_nonce(&tx.event.nonce) || self.mempool.contains_content(&tx.event.content_hash) {
                 self.backlog.pop_front();
                 self.stats.duplicates += 1;
                 continue;
@@ -151,25 +142,14 @@ impl Node {
         if self.in_flight.is_some() {
             return;
         }
-        if !self.cfg.builder.should_build(
-            self.mempool.pending(),
-            self.mempool.bytes(),
-            now_ms,
-            self.last_block_ms,
-        ) {
+        if !self.cfg.builder.should_build(self.mempool.pending(), self.mempool.bytes(), now_ms, self.last_block_ms) {
             return;
         }
-        let txs = self
-            .mempool
-            .take_for_block(self.cfg.builder.max_txs, self.cfg.builder.max_bytes);
+        let txs = self.mempool.take_for_block(self.cfg.builder.max_txs, self.cfg.builder.max_bytes);
         let height = self.height() + 1;
         let timestamp_ms = now_ms.max(self.last.as_ref().map_or(0, |h| h.timestamp_ms));
         let pairs: Vec<(&Event, Hash32)> = txs.iter().map(|t| (&*t.event, t.tx_hash)).collect();
-        let Executed {
-            state_root,
-            receipts,
-            undo: _,
-        } = self.state.execute_block(height, timestamp_ms, &pairs);
+        let Executed { state_root, receipts, undo: _ } = self.state.execute_block(height, timestamp_ms, &pairs);
         let tx_hashes: Vec<Hash32> = txs.iter().map(|t| t.tx_hash).collect();
         let header = BlockHeader {
             height,
@@ -181,11 +161,7 @@ impl Node {
             proposer: self.cfg.proposer,
             tx_count: txs.len() as u32,
         };
-        let block = Arc::new(Block {
-            header,
-            txs: txs.into_iter().map(|t| t.event).collect(),
-            tx_hashes,
-        });
+        let block = Arc::new(Block { header, txs: txs.into_iter().map(|t| t.event).collect(), tx_hashes });
         self.in_flight = Some((block.clone(), receipts));
         out.push(Output::PersistBlock(block));
     }
@@ -193,10 +169,7 @@ impl Node {
     /// The block store made block `height` durable: it is committed.
     pub fn on_block_durable(&mut self, now_ms: u64, height: u64, out: &mut Vec<Output>) {
         let (block, receipts) = self.in_flight.take().expect("a block is in flight");
-        assert_eq!(
-            block.header.height, height,
-            "durable height is the in-flight block"
-        );
+        assert_eq!(block.header.height, height, "durable height is the in-flight block");
         let n = self.mempool.commit_in_flight();
         debug_assert_eq!(n, block.txs.len());
         self.last = Some(block.header.clone());
@@ -216,12 +189,7 @@ impl Node {
 
 /// Re-executes stored blocks into `state`, checking each state root.
 pub fn replay(state: &mut State, block: &Block) -> Result<(), String> {
-    let pairs: Vec<(&Event, Hash32)> = block
-        .txs
-        .iter()
-        .map(|t| &**t)
-        .zip(block.tx_hashes.iter().copied())
-        .collect();
+    let pairs: Vec<(&Event, Hash32)> = block.txs.iter().map(|t| &**t).zip(block.tx_hashes.iter().copied()).collect();
     let ex = state.execute_block(block.header.height, block.header.timestamp_ms, &pairs);
     if ex.state_root != block.header.state_root {
         return Err(format!(
@@ -251,11 +219,7 @@ mod tests {
             ts,
             (i as u32).to_be_bytes(),
         );
-        VerifiedTx {
-            tx_hash: ev.tx_hash(),
-            event: Arc::new(ev),
-            received_ms: ts,
-        }
+        VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: ts }
     }
 
     fn node(max_mempool: usize) -> Node {
@@ -266,10 +230,7 @@ mod tests {
                 build_interval: Duration::from_millis(100),
                 min_txs: 1,
             },
-            mempool: MempoolConfig {
-                max_txs: max_mempool,
-                max_bytes: 1 << 20,
-            },
+            mempool: MempoolConfig { max_txs: max_mempool, max_bytes: 1 << 20 },
             rate_per_second: 0,
             rate_burst: 0,
             proposer: [7; 32],
@@ -287,21 +248,15 @@ mod tests {
         assert_eq!(n.mempool_len(), 6);
         assert!(!n.has_room(), "4 txs wait in the backlog");
         n.on_tick(1000, &mut out); // full block (4 >= max_txs) is cut at once
-        let Output::PersistBlock(b) = out.pop().unwrap() else {
-            panic!()
-        };
+        let Output::PersistBlock(b) = out.pop().unwrap() else { panic!() };
         assert_eq!(b.header.height, 1);
         assert_eq!(b.txs.len(), 4);
         n.on_tick(1001, &mut out);
         assert!(out.is_empty(), "one block in flight at a time");
         n.on_block_durable(1002, 1, &mut out);
-        let Output::Committed { block, receipts } = out.pop().unwrap() else {
-            panic!()
-        };
+        let Output::Committed { block, receipts } = out.pop().unwrap() else { panic!() };
         assert_eq!(block.header.height, 1);
-        assert!(receipts
-            .iter()
-            .all(|r| r.status == crate::state::TxStatus::Applied));
+        assert!(receipts.iter().all(|r| r.status == crate::state::TxStatus::Applied));
         assert_eq!(n.mempool_len(), 6, "backlog moved in");
         assert!(n.has_room() || n.mempool_len() == 6);
         // Drain everything: no tx lost.

@@ -33,19 +33,11 @@ pub const MAX_RECORD: u32 = 256 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("block store {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("block store {path}: not a block store (bad magic)")]
     BadMagic { path: PathBuf },
     #[error("block store {path}: corrupt record at offset {offset} (after height {height}): {detail}; refusing to truncate durable blocks, restore this node from its peers")]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        height: u64,
-        detail: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, height: u64, detail: String },
     #[error("block store: append of height {got} after {have}")]
     OutOfOrder { got: u64, have: u64 },
     #[error("block store: block {height} does not link to the stored block {prev}")]
@@ -96,18 +88,10 @@ impl BlockStore {
     /// Opens (or creates) `dir/blocks.dat`, recovering from a torn tail.
     pub fn open(dir: &Path, limits: Limits) -> Result<(BlockStore, Recovery), StoreError> {
         let path = dir.join("blocks.dat");
-        let io = |source| StoreError::Io {
-            path: path.clone(),
-            source,
-        };
+        let io = |source| StoreError::Io { path: path.clone(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
         let mut len = file.metadata().map_err(io)?.len();
         if len < MAGIC.len() as u64 {
             // New, or crashed while writing the magic.
@@ -154,8 +138,7 @@ impl BlockStore {
             let payload = &data[o + 8..o + 8 + rlen as usize];
             // Last record, or only zeros from here on (a write whose data never
             // reached the disk): a torn tail, not corruption.
-            let is_last =
-                off + RECORD_HEADER + rlen as u64 == len || data[o..].iter().all(|&b| b == 0);
+            let is_last = off + RECORD_HEADER + rlen as u64 == len || data[o..].iter().all(|&b| b == 0);
             if crc(rlen, payload) != rcrc {
                 if is_last {
                     torn = true;
@@ -167,27 +150,13 @@ impl BlockStore {
                 .ok()
                 .and_then(|h| h.header)
                 .and_then(header_from_proto)
-                .ok_or_else(|| {
-                    corrupt(
-                        off,
-                        index.len() as u64,
-                        "record does not decode as a block".into(),
-                    )
-                })?;
+                .ok_or_else(|| corrupt(off, index.len() as u64, "record does not decode as a block".into()))?;
             let want = index.len() as u64 + 1;
             if h.height != want {
-                return Err(corrupt(
-                    off,
-                    index.len() as u64,
-                    format!("height {} where {want} was expected", h.height),
-                ));
+                return Err(corrupt(off, index.len() as u64, format!("height {} where {want} was expected", h.height)));
             }
             if h.previous_hash != last.as_ref().map_or([0u8; 32], |p| p.hash()) {
-                return Err(corrupt(
-                    off,
-                    index.len() as u64,
-                    "previous_hash does not link".into(),
-                ));
+                return Err(corrupt(off, index.len() as u64, "previous_hash does not link".into()));
             }
             index.push(off);
             last = Some(h);
@@ -199,21 +168,8 @@ impl BlockStore {
             file.set_len(off).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
-        let rec = Recovery {
-            blocks: index.len() as u64,
-            truncated_bytes: truncated,
-        };
-        Ok((
-            BlockStore {
-                path,
-                file,
-                index,
-                end: off,
-                last,
-                limits,
-            },
-            rec,
-        ))
+        let rec = Recovery { blocks: index.len() as u64, truncated_bytes: truncated };
+        Ok((BlockStore { path, file, index, end: off, last, limits }, rec))
     }
 
     /// Height of the last durable block (0: empty).
@@ -231,26 +187,17 @@ impl BlockStore {
 
     /// Appends blocks (consecutive heights) and makes them durable with one
     /// fdatasync. On error the store must be reopened (recovery truncates).
-    pub fn append(
-        &mut self,
-        blocks: &[(&Block, Option<proto::CommitCertificate>)],
-    ) -> Result<(), StoreError> {
+    pub fn append(&mut self, blocks: &[(&Block, Option<proto::CommitCertificate>)]) -> Result<(), StoreError> {
         let mut buf = Vec::new();
         let mut offsets = Vec::with_capacity(blocks.len());
         let mut prev = self.last.clone();
         for (b, cert) in blocks {
             let have = prev.as_ref().map_or(0, |h| h.height);
             if b.header.height != have + 1 {
-                return Err(StoreError::OutOfOrder {
-                    got: b.header.height,
-                    have,
-                });
+                return Err(StoreError::OutOfOrder { got: b.header.height, have });
             }
             if b.header.previous_hash != prev.as_ref().map_or([0; 32], |h| h.hash()) {
-                return Err(StoreError::BadLink {
-                    height: b.header.height,
-                    prev: have,
-                });
+                return Err(StoreError::BadLink { height: b.header.height, prev: have });
             }
             let payload = b.to_proto(cert.clone()).encode_to_vec();
             let len = payload.len() as u32;
@@ -260,10 +207,7 @@ impl BlockStore {
             buf.extend_from_slice(&payload);
             prev = Some(b.header.clone());
         }
-        let io = |source| StoreError::Io {
-            path: self.path.clone(),
-            source,
-        };
+        let io = |source| StoreError::Io { path: self.path.clone(), source };
         self.file.write_all_at(&buf, self.end).map_err(io)?;
         self.file.sync_data().map_err(io)?;
         self.end += buf.len() as u64;
@@ -278,17 +222,12 @@ impl BlockStore {
             return Ok(None);
         }
         let off = self.index[(height - 1) as usize];
-        let io = |source| StoreError::Io {
-            path: self.path.clone(),
-            source,
-        };
+        let io = |source| StoreError::Io { path: self.path.clone(), source };
         let mut hdr = [0u8; 8];
         self.file.read_exact_at(&mut hdr, off).map_err(io)?;
         let len = u32::from_le_bytes(hdr[..4].try_into().unwrap());
         let mut payload = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut payload, off + RECORD_HEADER)
-            .map_err(io)?;
+        self.file.read_exact_at(&mut payload, off + RECORD_HEADER).map_err(io)?;
         if crc(len, &payload) != u32::from_le_bytes(hdr[4..].try_into().unwrap()) {
             return Err(StoreError::Corrupt {
                 path: self.path.clone(),
@@ -301,10 +240,7 @@ impl BlockStore {
     }
 
     /// Block `height` with its commit certificate, if stored.
-    pub fn read(
-        &self,
-        height: u64,
-    ) -> Result<Option<(Block, Option<proto::CommitCertificate>)>, StoreError> {
+    pub fn read(&self, height: u64) -> Result<Option<(Block, Option<proto::CommitCertificate>)>, StoreError> {
         let Some(raw) = self.read_raw(height)? else {
             return Ok(None);
         };
@@ -356,11 +292,7 @@ mod tests {
                 proposer: crypto::public_key(&k),
                 tx_count: 3,
             };
-            out.push(Block {
-                header,
-                txs,
-                tx_hashes,
-            });
+            out.push(Block { header, txs, tx_hashes });
         }
         out
     }
@@ -371,20 +303,10 @@ mod tests {
         let blocks = chain(5);
         {
             let (mut s, r) = BlockStore::open(dir.path(), Limits::default()).unwrap();
-            assert_eq!(
-                r,
-                Recovery {
-                    blocks: 0,
-                    truncated_bytes: 0
-                }
-            );
+            assert_eq!(r, Recovery { blocks: 0, truncated_bytes: 0 });
             s.append(&[(&blocks[0], None)]).unwrap();
-            s.append(&blocks[1..].iter().map(|b| (b, None)).collect::<Vec<_>>())
-                .unwrap();
-            assert!(matches!(
-                s.append(&[(&blocks[2], None)]),
-                Err(StoreError::OutOfOrder { .. })
-            ));
+            s.append(&blocks[1..].iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
+            assert!(matches!(s.append(&[(&blocks[2], None)]), Err(StoreError::OutOfOrder { .. })));
         }
         let (s, r) = BlockStore::open(dir.path(), Limits::default()).unwrap();
         assert_eq!(r.blocks, 5);
@@ -401,14 +323,11 @@ mod tests {
         let blocks = chain(3);
         {
             let (mut s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
-            s.append(&blocks.iter().map(|b| (b, None)).collect::<Vec<_>>())
-                .unwrap();
+            s.append(&blocks.iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
         }
         let full = std::fs::read(dir.path().join("blocks.dat")).unwrap();
         let (s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
-        let ends: Vec<u64> = (1..=3)
-            .map(|h| if h < 3 { s.index[h] } else { full.len() as u64 })
-            .collect();
+        let ends: Vec<u64> = (1..=3).map(|h| if h < 3 { s.index[h] } else { full.len() as u64 }).collect();
         drop(s);
         for cut in 0..full.len() {
             let d2 = tempfile::tempdir().unwrap();
@@ -426,13 +345,7 @@ mod tests {
         z.extend_from_slice(&[0u8; 100]);
         std::fs::write(d3.path().join("blocks.dat"), &z).unwrap();
         let (_, r) = BlockStore::open(d3.path(), Limits::default()).unwrap();
-        assert_eq!(
-            r,
-            Recovery {
-                blocks: 3,
-                truncated_bytes: 100
-            }
-        );
+        assert_eq!(r, Recovery { blocks: 3, truncated_bytes: 100 });
     }
 
     #[test]
@@ -441,16 +354,13 @@ mod tests {
         let blocks = chain(3);
         {
             let (mut s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
-            s.append(&blocks.iter().map(|b| (b, None)).collect::<Vec<_>>())
-                .unwrap();
+            s.append(&blocks.iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
         }
         let p = dir.path().join("blocks.dat");
         let mut full = std::fs::read(&p).unwrap();
         full[30] ^= 0xff; // inside block 1's payload
         std::fs::write(&p, &full).unwrap();
-        let err = BlockStore::open(dir.path(), Limits::default())
-            .err()
-            .expect("must refuse");
+        let err = BlockStore::open(dir.path(), Limits::default()).err().expect("must refuse");
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("refusing to truncate"));
     }

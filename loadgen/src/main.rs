@@ -1,1 +1,393 @@
-fn main() {}
+//! loadgen: drives signed alert load into validators and measures committed
+//! throughput and commit latency.
+//!
+//! `loadgen single` starts a validator process of its own (this binary
+//! re-executed as `loadgen validator`, which runs the same code as
+//! `cybermesh run`), pre-signs the transactions in parallel before the clock
+//! starts, sends them over the direct source and reads back the commit stream.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use cybermesh::crypto;
+use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use prost::Message;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "loadgen", about = "Load generator and throughput harness for CyberMesh validators")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Parser, Clone)]
+struct LoadArgs {
+    /// How long to send.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Offered rate in tx/s; 0 = as fast as the validator accepts.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Payload size in bytes (the AnomalyPayload is padded to it).
+    #[arg(long, default_value_t = 300)]
+    payload: usize,
+    /// Transactions to pre-sign when --rate is 0.
+    #[arg(long, default_value_t = 600_000)]
+    max_txs: usize,
+    /// Print the summary as JSON too.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start one validator (N = 1) in a temp dir and load it.
+    Single {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Verification shards of the validator.
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+        /// Block size limit.
+        #[arg(long, default_value_t = 2000)]
+        block_max_txs: usize,
+        /// Block build interval.
+        #[arg(long, default_value = "20ms")]
+        build_interval: String,
+        /// Keep the temp dir (configs, keys, blocks, DLQ) and print its path.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run a validator (what `cybermesh run` does); used by `single`.
+    #[command(hide = true)]
+    Validator {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Validator { config } => cybermesh::runtime::run_blocking(Some(&config)),
+        Cmd::Single { load, shards, block_max_txs, build_interval, keep } => {
+            single(load, shards, block_max_txs, &build_interval, keep)
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Signs `n` anomaly events in parallel; returns frames and the signing rate.
+fn presign(key: &crypto::SigningKey, n: usize, payload: usize) -> (Vec<Vec<u8>>, Vec<[u8; 16]>, f64) {
+    let t = Instant::now();
+    let ts = cybermesh::runtime::now_ms();
+    let evs: Vec<(Vec<u8>, [u8; 16])> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let i = i as u64;
+            let ev = Event::sign(
+                TxKind::Anomaly,
+                key,
+                uuid::Uuid::new_v4().into_bytes(),
+                sample_anomaly_payload(i, payload),
+                ts,
+                (i as u32).to_be_bytes(),
+            );
+            let mut f = Vec::with_capacity(payload + 220);
+            cybermesh::ingest::direct::push_event_frame(&mut f, TxKind::Anomaly, &ev.encode());
+            (f, ev.nonce)
+        })
+        .collect();
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let (frames, nonces) = evs.into_iter().unzip();
+    (frames, nonces, rate)
+}
+
+/// Raw single-thread batch verification rate (batch 256), measured here so
+/// throughput can be compared with the machine's own ceiling.
+fn raw_verify_rate() -> f64 {
+    let key = crypto::generate_key();
+    let pk = crypto::public_key(&key);
+    let msgs: Vec<Vec<u8>> = (0..256u32).map(|i| i.to_be_bytes().repeat(20)).collect();
+    let sigs: Vec<crypto::Signature> = msgs.iter().map(|m| crypto::sign(&key, m)).collect();
+    let items: Vec<crypto::BatchItem> =
+        msgs.iter().zip(&sigs).map(|(m, s)| crypto::BatchItem { key: &pk, msg: m, sig: s }).collect();
+    let t = Instant::now();
+    let mut n = 0;
+    while t.elapsed() < Duration::from_millis(1500) {
+        assert!(crypto::verify_batch(&items).iter().all(|r| r.is_ok()));
+        n += 256;
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn single(load: LoadArgs, shards: usize, block_max_txs: usize, build_interval: &str, keep: bool) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("cybermesh-single-").tempdir()?;
+    let root = dir.path().to_path_buf();
+    let vkey = crypto::generate_key();
+    let key_file = root.join("validator-1.pem");
+    crypto::write_key_file(&key_file, &vkey)?;
+    let producer = crypto::generate_key();
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let cfg = format!(
+        r#"[node]
+id = 1
+data_dir = "{data}"
+key_file = "{key}"
+
+[cluster]
+nodes = [1]
+validators = {{ "1" = "{vpk}" }}
+
+[producers]
+keys = ["{ppk}"]
+
+[ingest]
+direct_listen = "{addr}"
+
+[mempool]
+max_txs = {mempool}
+max_bytes = 268435456
+rate_per_second = 0
+
+[block]
+max_txs = {block_max_txs}
+build_interval = "{build_interval}"
+
+[runtime]
+verify_shards = {shards}
+"#,
+        data = root.join("data-1").display(),
+        key = key_file.display(),
+        vpk = hex::encode(crypto::public_key(&vkey)),
+        ppk = hex::encode(crypto::public_key(&producer)),
+        mempool = block_max_txs * 8,
+    );
+    let cfg_path = root.join("validator-1.toml");
+    std::fs::write(&cfg_path, cfg)?;
+
+    println!("measuring raw batch verification (one core, batch 256)...");
+    let raw = raw_verify_rate();
+    let n = if load.rate == 0 { load.max_txs } else { (load.rate as f64 * load.duration.as_secs_f64()) as usize };
+    println!("pre-signing {n} transactions of {} B payload...", load.payload);
+    let (frames, nonces, sign_rate) = presign(&producer, n, load.payload);
+
+    let log = std::fs::File::create(root.join("validator-1.log"))?;
+    let child = Child(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("validator")
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the validator process")?,
+    );
+    let stream = connect(addr, Duration::from_secs(30), &root)?;
+    let res = drive(stream, frames, &nonces, &load)?;
+    drop(child);
+    report(&load, &res, raw, sign_rate, shards, "single validator (N = 1)");
+    if keep {
+        let p = dir.keep();
+        println!("kept {}", p.display());
+    }
+    Ok(())
+}
+
+fn connect(addr: SocketAddr, within: Duration, root: &Path) -> anyhow::Result<TcpStream> {
+    let t = Instant::now();
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return Ok(s),
+            Err(_) if t.elapsed() < within => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => bail!(
+                "validator did not listen on {addr} within {within:?}: {e}; see {}/validator-1.log",
+                root.display()
+            ),
+        }
+    }
+}
+
+struct Results {
+    sent: u64,
+    committed: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+    blocks: u64,
+}
+
+fn drive(stream: TcpStream, frames: Vec<Vec<u8>>, nonces: &[[u8; 16]], load: &LoadArgs) -> anyhow::Result<Results> {
+    stream.set_nodelay(true)?;
+    let index: HashMap<[u8; 16], u32> = nonces.iter().enumerate().map(|(i, n)| (*n, i as u32)).collect();
+    let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..frames.len()).map(|_| AtomicU64::new(0)).collect());
+    let start = Instant::now();
+    let done_sending = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+
+    let (w_stream, sa, ds, sc) = (stream.try_clone()?, sent_at.clone(), done_sending.clone(), sent.clone());
+    let (rate, duration) = (load.rate, load.duration);
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, w_stream);
+        let chunk = 64;
+        let mut i = 0;
+        while i < frames.len() && start.elapsed() < duration {
+            if rate > 0 {
+                // Open loop: chunk k is due at k·chunk/rate seconds.
+                let due = Duration::from_secs_f64(i as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    w.flush()?;
+                    std::thread::sleep(wait);
+                }
+            }
+            let end = (i + chunk).min(frames.len());
+            let now = start.elapsed().as_nanos() as u64;
+            for j in i..end {
+                sa[j].store(now, Ordering::Relaxed);
+                w.write_all(&frames[j])?;
+            }
+            sc.store(end as u64, Ordering::Relaxed);
+            i = end;
+            if rate == 0 && i % 4096 == 0 {
+                w.flush()?;
+            }
+        }
+        w.flush()?;
+        ds.store(true, Ordering::SeqCst);
+        Ok(())
+    });
+
+    // Reader: blocking reads of the commit stream (no read timeout: a
+    // timeout mid-frame would lose the framing).
+    let committed = Arc::new(AtomicU64::new(0));
+    let blocks = Arc::new(AtomicU64::new(0));
+    let last_commit_ns = Arc::new(AtomicU64::new(0));
+    let r_stream = stream.try_clone()?;
+    let (c2, b2, l2) = (committed.clone(), blocks.clone(), last_commit_ns.clone());
+    let reader = std::thread::spawn(move || -> anyhow::Result<Histogram<u64>> {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+        let mut r = BufReader::with_capacity(1 << 20, r_stream);
+        while let Ok(Some(frame)) = cybermesh::ingest::direct::read_frame(&mut r, 64 << 20) {
+            let body = frame.map_err(|len| anyhow::anyhow!("commit frame of {len} bytes"))?;
+            let c = cybermesh::proto::DirectCommit::decode(&body[..])?;
+            let now = start.elapsed().as_nanos() as u64;
+            let mut n_ok = 0;
+            for n in &c.nonces {
+                let Ok(n) = <[u8; 16]>::try_from(&n[..]) else { continue };
+                if let Some(&i) = index.get(&n) {
+                    let lat_us = now.saturating_sub(sent_at[i as usize].load(Ordering::Relaxed)) / 1000;
+                    hist.record(lat_us.max(1))?;
+                    n_ok += 1;
+                }
+            }
+            c2.fetch_add(n_ok, Ordering::Relaxed);
+            b2.fetch_add(1, Ordering::Relaxed);
+            l2.store(now, Ordering::Relaxed);
+        }
+        Ok(hist)
+    });
+
+    let pb = ProgressBar::new(load.duration.as_secs());
+    pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len}s {msg}").unwrap());
+    let mut stalled_since: Option<(Instant, u64)> = None;
+    loop {
+        let (sent_now, done, got) =
+            (sent.load(Ordering::Relaxed), done_sending.load(Ordering::SeqCst), committed.load(Ordering::Relaxed));
+        if done && got >= sent_now {
+            break;
+        }
+        if reader.is_finished() {
+            eprintln!("the validator closed the commit stream; {got} of {sent_now} committed");
+            break;
+        }
+        if done {
+            // Give the validator 10 s without progress to finish the tail.
+            match stalled_since {
+                Some((t, c)) if c == got && t.elapsed() > Duration::from_secs(10) => {
+                    eprintln!("no commit for 10 s after sending stopped; {got} of {sent_now} committed");
+                    break;
+                }
+                Some((_, c)) if c == got => {}
+                _ => stalled_since = Some((Instant::now(), got)),
+            }
+        }
+        pb.set_position(start.elapsed().as_secs().min(load.duration.as_secs()));
+        pb.set_message(format!(
+            "sent {sent_now}, committed {got} ({:.0} tx/s)",
+            got as f64 / start.elapsed().as_secs_f64()
+        ));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    pb.finish_and_clear();
+    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let hist = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    Ok(Results {
+        sent: sent.load(Ordering::Relaxed),
+        committed: committed.load(Ordering::Relaxed),
+        elapsed: Duration::from_nanos(last_commit_ns.load(Ordering::Relaxed)),
+        hist,
+        blocks: blocks.load(Ordering::Relaxed),
+    })
+}
+
+fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards: usize, what: &str) {
+    let tps = r.committed as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
+    println!("=== loadgen: {what} ===");
+    println!(
+        "build            : {} (release={})",
+        if cfg!(debug_assertions) { "debug" } else { "optimized" },
+        !cfg!(debug_assertions)
+    );
+    println!("offered rate     : {}", if load.rate == 0 { "max".to_string() } else { format!("{} tx/s", load.rate) });
+    println!("payload          : {} B", load.payload);
+    println!("verify shards    : {shards}");
+    println!("loadgen signing  : {sign_rate:.0} tx/s (pre-signed before the clock starts)");
+    println!("raw batch verify : {raw_verify:.0} sig/s on one core (batch 256)");
+    println!("sent             : {}", r.sent);
+    println!("committed        : {} in {} blocks", r.committed, r.blocks);
+    println!(
+        "throughput       : {tps:.0} committed tx/s over {:.2} s ({:.2}x one core's raw verify rate)",
+        r.elapsed.as_secs_f64(),
+        tps / raw_verify
+    );
+    println!(
+        "commit latency   : p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        r.hist.max() as f64 / 1000.0
+    );
+    if load.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "what": what, "rate": load.rate, "payload": load.payload, "shards": shards,
+                "sent": r.sent, "committed": r.committed, "blocks": r.blocks, "seconds": r.elapsed.as_secs_f64(),
+                "tx_per_s": tps, "raw_verify_per_s": raw_verify, "sign_per_s": sign_rate,
+                "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": r.hist.max() as f64 / 1000.0}
+            })
+        );
+    }
+}

@@ -7,11 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "cybermesh",
-    version,
-    about = "BFT validator for signed security alerts"
-)]
+#[command(name = "cybermesh", version, about = "BFT validator for signed security alerts")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -97,9 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { config } => cybermesh::runtime::run_blocking(config.as_deref()),
-        Cmd::Config {
-            cmd: ConfigCmd::Check { config },
-        } => {
+        Cmd::Config { cmd: ConfigCmd::Check { config } } => {
             let v = Config::load(config.as_deref())?.validate()?;
             println!(
                 "config OK: node {} of {} validators (f = {}, quorum = {}), {} producer keys, source {:?}, environment {:?}",
@@ -113,15 +107,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Config {
-            cmd: ConfigCmd::Default,
-        } => {
+        Cmd::Config { cmd: ConfigCmd::Default } => {
             print!("{}", toml::to_string_pretty(&Config::default())?);
             Ok(())
         }
-        Cmd::Store {
-            cmd: StoreCmd::Check { data_dir },
-        } => {
+        Cmd::Store { cmd: StoreCmd::Check { data_dir } } => {
             let (store, rec) = BlockStore::open(&data_dir, Default::default())?;
             let mut txs = 0usize;
             let mut prev: Option<cybermesh::block::BlockHeader> = None;
@@ -147,9 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Debug {
-            cmd: DebugCmd::StoreWriter { data_dir },
-        } => store_writer(&data_dir),
+        Cmd::Debug { cmd: DebugCmd::StoreWriter { data_dir } } => store_writer(&data_dir),
     }
 }
 
@@ -186,11 +174,7 @@ fn store_writer(dir: &std::path::Path) -> anyhow::Result<()> {
             proposer: crypto::public_key(&key),
             tx_count: txs.len() as u32,
         };
-        let b = Block {
-            header,
-            txs,
-            tx_hashes,
-        };
+        let b = Block { header, txs, tx_hashes };
         store.append(&[(&b, None)])?;
         writeln!(out, "durable {h}")?;
         out.flush()?;

@@ -52,17 +52,11 @@ mod tests {
         push_event_frame(&mut buf, TxKind::Policy, b"abc");
         write_frame(&mut buf, b"xyz").unwrap();
         let mut r = &buf[..];
-        assert_eq!(
-            read_frame(&mut r, 100).unwrap().unwrap().unwrap(),
-            vec![3, b'a', b'b', b'c']
-        );
+        assert_eq!(read_frame(&mut r, 100).unwrap().unwrap().unwrap(), vec![3, b'a', b'b', b'c']);
         assert_eq!(read_frame(&mut r, 2).unwrap().unwrap(), Err(3));
         let mut r = &buf[..2];
         assert!(read_frame(&mut r, 100).unwrap().is_none());
         let mut r = &buf[..6];
-        assert!(
-            read_frame(&mut r, 100).is_err(),
-            "truncated body is an error"
-        );
+        assert!(read_frame(&mut r, 100).is_err(), "truncated body is an error");
     }
 }

@@ -77,20 +77,12 @@ pub fn shard_of(nonce: &[u8; 16], shards: usize) -> usize {
 }
 
 fn reject(inc: &Incoming, reason: RejectReason, detail: String) -> Rejection {
-    Rejection {
-        reason,
-        detail,
-        origin: inc.origin.to_string(),
-        original: inc.event.encode(),
-    }
+    Rejection { reason, detail, origin: inc.origin.to_string(), original: inc.event.encode() }
 }
 
 impl Verifier {
     pub fn new(policy: Arc<VerifyPolicy>) -> Self {
-        Verifier {
-            policy,
-            nonces: NonceCache::default(),
-        }
+        Verifier { policy, nonces: NonceCache::default() }
     }
 
     pub fn nonce_cache_len(&self) -> usize {
@@ -108,8 +100,7 @@ impl Verifier {
         rejected: &mut Vec<Rejection>,
     ) {
         let p = &*self.policy;
-        self.nonces
-            .expire(now_ms.saturating_sub(p.nonce_ttl_ms.max(p.skew_ms)));
+        self.nonces.expire(now_ms.saturating_sub(p.nonce_ttl_ms.max(p.skew_ms)));
         // Cheap checks first; keep survivors with their signed bytes.
         let mut cand: Vec<(Incoming, Vec<u8>)> = Vec::with_capacity(batch.len());
         for inc in batch {
@@ -127,13 +118,11 @@ impl Verifier {
                 ));
                 continue;
             }
-            if ev.nonce[..8] != ev.timestamp_ms.to_be_bytes() || ev.nonce[8..12] != ev.producer[..4]
-            {
+            if ev.nonce[..8] != ev.timestamp_ms.to_be_bytes() || ev.nonce[8..12] != ev.producer[..4] {
                 rejected.push(reject(
                     &inc,
                     RejectReason::NonceMismatch,
-                    "nonce must be u64 BE timestamp_ms || producer key[0..4] || 4 random bytes"
-                        .into(),
+                    "nonce must be u64 BE timestamp_ms || producer key[0..4] || 4 random bytes".into(),
                 ));
                 continue;
             }
@@ -158,25 +147,14 @@ impl Verifier {
                 continue;
             }
             let mut sb = Vec::with_capacity(signed_len(ev.kind.domain().len()));
-            write_signed_bytes(
-                &mut sb,
-                ev.kind.domain(),
-                ev.timestamp_ms,
-                &ev.nonce,
-                &ev.id,
-                &ev.content_hash,
-            );
+            write_signed_bytes(&mut sb, ev.kind.domain(), ev.timestamp_ms, &ev.nonce, &ev.id, &ev.content_hash);
             cand.push((inc, sb));
         }
         // One batched signature check for all survivors.
         let verdicts = {
             let items: Vec<BatchItem> = cand
                 .iter()
-                .map(|(inc, sb)| BatchItem {
-                    key: &inc.event.producer,
-                    msg: sb,
-                    sig: &inc.event.signature,
-                })
+                .map(|(inc, sb)| BatchItem { key: &inc.event.producer, msg: sb, sig: &inc.event.signature })
                 .collect();
             crypto::verify_batch(&items)
         };
@@ -198,11 +176,7 @@ impl Verifier {
                 continue;
             }
             let tx_hash: Hash32 = sha256(&sb);
-            admitted.push(VerifiedTx {
-                event: Arc::new(inc.event),
-                tx_hash,
-                received_ms,
-            });
+            admitted.push(VerifiedTx { event: Arc::new(inc.event), tx_hash, received_ms });
         }
     }
 }
@@ -219,11 +193,7 @@ impl RateLimiter {
     /// `rate_per_s == 0` disables limiting; `burst == 0` means one second's worth.
     pub fn new(rate_per_s: u32, burst: u32) -> Self {
         let burst = if burst == 0 { rate_per_s } else { burst };
-        RateLimiter {
-            rate_per_s: rate_per_s as f64,
-            burst: burst as f64,
-            buckets: HashMap::new(),
-        }
+        RateLimiter { rate_per_s: rate_per_s as f64, burst: burst as f64, buckets: HashMap::new() }
     }
 
     /// Takes one token for `producer` at `now_ms`.
@@ -231,10 +201,7 @@ impl RateLimiter {
         if self.rate_per_s == 0.0 {
             return true;
         }
-        let (tokens, last) = self
-            .buckets
-            .entry(*producer)
-            .or_insert((self.burst, now_ms));
+        let (tokens, last) = self.buckets.entry(*producer).or_insert((self.burst, now_ms));
         let elapsed = now_ms.saturating_sub(*last) as f64 / 1000.0;
         *tokens = (*tokens + elapsed * self.rate_per_s).min(self.burst);
         *last = now_ms.max(*last);
@@ -266,10 +233,7 @@ mod tests {
             skew_ms: 300_000,
             nonce_ttl_ms: 900_000,
         };
-        Fx {
-            key,
-            v: Verifier::new(Arc::new(policy)),
-        }
+        Fx { key, v: Verifier::new(Arc::new(policy)) }
     }
 
     fn ev(k: &crypto::SigningKey, i: u64, ts: u64) -> Event {
@@ -286,12 +250,7 @@ mod tests {
     fn run(v: &mut Verifier, evs: Vec<Event>) -> (Vec<VerifiedTx>, Vec<Rejection>) {
         let (mut a, mut r) = (vec![], vec![]);
         v.process(
-            evs.into_iter()
-                .map(|event| Incoming {
-                    event,
-                    origin: "test".into(),
-                })
-                .collect(),
+            evs.into_iter().map(|event| Incoming { event, origin: "test".into() }).collect(),
             NOW,
             NOW,
             &mut a,
@@ -314,29 +273,9 @@ mod tests {
         let future = ev(&f.key, 6, NOW + 301_000);
         let mut sig = ev(&f.key, 7, NOW);
         sig.signature[5] ^= 1;
-        let payload = Event::sign(
-            TxKind::Anomaly,
-            &f.key,
-            [8; 16],
-            vec![0x08, 0x00],
-            NOW,
-            [8; 4],
-        );
+        let payload = Event::sign(TxKind::Anomaly, &f.key, [8; 16], vec![0x08, 0x00], NOW, [8; 4]);
         let replay = good.clone();
-        let (a, r) = run(
-            &mut f.v,
-            vec![
-                good.clone(),
-                unknown,
-                hash,
-                nonce,
-                stale,
-                future,
-                sig,
-                payload,
-                replay,
-            ],
-        );
+        let (a, r) = run(&mut f.v, vec![good.clone(), unknown, hash, nonce, stale, future, sig, payload, replay]);
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].tx_hash, good.tx_hash());
         let reasons: Vec<_> = r.iter().map(|r| r.reason).collect();

@@ -41,10 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Wall-clock milliseconds since the Unix epoch (the runtime's only clock).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Counters published by the stages (lock-free), for logs and metrics.
@@ -79,6 +76,9 @@ pub struct Running {
     shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
     core: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    /// Joined last, once nothing can reject any more.
+    dlq: Option<std::thread::JoinHandle<()>>,
+    dlq_done: Arc<AtomicBool>,
     listen: std::net::SocketAddr,
     pub stats: Arc<RuntimeStats>,
 }
@@ -109,12 +109,15 @@ impl Running {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        match self.core.take() {
-            Some(c) => c
-                .join()
-                .map_err(|_| anyhow::anyhow!("core thread panicked"))?,
+        let core = match self.core.take() {
+            Some(c) => c.join().map_err(|_| anyhow::anyhow!("core thread panicked")).and_then(|r| r),
             None => Ok(()),
+        };
+        self.dlq_done.store(true, Ordering::SeqCst);
+        if let Some(d) = self.dlq.take() {
+            let _ = d.join();
         }
+        core
     }
 }
 
@@ -137,10 +140,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let c = &v.config;
     let strict_key_mode = c.node.environment == crate::config::Environment::Production;
     let key = crypto::read_key_file(&c.node.key_file, strict_key_mode).with_context(|| {
-        format!(
-            "loading the validator key (node.key_file / CONTROL_SIGNING_KEY_PATH = {})",
-            c.node.key_file.display()
-        )
+        format!("loading the validator key (node.key_file / CONTROL_SIGNING_KEY_PATH = {})", c.node.key_file.display())
     })?;
     let me = crypto::public_key(&key);
     match v.validators.get(&c.node.id) {
@@ -179,22 +179,14 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let (dlq_tx, dlq_rx) = sync_channel::<Rejection>(8192);
     let core_bell = Arc::new(Doorbell::default());
     let shards = c.runtime.verify_shards;
-    let shard_bells: Vec<Arc<Doorbell>> =
-        (0..shards).map(|_| Arc::new(Doorbell::default())).collect();
-    let shard_in: Vec<Arc<Ring<Vec<Incoming>>>> = shard_bells
-        .iter()
-        .map(|b| Arc::new(Ring::new(c.runtime.ring_capacity, b.clone())))
-        .collect();
-    let shard_out: Vec<Arc<Ring<Vec<VerifiedTx>>>> = (0..shards)
-        .map(|_| Arc::new(Ring::new(c.runtime.ring_capacity, core_bell.clone())))
-        .collect();
+    let shard_bells: Vec<Arc<Doorbell>> = (0..shards).map(|_| Arc::new(Doorbell::default())).collect();
+    let shard_in: Vec<Arc<Ring<Vec<Incoming>>>> =
+        shard_bells.iter().map(|b| Arc::new(Ring::new(c.runtime.ring_capacity, b.clone()))).collect();
+    let shard_out: Vec<Arc<Ring<Vec<VerifiedTx>>>> =
+        (0..shards).map(|_| Arc::new(Ring::new(c.runtime.ring_capacity, core_bell.clone()))).collect();
 
-    let listener = TcpListener::bind(&c.ingest.direct_listen).with_context(|| {
-        format!(
-            "binding the direct source on {} (DIRECT_LISTEN_ADDR)",
-            c.ingest.direct_listen
-        )
-    })?;
+    let listener = TcpListener::bind(&c.ingest.direct_listen)
+        .with_context(|| format!("binding the direct source on {} (DIRECT_LISTEN_ADDR)", c.ingest.direct_listen))?;
     let listen = listener.local_addr()?;
     let shared = Arc::new(Shared {
         stop: stop.clone(),
@@ -210,14 +202,11 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let mut threads = vec![];
 
     // DLQ writer.
-    let mut sink = DlqFileSink::open(&c.node.data_dir.join("dlq.jsonl"), c.node.id.to_string())
-        .context("opening the DLQ file")?;
-    let st = stats.clone();
-    threads.push(
-        std::thread::Builder::new()
-            .name("dlq".into())
-            .spawn(move || dlq_loop(dlq_rx, &mut sink, &st))?,
-    );
+    let mut sink =
+        DlqFileSink::open(&c.node.data_dir.join("dlq.jsonl"), c.node.id.to_string()).context("opening the DLQ file")?;
+    let (st, dlq_done) = (stats.clone(), Arc::new(AtomicBool::new(false)));
+    let dd = dlq_done.clone();
+    let dlq = std::thread::Builder::new().name("dlq".into()).spawn(move || dlq_loop(dlq_rx, &mut sink, &st, &dd))?;
 
     // Verify shards.
     let policy = Arc::new(VerifyPolicy {
@@ -226,26 +215,13 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         nonce_ttl_ms: c.ingest.nonce_ttl.as_millis() as u64,
     });
     for i in 0..shards {
-        let (input, output, bell, sh, pol) = (
-            shard_in[i].clone(),
-            shard_out[i].clone(),
-            shard_bells[i].clone(),
-            shared.clone(),
-            policy.clone(),
-        );
-        let core = c
-            .runtime
-            .pin_cores
-            .then(|| c.runtime.verify_cores.get(i).copied())
-            .flatten();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("verify-{i}"))
-                .spawn(move || {
-                    pin(core, "verify");
-                    shard_loop(Verifier::new(pol), &input, &output, &bell, &sh)
-                })?,
-        );
+        let (input, output, bell, sh, pol) =
+            (shard_in[i].clone(), shard_out[i].clone(), shard_bells[i].clone(), shared.clone(), policy.clone());
+        let core = c.runtime.pin_cores.then(|| c.runtime.verify_cores.get(i).copied()).flatten();
+        threads.push(std::thread::Builder::new().name(format!("verify-{i}")).spawn(move || {
+            pin(core, "verify");
+            shard_loop(Verifier::new(pol), &input, &output, &bell, &sh)
+        })?);
     }
 
     // Core.
@@ -260,37 +236,33 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let node = Node::new(ncfg, state, last, now_ms());
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
-    let core = std::thread::Builder::new()
-        .name("core".into())
-        .spawn(move || {
-            pin(core_pin, "core");
-            let r = core_loop(node, store, &outs, &bell, &sh);
-            if let Err(e) = &r {
-                tracing::error!(error = %format!("{e:#}"), "core stopped");
-                sh.stop.store(true, Ordering::SeqCst);
-            }
-            r
-        })?;
+    let core = std::thread::Builder::new().name("core".into()).spawn(move || {
+        pin(core_pin, "core");
+        let r = core_loop(node, store, &outs, &bell, &sh);
+        if let Err(e) = &r {
+            tracing::error!(error = %format!("{e:#}"), "core stopped");
+            sh.stop.store(true, Ordering::SeqCst);
+        }
+        r
+    })?;
 
     // Direct source acceptor.
     let sh = shared.clone();
-    threads.push(
-        std::thread::Builder::new()
-            .name("direct-accept".into())
-            .spawn(move || accept_loop(listener, sh))?,
-    );
+    threads.push(std::thread::Builder::new().name("direct-accept".into()).spawn(move || accept_loop(listener, sh))?);
     tracing::info!(addr = %listen, shards, "direct source listening");
-    Ok(Running {
-        shared,
-        threads,
-        core: Some(core),
-        listen,
-        stats,
-    })
+    Ok(Running { shared, threads, core: Some(core), dlq: Some(dlq), dlq_done, listen, stats })
 }
 
-fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqFileSink, stats: &RuntimeStats) {
-    while let Ok(r) = rx.recv() {
+fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqFileSink, stats: &RuntimeStats, done: &AtomicBool) {
+    loop {
+        let r = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => r,
+            Err(_) if done.load(Ordering::SeqCst) => match rx.try_recv() {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+            Err(_) => continue,
+        };
         let mut next = Some(r);
         while let Some(r) = next {
             stats.rejected.add(r.reason);
@@ -320,24 +292,22 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         sh.conns.lock().unwrap().push(kconn);
         let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(4096);
         sh.subscribers.lock().unwrap().push(tx);
-        let _ = std::thread::Builder::new()
-            .name("direct-write".into())
-            .spawn(move || {
-                let mut w = BufWriter::new(wconn);
-                while let Ok(frame) = rx.recv() {
-                    if w.write_all(&frame).is_err() {
-                        return;
-                    }
-                    while let Ok(f) = rx.try_recv() {
-                        if w.write_all(&f).is_err() {
-                            return;
-                        }
-                    }
-                    if w.flush().is_err() {
+        let _ = std::thread::Builder::new().name("direct-write".into()).spawn(move || {
+            let mut w = BufWriter::new(wconn);
+            while let Ok(frame) = rx.recv() {
+                if w.write_all(&frame).is_err() {
+                    return;
+                }
+                while let Ok(f) = rx.try_recv() {
+                    if w.write_all(&f).is_err() {
                         return;
                     }
                 }
-            });
+                if w.flush().is_err() {
+                    return;
+                }
+            }
+        });
         let sh2 = sh.clone();
         let _ = std::thread::Builder::new()
             .name("direct-read".into())
@@ -347,12 +317,7 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
 
 fn send_reject(sh: &Shared, reason: RejectReason, detail: String, origin: &str, original: &[u8]) {
     let keep = original.len().min(sh.limits.max_event_bytes);
-    let _ = sh.dlq.send(Rejection {
-        reason,
-        detail,
-        origin: origin.to_string(),
-        original: original[..keep].to_vec(),
-    });
+    let _ = sh.dlq.send(Rejection { reason, detail, origin: origin.to_string(), original: original[..keep].to_vec() });
 }
 
 /// One connection: frames → decoded events → per-shard batches.
@@ -376,10 +341,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
                 send_reject(
                     sh,
                     RejectReason::Oversized,
-                    format!(
-                        "frame of {len} bytes exceeds {}; connection closed",
-                        sh.limits.max_event_bytes + 1
-                    ),
+                    format!("frame of {len} bytes exceeds {}; connection closed", sh.limits.max_event_bytes + 1),
                     &origin,
                     &[],
                 );
@@ -387,13 +349,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
             }
         };
         let Some((&tag, bytes)) = body.split_first() else {
-            send_reject(
-                sh,
-                RejectReason::Malformed,
-                "empty frame".into(),
-                &origin,
-                &body,
-            );
+            send_reject(sh, RejectReason::Malformed, "empty frame".into(), &origin, &body);
             continue;
         };
         let Some(kind) = TxKind::from_tag(tag) else {
@@ -409,10 +365,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
         match Event::decode(kind, bytes, &sh.limits) {
             Ok(event) => {
                 let i = shard_of(&event.nonce, n);
-                batches[i].push(Incoming {
-                    event,
-                    origin: origin.clone(),
-                });
+                batches[i].push(Incoming { event, origin: origin.clone() });
                 if batches[i].len() >= sh.batch && !flush(&mut batches, i) {
                     return;
                 }
@@ -454,17 +407,13 @@ fn shard_loop(
             if sh.stop.load(Ordering::Relaxed) {
                 return;
             }
-            idle_wait(sh.idle, bell, Duration::from_millis(100), || {
-                !input.is_empty()
-            });
+            idle_wait(sh.idle, bell, Duration::from_millis(100), || !input.is_empty());
             continue;
         }
         let now = now_ms();
         let (mut ok, mut bad) = (Vec::with_capacity(batch.len()), Vec::new());
         v.process(batch, now, now, &mut ok, &mut bad);
-        sh.stats
-            .verified
-            .fetch_add(ok.len() as u64, Ordering::Relaxed);
+        sh.stats.verified.fetch_add(ok.len() as u64, Ordering::Relaxed);
         for r in bad {
             let _ = sh.dlq.send(r);
         }
@@ -513,38 +462,29 @@ fn core_loop(
                         let _ = sh.dlq.send(r);
                     }
                     Output::PersistBlock(b) => {
-                        store.append(&[(&b, None)]).context(
-                            "block store append failed; stopping (restart recovers the store)",
-                        )?;
+                        store
+                            .append(&[(&b, None)])
+                            .context("block store append failed; stopping (restart recovers the store)")?;
                         node.on_block_durable(now_ms(), b.header.height, &mut out);
                         worked = true;
                     }
                     Output::Committed { block, receipts } => {
-                        sh.stats
-                            .height
-                            .store(block.header.height, Ordering::Relaxed);
-                        sh.stats
-                            .committed_txs
-                            .fetch_add(block.txs.len() as u64, Ordering::Relaxed);
+                        sh.stats.height.store(block.header.height, Ordering::Relaxed);
+                        sh.stats.committed_txs.fetch_add(block.txs.len() as u64, Ordering::Relaxed);
                         tracing::debug!(
                             height = block.header.height,
                             txs = block.txs.len(),
-                            rejected = receipts
-                                .iter()
-                                .filter(|r| r.status != crate::state::TxStatus::Applied)
-                                .count(),
+                            rejected = receipts.iter().filter(|r| r.status != crate::state::TxStatus::Applied).count(),
                             "committed"
                         );
                         let frame = commit_frame(&block);
-                        sh.subscribers.lock().unwrap().retain(|s| {
-                            match s.try_send(frame.clone()) {
-                                Ok(()) => true,
-                                Err(TrySendError::Full(_)) => {
-                                    tracing::warn!("direct subscriber too slow; dropping it");
-                                    false
-                                }
-                                Err(TrySendError::Disconnected(_)) => false,
+                        sh.subscribers.lock().unwrap().retain(|s| match s.try_send(frame.clone()) {
+                            Ok(()) => true,
+                            Err(TrySendError::Full(_)) => {
+                                tracing::warn!("direct subscriber too slow; dropping it");
+                                false
                             }
+                            Err(TrySendError::Disconnected(_)) => false,
                         });
                     }
                 }
@@ -552,12 +492,8 @@ fn core_loop(
         }
         let s = node.stats();
         sh.stats.duplicates.store(s.duplicates, Ordering::Relaxed);
-        sh.stats
-            .mempool_size
-            .store(node.mempool_len() as u64, Ordering::Relaxed);
-        sh.stats
-            .mempool_bytes
-            .store(node.mempool_bytes() as u64, Ordering::Relaxed);
+        sh.stats.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
+        sh.stats.mempool_bytes.store(node.mempool_bytes() as u64, Ordering::Relaxed);
         if now >= last_log + 5000 {
             last_log = now;
             tracing::info!(
@@ -573,13 +509,9 @@ fn core_loop(
             return Ok(());
         }
         if !worked {
-            let wait = node
-                .next_deadline_ms()
-                .map_or(100, |d| d.saturating_sub(now_ms()).clamp(1, 100));
+            let wait = node.next_deadline_ms().map_or(100, |d| d.saturating_sub(now_ms()).clamp(1, 100));
             let room = node.has_room();
-            idle_wait(sh.idle, bell, Duration::from_millis(wait), || {
-                room && inputs.iter().any(|r| !r.is_empty())
-            });
+            idle_wait(sh.idle, bell, Duration::from_millis(wait), || room && inputs.iter().any(|r| !r.is_empty()));
         }
     }
 }
@@ -588,14 +520,8 @@ fn core_loop(
 pub fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        b.json().try_init()
-    } else {
-        b.try_init()
-    };
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { b.json().try_init() } else { b.try_init() };
 }
 
 /// `cybermesh run`: load and validate the config, start, run until SIGINT/SIGTERM.

@@ -68,11 +68,7 @@ pub struct Ring<T> {
 
 impl<T> Ring<T> {
     pub fn new(capacity: usize, consumer_bell: Arc<Doorbell>) -> Self {
-        Ring {
-            q: ArrayQueue::new(capacity),
-            consumer_bell,
-            producer_bell: Doorbell::default(),
-        }
+        Ring { q: ArrayQueue::new(capacity), consumer_bell, producer_bell: Doorbell::default() }
     }
 
     /// Pushes, waiting while the ring is full. Returns the item back if
@@ -89,9 +85,7 @@ impl<T> Ring<T> {
                     if stop.load(Ordering::Relaxed) {
                         return Err(item);
                     }
-                    idle_wait(idle, &self.producer_bell, Duration::from_millis(50), || {
-                        !self.q.is_full()
-                    });
+                    idle_wait(idle, &self.producer_bell, Duration::from_millis(50), || !self.q.is_full());
                 }
             }
         }

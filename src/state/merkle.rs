@@ -66,11 +66,7 @@ impl Node {
     }
 
     fn leaf(key: Hash32, value: Hash32) -> Node {
-        Node::Leaf {
-            key,
-            value,
-            hash: leaf_hash(&key, &value),
-        }
+        Node::Leaf { key, value, hash: leaf_hash(&key, &value) }
     }
 
     /// Joins two children, collapsing to keep the canonical shape.
@@ -81,11 +77,7 @@ impl Node {
             (Node::Leaf { .. }, Node::Empty) => left,
             _ => {
                 let hash = internal_hash(&left.hash(), &right.hash());
-                Node::Internal {
-                    left: Box::new(left),
-                    right: Box::new(right),
-                    hash,
-                }
+                Node::Internal { left: Box::new(left), right: Box::new(right), hash }
             }
         }
     }
@@ -134,11 +126,7 @@ impl Proof {
             None => EMPTY,
         };
         for (depth, sib) in self.siblings.iter().enumerate().rev() {
-            h = if bit(key, depth) {
-                internal_hash(sib, &h)
-            } else {
-                internal_hash(&h, sib)
-            };
+            h = if bit(key, depth) { internal_hash(sib, &h) } else { internal_hash(&h, sib) };
         }
         &h == root
     }
@@ -200,18 +188,8 @@ impl SparseMerkleTree {
         let mut depth = 0;
         loop {
             match n {
-                Node::Empty => {
-                    return Proof {
-                        siblings,
-                        leaf: None,
-                    }
-                }
-                Node::Leaf { key: k, value, .. } => {
-                    return Proof {
-                        siblings,
-                        leaf: Some((*k, *value)),
-                    }
-                }
+                Node::Empty => return Proof { siblings, leaf: None },
+                Node::Leaf { key: k, value, .. } => return Proof { siblings, leaf: Some((*k, *value)) },
                 Node::Internal { left, right, .. } => {
                     if bit(key, depth) {
                         siblings.push(left.hash());
@@ -237,29 +215,21 @@ fn update(node: Node, depth: usize, ups: &[Update]) -> (Node, isize) {
         Node::Internal { left, right, .. } => {
             let split = ups.partition_point(|u| !bit(&u.0, depth));
             let (lu, ru) = ups.split_at(split);
-            let ((l, dl), (r, dr)) =
-                if ups.len() >= PARALLEL_MIN_UPDATES && depth < PARALLEL_MAX_DEPTH {
-                    rayon::join(
-                        || update(*left, depth + 1, lu),
-                        || update(*right, depth + 1, ru),
-                    )
-                } else {
-                    (update(*left, depth + 1, lu), update(*right, depth + 1, ru))
-                };
+            let ((l, dl), (r, dr)) = if ups.len() >= PARALLEL_MIN_UPDATES && depth < PARALLEL_MAX_DEPTH {
+                rayon::join(|| update(*left, depth + 1, lu), || update(*right, depth + 1, ru))
+            } else {
+                (update(*left, depth + 1, lu), update(*right, depth + 1, ru))
+            };
             (Node::join(l, r), dl + dr)
         }
         Node::Empty => {
-            let ins: Vec<(Hash32, Hash32)> =
-                ups.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
+            let ins: Vec<(Hash32, Hash32)> = ups.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
             let n = ins.len() as isize;
             (build(depth, &ins), n)
         }
         Node::Leaf { key, value, .. } => {
             // Merge the existing leaf into the sorted inserts unless an update names it.
-            let mut keep = ups
-                .binary_search_by(|u| u.0.cmp(&key))
-                .is_err()
-                .then_some((key, value));
+            let mut keep = ups.binary_search_by(|u| u.0.cmp(&key)).is_err().then_some((key, value));
             let mut ins: Vec<(Hash32, Hash32)> = Vec::with_capacity(ups.len() + 1);
             for (k, v) in ups {
                 if let Some(old) = keep.filter(|old| old.0 < *k) {

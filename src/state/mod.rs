@@ -29,10 +29,7 @@ pub struct StateConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig {
-            nonce_ttl_ms: 15 * 60_000,
-            future_skew_ms: 5 * 60_000,
-        }
+        StateConfig { nonce_ttl_ms: 15 * 60_000, future_skew_ms: 5 * 60_000 }
     }
 }
 
@@ -119,13 +116,7 @@ impl Batch<'_> {
 
 impl State {
     pub fn new(cfg: StateConfig) -> Self {
-        State {
-            cfg,
-            kv: BTreeMap::new(),
-            tree: SparseMerkleTree::new(),
-            nonce_index: BTreeSet::new(),
-            height: 0,
-        }
+        State { cfg, kv: BTreeMap::new(), tree: SparseMerkleTree::new(), nonce_index: BTreeSet::new(), height: 0 }
     }
 
     pub fn root(&self) -> Hash32 {
@@ -153,17 +144,9 @@ impl State {
 
     /// Executes block `height` with timestamp `timestamp_ms`. `txs` carry
     /// their tx hashes (computed once upstream).
-    pub fn execute_block(
-        &mut self,
-        height: u64,
-        timestamp_ms: u64,
-        txs: &[(&Event, Hash32)],
-    ) -> Executed {
+    pub fn execute_block(&mut self, height: u64, timestamp_ms: u64, txs: &[(&Event, Hash32)]) -> Executed {
         assert_eq!(height, self.height + 1, "blocks execute in height order");
-        let mut b = Batch {
-            kv: &mut self.kv,
-            undo: BTreeMap::new(),
-        };
+        let mut b = Batch { kv: &mut self.kv, undo: BTreeMap::new() };
         // Forget nonces past their TTL: a tx that old is refused as expired anyway.
         let horizon = timestamp_ms.saturating_sub(self.cfg.nonce_ttl_ms);
         while let Some(&(ts, n)) = self.nonce_index.first() {
@@ -177,9 +160,7 @@ impl State {
         let mut producer_delta: BTreeMap<[u8; 32], (u64, u64)> = BTreeMap::new();
         for (ev, tx_hash) in txs {
             let status = Self::apply_tx(&mut b, &self.cfg, height, timestamp_ms, ev, tx_hash);
-            if status != TxStatus::Rejected("replayed_nonce")
-                && status != TxStatus::Rejected("expired")
-            {
+            if status != TxStatus::Rejected("replayed_nonce") && status != TxStatus::Rejected("expired") {
                 b.put(nonce_key(&ev.nonce), ev.timestamp_ms.to_be_bytes().to_vec());
                 self.nonce_index.insert((ev.timestamp_ms, ev.nonce));
             }
@@ -188,10 +169,7 @@ impl State {
                 TxStatus::Applied => d.0 += 1,
                 TxStatus::Rejected(_) => d.1 += 1,
             }
-            receipts.push(Receipt {
-                tx_hash: *tx_hash,
-                status,
-            });
+            receipts.push(Receipt { tx_hash: *tx_hash, status });
         }
         for (p, (acc, rej)) in producer_delta {
             let mut k = vec![b'r'];
@@ -199,10 +177,7 @@ impl State {
             let (a0, r0) = b
                 .get(&k)
                 .map(|v| {
-                    (
-                        u64::from_be_bytes(v[..8].try_into().unwrap()),
-                        u64::from_be_bytes(v[8..16].try_into().unwrap()),
-                    )
+                    (u64::from_be_bytes(v[..8].try_into().unwrap()), u64::from_be_bytes(v[8..16].try_into().unwrap()))
                 })
                 .unwrap_or((0, 0));
             let mut v = (a0 + acc).to_be_bytes().to_vec();
@@ -210,31 +185,15 @@ impl State {
             b.put(k, v);
         }
         let undo_map = std::mem::take(&mut b.undo);
-        let updates: Vec<merkle::Update> = undo_map
-            .keys()
-            .map(|k| (sha256(k), self.kv.get(k).map(|v| sha256(v))))
-            .collect();
+        let updates: Vec<merkle::Update> =
+            undo_map.keys().map(|k| (sha256(k), self.kv.get(k).map(|v| sha256(v)))).collect();
         self.tree.apply(updates);
-        let undo = Undo {
-            prev: undo_map.into_iter().collect(),
-            height: self.height,
-        };
+        let undo = Undo { prev: undo_map.into_iter().collect(), height: self.height };
         self.height = height;
-        Executed {
-            state_root: self.tree.root(),
-            receipts,
-            undo,
-        }
+        Executed { state_root: self.tree.root(), receipts, undo }
     }
 
-    fn apply_tx(
-        b: &mut Batch<'_>,
-        cfg: &StateConfig,
-        height: u64,
-        now: u64,
-        ev: &Event,
-        tx_hash: &Hash32,
-    ) -> TxStatus {
+    fn apply_tx(b: &mut Batch<'_>, cfg: &StateConfig, height: u64, now: u64, ev: &Event, tx_hash: &Hash32) -> TxStatus {
         if ev.timestamp_ms.saturating_add(cfg.nonce_ttl_ms) <= now {
             return TxStatus::Rejected("expired");
         }
@@ -251,9 +210,7 @@ impl State {
         let key = match (ev.kind, &payload) {
             (TxKind::Anomaly, _) => [&[b'a'][..], &ev.id].concat(),
             (TxKind::Evidence, _) => [&[b'e'][..], &ev.id].concat(),
-            (TxKind::Policy, crate::event::Payload::Policy(p)) => {
-                [&[b'p'][..], p.policy_id.as_bytes()].concat()
-            }
+            (TxKind::Policy, crate::event::Payload::Policy(p)) => [&[b'p'][..], p.policy_id.as_bytes()].concat(),
             (TxKind::Policy, _) => unreachable!("parse_payload returns the kind's payload"),
         };
         if ev.kind != TxKind::Policy && b.get(&key).is_some() {
@@ -270,12 +227,10 @@ impl State {
             if k.first() == Some(&b'n') {
                 let n: [u8; 16] = k[1..].try_into().expect("nonce key");
                 if let Some(v) = self.kv.get(&k) {
-                    self.nonce_index
-                        .remove(&(u64::from_be_bytes(v[..8].try_into().unwrap()), n));
+                    self.nonce_index.remove(&(u64::from_be_bytes(v[..8].try_into().unwrap()), n));
                 }
                 if let Some(v) = &old {
-                    self.nonce_index
-                        .insert((u64::from_be_bytes(v[..8].try_into().unwrap()), n));
+                    self.nonce_index.insert((u64::from_be_bytes(v[..8].try_into().unwrap()), n));
                 }
             }
             updates.push((sha256(&k), old.as_ref().map(|v| sha256(v))));
@@ -293,14 +248,7 @@ impl State {
             height: self.height,
             state_root: self.root().to_vec(),
             block_hash: block_hash.to_vec(),
-            entries: self
-                .kv
-                .iter()
-                .map(|(k, v)| proto::StateEntry {
-                    key: k.clone(),
-                    value: v.clone(),
-                })
-                .collect(),
+            entries: self.kv.iter().map(|(k, v)| proto::StateEntry { key: k.clone(), value: v.clone() }).collect(),
         }
     }
 
@@ -310,14 +258,10 @@ impl State {
         let mut updates = Vec::with_capacity(snap.entries.len());
         for e in &snap.entries {
             if e.key.first() == Some(&b'n') {
-                let n: [u8; 16] = e.key[1..]
-                    .try_into()
-                    .map_err(|_| StateError::Malformed("nonce key length".into()))?;
-                let ts: [u8; 8] = e
-                    .value
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| StateError::Malformed("nonce value length".into()))?;
+                let n: [u8; 16] =
+                    e.key[1..].try_into().map_err(|_| StateError::Malformed("nonce key length".into()))?;
+                let ts: [u8; 8] =
+                    e.value.as_slice().try_into().map_err(|_| StateError::Malformed("nonce value length".into()))?;
                 s.nonce_index.insert((u64::from_be_bytes(ts), n));
             }
             updates.push((sha256(&e.key), Some(sha256(&e.value))));
@@ -343,14 +287,7 @@ mod tests {
     use prost::Message;
 
     fn ev(k: &crypto::SigningKey, kind: TxKind, i: u64, ts: u64, payload: Vec<u8>) -> Event {
-        Event::sign(
-            kind,
-            k,
-            (i as u128).to_be_bytes(),
-            payload,
-            ts,
-            (i as u32).to_be_bytes(),
-        )
+        Event::sign(kind, k, (i as u128).to_be_bytes(), payload, ts, (i as u32).to_be_bytes())
     }
 
     fn run(s: &mut State, h: u64, ts: u64, evs: &[Event]) -> Executed {
@@ -370,50 +307,24 @@ mod tests {
             TxKind::Policy,
             4,
             t0,
-            proto::PolicyPayload {
-                policy_id: "p".into(),
-                action: "block".into(),
-                ..Default::default()
-            }
-            .encode_to_vec(),
+            proto::PolicyPayload { policy_id: "p".into(), action: "block".into(), ..Default::default() }
+                .encode_to_vec(),
         );
         let mut s1 = State::new(StateConfig::default());
         let mut s2 = State::new(StateConfig::default());
-        let e1 = run(
-            &mut s1,
-            1,
-            t0 + 10,
-            &[a.clone(), b.clone(), bad.clone(), pol.clone()],
-        );
-        let e2 = run(
-            &mut s2,
-            1,
-            t0 + 10,
-            &[a.clone(), b.clone(), bad.clone(), pol.clone()],
-        );
+        let e1 = run(&mut s1, 1, t0 + 10, &[a.clone(), b.clone(), bad.clone(), pol.clone()]);
+        let e2 = run(&mut s2, 1, t0 + 10, &[a.clone(), b.clone(), bad.clone(), pol.clone()]);
         assert_eq!(e1.state_root, e2.state_root);
         let st: Vec<_> = e1.receipts.iter().map(|r| r.status).collect();
         assert_eq!(
             st,
-            vec![
-                TxStatus::Applied,
-                TxStatus::Applied,
-                TxStatus::Rejected("invalid_payload"),
-                TxStatus::Applied
-            ]
+            vec![TxStatus::Applied, TxStatus::Applied, TxStatus::Rejected("invalid_payload"), TxStatus::Applied]
         );
         // Replay of the same nonce in a later block is refused.
         let e = run(&mut s1, 2, t0 + 20, &[a.clone()]);
         assert_eq!(e.receipts[0].status, TxStatus::Rejected("replayed_nonce"));
         // Same id, fresh nonce: duplicate id.
-        let a2 = Event::sign(
-            TxKind::Anomaly,
-            &k,
-            a.id,
-            sample_anomaly_payload(9, 300),
-            t0 + 5,
-            [9; 4],
-        );
+        let a2 = Event::sign(TxKind::Anomaly, &k, a.id, sample_anomaly_payload(9, 300), t0 + 5, [9; 4]);
         let e = run(&mut s1, 3, t0 + 30, &[a2]);
         assert_eq!(e.receipts[0].status, TxStatus::Rejected("duplicate_id"));
         // After the TTL the nonce is pruned and an old tx is expired, not replayed.
@@ -424,17 +335,8 @@ mod tests {
         assert!(e.receipts.is_empty());
         let e = run(&mut s1, 5, late + 1, &[a.clone()]);
         assert_eq!(e.receipts[0].status, TxStatus::Rejected("expired"));
-        let fut = ev(
-            &k,
-            TxKind::Anomaly,
-            77,
-            late + 10 * 60_000,
-            sample_anomaly_payload(77, 100),
-        );
-        assert_eq!(
-            run(&mut s1, 6, late + 2, &[fut]).receipts[0].status,
-            TxStatus::Rejected("future")
-        );
+        let fut = ev(&k, TxKind::Anomaly, 77, late + 10 * 60_000, sample_anomaly_payload(77, 100));
+        assert_eq!(run(&mut s1, 6, late + 2, &[fut]).receipts[0].status, TxStatus::Rejected("future"));
     }
 
     #[test]
@@ -442,18 +344,7 @@ mod tests {
         let k = crypto::generate_key();
         let t0 = 1_000_000u64;
         let mut s = State::new(StateConfig::default());
-        run(
-            &mut s,
-            1,
-            t0,
-            &[ev(
-                &k,
-                TxKind::Anomaly,
-                1,
-                t0,
-                sample_anomaly_payload(1, 100),
-            )],
-        );
+        run(&mut s, 1, t0, &[ev(&k, TxKind::Anomaly, 1, t0, sample_anomaly_payload(1, 100))]);
         let root1 = s.root();
         let x = ev(&k, TxKind::Anomaly, 2, t0, sample_anomaly_payload(2, 100));
         let e = run(&mut s, 2, t0 + 1, &[x.clone()]);
@@ -471,26 +362,17 @@ mod tests {
     fn snapshot_restores_and_rejects_tampering() {
         let k = crypto::generate_key();
         let mut s = State::new(StateConfig::default());
-        let evs: Vec<_> = (0..50)
-            .map(|i| ev(&k, TxKind::Anomaly, i, 5000, sample_anomaly_payload(i, 100)))
-            .collect();
+        let evs: Vec<_> = (0..50).map(|i| ev(&k, TxKind::Anomaly, i, 5000, sample_anomaly_payload(i, 100))).collect();
         run(&mut s, 1, 5000, &evs);
         let snap = s.snapshot([7; 32]);
         let bytes = snap.encode_to_vec();
-        let back = State::restore(
-            &proto::StateSnapshot::decode(&bytes[..]).unwrap(),
-            StateConfig::default(),
-        )
-        .unwrap();
+        let back = State::restore(&proto::StateSnapshot::decode(&bytes[..]).unwrap(), StateConfig::default()).unwrap();
         assert_eq!(back.root(), s.root());
         assert_eq!(back.height(), 1);
         assert!(back.has_nonce(&evs[3].nonce));
         let mut bad = snap.clone();
         bad.entries[5].value.push(0);
-        assert!(matches!(
-            State::restore(&bad, StateConfig::default()),
-            Err(StateError::RootMismatch { .. })
-        ));
+        assert!(matches!(State::restore(&bad, StateConfig::default()), Err(StateError::RootMismatch { .. })));
         // Proof of a key against the root.
         let key = [&[b'a'][..], &evs[0].id].concat();
         let v = sha256(s.get(&key).unwrap());
