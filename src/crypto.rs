@@ -190,7 +190,8 @@ pub fn write_key_file(path: &Path, key: &SigningKey) -> Result<(), KeyFileError>
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let p = path.display().to_string();
-    let pem = key
+    // PKCS#8 v1 (no embedded public key): what OpenSSL writes and reads.
+    let pem = ed25519_dalek::pkcs8::KeypairBytes { secret_key: key.to_bytes(), public_key: None }
         .to_pkcs8_pem(Default::default())
         .map_err(|e| KeyFileError::Format { path: p.clone(), detail: e.to_string() })?;
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| match e

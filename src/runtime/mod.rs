@@ -320,6 +320,21 @@ fn send_reject(sh: &Shared, reason: RejectReason, detail: String, origin: &str, 
     let _ = sh.dlq.send(Rejection { reason, detail, origin: origin.to_string(), original: original[..keep].to_vec() });
 }
 
+/// Decodes one direct-source frame body (`kind tag | event`).
+fn decode_frame<'a>(body: &'a [u8], limits: &Limits) -> Result<Event, (RejectReason, String, &'a [u8])> {
+    let Some((&tag, bytes)) = body.split_first() else {
+        return Err((RejectReason::Malformed, "empty frame".into(), body));
+    };
+    let Some(kind) = TxKind::from_tag(tag) else {
+        return Err((
+            RejectReason::Malformed,
+            format!("unknown kind tag {tag} (1 anomaly, 2 evidence, 3 policy)"),
+            body,
+        ));
+    };
+    Event::decode(kind, bytes, limits).map_err(|(r, d)| (r, d, bytes))
+}
+
 /// One connection: frames → decoded events → per-shard batches.
 fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
     let mut r = BufReader::with_capacity(256 * 1024, conn);
@@ -348,21 +363,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
                 break;
             }
         };
-        let Some((&tag, bytes)) = body.split_first() else {
-            send_reject(sh, RejectReason::Malformed, "empty frame".into(), &origin, &body);
-            continue;
-        };
-        let Some(kind) = TxKind::from_tag(tag) else {
-            send_reject(
-                sh,
-                RejectReason::Malformed,
-                format!("unknown kind tag {tag} (1 anomaly, 2 evidence, 3 policy)"),
-                &origin,
-                &body,
-            );
-            continue;
-        };
-        match Event::decode(kind, bytes, &sh.limits) {
+        match decode_frame(&body, &sh.limits) {
             Ok(event) => {
                 let i = shard_of(&event.nonce, n);
                 batches[i].push(Incoming { event, origin: origin.clone() });
@@ -370,7 +371,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
                     return;
                 }
             }
-            Err((reason, detail)) => send_reject(sh, reason, detail, &origin, bytes),
+            Err((reason, detail, original)) => send_reject(sh, reason, detail, &origin, original),
         }
         // Nothing more buffered: hand partial batches on rather than wait.
         if r.buffer().is_empty() {

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: dependencies (idempotent), then every test with
+# nextest, then the criterion benches in a short mode so they are exercised.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+scripts/setup-deps.sh
+# shellcheck disable=SC1091
+source target/test-env.sh
+cargo nextest run --workspace --no-fail-fast "$@"
+# Benches as tests: each runs once, checks it works, measures nothing.
+cargo bench --bench hot_paths -- --test

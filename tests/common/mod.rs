@@ -1,0 +1,211 @@
+//! Helpers for integration tests: real validator processes on loopback.
+#![allow(dead_code)]
+
+use cybermesh::crypto::{self, SigningKey};
+use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
+use cybermesh::ingest::direct;
+use prost::Message;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cybermesh");
+
+pub fn now_ms() -> u64 {
+    cybermesh::runtime::now_ms()
+}
+
+/// A validator's files: config, key, data dir.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub producer: SigningKey,
+}
+
+impl Setup {
+    /// One validator (N = 1) configured with `extra` TOML appended.
+    pub fn single(extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let vkey = crypto::generate_key();
+        let key_file = dir.path().join("v1.pem");
+        crypto::write_key_file(&key_file, &vkey).unwrap();
+        let producer = crypto::generate_key();
+        let text = format!(
+            "[node]\nid = 1\ndata_dir = \"{}\"\nkey_file = \"{}\"\n\n[cluster]\nnodes = [1]\nvalidators = {{ \"1\" = \"{}\" }}\n\n\
+             [producers]\nkeys = [\"{}\"]\n\n[ingest]\ndirect_listen = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n\
+             [block]\nbuild_interval = \"20ms\"\n\n[mempool]\nrate_per_second = 0\n{extra}",
+            dir.path().join("data").display(),
+            key_file.display(),
+            hex::encode(crypto::public_key(&vkey)),
+            hex::encode(crypto::public_key(&producer)),
+        );
+        let config = dir.path().join("v1.toml");
+        std::fs::write(&config, text).unwrap();
+        Setup { dir, config, producer }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn start(&self) -> Validator {
+        Validator::start(&self.config)
+    }
+}
+
+/// A running `cybermesh run` process; killed on drop.
+pub struct Validator {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// JSON log lines after startup.
+    pub logs: Receiver<serde_json::Value>,
+    /// Height reported by "block store recovered".
+    pub recovered_height: u64,
+}
+
+fn spawn_log_reader(stderr: ChildStderr) -> Receiver<serde_json::Value> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) => {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => eprintln!("validator: {line}"),
+            }
+        }
+    });
+    rx
+}
+
+impl Validator {
+    pub fn start(config: &Path) -> Validator {
+        let mut child =
+            Command::new(BIN).arg("run").arg("--config").arg(config).stderr(Stdio::piped()).spawn().unwrap();
+        let logs = spawn_log_reader(child.stderr.take().unwrap());
+        let mut recovered_height = 0;
+        // Wait for the events that say it is up (bounded).
+        loop {
+            let v = logs.recv_timeout(Duration::from_secs(60)).expect("validator did not start within 60 s");
+            let msg = v["fields"]["message"].as_str().unwrap_or("");
+            if msg == "block store recovered" {
+                recovered_height = v["fields"]["height"].as_u64().unwrap();
+            }
+            if msg == "direct source listening" {
+                let addr = v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+                return Validator { child, addr, logs, recovered_height };
+            }
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        self.child.wait().unwrap()
+    }
+
+    pub fn connect(&self) -> Client {
+        let s = TcpStream::connect(self.addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        Client { w: s.try_clone().unwrap(), r: BufReader::new(s) }
+    }
+}
+
+impl Drop for Validator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Client {
+    pub w: TcpStream,
+    pub r: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn send_event(&mut self, ev: &Event) {
+        self.send_raw(ev.kind.tag(), &ev.encode());
+    }
+    pub fn send_raw(&mut self, tag: u8, bytes: &[u8]) {
+        self.try_send_raw(tag, bytes).unwrap()
+    }
+    pub fn try_send_raw(&mut self, tag: u8, bytes: &[u8]) -> std::io::Result<()> {
+        let mut body = vec![tag];
+        body.extend_from_slice(bytes);
+        direct::write_frame(&mut self.w, &body)?;
+        self.w.flush()
+    }
+    /// Next commit notice (bounded wait: the test fails rather than hangs).
+    pub fn next_commit(&mut self) -> cybermesh::proto::DirectCommit {
+        self.r.get_ref().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let body = direct::read_frame(&mut self.r, 64 << 20).unwrap().expect("stream open").unwrap();
+        cybermesh::proto::DirectCommit::decode(&body[..]).unwrap()
+    }
+    fn next_commit_or_report(&mut self, missing: usize) -> cybermesh::proto::DirectCommit {
+        self.r.get_ref().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        match direct::read_frame(&mut self.r, 64 << 20) {
+            Ok(Some(Ok(body))) => cybermesh::proto::DirectCommit::decode(&body[..]).unwrap(),
+            other => panic!("no commit within 60 s while {missing} txs are still uncommitted: {other:?}"),
+        }
+    }
+
+    /// Reads commits until every nonce in `want` is committed; returns all
+    /// committed nonces seen (in order) and the last commit.
+    pub fn wait_committed(&mut self, want: &[[u8; 16]]) -> (Vec<[u8; 16]>, cybermesh::proto::DirectCommit) {
+        let mut missing: std::collections::HashSet<[u8; 16]> = want.iter().copied().collect();
+        let mut seen = vec![];
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(Instant::now() < deadline, "{} txs never committed", missing.len());
+            let c = self.next_commit_or_report(missing.len());
+            for n in &c.nonces {
+                let n: [u8; 16] = n[..].try_into().unwrap();
+                missing.remove(&n);
+                seen.push(n);
+            }
+            if missing.is_empty() {
+                return (seen, c);
+            }
+        }
+    }
+}
+
+/// A valid anomaly event by `key`, signed now.
+pub fn anomaly(key: &SigningKey, i: u64) -> Event {
+    Event::sign(
+        TxKind::Anomaly,
+        key,
+        uuid::Uuid::new_v4().into_bytes(),
+        sample_anomaly_payload(i, 300),
+        now_ms(),
+        rand::random(),
+    )
+}
+
+/// Waits (bounded) until `cond` holds on the DLQ file's records.
+pub fn wait_dlq(path: &Path, cond: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let recs: Vec<serde_json::Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if cond(&recs) {
+            return recs;
+        }
+        assert!(Instant::now() < deadline, "DLQ condition not met; records: {recs:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
