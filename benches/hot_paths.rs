@@ -1,1 +1,181 @@
-fn main() {}
+//! Criterion benches of the hot paths. `cargo bench --bench hot_paths`;
+//! figures are recorded in the README's performance section.
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use cybermesh::block::{tx_root, Block, BlockHeader};
+use cybermesh::crypto::{self, BatchItem};
+use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
+use cybermesh::ingest::verify::{Verifier, VerifyPolicy};
+use cybermesh::ingest::Incoming;
+use cybermesh::mempool::{Mempool, MempoolConfig, VerifiedTx};
+use cybermesh::state::{State, StateConfig};
+use cybermesh::store::BlockStore;
+use cybermesh::Hash32;
+use std::sync::Arc;
+
+const NOW: u64 = 1_800_000_000_000;
+
+fn events(key: &crypto::SigningKey, n: usize, ts: u64) -> Vec<Event> {
+    (0..n as u64)
+        .map(|i| {
+            Event::sign(
+                TxKind::Anomaly,
+                key,
+                (i as u128 + ((ts as u128) << 64)).to_be_bytes(),
+                sample_anomaly_payload(i, 300),
+                ts,
+                (i as u32).to_be_bytes(),
+            )
+        })
+        .collect()
+}
+
+fn signatures(c: &mut Criterion) {
+    let keys: Vec<_> = (0..4).map(|_| crypto::generate_key()).collect();
+    let mut g = c.benchmark_group("verify");
+    for &n in &[64usize, 256, 1024] {
+        // Four producers, as in a small deployment.
+        let evs: Vec<Event> = (0..n).flat_map(|i| events(&keys[i % 4], 1, NOW + i as u64)).collect();
+        let msgs: Vec<Vec<u8>> = evs.iter().map(|e| e.signed_bytes()).collect();
+        let items: Vec<BatchItem> =
+            evs.iter().zip(&msgs).map(|(e, m)| BatchItem { key: &e.producer, msg: m, sig: &e.signature }).collect();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("batch_{n}"), |b| b.iter(|| black_box(crypto::verify_batch(black_box(&items)))));
+        if n == 256 {
+            g.bench_function("single_256", |b| {
+                b.iter(|| {
+                    for it in &items {
+                        black_box(crypto::verify_one(it.key, it.msg, it.sig)).unwrap();
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn shard(c: &mut Criterion) {
+    let keys: Vec<_> = (0..4).map(|_| crypto::generate_key()).collect();
+    let policy = Arc::new(VerifyPolicy {
+        producers: keys.iter().map(crypto::public_key).collect(),
+        skew_ms: 300_000,
+        nonce_ttl_ms: 900_000,
+    });
+    let mut g = c.benchmark_group("shard");
+    g.throughput(Throughput::Elements(256));
+    let mut round = 0u64;
+    g.bench_function("process_256", |b| {
+        b.iter_batched(
+            || {
+                // Fresh nonces every round so none is a replay.
+                round += 1;
+                let batch: Vec<Incoming> = (0..256)
+                    .map(|i| Incoming {
+                        event: events(&keys[i % 4], 1, NOW - 1000 + round * 256 + i as u64).pop().unwrap(),
+                        origin: "bench".into(),
+                    })
+                    .collect();
+                (Verifier::new(policy.clone()), batch)
+            },
+            |(mut v, batch)| {
+                let (mut ok, mut bad) = (Vec::with_capacity(256), Vec::new());
+                v.process(batch, NOW, NOW, &mut ok, &mut bad);
+                assert_eq!(ok.len(), 256);
+                ok
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn hashing(c: &mut Criterion) {
+    let payload = sample_anomaly_payload(1, 300);
+    let mut g = c.benchmark_group("hash");
+    g.throughput(Throughput::Bytes(payload.len() as u64));
+    g.bench_function("content_hash_300B", |b| b.iter(|| cybermesh::sha256(black_box(&payload))));
+    let hashes: Vec<Hash32> = (0..500u32).map(|i| cybermesh::sha256(&i.to_be_bytes())).collect();
+    g.throughput(Throughput::Elements(500));
+    g.bench_function("tx_root_500", |b| b.iter(|| tx_root(black_box(&hashes))));
+    g.finish();
+}
+
+fn state(c: &mut Criterion) {
+    let key = crypto::generate_key();
+    let mut g = c.benchmark_group("state");
+    g.sample_size(20);
+    // A state holding 100k anomalies, then one 500-tx block.
+    let mut base = State::new(StateConfig { nonce_ttl_ms: u64::MAX / 4, future_skew_ms: u64::MAX / 4 });
+    let mut h = 0;
+    for chunk in 0..20u64 {
+        let evs = events(&key, 5000, NOW + chunk);
+        let pairs: Vec<(&Event, Hash32)> = evs.iter().map(|e| (e, e.tx_hash())).collect();
+        h += 1;
+        base.execute_block(h, NOW + chunk, &pairs);
+    }
+    let block = events(&key, 500, NOW + 100);
+    let pairs: Vec<(&Event, Hash32)> = block.iter().map(|e| (e, e.tx_hash())).collect();
+    g.throughput(Throughput::Elements(500));
+    g.bench_function("execute_500_txs_on_100k_keys", |b| {
+        b.iter(|| {
+            let ex = base.execute_block(h + 1, NOW + 100, &pairs);
+            base.rollback(ex.undo);
+        })
+    });
+    g.finish();
+}
+
+fn mempool(c: &mut Criterion) {
+    let key = crypto::generate_key();
+    let txs: Vec<VerifiedTx> = events(&key, 1000, NOW)
+        .into_iter()
+        .map(|e| VerifiedTx { tx_hash: e.tx_hash(), event: Arc::new(e), received_ms: 0 })
+        .collect();
+    let mut g = c.benchmark_group("mempool");
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("admit_1000", |b| {
+        b.iter_batched(
+            || txs.clone(),
+            |txs| {
+                let mut m = Mempool::new(MempoolConfig { max_txs: 1000, max_bytes: 10 << 20 });
+                for t in txs {
+                    m.admit(t);
+                }
+                m
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn store(c: &mut Criterion) {
+    let key = crypto::generate_key();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = BlockStore::open(dir.path(), Default::default()).unwrap();
+    let txs: Vec<Arc<Event>> = events(&key, 500, NOW).into_iter().map(Arc::new).collect();
+    let tx_hashes: Vec<Hash32> = txs.iter().map(|t| t.tx_hash()).collect();
+    let mut g = c.benchmark_group("store");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(500));
+    g.bench_function("append_fsync_500_tx_block", |b| {
+        b.iter(|| {
+            let header = BlockHeader {
+                height: s.height() + 1,
+                view: 0,
+                timestamp_ms: NOW,
+                previous_hash: s.last_hash(),
+                tx_root: tx_root(&tx_hashes),
+                state_root: [0; 32],
+                proposer: [1; 32],
+                tx_count: 500,
+            };
+            let blk = Block { header, txs: txs.clone(), tx_hashes: tx_hashes.clone() };
+            s.append(&[(&blk, None)]).unwrap();
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, signatures, shard, hashing, state, mempool, store);
+criterion_main!(benches);

@@ -9,7 +9,25 @@
 //! connection closed, since the stream can no longer be trusted to be framed.
 //! The source has no authentication: bind it to loopback.
 
+use crate::dlq::RejectReason;
+use crate::event::{Event, Limits, TxKind};
 use std::io::{self, Read, Write};
+
+/// Decodes one frame body (`kind tag | event`); on failure, the reason, a
+/// detail and the bytes to dead-letter.
+pub fn decode_frame<'a>(body: &'a [u8], limits: &Limits) -> Result<Event, (RejectReason, String, &'a [u8])> {
+    let Some((&tag, bytes)) = body.split_first() else {
+        return Err((RejectReason::Malformed, "empty frame".into(), body));
+    };
+    let Some(kind) = TxKind::from_tag(tag) else {
+        return Err((
+            RejectReason::Malformed,
+            format!("unknown kind tag {tag} (1 anomaly, 2 evidence, 3 policy)"),
+            body,
+        ));
+    };
+    Event::decode(kind, bytes, limits).map_err(|(r, d)| (r, d, bytes))
+}
 
 /// Reads one frame body. `Ok(None)` at a clean end of stream.
 pub fn read_frame(r: &mut impl Read, max_len: usize) -> io::Result<Option<Result<Vec<u8>, usize>>> {
@@ -35,7 +53,7 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
 }
 
 /// Appends an event frame (`len | kind | bytes`) to `out`.
-pub fn push_event_frame(out: &mut Vec<u8>, kind: crate::event::TxKind, event: &[u8]) {
+pub fn push_event_frame(out: &mut Vec<u8>, kind: TxKind, event: &[u8]) {
     out.extend_from_slice(&((event.len() + 1) as u32).to_be_bytes());
     out.push(kind.tag());
     out.extend_from_slice(event);
@@ -44,7 +62,37 @@ pub fn push_event_frame(out: &mut Vec<u8>, kind: crate::event::TxKind, event: &[
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::TxKind;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// No input from the network panics the decoders; every failure is a reason.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let limits = Limits::default();
+            let _ = decode_frame(&bytes, &limits);
+            let mut r = &bytes[..];
+            while let Ok(Some(_)) = read_frame(&mut r, 300) {}
+            let _ = crate::block::Block::decode(&bytes, &limits);
+            for k in TxKind::ALL {
+                let _ = crate::event::parse_payload(k, &bytes);
+            }
+        }
+
+        #[test]
+        fn mutated_valid_events_decode_or_reject(pos in 0usize..400, byte in any::<u8>(), cut in 0usize..400) {
+            let key = crate::crypto::SigningKey::from_bytes(&[7; 32]);
+            let ev = Event::sign(TxKind::Anomaly, &key, [1; 16], crate::event::sample_anomaly_payload(1, 200), 5, [0; 4]);
+            let mut body = vec![1u8];
+            body.extend_from_slice(&ev.encode());
+            let p = pos % body.len();
+            body[p] = byte;
+            body.truncate(cut.max(1).min(body.len()));
+            match decode_frame(&body, &Limits::default()) {
+                Ok(e) => prop_assert_eq!(e.nonce.len(), 16),
+                Err((r, d, _)) => prop_assert!(!d.is_empty() && !r.as_str().is_empty()),
+            }
+        }
+    }
 
     #[test]
     fn frames_round_trip_and_limits() {

@@ -20,7 +20,7 @@ pub mod ring;
 use crate::block::Block;
 use crate::config::{IdlePolicy, Validated};
 use crate::dlq::{DlqFileSink, RejectCounters, RejectReason, Rejection};
-use crate::event::{Event, Limits, TxKind};
+use crate::event::Limits;
 use crate::ingest::direct;
 use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
 use crate::ingest::Incoming;
@@ -320,21 +320,6 @@ fn send_reject(sh: &Shared, reason: RejectReason, detail: String, origin: &str, 
     let _ = sh.dlq.send(Rejection { reason, detail, origin: origin.to_string(), original: original[..keep].to_vec() });
 }
 
-/// Decodes one direct-source frame body (`kind tag | event`).
-fn decode_frame<'a>(body: &'a [u8], limits: &Limits) -> Result<Event, (RejectReason, String, &'a [u8])> {
-    let Some((&tag, bytes)) = body.split_first() else {
-        return Err((RejectReason::Malformed, "empty frame".into(), body));
-    };
-    let Some(kind) = TxKind::from_tag(tag) else {
-        return Err((
-            RejectReason::Malformed,
-            format!("unknown kind tag {tag} (1 anomaly, 2 evidence, 3 policy)"),
-            body,
-        ));
-    };
-    Event::decode(kind, bytes, limits).map_err(|(r, d)| (r, d, bytes))
-}
-
 /// One connection: frames → decoded events → per-shard batches.
 fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
     let mut r = BufReader::with_capacity(256 * 1024, conn);
@@ -363,7 +348,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
                 break;
             }
         };
-        match decode_frame(&body, &sh.limits) {
+        match direct::decode_frame(&body, &sh.limits) {
             Ok(event) => {
                 let i = shard_of(&event.nonce, n);
                 batches[i].push(Incoming { event, origin: origin.clone() });
