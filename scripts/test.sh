@@ -9,4 +9,4 @@ scripts/setup-deps.sh
 source target/test-env.sh
 cargo nextest run --workspace --no-fail-fast "$@"
 # Benches as tests: each runs once, checks it works, measures nothing.
-cargo bench --bench hot_paths -- --test
+cargo test --bench hot_paths
