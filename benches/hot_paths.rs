@@ -125,6 +125,37 @@ fn state(c: &mut Criterion) {
     g.finish();
 }
 
+fn merkle(c: &mut Criterion) {
+    use cybermesh::state::merkle::{SparseMerkleTree, Update};
+    let k = |i: u32| cybermesh::sha256(&i.to_le_bytes());
+    let mut base = SparseMerkleTree::new();
+    base.apply((0..100_000).map(|i| (k(i), Some(k(i + 1)))).collect());
+    let mut g = c.benchmark_group("merkle");
+    g.sample_size(20);
+    // 1,500 updates (a 500-tx block) and 16k updates, sequential vs rayon.
+    for n in [1_500u32, 16_000] {
+        let ups: Vec<Update> = (0..n).map(|i| (k(i * 7), Some(k(i)))).collect();
+        g.throughput(Throughput::Elements(n as u64));
+        for (name, threshold) in [("sequential", usize::MAX), ("parallel", 1)] {
+            g.bench_function(format!("apply_{n}_{name}_on_100k"), |b| {
+                b.iter_batched(
+                    || {
+                        let mut t = base.clone();
+                        t.set_parallel_threshold(threshold);
+                        (t, ups.clone())
+                    },
+                    |(mut t, ups)| {
+                        t.apply(ups);
+                        t
+                    },
+                    BatchSize::LargeInput,
+                )
+            });
+        }
+    }
+    g.finish();
+}
+
 fn mempool(c: &mut Criterion) {
     let key = crypto::generate_key();
     let txs: Vec<VerifiedTx> = events(&key, 1000, NOW)
@@ -177,5 +208,5 @@ fn store(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, signatures, shard, hashing, state, mempool, store);
+criterion_group!(benches, signatures, shard, hashing, state, merkle, mempool, store);
 criterion_main!(benches);

@@ -16,8 +16,10 @@ use sha2::{Digest, Sha256};
 
 pub const EMPTY: Hash32 = [0u8; 32];
 
-/// Updates at or above this count split across rayon workers near the root.
-const PARALLEL_MIN_UPDATES: usize = 2048;
+/// Updates at or above this count split across rayon workers near the root
+/// (below it, the fork/join overhead outweighs the gain: see the
+/// `merkle/*` benches).
+pub const PARALLEL_MIN_UPDATES: usize = 2048;
 const PARALLEL_MAX_DEPTH: usize = 3;
 
 #[derive(Debug, Default, Clone)]
@@ -91,6 +93,8 @@ pub type Update = (Hash32, Option<Hash32>);
 pub struct SparseMerkleTree {
     root: Node,
     len: usize,
+    /// 0 means the default, `PARALLEL_MIN_UPDATES`.
+    parallel_min: usize,
 }
 
 /// Proof that a key has a value (or none) under a root.
@@ -136,6 +140,12 @@ impl SparseMerkleTree {
     pub fn new() -> Self {
         Self::default()
     }
+    /// Sets how many updates a batch needs before subtrees hash in parallel
+    /// (`usize::MAX`: never).
+    pub fn set_parallel_threshold(&mut self, n: usize) {
+        self.parallel_min = n;
+    }
+
     pub fn root(&self) -> Hash32 {
         self.root.hash()
     }
@@ -161,7 +171,8 @@ impl SparseMerkleTree {
             }
         }
         let root = std::mem::take(&mut self.root);
-        let (root, delta) = update(root, 0, &dedup);
+        let par = if self.parallel_min == 0 { PARALLEL_MIN_UPDATES } else { self.parallel_min };
+        let (root, delta) = update(root, 0, &dedup, par);
         self.root = root;
         self.len = (self.len as isize + delta) as usize;
     }
@@ -207,7 +218,7 @@ impl SparseMerkleTree {
 
 /// Applies sorted, deduplicated `ups` to the subtree `node` at `depth`.
 /// Returns the new subtree and the change in leaf count.
-fn update(node: Node, depth: usize, ups: &[Update]) -> (Node, isize) {
+fn update(node: Node, depth: usize, ups: &[Update], par: usize) -> (Node, isize) {
     if ups.is_empty() {
         return (node, 0);
     }
@@ -215,17 +226,17 @@ fn update(node: Node, depth: usize, ups: &[Update]) -> (Node, isize) {
         Node::Internal { left, right, .. } => {
             let split = ups.partition_point(|u| !bit(&u.0, depth));
             let (lu, ru) = ups.split_at(split);
-            let ((l, dl), (r, dr)) = if ups.len() >= PARALLEL_MIN_UPDATES && depth < PARALLEL_MAX_DEPTH {
-                rayon::join(|| update(*left, depth + 1, lu), || update(*right, depth + 1, ru))
+            let ((l, dl), (r, dr)) = if ups.len() >= par && depth < PARALLEL_MAX_DEPTH {
+                rayon::join(|| update(*left, depth + 1, lu, par), || update(*right, depth + 1, ru, par))
             } else {
-                (update(*left, depth + 1, lu), update(*right, depth + 1, ru))
+                (update(*left, depth + 1, lu, par), update(*right, depth + 1, ru, par))
             };
             (Node::join(l, r), dl + dr)
         }
         Node::Empty => {
             let ins: Vec<(Hash32, Hash32)> = ups.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
             let n = ins.len() as isize;
-            (build(depth, &ins), n)
+            (build(depth, &ins, par), n)
         }
         Node::Leaf { key, value, .. } => {
             // Merge the existing leaf into the sorted inserts unless an update names it.
@@ -242,13 +253,13 @@ fn update(node: Node, depth: usize, ups: &[Update]) -> (Node, isize) {
             }
             ins.extend(keep);
             let delta = ins.len() as isize - 1;
-            (build(depth, &ins), delta)
+            (build(depth, &ins, par), delta)
         }
     }
 }
 
 /// Builds the canonical subtree of sorted leaves at `depth`.
-fn build(depth: usize, leaves: &[(Hash32, Hash32)]) -> Node {
+fn build(depth: usize, leaves: &[(Hash32, Hash32)], par: usize) -> Node {
     match leaves.len() {
         0 => Node::Empty,
         1 => Node::leaf(leaves[0].0, leaves[0].1),
@@ -256,11 +267,11 @@ fn build(depth: usize, leaves: &[(Hash32, Hash32)]) -> Node {
             debug_assert!(depth < 256, "distinct keys must differ within 256 bits");
             let split = leaves.partition_point(|(k, _)| !bit(k, depth));
             let (l, r) = leaves.split_at(split);
-            if leaves.len() >= PARALLEL_MIN_UPDATES && depth < PARALLEL_MAX_DEPTH {
-                let (a, b) = rayon::join(|| build(depth + 1, l), || build(depth + 1, r));
+            if leaves.len() >= par && depth < PARALLEL_MAX_DEPTH {
+                let (a, b) = rayon::join(|| build(depth + 1, l, par), || build(depth + 1, r, par));
                 Node::join(a, b)
             } else {
-                Node::join(build(depth + 1, l), build(depth + 1, r))
+                Node::join(build(depth + 1, l, par), build(depth + 1, r, par))
             }
         }
     }
@@ -279,7 +290,7 @@ mod tests {
     /// Reference: root computed from scratch over the full set.
     fn reference(set: &std::collections::BTreeMap<Hash32, Hash32>) -> Hash32 {
         let v: Vec<_> = set.iter().map(|(a, b)| (*a, *b)).collect();
-        build(0, &v).hash()
+        build(0, &v, usize::MAX).hash()
     }
 
     #[test]
@@ -330,6 +341,7 @@ mod tests {
         let mut a = SparseMerkleTree::new();
         a.apply(ups.clone());
         let mut b = SparseMerkleTree::new();
+        b.set_parallel_threshold(usize::MAX);
         for c in ups.chunks(100) {
             b.apply(c.to_vec());
         }
