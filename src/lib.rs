@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod config;
+pub mod consensus;
 pub mod crypto;
 pub mod dlq;
 pub mod event;

@@ -1,0 +1,6 @@
+//! Consensus: the sans-I/O PBFT replica (`pbft`) and its deterministic
+//! simulator (`sim`, test-only).
+
+pub mod pbft;
+#[cfg(test)]
+mod sim;

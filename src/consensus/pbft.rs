@@ -1,0 +1,856 @@
+//! PBFT replica (Castro–Liskov) as a pure state machine: `(state, event) ->
+//! actions`. No clocks, sockets, threads or randomness: time arrives with
+//! `on_tick`, messages with `on_message`, work with `propose`; the caller
+//! carries out the returned [`Action`]s.
+//!
+//! * normal case: pre-prepare / prepare / commit, several sequence numbers in
+//!   flight inside the watermark window `(low, low + window]`;
+//! * quorum `q = n − f`; prepared = pre-prepare + `q − 1` matching prepares from
+//!   distinct backups; committed = prepared + `q` matching commits;
+//! * checkpoints every `checkpoint_interval` executions; `q` matching ones make
+//!   it stable and garbage-collect the log below it;
+//! * view change carrying signed prepared certificates, new-view recomputed and
+//!   checked by every backup, null requests for gaps;
+//! * catch-up: a replica behind a stable checkpoint fetches committed values
+//!   with their `q` signed commits and verifies them;
+//! * every message is signed (`Auth`); votes are part of the durable state,
+//!   so a restarted replica never votes twice for different values.
+//!
+//! Values are opaque bytes (blocks, in the validator); digest = SHA-256.
+
+use crate::{sha256, Hash32};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+pub type Rid = usize;
+pub type View = u64;
+pub type Seq = u64;
+pub type Value = Arc<Vec<u8>>;
+
+/// Message authentication. The validator uses Ed25519; the simulator a cheap
+/// keyed hash (Byzantine replicas there never learn other replicas' secrets).
+pub trait Auth {
+    fn sign(&self, bytes: &[u8]) -> Vec<u8>;
+    fn verify(&self, signer: Rid, bytes: &[u8], sig: &[u8]) -> bool;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed<T> {
+    pub body: T,
+    pub from: Rid,
+    pub sig: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrePrepare {
+    pub view: View,
+    pub seq: Seq,
+    pub digest: Hash32,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Prepare,
+    Commit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vote {
+    pub phase: Phase,
+    pub view: View,
+    pub seq: Seq,
+    pub digest: Hash32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: Seq,
+    /// Chained digest of every value executed up to `seq`.
+    pub state: Hash32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedCert {
+    pub pre_prepare: Signed<PrePrepare>,
+    pub prepares: Vec<Signed<Vote>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewChange {
+    pub new_view: View,
+    pub stable_seq: Seq,
+    pub stable_proof: Vec<Signed<Checkpoint>>,
+    pub prepared: Vec<PreparedCert>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewView {
+    pub view: View,
+    pub view_changes: Vec<Signed<ViewChange>>,
+    pub pre_prepares: Vec<Signed<PrePrepare>>,
+}
+
+/// A committed value with the proof that `q` replicas committed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitCert {
+    pub pre_prepare: Signed<PrePrepare>,
+    pub commits: Vec<Signed<Vote>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    PrePrepare(Signed<PrePrepare>),
+    Vote(Signed<Vote>),
+    Checkpoint(Signed<Checkpoint>),
+    ViewChange(Signed<ViewChange>),
+    NewView(Signed<NewView>),
+    /// Ask for committed values from `from_seq` on.
+    Fetch {
+        from: Rid,
+        from_seq: Seq,
+    },
+    Committed(CommitCert),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send(Rid, Message),
+    Broadcast(Message),
+    /// Execute `value` at `seq` (in order, exactly once per seq).
+    Execute {
+        seq: Seq,
+        value: Value,
+        cert: CommitCert,
+    },
+    /// Misbehaviour with proof (two signed, conflicting messages).
+    Evidence {
+        culprit: Rid,
+        what: &'static str,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub n: usize,
+    pub window: u64,
+    pub checkpoint_interval: u64,
+    /// Base view-change timeout (doubles per failed view change).
+    pub timeout_ms: u64,
+    /// How often unfinished work is retransmitted.
+    pub retransmit_ms: u64,
+}
+
+impl Params {
+    pub fn f(&self) -> usize {
+        (self.n - 1) / 3
+    }
+    pub fn q(&self) -> usize {
+        self.n - self.f()
+    }
+}
+
+// ---- canonical bytes that are signed -----------------------------------
+
+pub(crate) fn pp_bytes(p: &PrePrepare) -> Vec<u8> {
+    let mut v = b"pbft.preprepare".to_vec();
+    v.extend_from_slice(&p.view.to_be_bytes());
+    v.extend_from_slice(&p.seq.to_be_bytes());
+    v.extend_from_slice(&p.digest);
+    v
+}
+pub(crate) fn vote_bytes(x: &Vote) -> Vec<u8> {
+    let mut v = match x.phase {
+        Phase::Prepare => b"pbft.prepare".to_vec(),
+        Phase::Commit => b"pbft.commit".to_vec(),
+    };
+    v.extend_from_slice(&x.view.to_be_bytes());
+    v.extend_from_slice(&x.seq.to_be_bytes());
+    v.extend_from_slice(&x.digest);
+    v
+}
+fn ckpt_bytes(c: &Checkpoint) -> Vec<u8> {
+    let mut v = b"pbft.checkpoint".to_vec();
+    v.extend_from_slice(&c.seq.to_be_bytes());
+    v.extend_from_slice(&c.state);
+    v
+}
+fn vc_bytes(c: &ViewChange) -> Vec<u8> {
+    // Certificates are self-authenticating; the signature binds the claim.
+    let mut v = b"pbft.viewchange".to_vec();
+    v.extend_from_slice(&c.new_view.to_be_bytes());
+    v.extend_from_slice(&c.stable_seq.to_be_bytes());
+    for p in &c.prepared {
+        v.extend_from_slice(&p.pre_prepare.body.view.to_be_bytes());
+        v.extend_from_slice(&p.pre_prepare.body.seq.to_be_bytes());
+        v.extend_from_slice(&p.pre_prepare.body.digest);
+    }
+    v
+}
+fn nv_bytes(n: &NewView) -> Vec<u8> {
+    let mut v = b"pbft.newview".to_vec();
+    v.extend_from_slice(&n.view.to_be_bytes());
+    for c in &n.view_changes {
+        v.extend_from_slice(&(c.from as u64).to_be_bytes());
+    }
+    for p in &n.pre_prepares {
+        v.extend_from_slice(&p.body.seq.to_be_bytes());
+        v.extend_from_slice(&p.body.digest);
+    }
+    v
+}
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    pre_prepare: Option<Signed<PrePrepare>>,
+    prepares: BTreeMap<Rid, Signed<Vote>>,
+    commits: BTreeMap<Rid, Signed<Vote>>,
+    sent_prepare: bool,
+    sent_commit: bool,
+}
+
+/// One replica. All fields are its durable state: the runtime persists the
+/// replica before sending what an event produced.
+#[derive(Debug, Clone)]
+pub struct Replica<A: Auth + Clone> {
+    pub id: Rid,
+    p: Params,
+    auth: A,
+    view: View,
+    /// True between sending a view change and accepting the new view.
+    changing: bool,
+    next_seq: Seq,
+    low: Seq,
+    stable_proof: Vec<Signed<Checkpoint>>,
+    executed: Seq,
+    state: Hash32,
+    log: BTreeMap<Seq, Slot>,
+    committed: BTreeMap<Seq, CommitCert>,
+    checkpoints: BTreeMap<Seq, BTreeMap<Rid, Signed<Checkpoint>>>,
+    own_checkpoints: BTreeMap<Seq, Hash32>,
+    view_changes: BTreeMap<View, BTreeMap<Rid, Signed<ViewChange>>>,
+    /// Values known and not yet executed (every replica keeps them, so any
+    /// of them can propose them when it becomes primary).
+    queue: VecDeque<Value>,
+    /// Digests this replica proposed as primary in the current view.
+    assigned: BTreeSet<Hash32>,
+    /// Work known but not executed: deadline for a view change.
+    deadline: Option<u64>,
+    timeout_ms: u64,
+    next_retransmit: u64,
+    now: u64,
+    /// The new-view this replica sent as primary (retransmitted to laggards).
+    last_new_view: Option<Signed<NewView>>,
+}
+
+impl<A: Auth + Clone> Replica<A> {
+    pub fn new(id: Rid, p: Params, auth: A) -> Self {
+        assert!(p.n >= 4 || p.n == 1, "n must be 1 or at least 4");
+        assert!(id < p.n);
+        let timeout_ms = p.timeout_ms;
+        Replica {
+            id,
+            p,
+            auth,
+            view: 0,
+            changing: false,
+            next_seq: 1,
+            low: 0,
+            stable_proof: vec![],
+            executed: 0,
+            state: [0; 32],
+            log: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            own_checkpoints: BTreeMap::new(),
+            view_changes: BTreeMap::new(),
+            queue: VecDeque::new(),
+            assigned: BTreeSet::new(),
+            deadline: None,
+            timeout_ms,
+            next_retransmit: 0,
+            now: 0,
+            last_new_view: None,
+        }
+    }
+
+    pub fn view(&self) -> View {
+        self.view
+    }
+    pub fn executed(&self) -> Seq {
+        self.executed
+    }
+    pub fn state_digest(&self) -> Hash32 {
+        self.state
+    }
+    pub fn primary(&self, view: View) -> Rid {
+        (view % self.p.n as u64) as usize
+    }
+    pub fn is_primary(&self) -> bool {
+        self.primary(self.view) == self.id && !self.changing
+    }
+    pub fn debug_summary(&self) -> String {
+        format!(
+            "replica {}: view {} changing {} low {} executed {} next_seq {} queue {} log {:?} deadline {:?} vcs {:?}",
+            self.id,
+            self.view,
+            self.changing,
+            self.low,
+            self.executed,
+            self.next_seq,
+            self.queue.len(),
+            self.log
+                .iter()
+                .map(|(s, sl)| (*s, sl.pre_prepare.as_ref().map(|p| p.body.view), sl.prepares.len(), sl.commits.len()))
+                .collect::<Vec<_>>(),
+            self.deadline,
+            self.view_changes.iter().map(|(v, m)| (*v, m.keys().copied().collect::<Vec<_>>())).collect::<Vec<_>>()
+        )
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn sign<T>(&self, body: T, bytes: Vec<u8>) -> Signed<T> {
+        Signed { sig: self.auth.sign(&bytes), body, from: self.id }
+    }
+
+    /// A value to order. Every replica is told (as every validator sees every
+    /// transaction); the primary assigns it a sequence number, backups start
+    /// their timer so a silent primary is replaced.
+    pub fn propose(&mut self, value: Value, out: &mut Vec<Action>) {
+        self.queue.push_back(value);
+        if self.deadline.is_none() {
+            self.deadline = Some(self.now + self.timeout_ms);
+        }
+        self.try_propose(out);
+    }
+
+    fn try_propose(&mut self, out: &mut Vec<Action>) {
+        if !self.is_primary() {
+            return;
+        }
+        let view = self.view;
+        let mut i = 0;
+        while self.next_seq <= self.low + self.p.window && i < self.queue.len() {
+            let value = self.queue[i].clone();
+            i += 1;
+            let digest = sha256(&value);
+            if self.assigned.contains(&digest) {
+                continue;
+            }
+            if self
+                .log
+                .range(self.executed + 1..)
+                .any(|(_, sl)| sl.pre_prepare.as_ref().is_some_and(|p| p.body.view == view && p.body.digest == digest))
+            {
+                continue; // already re-proposed by the new-view
+            }
+            self.assigned.insert(digest);
+            let pp = PrePrepare { view, seq: self.next_seq, digest, value };
+            self.next_seq += 1;
+            let s = self.sign(pp.clone(), pp_bytes(&pp));
+            self.accept_pre_prepare(s.clone(), out);
+            out.push(Action::Broadcast(Message::PrePrepare(s)));
+        }
+    }
+
+    /// Time passes.
+    pub fn on_tick(&mut self, now: u64, out: &mut Vec<Action>) {
+        self.now = now;
+        if let Some(d) = self.deadline {
+            if now >= d {
+                self.start_view_change(self.view + 1, out);
+            }
+        }
+        if now >= self.next_retransmit {
+            self.next_retransmit = now + self.p.retransmit_ms;
+            self.retransmit(out);
+        }
+    }
+
+    fn retransmit(&mut self, out: &mut Vec<Action>) {
+        // Ask for what others committed if we have work outstanding: cheap,
+        // and the way a replica that was cut off catches up, in any view.
+        if self.deadline.is_some() || !self.queue.is_empty() {
+            out.push(Action::Broadcast(Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
+        }
+        if self.changing {
+            if let Some(vc) = self.view_changes.get(&self.view).and_then(|m| m.get(&self.id)) {
+                out.push(Action::Broadcast(Message::ViewChange(vc.clone())));
+            }
+            return;
+        }
+        if let Some(nv) = &self.last_new_view {
+            if nv.body.view == self.view {
+                out.push(Action::Broadcast(Message::NewView(nv.clone())));
+            }
+        }
+        for (_, slot) in self.log.range(self.executed + 1..) {
+            if let Some(pp) = &slot.pre_prepare {
+                if pp.body.view == self.view {
+                    out.push(Action::Broadcast(Message::PrePrepare(pp.clone())));
+                }
+            }
+            for v in slot.prepares.get(&self.id).into_iter().chain(slot.commits.get(&self.id)) {
+                if v.body.view == self.view {
+                    out.push(Action::Broadcast(Message::Vote(v.clone())));
+                }
+            }
+        }
+        if let Some((&seq, &st)) = self.own_checkpoints.iter().next_back() {
+            let c = Checkpoint { seq, state: st };
+            out.push(Action::Broadcast(Message::Checkpoint(self.sign(c.clone(), ckpt_bytes(&c)))));
+        }
+    }
+
+    pub fn on_message(&mut self, msg: Message, out: &mut Vec<Action>) {
+        match msg {
+            Message::PrePrepare(s) => {
+                if s.from == self.primary(s.body.view) && self.auth.verify(s.from, &pp_bytes(&s.body), &s.sig) {
+                    if s.body.view == self.view && !self.changing {
+                        self.accept_pre_prepare(s, out);
+                    }
+                }
+            }
+            Message::Vote(s) => {
+                if s.from < self.p.n && self.auth.verify(s.from, &vote_bytes(&s.body), &s.sig) {
+                    self.on_vote(s, out);
+                }
+            }
+            Message::Checkpoint(s) => {
+                if s.from < self.p.n && self.auth.verify(s.from, &ckpt_bytes(&s.body), &s.sig) {
+                    self.on_checkpoint(s, out);
+                }
+            }
+            Message::ViewChange(s) => {
+                if s.from < self.p.n
+                    && self.auth.verify(s.from, &vc_bytes(&s.body), &s.sig)
+                    && self.valid_view_change(&s)
+                {
+                    self.on_view_change(s, out);
+                }
+            }
+            Message::NewView(s) => {
+                if s.from == self.primary(s.body.view) && self.auth.verify(s.from, &nv_bytes(&s.body), &s.sig) {
+                    self.on_new_view(s, out);
+                }
+            }
+            Message::Fetch { from, from_seq } => {
+                if from < self.p.n && from != self.id {
+                    for (_, c) in self.committed.range(from_seq..).take(self.p.window as usize) {
+                        out.push(Action::Send(from, Message::Committed(c.clone())));
+                    }
+                }
+            }
+            Message::Committed(c) => self.on_commit_cert(c, out),
+        }
+    }
+
+    fn in_window(&self, seq: Seq) -> bool {
+        seq > self.low && seq <= self.low + self.p.window
+    }
+
+    fn accept_pre_prepare(&mut self, s: Signed<PrePrepare>, out: &mut Vec<Action>) {
+        let b = &s.body;
+        if !self.in_window(b.seq) || sha256(&b.value) != b.digest || b.seq <= self.executed {
+            return;
+        }
+        let view = self.view;
+        let slot = self.log.entry(b.seq).or_default();
+        if let Some(existing) = &slot.pre_prepare {
+            if existing.body.view == b.view {
+                if existing.body.digest != b.digest {
+                    out.push(Action::Evidence { culprit: s.from, what: "two pre-prepares for one (view, seq)" });
+                }
+                return;
+            }
+        }
+        // Never prepare a different value in a view where we already prepared.
+        if slot.sent_prepare
+            && slot.prepares.get(&self.id).is_some_and(|v| v.body.view == view && v.body.digest != b.digest)
+        {
+            return;
+        }
+        slot.pre_prepare = Some(s.clone());
+        if self.deadline.is_none() {
+            self.deadline = Some(self.now + self.timeout_ms);
+        }
+        if self.primary(view) != self.id {
+            let v = Vote { phase: Phase::Prepare, view, seq: b.seq, digest: b.digest };
+            let sv = self.sign(v.clone(), vote_bytes(&v));
+            let slot = self.log.get_mut(&b.seq).expect("inserted");
+            slot.sent_prepare = true;
+            slot.prepares.insert(self.id, sv.clone());
+            out.push(Action::Broadcast(Message::Vote(sv)));
+        }
+        self.check_progress(b.seq, out);
+    }
+
+    fn on_vote(&mut self, s: Signed<Vote>, out: &mut Vec<Action>) {
+        let b = &s.body;
+        if b.view != self.view || !self.in_window(b.seq) || b.seq <= self.executed {
+            return;
+        }
+        if b.phase == Phase::Prepare && s.from == self.primary(b.view) {
+            return; // the primary's pre-prepare is its prepare
+        }
+        let slot = self.log.entry(b.seq).or_default();
+        let map = match b.phase {
+            Phase::Prepare => &mut slot.prepares,
+            Phase::Commit => &mut slot.commits,
+        };
+        match map.get(&s.from) {
+            Some(old) if old.body.view == b.view && old.body.digest != b.digest => {
+                out.push(Action::Evidence { culprit: s.from, what: "two votes for one (view, seq)" });
+                return;
+            }
+            Some(old) if old.body.view >= b.view => return,
+            _ => {}
+        }
+        map.insert(s.from, s.clone());
+        self.check_progress(b.seq, out);
+    }
+
+    fn matching(votes: &BTreeMap<Rid, Signed<Vote>>, view: View, digest: &Hash32) -> usize {
+        votes.values().filter(|v| v.body.view == view && &v.body.digest == digest).count()
+    }
+
+    fn prepared(&self, seq: Seq) -> Option<(View, Hash32)> {
+        let slot = self.log.get(&seq)?;
+        let pp = slot.pre_prepare.as_ref()?;
+        let (v, d) = (pp.body.view, pp.body.digest);
+        (v == self.view && Self::matching(&slot.prepares, v, &d) + 1 >= self.p.q()).then_some((v, d))
+    }
+
+    fn check_progress(&mut self, seq: Seq, out: &mut Vec<Action>) {
+        let Some((view, digest)) = self.prepared(seq) else { return };
+        let slot = self.log.get_mut(&seq).expect("prepared slot exists");
+        if !slot.sent_commit {
+            slot.sent_commit = true;
+            let v = Vote { phase: Phase::Commit, view, seq, digest };
+            let sv = Signed { sig: self.auth.sign(&vote_bytes(&v)), body: v, from: self.id };
+            slot.commits.insert(self.id, sv.clone());
+            out.push(Action::Broadcast(Message::Vote(sv)));
+        }
+        self.execute_ready(out);
+    }
+
+    fn execute_ready(&mut self, out: &mut Vec<Action>) {
+        loop {
+            let seq = self.executed + 1;
+            let Some((view, digest)) = self.prepared(seq) else { return };
+            let slot = &self.log[&seq];
+            if Self::matching(&slot.commits, view, &digest) < self.p.q() {
+                return;
+            }
+            let commits: Vec<Signed<Vote>> =
+                slot.commits.values().filter(|v| v.body.view == view && v.body.digest == digest).cloned().collect();
+            let cert = CommitCert { pre_prepare: slot.pre_prepare.clone().expect("prepared"), commits };
+            self.execute(seq, cert, out);
+        }
+    }
+
+    fn execute(&mut self, seq: Seq, cert: CommitCert, out: &mut Vec<Action>) {
+        debug_assert_eq!(seq, self.executed + 1);
+        let value = cert.pre_prepare.body.value.clone();
+        let mut h = self.state.to_vec();
+        h.extend_from_slice(&cert.pre_prepare.body.digest);
+        self.state = sha256(&h);
+        self.executed = seq;
+        // Progress: the view works; reset the timer and the back-off.
+        self.timeout_ms = self.p.timeout_ms;
+        self.queue.retain(|v| sha256(v) != cert.pre_prepare.body.digest);
+        self.assigned.remove(&cert.pre_prepare.body.digest);
+        let pending = self.log.range(seq + 1..).any(|(_, s)| s.pre_prepare.is_some()) || !self.queue.is_empty();
+        self.deadline = pending.then_some(self.now + self.timeout_ms);
+        self.committed.insert(seq, cert.clone());
+        out.push(Action::Execute { seq, value, cert });
+        if seq % self.p.checkpoint_interval == 0 {
+            self.own_checkpoints.insert(seq, self.state);
+            let c = Checkpoint { seq, state: self.state };
+            let s = self.sign(c.clone(), ckpt_bytes(&c));
+            out.push(Action::Broadcast(Message::Checkpoint(s.clone())));
+            self.on_checkpoint(s, out);
+        }
+    }
+
+    fn on_checkpoint(&mut self, s: Signed<Checkpoint>, out: &mut Vec<Action>) {
+        let seq = s.body.seq;
+        if seq <= self.low {
+            return;
+        }
+        self.checkpoints.entry(seq).or_default().insert(s.from, s);
+        let proof: Vec<Signed<Checkpoint>> = {
+            let all = &self.checkpoints[&seq];
+            let mut by_state: BTreeMap<Hash32, Vec<Signed<Checkpoint>>> = BTreeMap::new();
+            for c in all.values() {
+                by_state.entry(c.body.state).or_default().push(c.clone());
+            }
+            match by_state.into_values().find(|v| v.len() >= self.p.q()) {
+                Some(v) => v,
+                None => return,
+            }
+        };
+        if self.executed < seq {
+            // Others are ahead: fetch the committed values.
+            out.push(Action::Broadcast(Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
+            return;
+        }
+        if self.own_checkpoints.get(&seq) != Some(&proof[0].body.state) {
+            return; // our state differs from the quorum's: never happens for an honest replica
+        }
+        self.low = seq;
+        self.stable_proof = proof;
+        self.log = self.log.split_off(&(seq + 1));
+        self.checkpoints = self.checkpoints.split_off(&(seq + 1));
+        self.own_checkpoints = self.own_checkpoints.split_off(&seq);
+        // `committed` is kept for catch-up (the block store plays this role in
+        // the validator).
+        self.try_propose(out);
+    }
+
+    fn valid_commit_cert(&self, c: &CommitCert) -> bool {
+        let pp = &c.pre_prepare;
+        if pp.from != self.primary(pp.body.view)
+            || !self.auth.verify(pp.from, &pp_bytes(&pp.body), &pp.sig)
+            || sha256(&pp.body.value) != pp.body.digest
+        {
+            return false;
+        }
+        let mut signers = BTreeSet::new();
+        for v in &c.commits {
+            let b = &v.body;
+            if b.phase == Phase::Commit
+                && b.view == pp.body.view
+                && b.seq == pp.body.seq
+                && b.digest == pp.body.digest
+                && v.from < self.p.n
+                && self.auth.verify(v.from, &vote_bytes(b), &v.sig)
+            {
+                signers.insert(v.from);
+            }
+        }
+        signers.len() >= self.p.q()
+    }
+
+    fn on_commit_cert(&mut self, c: CommitCert, out: &mut Vec<Action>) {
+        let seq = c.pre_prepare.body.seq;
+        if seq != self.executed + 1 || !self.valid_commit_cert(&c) {
+            return;
+        }
+        // A certificate is only ever formed for the one value a quorum
+        // committed at `seq`; adopting it is safe.
+        self.execute(seq, c, out);
+        self.execute_ready(out);
+    }
+
+    // ---- view change ------------------------------------------------------
+
+    fn start_view_change(&mut self, new_view: View, out: &mut Vec<Action>) {
+        if new_view < self.view || (new_view == self.view && self.changing) {
+            return;
+        }
+        self.view = new_view;
+        self.changing = true;
+        // Exponential back-off: if this view fails too, wait longer.
+        self.timeout_ms = self.timeout_ms.saturating_mul(2);
+        self.deadline = Some(self.now + self.timeout_ms);
+        let mut prepared = vec![];
+        for (&seq, slot) in self.log.range(self.low + 1..) {
+            let Some(pp) = &slot.pre_prepare else { continue };
+            let (v, d) = (pp.body.view, pp.body.digest);
+            let prepares: Vec<Signed<Vote>> = slot
+                .prepares
+                .values()
+                .filter(|x| x.body.view == v && x.body.digest == d && x.body.phase == Phase::Prepare)
+                .cloned()
+                .collect();
+            if prepares.len() + 1 >= self.p.q() {
+                let _ = seq;
+                prepared.push(PreparedCert { pre_prepare: pp.clone(), prepares });
+            }
+        }
+        let vc = ViewChange { new_view, stable_seq: self.low, stable_proof: self.stable_proof.clone(), prepared };
+        let s = self.sign(vc.clone(), vc_bytes(&vc));
+        out.push(Action::Broadcast(Message::ViewChange(s.clone())));
+        self.on_view_change(s, out);
+    }
+
+    fn valid_prepared_cert(&self, c: &PreparedCert, new_view: View, stable: Seq) -> bool {
+        let pp = &c.pre_prepare;
+        let b = &pp.body;
+        if b.view >= new_view || b.seq <= stable || b.seq > stable + self.p.window {
+            return false;
+        }
+        if pp.from != self.primary(b.view)
+            || !self.auth.verify(pp.from, &pp_bytes(b), &pp.sig)
+            || sha256(&b.value) != b.digest
+        {
+            return false;
+        }
+        let mut signers = BTreeSet::new();
+        for v in &c.prepares {
+            let x = &v.body;
+            if x.phase == Phase::Prepare
+                && x.view == b.view
+                && x.seq == b.seq
+                && x.digest == b.digest
+                && v.from < self.p.n
+                && v.from != pp.from
+                && self.auth.verify(v.from, &vote_bytes(x), &v.sig)
+            {
+                signers.insert(v.from);
+            }
+        }
+        signers.len() + 1 >= self.p.q()
+    }
+
+    fn valid_stable_proof(&self, seq: Seq, proof: &[Signed<Checkpoint>]) -> bool {
+        if seq == 0 {
+            return true;
+        }
+        let Some(first) = proof.first() else { return false };
+        let mut signers = BTreeSet::new();
+        for c in proof {
+            if c.body.seq == seq
+                && c.body.state == first.body.state
+                && c.from < self.p.n
+                && self.auth.verify(c.from, &ckpt_bytes(&c.body), &c.sig)
+            {
+                signers.insert(c.from);
+            }
+        }
+        signers.len() >= self.p.q()
+    }
+
+    fn valid_view_change(&self, s: &Signed<ViewChange>) -> bool {
+        let b = &s.body;
+        self.valid_stable_proof(b.stable_seq, &b.stable_proof)
+            && b.prepared.iter().all(|c| self.valid_prepared_cert(c, b.new_view, b.stable_seq))
+    }
+
+    fn on_view_change(&mut self, s: Signed<ViewChange>, out: &mut Vec<Action>) {
+        let nv = s.body.new_view;
+        if nv < self.view || (nv == self.view && !self.changing) {
+            return;
+        }
+        self.view_changes.entry(nv).or_default().insert(s.from, s);
+        // f + 1 replicas ask for views above ours: at least one is honest, so
+        // move to the smallest of those views (PBFT's liveness rule).
+        let mut senders: BTreeMap<Rid, View> = BTreeMap::new();
+        for (&v, m) in self.view_changes.range(self.view + 1..) {
+            for &r in m.keys() {
+                senders.entry(r).or_insert(v);
+            }
+        }
+        if senders.len() > self.p.f() {
+            let smallest = *senders.values().min().expect("non-empty");
+            self.start_view_change(smallest, out);
+            return;
+        }
+        let nv = self.view;
+        if self.changing && self.primary(nv) == self.id {
+            if let Some(m) = self.view_changes.get(&nv) {
+                if m.len() >= self.p.q() && m.contains_key(&self.id) {
+                    let vcs: Vec<Signed<ViewChange>> = m.values().take(self.p.q()).cloned().collect();
+                    let pps = self.compute_new_view_pre_prepares(nv, &vcs);
+                    let body = NewView { view: nv, view_changes: vcs, pre_prepares: pps };
+                    let s = self.sign(body.clone(), nv_bytes(&body));
+                    out.push(Action::Broadcast(Message::NewView(s.clone())));
+                    self.last_new_view = Some(s.clone());
+                    self.enter_view(s.body, out);
+                }
+            }
+        }
+    }
+
+    /// The new primary's pre-prepares for view `nv`: for every seq between the
+    /// highest stable checkpoint and the highest prepared seq, the value of the
+    /// prepared certificate with the highest view, or a null request.
+    fn compute_new_view_pre_prepares(&self, nv: View, vcs: &[Signed<ViewChange>]) -> Vec<Signed<PrePrepare>> {
+        let min_s = vcs.iter().map(|v| v.body.stable_seq).max().unwrap_or(0);
+        let mut best: BTreeMap<Seq, &PreparedCert> = BTreeMap::new();
+        for vc in vcs {
+            for c in &vc.body.prepared {
+                let seq = c.pre_prepare.body.seq;
+                if seq <= min_s {
+                    continue;
+                }
+                match best.get(&seq) {
+                    Some(b) if b.pre_prepare.body.view >= c.pre_prepare.body.view => {}
+                    _ => {
+                        best.insert(seq, c);
+                    }
+                }
+            }
+        }
+        let max_s = best.keys().next_back().copied().unwrap_or(min_s);
+        (min_s + 1..=max_s)
+            .map(|seq| {
+                let value: Value =
+                    best.get(&seq).map(|c| c.pre_prepare.body.value.clone()).unwrap_or_else(|| Arc::new(vec![]));
+                let pp = PrePrepare { view: nv, seq, digest: sha256(&value), value };
+                Signed { sig: self.auth.sign(&pp_bytes(&pp)), body: pp, from: self.id }
+            })
+            .collect()
+    }
+
+    fn on_new_view(&mut self, s: Signed<NewView>, out: &mut Vec<Action>) {
+        let b = &s.body;
+        if b.view < self.view || (b.view == self.view && !self.changing) {
+            return;
+        }
+        let signers: BTreeSet<Rid> = b
+            .view_changes
+            .iter()
+            .filter(|v| {
+                v.body.new_view == b.view
+                    && self.auth.verify(v.from, &vc_bytes(&v.body), &v.sig)
+                    && self.valid_view_change(v)
+            })
+            .map(|v| v.from)
+            .collect();
+        if signers.len() < self.p.q() || b.view_changes.len() != signers.len() {
+            return;
+        }
+        // Recompute the pre-prepares: a primary that lies here is ignored.
+        let expect = self.compute_new_view_pre_prepares(b.view, &b.view_changes);
+        if expect.len() != b.pre_prepares.len()
+            || expect
+                .iter()
+                .zip(&b.pre_prepares)
+                .any(|(e, g)| e.body != g.body || !self.auth.verify(g.from, &pp_bytes(&g.body), &g.sig))
+        {
+            out.push(Action::Evidence { culprit: s.from, what: "new-view with wrong pre-prepares" });
+            return;
+        }
+        self.enter_view(s.body, out);
+    }
+
+    fn enter_view(&mut self, nv: NewView, out: &mut Vec<Action>) {
+        self.view = nv.view;
+        self.changing = false;
+        self.assigned.clear();
+        self.view_changes = self.view_changes.split_off(&(nv.view + 1));
+        let min_s = nv.view_changes.iter().map(|v| v.body.stable_seq).max().unwrap_or(0);
+        let max_s = nv.pre_prepares.last().map_or(min_s, |p| p.body.seq);
+        self.next_seq = (max_s + 1).max(self.executed + 1);
+        // Votes of older views no longer count; keep the slots' own history.
+        for slot in self.log.values_mut() {
+            slot.sent_prepare = false;
+            slot.sent_commit = false;
+        }
+        self.deadline = Some(self.now + self.timeout_ms);
+        for pp in nv.pre_prepares {
+            if pp.body.seq > self.executed {
+                if let Some(slot) = self.log.get_mut(&pp.body.seq) {
+                    slot.pre_prepare = None;
+                }
+                self.accept_pre_prepare(pp, out);
+            }
+        }
+        self.try_propose(out);
+    }
+}
