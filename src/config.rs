@@ -400,6 +400,7 @@ fn parse_list(v: &str) -> Vec<String> {
 
 type Setter = fn(&mut Config, &str) -> Result<(), String>;
 
+#[allow(clippy::unit_arg)] // `Ok(field = value)` keeps each row of the table one line
 /// Environment variables read on top of the file (the manual's names first).
 pub const ENV_VARS: &[(&str, Setter)] = &[
     ("NODE_ID", |c, v| Ok(c.node.id = parse_num(v)?)),
@@ -720,7 +721,7 @@ impl Config {
         if cs.min_timeout > cs.max_timeout {
             e.push(err("CONSENSUS_MIN_TIMEOUT", "is above CONSENSUS_MAX_TIMEOUT", "make min <= max"));
         }
-        if !(cs.timeout_increase_factor >= 1.0) {
+        if cs.timeout_increase_factor.is_nan() || cs.timeout_increase_factor < 1.0 {
             e.push(err(
                 "CONSENSUS_TIMEOUT_INCREASE_FACTOR",
                 format!("{} is below 1.0", cs.timeout_increase_factor),

@@ -207,6 +207,10 @@ struct Slot {
     commits: BTreeMap<Rid, Signed<Vote>>,
     sent_prepare: bool,
     sent_commit: bool,
+    /// The highest-view prepared certificate this replica formed for the
+    /// slot. It outlives later pre-prepares for the slot: a view change must
+    /// report it, or a value committed elsewhere could be replaced.
+    prepared_cert: Option<PreparedCert>,
 }
 
 /// One replica. All fields are its durable state: the runtime persists the
@@ -408,10 +412,12 @@ impl<A: Auth + Clone> Replica<A> {
     pub fn on_message(&mut self, msg: Message, out: &mut Vec<Action>) {
         match msg {
             Message::PrePrepare(s) => {
-                if s.from == self.primary(s.body.view) && self.auth.verify(s.from, &pp_bytes(&s.body), &s.sig) {
-                    if s.body.view == self.view && !self.changing {
-                        self.accept_pre_prepare(s, out);
-                    }
+                if s.from == self.primary(s.body.view)
+                    && s.body.view == self.view
+                    && !self.changing
+                    && self.auth.verify(s.from, &pp_bytes(&s.body), &s.sig)
+                {
+                    self.accept_pre_prepare(s, out);
                 }
             }
             Message::Vote(s) => {
@@ -527,6 +533,12 @@ impl<A: Auth + Clone> Replica<A> {
     fn check_progress(&mut self, seq: Seq, out: &mut Vec<Action>) {
         let Some((view, digest)) = self.prepared(seq) else { return };
         let slot = self.log.get_mut(&seq).expect("prepared slot exists");
+        if slot.prepared_cert.as_ref().is_none_or(|c| c.pre_prepare.body.view < view) {
+            let prepares =
+                slot.prepares.values().filter(|v| v.body.view == view && v.body.digest == digest).cloned().collect();
+            slot.prepared_cert =
+                Some(PreparedCert { pre_prepare: slot.pre_prepare.clone().expect("prepared"), prepares });
+        }
         if !slot.sent_commit {
             slot.sent_commit = true;
             let v = Vote { phase: Phase::Commit, view, seq, digest };
@@ -657,21 +669,8 @@ impl<A: Auth + Clone> Replica<A> {
         // Exponential back-off: if this view fails too, wait longer.
         self.timeout_ms = self.timeout_ms.saturating_mul(2);
         self.deadline = Some(self.now + self.timeout_ms);
-        let mut prepared = vec![];
-        for (&seq, slot) in self.log.range(self.low + 1..) {
-            let Some(pp) = &slot.pre_prepare else { continue };
-            let (v, d) = (pp.body.view, pp.body.digest);
-            let prepares: Vec<Signed<Vote>> = slot
-                .prepares
-                .values()
-                .filter(|x| x.body.view == v && x.body.digest == d && x.body.phase == Phase::Prepare)
-                .cloned()
-                .collect();
-            if prepares.len() + 1 >= self.p.q() {
-                let _ = seq;
-                prepared.push(PreparedCert { pre_prepare: pp.clone(), prepares });
-            }
-        }
+        let prepared: Vec<PreparedCert> =
+            self.log.range(self.low + 1..).filter_map(|(_, slot)| slot.prepared_cert.clone()).collect();
         let vc = ViewChange { new_view, stable_seq: self.low, stable_proof: self.stable_proof.clone(), prepared };
         let s = self.sign(vc.clone(), vc_bytes(&vc));
         out.push(Action::Broadcast(Message::ViewChange(s.clone())));

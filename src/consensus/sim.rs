@@ -56,6 +56,9 @@ pub struct SimConfig {
     pub byzantine: Option<Rid>,
     pub crash: bool,
     pub partition: bool,
+    /// Until the heal, commit votes reach only one replica: it commits while
+    /// the others time out and change view, which must carry its values.
+    pub commit_starve: bool,
     /// Faults (loss, partitions, crashes) stop here; liveness is due after.
     pub heal_at: u64,
 }
@@ -72,6 +75,7 @@ impl SimConfig {
             byzantine: rng.gen_bool(0.5).then(|| rng.gen_range(0..n)),
             crash: rng.gen_bool(0.5),
             partition: rng.gen_bool(0.5),
+            commit_starve: rng.gen_bool(0.3),
             heal_at: rng.gen_range(2_000..10_000),
         }
     }
@@ -108,6 +112,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     let h = cfg.heal_at.max(8);
     let crash_window = (rng.gen_range(0..h / 2), h - rng.gen_range(0..h / 4));
     let part_victim = rng.gen_range(0..n);
+    let lucky = honest[rng.gen_range(0..honest.len())];
     let part_window = (rng.gen_range(0..h / 2), cfg.heal_at);
     let value_times: Vec<u64> = {
         let mut v: Vec<u64> = (0..cfg.values).map(|_| rng.gen_range(0..cfg.heal_at + 1000)).collect();
@@ -190,7 +195,12 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                 && now >= part_window.0
                 && now < part_window.1
                 && ((m.from == part_victim) != (m.to == part_victim));
-            if cut {
+            let starved = cfg.commit_starve
+                && faulty
+                && m.to != lucky
+                && matches!(&m.msg, Message::Vote(v) if v.body.phase == Phase::Commit)
+                || cfg.commit_starve && faulty && matches!(&m.msg, Message::Committed(_));
+            if cut || starved {
                 continue;
             }
             replicas[m.to].on_message(m.msg, &mut out);
@@ -372,6 +382,7 @@ mod tests {
             byzantine: None,
             crash: false,
             partition: false,
+            commit_starve: false,
             heal_at: 0,
         }
     }
@@ -388,6 +399,15 @@ mod tests {
         let cfg = SimConfig { byzantine: Some(0), ..quiet(4) };
         let o = run(7, &cfg);
         assert!(o.views.iter().all(|&v| v >= 1), "the Byzantine primary of view 0 must be replaced: {:?}", o.views);
+    }
+
+    #[test]
+    fn values_committed_by_one_replica_survive_view_changes() {
+        for seed in 0..20 {
+            let cfg = SimConfig { commit_starve: true, heal_at: 4_000, ..quiet(4) };
+            let o = run(seed, &cfg);
+            assert!(o.views.iter().any(|&v| v > 0), "seed {seed}: starving commits must force a view change");
+        }
     }
 
     #[test]

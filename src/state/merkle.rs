@@ -162,7 +162,7 @@ impl SparseMerkleTree {
             return;
         }
         // Stable sort keeps the order of equal keys, so the last one wins.
-        updates.sort_by(|a, b| a.0.cmp(&b.0));
+        updates.sort_by_key(|u| u.0);
         let mut dedup: Vec<Update> = Vec::with_capacity(updates.len());
         for u in updates {
             match dedup.last_mut() {

@@ -321,7 +321,7 @@ mod tests {
             vec![TxStatus::Applied, TxStatus::Applied, TxStatus::Rejected("invalid_payload"), TxStatus::Applied]
         );
         // Replay of the same nonce in a later block is refused.
-        let e = run(&mut s1, 2, t0 + 20, &[a.clone()]);
+        let e = run(&mut s1, 2, t0 + 20, std::slice::from_ref(&a));
         assert_eq!(e.receipts[0].status, TxStatus::Rejected("replayed_nonce"));
         // Same id, fresh nonce: duplicate id.
         let a2 = Event::sign(TxKind::Anomaly, &k, a.id, sample_anomaly_payload(9, 300), t0 + 5, [9; 4]);
@@ -333,7 +333,7 @@ mod tests {
         let e = run(&mut s1, 4, late, &[]);
         assert!(!s1.has_nonce(&a.nonce));
         assert!(e.receipts.is_empty());
-        let e = run(&mut s1, 5, late + 1, &[a.clone()]);
+        let e = run(&mut s1, 5, late + 1, std::slice::from_ref(&a));
         assert_eq!(e.receipts[0].status, TxStatus::Rejected("expired"));
         let fut = ev(&k, TxKind::Anomaly, 77, late + 10 * 60_000, sample_anomaly_payload(77, 100));
         assert_eq!(run(&mut s1, 6, late + 2, &[fut]).receipts[0].status, TxStatus::Rejected("future"));
@@ -347,7 +347,7 @@ mod tests {
         run(&mut s, 1, t0, &[ev(&k, TxKind::Anomaly, 1, t0, sample_anomaly_payload(1, 100))]);
         let root1 = s.root();
         let x = ev(&k, TxKind::Anomaly, 2, t0, sample_anomaly_payload(2, 100));
-        let e = run(&mut s, 2, t0 + 1, &[x.clone()]);
+        let e = run(&mut s, 2, t0 + 1, std::slice::from_ref(&x));
         assert_ne!(e.state_root, root1);
         s.rollback(e.undo);
         assert_eq!(s.root(), root1);
