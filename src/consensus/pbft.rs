@@ -111,6 +111,8 @@ pub enum Message {
         from_seq: Seq,
     },
     Committed(CommitCert),
+    /// The primary is alive in `view` (signed by it).
+    Heartbeat(Signed<View>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,10 +137,39 @@ pub struct Params {
     pub n: usize,
     pub window: u64,
     pub checkpoint_interval: u64,
-    /// Base view-change timeout (doubles per failed view change).
+    /// View-change timeout at start; AIMD moves it within [min, max]:
+    /// ×`timeout_increase` when a view fails, −`timeout_decrease_ms` per
+    /// executed value (manual: CONSENSUS_*_TIMEOUT, 1.5, 200 ms).
     pub timeout_ms: u64,
+    pub timeout_min_ms: u64,
+    pub timeout_max_ms: u64,
+    pub timeout_increase: f64,
+    pub timeout_decrease_ms: u64,
     /// How often unfinished work is retransmitted.
     pub retransmit_ms: u64,
+    /// The primary's heartbeat period; backups change view after
+    /// `missed_heartbeats` periods without one (0 disables heartbeats).
+    pub heartbeat_ms: u64,
+    pub missed_heartbeats: u64,
+}
+
+impl Params {
+    /// Defaults of the original manual for `n` replicas.
+    pub fn manual_defaults(n: usize) -> Params {
+        Params {
+            n,
+            window: 16,
+            checkpoint_interval: 8,
+            timeout_ms: 10_000,
+            timeout_min_ms: 5_000,
+            timeout_max_ms: 60_000,
+            timeout_increase: 1.5,
+            timeout_decrease_ms: 200,
+            retransmit_ms: 1_000,
+            heartbeat_ms: 500,
+            missed_heartbeats: 6,
+        }
+    }
 }
 
 impl Params {
@@ -186,6 +217,11 @@ fn vc_bytes(c: &ViewChange) -> Vec<u8> {
         v.extend_from_slice(&p.pre_prepare.body.digest);
     }
     v
+}
+fn hb_bytes(v: &View) -> Vec<u8> {
+    let mut b = b"pbft.heartbeat".to_vec();
+    b.extend_from_slice(&v.to_be_bytes());
+    b
 }
 fn nv_bytes(n: &NewView) -> Vec<u8> {
     let mut v = b"pbft.newview".to_vec();
@@ -245,6 +281,11 @@ pub struct Replica<A: Auth + Clone> {
     now: u64,
     /// The new-view this replica sent as primary (retransmitted to laggards).
     last_new_view: Option<Signed<NewView>>,
+    last_heartbeat: u64,
+    next_heartbeat: u64,
+    /// Replicas that may not lead (quarantined or under the reputation
+    /// floor); set identically on every replica from committed state.
+    excluded: BTreeSet<Rid>,
 }
 
 impl<A: Auth + Clone> Replica<A> {
@@ -275,6 +316,9 @@ impl<A: Auth + Clone> Replica<A> {
             next_retransmit: 0,
             now: 0,
             last_new_view: None,
+            last_heartbeat: 0,
+            next_heartbeat: 0,
+            excluded: BTreeSet::new(),
         }
     }
 
@@ -287,8 +331,23 @@ impl<A: Auth + Clone> Replica<A> {
     pub fn state_digest(&self) -> Hash32 {
         self.state
     }
+    /// Leader of `view`: round-robin over the replicas not excluded.
     pub fn primary(&self, view: View) -> Rid {
-        (view % self.p.n as u64) as usize
+        let eligible = self.p.n - self.excluded.len();
+        let k = (view % eligible as u64) as usize;
+        (0..self.p.n).filter(|r| !self.excluded.contains(r)).nth(k).expect("k < eligible")
+    }
+
+    /// Replicas that may not lead from now on. At most f may be excluded
+    /// (more would let the faulty pick the leaders); extra ones are ignored.
+    /// Callers apply it at the same executed height on every replica.
+    pub fn set_excluded(&mut self, excluded: impl IntoIterator<Item = Rid>) {
+        self.excluded = excluded.into_iter().filter(|&r| r < self.p.n).take(self.p.f()).collect();
+    }
+
+    /// Current view-change timeout (AIMD).
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
     }
     pub fn is_primary(&self) -> bool {
         self.primary(self.view) == self.id && !self.changing
@@ -365,6 +424,18 @@ impl<A: Auth + Clone> Replica<A> {
         self.now = now;
         if let Some(d) = self.deadline {
             if now >= d {
+                self.start_view_change(self.view + 1, out);
+            }
+        }
+        if self.p.heartbeat_ms > 0 && !self.changing {
+            if self.is_primary() {
+                if now >= self.next_heartbeat {
+                    self.next_heartbeat = now + self.p.heartbeat_ms;
+                    let v = self.view;
+                    out.push(Action::Broadcast(Message::Heartbeat(self.sign(v, hb_bytes(&v)))));
+                }
+            } else if now.saturating_sub(self.last_heartbeat) > self.p.heartbeat_ms * self.p.missed_heartbeats {
+                // A silent primary is replaced even when there is no work.
                 self.start_view_change(self.view + 1, out);
             }
         }
@@ -451,6 +522,14 @@ impl<A: Auth + Clone> Replica<A> {
                 }
             }
             Message::Committed(c) => self.on_commit_cert(c, out),
+            Message::Heartbeat(s) => {
+                if s.body == self.view
+                    && s.from == self.primary(s.body)
+                    && self.auth.verify(s.from, &hb_bytes(&s.body), &s.sig)
+                {
+                    self.last_heartbeat = self.now;
+                }
+            }
         }
     }
 
@@ -571,8 +650,8 @@ impl<A: Auth + Clone> Replica<A> {
         h.extend_from_slice(&cert.pre_prepare.body.digest);
         self.state = sha256(&h);
         self.executed = seq;
-        // Progress: the view works; reset the timer and the back-off.
-        self.timeout_ms = self.p.timeout_ms;
+        // Progress: the view works (AIMD additive decrease).
+        self.timeout_ms = self.timeout_ms.saturating_sub(self.p.timeout_decrease_ms).max(self.p.timeout_min_ms);
         self.queue.retain(|v| sha256(v) != cert.pre_prepare.body.digest);
         self.assigned.remove(&cert.pre_prepare.body.digest);
         let pending = self.log.range(seq + 1..).any(|(_, s)| s.pre_prepare.is_some()) || !self.queue.is_empty();
@@ -666,9 +745,12 @@ impl<A: Auth + Clone> Replica<A> {
         }
         self.view = new_view;
         self.changing = true;
-        // Exponential back-off: if this view fails too, wait longer.
-        self.timeout_ms = self.timeout_ms.saturating_mul(2);
-        self.deadline = Some(self.now + self.timeout_ms);
+        // AIMD multiplicative increase: if this view fails too, wait longer.
+        self.timeout_ms = ((self.timeout_ms as f64 * self.p.timeout_increase) as u64)
+            .clamp(self.p.timeout_min_ms, self.p.timeout_max_ms);
+        // The timer restarts only once a quorum asks for this view (PBFT):
+        // a replica alone cannot race ahead through views.
+        self.deadline = None;
         let prepared: Vec<PreparedCert> =
             self.log.range(self.low + 1..).filter_map(|(_, slot)| slot.prepared_cert.clone()).collect();
         let vc = ViewChange { new_view, stable_seq: self.low, stable_proof: self.stable_proof.clone(), prepared };
@@ -736,6 +818,10 @@ impl<A: Auth + Clone> Replica<A> {
             return;
         }
         self.view_changes.entry(nv).or_default().insert(s.from, s);
+        let asking = self.view_changes.get(&self.view).map_or(0, |m| m.len());
+        if self.changing && self.deadline.is_none() && asking >= self.p.q() {
+            self.deadline = Some(self.now + self.timeout_ms);
+        }
         // f + 1 replicas ask for views above ours: at least one is honest, so
         // move to the smallest of those views (PBFT's liveness rule).
         let mut senders: BTreeMap<Rid, View> = BTreeMap::new();
@@ -832,6 +918,7 @@ impl<A: Auth + Clone> Replica<A> {
         self.view = nv.view;
         self.changing = false;
         self.assigned.clear();
+        self.last_heartbeat = self.now;
         self.view_changes = self.view_changes.split_off(&(nv.view + 1));
         let min_s = nv.view_changes.iter().map(|v| v.body.stable_seq).max().unwrap_or(0);
         let max_s = nv.pre_prepares.last().map_or(min_s, |p| p.body.seq);
@@ -851,5 +938,66 @@ impl<A: Auth + Clone> Replica<A> {
             }
         }
         self.try_propose(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone)]
+    struct NoAuth;
+    impl Auth for NoAuth {
+        fn sign(&self, _: &[u8]) -> Vec<u8> {
+            vec![]
+        }
+        fn verify(&self, _: Rid, _: &[u8], _: &[u8]) -> bool {
+            true
+        }
+    }
+
+    fn params() -> Params {
+        Params {
+            timeout_ms: 1000,
+            timeout_min_ms: 500,
+            timeout_max_ms: 2000,
+            heartbeat_ms: 0,
+            ..Params::manual_defaults(4)
+        }
+    }
+
+    #[test]
+    fn aimd_timeout_grows_by_factor_and_is_clamped() {
+        let mut r = Replica::new(0, params(), NoAuth);
+        let mut out = vec![];
+        r.propose(Arc::new(b"x".to_vec()), &mut out);
+        let mut now = 0;
+        let mut seen = vec![];
+        for _ in 0..3 {
+            now += r.timeout_ms();
+            r.on_tick(now, &mut out);
+            seen.push(r.timeout_ms());
+            // Alone, it does not race on: no timer until a quorum asks too.
+            let view = r.view();
+            r.on_tick(now + 10 * r.timeout_ms(), &mut out);
+            assert_eq!(r.view(), view);
+            for from in [2, 3] {
+                let vc = ViewChange { new_view: view, stable_seq: 0, stable_proof: vec![], prepared: vec![] };
+                r.on_message(Message::ViewChange(Signed { body: vc, from, sig: vec![] }), &mut out);
+            }
+            now += 10 * r.timeout_ms();
+        }
+        assert_eq!(seen, vec![1500, 2000, 2000]);
+        assert_eq!(r.view(), 3);
+    }
+
+    #[test]
+    fn round_robin_skips_excluded_and_caps_exclusions_at_f() {
+        let mut r = Replica::new(0, params(), NoAuth);
+        assert_eq!((0..5).map(|v| r.primary(v)).collect::<Vec<_>>(), vec![0, 1, 2, 3, 0]);
+        r.set_excluded([2]);
+        assert_eq!((0..4).map(|v| r.primary(v)).collect::<Vec<_>>(), vec![0, 1, 3, 0]);
+        r.set_excluded([1, 2]); // f = 1: only one may be excluded
+        assert_eq!((0..3).map(|v| r.primary(v)).collect::<Vec<_>>(), vec![0, 2, 3]);
     }
 }

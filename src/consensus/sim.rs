@@ -59,6 +59,10 @@ pub struct SimConfig {
     /// Until the heal, commit votes reach only one replica: it commits while
     /// the others time out and change view, which must carry its values.
     pub commit_starve: bool,
+    /// A replica that never sends anything (crashed for good).
+    pub mute: Option<Rid>,
+    /// Replicas excluded from leadership (quarantine), on every replica.
+    pub excluded: Vec<Rid>,
     /// Faults (loss, partitions, crashes) stop here; liveness is due after.
     pub heal_at: u64,
 }
@@ -66,7 +70,7 @@ pub struct SimConfig {
 impl SimConfig {
     pub fn random(rng: &mut StdRng) -> SimConfig {
         let n = if rng.gen_bool(0.8) { 4 } else { 7 };
-        SimConfig {
+        let mut cfg = SimConfig {
             n,
             values: rng.gen_range(5..40),
             loss: if rng.gen_bool(0.5) { rng.gen_range(0.0..0.3) } else { 0.0 },
@@ -76,14 +80,24 @@ impl SimConfig {
             crash: rng.gen_bool(0.5),
             partition: rng.gen_bool(0.5),
             commit_starve: rng.gen_bool(0.3),
+            mute: None,
+            excluded: vec![],
             heal_at: rng.gen_range(2_000..10_000),
+        };
+        if cfg.byzantine.is_none() && rng.gen_bool(0.2) {
+            cfg.mute = Some(rng.gen_range(0..n));
         }
+        if rng.gen_bool(0.2) {
+            cfg.excluded = vec![rng.gen_range(0..n)];
+        }
+        cfg
     }
 }
 
 pub struct Outcome {
     pub executed: Vec<Seq>,
     pub views: Vec<View>,
+    pub primaries: Vec<Rid>,
 }
 
 /// Runs one seeded simulation; panics (with the seed) on any violation.
@@ -92,11 +106,26 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     let n = cfg.n;
     let secrets: Arc<Vec<[u8; 32]>> =
         Arc::new((0..n).map(|i| sha256(&[seed.to_be_bytes().as_slice(), &[i as u8]].concat())).collect());
-    let params = Params { n, window: 8, checkpoint_interval: 4, timeout_ms: 500, retransmit_ms: 150 };
+    let params = Params {
+        n,
+        window: 8,
+        checkpoint_interval: 4,
+        timeout_ms: 500,
+        timeout_min_ms: 300,
+        timeout_max_ms: 8_000,
+        timeout_increase: 1.5,
+        timeout_decrease_ms: 20,
+        retransmit_ms: 150,
+        heartbeat_ms: 100,
+        missed_heartbeats: 6,
+    };
     let auths: Vec<SimAuth> = (0..n).map(|i| SimAuth { secrets: secrets.clone(), me: i }).collect();
     let mut replicas: Vec<Replica<SimAuth>> =
         (0..n).map(|i| Replica::new(i, params.clone(), auths[i].clone())).collect();
-    let honest: Vec<Rid> = (0..n).filter(|i| Some(*i) != cfg.byzantine).collect();
+    for r in replicas.iter_mut() {
+        r.set_excluded(cfg.excluded.iter().copied());
+    }
+    let honest: Vec<Rid> = (0..n).filter(|i| Some(*i) != cfg.byzantine && Some(*i) != cfg.mute).collect();
     let mut down: BTreeSet<Rid> = BTreeSet::new();
     let mut queue: BinaryHeap<InFlight> = BinaryHeap::new();
     let mut next_id = 0u64;
@@ -265,6 +294,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     Outcome {
         executed: honest.iter().map(|&r| replicas[r].executed()).collect(),
         views: honest.iter().map(|&r| replicas[r].view()).collect(),
+        primaries: honest.iter().map(|&r| replicas[r].primary(replicas[r].view())).collect(),
     }
 }
 
@@ -282,6 +312,10 @@ fn dispatch(
     send: &mut impl FnMut(&mut BinaryHeap<InFlight>, &mut StdRng, u64, Rid, Rid, Message, bool),
 ) {
     let byz = cfg.byzantine == Some(from);
+    if cfg.mute == Some(from) {
+        out.clear();
+        return;
+    }
     for a in out.drain(..) {
         match a {
             Action::Send(to, m) => send(queue, rng, now, from, to, m, faulty),
@@ -383,6 +417,8 @@ mod tests {
             crash: false,
             partition: false,
             commit_starve: false,
+            mute: None,
+            excluded: vec![],
             heal_at: 0,
         }
     }
@@ -407,6 +443,26 @@ mod tests {
             let cfg = SimConfig { commit_starve: true, heal_at: 4_000, ..quiet(4) };
             let o = run(seed, &cfg);
             assert!(o.views.iter().any(|&v| v > 0), "seed {seed}: starving commits must force a view change");
+        }
+    }
+
+    #[test]
+    fn silent_primary_is_replaced_by_missed_heartbeats_even_without_load() {
+        let cfg = SimConfig { mute: Some(0), values: 0, heal_at: 3_000, ..quiet(4) };
+        let o = run(11, &cfg);
+        assert!(o.views.iter().all(|&v| v >= 1), "{:?}", o.views);
+        assert!(o.primaries.iter().all(|&p| p != 0));
+        // And it then orders values with the new primary.
+        let cfg = SimConfig { mute: Some(0), values: 20, heal_at: 3_000, ..quiet(4) };
+        run(12, &cfg);
+    }
+
+    #[test]
+    fn excluded_replica_never_leads() {
+        let cfg = SimConfig { excluded: vec![1], crash: true, loss: 0.2, heal_at: 6_000, ..quiet(4) };
+        for seed in 0..10 {
+            let o = run(seed, &cfg);
+            assert!(o.primaries.iter().all(|&p| p != 1), "seed {seed}: {:?}", o.primaries);
         }
     }
 
