@@ -591,6 +591,44 @@ impl Config {
         }
     }
 
+    /// SHA-256 of every setting all validators must share (the genesis
+    /// ceremony's config hash). Local settings (paths, listen addresses,
+    /// threads, logging, credentials) are left out.
+    pub fn consensus_fingerprint(&self) -> crate::Hash32 {
+        let mut producers = self.producers.keys.iter().map(|k| k.trim().to_ascii_lowercase()).collect::<Vec<_>>();
+        producers.sort();
+        let mut nodes = self.cluster.nodes.clone();
+        nodes.sort();
+        let validators: BTreeMap<u32, String> = self
+            .cluster
+            .validators
+            .iter()
+            .filter_map(|(id, k)| Some((id.parse::<u32>().ok()?, k.trim().to_ascii_lowercase())))
+            .collect();
+        let canonical = serde_json::json!({
+            "v": 1,
+            "nodes": nodes,
+            "quorum_size": self.cluster.quorum_size,
+            "validators": validators,
+            "producers": producers,
+            "ingest": {
+                "max_timestamp_skew_ms": self.ingest.max_timestamp_skew.as_millis() as u64,
+                "nonce_ttl_ms": self.ingest.nonce_ttl.as_millis() as u64,
+                "max_event_bytes": self.ingest.max_event_bytes,
+                "max_payload_bytes": self.ingest.max_payload_bytes,
+            },
+            "mempool": { "rate_per_second": self.mempool.rate_per_second, "rate_burst": self.mempool.rate_burst },
+            "block": {
+                "max_txs": self.block.max_txs,
+                "max_bytes": self.block.max_bytes,
+                "build_interval_ms": self.block.build_interval.as_millis() as u64,
+                "min_mempool_txs": self.block.min_mempool_txs,
+            },
+            "consensus": serde_json::to_value(&self.consensus).expect("serialisable"),
+        });
+        crate::sha256(canonical.to_string().as_bytes())
+    }
+
     /// Validates everything, returning all problems at once.
     pub fn validate(self) -> Result<Validated, ConfigErrors> {
         let mut e = vec![];
@@ -956,6 +994,22 @@ mod tests {
         assert!(e.to_string().contains("idd"), "{e}");
         let e = Config::from_toml("[block]\nbuild_interval = \"fast\"\n", "x.toml").unwrap_err();
         assert!(e.to_string().contains("bad duration"), "{e}");
+    }
+
+    #[test]
+    fn consensus_fingerprint_covers_shared_settings_only() {
+        let a = good();
+        let mut b = a.clone();
+        b.node.data_dir = "/elsewhere".into();
+        b.ingest.direct_listen = "127.0.0.1:1".into();
+        b.runtime.verify_shards = 7;
+        b.producers.keys.reverse();
+        assert_eq!(a.consensus_fingerprint(), b.consensus_fingerprint());
+        b.block.max_txs += 1;
+        assert_ne!(a.consensus_fingerprint(), b.consensus_fingerprint());
+        let mut c = a.clone();
+        c.consensus.heartbeat_interval = Duration::from_millis(501);
+        assert_ne!(a.consensus_fingerprint(), c.consensus_fingerprint());
     }
 
     #[test]

@@ -95,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run { config } => cybermesh::runtime::run_blocking(config.as_deref()),
         Cmd::Config { cmd: ConfigCmd::Check { config } } => {
             let v = Config::load(config.as_deref())?.validate()?;
+            println!("config hash (genesis): {}", hex::encode(v.config.consensus_fingerprint()));
             println!(
                 "config OK: node {} of {} validators (f = {}, quorum = {}), {} producer keys, source {:?}, environment {:?}",
                 v.config.node.id,
