@@ -14,6 +14,7 @@ pub mod dlq;
 pub mod event;
 pub mod ingest;
 pub mod mempool;
+pub mod net;
 pub mod node;
 pub mod runtime;
 pub mod state;

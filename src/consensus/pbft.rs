@@ -818,7 +818,9 @@ impl<A: Auth + Clone> Replica<A> {
             return;
         }
         self.view_changes.entry(nv).or_default().insert(s.from, s);
-        let asking = self.view_changes.get(&self.view).map_or(0, |m| m.len());
+        // A view change for a higher view also abandons ours: count those too,
+        // or a replica that raced ahead alone could leave the rest waiting.
+        let asking = self.view_changes.range(self.view..).flat_map(|(_, m)| m.keys()).collect::<BTreeSet<_>>().len();
         if self.changing && self.deadline.is_none() && asking >= self.p.q() {
             self.deadline = Some(self.now + self.timeout_ms);
         }
