@@ -5,3 +5,4 @@ pub mod genesis;
 pub mod pbft;
 #[cfg(test)]
 mod sim;
+pub mod wire;
