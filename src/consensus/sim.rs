@@ -94,6 +94,7 @@ impl SimConfig {
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub executed: Vec<Seq>,
     pub views: Vec<View>,
@@ -420,6 +421,14 @@ mod tests {
             mute: None,
             excluded: vec![],
             heal_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_seed_replays_exactly() {
+        for seed in [5u64, 77, 1234] {
+            let cfg = SimConfig::random(&mut StdRng::seed_from_u64(seed));
+            assert_eq!(run(seed, &cfg), run(seed, &cfg), "seed {seed} is not deterministic");
         }
     }
 
