@@ -115,8 +115,32 @@ pub enum Message {
     Heartbeat(Signed<View>),
 }
 
+/// What a replica must make durable before the sends that follow it in the
+/// same action list (like raft-rs's `Ready`): its own votes, pre-prepares,
+/// prepared certificates and view changes. `Replica::recover` rebuilds from
+/// them, so a restarted replica never votes for two values in one slot and
+/// never forgets a certificate a view change must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    View {
+        view: View,
+        changing: bool,
+    },
+    PrePrepare(Signed<PrePrepare>),
+    Vote(Signed<Vote>),
+    Prepared(PreparedCert),
+    ViewChange(Signed<ViewChange>),
+    /// A checkpoint became stable, with its `q` signatures.
+    Stable {
+        seq: Seq,
+        proof: Vec<Signed<Checkpoint>>,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Make this durable before carrying out any later action.
+    Persist(Record),
     Send(Rid, Message),
     Broadcast(Message),
     /// Execute `value` at `seq` (in order, exactly once per seq).
@@ -281,7 +305,8 @@ pub struct Replica<A: Auth + Clone> {
     now: u64,
     /// The new-view this replica sent as primary (retransmitted to laggards).
     last_new_view: Option<Signed<NewView>>,
-    last_heartbeat: u64,
+    /// None until the first tick (a new or recovered replica starts counting then).
+    last_heartbeat: Option<u64>,
     next_heartbeat: u64,
     /// Replicas that may not lead (quarantined or under the reputation
     /// floor); set identically on every replica from committed state.
@@ -316,10 +341,90 @@ impl<A: Auth + Clone> Replica<A> {
             next_retransmit: 0,
             now: 0,
             last_new_view: None,
-            last_heartbeat: 0,
+            last_heartbeat: None,
             next_heartbeat: 0,
             excluded: BTreeSet::new(),
         }
+    }
+
+    /// Rebuilds a replica after a restart: re-executes the committed values
+    /// (from the block store, with their certificates), then replays the
+    /// durable records in the order they were persisted.
+    pub fn recover(
+        id: Rid,
+        p: Params,
+        auth: A,
+        executed: impl IntoIterator<Item = CommitCert>,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Self {
+        let mut r = Replica::new(id, p, auth);
+        let mut sink = Vec::new();
+        for c in executed {
+            let seq = c.pre_prepare.body.seq;
+            assert_eq!(seq, r.executed + 1, "committed values are replayed in order");
+            r.execute(seq, c, &mut sink);
+            sink.clear();
+        }
+        for rec in records {
+            match rec {
+                Record::View { view, changing } => {
+                    if view > r.view || (view == r.view && !changing) {
+                        r.view = view;
+                        r.changing = changing;
+                    }
+                }
+                Record::PrePrepare(s) => {
+                    let seq = s.body.seq;
+                    if s.from == id {
+                        r.next_seq = r.next_seq.max(seq + 1);
+                        if s.body.view == r.view {
+                            r.assigned.insert(s.body.digest);
+                        }
+                    }
+                    if seq > r.executed {
+                        r.log.entry(seq).or_default().pre_prepare = Some(s);
+                    }
+                }
+                Record::Vote(v) => {
+                    if v.body.seq > r.executed {
+                        let slot = r.log.entry(v.body.seq).or_default();
+                        match v.body.phase {
+                            Phase::Prepare => slot.prepares.insert(id, v),
+                            Phase::Commit => slot.commits.insert(id, v),
+                        };
+                    }
+                }
+                Record::Prepared(c) => {
+                    let seq = c.pre_prepare.body.seq;
+                    if seq > r.executed {
+                        let slot = r.log.entry(seq).or_default();
+                        if slot
+                            .prepared_cert
+                            .as_ref()
+                            .is_none_or(|old| old.pre_prepare.body.view <= c.pre_prepare.body.view)
+                        {
+                            slot.prepared_cert = Some(c);
+                        }
+                    }
+                }
+                Record::ViewChange(s) => {
+                    r.view_changes.entry(s.body.new_view).or_default().insert(id, s);
+                }
+                Record::Stable { seq, proof } => {
+                    if seq > r.low && seq <= r.executed {
+                        r.make_stable(seq, proof);
+                    }
+                }
+            }
+        }
+        // Own votes of the current view count as sent.
+        let view = r.view;
+        for slot in r.log.values_mut() {
+            slot.sent_prepare = slot.prepares.get(&id).is_some_and(|v| v.body.view == view);
+            slot.sent_commit = slot.commits.get(&id).is_some_and(|v| v.body.view == view);
+        }
+        r.view_changes = r.view_changes.split_off(&r.view);
+        r
     }
 
     pub fn view(&self) -> View {
@@ -414,6 +519,7 @@ impl<A: Auth + Clone> Replica<A> {
             let pp = PrePrepare { view, seq: self.next_seq, digest, value };
             self.next_seq += 1;
             let s = self.sign(pp.clone(), pp_bytes(&pp));
+            out.push(Action::Persist(Record::PrePrepare(s.clone())));
             self.accept_pre_prepare(s.clone(), out);
             out.push(Action::Broadcast(Message::PrePrepare(s)));
         }
@@ -434,7 +540,9 @@ impl<A: Auth + Clone> Replica<A> {
                     let v = self.view;
                     out.push(Action::Broadcast(Message::Heartbeat(self.sign(v, hb_bytes(&v)))));
                 }
-            } else if now.saturating_sub(self.last_heartbeat) > self.p.heartbeat_ms * self.p.missed_heartbeats {
+            } else if now.saturating_sub(*self.last_heartbeat.get_or_insert(now))
+                > self.p.heartbeat_ms * self.p.missed_heartbeats
+            {
                 // A silent primary is replaced even when there is no work.
                 self.start_view_change(self.view + 1, out);
             }
@@ -527,7 +635,7 @@ impl<A: Auth + Clone> Replica<A> {
                     && s.from == self.primary(s.body)
                     && self.auth.verify(s.from, &hb_bytes(&s.body), &s.sig)
                 {
-                    self.last_heartbeat = self.now;
+                    self.last_heartbeat = Some(self.now);
                 }
             }
         }
@@ -568,6 +676,7 @@ impl<A: Auth + Clone> Replica<A> {
             let slot = self.log.get_mut(&b.seq).expect("inserted");
             slot.sent_prepare = true;
             slot.prepares.insert(self.id, sv.clone());
+            out.push(Action::Persist(Record::Vote(sv.clone())));
             out.push(Action::Broadcast(Message::Vote(sv)));
         }
         self.check_progress(b.seq, out);
@@ -615,14 +724,16 @@ impl<A: Auth + Clone> Replica<A> {
         if slot.prepared_cert.as_ref().is_none_or(|c| c.pre_prepare.body.view < view) {
             let prepares =
                 slot.prepares.values().filter(|v| v.body.view == view && v.body.digest == digest).cloned().collect();
-            slot.prepared_cert =
-                Some(PreparedCert { pre_prepare: slot.pre_prepare.clone().expect("prepared"), prepares });
+            let cert = PreparedCert { pre_prepare: slot.pre_prepare.clone().expect("prepared"), prepares };
+            out.push(Action::Persist(Record::Prepared(cert.clone())));
+            slot.prepared_cert = Some(cert);
         }
         if !slot.sent_commit {
             slot.sent_commit = true;
             let v = Vote { phase: Phase::Commit, view, seq, digest };
             let sv = Signed { sig: self.auth.sign(&vote_bytes(&v)), body: v, from: self.id };
             slot.commits.insert(self.id, sv.clone());
+            out.push(Action::Persist(Record::Vote(sv.clone())));
             out.push(Action::Broadcast(Message::Vote(sv)));
         }
         self.execute_ready(out);
@@ -692,14 +803,19 @@ impl<A: Auth + Clone> Replica<A> {
         if self.own_checkpoints.get(&seq) != Some(&proof[0].body.state) {
             return; // our state differs from the quorum's: never happens for an honest replica
         }
-        self.low = seq;
-        self.stable_proof = proof;
-        self.log = self.log.split_off(&(seq + 1));
+        out.push(Action::Persist(Record::Stable { seq, proof: proof.clone() }));
+        self.make_stable(seq, proof);
         self.checkpoints = self.checkpoints.split_off(&(seq + 1));
-        self.own_checkpoints = self.own_checkpoints.split_off(&seq);
         // `committed` is kept for catch-up (the block store plays this role in
         // the validator).
         self.try_propose(out);
+    }
+
+    fn make_stable(&mut self, seq: Seq, proof: Vec<Signed<Checkpoint>>) {
+        self.low = seq;
+        self.stable_proof = proof;
+        self.log = self.log.split_off(&(seq + 1));
+        self.own_checkpoints = self.own_checkpoints.split_off(&seq);
     }
 
     fn valid_commit_cert(&self, c: &CommitCert) -> bool {
@@ -751,10 +867,15 @@ impl<A: Auth + Clone> Replica<A> {
         // The timer restarts only once a quorum asks for this view (PBFT):
         // a replica alone cannot race ahead through views.
         self.deadline = None;
-        let prepared: Vec<PreparedCert> =
-            self.log.range(self.low + 1..).filter_map(|(_, slot)| slot.prepared_cert.clone()).collect();
+        let prepared: Vec<PreparedCert> = self
+            .log
+            .range(self.low + 1..=self.low + self.p.window)
+            .filter_map(|(_, slot)| slot.prepared_cert.clone())
+            .collect();
         let vc = ViewChange { new_view, stable_seq: self.low, stable_proof: self.stable_proof.clone(), prepared };
         let s = self.sign(vc.clone(), vc_bytes(&vc));
+        out.push(Action::Persist(Record::View { view: new_view, changing: true }));
+        out.push(Action::Persist(Record::ViewChange(s.clone())));
         out.push(Action::Broadcast(Message::ViewChange(s.clone())));
         self.on_view_change(s, out);
     }
@@ -917,10 +1038,16 @@ impl<A: Auth + Clone> Replica<A> {
     }
 
     fn enter_view(&mut self, nv: NewView, out: &mut Vec<Action>) {
+        out.push(Action::Persist(Record::View { view: nv.view, changing: false }));
+        if self.primary(nv.view) == self.id {
+            for pp in &nv.pre_prepares {
+                out.push(Action::Persist(Record::PrePrepare(pp.clone())));
+            }
+        }
         self.view = nv.view;
         self.changing = false;
         self.assigned.clear();
-        self.last_heartbeat = self.now;
+        self.last_heartbeat = Some(self.now);
         self.view_changes = self.view_changes.split_off(&(nv.view + 1));
         let min_s = nv.view_changes.iter().map(|v| v.body.stable_seq).max().unwrap_or(0);
         let max_s = nv.pre_prepares.last().map_or(min_s, |p| p.body.seq);
@@ -991,6 +1118,37 @@ mod tests {
         }
         assert_eq!(seen, vec![1500, 2000, 2000]);
         assert_eq!(r.view(), 3);
+    }
+
+    #[test]
+    fn a_recovered_replica_never_votes_for_a_second_value_in_a_slot() {
+        let pp = |v: &[u8]| {
+            let value: Value = Arc::new(v.to_vec());
+            Message::PrePrepare(Signed {
+                body: PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value },
+                from: 0,
+                sig: vec![],
+            })
+        };
+        let mut r = Replica::new(1, params(), NoAuth);
+        let mut out = vec![];
+        r.on_message(pp(b"x"), &mut out);
+        let records: Vec<Record> =
+            out.iter().filter_map(|a| if let Action::Persist(r) = a { Some(r.clone()) } else { None }).collect();
+        // The prepare is persisted before it is broadcast.
+        let persist = out.iter().position(|a| matches!(a, Action::Persist(Record::Vote(_)))).expect("vote persisted");
+        let send = out.iter().position(|a| matches!(a, Action::Broadcast(Message::Vote(_)))).expect("vote sent");
+        assert!(persist < send);
+        // Crash: rebuild from the records; an equivocating primary tries again.
+        let mut r = Replica::recover(1, params(), NoAuth, vec![], records);
+        let mut out = vec![];
+        r.on_message(pp(b"y"), &mut out);
+        assert!(!out.iter().any(|a| matches!(a, Action::Broadcast(Message::Vote(_)))), "voted twice: {out:?}");
+        // Without the records it would have voted: the test can fail.
+        let mut fresh = Replica::new(1, params(), NoAuth);
+        let mut out = vec![];
+        fresh.on_message(pp(b"y"), &mut out);
+        assert!(out.iter().any(|a| matches!(a, Action::Broadcast(Message::Vote(_)))));
     }
 
     #[test]

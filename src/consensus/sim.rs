@@ -46,6 +46,14 @@ impl PartialOrd for InFlight {
     }
 }
 
+/// What a replica has made durable: committed values (the block store) and
+/// its consensus records.
+#[derive(Default)]
+struct Durable {
+    certs: Vec<CommitCert>,
+    records: Vec<Record>,
+}
+
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub n: usize,
@@ -137,6 +145,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     let mut last_exec: Vec<Seq> = vec![0; n];
     let mut proposed: Vec<Hash32> = vec![];
     let mut values_seen: Vec<Value> = vec![];
+    let mut durable: Vec<Durable> = (0..n).map(|_| Durable::default()).collect();
     // Fault schedule (all before heal_at).
     let crash_victim = honest[rng.gen_range(0..honest.len())];
     let h = cfg.heal_at.max(8);
@@ -183,8 +192,19 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                 down.insert(crash_victim);
             } else if !is && was {
                 down.remove(&crash_victim);
-                // Restarted: it reads the source again from its last committed
-                // offset, so it learns the values it missed (Kafka redelivery).
+                // Restarted: memory is gone; it recovers from what it made
+                // durable (committed values with certificates + its records).
+                let v = crash_victim;
+                replicas[v] = Replica::recover(
+                    v,
+                    params.clone(),
+                    auths[v].clone(),
+                    durable[v].certs.clone(),
+                    durable[v].records.clone(),
+                );
+                replicas[v].set_excluded(cfg.excluded.iter().copied());
+                // It reads the source again from its last committed offset, so
+                // it learns the values it missed (Kafka redelivery).
                 for v in &values_seen {
                     replicas[crash_victim].propose(v.clone(), &mut out);
                 }
@@ -197,6 +217,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                     faulty,
                     cfg,
                     &auths[crash_victim],
+                    &mut durable[crash_victim],
                     &mut send,
                 );
             }
@@ -209,7 +230,18 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
             for r in 0..n {
                 if !down.contains(&r) {
                     replicas[r].propose(v.clone(), &mut out);
-                    dispatch(r, &mut out, &mut queue, &mut rng, now, faulty, cfg, &auths[r], &mut send);
+                    dispatch(
+                        r,
+                        &mut out,
+                        &mut queue,
+                        &mut rng,
+                        now,
+                        faulty,
+                        cfg,
+                        &auths[r],
+                        &mut durable[r],
+                        &mut send,
+                    );
                 }
             }
             vi += 1;
@@ -245,7 +277,18 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                 &replicas,
                 &ctx(seed),
             );
-            dispatch(m.to, &mut out, &mut queue, &mut rng, now, faulty, cfg, &auths[m.to], &mut send);
+            dispatch(
+                m.to,
+                &mut out,
+                &mut queue,
+                &mut rng,
+                now,
+                faulty,
+                cfg,
+                &auths[m.to],
+                &mut durable[m.to],
+                &mut send,
+            );
         }
         // Timers.
         if now % 10 == 0 {
@@ -265,7 +308,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                     &replicas,
                     &ctx(seed),
                 );
-                dispatch(r, &mut out, &mut queue, &mut rng, now, faulty, cfg, &auths[r], &mut send);
+                dispatch(r, &mut out, &mut queue, &mut rng, now, faulty, cfg, &auths[r], &mut durable[r], &mut send);
             }
         }
         // Done: every honest replica executed every proposed value.
@@ -310,6 +353,7 @@ fn dispatch(
     faulty: bool,
     cfg: &SimConfig,
     auth: &SimAuth,
+    durable: &mut Durable,
     send: &mut impl FnMut(&mut BinaryHeap<InFlight>, &mut StdRng, u64, Rid, Rid, Message, bool),
 ) {
     let byz = cfg.byzantine == Some(from);
@@ -337,7 +381,9 @@ fn dispatch(
                     send(queue, rng, now, from, to, forged, faulty);
                 }
             }
-            Action::Execute { .. } | Action::Evidence { .. } => {}
+            Action::Persist(r) => durable.records.push(r),
+            Action::Execute { cert, .. } => durable.certs.push(cert),
+            Action::Evidence { .. } => {}
         }
     }
 }
