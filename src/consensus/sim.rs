@@ -139,10 +139,13 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     let mut queue: BinaryHeap<InFlight> = BinaryHeap::new();
     let mut next_id = 0u64;
     // Safety bookkeeping.
-    let mut decided: BTreeMap<Seq, Hash32> = BTreeMap::new();
-    let mut state_at: BTreeMap<Seq, Hash32> = BTreeMap::new();
-    let mut executed_values: Vec<BTreeSet<Hash32>> = vec![BTreeSet::new(); n];
-    let mut last_exec: Vec<Seq> = vec![0; n];
+    let mut check = Checker {
+        honest: honest.clone(),
+        ctx: format!("seed {seed} ({cfg:?})"),
+        executed_values: vec![BTreeSet::new(); n],
+        last_exec: vec![0; n],
+        ..Default::default()
+    };
     let mut proposed: Vec<Hash32> = vec![];
     let mut values_seen: Vec<Value> = vec![];
     let mut durable: Vec<Durable> = (0..n).map(|_| Durable::default()).collect();
@@ -266,17 +269,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                 continue;
             }
             replicas[m.to].on_message(m.msg, &mut out);
-            check_executions(
-                m.to,
-                &out,
-                &honest,
-                &mut decided,
-                &mut state_at,
-                &mut executed_values,
-                &mut last_exec,
-                &replicas,
-                &ctx(seed),
-            );
+            check.step(m.to, &out, &replicas[m.to]);
             dispatch(
                 m.to,
                 &mut out,
@@ -297,36 +290,26 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                     continue;
                 }
                 replicas[r].on_tick(now, &mut out);
-                check_executions(
-                    r,
-                    &out,
-                    &honest,
-                    &mut decided,
-                    &mut state_at,
-                    &mut executed_values,
-                    &mut last_exec,
-                    &replicas,
-                    &ctx(seed),
-                );
+                check.step(r, &out, &replicas[r]);
                 dispatch(r, &mut out, &mut queue, &mut rng, now, faulty, cfg, &auths[r], &mut durable[r], &mut send);
             }
         }
         // Done: every honest replica executed every proposed value.
         if vi == value_times.len()
             && now > cfg.heal_at
-            && honest.iter().all(|&r| proposed.iter().all(|d| executed_values[r].contains(d)))
+            && honest.iter().all(|&r| proposed.iter().all(|d| check.executed_values[r].contains(d)))
         {
             break;
         }
         now += 1;
     }
     for &r in &honest {
-        if proposed.iter().any(|d| !executed_values[r].contains(d)) {
+        if proposed.iter().any(|d| !check.executed_values[r].contains(d)) {
             for x in &replicas {
                 eprintln!("{}", x.debug_summary());
             }
         }
-        let missing = proposed.iter().filter(|d| !executed_values[r].contains(*d)).count();
+        let missing = proposed.iter().filter(|d| !check.executed_values[r].contains(*d)).count();
         assert_eq!(
             missing,
             0,
@@ -418,35 +401,40 @@ fn mangle(m: Message, to: Rid, rng: &mut StdRng, auth: &SimAuth) -> Message {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn check_executions(
-    r: Rid,
-    out: &[Action],
-    honest: &[Rid],
-    decided: &mut BTreeMap<Seq, Hash32>,
-    state_at: &mut BTreeMap<Seq, Hash32>,
-    executed_values: &mut [BTreeSet<Hash32>],
-    last_exec: &mut [Seq],
-    replicas: &[Replica<SimAuth>],
-    ctx: &str,
-) {
-    if !honest.contains(&r) {
-        return;
-    }
-    for a in out {
-        if let Action::Execute { seq, value, .. } = a {
-            let d = sha256(value);
-            assert_eq!(*seq, last_exec[r] + 1, "replica {r} executed out of order; {ctx}");
-            last_exec[r] = *seq;
-            let first = *decided.entry(*seq).or_insert(d);
-            assert_eq!(first, d, "AGREEMENT violated at seq {seq}: replica {r} executed a different value; {ctx}");
-            executed_values[r].insert(d);
+/// Safety invariants, checked after every event of every honest replica.
+#[derive(Default)]
+struct Checker {
+    honest: Vec<Rid>,
+    ctx: String,
+    /// First value executed at each sequence number by anyone.
+    decided: BTreeMap<Seq, Hash32>,
+    /// State digest at each executed height.
+    state_at: BTreeMap<Seq, Hash32>,
+    executed_values: Vec<BTreeSet<Hash32>>,
+    last_exec: Vec<Seq>,
+}
+
+impl Checker {
+    fn step(&mut self, r: Rid, out: &[Action], replica: &Replica<SimAuth>) {
+        if !self.honest.contains(&r) {
+            return;
         }
+        let ctx = &self.ctx;
+        for a in out {
+            if let Action::Execute { seq, value, .. } = a {
+                let d = sha256(value);
+                assert_eq!(*seq, self.last_exec[r] + 1, "replica {r} executed out of order; {ctx}");
+                self.last_exec[r] = *seq;
+                let first = *self.decided.entry(*seq).or_insert(d);
+                assert_eq!(first, d, "AGREEMENT violated at seq {seq}: replica {r} executed a different value; {ctx}");
+                self.executed_values[r].insert(d);
+            }
+        }
+        // Equal executed height, equal state digest.
+        let (h, st) = (replica.executed(), replica.state_digest());
+        let first = *self.state_at.entry(h).or_insert(st);
+        assert_eq!(first, st, "state digests differ at height {h} (replica {r}); {ctx}");
     }
-    // Equal executed height, equal state digest.
-    let (h, st) = (replicas[r].executed(), replicas[r].state_digest());
-    let first = *state_at.entry(h).or_insert(st);
-    assert_eq!(first, st, "state digests differ at height {h} (replica {r}); {ctx}");
 }
 
 #[cfg(test)]
