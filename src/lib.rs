@@ -12,6 +12,7 @@ pub mod consensus;
 pub mod crypto;
 pub mod dlq;
 pub mod event;
+pub mod framed;
 pub mod ingest;
 pub mod mempool;
 pub mod net;

@@ -6,38 +6,29 @@
 //! ```text
 //! u32 LE len | u32 LE crc32c(len LE bytes || payload) | payload (len bytes: protobuf `Block`)
 //! ```
-//! Appends are written with one `write` per group and made durable with one
-//! `fdatasync` (group commit); a block is committed only after that returns.
+//! (the framing of `crate::framed`). Appends are written with one `write` per
+//! group and made durable with one `fdatasync` (group commit); a block is
+//! committed only after that returns.
 //!
 //! # Recovery
-//! On open the file is scanned. A record that runs past the end of the file,
-//! or whose checksum fails while it is the last record, is a torn tail from a
-//! crash mid-append, and so is a tail of zeros: it is truncated (never acknowledged, so nothing committed
-//! is lost). A bad record with data after it is corruption: opening fails
-//! rather than dropping durable blocks. The height index lives in memory.
+//! `crate::framed` truncates a torn tail (never acknowledged, so nothing
+//! committed is lost) and refuses corruption; on top, the store checks that
+//! the blocks form one chain (heights from 1, previous hashes linking). The
+//! height index lives in memory.
 
 use crate::block::{Block, BlockHeader};
 use crate::event::Limits;
+use crate::framed::{FramedError, FramedFile};
 use crate::{proto, Hash32};
 use prost::Message;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"CMBLKS01";
-const RECORD_HEADER: u64 = 8;
-/// Largest record accepted (a block is at most a few MiB).
-pub const MAX_RECORD: u32 = 256 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("block store {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("block store {path}: not a block store (bad magic)")]
-    BadMagic { path: PathBuf },
-    #[error("block store {path}: corrupt record at offset {offset} (after height {height}): {detail}; refusing to truncate durable blocks, restore this node from its peers")]
-    Corrupt { path: PathBuf, offset: u64, height: u64, detail: String },
+    #[error("block store: {0}")]
+    Log(#[from] FramedError),
     #[error("block store: append of height {got} after {have}")]
     OutOfOrder { got: u64, have: u64 },
     #[error("block store: block {height} does not link to the stored block {prev}")]
@@ -52,11 +43,9 @@ pub struct Recovery {
 }
 
 pub struct BlockStore {
-    path: PathBuf,
-    file: File,
+    log: FramedFile,
     /// Offset of the record of height h at index h-1.
     index: Vec<u64>,
-    end: u64,
     last: Option<BlockHeader>,
     limits: Limits,
 }
@@ -65,10 +54,6 @@ pub struct BlockStore {
 struct HeaderOnly {
     #[prost(message, optional, tag = "1")]
     header: Option<proto::BlockHeader>,
-}
-
-fn crc(len: u32, payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&len.to_le_bytes()), payload)
 }
 
 fn header_from_proto(h: proto::BlockHeader) -> Option<BlockHeader> {
@@ -85,91 +70,30 @@ fn header_from_proto(h: proto::BlockHeader) -> Option<BlockHeader> {
 }
 
 impl BlockStore {
-    /// Opens (or creates) `dir/blocks.dat`, recovering from a torn tail.
+    /// Opens (or creates) `dir/blocks.dat`, recovering from a torn tail and
+    /// checking that the stored blocks form one chain.
     pub fn open(dir: &Path, limits: Limits) -> Result<(BlockStore, Recovery), StoreError> {
-        let path = dir.join("blocks.dat");
-        let io = |source| StoreError::Io { path: path.clone(), source };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
-        let mut len = file.metadata().map_err(io)?.len();
-        if len < MAGIC.len() as u64 {
-            // New, or crashed while writing the magic.
-            file.set_len(0).map_err(io)?;
-            file.write_all_at(MAGIC, 0).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            if let Some(parent) = path.parent() {
-                File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
-            }
-            len = MAGIC.len() as u64;
-        }
-        let mut magic = [0u8; 8];
-        file.read_exact_at(&mut magic, 0).map_err(io)?;
-        if &magic != MAGIC {
-            return Err(StoreError::BadMagic { path });
-        }
-        // Sequential scan of the records.
-        let mut data = Vec::new();
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        file.read_to_end(&mut data).map_err(io)?;
-        let mut off = MAGIC.len() as u64;
         let mut index = Vec::new();
         let mut last: Option<BlockHeader> = None;
-        let corrupt = |offset: u64, height: u64, detail: String| StoreError::Corrupt {
-            path: path.clone(),
-            offset,
-            height,
-            detail,
-        };
-        let mut torn = false;
-        while off < len {
-            let rest = len - off;
-            if rest < RECORD_HEADER {
-                torn = true;
-                break;
-            }
-            let o = off as usize;
-            let rlen = u32::from_le_bytes(data[o..o + 4].try_into().unwrap());
-            let rcrc = u32::from_le_bytes(data[o + 4..o + 8].try_into().unwrap());
-            if rlen > MAX_RECORD || RECORD_HEADER + rlen as u64 > rest {
-                torn = true;
-                break;
-            }
-            let payload = &data[o + 8..o + 8 + rlen as usize];
-            // Last record, or only zeros from here on (a write whose data never
-            // reached the disk): a torn tail, not corruption.
-            let is_last = off + RECORD_HEADER + rlen as u64 == len || data[o..].iter().all(|&b| b == 0);
-            if crc(rlen, payload) != rcrc {
-                if is_last {
-                    torn = true;
-                    break;
-                }
-                return Err(corrupt(off, index.len() as u64, "checksum mismatch".into()));
-            }
+        let (log, scan) = FramedFile::open(&dir.join("blocks.dat"), MAGIC, |off, payload| {
             let h = HeaderOnly::decode(payload)
                 .ok()
                 .and_then(|h| h.header)
                 .and_then(header_from_proto)
-                .ok_or_else(|| corrupt(off, index.len() as u64, "record does not decode as a block".into()))?;
+                .ok_or("record does not decode as a block")?;
             let want = index.len() as u64 + 1;
             if h.height != want {
-                return Err(corrupt(off, index.len() as u64, format!("height {} where {want} was expected", h.height)));
+                return Err(format!("height {} where {want} was expected", h.height));
             }
             if h.previous_hash != last.as_ref().map_or([0u8; 32], |p| p.hash()) {
-                return Err(corrupt(off, index.len() as u64, "previous_hash does not link".into()));
+                return Err("previous_hash does not link".into());
             }
             index.push(off);
             last = Some(h);
-            off += RECORD_HEADER + rlen as u64;
-        }
-        let truncated = len - off;
-        if torn {
-            tracing::warn!(path = %path.display(), offset = off, bytes = truncated, "block store: truncating torn tail left by a crash");
-            file.set_len(off).map_err(io)?;
-            file.sync_all().map_err(io)?;
-        }
-        let rec = Recovery { blocks: index.len() as u64, truncated_bytes: truncated };
-        Ok((BlockStore { path, file, index, end: off, last, limits }, rec))
+            Ok(())
+        })?;
+        let rec = Recovery { blocks: index.len() as u64, truncated_bytes: scan.truncated_bytes };
+        Ok((BlockStore { log, index, last, limits }, rec))
     }
 
     /// Height of the last durable block (0: empty).
@@ -188,8 +112,7 @@ impl BlockStore {
     /// Appends blocks (consecutive heights) and makes them durable with one
     /// fdatasync. On error the store must be reopened (recovery truncates).
     pub fn append(&mut self, blocks: &[(&Block, Option<proto::CommitCertificate>)]) -> Result<(), StoreError> {
-        let mut buf = Vec::new();
-        let mut offsets = Vec::with_capacity(blocks.len());
+        let mut payloads = Vec::with_capacity(blocks.len());
         let mut prev = self.last.clone();
         for (b, cert) in blocks {
             let have = prev.as_ref().map_or(0, |h| h.height);
@@ -199,18 +122,10 @@ impl BlockStore {
             if b.header.previous_hash != prev.as_ref().map_or([0; 32], |h| h.hash()) {
                 return Err(StoreError::BadLink { height: b.header.height, prev: have });
             }
-            let payload = b.to_proto(cert.clone()).encode_to_vec();
-            let len = payload.len() as u32;
-            offsets.push(self.end + buf.len() as u64);
-            buf.extend_from_slice(&len.to_le_bytes());
-            buf.extend_from_slice(&crc(len, &payload).to_le_bytes());
-            buf.extend_from_slice(&payload);
+            payloads.push(b.to_proto(cert.clone()).encode_to_vec());
             prev = Some(b.header.clone());
         }
-        let io = |source| StoreError::Io { path: self.path.clone(), source };
-        self.file.write_all_at(&buf, self.end).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
-        self.end += buf.len() as u64;
+        let offsets = self.log.append(payloads.iter().map(|p| p.as_slice()))?;
         self.index.extend(offsets);
         self.last = prev;
         Ok(())
@@ -221,22 +136,8 @@ impl BlockStore {
         if height == 0 || height > self.height() {
             return Ok(None);
         }
-        let off = self.index[(height - 1) as usize];
-        let io = |source| StoreError::Io { path: self.path.clone(), source };
-        let mut hdr = [0u8; 8];
-        self.file.read_exact_at(&mut hdr, off).map_err(io)?;
-        let len = u32::from_le_bytes(hdr[..4].try_into().unwrap());
-        let mut payload = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut payload, off + RECORD_HEADER).map_err(io)?;
-        if crc(len, &payload) != u32::from_le_bytes(hdr[4..].try_into().unwrap()) {
-            return Err(StoreError::Corrupt {
-                path: self.path.clone(),
-                offset: off,
-                height: height - 1,
-                detail: "checksum mismatch on read".into(),
-            });
-        }
-        Ok(Some(payload))
+        let i = (height - 1) as usize;
+        Ok(Some(self.log.read_at(self.index[i], i)?))
     }
 
     /// Block `height` with its commit certificate, if stored.
@@ -244,11 +145,12 @@ impl BlockStore {
         let Some(raw) = self.read_raw(height)? else {
             return Ok(None);
         };
-        let corrupt = |d: String| StoreError::Corrupt {
-            path: self.path.clone(),
-            offset: self.index[(height - 1) as usize],
-            height: height - 1,
-            detail: d,
+        let i = (height - 1) as usize;
+        let corrupt = |detail: String| FramedError::Corrupt {
+            path: self.log.path().to_path_buf(),
+            offset: self.index[i],
+            index: i,
+            detail,
         };
         let mut p = proto::Block::decode(&raw[..]).map_err(|e| corrupt(e.to_string()))?;
         let cert = p.certificate.take();
@@ -361,7 +263,7 @@ mod tests {
         full[30] ^= 0xff; // inside block 1's payload
         std::fs::write(&p, &full).unwrap();
         let err = BlockStore::open(dir.path(), Limits::default()).err().expect("must refuse");
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(matches!(err, StoreError::Log(FramedError::Corrupt { .. })), "{err}");
         assert!(err.to_string().contains("refusing to truncate"));
     }
 }

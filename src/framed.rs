@@ -1,0 +1,170 @@
+//! Append-only file of checksummed records: the mechanism under the block
+//! store and the consensus log.
+//!
+//! Format: an 8-byte magic, then records
+//! `u32 LE len | u32 LE crc32c(len LE bytes ‖ payload) | payload`.
+//! Appends are one `write` per group and one `fdatasync`.
+//!
+//! Recovery on open: a record running past the end of the file, a last record
+//! with a bad checksum, or a tail of zeros is a torn write from a crash and is
+//! truncated (it was never acknowledged). A bad record with valid data after
+//! it is corruption: opening fails rather than drop durable records.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const HEADER: u64 = 8;
+/// Largest record accepted.
+pub const MAX_RECORD: u32 = 256 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FramedError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: wrong file type (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error("{path}: corrupt record {index} at offset {offset}: {detail}; refusing to truncate durable records, restore this node from its peers")]
+    Corrupt { path: PathBuf, offset: u64, index: usize, detail: String },
+}
+
+/// What opening found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    pub records: usize,
+    pub truncated_bytes: u64,
+}
+
+pub struct FramedFile {
+    path: PathBuf,
+    file: File,
+    end: u64,
+}
+
+fn crc(len: u32, payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&len.to_le_bytes()), payload)
+}
+
+impl FramedFile {
+    /// Opens or creates `path`; calls `visit(offset, payload)` for every
+    /// intact record in order (an `Err` from it is corruption).
+    pub fn open(
+        path: &Path,
+        magic: &[u8; 8],
+        mut visit: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<(FramedFile, Scan), FramedError> {
+        let path = path.to_path_buf();
+        let io = |source| FramedError::Io { path: path.clone(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let mut len = file.metadata().map_err(io)?.len();
+        if len < magic.len() as u64 {
+            // New, or crashed while writing the magic.
+            file.set_len(0).map_err(io)?;
+            file.write_all_at(magic, 0).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            if let Some(parent) = path.parent() {
+                File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+            }
+            len = magic.len() as u64;
+        }
+        let mut data = Vec::new();
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        file.read_to_end(&mut data).map_err(io)?;
+        if &data[..8] != magic {
+            return Err(FramedError::BadMagic { path });
+        }
+        let mut off = magic.len() as u64;
+        let mut records = 0;
+        let mut torn = false;
+        while off < len {
+            let rest = len - off;
+            if rest < HEADER {
+                torn = true;
+                break;
+            }
+            let o = off as usize;
+            let rlen = u32::from_le_bytes(data[o..o + 4].try_into().expect("4 bytes"));
+            let rcrc = u32::from_le_bytes(data[o + 4..o + 8].try_into().expect("4 bytes"));
+            if rlen > MAX_RECORD || HEADER + rlen as u64 > rest {
+                torn = true;
+                break;
+            }
+            let payload = &data[o + 8..o + 8 + rlen as usize];
+            // Last record, or only zeros from here on (a write whose data never
+            // reached the disk): a torn tail, not corruption.
+            let is_last = off + HEADER + rlen as u64 == len || data[o..].iter().all(|&b| b == 0);
+            if crc(rlen, payload) != rcrc {
+                if is_last {
+                    torn = true;
+                    break;
+                }
+                return Err(FramedError::Corrupt {
+                    path,
+                    offset: off,
+                    index: records,
+                    detail: "checksum mismatch".into(),
+                });
+            }
+            if let Err(detail) = visit(off, payload) {
+                return Err(FramedError::Corrupt { path, offset: off, index: records, detail });
+            }
+            records += 1;
+            off += HEADER + rlen as u64;
+        }
+        let truncated = len - off;
+        if torn {
+            tracing::warn!(path = %path.display(), offset = off, bytes = truncated, "truncating a torn tail left by a crash");
+            file.set_len(off).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        Ok((FramedFile { path, file, end: off }, Scan { records, truncated_bytes: truncated }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends records with one write and one fdatasync; returns their
+    /// offsets. After an error the file must be reopened (recovery truncates).
+    pub fn append<'a>(&mut self, payloads: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u64>, FramedError> {
+        let mut buf = Vec::new();
+        let mut offsets = Vec::new();
+        for p in payloads {
+            let len = p.len() as u32;
+            assert!(len <= MAX_RECORD, "record of {len} bytes exceeds MAX_RECORD");
+            offsets.push(self.end + buf.len() as u64);
+            buf.extend_from_slice(&len.to_le_bytes());
+            buf.extend_from_slice(&crc(len, p).to_le_bytes());
+            buf.extend_from_slice(p);
+        }
+        let io = |source| FramedError::Io { path: self.path.clone(), source };
+        self.file.write_all_at(&buf, self.end).map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        self.end += buf.len() as u64;
+        Ok(offsets)
+    }
+
+    /// The record at `offset`, checksum verified.
+    pub fn read_at(&self, offset: u64, index: usize) -> Result<Vec<u8>, FramedError> {
+        let io = |source| FramedError::Io { path: self.path.clone(), source };
+        let mut hdr = [0u8; 8];
+        self.file.read_exact_at(&mut hdr, offset).map_err(io)?;
+        let len = u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes"));
+        let mut payload = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut payload, offset + HEADER).map_err(io)?;
+        if crc(len, &payload) != u32::from_le_bytes(hdr[4..].try_into().expect("4 bytes")) {
+            return Err(FramedError::Corrupt {
+                path: self.path.clone(),
+                offset,
+                index,
+                detail: "checksum mismatch on read".into(),
+            });
+        }
+        Ok(payload)
+    }
+}
