@@ -2,6 +2,7 @@
 //! simulator (`sim`, test-only).
 
 pub mod genesis;
+pub mod log;
 pub mod pbft;
 #[cfg(test)]
 mod sim;

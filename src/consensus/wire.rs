@@ -126,15 +126,7 @@ fn vc_to(v: &Signed<ViewChange>) -> proto::PbftViewChange {
         new_view: v.body.new_view,
         stable_seq: v.body.stable_seq,
         stable_proof: v.body.stable_proof.iter().map(ck_to).collect(),
-        prepared: v
-            .body
-            .prepared
-            .iter()
-            .map(|c| proto::PbftPreparedCert {
-                pre_prepare: Some(pp_to(&c.pre_prepare)),
-                prepares: c.prepares.iter().map(vote_to).collect(),
-            })
-            .collect(),
+        prepared: v.body.prepared.iter().map(cert_to).collect(),
         from: v.from as u32,
         sig: v.sig.clone(),
     }
@@ -144,20 +136,63 @@ fn vc_from(v: proto::PbftViewChange, l: &WireLimits) -> Result<Signed<ViewChange
         bounded(v.stable_proof, l.n, "stable proof")?.into_iter().map(|c| ck_from(c, l)).collect::<Result<_, _>>()?;
     let prepared = bounded(v.prepared, l.window, "prepared certificates")?
         .into_iter()
-        .map(|c| {
-            Ok(PreparedCert {
-                pre_prepare: pp_from(c.pre_prepare.ok_or(WireError::Missing("pre_prepare"))?, l)?,
-                prepares: bounded(c.prepares, l.n, "prepares")?
-                    .into_iter()
-                    .map(|v| vote_from(v, l))
-                    .collect::<Result<_, _>>()?,
-            })
-        })
-        .collect::<Result<_, WireError>>()?;
+        .map(|c| cert_from(c, l))
+        .collect::<Result<_, _>>()?;
     Ok(Signed {
         body: ViewChange { new_view: v.new_view, stable_seq: v.stable_seq, stable_proof, prepared },
         from: rid(v.from, l)?,
         sig: sig(v.sig)?,
+    })
+}
+
+fn cert_to(c: &PreparedCert) -> proto::PbftPreparedCert {
+    proto::PbftPreparedCert {
+        pre_prepare: Some(pp_to(&c.pre_prepare)),
+        prepares: c.prepares.iter().map(vote_to).collect(),
+    }
+}
+fn cert_from(c: proto::PbftPreparedCert, l: &WireLimits) -> Result<PreparedCert, WireError> {
+    Ok(PreparedCert {
+        pre_prepare: pp_from(c.pre_prepare.ok_or(WireError::Missing("pre_prepare"))?, l)?,
+        prepares: bounded(c.prepares, l.n, "prepares")?
+            .into_iter()
+            .map(|v| vote_from(v, l))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// Encodes a durable consensus record (see `consensus::log`).
+pub fn encode_record(r: &Record) -> Vec<u8> {
+    use proto::pbft_record::Rec;
+    let rec = match r {
+        Record::View { view, changing } => Rec::View(proto::PbftView { view: *view, changing: *changing }),
+        Record::PrePrepare(p) => Rec::PrePrepare(pp_to(p)),
+        Record::Vote(v) => Rec::Vote(vote_to(v)),
+        Record::Prepared(c) => Rec::Prepared(cert_to(c)),
+        Record::ViewChange(v) => Rec::ViewChange(vc_to(v)),
+        Record::Stable { seq, proof } => {
+            Rec::Stable(proto::PbftStable { seq: *seq, proof: proof.iter().map(ck_to).collect() })
+        }
+    };
+    proto::PbftRecord { rec: Some(rec) }.encode_to_vec()
+}
+
+pub fn decode_record(bytes: &[u8], l: &WireLimits) -> Result<Record, WireError> {
+    use proto::pbft_record::Rec;
+    let r = proto::PbftRecord::decode(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
+    Ok(match r.rec.ok_or(WireError::Missing("rec"))? {
+        Rec::View(v) => Record::View { view: v.view, changing: v.changing },
+        Rec::PrePrepare(p) => Record::PrePrepare(pp_from(p, l)?),
+        Rec::Vote(v) => Record::Vote(vote_from(v, l)?),
+        Rec::Prepared(c) => Record::Prepared(cert_from(c, l)?),
+        Rec::ViewChange(v) => Record::ViewChange(vc_from(v, l)?),
+        Rec::Stable(s) => Record::Stable {
+            seq: s.seq,
+            proof: bounded(s.proof, l.n, "stable proof")?
+                .into_iter()
+                .map(|c| ck_from(c, l))
+                .collect::<Result<_, _>>()?,
+        },
     })
 }
 
