@@ -72,10 +72,9 @@ fn commits_valid_events_and_dead_letters_every_bad_one_with_its_reason() {
 
     let mut expected: BTreeSet<&str> = bad.iter().map(|(r, _)| *r).collect();
     expected.extend(["replayed_nonce", "malformed", "oversized"]);
-    let recs = wait_dlq(&s.data_dir().join("dlq.jsonl"), |recs| {
-        let got: BTreeSet<&str> = recs.iter().filter_map(|r| r["reason"].as_str()).collect();
-        expected.iter().all(|e| got.contains(e))
-    });
+    let recs = wait_dlq(&v, &s.data_dir().join("dlq.jsonl"), (bad.len() + 4) as u64);
+    let got: BTreeSet<&str> = recs.iter().filter_map(|r| r["reason"].as_str()).collect();
+    assert_eq!(got, expected);
     // Every record names its reason, detail, origin and validator; exactly
     // one record per bad input.
     assert_eq!(recs.len(), bad.len() + 4, "{recs:#?}");

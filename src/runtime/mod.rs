@@ -254,6 +254,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
 }
 
 fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqFileSink, stats: &RuntimeStats, done: &AtomicBool) {
+    let mut written = 0u64;
     loop {
         let r = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(r) => r,
@@ -267,13 +268,16 @@ fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqFileSink, stats: &RuntimeStat
         while let Some(r) = next {
             stats.rejected.add(r.reason);
             tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, origin = %r.origin, "rejected");
-            if let Err(e) = sink.write(&r) {
-                tracing::error!(error = %e, "DLQ write failed");
+            match sink.write(&r) {
+                Ok(()) => written += 1,
+                Err(e) => tracing::error!(error = %e, "DLQ write failed"),
             }
             next = rx.try_recv().ok();
         }
-        if let Err(e) = sink.flush() {
-            tracing::error!(error = %e, "DLQ flush failed");
+        match sink.flush() {
+            // Tests wait on this event rather than polling the file.
+            Ok(()) => tracing::debug!(total = written, "dlq flushed"),
+            Err(e) => tracing::error!(error = %e, "DLQ flush failed"),
         }
     }
 }

@@ -35,7 +35,7 @@ impl Setup {
         let producer = crypto::generate_key();
         let text = format!(
             "[node]\nid = 1\ndata_dir = \"{}\"\nkey_file = \"{}\"\n\n[cluster]\nnodes = [1]\nvalidators = {{ \"1\" = \"{}\" }}\n\n\
-             [producers]\nkeys = [\"{}\"]\n\n[ingest]\ndirect_listen = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n\
+             [producers]\nkeys = [\"{}\"]\n\n[ingest]\ndirect_listen = \"127.0.0.1:0\"\n\n[log]\nformat = \"json\"\nlevel = \"debug\"\n\n\
              [block]\nbuild_interval = \"20ms\"\n\n[mempool]\nrate_per_second = 0\n{extra}",
             dir.path().join("data").display(),
             key_file.display(),
@@ -193,19 +193,16 @@ pub fn anomaly(key: &SigningKey, i: u64) -> Event {
     )
 }
 
-/// Waits (bounded) until `cond` holds on the DLQ file's records.
-pub fn wait_dlq(path: &Path, cond: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+/// Waits (bounded) for the validator's "dlq flushed" event reporting at
+/// least `count` records, then returns the DLQ file's records.
+pub fn wait_dlq(v: &Validator, path: &Path, count: u64) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let recs: Vec<serde_json::Value> = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        if cond(&recs) {
-            return recs;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = v.logs.recv_timeout(left).unwrap_or_else(|_| panic!("fewer than {count} DLQ records within 60 s"));
+        if e["fields"]["message"] == "dlq flushed" && e["fields"]["total"].as_u64().unwrap_or(0) >= count {
+            break;
         }
-        assert!(Instant::now() < deadline, "DLQ condition not met; records: {recs:#?}");
-        std::thread::sleep(Duration::from_millis(20));
     }
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).expect("DLQ line is JSON")).collect()
 }
