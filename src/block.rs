@@ -155,7 +155,8 @@ impl Block {
         self.txs.iter().map(|t| t.size()).sum()
     }
 
-    pub fn to_proto(&self, certificate: Option<proto::CommitCertificate>) -> proto::Block {
+    /// `consensus`: the PBFT commit certificate, stored with the value left out.
+    pub fn to_proto(&self, consensus: Option<proto::PbftCommitCert>) -> proto::Block {
         let h = &self.header;
         proto::Block {
             header: Some(proto::BlockHeader {
@@ -169,7 +170,8 @@ impl Block {
                 tx_count: h.tx_count,
             }),
             txs: self.txs.iter().map(|t| t.to_tx_proto()).collect(),
-            certificate,
+            certificate: None,
+            consensus,
         }
     }
 

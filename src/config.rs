@@ -58,7 +58,7 @@ impl Default for NodeConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// CONSENSUS_NODES: validator ids.
@@ -69,8 +69,23 @@ pub struct ClusterConfig {
     pub validators: BTreeMap<String, String>,
     /// P2P_BOOTSTRAP_PEERS: `id@host:port` for every other validator.
     pub peers: Vec<String>,
-    /// ALLOWED_IPS: CIDRs peers may connect from (empty: any).
+    /// ALLOWED_IPS: CIDRs (or single addresses) peers may connect from (empty: any).
     pub allowed_ips: Vec<String>,
+    /// P2P_LISTEN_ADDR: UDP address for QUIC between validators (N > 1).
+    pub listen: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nodes: vec![],
+            quorum_size: 0,
+            validators: BTreeMap::new(),
+            peers: vec![],
+            allowed_ips: vec![],
+            listen: "0.0.0.0:8001".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -222,6 +237,13 @@ pub struct ConsensusSection {
     pub enable_reputation: bool,
     pub min_leader_reputation: f64,
     pub enable_quarantine: bool,
+    /// CONSENSUS_WINDOW: sequence numbers in flight at once (watermark window).
+    pub window: u64,
+    /// CONSENSUS_CHECKPOINT_INTERVAL: blocks between checkpoints.
+    pub checkpoint_interval: u64,
+    /// CONSENSUS_RETRANSMIT_INTERVAL: resend unfinished work this often.
+    #[serde(with = "dur")]
+    pub retransmit_interval: Duration,
 }
 
 impl Default for ConsensusSection {
@@ -241,6 +263,9 @@ impl Default for ConsensusSection {
             enable_reputation: true,
             min_leader_reputation: 0.7,
             enable_quarantine: true,
+            window: 16,
+            checkpoint_interval: 8,
+            retransmit_interval: Duration::from_secs(1),
         }
     }
 }
@@ -423,6 +448,7 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("QUORUM_SIZE", |c, v| Ok(c.cluster.quorum_size = parse_num(v)?)),
     ("P2P_BOOTSTRAP_PEERS", |c, v| Ok(c.cluster.peers = parse_list(v))),
     ("ALLOWED_IPS", |c, v| Ok(c.cluster.allowed_ips = parse_list(v))),
+    ("P2P_LISTEN_ADDR", |c, v| Ok(c.cluster.listen = v.trim().into())),
     ("PRODUCER_PUBKEYS", |c, v| Ok(c.producers.keys = parse_list(v))),
     ("INGEST_SOURCE", |c, v| {
         c.ingest.source = match v.trim() {
@@ -468,6 +494,9 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("CONSENSUS_HEARTBEAT_INTERVAL", |c, v| Ok(c.consensus.heartbeat_interval = parse_dur(v)?)),
     ("CONSENSUS_MAX_IDLE_TIME", |c, v| Ok(c.consensus.max_idle_time = parse_dur(v)?)),
     ("CONSENSUS_MISSED_HEARTBEATS", |c, v| Ok(c.consensus.missed_heartbeats = parse_num(v)?)),
+    ("CONSENSUS_WINDOW", |c, v| Ok(c.consensus.window = parse_num(v)?)),
+    ("CONSENSUS_CHECKPOINT_INTERVAL", |c, v| Ok(c.consensus.checkpoint_interval = parse_num(v)?)),
+    ("CONSENSUS_RETRANSMIT_INTERVAL", |c, v| Ok(c.consensus.retransmit_interval = parse_dur(v)?)),
     ("CONSENSUS_ENABLE_AIMD", |c, v| Ok(c.consensus.enable_aimd = parse_bool(v)?)),
     ("CONSENSUS_ENABLE_REPUTATION", |c, v| Ok(c.consensus.enable_reputation = parse_bool(v)?)),
     ("CONSENSUS_MIN_LEADER_REPUTATION", |c, v| Ok(c.consensus.min_leader_reputation = parse_num(v)?)),
@@ -497,6 +526,83 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("LOG_LEVEL", |c, v| Ok(c.log.level = v.trim().into())),
 ];
 
+/// Checks the peer list (`id@host:port` for every other validator), the
+/// listen address and the IP allowlist.
+fn validate_p2p(c: &Config, e: &mut Vec<ConfigError>) -> (BTreeMap<u32, std::net::SocketAddr>, Vec<ipnet::IpNet>) {
+    use std::net::ToSocketAddrs;
+    let mut peers = BTreeMap::new();
+    for p in &c.cluster.peers {
+        let Some((id, addr)) = p.split_once('@') else {
+            e.push(err(
+                "P2P_BOOTSTRAP_PEERS (cluster.peers)",
+                format!("{p:?} is not id@host:port"),
+                "write each peer as e.g. 2@10.0.0.2:8001",
+            ));
+            continue;
+        };
+        let Ok(id) = id.trim().parse::<u32>() else {
+            e.push(err(
+                "P2P_BOOTSTRAP_PEERS (cluster.peers)",
+                format!("{p:?}: {id:?} is not a validator id"),
+                "write each peer as e.g. 2@10.0.0.2:8001",
+            ));
+            continue;
+        };
+        if !c.cluster.nodes.contains(&id) {
+            e.push(err(
+                "P2P_BOOTSTRAP_PEERS (cluster.peers)",
+                format!("{p:?}: validator {id} is not in CONSENSUS_NODES"),
+                "list only configured validators",
+            ));
+            continue;
+        }
+        match addr.trim().to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            Some(a) => {
+                peers.insert(id, a);
+            }
+            None => e.push(err(
+                "P2P_BOOTSTRAP_PEERS (cluster.peers)",
+                format!("{p:?}: cannot resolve {addr:?}"),
+                "use host:port that resolves, e.g. 10.0.0.2:8001",
+            )),
+        }
+    }
+    if c.cluster.nodes.len() > 1 {
+        for id in &c.cluster.nodes {
+            if *id != c.node.id
+                && !peers.contains_key(id)
+                && !c.cluster.peers.iter().any(|p| p.starts_with(&format!("{id}@")))
+            {
+                e.push(err(
+                    "P2P_BOOTSTRAP_PEERS (cluster.peers)",
+                    format!("no address for validator {id}"),
+                    format!("add {id}@host:port (its P2P_LISTEN_ADDR)"),
+                ));
+            }
+        }
+        if c.cluster.listen.parse::<std::net::SocketAddr>().is_err() {
+            e.push(err(
+                "P2P_LISTEN_ADDR (cluster.listen)",
+                format!("{:?} is not ip:port", c.cluster.listen),
+                "use e.g. 0.0.0.0:8001",
+            ));
+        }
+    }
+    let mut allowed = vec![];
+    for a in &c.cluster.allowed_ips {
+        let a = a.trim();
+        match a.parse::<ipnet::IpNet>().or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+            Ok(n) => allowed.push(n),
+            Err(_) => e.push(err(
+                "ALLOWED_IPS (cluster.allowed_ips)",
+                format!("{a:?} is not a CIDR or IP address"),
+                "use e.g. 10.0.0.0/24,127.0.0.1",
+            )),
+        }
+    }
+    (peers, allowed)
+}
+
 /// A validated configuration with parsed keys.
 #[derive(Debug, Clone)]
 pub struct Validated {
@@ -506,6 +612,9 @@ pub struct Validated {
     pub producers: Vec<PublicKey>,
     pub quorum: usize,
     pub faults: usize,
+    /// Other validators' QUIC addresses (from P2P_BOOTSTRAP_PEERS).
+    pub peers: BTreeMap<u32, std::net::SocketAddr>,
+    pub allowed_ips: Vec<ipnet::IpNet>,
 }
 
 impl Config {
@@ -627,6 +736,34 @@ impl Config {
             "consensus": serde_json::to_value(&self.consensus).expect("serialisable"),
         });
         crate::sha256(canonical.to_string().as_bytes())
+    }
+
+    /// PBFT parameters for the validator set (manual defaults, from config).
+    pub fn pbft_params(&self, n: usize) -> crate::consensus::pbft::Params {
+        let c = &self.consensus;
+        let ms = |d: Duration| d.as_millis() as u64;
+        let mut p = crate::consensus::pbft::Params {
+            n,
+            window: c.window,
+            checkpoint_interval: c.checkpoint_interval,
+            timeout_ms: ms(c.base_timeout),
+            timeout_min_ms: ms(c.min_timeout),
+            timeout_max_ms: ms(c.max_timeout),
+            timeout_increase: c.timeout_increase_factor,
+            timeout_decrease_ms: ms(c.timeout_decrease_delta),
+            retransmit_ms: ms(c.retransmit_interval),
+            heartbeat_ms: ms(c.heartbeat_interval),
+            missed_heartbeats: c.missed_heartbeats as u64,
+            // The block store answers older fetches.
+            keep_committed: 2 * c.window,
+        };
+        if !c.enable_aimd {
+            p.timeout_increase = 1.0;
+            p.timeout_decrease_ms = 0;
+            p.timeout_min_ms = p.timeout_ms;
+            p.timeout_max_ms = p.timeout_ms;
+        }
+        p
     }
 
     /// Validates everything, returning all problems at once.
@@ -791,6 +928,24 @@ impl Config {
                 "use e.g. 127.0.0.1:7600",
             ));
         }
+        let (peers, allowed_ips) = validate_p2p(c, &mut e);
+        if c.consensus.window == 0 || c.consensus.window > 1024 {
+            e.push(err(
+                "CONSENSUS_WINDOW (consensus.window)",
+                format!("{} is out of range", c.consensus.window),
+                "use 1..=1024 (default 16)",
+            ));
+        }
+        if c.consensus.checkpoint_interval == 0 || c.consensus.checkpoint_interval > c.consensus.window {
+            e.push(err(
+                "CONSENSUS_CHECKPOINT_INTERVAL (consensus.checkpoint_interval)",
+                format!(
+                    "{} must be between 1 and the window ({})",
+                    c.consensus.checkpoint_interval, c.consensus.window
+                ),
+                "use half the window (default 8 of 16)",
+            ));
+        }
         if !["trace", "debug", "info", "warn", "error"].contains(&c.log.level.as_str()) {
             e.push(err(
                 "LOG_LEVEL (log.level)",
@@ -817,7 +972,7 @@ impl Config {
             production_checklist(c, &mut e);
         }
         if e.is_empty() {
-            Ok(Validated { producers, validators, quorum, faults, config: self })
+            Ok(Validated { producers, validators, quorum, faults, peers, allowed_ips, config: self })
         } else {
             Err(ConfigErrors(e))
         }
@@ -931,6 +1086,7 @@ mod tests {
         for i in 1..=4 {
             c.cluster.validators.insert(i.to_string(), key_hex());
         }
+        c.cluster.peers = (2..=4).map(|i| format!("{i}@127.0.0.1:800{i}")).collect();
         c.producers.keys = vec![key_hex()];
         c
     }
@@ -946,8 +1102,27 @@ mod tests {
         let mut c = good();
         c.cluster.nodes = vec![1, 2, 3, 4, 5];
         c.cluster.validators.insert("5".into(), key_hex());
+        c.cluster.peers.push("5@127.0.0.1:8005".into());
         let v = c.validate().unwrap();
+        assert_eq!(v.peers[&5], "127.0.0.1:8005".parse().unwrap());
         assert_eq!((v.quorum, v.faults), (4, 1), "N=5: f=1, q=N-f=4, not the manual's 3");
+    }
+
+    #[test]
+    fn peer_list_and_allowlist_errors_name_the_entry() {
+        let mut c = good();
+        c.cluster.peers = vec!["2@127.0.0.1:8002".into(), "3-127.0.0.1:8003".into(), "7@127.0.0.1:8007".into()];
+        c.cluster.allowed_ips = vec!["10.0.0.0/8".into(), "127.0.0.1".into(), "not-an-ip".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("\"3-127.0.0.1:8003\" is not id@host:port"), "{e}");
+        assert!(e.contains("validator 7 is not in CONSENSUS_NODES"), "{e}");
+        assert!(e.contains("no address for validator 4"), "{e}");
+        assert!(e.contains("\"not-an-ip\" is not a CIDR"), "{e}");
+        let mut c = good();
+        c.cluster.allowed_ips = vec!["10.0.0.0/8".into(), "127.0.0.1".into()];
+        let v = c.validate().unwrap();
+        assert_eq!(v.allowed_ips.len(), 2);
+        assert!(v.allowed_ips[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod mempool;
 pub mod net;
 pub mod node;
+pub mod proposal;
 pub mod runtime;
 pub mod state;
 pub mod store;

@@ -2,11 +2,12 @@
 //!
 //! Bounded by count and bytes; when full, `has_room` is false and the core
 //! stops draining the verify rings, so backpressure reaches the source. An
-//! admitted transaction leaves only by commit: nothing is dropped silently.
+//! admitted transaction leaves only by commit (of any validator's block):
+//! nothing is dropped silently.
 
 use crate::event::Event;
 use crate::Hash32;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// A transaction that passed verification, with its precomputed hash.
@@ -43,12 +44,17 @@ pub enum Admit {
 
 pub struct Mempool {
     cfg: MempoolConfig,
-    queue: VecDeque<VerifiedTx>,
-    /// content hash -> tx hash of the pending tx with that content.
-    by_content: HashMap<Hash32, Hash32>,
+    /// Admission order -> tx. Txs below `cursor` are in a proposal not yet
+    /// committed; the rest are pending.
+    txs: BTreeMap<u64, VerifiedTx>,
+    by_hash: HashMap<Hash32, u64>,
+    /// content hash -> admission number of the tx with that content.
+    by_content: HashMap<Hash32, u64>,
     bytes: usize,
-    /// Leading txs of `queue` taken into a block not yet committed.
-    in_flight: usize,
+    next: u64,
+    cursor: u64,
+    /// Txs below `cursor` still present.
+    proposed: usize,
 }
 
 impl Mempool {
@@ -56,84 +62,111 @@ impl Mempool {
         assert!(cfg.max_txs > 0 && cfg.max_bytes > 0, "mempool limits must be positive");
         Mempool {
             cfg,
-            queue: VecDeque::with_capacity(cfg.max_txs),
+            txs: BTreeMap::new(),
+            by_hash: HashMap::with_capacity(cfg.max_txs),
             by_content: HashMap::with_capacity(cfg.max_txs),
             bytes: 0,
-            in_flight: 0,
+            next: 0,
+            cursor: 0,
+            proposed: 0,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.txs.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.txs.is_empty()
     }
     pub fn bytes(&self) -> usize {
         self.bytes
     }
-    /// Txs not yet in a block.
+    /// Txs not yet in a proposal.
     pub fn pending(&self) -> usize {
-        self.queue.len() - self.in_flight
+        self.txs.len() - self.proposed
     }
     pub fn has_room(&self) -> bool {
-        self.queue.len() < self.cfg.max_txs && self.bytes < self.cfg.max_bytes
+        self.txs.len() < self.cfg.max_txs && self.bytes < self.cfg.max_bytes
     }
     pub fn contains_content(&self, h: &Hash32) -> bool {
         self.by_content.contains_key(h)
     }
+    /// The admitted (so verified) tx with this hash, if pending or proposed.
+    pub fn get(&self, tx_hash: &Hash32) -> Option<&VerifiedTx> {
+        self.by_hash.get(tx_hash).and_then(|n| self.txs.get(n))
+    }
+    /// When the oldest tx not yet proposed was admitted.
+    pub fn oldest_pending_ms(&self) -> Option<u64> {
+        self.txs.range(self.cursor..).next().map(|(_, t)| t.received_ms)
+    }
 
     /// Whether `tx` fits within the limits now.
     pub fn fits(&self, tx: &VerifiedTx) -> bool {
-        self.queue.len() < self.cfg.max_txs && self.bytes + tx.event.size() <= self.cfg.max_bytes
+        self.txs.len() < self.cfg.max_txs && self.bytes + tx.event.size() <= self.cfg.max_bytes
     }
 
     pub fn admit(&mut self, tx: VerifiedTx) -> Admit {
-        if self.by_content.contains_key(&tx.event.content_hash) {
+        if self.by_content.contains_key(&tx.event.content_hash) || self.by_hash.contains_key(&tx.tx_hash) {
             return Admit::Duplicate;
         }
-        let sz = tx.event.size();
-        if self.queue.len() >= self.cfg.max_txs || self.bytes + sz > self.cfg.max_bytes {
+        if !self.fits(&tx) {
             return Admit::Full;
         }
-        self.by_content.insert(tx.event.content_hash, tx.tx_hash);
-        self.bytes += sz;
-        self.queue.push_back(tx);
+        let n = self.next;
+        self.next += 1;
+        self.by_content.insert(tx.event.content_hash, n);
+        self.by_hash.insert(tx.tx_hash, n);
+        self.bytes += tx.event.size();
+        self.txs.insert(n, tx);
         Admit::Added
     }
 
-    /// Takes the oldest pending txs into a block, up to the limits; they stay
-    /// in the pool (counted in `len`) until `commit_in_flight`.
+    /// Takes the oldest pending txs into a proposal, up to the limits; they
+    /// stay in the pool (counted in `len`) until their block commits.
     pub fn take_for_block(&mut self, max_txs: usize, max_bytes: usize) -> Vec<VerifiedTx> {
         let mut out = Vec::new();
         let mut bytes = 0;
-        for tx in self.queue.iter().skip(self.in_flight) {
+        let mut last = None;
+        for (&n, tx) in self.txs.range(self.cursor..) {
             let sz = tx.event.size();
             if out.len() >= max_txs || (bytes + sz > max_bytes && !out.is_empty()) {
                 break;
             }
             bytes += sz;
             out.push(tx.clone());
+            last = Some(n);
         }
-        self.in_flight += out.len();
+        if let Some(n) = last {
+            self.cursor = n + 1;
+            self.proposed += out.len();
+        }
         out
     }
 
-    /// Removes the in-flight txs: their block is committed.
-    pub fn commit_in_flight(&mut self) -> usize {
-        let n = self.in_flight;
-        for tx in self.queue.drain(..n) {
+    /// Removes committed txs (any proposer's block); unknown hashes are
+    /// ignored. Returns how many were present.
+    pub fn remove_committed<'a>(&mut self, tx_hashes: impl IntoIterator<Item = &'a Hash32>) -> usize {
+        let mut removed = 0;
+        for h in tx_hashes {
+            let Some(n) = self.by_hash.remove(h) else { continue };
+            let tx = self.txs.remove(&n).expect("indexed tx exists");
             self.by_content.remove(&tx.event.content_hash);
             self.bytes -= tx.event.size();
+            if n < self.cursor {
+                self.proposed -= 1;
+            }
+            removed += 1;
         }
-        self.in_flight = 0;
-        debug_assert_eq!(self.by_content.len(), self.queue.len());
-        n
+        debug_assert_eq!(self.by_content.len(), self.txs.len());
+        debug_assert!(self.proposed <= self.txs.len());
+        removed
     }
 
-    /// Returns in-flight txs to pending (their block was abandoned).
-    pub fn abandon_in_flight(&mut self) {
-        self.in_flight = 0;
+    /// Every uncommitted tx becomes pending again (this validator's
+    /// proposals were abandoned by a view change).
+    pub fn unpropose_all(&mut self) {
+        self.cursor = 0;
+        self.proposed = 0;
     }
 }
 
@@ -163,8 +196,9 @@ mod tests {
         assert_eq!(blk.iter().map(|t| t.tx_hash).collect::<Vec<_>>(), vec![a.tx_hash, b.tx_hash]);
         assert_eq!(m.pending(), 1);
         assert_eq!(m.admit(a.clone()), Admit::Duplicate, "in-flight content stays deduplicated");
-        assert_eq!(m.commit_in_flight(), 2);
+        assert_eq!(m.remove_committed(&[a.tx_hash, b.tx_hash, [9; 32]]), 2);
         assert_eq!(m.len(), 1);
+        assert!(m.get(&c.tx_hash).is_some() && m.get(&a.tx_hash).is_none());
         assert_eq!(m.admit(d.clone()), Admit::Added);
         let blk = m.take_for_block(10, 1 << 20);
         assert_eq!(blk.iter().map(|t| t.tx_hash).collect::<Vec<_>>(), vec![c.tx_hash, d.tx_hash]);
@@ -181,7 +215,14 @@ mod tests {
         assert_eq!(m.bytes(), sz * 2);
         let b = m.take_for_block(10, sz);
         assert_eq!(b.len(), 1);
-        m.abandon_in_flight();
+        m.unpropose_all();
         assert_eq!(m.pending(), 2);
+        // Another proposer's block commits the second tx; the first is taken next.
+        let second = m.take_for_block(10, sz * 2)[1].tx_hash;
+        m.unpropose_all();
+        m.remove_committed(&[second]);
+        assert_eq!(m.pending(), 1);
+        assert_eq!(m.take_for_block(10, sz * 2).len(), 1);
+        assert_eq!(m.pending(), 0);
     }
 }

@@ -111,7 +111,7 @@ impl BlockStore {
 
     /// Appends blocks (consecutive heights) and makes them durable with one
     /// fdatasync. On error the store must be reopened (recovery truncates).
-    pub fn append(&mut self, blocks: &[(&Block, Option<proto::CommitCertificate>)]) -> Result<(), StoreError> {
+    pub fn append(&mut self, blocks: &[(&Block, Option<proto::PbftCommitCert>)]) -> Result<(), StoreError> {
         let mut payloads = Vec::with_capacity(blocks.len());
         let mut prev = self.last.clone();
         for (b, cert) in blocks {
@@ -140,8 +140,8 @@ impl BlockStore {
         Ok(Some(self.log.read_at(self.index[i], i)?))
     }
 
-    /// Block `height` with its commit certificate, if stored.
-    pub fn read(&self, height: u64) -> Result<Option<(Block, Option<proto::CommitCertificate>)>, StoreError> {
+    /// Block `height` with its PBFT commit certificate (value left out), if stored.
+    pub fn read(&self, height: u64) -> Result<Option<(Block, Option<proto::PbftCommitCert>)>, StoreError> {
         let Some(raw) = self.read_raw(height)? else {
             return Ok(None);
         };
@@ -153,7 +153,7 @@ impl BlockStore {
             detail,
         };
         let mut p = proto::Block::decode(&raw[..]).map_err(|e| corrupt(e.to_string()))?;
-        let cert = p.certificate.take();
+        let cert = p.consensus.take();
         let b = Block::from_proto(p, &self.limits).map_err(|e| corrupt(e.to_string()))?;
         Ok(Some((b, cert)))
     }

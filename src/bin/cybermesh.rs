@@ -115,6 +115,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Store { cmd: StoreCmd::Check { data_dir } } => {
             let (store, rec) = BlockStore::open(&data_dir, Default::default())?;
             let mut txs = 0usize;
+            let mut repeats = 0usize;
+            let mut nonces = std::collections::HashSet::new();
             let mut prev: Option<cybermesh::block::BlockHeader> = None;
             for h in 1..=store.height() {
                 let (b, _) = store.read(h)?.context("indexed block missing")?;
@@ -128,10 +130,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .with_context(|| format!("block {h}"))?;
                 txs += b.txs.len();
+                // A tx ordered twice (possible after a view change) executes
+                // once; the second copy is a no-op "duplicate" receipt.
+                repeats += b.txs.iter().filter(|t| !nonces.insert(t.nonce)).count();
                 prev = Some(b.header);
             }
             println!(
-                "block store OK: {} blocks, {txs} txs, torn tail truncated: {} bytes, last hash {}",
+                "block store OK: {} blocks, {txs} txs ({repeats} repeated), torn tail truncated: {} bytes, last hash {}",
                 store.height(),
                 rec.truncated_bytes,
                 hex::encode(store.last_hash())

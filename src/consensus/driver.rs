@@ -128,6 +128,8 @@ mod tests {
                 peers,
                 max_frame: 4 << 20,
                 queue: 4096,
+                allowed_ips: vec![],
+                wake: None,
             })
             .unwrap();
             let (log, records, _) = ConsensusLog::open(dirs[i].path(), &limits).unwrap();

@@ -175,6 +175,9 @@ pub struct Params {
     /// `missed_heartbeats` periods without one (0 disables heartbeats).
     pub heartbeat_ms: u64,
     pub missed_heartbeats: u64,
+    /// Committed certificates kept in memory below the stable checkpoint to
+    /// answer `Fetch` (the validator keeps few: its block store answers).
+    pub keep_committed: u64,
 }
 
 impl Params {
@@ -192,6 +195,7 @@ impl Params {
             retransmit_ms: 1_000,
             heartbeat_ms: 500,
             missed_heartbeats: 6,
+            keep_committed: u64::MAX,
         }
     }
 }
@@ -417,6 +421,9 @@ impl<A: Auth + Clone> Replica<A> {
                 }
             }
         }
+        // Never reuse a sequence number below what is already executed
+        // (a validator without records, e.g. N = 1, has none of its own).
+        r.next_seq = r.next_seq.max(r.executed + 1);
         // Own votes of the current view count as sent.
         let view = r.view;
         for slot in r.log.values_mut() {
@@ -478,6 +485,40 @@ impl<A: Auth + Clone> Replica<A> {
 
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Whether a value proposed now would get a sequence number at once:
+    /// this replica leads the current view and the window has room.
+    pub fn can_propose(&self) -> bool {
+        self.is_primary() && self.next_seq <= self.low + self.p.window && self.queue.len() < self.p.window as usize
+    }
+
+    /// Forgets values proposed here that are not executed (after a view
+    /// change: what a quorum prepared comes back through the new-view; the
+    /// caller re-proposes the rest from its own pool when it leads).
+    pub fn clear_queue(&mut self) {
+        self.queue.clear();
+        self.assigned.clear();
+    }
+
+    /// Work is known that the primary has not ordered (e.g. txs waiting in
+    /// this validator's mempool): start the view-change timer if idle, so a
+    /// primary that heartbeats but censors is still replaced.
+    pub fn expect_progress(&mut self) {
+        if self.deadline.is_none() && !self.changing {
+            self.deadline = Some(self.now + self.timeout_ms);
+        }
+    }
+
+    /// The lowest sequence number whose committed certificate is still in
+    /// memory (older ones are in the caller's block store).
+    pub fn first_retained_commit(&self) -> Seq {
+        self.committed.keys().next().copied().unwrap_or(self.executed + 1)
+    }
+
+    /// Last stable checkpoint (the log's low watermark).
+    pub fn stable_seq(&self) -> Seq {
+        self.low
     }
 
     fn sign<T>(&self, body: T, bytes: Vec<u8>) -> Signed<T> {
@@ -815,6 +856,7 @@ impl<A: Auth + Clone> Replica<A> {
         self.low = seq;
         self.stable_proof = proof;
         self.log = self.log.split_off(&(seq + 1));
+        self.committed = self.committed.split_off(&seq.saturating_sub(self.p.keep_committed).max(1));
         self.own_checkpoints = self.own_checkpoints.split_off(&seq);
     }
 

@@ -127,6 +127,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         retransmit_ms: 150,
         heartbeat_ms: 100,
         missed_heartbeats: 6,
+        // Replicas here answer every fetch from memory (no block store).
+        keep_committed: u64::MAX,
     };
     let auths: Vec<SimAuth> = (0..n).map(|i| SimAuth { secrets: secrets.clone(), me: i }).collect();
     let mut replicas: Vec<Replica<SimAuth>> =

@@ -196,6 +196,18 @@ pub fn decode_record(bytes: &[u8], l: &WireLimits) -> Result<Record, WireError> 
     })
 }
 
+/// A commit certificate as protobuf (also how the block store keeps it).
+pub fn commit_cert_to(c: &CommitCert) -> proto::PbftCommitCert {
+    proto::PbftCommitCert { pre_prepare: Some(pp_to(&c.pre_prepare)), commits: c.commits.iter().map(vote_to).collect() }
+}
+
+pub fn commit_cert_from(c: proto::PbftCommitCert, l: &WireLimits) -> Result<CommitCert, WireError> {
+    Ok(CommitCert {
+        pre_prepare: pp_from(c.pre_prepare.ok_or(WireError::Missing("pre_prepare"))?, l)?,
+        commits: bounded(c.commits, l.n, "commits")?.into_iter().map(|v| vote_from(v, l)).collect::<Result<_, _>>()?,
+    })
+}
+
 /// Encodes a message for the wire.
 pub fn encode(m: &Message) -> Vec<u8> {
     use proto::pbft_message::Msg;
@@ -212,10 +224,7 @@ pub fn encode(m: &Message) -> Vec<u8> {
             sig: n.sig.clone(),
         }),
         Message::Fetch { from, from_seq } => Msg::Fetch(proto::PbftFetch { from: *from as u32, from_seq: *from_seq }),
-        Message::Committed(c) => Msg::Committed(proto::PbftCommitCert {
-            pre_prepare: Some(pp_to(&c.pre_prepare)),
-            commits: c.commits.iter().map(vote_to).collect(),
-        }),
+        Message::Committed(c) => Msg::Committed(commit_cert_to(c)),
         Message::Heartbeat(h) => {
             Msg::Heartbeat(proto::PbftHeartbeat { view: h.body, from: h.from as u32, sig: h.sig.clone() })
         }
@@ -248,13 +257,7 @@ pub fn decode(bytes: &[u8], l: &WireLimits) -> Result<Message, WireError> {
             sig: sig(n.sig)?,
         }),
         Msg::Fetch(f) => Message::Fetch { from: rid(f.from, l)?, from_seq: f.from_seq },
-        Msg::Committed(c) => Message::Committed(CommitCert {
-            pre_prepare: pp_from(c.pre_prepare.ok_or(WireError::Missing("pre_prepare"))?, l)?,
-            commits: bounded(c.commits, l.n, "commits")?
-                .into_iter()
-                .map(|v| vote_from(v, l))
-                .collect::<Result<_, _>>()?,
-        }),
+        Msg::Committed(c) => Message::Committed(commit_cert_from(c, l)?),
         Msg::Heartbeat(h) => Message::Heartbeat(Signed { body: h.view, from: rid(h.from, l)?, sig: sig(h.sig)? }),
     })
 }

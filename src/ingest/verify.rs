@@ -11,7 +11,7 @@
 use super::Incoming;
 use crate::crypto::{self, BatchItem, PublicKey};
 use crate::dlq::{RejectReason, Rejection};
-use crate::event::{parse_payload, signed_len, write_signed_bytes};
+use crate::event::{parse_payload, signed_len, write_signed_bytes, Event};
 use crate::mempool::VerifiedTx;
 use crate::{sha256, Hash32};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -104,48 +104,11 @@ impl Verifier {
         // Cheap checks first; keep survivors with their signed bytes.
         let mut cand: Vec<(Incoming, Vec<u8>)> = Vec::with_capacity(batch.len());
         for inc in batch {
+            if let Err((reason, detail)) = precheck(p, &inc.event, now_ms) {
+                rejected.push(reject(&inc, reason, detail));
+                continue;
+            }
             let ev = &inc.event;
-            if !p.producers.contains(&ev.producer) {
-                let d = format!("producer {} is not configured", hex::encode(ev.producer));
-                rejected.push(reject(&inc, RejectReason::UnknownProducer, d));
-                continue;
-            }
-            if sha256(&ev.payload) != ev.content_hash {
-                rejected.push(reject(
-                    &inc,
-                    RejectReason::ContentHashMismatch,
-                    "content_hash is not SHA-256(payload)".into(),
-                ));
-                continue;
-            }
-            if ev.nonce[..8] != ev.timestamp_ms.to_be_bytes() || ev.nonce[8..12] != ev.producer[..4] {
-                rejected.push(reject(
-                    &inc,
-                    RejectReason::NonceMismatch,
-                    "nonce must be u64 BE timestamp_ms || producer key[0..4] || 4 random bytes".into(),
-                ));
-                continue;
-            }
-            if ev.timestamp_ms + p.skew_ms < now_ms {
-                let d = format!(
-                    "timestamp {} is {} ms old, tolerance {} ms",
-                    ev.timestamp_ms,
-                    now_ms - ev.timestamp_ms,
-                    p.skew_ms
-                );
-                rejected.push(reject(&inc, RejectReason::Stale, d));
-                continue;
-            }
-            if ev.timestamp_ms > now_ms + p.skew_ms {
-                let d = format!(
-                    "timestamp {} is {} ms ahead, tolerance {} ms",
-                    ev.timestamp_ms,
-                    ev.timestamp_ms - now_ms,
-                    p.skew_ms
-                );
-                rejected.push(reject(&inc, RejectReason::Future, d));
-                continue;
-            }
             let mut sb = Vec::with_capacity(signed_len(ev.kind.domain().len()));
             write_signed_bytes(&mut sb, ev.kind.domain(), ev.timestamp_ms, &ev.nonce, &ev.id, &ev.content_hash);
             cand.push((inc, sb));
@@ -179,6 +142,68 @@ impl Verifier {
             admitted.push(VerifiedTx { event: Arc::new(inc.event), tx_hash, received_ms });
         }
     }
+}
+
+/// The checks before the signature: known producer, content hash, nonce
+/// layout, timestamp within the skew tolerance of `now_ms`.
+pub fn precheck(p: &VerifyPolicy, ev: &Event, now_ms: u64) -> Result<(), (RejectReason, String)> {
+    if !p.producers.contains(&ev.producer) {
+        return Err((
+            RejectReason::UnknownProducer,
+            format!("producer {} is not configured", hex::encode(ev.producer)),
+        ));
+    }
+    if sha256(&ev.payload) != ev.content_hash {
+        return Err((RejectReason::ContentHashMismatch, "content_hash is not SHA-256(payload)".into()));
+    }
+    if ev.nonce[..8] != ev.timestamp_ms.to_be_bytes() || ev.nonce[8..12] != ev.producer[..4] {
+        return Err((
+            RejectReason::NonceMismatch,
+            "nonce must be u64 BE timestamp_ms || producer key[0..4] || 4 random bytes".into(),
+        ));
+    }
+    if ev.timestamp_ms + p.skew_ms < now_ms {
+        let d =
+            format!("timestamp {} is {} ms old, tolerance {} ms", ev.timestamp_ms, now_ms - ev.timestamp_ms, p.skew_ms);
+        return Err((RejectReason::Stale, d));
+    }
+    if ev.timestamp_ms > now_ms + p.skew_ms {
+        let d = format!(
+            "timestamp {} is {} ms ahead, tolerance {} ms",
+            ev.timestamp_ms,
+            ev.timestamp_ms - now_ms,
+            p.skew_ms
+        );
+        return Err((RejectReason::Future, d));
+    }
+    Ok(())
+}
+
+/// Full check of events this validator has not verified itself (txs in
+/// another validator's proposal): precheck, one batched signature check,
+/// payload rules. Returns the first failure with the tx's index.
+pub fn verify_events(p: &VerifyPolicy, events: &[&Event], now_ms: u64) -> Result<(), (usize, RejectReason, String)> {
+    let mut signed = Vec::with_capacity(events.len());
+    for (i, ev) in events.iter().enumerate() {
+        precheck(p, ev, now_ms).map_err(|(r, d)| (i, r, d))?;
+        let mut sb = Vec::with_capacity(signed_len(ev.kind.domain().len()));
+        write_signed_bytes(&mut sb, ev.kind.domain(), ev.timestamp_ms, &ev.nonce, &ev.id, &ev.content_hash);
+        signed.push(sb);
+    }
+    let items: Vec<BatchItem> = events
+        .iter()
+        .zip(&signed)
+        .map(|(ev, sb)| BatchItem { key: &ev.producer, msg: sb, sig: &ev.signature })
+        .collect();
+    for (i, v) in crypto::verify_batch(&items).into_iter().enumerate() {
+        if let Err(e) = v {
+            return Err((i, RejectReason::BadSignature, e.to_string()));
+        }
+    }
+    for (i, ev) in events.iter().enumerate() {
+        parse_payload(ev.kind, &ev.payload).map_err(|d| (i, RejectReason::InvalidPayload, d))?;
+    }
+    Ok(())
 }
 
 /// Per-producer token buckets (manual: MEMPOOL_RATE_PER_SECOND). Time is

@@ -43,6 +43,11 @@ pub struct NetConfig {
     pub max_frame: usize,
     /// Outgoing messages buffered per peer, and incoming overall.
     pub queue: usize,
+    /// ALLOWED_IPS: connections from other addresses are refused before the
+    /// handshake (empty: any address; keys are checked either way).
+    pub allowed_ips: Vec<ipnet::IpNet>,
+    /// Called after each incoming message is queued (wakes the consumer).
+    pub wake: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// What happened to connections (for logs, metrics and tests).
@@ -227,6 +232,7 @@ pub struct Net {
     pub incoming: std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
     pub events: std::sync::mpsc::Receiver<NetEvent>,
     pub stats: Arc<NetStats>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -257,6 +263,9 @@ impl Net {
         };
         let st = stats.clone();
         let max_frame = cfg.max_frame;
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let gate =
+            Arc::new(Gate { allowed_ips: cfg.allowed_ips.clone(), wake: cfg.wake.clone(), queued: queued.clone() });
         let thread = std::thread::Builder::new()
             .name("net".into())
             .spawn(move || {
@@ -264,7 +273,7 @@ impl Net {
                     for (peer, rx) in queues {
                         tokio::spawn(send_loop(ep.clone(), peer, rx, ev_tx.clone(), st.clone()));
                     }
-                    let acceptor = tokio::spawn(accept_loop(ep.clone(), allowed, in_tx, ev_tx, st, max_frame));
+                    let acceptor = tokio::spawn(accept_loop(ep.clone(), allowed, gate, in_tx, ev_tx, st, max_frame));
                     let _ = stop_rx.await;
                     acceptor.abort();
                     ep.close(0u32.into(), b"shutdown");
@@ -272,7 +281,7 @@ impl Net {
                 })
             })
             .map_err(|e| NetError::Endpoint(e.to_string()))?;
-        Ok(Net { out, incoming, events, stats, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(Net { out, incoming, events, stats, queued, stop: Some(stop_tx), thread: Some(thread) })
     }
 
     /// Queues `bytes` for `to`; false if it was dropped (unknown peer or full queue).
@@ -281,6 +290,18 @@ impl Net {
         let c = if ok { &self.stats.sent } else { &self.stats.dropped_out };
         c.fetch_add(1, Ordering::Relaxed);
         ok
+    }
+
+    /// Whether messages wait in `incoming` (counted by `take_incoming`).
+    pub fn has_incoming(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) > 0
+    }
+
+    /// Up to `max` queued incoming messages, without waiting.
+    pub fn take_incoming(&self, max: usize) -> Vec<(u32, Vec<u8>)> {
+        let v: Vec<_> = self.incoming.try_iter().take(max).collect();
+        self.queued.fetch_sub(v.len(), Ordering::SeqCst);
+        v
     }
 
     pub fn broadcast(&self, bytes: Arc<Vec<u8>>) {
@@ -354,18 +375,40 @@ async fn send_loop(
     }
 }
 
+/// Who may connect, and whom to wake.
+struct Gate {
+    allowed_ips: Vec<ipnet::IpNet>,
+    wake: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Messages queued in `incoming` (for `Net::has_incoming`).
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gate {
+    fn admits(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
+        self.allowed_ips.is_empty() || self.allowed_ips.iter().any(|n| n.contains(&ip))
+    }
+}
+
 async fn accept_loop(
     ep: quinn::Endpoint,
     allowed: Arc<HashMap<PublicKey, u32>>,
+    gate: Arc<Gate>,
     in_tx: std::sync::mpsc::SyncSender<(u32, Vec<u8>)>,
     ev: std::sync::mpsc::Sender<NetEvent>,
     stats: Arc<NetStats>,
     max_frame: usize,
 ) {
     while let Some(incoming) = ep.accept().await {
-        let (allowed, in_tx, ev, stats) = (allowed.clone(), in_tx.clone(), ev.clone(), stats.clone());
+        let (allowed, in_tx, ev, stats, gate) =
+            (allowed.clone(), in_tx.clone(), ev.clone(), stats.clone(), gate.clone());
         tokio::spawn(async move {
             let addr = incoming.remote_address();
+            if !gate.admits(addr) {
+                incoming.refuse();
+                let _ = ev.send(NetEvent::Failed { addr, reason: "address not in ALLOWED_IPS".into() });
+                return;
+            }
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
@@ -397,6 +440,11 @@ async fn accept_loop(
                     stats.received.fetch_add(1, Ordering::Relaxed);
                     if in_tx.try_send((peer, buf)).is_err() {
                         stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        gate.queued.fetch_add(1, Ordering::SeqCst);
+                        if let Some(w) = &gate.wake {
+                            w();
+                        }
                     }
                 }
             }
@@ -410,7 +458,17 @@ mod tests {
     use std::time::Instant;
 
     fn node(me: u32, key: SigningKey, socket: std::net::UdpSocket, peers: Vec<Peer>) -> Net {
-        Net::start(NetConfig { me, key, socket, peers, max_frame: 1 << 20, queue: 1024 }).unwrap()
+        Net::start(NetConfig {
+            me,
+            key,
+            socket,
+            peers,
+            max_frame: 1 << 20,
+            queue: 1024,
+            allowed_ips: vec![],
+            wake: None,
+        })
+        .unwrap()
     }
 
     fn sockets(n: usize) -> (Vec<std::net::UdpSocket>, Vec<SocketAddr>) {
@@ -473,6 +531,8 @@ mod tests {
             peers: vec![p(2, 1, &k2)],
             max_frame: 64,
             queue: 16,
+            allowed_ips: vec![],
+            wake: None,
         })
         .unwrap();
         let b = node(2, k2.clone(), socks.next().unwrap(), vec![p(1, 0, &k1)]);
@@ -516,5 +576,45 @@ mod tests {
         };
         assert_eq!(got, b"small");
         assert!(a.incoming.try_iter().all(|(from, _)| from == 2), "nothing from the stranger");
+    }
+
+    #[test]
+    fn address_outside_allowed_ips_is_refused_before_the_handshake() {
+        let (k1, k2) = (crypto::generate_key(), crypto::generate_key());
+        let (socks, addrs) = sockets(2);
+        let mut socks = socks.into_iter();
+        let p = |id: u32, i: usize, k: &SigningKey| Peer { id, addr: addrs[i], key: crypto::public_key(k) };
+        // Validator 2 has a configured key but connects from 127.0.0.1,
+        // outside node 1's allowlist.
+        let a = Net::start(NetConfig {
+            me: 1,
+            key: k1.clone(),
+            socket: socks.next().unwrap(),
+            peers: vec![p(2, 1, &k2)],
+            max_frame: 1 << 20,
+            queue: 16,
+            allowed_ips: vec!["10.9.0.0/16".parse().unwrap()],
+            wake: None,
+        })
+        .unwrap();
+        let b = node(2, k2, socks.next().unwrap(), vec![p(1, 0, &k1)]);
+        b.send(1, Arc::new(b"hello".to_vec()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // (Node 1's own outgoing connection to 2 is allowed: the list
+            // filters who may connect in.)
+            match a.events.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("refusal in 30 s") {
+                NetEvent::Failed { addr, reason } if addr == addrs[1] => {
+                    assert_eq!(reason, "address not in ALLOWED_IPS");
+                    break;
+                }
+                NetEvent::Connected { outgoing: false, .. } => panic!("an incoming connection was accepted"),
+                _ => {}
+            }
+        }
+        assert!(a.incoming.try_recv().is_err(), "nothing delivered");
+        let gate = Gate { allowed_ips: vec!["127.0.0.0/8".parse().unwrap()], wake: None, queued: Default::default() };
+        assert!(gate.admits(addrs[1]));
+        assert!(gate.admits("[::ffff:127.0.0.1]:5".parse().unwrap()), "v4-mapped addresses match v4 nets");
     }
 }

@@ -19,18 +19,23 @@ pub mod ring;
 
 use crate::block::Block;
 use crate::config::{IdlePolicy, Validated};
+use crate::consensus::log::ConsensusLog;
+use crate::consensus::pbft::{CommitCert, Message, PrePrepare, Record, Replica, Rid, Seq, Signed};
+use crate::consensus::wire::{self, Ed25519Auth, WireLimits};
 use crate::dlq::{DlqFileSink, RejectCounters, RejectReason, Rejection};
 use crate::event::Limits;
 use crate::ingest::direct;
 use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
 use crate::ingest::Incoming;
 use crate::mempool::VerifiedTx;
+use crate::net::{Net, NetConfig, Peer};
 use crate::node::{self, Node, NodeConfig, Output};
+use crate::proposal;
 use crate::state::State;
 use crate::store::BlockStore;
 use crate::{crypto, proto};
 use anyhow::{bail, Context};
-use prost::Message;
+use prost::Message as _;
 use ring::{idle_wait, Doorbell, Ring};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
@@ -55,6 +60,8 @@ pub struct RuntimeStats {
     pub committed_txs: AtomicU64,
     pub mempool_size: AtomicU64,
     pub mempool_bytes: AtomicU64,
+    pub view: AtomicU64,
+    pub evidence: AtomicU64,
 }
 
 type CommitSubscribers = Mutex<Vec<SyncSender<Arc<Vec<u8>>>>>;
@@ -155,9 +162,6 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         ),
         None => bail!("validator {} has no public key configured", c.node.id),
     }
-    if v.validators.len() != 1 {
-        bail!("this build runs a single validator (N = 1); {} validators are configured in CONSENSUS_NODES: multi-validator PBFT is not available yet", v.validators.len());
-    }
     if c.ingest.source != crate::config::SourceKind::Direct {
         bail!("INGEST_SOURCE=kafka is not available in this build yet; use INGEST_SOURCE=direct");
     }
@@ -165,14 +169,44 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&c.node.data_dir)
         .with_context(|| format!("creating data dir {}", c.node.data_dir.display()))?;
 
-    // Recover: open the block store and re-execute it into the state.
+    // Validators in id order: replica i is the i-th id.
+    let ids: Vec<u32> = v.validators.keys().copied().collect();
+    let keys: Vec<crypto::PublicKey> = v.validators.values().copied().collect();
+    let me_rid = ids.iter().position(|&i| i == c.node.id).expect("validated: node.id is a validator");
+    let n = ids.len();
+    let params = c.pbft_params(n);
+    let wire = WireLimits {
+        n,
+        max_value_bytes: c.block.max_bytes + 64 * c.block.max_txs + 1024,
+        window: params.window as usize,
+    };
+
+    // Recover: re-execute the block store into the state, and rebuild the
+    // replica from the blocks' commit certificates plus its durable records.
     let (store, rec) = BlockStore::open(&c.node.data_dir, limits)?;
     let mut state = State::new(c.state_config());
-    for h in 1..=store.height() {
-        let (b, _) = store.read(h)?.expect("indexed block exists");
-        node::replay(&mut state, &b).map_err(anyhow::Error::msg)?;
+    let mut failed: Option<anyhow::Error> = None;
+    let certs = (1..=store.height()).map_while(|h| {
+        let r = store.read(h).map_err(anyhow::Error::from).and_then(|x| {
+            let (b, cert) = x.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
+            node::replay(&mut state, &b).map_err(anyhow::Error::msg)?;
+            stored_cert(&b, cert, &wire)
+        });
+        r.map_err(|e| failed = Some(e)).ok()
+    });
+    let (clog, records) = if n > 1 {
+        let (log, records, scan) = ConsensusLog::open(&c.node.data_dir, &wire).context("opening the consensus log")?;
+        tracing::info!(records = records.len(), truncated_bytes = scan.truncated_bytes, "consensus log recovered");
+        (Some(log), records)
+    } else {
+        (None, vec![]) // one validator: nobody to vote twice to
+    };
+    let auth = Ed25519Auth::new(key.clone(), keys.clone());
+    let replica = Replica::recover(me_rid, params.clone(), auth, certs, records);
+    if let Some(e) = failed {
+        return Err(e.context("recovering from the block store"));
     }
-    tracing::info!(height = store.height(), truncated_bytes = rec.truncated_bytes, state_root = %hex::encode(state.root()), "block store recovered");
+    tracing::info!(height = store.height(), view = replica.view(), truncated_bytes = rec.truncated_bytes, state_root = %hex::encode(state.root()), "block store recovered");
 
     let stats = Arc::new(RuntimeStats::default());
     stats.height.store(store.height(), Ordering::Relaxed);
@@ -224,21 +258,55 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         })?);
     }
 
+    // Network (N > 1): QUIC to every other validator; incoming messages
+    // ring the core's doorbell.
+    let net = if n > 1 {
+        let sock = std::net::UdpSocket::bind(&c.cluster.listen)
+            .with_context(|| format!("binding QUIC on {} (P2P_LISTEN_ADDR)", c.cluster.listen))?;
+        let p2p = sock.local_addr()?;
+        let peers = ids
+            .iter()
+            .zip(&keys)
+            .filter(|(id, _)| **id != c.node.id)
+            .map(|(id, key)| Peer { id: *id, addr: v.peers[id], key: *key })
+            .collect();
+        let bell = core_bell.clone();
+        let net = Net::start(NetConfig {
+            me: c.node.id,
+            key: key.clone(),
+            socket: sock,
+            peers,
+            max_frame: MAX_CONSENSUS_FRAME,
+            queue: 8192,
+            allowed_ips: v.allowed_ips.clone(),
+            wake: Some(Arc::new(move || bell.ring())),
+        })
+        .context("starting the QUIC transport")?;
+        tracing::info!(addr = %p2p, validators = n, quorum = params.q(), "p2p listening");
+        Some(net)
+    } else {
+        None
+    };
+
     // Core.
     let ncfg = NodeConfig {
         builder: c.builder(),
         mempool: c.mempool_config(),
         rate_per_second: c.mempool.rate_per_second,
         rate_burst: c.mempool.rate_burst,
-        proposer: me,
+        limits,
+        policy: policy.clone(),
+        skew_ms: c.ingest.max_timestamp_skew.as_millis() as u64,
+        validators: keys.clone(),
     };
     let last = store.last_header().cloned();
-    let node = Node::new(ncfg, state, last, now_ms());
+    let node = Node::new(ncfg, replica, state, last, now_ms());
+    let cons = Consensus { log: clog, net, ids, wire, pending: vec![] };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
     let core = std::thread::Builder::new().name("core".into()).spawn(move || {
         pin(core_pin, "core");
-        let r = core_loop(node, store, &outs, &bell, &sh);
+        let r = core_loop(node, store, cons, &outs, &bell, &sh);
         if let Err(e) = &r {
             tracing::error!(error = %format!("{e:#}"), "core stopped");
             sh.stop.store(true, Ordering::SeqCst);
@@ -425,9 +493,83 @@ fn commit_frame(block: &Block) -> Arc<Vec<u8>> {
     Arc::new(buf)
 }
 
+/// Largest QUIC frame between validators: a new-view carries up to a
+/// window of prepared proposals from a quorum of view changes.
+const MAX_CONSENSUS_FRAME: usize = 64 << 20;
+
+/// The core thread's consensus I/O: durable records, transport, id maps.
+struct Consensus {
+    /// None with one validator (no one to vote twice to).
+    log: Option<ConsensusLog>,
+    net: Option<Net>,
+    /// Replica index -> validator id.
+    ids: Vec<u32>,
+    wire: WireLimits,
+    /// Records to make durable before the next send.
+    pending: Vec<Record>,
+}
+
+impl Consensus {
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some(log) = &mut self.log {
+            log.append(&self.pending).context("consensus log append failed; stopping (restart recovers it)")?;
+        }
+        self.pending.clear();
+        Ok(())
+    }
+    fn send(&self, to: Rid, m: &Message) {
+        if let Some(net) = &self.net {
+            net.send(self.ids[to], Arc::new(wire::encode(m)));
+        }
+    }
+    fn broadcast(&self, m: &Message) {
+        if let Some(net) = &self.net {
+            net.broadcast(Arc::new(wire::encode(m)));
+        }
+    }
+    fn rid_of(&self, id: u32) -> Option<Rid> {
+        self.ids.iter().position(|&i| i == id)
+    }
+}
+
+/// The commit certificate of a stored block, its value rebuilt from the
+/// block. Blocks stored without one (written by a single validator before
+/// certificates were kept) get an unsigned stand-in carrying the digest,
+/// which is all the replica's recovery reads.
+fn stored_cert(b: &Block, cert: Option<proto::PbftCommitCert>, wire: &WireLimits) -> anyhow::Result<CommitCert> {
+    let value = Arc::new(proposal::value_of_block(b));
+    let digest = crate::sha256(&value);
+    let h = b.header.height;
+    let Some(pc) = cert else {
+        let pp = PrePrepare { view: b.header.view, seq: h, digest, value };
+        return Ok(CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits: vec![] });
+    };
+    let mut c = wire::commit_cert_from(pc, wire).with_context(|| format!("block {h}: stored certificate"))?;
+    if c.pre_prepare.body.seq != h || c.pre_prepare.body.digest != digest {
+        bail!("block {h}: its certificate is for seq {} with another value", c.pre_prepare.body.seq);
+    }
+    c.pre_prepare.body.value = value;
+    Ok(c)
+}
+
+/// Answers a fetch with committed blocks from the store, each with its
+/// certificate (at most a window's worth per request).
+fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> anyhow::Result<()> {
+    let end = store.height().min(from_seq.saturating_add(cons.wire.window as u64 - 1));
+    for h in from_seq.max(1)..=end {
+        let (b, cert) = store.read(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
+        if cert.is_none() {
+            return Ok(()); // written before certificates were kept: nothing to prove it with
+        }
+        cons.send(to, &Message::Committed(stored_cert(&b, cert, &cons.wire)?));
+    }
+    Ok(())
+}
+
 fn core_loop(
-    mut node: Node,
+    mut node: Node<Ed25519Auth>,
     mut store: BlockStore,
+    mut cons: Consensus,
     inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
     bell: &Doorbell,
     sh: &Shared,
@@ -444,54 +586,37 @@ fn core_loop(
                 worked = true;
             }
         }
-        node.on_tick(now, &mut out);
-        while !out.is_empty() {
-            for o in std::mem::take(&mut out) {
-                match o {
-                    Output::Reject(r) => {
-                        let _ = sh.dlq.send(r);
-                    }
-                    Output::PersistBlock(b) => {
-                        store
-                            .append(&[(&b, None)])
-                            .context("block store append failed; stopping (restart recovers the store)")?;
-                        node.on_block_durable(now_ms(), b.header.height, &mut out);
-                        worked = true;
-                    }
-                    Output::Committed { block, receipts } => {
-                        sh.stats.height.store(block.header.height, Ordering::Relaxed);
-                        sh.stats.committed_txs.fetch_add(block.txs.len() as u64, Ordering::Relaxed);
-                        tracing::debug!(
-                            height = block.header.height,
-                            txs = block.txs.len(),
-                            rejected = receipts.iter().filter(|r| r.status != crate::state::TxStatus::Applied).count(),
-                            "committed"
-                        );
-                        let frame = commit_frame(&block);
-                        sh.subscribers.lock().unwrap().retain(|s| match s.try_send(frame.clone()) {
-                            Ok(()) => true,
-                            Err(TrySendError::Full(_)) => {
-                                tracing::warn!("direct subscriber too slow; dropping it");
-                                false
-                            }
-                            Err(TrySendError::Disconnected(_)) => false,
-                        });
-                    }
+        if let Some(net) = &cons.net {
+            let msgs = net.take_incoming(4096);
+            for (from, bytes) in msgs {
+                worked = true;
+                let Some(rid) = cons.rid_of(from) else { continue };
+                match wire::decode(&bytes, &cons.wire) {
+                    Ok(m) => node.on_message(now, rid, m, &mut out),
+                    Err(e) => tracing::debug!(peer = from, error = %e, "undecodable consensus message"),
                 }
             }
+        }
+        node.on_tick(now, &mut out);
+        if !out.is_empty() {
+            worked = true;
+            perform(&mut out, &mut store, &mut cons, sh)?;
         }
         let s = node.stats();
         sh.stats.duplicates.store(s.duplicates, Ordering::Relaxed);
         sh.stats.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
         sh.stats.mempool_bytes.store(node.mempool_bytes() as u64, Ordering::Relaxed);
+        sh.stats.view.store(node.replica().view(), Ordering::Relaxed);
         if now >= last_log + 5000 {
             last_log = now;
             tracing::info!(
                 height = node.height(),
+                view = node.replica().view(),
                 committed_txs = s.committed_txs,
                 mempool = node.mempool_len(),
                 rejected = sh.stats.rejected.total(),
                 duplicates = s.duplicates,
+                proposals_refused = s.proposals_refused,
                 "progress"
             );
         }
@@ -499,11 +624,81 @@ fn core_loop(
             return Ok(());
         }
         if !worked {
-            let wait = node.next_deadline_ms().map_or(100, |d| d.saturating_sub(now_ms()).clamp(1, 100));
+            let wait = node.next_deadline_ms(now).saturating_sub(now_ms()).clamp(1, 100);
             let room = node.has_room();
-            idle_wait(sh.idle, bell, Duration::from_millis(wait), || room && inputs.iter().any(|r| !r.is_empty()));
+            let net_ready = || cons.net.as_ref().is_some_and(|n| n.has_incoming());
+            idle_wait(sh.idle, bell, Duration::from_millis(wait), || {
+                (room && inputs.iter().any(|r| !r.is_empty())) || net_ready()
+            });
         }
     }
+}
+
+/// Carries out the core's outputs in order: records durable before any
+/// later send; committed blocks appended with one fsync, then published.
+fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<()> {
+    let mut commits: Vec<(Arc<Block>, CommitCert, usize)> = Vec::new();
+    for o in out.drain(..) {
+        match o {
+            Output::Reject(r) => {
+                let _ = sh.dlq.send(r);
+            }
+            Output::Persist(r) => cons.pending.push(r),
+            Output::Send(to, m) => {
+                cons.flush()?;
+                cons.send(to, &m);
+            }
+            Output::Broadcast(m) => {
+                cons.flush()?;
+                cons.broadcast(&m);
+            }
+            Output::ServeFetch { to, from_seq } => serve_fetch(store, cons, to, from_seq)?,
+            Output::Commit { block, cert, receipts } => {
+                let rejected = receipts.iter().filter(|r| r.status != crate::state::TxStatus::Applied).count();
+                commits.push((block, cert, rejected));
+            }
+            Output::Evidence { culprit, what } => {
+                sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(validator = cons.ids.get(culprit).copied().unwrap_or(0), what, "validator misbehaviour");
+            }
+        }
+    }
+    cons.flush()?;
+    if commits.is_empty() {
+        return Ok(());
+    }
+    let batch: Vec<(&Block, Option<proto::PbftCommitCert>)> = commits
+        .iter()
+        .map(|(b, c, _)| {
+            let mut pc = wire::commit_cert_to(c);
+            if let Some(pp) = &mut pc.pre_prepare {
+                pp.value.clear(); // the block holds it
+            }
+            (&**b, Some(pc))
+        })
+        .collect();
+    store.append(&batch).context("block store append failed; stopping (restart recovers the store)")?;
+    for (block, _, rejected) in &commits {
+        sh.stats.height.store(block.header.height, Ordering::Relaxed);
+        sh.stats.committed_txs.fetch_add(block.txs.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            height = block.header.height,
+            view = block.header.view,
+            txs = block.txs.len(),
+            rejected,
+            "committed"
+        );
+        let frame = commit_frame(block);
+        sh.subscribers.lock().unwrap().retain(|s| match s.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                tracing::warn!("direct subscriber too slow; dropping it");
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        });
+    }
+    Ok(())
 }
 
 /// Sets up logging per the config (idempotent).
