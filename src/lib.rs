@@ -10,6 +10,7 @@ pub mod block;
 pub mod config;
 pub mod consensus;
 pub mod crypto;
+pub mod devnet;
 pub mod dlq;
 pub mod event;
 pub mod framed;

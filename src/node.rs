@@ -239,6 +239,21 @@ impl<A: Auth + Clone> Node<A> {
                 }
                 self.remember_checked(s.body.digest);
             }
+            Message::Committed(ref c) => {
+                // Catching up: a peer answers a fetch with a window of
+                // blocks; at the window's boundary ask it for the next one,
+                // so a far-behind validator streams instead of waiting for
+                // the retransmit timer.
+                let seq = c.pre_prepare.body.seq;
+                let window = self.replica.params().window;
+                self.replica.on_message(msg, &mut self.actions);
+                if seq % window == 0 && self.replica.executed() >= seq && from != self.replica.id {
+                    let from_seq = self.replica.executed() + 1;
+                    self.actions.push(Action::Send(from, Message::Fetch { from: self.replica.id, from_seq }));
+                }
+                self.step(now_ms, out);
+                return;
+            }
             _ => {}
         }
         self.replica.on_message(msg, &mut self.actions);

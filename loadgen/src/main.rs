@@ -67,7 +67,29 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Run a validator (what `cybermesh run` does); used by `single`.
+    /// Start a local cluster of validator processes (PBFT over QUIC on
+    /// loopback) in a temp dir and load every validator with the same txs,
+    /// as Kafka would.
+    Devnet {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Validators (N ≥ 4 tolerates f = (N − 1) / 3 faults).
+        #[arg(long, default_value_t = 4)]
+        validators: usize,
+        /// Verification shards per validator.
+        #[arg(long, default_value_t = 1)]
+        shards: usize,
+        /// Block size limit.
+        #[arg(long, default_value_t = 2000)]
+        block_max_txs: usize,
+        /// Block build interval.
+        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+        build_interval: Duration,
+        /// Keep the temp dir (configs, keys, blocks, logs) and print its path.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run a validator (what `cybermesh run` does); used by `single` and `devnet`.
     #[command(hide = true)]
     Validator {
         #[arg(long)]
@@ -81,6 +103,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Validator { config } => cybermesh::runtime::run_blocking(Some(&config)),
         Cmd::Single { load, shards, block_max_txs, build_interval, keep } => {
             single(load, shards, block_max_txs, &build_interval, keep)
+        }
+        Cmd::Devnet { load, validators, shards, block_max_txs, build_interval, keep } => {
+            devnet(load, validators, shards, block_max_txs, build_interval, keep)
         }
     }
 }
@@ -204,8 +229,8 @@ verify_shards = {shards}
             .spawn()
             .context("starting the validator process")?,
     );
-    let stream = connect(addr, Duration::from_secs(30), &root)?;
-    let res = drive(stream, frames, &nonces, &load)?;
+    let stream = connect(addr, Duration::from_secs(30), &root.join("validator-1.log"))?;
+    let res = drive(vec![stream], frames, &nonces, &load)?;
     drop(child);
     report(&load, &res, raw, sign_rate, shards, "single validator (N = 1)");
     if keep {
@@ -215,16 +240,71 @@ verify_shards = {shards}
     Ok(())
 }
 
-fn connect(addr: SocketAddr, within: Duration, root: &Path) -> anyhow::Result<TcpStream> {
+fn devnet(
+    load: LoadArgs,
+    validators: usize,
+    shards: usize,
+    block_max_txs: usize,
+    build_interval: Duration,
+    keep: bool,
+) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("cybermesh-devnet-").tempdir()?;
+    let opts = cybermesh::devnet::DevnetOptions {
+        validators,
+        verify_shards: shards,
+        block_max_txs,
+        build_interval,
+        mempool_max_txs: block_max_txs * 10,
+        ..Default::default()
+    };
+    let net = cybermesh::devnet::create(dir.path(), &opts, |_| {})?;
+    println!("measuring raw batch verification (one core, batch 256)...");
+    let raw = raw_verify_rate();
+    let n = if load.rate == 0 { load.max_txs } else { (load.rate as f64 * load.duration.as_secs_f64()) as usize };
+    println!("pre-signing {n} transactions of {} B payload...", load.payload);
+    let (frames, nonces, sign_rate) = presign(&net.producer, n, load.payload);
+    println!("starting {validators} validators in {}...", net.root.display());
+    let mut children = vec![];
+    for node in &net.nodes {
+        let log = std::fs::File::create(net.root.join(format!("validator-{}.log", node.id)))?;
+        children.push(Child(
+            std::process::Command::new(std::env::current_exe()?)
+                .arg("validator")
+                .arg("--config")
+                .arg(&node.config)
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting validator {}", node.id))?,
+        ));
+    }
+    let mut streams = vec![];
+    for node in &net.nodes {
+        let log = net.root.join(format!("validator-{}.log", node.id));
+        streams.push(connect(node.direct, Duration::from_secs(30), &log)?);
+    }
+    let res = drive(streams, frames, &nonces, &load)?;
+    drop(children);
+    let f = (validators - 1) / 3;
+    let what = format!(
+        "{validators}-validator devnet (PBFT, f = {f}, quorum {}), commits seen at validator 1",
+        validators - f
+    );
+    report(&load, &res, raw, sign_rate, shards, &what);
+    if keep {
+        let p = dir.keep();
+        println!("kept {}", p.display());
+    }
+    Ok(())
+}
+
+fn connect(addr: SocketAddr, within: Duration, log: &Path) -> anyhow::Result<TcpStream> {
     let t = Instant::now();
     loop {
         match TcpStream::connect(addr) {
             Ok(s) => return Ok(s),
             Err(_) if t.elapsed() < within => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => bail!(
-                "validator did not listen on {addr} within {within:?}: {e}; see {}/validator-1.log",
-                root.display()
-            ),
+            Err(e) => bail!("validator did not listen on {addr} within {within:?}: {e}; see {}", log.display()),
         }
     }
 }
@@ -237,45 +317,54 @@ struct Results {
     blocks: u64,
 }
 
-fn drive(stream: TcpStream, frames: Vec<Vec<u8>>, nonces: &[[u8; 16]], load: &LoadArgs) -> anyhow::Result<Results> {
-    stream.set_nodelay(true)?;
+/// Sends every frame to every stream (one writer thread each, as Kafka
+/// delivers every tx to every validator); latency and throughput are
+/// measured on the first stream's commit notices.
+fn drive(
+    streams: Vec<TcpStream>,
+    frames: Vec<Vec<u8>>,
+    nonces: &[[u8; 16]],
+    load: &LoadArgs,
+) -> anyhow::Result<Results> {
+    let stream = streams[0].try_clone()?;
     let index: HashMap<[u8; 16], u32> = nonces.iter().enumerate().map(|(i, n)| (*n, i as u32)).collect();
     let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..frames.len()).map(|_| AtomicU64::new(0)).collect());
+    let frames = Arc::new(frames);
     let start = Instant::now();
+    let writers_left = Arc::new(AtomicU64::new(streams.len() as u64));
     let done_sending = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
-
-    let (w_stream, sa, ds, sc) = (stream.try_clone()?, sent_at.clone(), done_sending.clone(), sent.clone());
     let (rate, duration) = (load.rate, load.duration);
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, w_stream);
-        let chunk = 64;
-        let mut i = 0;
-        while i < frames.len() && start.elapsed() < duration {
-            if rate > 0 {
-                // Open loop: chunk k is due at k·chunk/rate seconds.
-                let due = Duration::from_secs_f64(i as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(start.elapsed()) {
-                    w.flush()?;
-                    std::thread::sleep(wait);
+    let mut writers = vec![];
+    let mut drains = vec![];
+    for (k, s) in streams.iter().enumerate() {
+        s.set_nodelay(true)?;
+        let (w_stream, sa, ds, sc, fr, left) =
+            (s.try_clone()?, sent_at.clone(), done_sending.clone(), sent.clone(), frames.clone(), writers_left.clone());
+        writers.push(std::thread::spawn(move || -> std::io::Result<()> {
+            let r = write_frames(w_stream, &fr, start, rate, duration, |i, end, now| {
+                if k == 0 {
+                    for a in &sa[i..end] {
+                        a.store(now, Ordering::Relaxed);
+                    }
+                    sc.store(end as u64, Ordering::Relaxed);
                 }
+            });
+            if left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                ds.store(true, Ordering::SeqCst);
             }
-            let end = (i + chunk).min(frames.len());
-            let now = start.elapsed().as_nanos() as u64;
-            for j in i..end {
-                sa[j].store(now, Ordering::Relaxed);
-                w.write_all(&frames[j])?;
-            }
-            sc.store(end as u64, Ordering::Relaxed);
-            i = end;
-            if rate == 0 && i % 4096 == 0 {
-                w.flush()?;
-            }
+            r
+        }));
+        if k > 0 {
+            // Other validators' commit notices are read and dropped, so
+            // their writers never stall on a full socket.
+            let r = s.try_clone()?;
+            drains.push(std::thread::spawn(move || {
+                let mut r = BufReader::with_capacity(1 << 20, r);
+                while let Ok(Some(_)) = cybermesh::ingest::direct::read_frame(&mut r, 64 << 20) {}
+            }));
         }
-        w.flush()?;
-        ds.store(true, Ordering::SeqCst);
-        Ok(())
-    });
+    }
 
     // Reader: blocking reads of the commit stream (no read timeout: a
     // timeout mid-frame would lose the framing).
@@ -339,8 +428,15 @@ fn drive(stream: TcpStream, frames: Vec<Vec<u8>>, nonces: &[[u8; 16]], load: &Lo
         std::thread::sleep(Duration::from_millis(100));
     }
     pb.finish_and_clear();
-    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    for w in writers {
+        w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    }
+    for s in &streams {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    for d in drains {
+        let _ = d.join();
+    }
     let hist = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
     Ok(Results {
         sent: sent.load(Ordering::Relaxed),
@@ -349,6 +445,41 @@ fn drive(stream: TcpStream, frames: Vec<Vec<u8>>, nonces: &[[u8; 16]], load: &Lo
         hist,
         blocks: blocks.load(Ordering::Relaxed),
     })
+}
+
+/// Writes frames in chunks of 64, open-loop at `rate` (0 = as fast as the
+/// socket takes them); `on_chunk(first, end, now_ns)` runs before each chunk.
+fn write_frames(
+    stream: TcpStream,
+    frames: &[Vec<u8>],
+    start: Instant,
+    rate: u64,
+    duration: Duration,
+    mut on_chunk: impl FnMut(usize, usize, u64),
+) -> std::io::Result<()> {
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, stream);
+    let chunk = 64;
+    let mut i = 0;
+    while i < frames.len() && start.elapsed() < duration {
+        if rate > 0 {
+            // Open loop: chunk k is due at k·chunk/rate seconds.
+            let due = Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                w.flush()?;
+                std::thread::sleep(wait);
+            }
+        }
+        let end = (i + chunk).min(frames.len());
+        on_chunk(i, end, start.elapsed().as_nanos() as u64);
+        for f in &frames[i..end] {
+            w.write_all(f)?;
+        }
+        i = end;
+        if rate == 0 && i % 4096 == 0 {
+            w.flush()?;
+        }
+    }
+    w.flush()
 }
 
 fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards: usize, what: &str) {

@@ -516,6 +516,10 @@ impl<A: Auth + Clone> Replica<A> {
         self.committed.keys().next().copied().unwrap_or(self.executed + 1)
     }
 
+    pub fn params(&self) -> &Params {
+        &self.p
+    }
+
     /// Last stable checkpoint (the log's low watermark).
     pub fn stable_seq(&self) -> Seq {
         self.low
