@@ -136,8 +136,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 prev = Some(b.header);
             }
             println!(
-                "block store OK: {} blocks, {txs} txs ({repeats} repeated), torn tail truncated: {} bytes, last hash {}",
+                "block store OK: {} blocks, {txs} txs ({repeats} repeated), last view {}, torn tail truncated: {} bytes, last hash {}",
                 store.height(),
+                prev.as_ref().map_or(0, |h| h.view),
                 rec.truncated_bytes,
                 hex::encode(store.last_hash())
             );

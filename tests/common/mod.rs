@@ -85,8 +85,15 @@ fn spawn_log_reader(stderr: ChildStderr) -> Receiver<serde_json::Value> {
 
 impl Validator {
     pub fn start(config: &Path) -> Validator {
-        let mut child =
-            Command::new(BIN).arg("run").arg("--config").arg(config).stderr(Stdio::piped()).spawn().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("--config").arg(config);
+        Validator::spawn(cmd)
+    }
+
+    /// Starts `cmd` (a `cybermesh run`, possibly wrapped, e.g. in
+    /// `ip netns exec`) and waits until it listens.
+    pub fn spawn(mut cmd: Command) -> Validator {
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
         let logs = spawn_log_reader(child.stderr.take().unwrap());
         let mut recovered_height = 0;
         // Wait for the events that say it is up (bounded).
@@ -177,6 +184,105 @@ impl Client {
             if missing.is_empty() {
                 return (seen, c);
             }
+        }
+    }
+}
+
+/// A local cluster's files (see `cybermesh::devnet`), with short timeouts.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub net: cybermesh::devnet::Devnet,
+}
+
+impl Cluster {
+    pub fn new(validators: usize, tweak: impl Fn(&mut cybermesh::config::Config)) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = cybermesh::devnet::DevnetOptions {
+            validators,
+            build_interval: Duration::from_millis(20),
+            heartbeat: Duration::from_millis(200),
+            base_timeout: Duration::from_secs(2),
+            log_level: "info".into(),
+            log_json: true,
+            ..Default::default()
+        };
+        let net = cybermesh::devnet::create(dir.path(), &opts, tweak).unwrap();
+        Cluster { dir, net }
+    }
+    /// Starts validator `i` (0-based index; validator id i + 1).
+    pub fn start(&self, i: usize) -> Validator {
+        Validator::start(&self.net.nodes[i].config)
+    }
+    pub fn producer(&self) -> &SigningKey {
+        &self.net.producer
+    }
+}
+
+/// A committed block as seen on the direct commit stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub hash: Vec<u8>,
+    pub nonces: Vec<[u8; 16]>,
+}
+
+/// Reads commits until every nonce in `want` is committed; returns the
+/// blocks seen by height.
+pub fn collect(c: &mut Client, want: &[[u8; 16]]) -> std::collections::BTreeMap<u64, Seen> {
+    let mut missing: std::collections::HashSet<[u8; 16]> = want.iter().copied().collect();
+    let mut blocks = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !missing.is_empty() {
+        assert!(Instant::now() < deadline, "{} txs never committed", missing.len());
+        let b = c.next_commit_or_report(missing.len());
+        let nonces: Vec<[u8; 16]> = b.nonces.iter().map(|n| n[..].try_into().unwrap()).collect();
+        for n in &nonces {
+            missing.remove(n);
+        }
+        blocks.insert(b.height, Seen { hash: b.block_hash, nonces });
+    }
+    blocks
+}
+
+/// Reads commits until height `h` is committed.
+pub fn collect_to_height(c: &mut Client, h: u64) -> std::collections::BTreeMap<u64, Seen> {
+    let mut blocks = std::collections::BTreeMap::new();
+    while blocks.keys().next_back().is_none_or(|&top| top < h) {
+        let b = c.next_commit_or_report(0);
+        let nonces = b.nonces.iter().map(|n| n[..].try_into().unwrap()).collect();
+        blocks.insert(b.height, Seen { hash: b.block_hash, nonces });
+    }
+    blocks
+}
+
+/// Every height both saw has the same block.
+pub fn assert_same_blocks(a: &std::collections::BTreeMap<u64, Seen>, b: &std::collections::BTreeMap<u64, Seen>) {
+    let mut common = 0;
+    for (h, x) in a {
+        if let Some(y) = b.get(h) {
+            assert_eq!(x, y, "validators disagree at height {h}");
+            common += 1;
+        }
+    }
+    assert!(common > 0, "no height in common");
+}
+
+/// Sends `evs` to every client.
+pub fn send_all(clients: &mut [&mut Client], evs: &[Event]) {
+    for c in clients.iter_mut() {
+        for e in evs {
+            c.send_event(e);
+        }
+    }
+}
+
+/// Waits (bounded) for a log event with this message from `v`.
+pub fn wait_log(v: &Validator, message: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = v.logs.recv_timeout(left).unwrap_or_else(|_| panic!("no {message:?} log within {within:?}"));
+        if e["fields"]["message"] == message {
+            return e;
         }
     }
 }
