@@ -209,7 +209,10 @@ fn endpoint(cfg: &NetConfig, allowed: Arc<HashMap<PublicKey, u32>>) -> Result<qu
     let server = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(|x| e(&x))?;
     let client = quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(|x| e(&x))?;
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(2)));
+    // A silent peer is given up after 10 s (keep-alives every second), so
+    // its queue reconnects rather than writing into a dead connection.
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("in range")));
     transport.max_concurrent_bidi_streams(0u32.into());
     transport.max_concurrent_uni_streams(4u32.into());
     let transport = Arc::new(transport);
@@ -219,9 +222,19 @@ fn endpoint(cfg: &NetConfig, allowed: Arc<HashMap<PublicKey, u32>>) -> Result<qu
     client_cfg.transport_config(transport);
     let socket = cfg.socket.try_clone().map_err(|x| e(&x))?;
     socket.set_nonblocking(true).map_err(|x| e(&x))?;
-    let mut ep =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_cfg), socket, Arc::new(quinn::TokioRuntime))
-            .map_err(|x| e(&x))?;
+    // The stateless-reset key is derived from the validator key, so after a
+    // restart this node's endpoint resets peers' old connections at once (a
+    // random key would leave them waiting for the idle timeout).
+    let mut seed = b"cybermesh quic stateless reset v1".to_vec();
+    seed.extend_from_slice(&cfg.key.to_bytes());
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &crate::sha256(&seed));
+    let mut ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::new(Arc::new(reset_key)),
+        Some(server_cfg),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|x| e(&x))?;
     ep.set_default_client_config(client_cfg);
     Ok(ep)
 }
@@ -277,7 +290,8 @@ impl Net {
                     let _ = stop_rx.await;
                     acceptor.abort();
                     ep.close(0u32.into(), b"shutdown");
-                    ep.wait_idle().await;
+                    // Let peers see the close, but never hang on a dead one.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), ep.wait_idle()).await;
                 })
             })
             .map_err(|e| NetError::Endpoint(e.to_string()))?;
