@@ -1,5 +1,6 @@
 //! Real 4-process clusters over QUIC on loopback: normal operation, the
-//! leader killed, a validator restarted behind the others.
+//! leader killed, a validator restarted behind the others, a validator in
+//! its own network namespace partitioned off and healed.
 
 mod common;
 use common::*;
@@ -121,4 +122,129 @@ fn restarted_validator_catches_up_and_rejoins() {
     assert!(v3.terminate().success());
     let text = store_check(&c.net.nodes[3].data_dir);
     assert!(text.contains("block store OK"), "{text}");
+}
+
+/// A network namespace joined to the host by a veth pair: a validator
+/// started inside is reachable at `inner` from the host and reaches the
+/// host at `outer`; taking the host end down partitions it. Removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+    outer: std::net::Ipv4Addr,
+    inner: std::net::Ipv4Addr,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("the `ip` tool (iproute2) is installed");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let tag = std::process::id();
+        let octet = (tag % 250 + 1) as u8;
+        let ns = Netns {
+            name: format!("cmns{tag}"),
+            host_if: format!("cmh{tag}"),
+            outer: std::net::Ipv4Addr::new(10, 213, octet, 1),
+            inner: std::net::Ipv4Addr::new(10, 213, octet, 2),
+        };
+        let ns_if = format!("cmn{tag}");
+        ip(&["netns", "add", &ns.name]);
+        ip(&["link", "add", &ns.host_if, "type", "veth", "peer", "name", &ns_if]);
+        ip(&["link", "set", &ns_if, "netns", &ns.name]);
+        ip(&["addr", "add", &format!("{}/30", ns.outer), "dev", &ns.host_if]);
+        ip(&["link", "set", &ns.host_if, "up"]);
+        ip(&["-n", &ns.name, "addr", "add", &format!("{}/30", ns.inner), "dev", &ns_if]);
+        ip(&["-n", &ns.name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_if]).status();
+    }
+}
+
+/// Rewrites `id@ip:port` entries' IPs.
+fn with_ip(addr: &str, ip: std::net::Ipv4Addr) -> String {
+    let port = addr.rsplit(':').next().unwrap();
+    format!("{ip}:{port}")
+}
+
+#[test]
+fn partitioned_validator_rejoins_after_the_partition_heals() {
+    let ns = Netns::new();
+    let (outer, inner) = (ns.outer, ns.inner);
+    // Validators 1-3 on the host (talking over loopback among themselves),
+    // validator 4 inside the namespace, reached over the veth pair.
+    let c = Cluster::new(4, move |cfg| {
+        cfg.cluster.allowed_ips = vec!["127.0.0.0/8".into(), format!("{outer}/30")];
+        if cfg.node.id == 4 {
+            cfg.cluster.listen = with_ip(&cfg.cluster.listen, inner);
+            cfg.ingest.direct_listen = with_ip(&cfg.ingest.direct_listen, inner);
+            cfg.cluster.peers = cfg
+                .cluster
+                .peers
+                .iter()
+                .map(|p| {
+                    let (id, a) = p.split_once('@').unwrap();
+                    format!("{id}@{}", with_ip(a, outer))
+                })
+                .collect();
+        } else {
+            cfg.cluster.listen = with_ip(&cfg.cluster.listen, std::net::Ipv4Addr::UNSPECIFIED);
+            cfg.cluster.peers = cfg
+                .cluster
+                .peers
+                .iter()
+                .map(|p| match p.split_once('@').unwrap() {
+                    ("4", a) => format!("4@{}", with_ip(a, inner)),
+                    (id, a) => format!("{id}@{a}"),
+                })
+                .collect();
+        }
+    });
+    let mut vs: Vec<Validator> = (0..3).map(|i| c.start(i)).collect();
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, BIN, "run", "--config"]).arg(&c.net.nodes[3].config);
+    vs.push(Validator::spawn(cmd));
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+    let a: Vec<_> = (0..60).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
+    let mut chain0 = collect(&mut clients[0], &nonces(&a));
+    let mut chain3 = collect(&mut clients[3], &nonces(&a));
+    assert_same_blocks(&chain0, &chain3);
+
+    // Cut validator 4 off: the other three are a quorum and go on.
+    ns.link(false);
+    let direct4: std::net::SocketAddr = with_ip(&c.net.nodes[3].direct.to_string(), inner).parse().unwrap();
+    assert!(
+        std::net::TcpStream::connect_timeout(&direct4, std::time::Duration::from_millis(500)).is_err(),
+        "the partition cuts validator 4 off"
+    );
+    let b: Vec<_> = (60..300).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients[..3].iter_mut().collect::<Vec<_>>(), &b);
+    merge(&mut chain0, collect(&mut clients[0], &nonces(&b)));
+    let top = *chain0.keys().next_back().unwrap();
+    assert!(top > *chain3.keys().next_back().unwrap());
+
+    // Heal: validator 4 fetches what it missed and takes part again.
+    ns.link(true);
+    merge(&mut chain3, collect_to_height(&mut clients[3], top));
+    let d: Vec<_> = (300..340).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &d);
+    merge(&mut chain0, collect(&mut clients[0], &nonces(&d)));
+    merge(&mut chain3, collect(&mut clients[3], &nonces(&d)));
+    assert_same_blocks(&chain0, &chain3);
+    assert!(chain3.keys().next_back() >= Some(&top));
+    for v in &vs {
+        assert_no_evidence(v);
+    }
 }
