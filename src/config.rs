@@ -361,6 +361,45 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenesisSection {
+    /// GENESIS_STATE_PATH: where the genesis certificate is kept (empty:
+    /// `<data_dir>/genesis_state.json`).
+    pub state_path: PathBuf,
+    /// GENESIS_CLOCK_SKEW_TOLERANCE: largest clock difference accepted in attestations.
+    #[serde(with = "dur")]
+    pub clock_skew_tolerance: Duration,
+    /// GENESIS_READY_REFRESH_INTERVAL: rebroadcast our attestation this often while waiting.
+    #[serde(with = "dur")]
+    pub ready_refresh_interval: Duration,
+    /// GENESIS_READY_TIMEOUT: after this long, name the validators still missing (and keep waiting).
+    #[serde(with = "dur")]
+    pub ready_timeout: Duration,
+}
+
+impl Default for GenesisSection {
+    fn default() -> Self {
+        GenesisSection {
+            state_path: PathBuf::new(),
+            clock_skew_tolerance: Duration::from_secs(15 * 60),
+            ready_refresh_interval: Duration::from_secs(30),
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Where the genesis certificate lives.
+    pub fn genesis_path(&self) -> PathBuf {
+        if self.genesis.state_path.as_os_str().is_empty() {
+            self.node.data_dir.join("genesis_state.json")
+        } else {
+            self.genesis.state_path.clone()
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -378,6 +417,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub secrets: SecretsConfig,
     pub log: LogConfig,
+    pub genesis: GenesisSection,
 }
 
 /// One configuration problem: which setting, what is wrong, how to fix it.
@@ -449,6 +489,10 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("P2P_BOOTSTRAP_PEERS", |c, v| Ok(c.cluster.peers = parse_list(v))),
     ("ALLOWED_IPS", |c, v| Ok(c.cluster.allowed_ips = parse_list(v))),
     ("P2P_LISTEN_ADDR", |c, v| Ok(c.cluster.listen = v.trim().into())),
+    ("GENESIS_STATE_PATH", |c, v| Ok(c.genesis.state_path = v.trim().into())),
+    ("GENESIS_CLOCK_SKEW_TOLERANCE", |c, v| Ok(c.genesis.clock_skew_tolerance = parse_dur(v)?)),
+    ("GENESIS_READY_REFRESH_INTERVAL", |c, v| Ok(c.genesis.ready_refresh_interval = parse_dur(v)?)),
+    ("GENESIS_READY_TIMEOUT", |c, v| Ok(c.genesis.ready_timeout = parse_dur(v)?)),
     ("PRODUCER_PUBKEYS", |c, v| Ok(c.producers.keys = parse_list(v))),
     ("INGEST_SOURCE", |c, v| {
         c.ingest.source = match v.trim() {

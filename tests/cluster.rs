@@ -31,6 +31,9 @@ fn merge(into: &mut BTreeMap<u64, Seen>, more: BTreeMap<u64, Seen>) {
 fn four_validators_commit_the_same_blocks() {
     let c = Cluster::new(4, |_| {});
     let vs: Vec<Validator> = (0..4).map(|i| c.start(i)).collect();
+    for v in &vs {
+        wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
+    }
     let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
     let evs: Vec<_> = (0..400).map(|i| anomaly(c.producer(), i)).collect();
     send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &evs);
@@ -48,6 +51,22 @@ fn four_validators_commit_the_same_blocks() {
         let text = store_check(&c.net.nodes[i].data_dir);
         assert!(text.contains("block store OK"), "{text}");
     }
+}
+
+#[test]
+fn genesis_mismatch_aborts_naming_the_hash_and_the_validator() {
+    // Validator 4 runs another block size limit: a different config hash.
+    let c = Cluster::new(4, |cfg| {
+        if cfg.node.id == 4 {
+            cfg.block.max_txs = 7;
+        }
+    });
+    let mut vs: Vec<Validator> = (0..4).map(|i| c.start(i)).collect();
+    let stopped = wait_log(&vs[0], "core stopped", std::time::Duration::from_secs(60));
+    let err = stopped["fields"]["error"].as_str().unwrap();
+    assert!(err.contains("validator 4 has a different config hash"), "{err}");
+    assert!(!vs[0].child.wait().unwrap().success(), "validator 1 exits with an error");
+    assert!(!std::path::Path::new(&c.net.nodes[0].data_dir.join("genesis_state.json")).exists());
 }
 
 #[test]
@@ -106,6 +125,7 @@ fn restarted_validator_catches_up_and_rejoins() {
 
     let v3 = c.start(3);
     assert!(v3.recovered_height >= before.min(1), "recovered its own blocks");
+    assert!(v3.startup.iter().any(|m| m == "genesis certificate reused"), "{:?}", v3.startup);
     let mut c3 = v3.connect();
     let mut chain3 = collect_to_height(&mut c3, top);
     assert_same_blocks(&chain0, &chain3);

@@ -5,6 +5,7 @@
 //! below N, digests of 32 bytes, signatures of at most 64 bytes, values and
 //! lists within the limits. Signatures are checked by the replica, not here.
 
+use super::genesis::ReadyAttestation;
 use super::pbft::*;
 use crate::crypto::{self, PublicKey, SigningKey};
 use crate::{proto, Hash32};
@@ -234,8 +235,11 @@ pub fn encode(m: &Message) -> Vec<u8> {
 
 /// Decodes and bounds a message from a peer.
 pub fn decode(bytes: &[u8], l: &WireLimits) -> Result<Message, WireError> {
+    from_proto(proto::PbftMessage::decode(bytes).map_err(|e| WireError::Decode(e.to_string()))?, l)
+}
+
+fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireError> {
     use proto::pbft_message::Msg;
-    let m = proto::PbftMessage::decode(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
     Ok(match m.msg.ok_or(WireError::Missing("msg"))? {
         Msg::PrePrepare(p) => Message::PrePrepare(pp_from(p, l)?),
         Msg::Vote(v) => Message::Vote(vote_from(v, l)?),
@@ -259,7 +263,43 @@ pub fn decode(bytes: &[u8], l: &WireLimits) -> Result<Message, WireError> {
         Msg::Fetch(f) => Message::Fetch { from: rid(f.from, l)?, from_seq: f.from_seq },
         Msg::Committed(c) => Message::Committed(commit_cert_from(c, l)?),
         Msg::Heartbeat(h) => Message::Heartbeat(Signed { body: h.view, from: rid(h.from, l)?, sig: sig(h.sig)? }),
+        Msg::GenesisReady(_) => return Err(WireError::Decode("a genesis attestation, not a PBFT message".into())),
     })
+}
+
+/// Anything a validator sends another: PBFT, or a genesis attestation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Pbft(Message),
+    Genesis(ReadyAttestation),
+}
+
+pub fn encode_genesis(a: &ReadyAttestation) -> Vec<u8> {
+    use proto::pbft_message::Msg;
+    let g = proto::GenesisReady {
+        validator: a.validator,
+        config_hash: a.config_hash.to_vec(),
+        peer_hash: a.peer_hash.to_vec(),
+        timestamp_ms: a.timestamp_ms,
+        signature: a.signature.to_vec(),
+    };
+    proto::PbftMessage { msg: Some(Msg::GenesisReady(g)) }.encode_to_vec()
+}
+
+/// Decodes a frame from a peer (bounded like `decode`).
+pub fn decode_frame(bytes: &[u8], l: &WireLimits) -> Result<Frame, WireError> {
+    use proto::pbft_message::Msg;
+    let m = proto::PbftMessage::decode(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
+    if let Some(Msg::GenesisReady(g)) = m.msg {
+        return Ok(Frame::Genesis(ReadyAttestation {
+            validator: g.validator,
+            config_hash: digest(g.config_hash)?,
+            peer_hash: digest(g.peer_hash)?,
+            timestamp_ms: g.timestamp_ms,
+            signature: g.signature.try_into().map_err(|_| WireError::Range("signature length"))?,
+        }));
+    }
+    from_proto(m, l).map(Frame::Pbft)
 }
 
 #[cfg(test)]
@@ -303,6 +343,20 @@ mod tests {
             Message::Committed(CommitCert { pre_prepare: spp, commits: vec![sv] }),
             Message::Heartbeat(Signed { body: 5, from: 1, sig: vec![5; 64] }),
         ]
+    }
+
+    #[test]
+    fn genesis_attestations_share_the_channel() {
+        let k = crate::crypto::generate_key();
+        let vals: std::collections::BTreeMap<u32, crate::crypto::PublicKey> =
+            [(1, crate::crypto::public_key(&k))].into_iter().collect();
+        let a = crate::consensus::genesis::Ceremony::new(1, [3; 32], vals, 1000).attest(&k, 77);
+        let bytes = encode_genesis(&a);
+        assert_eq!(decode_frame(&bytes, &L), Ok(Frame::Genesis(a)));
+        assert!(decode(&bytes, &L).is_err(), "the replica never sees one");
+        for m in samples() {
+            assert_eq!(decode_frame(&encode(&m), &L), Ok(Frame::Pbft(m)));
+        }
     }
 
     #[test]

@@ -19,9 +19,10 @@ pub mod ring;
 
 use crate::block::Block;
 use crate::config::{IdlePolicy, Validated};
+use crate::consensus::genesis::{verify_certificate, Ceremony, GenesisCertificate, GenesisError, ReadyAttestation};
 use crate::consensus::log::ConsensusLog;
 use crate::consensus::pbft::{CommitCert, Message, PrePrepare, Record, Replica, Rid, Seq, Signed};
-use crate::consensus::wire::{self, Ed25519Auth, WireLimits};
+use crate::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
 use crate::dlq::{DlqFileSink, RejectCounters, RejectReason, Rejection};
 use crate::event::Limits;
 use crate::ingest::direct;
@@ -208,6 +209,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     }
     tracing::info!(height = store.height(), view = replica.view(), truncated_bytes = rec.truncated_bytes, state_root = %hex::encode(state.root()), "block store recovered");
 
+    let genesis = if n > 1 { Some(GenesisState::load(c, &v, key.clone())?) } else { None };
+
     let stats = Arc::new(RuntimeStats::default());
     stats.height.store(store.height(), Ordering::Relaxed);
     let (dlq_tx, dlq_rx) = sync_channel::<Rejection>(8192);
@@ -306,7 +309,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
     let core = std::thread::Builder::new().name("core".into()).spawn(move || {
         pin(core_pin, "core");
-        let r = core_loop(node, store, cons, &outs, &bell, &sh);
+        let r = core_loop(node, store, cons, genesis, &outs, &bell, &sh);
         if let Err(e) = &r {
             tracing::error!(error = %format!("{e:#}"), "core stopped");
             sh.stop.store(true, Ordering::SeqCst);
@@ -566,10 +569,128 @@ fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> 
     Ok(())
 }
 
+/// The genesis ceremony on the validators' channel: before consensus
+/// starts, every validator attests to the same config and validator set.
+struct GenesisState {
+    ceremony: Ceremony,
+    key: crypto::SigningKey,
+    done: bool,
+    path: std::path::PathBuf,
+    refresh_ms: u64,
+    timeout_ms: u64,
+    next_broadcast: u64,
+    next_warn: u64,
+    /// Last reply to each peer (a finished validator answers a late one's
+    /// attestation with its own, at most once per refresh interval).
+    replied: std::collections::HashMap<u32, u64>,
+}
+
+impl GenesisState {
+    /// Reuses a stored certificate if it matches this configuration (any
+    /// difference is named and aborts the start); otherwise the ceremony runs.
+    fn load(c: &crate::config::Config, v: &Validated, key: crypto::SigningKey) -> anyhow::Result<GenesisState> {
+        let path = c.genesis_path();
+        let config_hash = c.consensus_fingerprint();
+        let done = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let cert: GenesisCertificate = serde_json::from_slice(&bytes).with_context(|| {
+                    format!("reading the genesis certificate {} (GENESIS_STATE_PATH)", path.display())
+                })?;
+                verify_certificate(&cert, &config_hash, &v.validators).map_err(anyhow::Error::msg).with_context(|| {
+                    format!(
+                        "the genesis certificate {} does not match this configuration; restore the configuration it was made with, or start a new chain with new data dirs",
+                        path.display()
+                    )
+                })?;
+                tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis certificate reused");
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let skew = c.genesis.clock_skew_tolerance.as_millis() as u64;
+        let now = now_ms();
+        Ok(GenesisState {
+            ceremony: Ceremony::new(c.node.id, config_hash, v.validators.clone(), skew),
+            key,
+            done,
+            path,
+            refresh_ms: c.genesis.ready_refresh_interval.as_millis() as u64,
+            timeout_ms: c.genesis.ready_timeout.as_millis() as u64,
+            next_broadcast: now,
+            next_warn: now + c.genesis.ready_timeout.as_millis() as u64,
+            replied: Default::default(),
+        })
+    }
+
+    fn tick(&mut self, now: u64, cons: &Consensus) {
+        if self.done {
+            return;
+        }
+        if now >= self.next_broadcast {
+            self.next_broadcast = now + self.refresh_ms;
+            if let Some(net) = &cons.net {
+                net.broadcast(Arc::new(wire::encode_genesis(&self.ceremony.attest(&self.key, now))));
+            }
+        }
+        if now >= self.next_warn {
+            self.next_warn = now + self.timeout_ms;
+            tracing::warn!(waiting_for = ?self.ceremony.waiting_for(), "genesis: still waiting for ready attestations (GENESIS_READY_TIMEOUT passed); start those validators or check P2P_BOOTSTRAP_PEERS");
+        }
+    }
+
+    fn on_attestation(&mut self, a: ReadyAttestation, from: u32, now: u64, cons: &Consensus) -> anyhow::Result<()> {
+        if a.validator != from {
+            tracing::warn!(
+                peer = from,
+                claimed = a.validator,
+                "genesis attestation relayed by another validator; ignored"
+            );
+            return Ok(());
+        }
+        match self.ceremony.on_attestation(a, now) {
+            Err(e @ GenesisError::Mismatch { .. }) if !self.done => {
+                return Err(anyhow::Error::msg(e).context("genesis ceremony failed"));
+            }
+            Err(e) => tracing::warn!(peer = from, error = %e, "genesis attestation refused"),
+            Ok(Some(cert)) if !self.done => {
+                write_atomically(&self.path, &serde_json::to_vec_pretty(&cert)?)
+                    .with_context(|| format!("writing the genesis certificate {}", self.path.display()))?;
+                self.done = true;
+                tracing::info!(path = %self.path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
+            }
+            Ok(_) => {}
+        }
+        if self.done && self.replied.get(&from).is_none_or(|&t| now >= t + self.refresh_ms) {
+            self.replied.insert(from, now);
+            if let (Some(net), Some(_)) = (&cons.net, cons.rid_of(from)) {
+                net.send(from, Arc::new(wire::encode_genesis(&self.ceremony.attest(&self.key, now))));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old or the new file.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn core_loop(
     mut node: Node<Ed25519Auth>,
     mut store: BlockStore,
     mut cons: Consensus,
+    mut genesis: Option<GenesisState>,
     inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
     bell: &Doorbell,
     sh: &Shared,
@@ -579,7 +700,9 @@ fn core_loop(
     loop {
         let now = now_ms();
         let mut worked = false;
-        for ring in inputs {
+        // Consensus starts once genesis is done; until then txs wait in the rings.
+        let started = genesis.as_ref().is_none_or(|g| g.done);
+        for ring in inputs.iter().filter(|_| started) {
             while node.has_room() {
                 let Some(batch) = ring.pop() else { break };
                 node.on_txs(now, batch, &mut out);
@@ -591,13 +714,24 @@ fn core_loop(
             for (from, bytes) in msgs {
                 worked = true;
                 let Some(rid) = cons.rid_of(from) else { continue };
-                match wire::decode(&bytes, &cons.wire) {
-                    Ok(m) => node.on_message(now, rid, m, &mut out),
+                match wire::decode_frame(&bytes, &cons.wire) {
+                    Ok(Frame::Pbft(m)) if started => node.on_message(now, rid, m, &mut out),
+                    Ok(Frame::Pbft(_)) => {} // before genesis: peers retransmit
+                    Ok(Frame::Genesis(a)) => {
+                        if let Some(g) = &mut genesis {
+                            g.on_attestation(a, from, now, &cons)?;
+                        }
+                    }
                     Err(e) => tracing::debug!(peer = from, error = %e, "undecodable consensus message"),
                 }
             }
         }
-        node.on_tick(now, &mut out);
+        if let Some(g) = &mut genesis {
+            g.tick(now, &cons);
+        }
+        if started {
+            node.on_tick(now, &mut out);
+        }
         if !out.is_empty() {
             worked = true;
             perform(&mut out, &mut store, &mut cons, sh)?;
@@ -625,7 +759,7 @@ fn core_loop(
         }
         if !worked {
             let wait = node.next_deadline_ms(now).saturating_sub(now_ms()).clamp(1, 100);
-            let room = node.has_room();
+            let room = node.has_room() && started;
             let net_ready = || cons.net.as_ref().is_some_and(|n| n.has_incoming());
             idle_wait(sh.idle, bell, Duration::from_millis(wait), || {
                 (room && inputs.iter().any(|r| !r.is_empty())) || net_ready()
