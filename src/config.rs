@@ -296,6 +296,9 @@ pub struct RuntimeConfig {
     pub core_core: Option<usize>,
     /// Capacity (in batches) of each ring between stages.
     pub ring_capacity: usize,
+    /// Compact the consensus log at the first stable checkpoint once it
+    /// holds this many bytes.
+    pub consensus_log_compact_bytes: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -308,6 +311,7 @@ impl Default for RuntimeConfig {
             verify_cores: vec![],
             core_core: None,
             ring_capacity: 64,
+            consensus_log_compact_bytes: 8 << 20,
         }
     }
 }

@@ -129,6 +129,39 @@ impl FramedFile {
         &self.path
     }
 
+    /// Bytes in the file (magic and records).
+    pub fn len(&self) -> u64 {
+        self.end
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end <= 8
+    }
+
+    /// Replaces the file's records by `payloads`, atomically: written to a
+    /// sibling file, synced, renamed over this one, directory synced. A
+    /// crash leaves the old or the new file, never a mix.
+    pub fn rewrite<'a>(
+        &mut self,
+        magic: &[u8; 8],
+        payloads: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), FramedError> {
+        let tmp = self.path.with_extension("compact");
+        let io = |source| FramedError::Io { path: tmp.clone(), source };
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let (mut fresh, _) = FramedFile::open(&tmp, magic, |_, _| Ok(()))?;
+        fresh.append(payloads)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        fresh.path = self.path.clone();
+        *self = fresh;
+        Ok(())
+    }
+
     /// Appends records with one write and one fdatasync; returns their
     /// offsets. After an error the file must be reopened (recovery truncates).
     pub fn append<'a>(&mut self, payloads: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u64>, FramedError> {

@@ -100,10 +100,15 @@ fn leader_killed_the_view_changes_and_progress_resumes() {
 #[test]
 fn restarted_validator_catches_up_and_rejoins() {
     // Small blocks, so the validator misses more than a window of them.
-    let c = Cluster::new(4, |cfg| cfg.block.max_txs = 10);
+    let c = Cluster::new(4, |cfg| {
+        cfg.block.max_txs = 10;
+        // Compact the consensus log at every stable checkpoint: recovery
+        // then reads a compacted log.
+        cfg.runtime.consensus_log_compact_bytes = 0;
+    });
     let mut vs: Vec<Option<Validator>> = (0..4).map(|i| Some(c.start(i))).collect();
     let mut clients: Vec<Client> = vs.iter().map(|v| v.as_ref().unwrap().connect()).collect();
-    let a: Vec<_> = (0..40).map(|i| anomaly(c.producer(), i)).collect();
+    let a: Vec<_> = (0..100).map(|i| anomaly(c.producer(), i)).collect();
     send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
     let mut chain0 = BTreeMap::new();
     for (i, cl) in clients.iter_mut().enumerate() {
@@ -112,9 +117,10 @@ fn restarted_validator_catches_up_and_rejoins() {
             chain0 = ch;
         }
     }
+    wait_log(vs[3].as_ref().unwrap(), "consensus log compacted", std::time::Duration::from_secs(60));
     vs[3].take().unwrap().kill9();
     let before = *chain0.keys().next_back().unwrap();
-    let b: Vec<_> = (40..400).map(|i| anomaly(c.producer(), i)).collect();
+    let b: Vec<_> = (100..400).map(|i| anomaly(c.producer(), i)).collect();
     send_all(&mut clients[..3].iter_mut().collect::<Vec<_>>(), &b);
     merge(&mut chain0, collect(&mut clients[0], &nonces(&b)));
     for cl in clients[1..3].iter_mut() {

@@ -434,6 +434,33 @@ impl<A: Auth + Clone> Replica<A> {
         r
     }
 
+    /// The smallest record list `recover` rebuilds this replica's durable
+    /// state from (with the committed values): what a compacted log holds.
+    /// Everything in it was persisted before; nothing else is needed.
+    pub fn durable_records(&self) -> Vec<Record> {
+        let mut out = vec![Record::View { view: self.view, changing: self.changing }];
+        if self.low > 0 {
+            out.push(Record::Stable { seq: self.low, proof: self.stable_proof.clone() });
+        }
+        for m in self.view_changes.values() {
+            if let Some(vc) = m.get(&self.id) {
+                out.push(Record::ViewChange(vc.clone()));
+            }
+        }
+        for slot in self.log.values() {
+            if let Some(pp) = slot.pre_prepare.as_ref().filter(|p| p.from == self.id) {
+                out.push(Record::PrePrepare(pp.clone()));
+            }
+            if let Some(c) = &slot.prepared_cert {
+                out.push(Record::Prepared(c.clone()));
+            }
+            for v in slot.prepares.get(&self.id).into_iter().chain(slot.commits.get(&self.id)) {
+                out.push(Record::Vote(v.clone()));
+            }
+        }
+        out
+    }
+
     pub fn view(&self) -> View {
         self.view
     }

@@ -52,6 +52,9 @@ impl PartialOrd for InFlight {
 struct Durable {
     certs: Vec<CommitCert>,
     records: Vec<Record>,
+    /// A checkpoint became stable: compact `records` (as the validator's
+    /// consensus log does) before the replica can crash again.
+    compact: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +192,11 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
 
     while now < end {
         let faulty = now < cfg.heal_at;
+        for (d, r) in durable.iter_mut().zip(&replicas) {
+            if std::mem::take(&mut d.compact) {
+                d.records = r.durable_records();
+            }
+        }
         // Crash and restart (the replica keeps its durable state).
         if cfg.crash {
             let was = down.contains(&crash_victim);
@@ -366,7 +374,10 @@ fn dispatch(
                     send(queue, rng, now, from, to, forged, faulty);
                 }
             }
-            Action::Persist(r) => durable.records.push(r),
+            Action::Persist(r) => {
+                durable.compact |= matches!(r, Record::Stable { .. });
+                durable.records.push(r);
+            }
             Action::Execute { cert, .. } => durable.certs.push(cert),
             Action::Evidence { .. } => {}
         }

@@ -304,7 +304,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     };
     let last = store.last_header().cloned();
     let node = Node::new(ncfg, replica, state, last, now_ms());
-    let cons = Consensus { log: clog, net, ids, wire, pending: vec![] };
+    let cons =
+        Consensus { log: clog, net, ids, wire, pending: vec![], compact_at: c.runtime.consensus_log_compact_bytes };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
     let core = std::thread::Builder::new().name("core".into()).spawn(move || {
@@ -510,6 +511,8 @@ struct Consensus {
     wire: WireLimits,
     /// Records to make durable before the next send.
     pending: Vec<Record>,
+    /// Log size that triggers compaction at a stable checkpoint.
+    compact_at: u64,
 }
 
 impl Consensus {
@@ -734,7 +737,14 @@ fn core_loop(
         }
         if !out.is_empty() {
             worked = true;
-            perform(&mut out, &mut store, &mut cons, sh)?;
+            let stable = perform(&mut out, &mut store, &mut cons, sh)?;
+            // At a stable checkpoint, once the log is big, keep only what
+            // recovery needs (values below the checkpoint are in the store).
+            if let Some(log) = cons.log.as_mut().filter(|l| stable && l.len() > cons.compact_at) {
+                let before = log.len();
+                log.compact(&node.replica().durable_records()).context("compacting the consensus log")?;
+                tracing::info!(before, after = log.len(), "consensus log compacted");
+            }
         }
         let s = node.stats();
         sh.stats.duplicates.store(s.duplicates, Ordering::Relaxed);
@@ -770,14 +780,18 @@ fn core_loop(
 
 /// Carries out the core's outputs in order: records durable before any
 /// later send; committed blocks appended with one fsync, then published.
-fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<()> {
+fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<bool> {
+    let mut stable = false;
     let mut commits: Vec<(Arc<Block>, CommitCert, usize)> = Vec::new();
     for o in out.drain(..) {
         match o {
             Output::Reject(r) => {
                 let _ = sh.dlq.send(r);
             }
-            Output::Persist(r) => cons.pending.push(r),
+            Output::Persist(r) => {
+                stable |= matches!(r, Record::Stable { .. });
+                cons.pending.push(r);
+            }
             Output::Send(to, m) => {
                 cons.flush()?;
                 cons.send(to, &m);
@@ -799,7 +813,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     }
     cons.flush()?;
     if commits.is_empty() {
-        return Ok(());
+        return Ok(stable);
     }
     let batch: Vec<(&Block, Option<proto::PbftCommitCert>)> = commits
         .iter()
@@ -832,7 +846,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             Err(TrySendError::Disconnected(_)) => false,
         });
     }
-    Ok(())
+    Ok(stable)
 }
 
 /// Sets up logging per the config (idempotent).
