@@ -246,6 +246,7 @@ impl<A: Auth + Clone> Node<A> {
                 // the retransmit timer.
                 let seq = c.pre_prepare.body.seq;
                 let window = self.replica.params().window;
+                self.replica.set_time(now_ms);
                 self.replica.on_message(msg, &mut self.actions);
                 if seq % window == 0 && self.replica.executed() >= seq && from != self.replica.id {
                     let from_seq = self.replica.executed() + 1;
@@ -256,6 +257,7 @@ impl<A: Auth + Clone> Node<A> {
             }
             _ => {}
         }
+        self.replica.set_time(now_ms);
         self.replica.on_message(msg, &mut self.actions);
         self.step(now_ms, out);
     }
@@ -294,6 +296,8 @@ impl<A: Auth + Clone> Node<A> {
     /// Proposes while leading and the builder says so, then turns the
     /// replica's actions into outputs (executing committed values).
     fn step(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        // Deadlines set below count from now, even before the first tick.
+        self.replica.set_time(now_ms);
         loop {
             self.note_view();
             if self.replica.can_propose()
@@ -417,7 +421,7 @@ pub fn replay(state: &mut State, block: &Block) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consensus::driver::params_for_tests;
+    use crate::consensus::pbft::Params;
     use crate::consensus::wire::Ed25519Auth;
     use crate::crypto;
     use crate::event::{sample_anomaly_payload, TxKind};
@@ -432,6 +436,20 @@ mod tests {
         nonce[12..].copy_from_slice(&(i as u32).to_be_bytes());
         let ev = Event::sign(TxKind::Anomaly, k, nonce, sample_anomaly_payload(i, 300), ts, (i as u32).to_be_bytes());
         VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: ts }
+    }
+
+    /// Short timeouts (the tests drive a simulated clock in 100 ms steps).
+    fn params_for_tests(n: usize) -> Params {
+        Params {
+            window: 16,
+            checkpoint_interval: 4,
+            timeout_ms: 2_000,
+            timeout_min_ms: 1_000,
+            retransmit_ms: 200,
+            heartbeat_ms: 200,
+            missed_heartbeats: 25,
+            ..Params::manual_defaults(n)
+        }
     }
 
     fn cluster(n: usize, producer: &crypto::SigningKey, max_mempool: usize) -> Vec<Node<Ed25519Auth>> {
@@ -558,6 +576,20 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 60);
+    }
+
+    #[test]
+    fn a_backup_fed_before_its_first_tick_does_not_change_view_at_once() {
+        // Wall-clock time: a deadline counted from 0 would already be past.
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let now = 1_800_000_000_000;
+        let mut out = vec![];
+        nodes[1].on_txs(now, vec![vtx(&k, 1, now)], &mut out);
+        nodes[1].on_tick(now + 10, &mut out);
+        assert_eq!(nodes[1].replica().view(), 0, "{out:?}");
+        nodes[1].on_tick(now + 2_500, &mut out);
+        assert_eq!(nodes[1].replica().view(), 1, "the primary ordered nothing within the timeout");
     }
 
     #[test]

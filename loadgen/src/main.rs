@@ -34,9 +34,10 @@ struct LoadArgs {
     /// How long to send.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Offered rate in tx/s; 0 = as fast as the validator accepts.
-    #[arg(long, default_value_t = 0)]
-    rate: u64,
+    /// Offered rate in tx/s; 0 = as fast as the validators accept
+    /// (default: 0 for `single`, 4000 for `devnet`).
+    #[arg(long)]
+    rate: Option<u64>,
     /// Payload size in bytes (the AnomalyPayload is padded to it).
     #[arg(long, default_value_t = 300)]
     payload: usize,
@@ -46,6 +47,12 @@ struct LoadArgs {
     /// Print the summary as JSON too.
     #[arg(long)]
     json: bool,
+}
+
+impl LoadArgs {
+    fn rate(&self) -> u64 {
+        self.rate.unwrap_or(0)
+    }
 }
 
 #[derive(Subcommand)]
@@ -101,10 +108,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Validator { config } => cybermesh::runtime::run_blocking(Some(&config)),
-        Cmd::Single { load, shards, block_max_txs, build_interval, keep } => {
+        Cmd::Single { mut load, shards, block_max_txs, build_interval, keep } => {
+            load.rate.get_or_insert(0);
             single(load, shards, block_max_txs, &build_interval, keep)
         }
-        Cmd::Devnet { load, validators, shards, block_max_txs, build_interval, keep } => {
+        Cmd::Devnet { mut load, validators, shards, block_max_txs, build_interval, keep } => {
+            load.rate.get_or_insert(4000);
             devnet(load, validators, shards, block_max_txs, build_interval, keep)
         }
     }
@@ -214,7 +223,7 @@ verify_shards = {shards}
 
     println!("measuring raw batch verification (one core, batch 256)...");
     let raw = raw_verify_rate();
-    let n = if load.rate == 0 { load.max_txs } else { (load.rate as f64 * load.duration.as_secs_f64()) as usize };
+    let n = if load.rate() == 0 { load.max_txs } else { (load.rate() as f64 * load.duration.as_secs_f64()) as usize };
     println!("pre-signing {n} transactions of {} B payload...", load.payload);
     let (frames, nonces, sign_rate) = presign(&producer, n, load.payload);
 
@@ -260,7 +269,7 @@ fn devnet(
     let net = cybermesh::devnet::create(dir.path(), &opts, |_| {})?;
     println!("measuring raw batch verification (one core, batch 256)...");
     let raw = raw_verify_rate();
-    let n = if load.rate == 0 { load.max_txs } else { (load.rate as f64 * load.duration.as_secs_f64()) as usize };
+    let n = if load.rate() == 0 { load.max_txs } else { (load.rate() as f64 * load.duration.as_secs_f64()) as usize };
     println!("pre-signing {n} transactions of {} B payload...", load.payload);
     let (frames, nonces, sign_rate) = presign(&net.producer, n, load.payload);
     println!("starting {validators} validators in {}...", net.root.display());
@@ -282,6 +291,15 @@ fn devnet(
     for node in &net.nodes {
         let log = net.root.join(format!("validator-{}.log", node.id));
         streams.push(connect(node.direct, Duration::from_secs(30), &log)?);
+    }
+    // Measure from a formed cluster: wait until every validator has
+    // finished the genesis ceremony (its certificate is on disk).
+    let t = Instant::now();
+    while !net.nodes.iter().all(|n| n.data_dir.join("genesis_state.json").exists()) {
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("genesis did not complete within 60 s; see the validator logs in {}", net.root.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     let res = drive(streams, frames, &nonces, &load)?;
     drop(children);
@@ -315,6 +333,8 @@ struct Results {
     elapsed: Duration,
     hist: Histogram<u64>,
     blocks: u64,
+    /// Txs committed a second time (a no-op; happens around view changes).
+    repeats: u64,
 }
 
 /// Sends every frame to every stream (one writer thread each, as Kafka
@@ -334,7 +354,7 @@ fn drive(
     let writers_left = Arc::new(AtomicU64::new(streams.len() as u64));
     let done_sending = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
-    let (rate, duration) = (load.rate, load.duration);
+    let (rate, duration) = (load.rate(), load.duration);
     let mut writers = vec![];
     let mut drains = vec![];
     for (k, s) in streams.iter().enumerate() {
@@ -373,9 +393,11 @@ fn drive(
     let last_commit_ns = Arc::new(AtomicU64::new(0));
     let r_stream = stream.try_clone()?;
     let (c2, b2, l2) = (committed.clone(), blocks.clone(), last_commit_ns.clone());
-    let reader = std::thread::spawn(move || -> anyhow::Result<Histogram<u64>> {
+    let reader = std::thread::spawn(move || -> anyhow::Result<(Histogram<u64>, u64)> {
         let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let mut r = BufReader::with_capacity(1 << 20, r_stream);
+        let mut seen = vec![false; index.len()];
+        let mut repeats = 0u64;
         while let Ok(Some(frame)) = cybermesh::ingest::direct::read_frame(&mut r, 64 << 20) {
             let body = frame.map_err(|len| anyhow::anyhow!("commit frame of {len} bytes"))?;
             let c = cybermesh::proto::DirectCommit::decode(&body[..])?;
@@ -384,6 +406,11 @@ fn drive(
             for n in &c.nonces {
                 let Ok(n) = <[u8; 16]>::try_from(&n[..]) else { continue };
                 if let Some(&i) = index.get(&n) {
+                    // A tx ordered twice (after a view change) counts once.
+                    if std::mem::replace(&mut seen[i as usize], true) {
+                        repeats += 1;
+                        continue;
+                    }
                     let lat_us = now.saturating_sub(sent_at[i as usize].load(Ordering::Relaxed)) / 1000;
                     hist.record(lat_us.max(1))?;
                     n_ok += 1;
@@ -393,7 +420,7 @@ fn drive(
             b2.fetch_add(1, Ordering::Relaxed);
             l2.store(now, Ordering::Relaxed);
         }
-        Ok(hist)
+        Ok((hist, repeats))
     });
 
     let pb = ProgressBar::new(load.duration.as_secs());
@@ -437,13 +464,14 @@ fn drive(
     for d in drains {
         let _ = d.join();
     }
-    let hist = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let (hist, repeats) = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
     Ok(Results {
         sent: sent.load(Ordering::Relaxed),
         committed: committed.load(Ordering::Relaxed),
         elapsed: Duration::from_nanos(last_commit_ns.load(Ordering::Relaxed)),
         hist,
         blocks: blocks.load(Ordering::Relaxed),
+        repeats,
     })
 }
 
@@ -491,13 +519,16 @@ fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards:
         if cfg!(debug_assertions) { "debug" } else { "optimized" },
         !cfg!(debug_assertions)
     );
-    println!("offered rate     : {}", if load.rate == 0 { "max".to_string() } else { format!("{} tx/s", load.rate) });
+    println!(
+        "offered rate     : {}",
+        if load.rate() == 0 { "max".to_string() } else { format!("{} tx/s", load.rate()) }
+    );
     println!("payload          : {} B", load.payload);
     println!("verify shards    : {shards}");
     println!("loadgen signing  : {sign_rate:.0} tx/s (pre-signed before the clock starts)");
     println!("raw batch verify : {raw_verify:.0} sig/s on one core (batch 256)");
     println!("sent             : {}", r.sent);
-    println!("committed        : {} in {} blocks", r.committed, r.blocks);
+    println!("committed        : {} in {} blocks ({} ordered twice, executed once)", r.committed, r.blocks, r.repeats);
     println!(
         "throughput       : {tps:.0} committed tx/s over {:.2} s ({:.2}x one core's raw verify rate)",
         r.elapsed.as_secs_f64(),
@@ -514,8 +545,8 @@ fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards:
         println!(
             "{}",
             serde_json::json!({
-                "what": what, "rate": load.rate, "payload": load.payload, "shards": shards,
-                "sent": r.sent, "committed": r.committed, "blocks": r.blocks, "seconds": r.elapsed.as_secs_f64(),
+                "what": what, "rate": load.rate(), "payload": load.payload, "shards": shards,
+                "sent": r.sent, "committed": r.committed, "blocks": r.blocks, "repeats": r.repeats, "seconds": r.elapsed.as_secs_f64(),
                 "tx_per_s": tps, "raw_verify_per_s": raw_verify, "sign_per_s": sign_rate,
                 "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": r.hist.max() as f64 / 1000.0}
             })

@@ -1,7 +1,6 @@
 //! Consensus: the sans-I/O PBFT replica (`pbft`) and its deterministic
 //! simulator (`sim`, test-only).
 
-pub mod driver;
 pub mod genesis;
 pub mod log;
 pub mod pbft;

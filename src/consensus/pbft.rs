@@ -597,6 +597,12 @@ impl<A: Auth + Clone> Replica<A> {
         }
     }
 
+    /// Time passes without firing timers (callers that feed messages or
+    /// proposals before the first tick still get deadlines from `now`).
+    pub fn set_time(&mut self, now: u64) {
+        self.now = self.now.max(now);
+    }
+
     /// Time passes.
     pub fn on_tick(&mut self, now: u64, out: &mut Vec<Action>) {
         self.now = now;

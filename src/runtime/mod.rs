@@ -750,7 +750,11 @@ fn core_loop(
         sh.stats.duplicates.store(s.duplicates, Ordering::Relaxed);
         sh.stats.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
         sh.stats.mempool_bytes.store(node.mempool_bytes() as u64, Ordering::Relaxed);
-        sh.stats.view.store(node.replica().view(), Ordering::Relaxed);
+        let view = node.replica().view();
+        if sh.stats.view.swap(view, Ordering::Relaxed) != view {
+            let primary = cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0);
+            tracing::info!(view, primary, height = node.height(), "view changed");
+        }
         if now >= last_log + 5000 {
             last_log = now;
             tracing::info!(
