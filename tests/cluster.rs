@@ -1,6 +1,7 @@
-//! Real 4-process clusters over QUIC on loopback: normal operation, the
-//! leader killed, a validator restarted behind the others, a validator in
-//! its own network namespace partitioned off and healed.
+//! Real 4-process clusters over QUIC on loopback: normal operation, a
+//! genesis mismatch, the leader killed, a validator restarted behind the
+//! others, one whose disk was wiped, and one in its own network namespace
+//! partitioned off and healed.
 
 mod common;
 use common::*;
@@ -273,4 +274,39 @@ fn partitioned_validator_rejoins_after_the_partition_heals() {
     for v in &vs {
         assert_no_evidence(v);
     }
+}
+
+#[test]
+fn validator_with_a_wiped_disk_rejoins_through_genesis_and_catch_up() {
+    let c = Cluster::new(4, |cfg| cfg.block.max_txs = 20);
+    let mut vs: Vec<Option<Validator>> = (0..4).map(|i| Some(c.start(i))).collect();
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.as_ref().unwrap().connect()).collect();
+    let a: Vec<_> = (0..200).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
+    let mut chain0 = collect(&mut clients[0], &nonces(&a));
+    for cl in clients[1..].iter_mut() {
+        collect(cl, &nonces(&a));
+    }
+    // The disk is replaced: no blocks, no consensus log, no genesis certificate.
+    vs[3].take().unwrap().kill9();
+    std::fs::remove_dir_all(&c.net.nodes[3].data_dir).unwrap();
+    let v3 = c.start(3);
+    assert_eq!(v3.recovered_height, 0);
+    let mut c3 = v3.connect(); // before catch-up starts: every block is seen
+    // The others finished genesis long ago; they answer its attestation.
+    wait_log(&v3, "genesis complete", std::time::Duration::from_secs(60));
+    let top = *chain0.keys().next_back().unwrap();
+    let mut chain3 = collect_to_height(&mut c3, top);
+    assert_eq!(chain3.len() as u64, top, "every block from height 1");
+    assert_same_blocks(&chain0, &chain3);
+    clients[3] = c3;
+    let d: Vec<_> = (200..240).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &d);
+    merge(&mut chain0, collect(&mut clients[0], &nonces(&d)));
+    merge(&mut chain3, collect(&mut clients[3], &nonces(&d)));
+    assert_same_blocks(&chain0, &chain3);
+    for v in vs.iter().flatten() {
+        assert_no_evidence(v);
+    }
+    drop(v3);
 }

@@ -29,7 +29,7 @@ use crate::ingest::direct;
 use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
 use crate::ingest::Incoming;
 use crate::mempool::VerifiedTx;
-use crate::net::{Net, NetConfig, Peer};
+use crate::net::{Net, NetConfig, NetEvent, Peer};
 use crate::node::{self, Node, NodeConfig, Output};
 use crate::proposal;
 use crate::state::State;
@@ -572,6 +572,8 @@ fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> 
     Ok(())
 }
 
+const GENESIS_REPLY_GAP_MS: u64 = 1000;
+
 /// The genesis ceremony on the validators' channel: before consensus
 /// starts, every validator attests to the same config and validator set.
 struct GenesisState {
@@ -582,9 +584,12 @@ struct GenesisState {
     refresh_ms: u64,
     timeout_ms: u64,
     next_broadcast: u64,
+    backoff_ms: u64,
     next_warn: u64,
-    /// Last reply to each peer (a finished validator answers a late one's
-    /// attestation with its own, at most once per refresh interval).
+    /// Last reply to each peer: a finished validator answers a late one's
+    /// attestation with its own, at most once per `GENESIS_REPLY_GAP_MS`
+    /// (two finished validators answering each other stop at once: the
+    /// answer to an answer arrives within the gap).
     replied: std::collections::HashMap<u32, u64>,
 }
 
@@ -621,6 +626,7 @@ impl GenesisState {
             refresh_ms: c.genesis.ready_refresh_interval.as_millis() as u64,
             timeout_ms: c.genesis.ready_timeout.as_millis() as u64,
             next_broadcast: now,
+            backoff_ms: 500,
             next_warn: now + c.genesis.ready_timeout.as_millis() as u64,
             replied: Default::default(),
         })
@@ -631,7 +637,10 @@ impl GenesisState {
             return;
         }
         if now >= self.next_broadcast {
-            self.next_broadcast = now + self.refresh_ms;
+            // 1 s, 2 s, 4 s, … up to the refresh interval: a reply can be
+            // lost on a connection the peer is just replacing.
+            self.backoff_ms = (self.backoff_ms * 2).clamp(1000, self.refresh_ms.max(1000));
+            self.next_broadcast = now + self.backoff_ms;
             if let Some(net) = &cons.net {
                 net.broadcast(Arc::new(wire::encode_genesis(&self.ceremony.attest(&self.key, now))));
             }
@@ -664,7 +673,7 @@ impl GenesisState {
             }
             Ok(_) => {}
         }
-        if self.done && self.replied.get(&from).is_none_or(|&t| now >= t + self.refresh_ms) {
+        if self.done && self.replied.get(&from).is_none_or(|&t| now >= t + GENESIS_REPLY_GAP_MS) {
             self.replied.insert(from, now);
             if let (Some(net), Some(_)) = (&cons.net, cons.rid_of(from)) {
                 net.send(from, Arc::new(wire::encode_genesis(&self.ceremony.attest(&self.key, now))));
@@ -713,6 +722,22 @@ fn core_loop(
             }
         }
         if let Some(net) = &cons.net {
+            // Connection events first: a peer's new connection precedes its
+            // messages on it.
+            for e in net.events.try_iter() {
+                match e {
+                    NetEvent::Connected { peer, outgoing } => {
+                        tracing::debug!(peer, outgoing, "peer connected");
+                        if let (Some(g), false) = (&mut genesis, outgoing) {
+                            g.replied.remove(&peer); // it may have restarted: answer it again
+                        }
+                    }
+                    NetEvent::Failed { addr, reason } => tracing::debug!(%addr, reason, "peer connection failed"),
+                    NetEvent::Oversized { peer, len } => {
+                        tracing::warn!(peer, len, "peer sent an oversized frame; connection closed")
+                    }
+                }
+            }
             let msgs = net.take_incoming(4096);
             for (from, bytes) in msgs {
                 worked = true;
