@@ -293,7 +293,7 @@ fn validator_with_a_wiped_disk_rejoins_through_genesis_and_catch_up() {
     let v3 = c.start(3);
     assert_eq!(v3.recovered_height, 0);
     let mut c3 = v3.connect(); // before catch-up starts: every block is seen
-    // The others finished genesis long ago; they answer its attestation.
+                               // The others finished genesis long ago; they answer its attestation.
     wait_log(&v3, "genesis complete", std::time::Duration::from_secs(60));
     let top = *chain0.keys().next_back().unwrap();
     let mut chain3 = collect_to_height(&mut c3, top);

@@ -227,14 +227,16 @@ fn endpoint(cfg: &NetConfig, allowed: Arc<HashMap<PublicKey, u32>>) -> Result<qu
     // random key would leave them waiting for the idle timeout).
     let mut seed = b"cybermesh quic stateless reset v1".to_vec();
     seed.extend_from_slice(&cfg.key.to_bytes());
-    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &crate::sha256(&seed));
-    let mut ep = quinn::Endpoint::new(
-        quinn::EndpointConfig::new(Arc::new(reset_key)),
-        Some(server_cfg),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|x| e(&x))?;
+    let secret = crate::sha256(&seed);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // Connection IDs carry a keyed check; with a per-process random key a
+    // restarted endpoint would drop the old connections' packets as foreign
+    // instead of answering them with the reset.
+    let cid_key = u64::from_le_bytes(secret[..8].try_into().expect("8 bytes"));
+    ep_cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    let mut ep =
+        quinn::Endpoint::new(ep_cfg, Some(server_cfg), socket, Arc::new(quinn::TokioRuntime)).map_err(|x| e(&x))?;
     ep.set_default_client_config(client_cfg);
     Ok(ep)
 }
