@@ -870,14 +870,16 @@ impl Config {
                 format!("unset QUORUM_SIZE (it is derived) or set it to {quorum}"),
             ));
         }
-        if c.cluster.quorum_size > n {
+        if c.cluster.quorum_size > quorum {
             e.push(err(
                 "QUORUM_SIZE (cluster.quorum_size)",
-                format!("{} exceeds the {n} validators", c.cluster.quorum_size),
+                format!(
+                    "{} is above N − f = {quorum}: PBFT here always uses N − f (a larger quorum would stall with f validators down)",
+                    c.cluster.quorum_size
+                ),
                 format!("unset it or set it to {quorum}"),
             ));
         }
-        let quorum = quorum.max(c.cluster.quorum_size);
         let mut producers = vec![];
         for (i, h) in c.producers.keys.iter().enumerate() {
             match crypto::parse_public_key_hex(h) {
@@ -1153,6 +1155,12 @@ mod tests {
         c.cluster.peers.push("5@127.0.0.1:8005".into());
         let v = c.validate().unwrap();
         assert_eq!(v.peers[&5], "127.0.0.1:8005".parse().unwrap());
+        let mut c = good();
+        c.cluster.quorum_size = 3;
+        assert!(c.clone().validate().is_ok(), "N − f itself may be written out");
+        c.cluster.quorum_size = 4;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("4 is above N − f = 3"), "{e}");
         assert_eq!((v.quorum, v.faults), (4, 1), "N=5: f=1, q=N-f=4, not the manual's 3");
     }
 
