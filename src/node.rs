@@ -23,7 +23,7 @@ use crate::mempool::{Admit, Mempool, MempoolConfig, VerifiedTx};
 use crate::proposal::{self, CheckContext, Proposal};
 use crate::state::{Executed, Receipt, State};
 use crate::Hash32;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -104,9 +104,10 @@ pub struct Node<A: Auth + Clone> {
     view: View,
     last_proposal_ms: u64,
     last_proposal_ts: u64,
-    /// Digests of proposals that passed `proposal::check` (bounded).
-    checked: VecDeque<Hash32>,
-    checked_set: HashSet<Hash32>,
+    /// Proposals made here or that passed `proposal::check`, decoded, by
+    /// digest (bounded): checked once, and executed without decoding again.
+    checked: HashMap<Hash32, Arc<Proposal>>,
+    checked_order: VecDeque<Hash32>,
     conduct: Vec<Conduct>,
     stats: NodeStats,
     actions: Vec<Action>,
@@ -129,8 +130,8 @@ impl<A: Auth + Clone> Node<A> {
             view: replica.view(),
             replica,
             last_proposal_ms: now_ms,
-            checked: VecDeque::new(),
-            checked_set: HashSet::new(),
+            checked: HashMap::new(),
+            checked_order: VecDeque::new(),
             conduct: vec![Conduct::default(); cfg.validators.len()],
             stats: NodeStats::default(),
             actions: Vec::new(),
@@ -226,18 +227,20 @@ impl<A: Auth + Clone> Node<A> {
                     && s.from == self.replica.primary(s.body.view)
                     && s.from != self.replica.id
                     && s.body.seq > self.replica.executed()
-                    && !self.checked_set.contains(&s.body.digest) =>
+                    && !self.checked.contains_key(&s.body.digest) =>
             {
-                if let Err(e) = self.check_proposal(now_ms, &s.body.value) {
-                    self.stats.proposals_refused += 1;
-                    self.conduct[s.from].invalid_proposals += 1;
-                    out.push(Output::Evidence {
-                        culprit: s.from,
-                        what: format!("invalid proposal for seq {} in view {}: {e}", s.body.seq, s.body.view),
-                    });
-                    return; // no prepare: the view changes if the primary persists
+                match self.check_proposal(now_ms, &s.body.value) {
+                    Ok(p) => self.remember_checked(s.body.digest, p),
+                    Err(e) => {
+                        self.stats.proposals_refused += 1;
+                        self.conduct[s.from].invalid_proposals += 1;
+                        out.push(Output::Evidence {
+                            culprit: s.from,
+                            what: format!("invalid proposal for seq {} in view {}: {e}", s.body.seq, s.body.view),
+                        });
+                        return; // no prepare: the view changes if the primary persists
+                    }
                 }
-                self.remember_checked(s.body.digest);
             }
             Message::Committed(ref c) => {
                 // Catching up: a peer answers a fetch with a window of
@@ -277,12 +280,13 @@ impl<A: Auth + Clone> Node<A> {
         )
     }
 
-    fn remember_checked(&mut self, d: Hash32) {
-        if self.checked_set.insert(d) {
-            self.checked.push_back(d);
-            if self.checked.len() > 1024 {
-                let old = self.checked.pop_front().expect("non-empty");
-                self.checked_set.remove(&old);
+    fn remember_checked(&mut self, d: Hash32, p: Proposal) {
+        if self.checked.insert(d, Arc::new(p)).is_none() {
+            self.checked_order.push_back(d);
+            // A few windows' worth: values in flight, re-proposed or retransmitted.
+            if self.checked_order.len() > 4 * self.replica.params().window as usize {
+                let old = self.checked_order.pop_front().expect("non-empty");
+                self.checked.remove(&old);
             }
         }
     }
@@ -313,9 +317,13 @@ impl<A: Auth + Clone> Node<A> {
                 let ts = now_ms.max(self.last_proposal_ts).max(self.last.as_ref().map_or(0, |h| h.timestamp_ms));
                 self.last_proposal_ts = ts;
                 self.last_proposal_ms = now_ms;
+                let tx_hashes: Vec<Hash32> = txs.iter().map(|t| t.tx_hash).collect();
                 let events: Vec<Arc<Event>> = txs.into_iter().map(|t| t.event).collect();
                 let value = Arc::new(proposal::encode(ts, &events));
-                self.remember_checked(crate::sha256(&value));
+                self.remember_checked(
+                    crate::sha256(&value),
+                    Proposal { timestamp_ms: ts, txs: events, tx_hashes },
+                );
                 self.replica.propose(value, &mut self.actions);
             } else if !self.replica.is_primary() && self.mempool.pending() > 0 {
                 // Txs wait: the primary must order something before the timeout.
@@ -359,10 +367,14 @@ impl<A: Auth + Clone> Node<A> {
         let last_ts = self.last.as_ref().map_or(0, |h| h.timestamp_ms);
         // Honest backups checked the value before preparing it; one that
         // still fails to decode is executed as a null block on every replica.
-        let p = proposal::decode(value, &self.cfg.limits).unwrap_or_else(|e| {
-            tracing::error!(seq, error = %e, "committed value does not decode; executing it as an empty block");
-            Proposal { timestamp_ms: last_ts, txs: vec![], tx_hashes: vec![] }
-        });
+        let digest = cert.pre_prepare.body.digest;
+        let p = match self.checked.remove(&digest) {
+            Some(p) => Arc::unwrap_or_clone(p),
+            None => proposal::decode(value, &self.cfg.limits).unwrap_or_else(|e| {
+                tracing::error!(seq, error = %e, "committed value does not decode; executing it as an empty block");
+                Proposal { timestamp_ms: last_ts, txs: vec![], tx_hashes: vec![] }
+            }),
+        };
         let timestamp_ms = if p.txs.is_empty() { last_ts } else { p.timestamp_ms };
         let pairs: Vec<(&Event, Hash32)> = p.txs.iter().map(|t| &**t).zip(p.tx_hashes.iter().copied()).collect();
         let Executed { state_root, receipts, undo: _ } = self.state.execute_block(seq, timestamp_ms, &pairs);
@@ -426,6 +438,7 @@ mod tests {
     use crate::crypto;
     use crate::event::{sample_anomaly_payload, TxKind};
     use crate::state::{StateConfig, TxStatus};
+    use std::collections::HashSet;
     use std::time::Duration;
 
     fn vtx(k: &crypto::SigningKey, i: u64, ts: u64) -> VerifiedTx {
