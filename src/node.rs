@@ -320,10 +320,7 @@ impl<A: Auth + Clone> Node<A> {
                 let tx_hashes: Vec<Hash32> = txs.iter().map(|t| t.tx_hash).collect();
                 let events: Vec<Arc<Event>> = txs.into_iter().map(|t| t.event).collect();
                 let value = Arc::new(proposal::encode(ts, &events));
-                self.remember_checked(
-                    crate::sha256(&value),
-                    Proposal { timestamp_ms: ts, txs: events, tx_hashes },
-                );
+                self.remember_checked(crate::sha256(&value), Proposal { timestamp_ms: ts, txs: events, tx_hashes });
                 self.replica.propose(value, &mut self.actions);
             } else if !self.replica.is_primary() && self.mempool.pending() > 0 {
                 // Txs wait: the primary must order something before the timeout.

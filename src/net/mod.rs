@@ -244,10 +244,11 @@ fn endpoint(cfg: &NetConfig, allowed: Arc<HashMap<PublicKey, u32>>) -> Result<qu
 /// A running transport. Dropping it stops the network thread.
 pub struct Net {
     out: HashMap<u32, mpsc::Sender<Arc<Vec<u8>>>>,
-    pub incoming: std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
+    incoming: std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
     pub events: std::sync::mpsc::Receiver<NetEvent>,
     pub stats: Arc<NetStats>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -279,8 +280,14 @@ impl Net {
         let st = stats.clone();
         let max_frame = cfg.max_frame;
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let gate =
-            Arc::new(Gate { allowed_ips: cfg.allowed_ips.clone(), wake: cfg.wake.clone(), queued: queued.clone() });
+        let queued_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let gate = Arc::new(Gate {
+            allowed_ips: cfg.allowed_ips.clone(),
+            wake: cfg.wake.clone(),
+            queued: queued.clone(),
+            queued_bytes: queued_bytes.clone(),
+            max_queued_bytes: cfg.max_frame.saturating_mul(4).max(64 << 20),
+        });
         let thread = std::thread::Builder::new()
             .name("net".into())
             .spawn(move || {
@@ -297,7 +304,7 @@ impl Net {
                 })
             })
             .map_err(|e| NetError::Endpoint(e.to_string()))?;
-        Ok(Net { out, incoming, events, stats, queued, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(Net { out, incoming, events, stats, queued, queued_bytes, stop: Some(stop_tx), thread: Some(thread) })
     }
 
     /// Queues `bytes` for `to`; false if it was dropped (unknown peer or full queue).
@@ -313,10 +320,19 @@ impl Net {
         self.queued.load(Ordering::SeqCst) > 0
     }
 
+    /// The next incoming message, waiting at most `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<(u32, Vec<u8>)> {
+        let m = self.incoming.recv_timeout(timeout).ok()?;
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        self.queued_bytes.fetch_sub(m.1.len(), Ordering::SeqCst);
+        Some(m)
+    }
+
     /// Up to `max` queued incoming messages, without waiting.
     pub fn take_incoming(&self, max: usize) -> Vec<(u32, Vec<u8>)> {
         let v: Vec<_> = self.incoming.try_iter().take(max).collect();
         self.queued.fetch_sub(v.len(), Ordering::SeqCst);
+        self.queued_bytes.fetch_sub(v.iter().map(|(_, b)| b.len()).sum(), Ordering::SeqCst);
         v
     }
 
@@ -395,11 +411,22 @@ async fn send_loop(
 struct Gate {
     allowed_ips: Vec<ipnet::IpNet>,
     wake: Option<Arc<dyn Fn() + Send + Sync>>,
-    /// Messages queued in `incoming` (for `Net::has_incoming`).
+    /// Messages queued in `incoming` (for `Net::has_incoming`), and their bytes.
     queued: Arc<std::sync::atomic::AtomicUsize>,
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    max_queued_bytes: usize,
 }
 
 impl Gate {
+    /// Room for `n` more queued bytes (taken if so).
+    fn reserve(&self, n: usize) -> bool {
+        if self.queued_bytes.fetch_add(n, Ordering::SeqCst) + n > self.max_queued_bytes {
+            self.queued_bytes.fetch_sub(n, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
     fn admits(&self, addr: SocketAddr) -> bool {
         let ip = addr.ip().to_canonical();
         self.allowed_ips.is_empty() || self.allowed_ips.iter().any(|n| n.contains(&ip))
@@ -454,7 +481,14 @@ async fn accept_loop(
                         break;
                     }
                     stats.received.fetch_add(1, Ordering::Relaxed);
-                    if in_tx.try_send((peer, buf)).is_err() {
+                    // Bounded in bytes as well as messages: a flooding peer
+                    // loses its messages (consensus retransmits), the node
+                    // keeps its memory.
+                    let n = buf.len();
+                    if !gate.reserve(n) {
+                        stats.dropped_in.fetch_add(1, Ordering::Relaxed);
+                    } else if in_tx.try_send((peer, buf)).is_err() {
+                        gate.queued_bytes.fetch_sub(n, Ordering::SeqCst);
                         stats.dropped_in.fetch_add(1, Ordering::Relaxed);
                     } else {
                         gate.queued.fetch_add(1, Ordering::SeqCst);
@@ -499,7 +533,7 @@ mod tests {
         let mut got = vec![];
         while got.len() < want {
             let left = deadline.saturating_duration_since(Instant::now());
-            got.push(net.incoming.recv_timeout(left).expect("messages arrive within 30 s"));
+            got.push(net.recv_timeout(left).expect("messages arrive within 30 s"));
         }
         got
     }
@@ -586,12 +620,12 @@ mod tests {
         let got = loop {
             assert!(Instant::now() < deadline, "small frame never arrived");
             b.send(1, Arc::new(b"small".to_vec()));
-            if let Ok((2, m)) = a.incoming.recv_timeout(Duration::from_millis(200)) {
+            if let Some((2, m)) = a.recv_timeout(Duration::from_millis(200)) {
                 break m;
             }
         };
         assert_eq!(got, b"small");
-        assert!(a.incoming.try_iter().all(|(from, _)| from == 2), "nothing from the stranger");
+        assert!(a.take_incoming(usize::MAX).iter().all(|(from, _)| *from == 2), "nothing from the stranger");
     }
 
     #[test]
@@ -628,9 +662,20 @@ mod tests {
                 _ => {}
             }
         }
-        assert!(a.incoming.try_recv().is_err(), "nothing delivered");
-        let gate = Gate { allowed_ips: vec!["127.0.0.0/8".parse().unwrap()], wake: None, queued: Default::default() };
+        assert!(a.take_incoming(1).is_empty(), "nothing delivered");
+        let gate = Gate {
+            allowed_ips: vec!["127.0.0.0/8".parse().unwrap()],
+            wake: None,
+            queued: Default::default(),
+            queued_bytes: Default::default(),
+            max_queued_bytes: 100,
+        };
         assert!(gate.admits(addrs[1]));
         assert!(gate.admits("[::ffff:127.0.0.1]:5".parse().unwrap()), "v4-mapped addresses match v4 nets");
+        // The incoming queue is bounded in bytes.
+        assert!(gate.reserve(60) && gate.reserve(40));
+        assert!(!gate.reserve(1), "budget spent");
+        gate.queued_bytes.fetch_sub(50, Ordering::SeqCst); // the consumer took some
+        assert!(gate.reserve(50) && !gate.reserve(1));
     }
 }
