@@ -243,7 +243,10 @@ fn endpoint(cfg: &NetConfig, allowed: Arc<HashMap<PublicKey, u32>>) -> Result<qu
 
 /// A running transport. Dropping it stops the network thread.
 pub struct Net {
-    out: HashMap<u32, mpsc::Sender<Arc<Vec<u8>>>>,
+    /// Per peer: its queue and the bytes waiting in it (bounded by
+    /// `max_queued_bytes`, so a dead peer's backlog cannot grow without end).
+    out: HashMap<u32, (mpsc::Sender<Arc<Vec<u8>>>, Arc<std::sync::atomic::AtomicUsize>)>,
+    max_out_bytes: usize,
     incoming: std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
     pub events: std::sync::mpsc::Receiver<NetEvent>,
     pub stats: Arc<NetStats>,
@@ -266,8 +269,9 @@ impl Net {
         let mut queues = vec![];
         for p in &cfg.peers {
             let (tx, rx) = mpsc::channel(cfg.queue);
-            out.insert(p.id, tx);
-            queues.push((p.clone(), rx));
+            let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            out.insert(p.id, (tx, bytes.clone()));
+            queues.push((p.clone(), rx, bytes));
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -286,14 +290,14 @@ impl Net {
             wake: cfg.wake.clone(),
             queued: queued.clone(),
             queued_bytes: queued_bytes.clone(),
-            max_queued_bytes: cfg.max_frame.saturating_mul(4).max(64 << 20),
+            max_queued_bytes: cfg.max_frame.saturating_mul(4),
         });
         let thread = std::thread::Builder::new()
             .name("net".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    for (peer, rx) in queues {
-                        tokio::spawn(send_loop(ep.clone(), peer, rx, ev_tx.clone(), st.clone()));
+                    for (peer, rx, bytes) in queues {
+                        tokio::spawn(send_loop(ep.clone(), peer, rx, bytes, ev_tx.clone(), st.clone()));
                     }
                     let acceptor = tokio::spawn(accept_loop(ep.clone(), allowed, gate, in_tx, ev_tx, st, max_frame));
                     let _ = stop_rx.await;
@@ -304,12 +308,30 @@ impl Net {
                 })
             })
             .map_err(|e| NetError::Endpoint(e.to_string()))?;
-        Ok(Net { out, incoming, events, stats, queued, queued_bytes, stop: Some(stop_tx), thread: Some(thread) })
+        let max_out_bytes = cfg.max_frame.saturating_mul(4);
+        Ok(Net {
+            out,
+            max_out_bytes,
+            incoming,
+            events,
+            stats,
+            queued,
+            queued_bytes,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
     }
 
     /// Queues `bytes` for `to`; false if it was dropped (unknown peer or full queue).
     pub fn send(&self, to: u32, bytes: Arc<Vec<u8>>) -> bool {
-        let ok = self.out.get(&to).is_some_and(|q| q.try_send(bytes).is_ok());
+        let ok = self.out.get(&to).is_some_and(|(q, queued)| {
+            let n = bytes.len();
+            if queued.fetch_add(n, Ordering::SeqCst) + n > self.max_out_bytes || q.try_send(bytes).is_err() {
+                queued.fetch_sub(n, Ordering::SeqCst);
+                return false;
+            }
+            true
+        });
         let c = if ok { &self.stats.sent } else { &self.stats.dropped_out };
         c.fetch_add(1, Ordering::Relaxed);
         ok
@@ -363,6 +385,7 @@ async fn send_loop(
     ep: quinn::Endpoint,
     peer: Peer,
     mut rx: mpsc::Receiver<Arc<Vec<u8>>>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     ev: std::sync::mpsc::Sender<NetEvent>,
     stats: Arc<NetStats>,
 ) {
@@ -398,6 +421,7 @@ async fn send_loop(
                 m = rx.recv() => match m { Some(m) => m, None => return },
                 _ = conn.closed() => continue 'reconnect,
             };
+            queued.fetch_sub(msg.len(), Ordering::SeqCst);
             let len = (msg.len() as u32).to_be_bytes();
             if stream.write_all(&len).await.is_err() || stream.write_all(&msg).await.is_err() {
                 stats.dropped_out.fetch_add(1, Ordering::Relaxed);
@@ -677,5 +701,30 @@ mod tests {
         assert!(!gate.reserve(1), "budget spent");
         gate.queued_bytes.fetch_sub(50, Ordering::SeqCst); // the consumer took some
         assert!(gate.reserve(50) && !gate.reserve(1));
+    }
+
+    #[test]
+    fn a_dead_peers_queue_is_bounded_in_bytes() {
+        let (k1, k2) = (crypto::generate_key(), crypto::generate_key());
+        let (mut socks, addrs) = sockets(2);
+        let dead = Peer { id: 2, addr: addrs[1], key: crypto::public_key(&k2) };
+        drop(socks.pop()); // nobody listens for validator 2
+        let a = Net::start(NetConfig {
+            me: 1,
+            key: k1,
+            socket: socks.pop().unwrap(),
+            peers: vec![dead],
+            max_frame: 100,
+            queue: 1024,
+            allowed_ips: vec![],
+            wake: None,
+        })
+        .unwrap();
+        // Four frames' worth may wait; the fifth is dropped and counted.
+        for i in 0..4 {
+            assert!(a.send(2, Arc::new(vec![i; 100])), "frame {i} queued");
+        }
+        assert!(!a.send(2, Arc::new(vec![9; 100])));
+        assert_eq!(a.stats.dropped_out.load(Ordering::Relaxed), 1);
     }
 }
