@@ -92,6 +92,74 @@ pub struct Conduct {
     pub failed_views: u64,
 }
 
+/// Leader reputation, computed from the committed chain alone (so every
+/// validator computes the same): in thousandths, from 1000. A view that ended
+/// in a view change costs its leader 200; each committed block earns its
+/// proposer 20 and everyone 10 (so an excluded validator is readmitted after
+/// a while). Leaders under the floor are excluded from the rotation (at most
+/// f, lowest first), from each replica's next view change.
+#[derive(Debug, Clone)]
+pub struct Reputation {
+    scores: Vec<u32>,
+    /// `None`: reputation disabled (CONSENSUS_ENABLE_REPUTATION=false).
+    floor: Option<u32>,
+    f: usize,
+    excluded: Vec<Rid>,
+}
+
+impl Reputation {
+    pub const FULL: u32 = 1000;
+    const FAILED_VIEW: u32 = 200;
+    const PROPOSED: u32 = 20;
+    const PER_BLOCK: u32 = 10;
+
+    pub fn new(n: usize, floor: Option<f64>) -> Self {
+        let floor = floor.map(|f| (f.clamp(0.0, 1.0) * Self::FULL as f64).round() as u32);
+        Reputation { scores: vec![Self::FULL; n], floor, f: n.saturating_sub(1) / 3, excluded: vec![] }
+    }
+
+    pub fn score(&self, r: Rid) -> f64 {
+        self.scores[r] as f64 / Self::FULL as f64
+    }
+
+    /// Validators currently kept from leading.
+    pub fn excluded(&self) -> &[Rid] {
+        &self.excluded
+    }
+
+    /// Leader of `view` under the exclusions in force (round-robin over the rest).
+    fn leader_of(&self, view: View) -> Rid {
+        let eligible: Vec<Rid> = (0..self.scores.len()).filter(|r| !self.excluded.contains(r)).collect();
+        eligible[(view % eligible.len() as u64) as usize]
+    }
+
+    /// Block `h` committed after `prev` (None at height 1); `proposer` is its
+    /// proposer's replica id, if a validator's key. Returns true if the
+    /// exclusions changed.
+    pub fn on_block(&mut self, prev_view: View, view: View, proposer: Option<Rid>) -> bool {
+        for w in prev_view..view {
+            let l = self.leader_of(w);
+            self.scores[l] = self.scores[l].saturating_sub(Self::FAILED_VIEW);
+        }
+        if let Some(p) = proposer.filter(|&p| p < self.scores.len()) {
+            self.scores[p] = (self.scores[p] + Self::PROPOSED).min(Self::FULL);
+        }
+        for s in &mut self.scores {
+            *s = (*s + Self::PER_BLOCK).min(Self::FULL);
+        }
+        let Some(floor) = self.floor else { return false };
+        let mut low: Vec<Rid> = (0..self.scores.len()).filter(|&r| self.scores[r] < floor).collect();
+        low.sort_by_key(|&r| (self.scores[r], r));
+        low.truncate(self.f);
+        low.sort();
+        if low != self.excluded {
+            self.excluded = low;
+            return true;
+        }
+        false
+    }
+}
+
 pub struct Node<A: Auth + Clone> {
     cfg: NodeConfig,
     mempool: Mempool,
@@ -109,6 +177,7 @@ pub struct Node<A: Auth + Clone> {
     checked: HashMap<Hash32, Arc<Proposal>>,
     checked_order: VecDeque<Hash32>,
     conduct: Vec<Conduct>,
+    reputation: Reputation,
     stats: NodeStats,
     actions: Vec<Action>,
 }
@@ -116,8 +185,18 @@ pub struct Node<A: Auth + Clone> {
 impl<A: Auth + Clone> Node<A> {
     /// `state` must reflect every block up to `last`, and `replica` must have
     /// executed exactly as many values (see `runtime` recovery).
-    pub fn new(cfg: NodeConfig, replica: Replica<A>, state: State, last: Option<BlockHeader>, now_ms: u64) -> Self {
+    /// `reputation` must have seen every block up to `last` (the runtime
+    /// replays them); its exclusions apply at once.
+    pub fn new(
+        cfg: NodeConfig,
+        mut replica: Replica<A>,
+        state: State,
+        last: Option<BlockHeader>,
+        reputation: Reputation,
+        now_ms: u64,
+    ) -> Self {
         let height = last.as_ref().map_or(0, |h| h.height);
+        replica.set_excluded(reputation.excluded().iter().copied());
         assert_eq!(state.height(), height, "state and last block disagree");
         assert_eq!(replica.executed(), height, "replica and block store disagree");
         Node {
@@ -133,6 +212,7 @@ impl<A: Auth + Clone> Node<A> {
             checked: HashMap::new(),
             checked_order: VecDeque::new(),
             conduct: vec![Conduct::default(); cfg.validators.len()],
+            reputation,
             stats: NodeStats::default(),
             actions: Vec::new(),
             cfg,
@@ -156,6 +236,9 @@ impl<A: Auth + Clone> Node<A> {
     }
     pub fn conduct(&self) -> &[Conduct] {
         &self.conduct
+    }
+    pub fn reputation(&self) -> &Reputation {
+        &self.reputation
     }
     pub fn mempool_len(&self) -> usize {
         self.mempool.len()
@@ -391,6 +474,12 @@ impl<A: Auth + Clone> Node<A> {
         if let Some(c) = self.conduct.get_mut(proposer_id) {
             c.blocks_proposed += 1;
         }
+        let prev_view = self.last.as_ref().map_or(0, |h| h.view);
+        if self.reputation.on_block(prev_view, header.view, Some(proposer_id)) {
+            let ex = self.reputation.excluded().to_vec();
+            tracing::info!(height = seq, excluded = ?ex, "leader exclusions changed (reputation); applied at the next view change");
+            self.replica.exclude_from_next_view(ex);
+        }
         self.last = Some(header);
         self.stats.committed_blocks += 1;
         self.stats.committed_txs += block.txs.len() as u64;
@@ -487,7 +576,7 @@ mod tests {
         (0..n)
             .map(|i| {
                 let r = Replica::new(i, params_for_tests(n), Ed25519Auth::new(keys[i].clone(), pks.clone()));
-                Node::new(cfg.clone(), r, State::new(StateConfig::default()), None, 0)
+                Node::new(cfg.clone(), r, State::new(StateConfig::default()), None, Reputation::new(n, Some(0.7)), 0)
             })
             .collect()
     }
@@ -600,6 +689,34 @@ mod tests {
         assert_eq!(nodes[1].replica().view(), 0, "{out:?}");
         nodes[1].on_tick(now + 2_500, &mut out);
         assert_eq!(nodes[1].replica().view(), 1, "the primary ordered nothing within the timeout");
+    }
+
+    #[test]
+    fn reputation_excludes_a_leader_whose_views_fail_and_readmits_it() {
+        let mut r = Reputation::new(4, Some(0.7));
+        assert!(!r.on_block(0, 0, Some(0)));
+        assert!(!r.on_block(0, 1, Some(1)), "one failed view (0's) is not enough");
+        assert!(!r.on_block(1, 3, Some(3)));
+        // Views 3 and 4 fail too; 4 was led by 0 again: 0 drops under 0.7.
+        assert!(r.on_block(3, 5, Some(1)));
+        assert_eq!(r.excluded(), &[0]);
+        assert!(r.score(0) < 0.7 && r.score(3) >= 0.7);
+        // With 0 out of the rotation, view 5 is led by the third of 1, 2, 3.
+        assert_eq!(r.leader_of(5), 3);
+        let mut blocks = 0;
+        while !r.excluded().is_empty() {
+            r.on_block(5, 5, Some(2));
+            blocks += 1;
+            assert!(blocks < 100);
+        }
+        assert_eq!(blocks, 7, "readmitted after 7 good blocks");
+        // At most f = 1 excluded, the lowest first; disabled: never.
+        let mut r = Reputation::new(4, Some(0.99));
+        r.on_block(0, 2, Some(2)); // views 0 and 1 failed
+        assert_eq!(r.excluded().len(), 1);
+        let mut off = Reputation::new(4, None);
+        off.on_block(0, 9, Some(1));
+        assert!(off.excluded().is_empty());
     }
 
     #[test]

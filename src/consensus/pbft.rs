@@ -315,6 +315,8 @@ pub struct Replica<A: Auth + Clone> {
     /// Replicas that may not lead (quarantined or under the reputation
     /// floor); set identically on every replica from committed state.
     excluded: BTreeSet<Rid>,
+    /// Exclusions to apply at the next view change.
+    next_excluded: Option<BTreeSet<Rid>>,
 }
 
 impl<A: Auth + Clone> Replica<A> {
@@ -348,6 +350,7 @@ impl<A: Auth + Clone> Replica<A> {
             last_heartbeat: None,
             next_heartbeat: 0,
             excluded: BTreeSet::new(),
+            next_excluded: None,
         }
     }
 
@@ -481,7 +484,23 @@ impl<A: Auth + Clone> Replica<A> {
     /// (more would let the faulty pick the leaders); extra ones are ignored.
     /// Callers apply it at the same executed height on every replica.
     pub fn set_excluded(&mut self, excluded: impl IntoIterator<Item = Rid>) {
-        self.excluded = excluded.into_iter().filter(|&r| r < self.p.n).take(self.p.f()).collect();
+        self.excluded = self.cap_excluded(excluded);
+    }
+
+    fn cap_excluded(&self, excluded: impl IntoIterator<Item = Rid>) -> BTreeSet<Rid> {
+        excluded.into_iter().filter(|&r| r < self.p.n).take(self.p.f()).collect()
+    }
+
+    /// Exclusions that take effect at this replica's next view change (so
+    /// the current view's leader never changes under it). Replicas apply
+    /// them at slightly different moments; while they disagree on a
+    /// leader only liveness waits: certificates do not depend on it.
+    pub fn exclude_from_next_view(&mut self, excluded: impl IntoIterator<Item = Rid>) {
+        self.next_excluded = Some(self.cap_excluded(excluded));
+    }
+
+    pub fn excluded(&self) -> &BTreeSet<Rid> {
+        &self.excluded
     }
 
     /// Current view-change timeout (AIMD).
@@ -696,6 +715,11 @@ impl<A: Auth + Clone> Replica<A> {
                 }
             }
             Message::NewView(s) => {
+                if s.body.view > self.view {
+                    if let Some(e) = self.next_excluded.take() {
+                        self.excluded = e; // leaving our view: pending exclusions apply
+                    }
+                }
                 if s.from == self.primary(s.body.view) && self.auth.verify(s.from, &nv_bytes(&s.body), &s.sig) {
                     self.on_new_view(s, out);
                 }
@@ -897,9 +921,14 @@ impl<A: Auth + Clone> Replica<A> {
         self.own_checkpoints = self.own_checkpoints.split_off(&seq);
     }
 
+    // Certificates of past views do not check that the pre-prepare came from
+    // that view's primary: who leads a view may be judged differently once
+    // exclusions change, and safety does not rest on it. Two certificates
+    // for one (view, seq) share at least f + 1 signers, so an honest replica
+    // would have signed two digests for one slot, which it never does.
     fn valid_commit_cert(&self, c: &CommitCert) -> bool {
         let pp = &c.pre_prepare;
-        if pp.from != self.primary(pp.body.view)
+        if pp.from >= self.p.n
             || !self.auth.verify(pp.from, &pp_bytes(&pp.body), &pp.sig)
             || sha256(&pp.body.value) != pp.body.digest
         {
@@ -938,6 +967,9 @@ impl<A: Auth + Clone> Replica<A> {
         if new_view < self.view || (new_view == self.view && self.changing) {
             return;
         }
+        if let Some(e) = self.next_excluded.take() {
+            self.excluded = e;
+        }
         self.view = new_view;
         self.changing = true;
         // AIMD multiplicative increase: if this view fails too, wait longer.
@@ -965,10 +997,7 @@ impl<A: Auth + Clone> Replica<A> {
         if b.view >= new_view || b.seq <= stable || b.seq > stable + self.p.window {
             return false;
         }
-        if pp.from != self.primary(b.view)
-            || !self.auth.verify(pp.from, &pp_bytes(b), &pp.sig)
-            || sha256(&b.value) != b.digest
-        {
+        if pp.from >= self.p.n || !self.auth.verify(pp.from, &pp_bytes(b), &pp.sig) || sha256(&b.value) != b.digest {
             return false;
         }
         let mut signers = BTreeSet::new();

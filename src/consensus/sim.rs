@@ -74,6 +74,11 @@ pub struct SimConfig {
     pub mute: Option<Rid>,
     /// Replicas excluded from leadership (quarantine), on every replica.
     pub excluded: Vec<Rid>,
+    /// At this time one more replica is excluded, as the validator does from
+    /// committed reputation: each replica learns it at a slightly different
+    /// moment and applies it at its next view change, so for a while they
+    /// disagree on leaders.
+    pub exclude_later: Option<(Rid, u64)>,
     /// Faults (loss, partitions, crashes) stop here; liveness is due after.
     pub heal_at: u64,
 }
@@ -93,6 +98,7 @@ impl SimConfig {
             commit_starve: rng.gen_bool(0.3),
             mute: None,
             excluded: vec![],
+            exclude_later: None,
             heal_at: rng.gen_range(2_000..10_000),
         };
         if cfg.byzantine.is_none() && rng.gen_bool(0.2) {
@@ -100,6 +106,9 @@ impl SimConfig {
         }
         if rng.gen_bool(0.2) {
             cfg.excluded = vec![rng.gen_range(0..n)];
+        }
+        if rng.gen_bool(0.25) {
+            cfg.exclude_later = Some((rng.gen_range(0..n), rng.gen_range(0..cfg.heal_at)));
         }
         cfg
     }
@@ -190,8 +199,17 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         }
     };
 
+    let mut learned_exclusion = vec![false; n];
     while now < end {
         let faulty = now < cfg.heal_at;
+        if let Some((x, at)) = cfg.exclude_later {
+            for (r, learned) in learned_exclusion.iter_mut().enumerate() {
+                if !*learned && now >= at + 41 * r as u64 {
+                    *learned = true;
+                    replicas[r].exclude_from_next_view(cfg.excluded.iter().copied().chain([x]));
+                }
+            }
+        }
         for (d, r) in durable.iter_mut().zip(&replicas) {
             if std::mem::take(&mut d.compact) {
                 d.records = r.durable_records();
@@ -216,8 +234,9 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                     durable[v].records.clone(),
                 );
                 replicas[v].set_excluded(cfg.excluded.iter().copied());
-                // It reads the source again from its last committed offset, so
-                // it learns the values it missed (Kafka redelivery).
+                learned_exclusion[v] = false; // recomputed from its state, as the validator does
+                                              // It reads the source again from its last committed offset, so
+                                              // it learns the values it missed (Kafka redelivery).
                 for v in &values_seen {
                     replicas[crash_victim].propose(v.clone(), &mut out);
                 }
@@ -467,6 +486,7 @@ mod tests {
             commit_starve: false,
             mute: None,
             excluded: vec![],
+            exclude_later: None,
             heal_at: 0,
         }
     }
@@ -519,6 +539,24 @@ mod tests {
         for seed in 0..10 {
             let o = run(seed, &cfg);
             assert!(o.primaries.iter().all(|&p| p != 1), "seed {seed}: {:?}", o.primaries);
+        }
+    }
+
+    #[test]
+    fn exclusions_learned_at_different_moments_apply_at_the_next_view_change() {
+        // The first primary (0) is silent; replicas learn one after another
+        // that 1, the next in line, may not lead: the view change skips it.
+        let cfg = SimConfig { mute: Some(0), exclude_later: Some((1, 0)), loss: 0.05, heal_at: 3_000, ..quiet(4) };
+        for seed in 0..20 {
+            let o = run(seed, &cfg);
+            assert!(o.primaries.iter().all(|&p| p != 0 && p != 1), "seed {seed}: {:?}", o.primaries);
+        }
+        // With a Byzantine replica and the exclusion learned mid-run, while
+        // views change under loss: agreement and liveness (checked by `run`).
+        let cfg =
+            SimConfig { exclude_later: Some((0, 700)), byzantine: Some(2), loss: 0.2, heal_at: 5_000, ..quiet(4) };
+        for seed in 0..20 {
+            run(seed, &cfg);
         }
     }
 

@@ -187,10 +187,16 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let (store, rec) = BlockStore::open(&c.node.data_dir, limits)?;
     let mut state = State::new(c.state_config());
     let mut failed: Option<anyhow::Error> = None;
+    let floor = c.consensus.enable_reputation.then_some(c.consensus.min_leader_reputation);
+    let mut reputation = node::Reputation::new(n, floor);
+    let mut prev_view = 0;
     let certs = (1..=store.height()).map_while(|h| {
         let r = store.read(h).map_err(anyhow::Error::from).and_then(|x| {
             let (b, cert) = x.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
             node::replay(&mut state, &b).map_err(anyhow::Error::msg)?;
+            let proposer = keys.iter().position(|k| *k == b.header.proposer);
+            reputation.on_block(prev_view, b.header.view, proposer);
+            prev_view = b.header.view;
             stored_cert(&b, cert, &wire)
         });
         r.map_err(|e| failed = Some(e)).ok()
@@ -303,7 +309,10 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         validators: keys.clone(),
     };
     let last = store.last_header().cloned();
-    let node = Node::new(ncfg, replica, state, last, now_ms());
+    if !reputation.excluded().is_empty() {
+        tracing::info!(excluded = ?reputation.excluded(), "leaders excluded by reputation");
+    }
+    let node = Node::new(ncfg, replica, state, last, reputation, now_ms());
     let cons =
         Consensus { log: clog, net, ids, wire, pending: vec![], compact_at: c.runtime.consensus_log_compact_bytes };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
