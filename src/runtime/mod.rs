@@ -1,4 +1,4 @@
-//! Runtime: the validator's threads and the rings between them.
+//! Runtime: the validator's threads and the queues between them.
 //!
 //! ```text
 //! direct source ─ one reader thread per connection: frame → decode → route by hash(nonce)
@@ -7,12 +7,14 @@
 //! verify shard × N (pinned when configured): checks → batched Ed25519 → nonces
 //!        │  Ring<Vec<VerifiedTx>> per shard            rejections ─► DLQ thread
 //!        ▼
-//! core thread (single owner): Node (mempool, builder, state) → block store (fsync)
-//!        │  committed blocks
+//! core thread (single owner): genesis, then Node (mempool, PBFT replica, state)
+//!        │   ▲ consensus frames (bounded queue, rings the core's doorbell)
+//!        │   └── net thread (tokio + quinn QUIC to the other validators)
+//!        │  consensus.log (fsync before sends) · block store (fsync) · committed blocks
 //!        ▼
 //! subscribers (direct clients' writer threads)
 //! ```
-//! Each stage owns its data; rings are bounded, so a slow stage stops the
+//! Each stage owns its data; queues are bounded, so a slow stage stops the
 //! one before it and, finally, the TCP reader: backpressure, never growth.
 
 pub mod ring;
