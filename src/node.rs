@@ -356,7 +356,6 @@ impl<A: Auth + Clone> Node<A> {
                 builder: &self.cfg.builder,
                 policy: &self.cfg.policy,
                 mempool: &self.mempool,
-                last_timestamp_ms: self.last.as_ref().map_or(0, |h| h.timestamp_ms),
                 now_ms,
                 skew_ms: self.cfg.skew_ms,
             },
@@ -455,7 +454,9 @@ impl<A: Auth + Clone> Node<A> {
                 Proposal { timestamp_ms: last_ts, txs: vec![], tx_hashes: vec![] }
             }),
         };
-        let timestamp_ms = if p.txs.is_empty() { last_ts } else { p.timestamp_ms };
+        // Block time never goes back, even if a new primary's clock is behind
+        // the last one's (the proposal keeps its own time; the store keeps it).
+        let timestamp_ms = p.timestamp_ms.max(last_ts);
         let pairs: Vec<(&Event, Hash32)> = p.txs.iter().map(|t| &**t).zip(p.tx_hashes.iter().copied()).collect();
         let Executed { state_root, receipts, undo: _ } = self.state.execute_block(seq, timestamp_ms, &pairs);
         let proposer_id = cert.pre_prepare.from;

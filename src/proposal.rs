@@ -36,8 +36,6 @@ pub enum ProposalError {
     TooLarge { txs: usize, bytes: usize, max_txs: usize, max_bytes: usize },
     #[error("tx {0} appears twice")]
     Duplicate(usize),
-    #[error("timestamp {ts} is before the last block's {last}")]
-    TimeBackwards { ts: u64, last: u64 },
     #[error("timestamp {ts} is more than {skew_ms} ms ahead of this validator's clock ({now})")]
     TimeAhead { ts: u64, now: u64, skew_ms: u64 },
     #[error("tx {index} fails verification ({reason}): {detail}")]
@@ -49,12 +47,26 @@ pub fn encode(timestamp_ms: u64, txs: &[Arc<Event>]) -> Vec<u8> {
     proto::Proposal { timestamp_ms, txs: txs.iter().map(|t| t.to_tx_proto()).collect() }.encode_to_vec()
 }
 
-/// The value a committed block was ordered as (empty for a null block).
-pub fn value_of_block(b: &Block) -> Vec<u8> {
-    if b.txs.is_empty() {
+/// What the block store keeps of a committed value: the Proposal without
+/// its txs (they are in the block), i.e. just its timestamp; empty for null.
+pub fn stored_form(value: &[u8]) -> Vec<u8> {
+    if value.is_empty() {
         return vec![];
     }
-    encode(b.header.timestamp_ms, &b.txs)
+    let ts = proto::ProposalTimestamp::decode(value).map_or(0, |p| p.timestamp_ms);
+    encode(ts, &[])
+}
+
+/// The value a stored block was ordered as, from its txs and the stored
+/// form (blocks stored before it was kept: the header's timestamp).
+pub fn value_of_block(b: &Block, stored: Option<&[u8]>) -> Vec<u8> {
+    let ts = match stored {
+        Some([]) => return vec![], // a null block
+        Some(s) => proto::ProposalTimestamp::decode(s).map_or(b.header.timestamp_ms, |p| p.timestamp_ms),
+        None if b.txs.is_empty() => return vec![],
+        None => b.header.timestamp_ms,
+    };
+    encode(ts, &b.txs)
 }
 
 /// Decodes a value; refuses any encoding other than the canonical one, so
@@ -82,7 +94,6 @@ pub struct CheckContext<'a> {
     pub policy: &'a VerifyPolicy,
     /// Txs this validator verified itself (no second signature check).
     pub mempool: &'a Mempool,
-    pub last_timestamp_ms: u64,
     pub now_ms: u64,
     pub skew_ms: u64,
 }
@@ -103,9 +114,6 @@ pub fn check(bytes: &[u8], cx: &CheckContext) -> Result<Proposal, ProposalError>
             max_txs: cx.builder.max_txs,
             max_bytes: cx.builder.max_bytes,
         });
-    }
-    if p.timestamp_ms < cx.last_timestamp_ms {
-        return Err(ProposalError::TimeBackwards { ts: p.timestamp_ms, last: cx.last_timestamp_ms });
     }
     if p.timestamp_ms > cx.now_ms + cx.skew_ms {
         return Err(ProposalError::TimeAhead { ts: p.timestamp_ms, now: cx.now_ms, skew_ms: cx.skew_ms });
@@ -175,7 +183,6 @@ mod tests {
             builder: &f.builder,
             policy: &f.policy,
             mempool: &f.mempool,
-            last_timestamp_ms: 900,
             now_ms: now,
             skew_ms: 60_000,
         }
@@ -196,6 +203,23 @@ mod tests {
         assert_eq!(p.txs, txs);
         assert_eq!(p.tx_hashes[1], txs[1].tx_hash());
         assert!(decode(&[], &Limits::default()).unwrap().txs.is_empty(), "null value");
+        // What the store keeps, and the value rebuilt from it.
+        let stored = stored_form(&bytes);
+        assert!(stored.len() < 16);
+        let header = crate::block::BlockHeader {
+            height: 1,
+            view: 0,
+            timestamp_ms: 1234, // the block's (monotonic) time may differ from the proposal's
+            previous_hash: [0; 32],
+            tx_root: [0; 32],
+            state_root: [0; 32],
+            proposer: [0; 32],
+            tx_count: 3,
+        };
+        let tx_hashes = txs.iter().map(|t| t.tx_hash()).collect();
+        let block = Block { header, txs: txs.clone(), tx_hashes };
+        assert_eq!(value_of_block(&block, Some(&stored)), bytes);
+        assert_eq!(stored_form(&[]), Vec::<u8>::new());
         // The same message with a field repeated is not canonical.
         let mut dup = bytes.clone();
         dup.extend_from_slice(&proto::Proposal { timestamp_ms: 1000, txs: vec![] }.encode_to_vec());
@@ -213,7 +237,9 @@ mod tests {
         assert!(matches!(check(&encode(1000, &five), &cx(&f, 1000)), Err(ProposalError::TooLarge { .. })));
         let twice = vec![good[0].clone(), good[0].clone()];
         assert_eq!(check(&encode(1000, &twice), &cx(&f, 1000)), Err(ProposalError::Duplicate(1)));
-        assert!(matches!(check(&encode(800, &good), &cx(&f, 1000)), Err(ProposalError::TimeBackwards { .. })));
+        // A clock behind the last block's is not refused: block time is kept
+        // monotonic at execution instead.
+        assert!(check(&encode(800, &good), &cx(&f, 1000)).is_ok());
         assert!(matches!(check(&encode(99_999, &good), &cx(&f, 1000)), Err(ProposalError::TimeAhead { .. })));
         let forged = vec![good[0].clone(), bad_sig(&good[1])];
         match check(&encode(1000, &forged), &cx(&f, 1000)) {

@@ -554,7 +554,8 @@ impl Consensus {
 /// certificates were kept) get an unsigned stand-in carrying the digest,
 /// which is all the replica's recovery reads.
 fn stored_cert(b: &Block, cert: Option<proto::PbftCommitCert>, wire: &WireLimits) -> anyhow::Result<CommitCert> {
-    let value = Arc::new(proposal::value_of_block(b));
+    let stored = cert.as_ref().and_then(|c| c.pre_prepare.as_ref()).map(|p| p.value.as_slice());
+    let value = Arc::new(proposal::value_of_block(b, stored));
     let digest = crate::sha256(&value);
     let h = b.header.height;
     let Some(pc) = cert else {
@@ -860,7 +861,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
         .map(|(b, c, _)| {
             let mut pc = wire::commit_cert_to(c);
             if let Some(pp) = &mut pc.pre_prepare {
-                pp.value.clear(); // the block holds it
+                pp.value = proposal::stored_form(&pp.value); // the block holds the txs
             }
             (&**b, Some(pc))
         })
