@@ -14,7 +14,7 @@
 //! and the block store doubles as PBFT's committed log for catch-up.
 
 use crate::block::{tx_root, Block, BlockHeader, BuilderConfig};
-use crate::consensus::pbft::{Action, Auth, CommitCert, Message, Record, Replica, Rid, Seq, View};
+use crate::consensus::pbft::{Action, Auth, CommitCert, Message, Proof, Record, Replica, Rid, Seq, View};
 use crate::crypto::PublicKey;
 use crate::dlq::{RejectReason, Rejection};
 use crate::event::{Event, Limits};
@@ -103,6 +103,10 @@ pub struct Reputation {
     scores: Vec<u32>,
     /// `None`: reputation disabled (CONSENSUS_ENABLE_REPUTATION=false).
     floor: Option<u32>,
+    /// Validators with committed proof of misbehaviour (never readmitted
+    /// without an operator); excluded before low scores.
+    quarantined: std::collections::BTreeSet<Rid>,
+    quarantine: bool,
     f: usize,
     excluded: Vec<Rid>,
 }
@@ -113,9 +117,33 @@ impl Reputation {
     const PROPOSED: u32 = 20;
     const PER_BLOCK: u32 = 10;
 
-    pub fn new(n: usize, floor: Option<f64>) -> Self {
+    /// `quarantine`: CONSENSUS_ENABLE_QUARANTINE.
+    pub fn new(n: usize, floor: Option<f64>, quarantine: bool) -> Self {
         let floor = floor.map(|f| (f.clamp(0.0, 1.0) * Self::FULL as f64).round() as u32);
-        Reputation { scores: vec![Self::FULL; n], floor, f: n.saturating_sub(1) / 3, excluded: vec![] }
+        Reputation {
+            scores: vec![Self::FULL; n],
+            floor,
+            quarantined: Default::default(),
+            quarantine,
+            f: n.saturating_sub(1) / 3,
+            excluded: vec![],
+        }
+    }
+
+    pub fn quarantine_enabled(&self) -> bool {
+        self.quarantine
+    }
+
+    pub fn is_quarantined(&self, r: Rid) -> bool {
+        self.quarantined.contains(&r)
+    }
+
+    /// Committed proof against `r`. Returns true if the exclusions changed.
+    pub fn quarantine(&mut self, r: Rid) -> bool {
+        if !self.quarantine || r >= self.scores.len() || !self.quarantined.insert(r) {
+            return false;
+        }
+        self.recompute()
     }
 
     pub fn score(&self, r: Rid) -> f64 {
@@ -147,13 +175,21 @@ impl Reputation {
         for s in &mut self.scores {
             *s = (*s + Self::PER_BLOCK).min(Self::FULL);
         }
-        let Some(floor) = self.floor else { return false };
-        let mut low: Vec<Rid> = (0..self.scores.len()).filter(|&r| self.scores[r] < floor).collect();
-        low.sort_by_key(|&r| (self.scores[r], r));
-        low.truncate(self.f);
-        low.sort();
-        if low != self.excluded {
-            self.excluded = low;
+        self.recompute()
+    }
+
+    fn recompute(&mut self) -> bool {
+        let mut out: Vec<Rid> = self.quarantined.iter().copied().collect();
+        if let Some(floor) = self.floor {
+            let mut low: Vec<Rid> =
+                (0..self.scores.len()).filter(|&r| self.scores[r] < floor && !self.quarantined.contains(&r)).collect();
+            low.sort_by_key(|&r| (self.scores[r], r));
+            out.extend(low);
+        }
+        out.truncate(self.f);
+        out.sort();
+        if out != self.excluded {
+            self.excluded = out;
             return true;
         }
         false
@@ -178,6 +214,9 @@ pub struct Node<A: Auth + Clone> {
     checked_order: VecDeque<Hash32>,
     conduct: Vec<Conduct>,
     reputation: Reputation,
+    /// Verified proofs of misbehaviour not yet committed, and whether this
+    /// validator has put them in a proposal of the current view.
+    proofs: Vec<(Proof, bool)>,
     stats: NodeStats,
     actions: Vec<Action>,
 }
@@ -213,6 +252,7 @@ impl<A: Auth + Clone> Node<A> {
             checked_order: VecDeque::new(),
             conduct: vec![Conduct::default(); cfg.validators.len()],
             reputation,
+            proofs: vec![],
             stats: NodeStats::default(),
             actions: Vec::new(),
             cfg,
@@ -312,7 +352,13 @@ impl<A: Auth + Clone> Node<A> {
                     && s.body.seq > self.replica.executed()
                     && !self.checked.contains_key(&s.body.digest) =>
             {
-                match self.check_proposal(now_ms, &s.body.value) {
+                let checked = self.check_proposal(now_ms, &s.body.value).and_then(|p| {
+                    match p.evidence.iter().position(|e| !self.replica.verify_proof(e)) {
+                        Some(i) => Err(proposal::ProposalError::Decode(format!("proof {i} does not verify"))),
+                        None => Ok(p),
+                    }
+                });
+                match checked {
                     Ok(p) => self.remember_checked(s.body.digest, p),
                     Err(e) => {
                         self.stats.proposals_refused += 1;
@@ -362,6 +408,17 @@ impl<A: Auth + Clone> Node<A> {
         )
     }
 
+    /// A proof this replica found: keep it to commit (once per culprit).
+    fn note_proof(&mut self, p: Proof) {
+        let c = p.culprit();
+        if self.reputation.quarantine_enabled()
+            && !self.reputation.is_quarantined(c)
+            && !self.proofs.iter().any(|(q, _)| q.culprit() == c)
+        {
+            self.proofs.push((p, false));
+        }
+    }
+
     fn remember_checked(&mut self, d: Hash32, p: Proposal) {
         if self.checked.insert(d, Arc::new(p)).is_none() {
             self.checked_order.push_back(d);
@@ -386,23 +443,34 @@ impl<A: Auth + Clone> Node<A> {
         self.replica.set_time(now_ms);
         loop {
             self.note_view();
+            let unproposed_proofs = self.proofs.iter().any(|(_, proposed)| !proposed);
             if self.replica.can_propose()
-                && self.cfg.builder.should_build(
-                    self.mempool.pending(),
-                    self.mempool.bytes(),
-                    now_ms,
-                    self.last_proposal_ms,
-                )
+                && (unproposed_proofs
+                    || self.cfg.builder.should_build(
+                        self.mempool.pending(),
+                        self.mempool.bytes(),
+                        now_ms,
+                        self.last_proposal_ms,
+                    ))
             {
                 let txs = self.mempool.take_for_block(self.cfg.builder.max_txs, self.cfg.builder.max_bytes);
-                debug_assert!(!txs.is_empty());
                 let ts = now_ms.max(self.last_proposal_ts).max(self.last.as_ref().map_or(0, |h| h.timestamp_ms));
                 self.last_proposal_ts = ts;
                 self.last_proposal_ms = now_ms;
                 let tx_hashes: Vec<Hash32> = txs.iter().map(|t| t.tx_hash).collect();
                 let events: Vec<Arc<Event>> = txs.into_iter().map(|t| t.event).collect();
-                let value = Arc::new(proposal::encode(ts, &events));
-                self.remember_checked(crate::sha256(&value), Proposal { timestamp_ms: ts, txs: events, tx_hashes });
+                let mut evidence = vec![];
+                for (p, proposed) in self.proofs.iter_mut().filter(|(_, proposed)| !proposed) {
+                    if evidence.len() < proposal::MAX_EVIDENCE {
+                        *proposed = true;
+                        evidence.push(p.clone());
+                    }
+                }
+                let value = Arc::new(proposal::encode_with(ts, &events, &evidence));
+                self.remember_checked(
+                    crate::sha256(&value),
+                    Proposal { timestamp_ms: ts, txs: events, tx_hashes, evidence },
+                );
                 self.replica.propose(value, &mut self.actions);
             } else if !self.replica.is_primary() && self.mempool.pending() > 0 {
                 // Txs wait: the primary must order something before the timeout.
@@ -417,8 +485,11 @@ impl<A: Auth + Clone> Node<A> {
                     Action::Send(to, m) => out.push(Output::Send(to, m)),
                     Action::Broadcast(m) => out.push(Output::Broadcast(m)),
                     Action::Execute { seq, value, cert } => self.execute(now_ms, seq, &value, cert, out),
-                    Action::Evidence { culprit, what } => {
+                    Action::Evidence { culprit, what, proof } => {
                         self.conduct[culprit].equivocations += 1;
+                        if let Some(p) = proof {
+                            self.note_proof(p);
+                        }
                         out.push(Output::Evidence { culprit, what: what.to_string() });
                     }
                 }
@@ -438,6 +509,9 @@ impl<A: Auth + Clone> Node<A> {
             self.view = v;
             self.replica.clear_queue();
             self.mempool.unpropose_all();
+            for (_, proposed) in &mut self.proofs {
+                *proposed = false;
+            }
         }
     }
 
@@ -451,7 +525,7 @@ impl<A: Auth + Clone> Node<A> {
             Some(p) => Arc::unwrap_or_clone(p),
             None => proposal::decode(value, &self.cfg.limits).unwrap_or_else(|e| {
                 tracing::error!(seq, error = %e, "committed value does not decode; executing it as an empty block");
-                Proposal { timestamp_ms: last_ts, txs: vec![], tx_hashes: vec![] }
+                Proposal { timestamp_ms: last_ts, txs: vec![], tx_hashes: vec![], evidence: vec![] }
             }),
         };
         // Block time never goes back, even if a new primary's clock is behind
@@ -476,7 +550,14 @@ impl<A: Auth + Clone> Node<A> {
             c.blocks_proposed += 1;
         }
         let prev_view = self.last.as_ref().map_or(0, |h| h.view);
-        if self.reputation.on_block(prev_view, header.view, Some(proposer_id)) {
+        let mut changed = false;
+        for e in &p.evidence {
+            let culprit = e.culprit();
+            changed |= self.reputation.quarantine(culprit);
+            self.proofs.retain(|(q, _)| q.culprit() != culprit);
+            tracing::warn!(height = seq, validator = culprit, "validator quarantined: committed proof of misbehaviour");
+        }
+        if self.reputation.on_block(prev_view, header.view, Some(proposer_id)) || changed {
             let ex = self.reputation.excluded().to_vec();
             tracing::info!(height = seq, excluded = ?ex, "leader exclusions changed (reputation); applied at the next view change");
             self.replica.exclude_from_next_view(ex);
@@ -553,6 +634,14 @@ mod tests {
     }
 
     fn cluster(n: usize, producer: &crypto::SigningKey, max_mempool: usize) -> Vec<Node<Ed25519Auth>> {
+        cluster_with_keys(n, producer, max_mempool).0
+    }
+
+    fn cluster_with_keys(
+        n: usize,
+        producer: &crypto::SigningKey,
+        max_mempool: usize,
+    ) -> (Vec<Node<Ed25519Auth>>, Vec<crypto::SigningKey>) {
         let keys: Vec<_> = (0..n).map(|_| crypto::generate_key()).collect();
         let pks: Vec<_> = keys.iter().map(crypto::public_key).collect();
         let cfg = NodeConfig {
@@ -574,12 +663,20 @@ mod tests {
             skew_ms: 60_000,
             validators: pks.clone(),
         };
-        (0..n)
+        let nodes = (0..n)
             .map(|i| {
                 let r = Replica::new(i, params_for_tests(n), Ed25519Auth::new(keys[i].clone(), pks.clone()));
-                Node::new(cfg.clone(), r, State::new(StateConfig::default()), None, Reputation::new(n, Some(0.7)), 0)
+                Node::new(
+                    cfg.clone(),
+                    r,
+                    State::new(StateConfig::default()),
+                    None,
+                    Reputation::new(n, Some(0.7), true),
+                    0,
+                )
             })
-            .collect()
+            .collect();
+        (nodes, keys)
     }
 
     /// Delivers every message (lossless, in order) until quiet; returns the
@@ -694,7 +791,7 @@ mod tests {
 
     #[test]
     fn reputation_excludes_a_leader_whose_views_fail_and_readmits_it() {
-        let mut r = Reputation::new(4, Some(0.7));
+        let mut r = Reputation::new(4, Some(0.7), true);
         assert!(!r.on_block(0, 0, Some(0)));
         assert!(!r.on_block(0, 1, Some(1)), "one failed view (0's) is not enough");
         assert!(!r.on_block(1, 3, Some(3)));
@@ -712,12 +809,51 @@ mod tests {
         }
         assert_eq!(blocks, 7, "readmitted after 7 good blocks");
         // At most f = 1 excluded, the lowest first; disabled: never.
-        let mut r = Reputation::new(4, Some(0.99));
+        let mut r = Reputation::new(4, Some(0.99), true);
         r.on_block(0, 2, Some(2)); // views 0 and 1 failed
         assert_eq!(r.excluded().len(), 1);
-        let mut off = Reputation::new(4, None);
+        let mut off = Reputation::new(4, None, false);
         off.on_block(0, 9, Some(1));
         assert!(off.excluded().is_empty());
+    }
+
+    #[test]
+    fn an_equivocating_primary_is_quarantined_through_a_committed_proof() {
+        use crate::consensus::pbft::{pp_bytes, PrePrepare, Signed, Value};
+        let k = crypto::generate_key();
+        let (mut nodes, keys) = cluster_with_keys(4, &k, 100);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let mut now = 1000;
+        let (a, b) = (vtx(&k, 1, now), vtx(&k, 2, now));
+        // Validator 0 leads view 0 and signs two different values for seq 1.
+        let auth0 = Ed25519Auth::new(keys[0].clone(), nodes[0].cfg.validators.clone());
+        let pp = |t: &VerifiedTx| {
+            let value: Value = Arc::new(proposal::encode(now, std::slice::from_ref(&t.event)));
+            let body = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
+            Message::PrePrepare(Signed { sig: auth0.sign(&pp_bytes(&body)), body, from: 0 })
+        };
+        for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+            n.on_txs(now, vec![a.clone(), b.clone()], &mut outs[i]);
+        }
+        let (ppa, ppb) = (pp(&a), pp(&b));
+        nodes[1].on_message(now, 0, ppa, &mut outs[1]);
+        nodes[1].on_message(now, 0, ppb, &mut outs[1]);
+        assert!(outs[1].iter().any(|o| matches!(o, Output::Evidence { culprit: 0, .. })), "equivocation seen");
+        // Validator 0 goes silent; the others change view, and validator 1,
+        // leading view 1, commits the proof with the txs.
+        while !nodes[1..].iter().all(|n| n.reputation().is_quarantined(0)) {
+            now += 100;
+            assert!(now < 60_000, "the proof was never committed");
+            for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+                n.on_tick(now, &mut outs[i]);
+            }
+            outs[0].clear();
+            settle(&mut nodes, now, &mut outs, &[0]);
+        }
+        for n in &nodes[1..] {
+            assert_eq!(n.reputation().excluded(), &[0], "quarantined validators do not lead");
+            assert_eq!(n.state().root(), nodes[1].state().root());
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! becomes an empty block. A primary never proposes an empty tx list.
 
 use crate::block::{Block, BuilderConfig};
+use crate::consensus::pbft::Proof;
+use crate::consensus::wire::{proof_from, proof_to, WireLimits};
 use crate::dlq::RejectReason;
 use crate::event::{Event, Limits};
 use crate::ingest::verify::{verify_events, VerifyPolicy};
@@ -20,7 +22,15 @@ pub struct Proposal {
     pub timestamp_ms: u64,
     pub txs: Vec<Arc<Event>>,
     pub tx_hashes: Vec<Hash32>,
+    /// Proofs of misbehaviour to commit (each quarantines its culprit).
+    pub evidence: Vec<Proof>,
 }
+
+/// Most proofs one proposal carries.
+pub const MAX_EVIDENCE: usize = 16;
+
+/// Proofs carry pre-prepares without values and replica ids checked later.
+const EVIDENCE_LIMITS: WireLimits = WireLimits { n: 1 << 16, max_value_bytes: 0, window: 1 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProposalError {
@@ -30,7 +40,7 @@ pub enum ProposalError {
     NotCanonical,
     #[error("tx {index}: {detail}")]
     Tx { index: usize, detail: String },
-    #[error("empty proposal (a primary proposes at least one tx)")]
+    #[error("empty proposal (a primary proposes at least one tx or proof)")]
     Empty,
     #[error("{txs} txs / {bytes} bytes exceed the block limits ({max_txs} txs / {max_bytes} bytes)")]
     TooLarge { txs: usize, bytes: usize, max_txs: usize, max_bytes: usize },
@@ -44,7 +54,16 @@ pub enum ProposalError {
 
 /// Canonical encoding of a proposal (`proto::Proposal`).
 pub fn encode(timestamp_ms: u64, txs: &[Arc<Event>]) -> Vec<u8> {
-    proto::Proposal { timestamp_ms, txs: txs.iter().map(|t| t.to_tx_proto()).collect() }.encode_to_vec()
+    encode_with(timestamp_ms, txs, &[])
+}
+
+pub fn encode_with(timestamp_ms: u64, txs: &[Arc<Event>], evidence: &[Proof]) -> Vec<u8> {
+    proto::Proposal {
+        timestamp_ms,
+        txs: txs.iter().map(|t| t.to_tx_proto()).collect(),
+        evidence: evidence.iter().map(proof_to).collect(),
+    }
+    .encode_to_vec()
 }
 
 /// What the block store keeps of a committed value: the Proposal without
@@ -53,20 +72,29 @@ pub fn stored_form(value: &[u8]) -> Vec<u8> {
     if value.is_empty() {
         return vec![];
     }
-    let ts = proto::ProposalTimestamp::decode(value).map_or(0, |p| p.timestamp_ms);
-    encode(ts, &[])
+    // Field 2 (the txs) is skipped unparsed.
+    proto::ProposalStored::decode(value).unwrap_or_default().encode_to_vec()
+}
+
+/// The proofs in a stored form (for replaying quarantines at startup).
+pub fn stored_evidence(stored: &[u8]) -> Vec<Proof> {
+    let s = proto::ProposalStored::decode(stored).unwrap_or_default();
+    s.evidence.into_iter().filter_map(|e| proof_from(e, &EVIDENCE_LIMITS).ok()).collect()
 }
 
 /// The value a stored block was ordered as, from its txs and the stored
 /// form (blocks stored before it was kept: the header's timestamp).
 pub fn value_of_block(b: &Block, stored: Option<&[u8]>) -> Vec<u8> {
-    let ts = match stored {
+    let (timestamp_ms, evidence) = match stored {
         Some([]) => return vec![], // a null block
-        Some(s) => proto::ProposalTimestamp::decode(s).map_or(b.header.timestamp_ms, |p| p.timestamp_ms),
+        Some(s) => match proto::ProposalStored::decode(s) {
+            Ok(p) => (p.timestamp_ms, p.evidence),
+            Err(_) => (b.header.timestamp_ms, vec![]),
+        },
         None if b.txs.is_empty() => return vec![],
-        None => b.header.timestamp_ms,
+        None => (b.header.timestamp_ms, vec![]),
     };
-    encode(ts, &b.txs)
+    proto::Proposal { timestamp_ms, txs: b.txs.iter().map(|t| t.to_tx_proto()).collect(), evidence }.encode_to_vec()
 }
 
 /// Decodes a value; refuses any encoding other than the canonical one, so
@@ -80,11 +108,20 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Proposal, ProposalError> 
             .map_err(|(r, d)| ProposalError::Tx { index, detail: format!("{r}: {d}") })?;
         txs.push(Arc::new(ev));
     }
-    if encode(timestamp_ms, &txs) != bytes {
+    if p.evidence.len() > MAX_EVIDENCE {
+        return Err(ProposalError::Decode(format!("{} proofs exceed {MAX_EVIDENCE}", p.evidence.len())));
+    }
+    let evidence = p
+        .evidence
+        .into_iter()
+        .map(|e| proof_from(e, &EVIDENCE_LIMITS))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ProposalError::Decode(format!("evidence: {e}")))?;
+    if encode_with(timestamp_ms, &txs, &evidence) != bytes {
         return Err(ProposalError::NotCanonical);
     }
     let tx_hashes = txs.iter().map(|t| t.tx_hash()).collect();
-    Ok(Proposal { timestamp_ms, txs, tx_hashes })
+    Ok(Proposal { timestamp_ms, txs, tx_hashes, evidence })
 }
 
 /// What a backup checks a proposal against.
@@ -103,7 +140,7 @@ pub struct CheckContext<'a> {
 /// batch.
 pub fn check(bytes: &[u8], cx: &CheckContext) -> Result<Proposal, ProposalError> {
     let p = decode(bytes, cx.limits)?;
-    if p.txs.is_empty() {
+    if p.txs.is_empty() && p.evidence.is_empty() {
         return Err(ProposalError::Empty);
     }
     let size: usize = p.txs.iter().map(|t| t.size()).sum();
@@ -220,9 +257,23 @@ mod tests {
         let block = Block { header, txs: txs.clone(), tx_hashes };
         assert_eq!(value_of_block(&block, Some(&stored)), bytes);
         assert_eq!(stored_form(&[]), Vec::<u8>::new());
+        // With a proof of misbehaviour: kept in the stored form too.
+        use crate::consensus::pbft::{Phase, Signed, Vote};
+        let vote = |d: u8| Signed {
+            body: Vote { phase: Phase::Commit, view: 2, seq: 9, digest: [d; 32] },
+            from: 3,
+            sig: vec![d; 64],
+        };
+        let proof = Proof::Votes(vote(1), vote(2));
+        let with = encode_with(1000, &txs, std::slice::from_ref(&proof));
+        let p = decode(&with, &Limits::default()).unwrap();
+        assert_eq!(p.evidence, vec![proof.clone()]);
+        let stored = stored_form(&with);
+        assert_eq!(stored_evidence(&stored), vec![proof]);
+        assert_eq!(value_of_block(&block, Some(&stored)), with);
         // The same message with a field repeated is not canonical.
         let mut dup = bytes.clone();
-        dup.extend_from_slice(&proto::Proposal { timestamp_ms: 1000, txs: vec![] }.encode_to_vec());
+        dup.extend_from_slice(&proto::Proposal { timestamp_ms: 1000, ..Default::default() }.encode_to_vec());
         assert_eq!(decode(&dup, &Limits::default()), Err(ProposalError::NotCanonical));
     }
 

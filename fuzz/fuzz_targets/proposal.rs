@@ -2,11 +2,11 @@
 //! decodes re-encodes to the same bytes.
 #![no_main]
 use cybermesh::event::Limits;
-use cybermesh::proposal::{decode, encode};
+use cybermesh::proposal::{decode, encode_with};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(p) = decode(data, &Limits::default()) {
-        assert_eq!(encode(p.timestamp_ms, &p.txs), data);
+        assert_eq!(encode_with(p.timestamp_ms, &p.txs, &p.evidence), data);
     }
 });

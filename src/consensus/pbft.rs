@@ -149,11 +149,37 @@ pub enum Action {
         value: Value,
         cert: CommitCert,
     },
-    /// Misbehaviour with proof (two signed, conflicting messages).
+    /// Misbehaviour, with its proof when it is two signed, conflicting
+    /// messages (anyone can check it with `Replica::verify_proof`).
     Evidence {
         culprit: Rid,
         what: &'static str,
+        proof: Option<Proof>,
     },
+}
+
+/// Two messages one replica signed for one slot that no honest replica signs
+/// both of. Pre-prepares are kept without their values (the signature covers
+/// the digest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    PrePrepares(Signed<PrePrepare>, Signed<PrePrepare>),
+    Votes(Signed<Vote>, Signed<Vote>),
+}
+
+impl Proof {
+    pub fn culprit(&self) -> Rid {
+        match self {
+            Proof::PrePrepares(a, _) => a.from,
+            Proof::Votes(a, _) => a.from,
+        }
+    }
+}
+
+fn without_value(s: &Signed<PrePrepare>) -> Signed<PrePrepare> {
+    let mut s = s.clone();
+    s.body.value = Arc::new(vec![]);
+    s
 }
 
 #[derive(Debug, Clone)]
@@ -499,6 +525,29 @@ impl<A: Auth + Clone> Replica<A> {
         self.next_excluded = Some(self.cap_excluded(excluded));
     }
 
+    /// Whether `p` proves misbehaviour: two messages for one slot, both
+    /// signed by the same replica, with different digests.
+    pub fn verify_proof(&self, p: &Proof) -> bool {
+        match p {
+            Proof::PrePrepares(a, b) => {
+                a.from == b.from
+                    && a.from < self.p.n
+                    && (a.body.view, a.body.seq) == (b.body.view, b.body.seq)
+                    && a.body.digest != b.body.digest
+                    && self.auth.verify(a.from, &pp_bytes(&a.body), &a.sig)
+                    && self.auth.verify(b.from, &pp_bytes(&b.body), &b.sig)
+            }
+            Proof::Votes(a, b) => {
+                a.from == b.from
+                    && a.from < self.p.n
+                    && (a.body.phase, a.body.view, a.body.seq) == (b.body.phase, b.body.view, b.body.seq)
+                    && a.body.digest != b.body.digest
+                    && self.auth.verify(a.from, &vote_bytes(&a.body), &a.sig)
+                    && self.auth.verify(b.from, &vote_bytes(&b.body), &b.sig)
+            }
+        }
+    }
+
     pub fn excluded(&self) -> &BTreeSet<Rid> {
         &self.excluded
     }
@@ -756,8 +805,12 @@ impl<A: Auth + Clone> Replica<A> {
         let slot = self.log.entry(b.seq).or_default();
         if let Some(existing) = &slot.pre_prepare {
             if existing.body.view == b.view {
-                if existing.body.digest != b.digest {
-                    out.push(Action::Evidence { culprit: s.from, what: "two pre-prepares for one (view, seq)" });
+                if existing.body.digest != b.digest && existing.from == s.from {
+                    out.push(Action::Evidence {
+                        culprit: s.from,
+                        what: "two pre-prepares for one (view, seq)",
+                        proof: Some(Proof::PrePrepares(without_value(existing), without_value(&s))),
+                    });
                 }
                 return;
             }
@@ -799,7 +852,11 @@ impl<A: Auth + Clone> Replica<A> {
         };
         match map.get(&s.from) {
             Some(old) if old.body.view == b.view && old.body.digest != b.digest => {
-                out.push(Action::Evidence { culprit: s.from, what: "two votes for one (view, seq)" });
+                out.push(Action::Evidence {
+                    culprit: s.from,
+                    what: "two votes for one (view, seq)",
+                    proof: Some(Proof::Votes(old.clone(), s.clone())),
+                });
                 return;
             }
             Some(old) if old.body.view >= b.view => return,
@@ -1139,7 +1196,7 @@ impl<A: Auth + Clone> Replica<A> {
                 .zip(&b.pre_prepares)
                 .any(|(e, g)| e.body != g.body || !self.auth.verify(g.from, &pp_bytes(&g.body), &g.sig))
         {
-            out.push(Action::Evidence { culprit: s.from, what: "new-view with wrong pre-prepares" });
+            out.push(Action::Evidence { culprit: s.from, what: "new-view with wrong pre-prepares", proof: None });
             return;
         }
         self.enter_view(s.body, out);

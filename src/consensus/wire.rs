@@ -197,6 +197,30 @@ pub fn decode_record(bytes: &[u8], l: &WireLimits) -> Result<Record, WireError> 
     })
 }
 
+/// A proof of misbehaviour as protobuf (carried in proposals).
+pub fn proof_to(p: &Proof) -> proto::PbftEvidence {
+    match p {
+        Proof::PrePrepares(a, b) => {
+            proto::PbftEvidence { pre_prepare_a: Some(pp_to(a)), pre_prepare_b: Some(pp_to(b)), ..Default::default() }
+        }
+        Proof::Votes(a, b) => {
+            proto::PbftEvidence { vote_a: Some(vote_to(a)), vote_b: Some(vote_to(b)), ..Default::default() }
+        }
+    }
+}
+
+pub fn proof_from(e: proto::PbftEvidence, l: &WireLimits) -> Result<Proof, WireError> {
+    match e {
+        proto::PbftEvidence { pre_prepare_a: Some(a), pre_prepare_b: Some(b), vote_a: None, vote_b: None } => {
+            Ok(Proof::PrePrepares(pp_from(a, l)?, pp_from(b, l)?))
+        }
+        proto::PbftEvidence { pre_prepare_a: None, pre_prepare_b: None, vote_a: Some(a), vote_b: Some(b) } => {
+            Ok(Proof::Votes(vote_from(a, l)?, vote_from(b, l)?))
+        }
+        _ => Err(WireError::Decode("evidence must be two pre-prepares or two votes".into())),
+    }
+}
+
 /// A commit certificate as protobuf (also how the block store keeps it).
 pub fn commit_cert_to(c: &CommitCert) -> proto::PbftCommitCert {
     proto::PbftCommitCert { pre_prepare: Some(pp_to(&c.pre_prepare)), commits: c.commits.iter().map(vote_to).collect() }

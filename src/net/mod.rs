@@ -241,11 +241,14 @@ fn endpoint(cfg: &NetConfig, allowed: Arc<HashMap<PublicKey, u32>>) -> Result<qu
     Ok(ep)
 }
 
+/// One peer's outgoing queue and the bytes waiting in it.
+type PeerQueue = (mpsc::Sender<Arc<Vec<u8>>>, Arc<std::sync::atomic::AtomicUsize>);
+
 /// A running transport. Dropping it stops the network thread.
 pub struct Net {
     /// Per peer: its queue and the bytes waiting in it (bounded by
     /// `max_queued_bytes`, so a dead peer's backlog cannot grow without end).
-    out: HashMap<u32, (mpsc::Sender<Arc<Vec<u8>>>, Arc<std::sync::atomic::AtomicUsize>)>,
+    out: HashMap<u32, PeerQueue>,
     max_out_bytes: usize,
     incoming: std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
     pub events: std::sync::mpsc::Receiver<NetEvent>,

@@ -190,13 +190,17 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let mut state = State::new(c.state_config());
     let mut failed: Option<anyhow::Error> = None;
     let floor = c.consensus.enable_reputation.then_some(c.consensus.min_leader_reputation);
-    let mut reputation = node::Reputation::new(n, floor);
+    let mut reputation = node::Reputation::new(n, floor, c.consensus.enable_quarantine);
     let mut prev_view = 0;
     let certs = (1..=store.height()).map_while(|h| {
         let r = store.read(h).map_err(anyhow::Error::from).and_then(|x| {
             let (b, cert) = x.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
             node::replay(&mut state, &b).map_err(anyhow::Error::msg)?;
             let proposer = keys.iter().position(|k| *k == b.header.proposer);
+            let stored = cert.as_ref().and_then(|c| c.pre_prepare.as_ref()).map(|p| p.value.as_slice());
+            for e in proposal::stored_evidence(stored.unwrap_or_default()) {
+                reputation.quarantine(e.culprit());
+            }
             reputation.on_block(prev_view, b.header.view, proposer);
             prev_view = b.header.view;
             stored_cert(&b, cert, &wire)
