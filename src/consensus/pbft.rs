@@ -548,10 +548,6 @@ impl<A: Auth + Clone> Replica<A> {
         }
     }
 
-    pub fn excluded(&self) -> &BTreeSet<Rid> {
-        &self.excluded
-    }
-
     /// Current view-change timeout (AIMD).
     pub fn timeout_ms(&self) -> u64 {
         self.timeout_ms
@@ -605,19 +601,8 @@ impl<A: Auth + Clone> Replica<A> {
         }
     }
 
-    /// The lowest sequence number whose committed certificate is still in
-    /// memory (older ones are in the caller's block store).
-    pub fn first_retained_commit(&self) -> Seq {
-        self.committed.keys().next().copied().unwrap_or(self.executed + 1)
-    }
-
     pub fn params(&self) -> &Params {
         &self.p
-    }
-
-    /// Last stable checkpoint (the log's low watermark).
-    pub fn stable_seq(&self) -> Seq {
-        self.low
     }
 
     fn sign<T>(&self, body: T, bytes: Vec<u8>) -> Signed<T> {
