@@ -28,6 +28,26 @@ fn merge(into: &mut BTreeMap<u64, Seen>, more: BTreeMap<u64, Seen>) {
     into.extend(more);
 }
 
+/// After validator `i` rejoined: new txs `ids` sent to every client commit at
+/// validators 0 and `i` in the same blocks, and nobody reports misbehaviour.
+fn commits_everywhere(
+    c: &Cluster,
+    clients: &mut [Client],
+    i: usize,
+    chains: (&mut BTreeMap<u64, Seen>, &mut BTreeMap<u64, Seen>),
+    ids: std::ops::Range<u64>,
+    vs: &[&Validator],
+) {
+    let d: Vec<_> = ids.map(|k| anomaly(c.producer(), k)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &d);
+    merge(chains.0, collect(&mut clients[0], &nonces(&d)));
+    merge(chains.1, collect(&mut clients[i], &nonces(&d)));
+    assert_same_blocks(chains.0, chains.1);
+    for v in vs {
+        assert_no_evidence(v);
+    }
+}
+
 #[test]
 fn four_validators_commit_the_same_blocks() {
     let c = Cluster::new(4, |_| {});
@@ -138,14 +158,8 @@ fn restarted_validator_catches_up_and_rejoins() {
     assert_same_blocks(&chain0, &chain3);
     // It takes part again: new txs commit everywhere, in the same blocks.
     clients[3] = c3;
-    let d: Vec<_> = (400..440).map(|i| anomaly(c.producer(), i)).collect();
-    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &d);
-    merge(&mut chain0, collect(&mut clients[0], &nonces(&d)));
-    merge(&mut chain3, collect(&mut clients[3], &nonces(&d)));
-    assert_same_blocks(&chain0, &chain3);
-    for v in vs.iter().flatten() {
-        assert_no_evidence(v);
-    }
+    let others: Vec<&Validator> = vs.iter().flatten().collect();
+    commits_everywhere(&c, &mut clients, 3, (&mut chain0, &mut chain3), 400..440, &others);
     assert!(v3.terminate().success());
     let text = store_check(&c.net.nodes[3].data_dir);
     assert!(text.contains("block store OK"), "{text}");
@@ -265,15 +279,9 @@ fn partitioned_validator_rejoins_after_the_partition_heals() {
     // Heal: validator 4 fetches what it missed and takes part again.
     ns.link(true);
     merge(&mut chain3, collect_to_height(&mut clients[3], top));
-    let d: Vec<_> = (300..340).map(|i| anomaly(c.producer(), i)).collect();
-    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &d);
-    merge(&mut chain0, collect(&mut clients[0], &nonces(&d)));
-    merge(&mut chain3, collect(&mut clients[3], &nonces(&d)));
-    assert_same_blocks(&chain0, &chain3);
-    assert!(chain3.keys().next_back() >= Some(&top));
-    for v in &vs {
-        assert_no_evidence(v);
-    }
+    let all: Vec<&Validator> = vs.iter().collect();
+    commits_everywhere(&c, &mut clients, 3, (&mut chain0, &mut chain3), 300..340, &all);
+    assert!(chain3.keys().next_back() > Some(&top));
 }
 
 #[test]
@@ -292,21 +300,16 @@ fn validator_with_a_wiped_disk_rejoins_through_genesis_and_catch_up() {
     std::fs::remove_dir_all(&c.net.nodes[3].data_dir).unwrap();
     let v3 = c.start(3);
     assert_eq!(v3.recovered_height, 0);
-    let mut c3 = v3.connect(); // before catch-up starts: every block is seen
-                               // The others finished genesis long ago; they answer its attestation.
+    // Connected before catch-up starts: every block is seen. The others
+    // finished genesis long ago; they answer its attestation.
+    let mut c3 = v3.connect();
     wait_log(&v3, "genesis complete", std::time::Duration::from_secs(60));
     let top = *chain0.keys().next_back().unwrap();
     let mut chain3 = collect_to_height(&mut c3, top);
     assert_eq!(chain3.len() as u64, top, "every block from height 1");
     assert_same_blocks(&chain0, &chain3);
     clients[3] = c3;
-    let d: Vec<_> = (200..240).map(|i| anomaly(c.producer(), i)).collect();
-    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &d);
-    merge(&mut chain0, collect(&mut clients[0], &nonces(&d)));
-    merge(&mut chain3, collect(&mut clients[3], &nonces(&d)));
-    assert_same_blocks(&chain0, &chain3);
-    for v in vs.iter().flatten() {
-        assert_no_evidence(v);
-    }
+    let others: Vec<&Validator> = vs.iter().flatten().collect();
+    commits_everywhere(&c, &mut clients, 3, (&mut chain0, &mut chain3), 200..240, &others);
     drop(v3);
 }
