@@ -16,6 +16,12 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+# --- systemd-analyze (the unit file test) ----------------------------------
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  log "installing systemd (for systemd-analyze) from Debian"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
+
 # --- PostgreSQL -------------------------------------------------------------
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
   log "installing PostgreSQL from Debian"
