@@ -96,6 +96,23 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Run `devnet` at several offered rates (a fresh cluster each) and print
+    /// throughput against latency.
+    Sweep {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Offered rates in tx/s, comma-separated; 0 = as fast as accepted.
+        #[arg(long, value_delimiter = ',', default_value = "2000,4000,6000,8000,0")]
+        rates: Vec<u64>,
+        #[arg(long, default_value_t = 4)]
+        validators: usize,
+        #[arg(long, default_value_t = 1)]
+        shards: usize,
+        #[arg(long, default_value_t = 2000)]
+        block_max_txs: usize,
+        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+        build_interval: Duration,
+    },
     /// Run a validator (what `cybermesh run` does); used by `single` and `devnet`.
     #[command(hide = true)]
     Validator {
@@ -114,7 +131,34 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Devnet { mut load, validators, shards, block_max_txs, build_interval, keep } => {
             load.rate.get_or_insert(4000);
-            devnet(load, validators, shards, block_max_txs, build_interval, keep)
+            devnet(load, validators, shards, block_max_txs, build_interval, keep).map(|_| ())
+        }
+        Cmd::Sweep { load, rates, validators, shards, block_max_txs, build_interval } => {
+            let mut rows = vec![];
+            for rate in rates {
+                let mut l = load.clone();
+                l.rate = Some(rate);
+                l.max_txs = l.max_txs.min(300_000);
+                let (r, raw) = devnet(l, validators, shards, block_max_txs, build_interval, false)?;
+                rows.push((rate, r, raw));
+            }
+            println!("=== sweep: {validators}-validator devnet, {} B payloads ===", load.payload);
+            println!(
+                "{:>10} {:>12} {:>10} {:>10} {:>10} {:>12}",
+                "offered", "committed/s", "p50 ms", "p90 ms", "p99 ms", "raw verify/s"
+            );
+            for (rate, r, raw) in &rows {
+                let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
+                let offered = if *rate == 0 { "max".to_string() } else { rate.to_string() };
+                let tps = r.committed as f64 / r.elapsed.as_secs_f64().max(1e-9);
+                println!(
+                    "{offered:>10} {tps:>12.0} {:>10.1} {:>10.1} {:>10.1} {raw:>12.0}",
+                    ms(0.5),
+                    ms(0.9),
+                    ms(0.99)
+                );
+            }
+            Ok(())
         }
     }
 }
@@ -256,7 +300,7 @@ fn devnet(
     block_max_txs: usize,
     build_interval: Duration,
     keep: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Results, f64)> {
     let dir = tempfile::Builder::new().prefix("cybermesh-devnet-").tempdir()?;
     let opts = cybermesh::devnet::DevnetOptions {
         validators,
@@ -313,7 +357,7 @@ fn devnet(
         let p = dir.keep();
         println!("kept {}", p.display());
     }
-    Ok(())
+    Ok((res, raw))
 }
 
 fn connect(addr: SocketAddr, within: Duration, log: &Path) -> anyhow::Result<TcpStream> {
