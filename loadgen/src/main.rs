@@ -49,6 +49,23 @@ struct LoadArgs {
     json: bool,
 }
 
+/// The local cluster `devnet` and `sweep` start.
+#[derive(Parser, Clone)]
+struct ClusterArgs {
+    /// Validators (N ≥ 4 tolerates f = (N − 1) / 3 faults).
+    #[arg(long, default_value_t = 4)]
+    validators: usize,
+    /// Verification shards per validator.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Block size limit.
+    #[arg(long, default_value_t = 2000)]
+    block_max_txs: usize,
+    /// Block build interval.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    build_interval: Duration,
+}
+
 impl LoadArgs {
     fn rate(&self) -> u64 {
         self.rate.unwrap_or(0)
@@ -80,18 +97,8 @@ enum Cmd {
     Devnet {
         #[command(flatten)]
         load: LoadArgs,
-        /// Validators (N ≥ 4 tolerates f = (N − 1) / 3 faults).
-        #[arg(long, default_value_t = 4)]
-        validators: usize,
-        /// Verification shards per validator.
-        #[arg(long, default_value_t = 1)]
-        shards: usize,
-        /// Block size limit.
-        #[arg(long, default_value_t = 2000)]
-        block_max_txs: usize,
-        /// Block build interval.
-        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
-        build_interval: Duration,
+        #[command(flatten)]
+        cluster: ClusterArgs,
         /// Keep the temp dir (configs, keys, blocks, logs) and print its path.
         #[arg(long)]
         keep: bool,
@@ -104,14 +111,8 @@ enum Cmd {
         /// Offered rates in tx/s, comma-separated; 0 = as fast as accepted.
         #[arg(long, value_delimiter = ',', default_value = "2000,4000,6000,8000,0")]
         rates: Vec<u64>,
-        #[arg(long, default_value_t = 4)]
-        validators: usize,
-        #[arg(long, default_value_t = 1)]
-        shards: usize,
-        #[arg(long, default_value_t = 2000)]
-        block_max_txs: usize,
-        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
-        build_interval: Duration,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Run a validator (what `cybermesh run` does); used by `single` and `devnet`.
     #[command(hide = true)]
@@ -129,20 +130,20 @@ fn main() -> anyhow::Result<()> {
             load.rate.get_or_insert(0);
             single(load, shards, block_max_txs, &build_interval, keep)
         }
-        Cmd::Devnet { mut load, validators, shards, block_max_txs, build_interval, keep } => {
+        Cmd::Devnet { mut load, cluster, keep } => {
             load.rate.get_or_insert(4000);
-            devnet(load, validators, shards, block_max_txs, build_interval, keep).map(|_| ())
+            devnet(load, &cluster, keep).map(|_| ())
         }
-        Cmd::Sweep { load, rates, validators, shards, block_max_txs, build_interval } => {
+        Cmd::Sweep { load, rates, cluster } => {
             let mut rows = vec![];
             for rate in rates {
                 let mut l = load.clone();
                 l.rate = Some(rate);
                 l.max_txs = l.max_txs.min(300_000);
-                let (r, raw) = devnet(l, validators, shards, block_max_txs, build_interval, false)?;
+                let (r, raw) = devnet(l, &cluster, false)?;
                 rows.push((rate, r, raw));
             }
-            println!("=== sweep: {validators}-validator devnet, {} B payloads ===", load.payload);
+            println!("=== sweep: {}-validator devnet, {} B payloads ===", cluster.validators, load.payload);
             println!(
                 "{:>10} {:>12} {:>10} {:>10} {:>10} {:>12}",
                 "offered", "committed/s", "p50 ms", "p90 ms", "p99 ms", "raw verify/s"
@@ -293,14 +294,8 @@ verify_shards = {shards}
     Ok(())
 }
 
-fn devnet(
-    load: LoadArgs,
-    validators: usize,
-    shards: usize,
-    block_max_txs: usize,
-    build_interval: Duration,
-    keep: bool,
-) -> anyhow::Result<(Results, f64)> {
+fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(Results, f64)> {
+    let ClusterArgs { validators, shards, block_max_txs, build_interval } = *cluster;
     let dir = tempfile::Builder::new().prefix("cybermesh-devnet-").tempdir()?;
     let opts = cybermesh::devnet::DevnetOptions {
         validators,

@@ -534,18 +534,12 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
+    fn cfg(me: u32, key: SigningKey, socket: std::net::UdpSocket, peers: Vec<Peer>) -> NetConfig {
+        NetConfig { me, key, socket, peers, max_frame: 1 << 20, queue: 1024, allowed_ips: vec![], wake: None }
+    }
+
     fn node(me: u32, key: SigningKey, socket: std::net::UdpSocket, peers: Vec<Peer>) -> Net {
-        Net::start(NetConfig {
-            me,
-            key,
-            socket,
-            peers,
-            max_frame: 1 << 20,
-            queue: 1024,
-            allowed_ips: vec![],
-            wake: None,
-        })
-        .unwrap()
+        Net::start(cfg(me, key, socket, peers)).unwrap()
     }
 
     fn sockets(n: usize) -> (Vec<std::net::UdpSocket>, Vec<SocketAddr>) {
@@ -602,14 +596,9 @@ mod tests {
         let mut socks = socks.into_iter();
         let p = |id: u32, i: usize, k: &SigningKey| Peer { id, addr: addrs[i], key: crypto::public_key(k) };
         let a = Net::start(NetConfig {
-            me: 1,
-            key: k1.clone(),
-            socket: socks.next().unwrap(),
-            peers: vec![p(2, 1, &k2)],
             max_frame: 64,
             queue: 16,
-            allowed_ips: vec![],
-            wake: None,
+            ..cfg(1, k1.clone(), socks.next().unwrap(), vec![p(2, 1, &k2)])
         })
         .unwrap();
         let b = node(2, k2.clone(), socks.next().unwrap(), vec![p(1, 0, &k1)]);
@@ -664,14 +653,9 @@ mod tests {
         // Validator 2 has a configured key but connects from 127.0.0.1,
         // outside node 1's allowlist.
         let a = Net::start(NetConfig {
-            me: 1,
-            key: k1.clone(),
-            socket: socks.next().unwrap(),
-            peers: vec![p(2, 1, &k2)],
-            max_frame: 1 << 20,
             queue: 16,
             allowed_ips: vec!["10.9.0.0/16".parse().unwrap()],
-            wake: None,
+            ..cfg(1, k1.clone(), socks.next().unwrap(), vec![p(2, 1, &k2)])
         })
         .unwrap();
         let b = node(2, k2, socks.next().unwrap(), vec![p(1, 0, &k1)]);
@@ -712,17 +696,7 @@ mod tests {
         let (mut socks, addrs) = sockets(2);
         let dead = Peer { id: 2, addr: addrs[1], key: crypto::public_key(&k2) };
         drop(socks.pop()); // nobody listens for validator 2
-        let a = Net::start(NetConfig {
-            me: 1,
-            key: k1,
-            socket: socks.pop().unwrap(),
-            peers: vec![dead],
-            max_frame: 100,
-            queue: 1024,
-            allowed_ips: vec![],
-            wake: None,
-        })
-        .unwrap();
+        let a = Net::start(NetConfig { max_frame: 100, ..cfg(1, k1, socks.pop().unwrap(), vec![dead]) }).unwrap();
         // Four frames' worth may wait; the fifth is dropped and counted.
         for i in 0..4 {
             assert!(a.send(2, Arc::new(vec![i; 100])), "frame {i} queued");
