@@ -146,6 +146,33 @@ impl BuilderConfig {
     }
 }
 
+pub fn header_to_proto(h: &BlockHeader) -> proto::BlockHeader {
+    proto::BlockHeader {
+        height: h.height,
+        view: h.view,
+        timestamp_ms: h.timestamp_ms,
+        previous_hash: h.previous_hash.to_vec(),
+        tx_root: h.tx_root.to_vec(),
+        state_root: h.state_root.to_vec(),
+        proposer: h.proposer.to_vec(),
+        tx_count: h.tx_count,
+    }
+}
+
+/// `None` if a hash field is not 32 bytes.
+pub fn header_from_proto(h: proto::BlockHeader) -> Option<BlockHeader> {
+    Some(BlockHeader {
+        height: h.height,
+        view: h.view,
+        timestamp_ms: h.timestamp_ms,
+        previous_hash: h.previous_hash.try_into().ok()?,
+        tx_root: h.tx_root.try_into().ok()?,
+        state_root: h.state_root.try_into().ok()?,
+        proposer: h.proposer.try_into().ok()?,
+        tx_count: h.tx_count,
+    })
+}
+
 impl Block {
     pub fn hash(&self) -> Hash32 {
         self.header.hash()
@@ -159,16 +186,7 @@ impl Block {
     pub fn to_proto(&self, consensus: Option<proto::PbftCommitCert>) -> proto::Block {
         let h = &self.header;
         proto::Block {
-            header: Some(proto::BlockHeader {
-                height: h.height,
-                view: h.view,
-                timestamp_ms: h.timestamp_ms,
-                previous_hash: h.previous_hash.to_vec(),
-                tx_root: h.tx_root.to_vec(),
-                state_root: h.state_root.to_vec(),
-                proposer: h.proposer.to_vec(),
-                tx_count: h.tx_count,
-            }),
+            header: Some(header_to_proto(h)),
             txs: self.txs.iter().map(|t| t.to_tx_proto()).collect(),
             certificate: None,
             consensus,

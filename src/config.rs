@@ -244,6 +244,15 @@ pub struct ConsensusSection {
     /// CONSENSUS_RETRANSMIT_INTERVAL: resend unfinished work this often.
     #[serde(with = "dur")]
     pub retransmit_interval: Duration,
+    /// CONSENSUS_SNAPSHOT_INTERVAL: keep a chain snapshot (served to joining
+    /// validators) every this many blocks; a multiple of the checkpoint
+    /// interval; 0 turns snapshots off (joining validators replay from 1).
+    pub snapshot_interval: u64,
+    /// CONSENSUS_SNAPSHOT_JOIN_TIMEOUT: how long a validator with an empty
+    /// block store waits for a peer to offer a snapshot before it catches up
+    /// from height 1.
+    #[serde(with = "dur")]
+    pub snapshot_join_timeout: Duration,
 }
 
 impl Default for ConsensusSection {
@@ -266,6 +275,8 @@ impl Default for ConsensusSection {
             window: 16,
             checkpoint_interval: 8,
             retransmit_interval: Duration::from_secs(1),
+            snapshot_interval: 1024,
+            snapshot_join_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -545,6 +556,8 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("CONSENSUS_WINDOW", |c, v| Ok(c.consensus.window = parse_num(v)?)),
     ("CONSENSUS_CHECKPOINT_INTERVAL", |c, v| Ok(c.consensus.checkpoint_interval = parse_num(v)?)),
     ("CONSENSUS_RETRANSMIT_INTERVAL", |c, v| Ok(c.consensus.retransmit_interval = parse_dur(v)?)),
+    ("CONSENSUS_SNAPSHOT_INTERVAL", |c, v| Ok(c.consensus.snapshot_interval = parse_num(v)?)),
+    ("CONSENSUS_SNAPSHOT_JOIN_TIMEOUT", |c, v| Ok(c.consensus.snapshot_join_timeout = parse_dur(v)?)),
     ("CONSENSUS_ENABLE_AIMD", |c, v| Ok(c.consensus.enable_aimd = parse_bool(v)?)),
     ("CONSENSUS_ENABLE_REPUTATION", |c, v| Ok(c.consensus.enable_reputation = parse_bool(v)?)),
     ("CONSENSUS_MIN_LEADER_REPUTATION", |c, v| Ok(c.consensus.min_leader_reputation = parse_num(v)?)),
@@ -994,6 +1007,17 @@ impl Config {
                     c.consensus.checkpoint_interval, c.consensus.window
                 ),
                 "use half the window (default 8 of 16)",
+            ));
+        }
+        let ci = c.consensus.checkpoint_interval.max(1);
+        if c.consensus.snapshot_interval % ci != 0 {
+            e.push(err(
+                "CONSENSUS_SNAPSHOT_INTERVAL (consensus.snapshot_interval)",
+                format!(
+                    "{} is not a multiple of the checkpoint interval ({ci}): its checkpoint is what vouches for a snapshot",
+                    c.consensus.snapshot_interval
+                ),
+                "use a multiple of CONSENSUS_CHECKPOINT_INTERVAL (default 1024 with 8), or 0 to turn snapshots off",
             ));
         }
         if !["trace", "debug", "info", "warn", "error"].contains(&c.log.level.as_str()) {

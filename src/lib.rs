@@ -20,6 +20,7 @@ pub mod net;
 pub mod node;
 pub mod proposal;
 pub mod runtime;
+pub mod snapshot;
 pub mod state;
 pub mod store;
 

@@ -39,6 +39,9 @@ pub struct NodeConfig {
     pub skew_ms: u64,
     /// Validator keys; index = replica id.
     pub validators: Vec<PublicKey>,
+    /// Record a chain snapshot every this many blocks (0: never); a
+    /// multiple of the checkpoint interval.
+    pub snapshot_interval: u64,
 }
 
 /// What the runtime must do, in order.
@@ -62,6 +65,9 @@ pub enum Output {
         cert: CommitCert,
         receipts: Vec<Receipt>,
     },
+    /// The chain snapshot at a checkpoint height (without its proof yet):
+    /// keep it until the checkpoint there is stable (`Persist(Stable)`).
+    Snapshot(Box<crate::proto::ChainSnapshot>),
     /// A validator misbehaved, with proof checked by the replica or proposal
     /// checks (for logs, metrics and reputation).
     Evidence {
@@ -128,6 +134,33 @@ impl Reputation {
             f: n.saturating_sub(1) / 3,
             excluded: vec![],
         }
+    }
+
+    /// Scores (thousandths) and quarantined validators: what a snapshot
+    /// carries and the checkpoint's application digest covers.
+    pub fn scores(&self) -> &[u32] {
+        &self.scores
+    }
+    pub fn quarantined(&self) -> impl Iterator<Item = Rid> + '_ {
+        self.quarantined.iter().copied()
+    }
+
+    /// Reputation as a snapshot recorded it (`None` if it does not fit `n`).
+    pub fn restored(
+        n: usize,
+        floor: Option<f64>,
+        quarantine: bool,
+        scores: &[u32],
+        quarantined: &[u32],
+    ) -> Option<Self> {
+        let mut r = Reputation::new(n, floor, quarantine);
+        if scores.len() != n || scores.iter().any(|&s| s > Self::FULL) || quarantined.iter().any(|&q| q as usize >= n) {
+            return None;
+        }
+        r.scores = scores.to_vec();
+        r.quarantined = quarantined.iter().map(|&q| q as Rid).collect();
+        r.recompute();
+        Some(r)
     }
 
     pub fn quarantine_enabled(&self) -> bool {
@@ -562,6 +595,12 @@ impl<A: Auth + Clone> Node<A> {
             tracing::info!(height = seq, excluded = ?ex, "leader exclusions changed (reputation); applied at the next view change");
             self.replica.exclude_from_next_view(ex);
         }
+        // The checkpoint at this height signs the block and reputation.
+        let app = crate::snapshot::app_digest(&header.hash(), &self.reputation);
+        self.replica.on_app_digest(seq, app, &mut self.actions);
+        if self.cfg.snapshot_interval > 0 && seq % self.cfg.snapshot_interval == 0 {
+            out.push(Output::Snapshot(Box::new(crate::snapshot::record(&header, &self.state, &self.reputation))));
+        }
         self.last = Some(header);
         self.stats.committed_blocks += 1;
         self.stats.committed_txs += block.txs.len() as u64;
@@ -662,6 +701,7 @@ mod tests {
             }),
             skew_ms: 60_000,
             validators: pks.clone(),
+            snapshot_interval: 8,
         };
         let nodes = (0..n)
             .map(|i| {
@@ -687,6 +727,18 @@ mod tests {
         outs: &mut [Vec<Output>],
         mute: &[Rid],
     ) -> Vec<Vec<Arc<Block>>> {
+        settle_with(nodes, now, outs, mute, &mut |_, _| None)
+    }
+
+    /// `settle`, handing every output but sends to `other` (commits too),
+    /// which may answer with messages from that node to the one it names.
+    fn settle_with(
+        nodes: &mut [Node<Ed25519Auth>],
+        now: u64,
+        outs: &mut [Vec<Output>],
+        mute: &[Rid],
+        other: &mut dyn FnMut(usize, Output) -> Option<(Rid, Vec<Message>)>,
+    ) -> Vec<Vec<Arc<Block>>> {
         let mut committed = vec![vec![]; nodes.len()];
         loop {
             let mut msgs = vec![];
@@ -695,8 +747,14 @@ mod tests {
                     match o {
                         Output::Send(to, m) => msgs.push((i, Some(to), m)),
                         Output::Broadcast(m) => msgs.push((i, None, m)),
-                        Output::Commit { block, .. } => committed[i].push(block),
-                        _ => {}
+                        o => {
+                            if let Output::Commit { block, .. } = &o {
+                                committed[i].push(block.clone());
+                            }
+                            if let Some((to, ms)) = other(i, o) {
+                                msgs.extend(ms.into_iter().map(|m| (i, Some(to), m)));
+                            }
+                        }
                     }
                 }
             }
@@ -897,6 +955,125 @@ mod tests {
         assert_eq!(txs_committed, 10);
         assert!(nodes.iter().all(|n| n.state().root() == nodes[0].state().root()));
         assert_eq!(blocks[0][0].header.proposer, nodes[0].cfg.validators[0], "validator 0 leads view 0");
+    }
+
+    /// What the runtime keeps per node in these tests: committed
+    /// certificates (its block store, answering fetches) and, for node 0,
+    /// the newest snapshot completed with its stable checkpoint's proof.
+    #[derive(Default)]
+    struct Stores {
+        certs: Vec<std::collections::BTreeMap<Seq, CommitCert>>,
+        pending: Option<Box<crate::proto::ChainSnapshot>>,
+        served: Option<(Seq, Vec<u8>)>,
+    }
+
+    impl Stores {
+        fn handle(&mut self, i: usize, o: Output) -> Option<(Rid, Vec<Message>)> {
+            use prost::Message as _;
+            match o {
+                Output::Commit { block, cert, .. } => {
+                    self.certs[i].insert(block.header.height, cert);
+                }
+                Output::ServeFetch { to, from_seq } => {
+                    let ms = self.certs[i].range(from_seq..from_seq + 16).map(|(_, c)| Message::Committed(c.clone()));
+                    return Some((to, ms.collect()));
+                }
+                Output::Snapshot(s) if i == 0 => self.pending = Some(s),
+                Output::Persist(Record::Stable { seq, proof }) if i == 0 => {
+                    if let Some(mut s) = self.pending.take_if(|s| s.header.as_ref().is_some_and(|h| h.height == seq)) {
+                        s.proof = proof.iter().map(crate::consensus::wire::checkpoint_to).collect();
+                        self.served = Some((seq, s.encode_to_vec()));
+                    }
+                }
+                _ => {}
+            }
+            None
+        }
+    }
+
+    /// Ticks and delivers until `done`.
+    fn drive(
+        nodes: &mut [Node<Ed25519Auth>],
+        outs: &mut [Vec<Output>],
+        stores: &mut Stores,
+        now: &mut u64,
+        done: impl Fn(&[Node<Ed25519Auth>]) -> bool,
+    ) {
+        while !done(nodes) {
+            *now += 100;
+            let heights: Vec<u64> = nodes.iter().map(|n| n.height()).collect();
+            assert!(*now < 300_000, "no progress: heights {heights:?}");
+            for (i, n) in nodes.iter_mut().enumerate() {
+                n.on_tick(*now, &mut outs[i]);
+            }
+            settle_with(nodes, *now, outs, &[], &mut |i, o| stores.handle(i, o));
+        }
+    }
+
+    #[test]
+    fn a_fresh_validator_joins_from_a_verified_snapshot_and_catches_up() {
+        use crate::consensus::wire::WireLimits;
+        use crate::snapshot::{self, ReputationConfig};
+        use prost::Message as _;
+        let k = crypto::generate_key();
+        let (mut nodes, keys) = cluster_with_keys(4, &k, 200);
+        let pks: Vec<_> = keys.iter().map(crypto::public_key).collect();
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let mut stores = Stores { certs: vec![Default::default(); 4], ..Default::default() };
+        let mut now = 1000;
+        let txs: Vec<_> = (0..60).map(|i| vtx(&k, i, 1000)).collect();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_txs(now, txs[..40].to_vec(), &mut outs[i]);
+        }
+        drive(&mut nodes, &mut outs, &mut stores, &mut now, |ns| ns.iter().all(|n| n.height() >= 10));
+        let (seq, bytes) = stores.served.clone().expect("node 0 completed a snapshot at a stable checkpoint");
+        assert_eq!(seq % 8, 0);
+
+        // Validator 3 loses everything and starts from node 0's snapshot.
+        let limits = WireLimits { n: 4, max_value_bytes: 1 << 20, window: 16 };
+        let rep = ReputationConfig { floor: Some(0.7), quarantine: true };
+        let auth = |i: usize| Ed25519Auth::new(keys[i].clone(), pks.clone());
+        let verify = |b: &[u8]| {
+            snapshot::verify(b, 3, &params_for_tests(4), auth(3), &limits, StateConfig::default(), rep).map(|_| ())
+        };
+        // Tampering with anything a checkpoint vouches for is caught.
+        let good = crate::proto::ChainSnapshot::decode(&bytes[..]).unwrap();
+        let mut bad_state = good.clone();
+        bad_state.state.as_mut().unwrap().entries[0].value.push(1);
+        let mut bad_rep = good.clone();
+        bad_rep.reputation[1] -= 1;
+        let mut few_sigs = good.clone();
+        few_sigs.proof.truncate(2);
+        let mut other_header = good.clone();
+        other_header.header.as_mut().unwrap().timestamp_ms += 1;
+        for (what, b) in
+            [("state", bad_state), ("reputation", bad_rep), ("signatures", few_sigs), ("header", other_header)]
+        {
+            assert!(verify(&b.encode_to_vec()).is_err(), "a snapshot with a changed {what} was accepted");
+        }
+        let v = snapshot::verify(&bytes, 3, &params_for_tests(4), auth(3), &limits, StateConfig::default(), rep)
+            .expect("an honest snapshot verifies");
+        assert_eq!(v.header.height, seq);
+        let replica = v.replica.recover_onto(std::iter::empty(), std::iter::empty());
+        let cfg = nodes[3].cfg.clone();
+        nodes[3] = Node::new(cfg, replica, v.state, Some(v.header), v.reputation, now);
+        stores.certs[3].clear();
+
+        // New txs commit everywhere; the joined validator fetches the blocks
+        // above the snapshot and ends with the same chain and state root.
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_txs(now, txs[40..].to_vec(), &mut outs[i]);
+        }
+        drive(&mut nodes, &mut outs, &mut stores, &mut now, |ns| {
+            ns.iter().all(|n| n.mempool_len() == 0 && n.height() == ns[0].height())
+        });
+        assert!(
+            stores.certs[3].keys().next().is_some_and(|&h| h == seq + 1),
+            "it stored blocks from above the snapshot"
+        );
+        assert_eq!(nodes[3].last_header().map(|h| h.hash()), nodes[0].last_header().map(|h| h.hash()));
+        assert_eq!(nodes[3].state().root(), nodes[0].state().root());
+        assert!(txs.iter().all(|t| nodes[3].state().has_nonce(&t.event.nonce)), "every tx is in its state");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! # Format (`blocks.dat`)
 //! An 8-byte magic `CMBLKS01`, then one record per block, in height order
-//! starting at 1:
+//! starting at 1 — or, for a validator that joined from a snapshot, right
+//! above the snapshot's block (its header is the store's *base*, kept with
+//! the snapshot in `blocks.base`; see `crate::snapshot`):
 //! ```text
 //! u32 LE len | u32 LE crc32c(len LE bytes || payload) | payload (len bytes: protobuf `Block`)
 //! ```
@@ -16,7 +18,7 @@
 //! the blocks form one chain (heights from 1, previous hashes linking). The
 //! height index lives in memory.
 
-use crate::block::{Block, BlockHeader};
+use crate::block::{header_from_proto, Block, BlockHeader};
 use crate::event::Limits;
 use crate::framed::{FramedError, FramedFile};
 use crate::{proto, Hash32};
@@ -44,8 +46,10 @@ pub struct Recovery {
 
 pub struct BlockStore {
     log: FramedFile,
-    /// Offset of the record of height h at index h-1.
+    /// Offset of the record of height base+i+1 at index i.
     index: Vec<u64>,
+    /// Header of the block the store starts above (a snapshot's), if any.
+    base: Option<BlockHeader>,
     last: Option<BlockHeader>,
     limits: Limits,
 }
@@ -56,32 +60,30 @@ struct HeaderOnly {
     header: Option<proto::BlockHeader>,
 }
 
-fn header_from_proto(h: proto::BlockHeader) -> Option<BlockHeader> {
-    Some(BlockHeader {
-        height: h.height,
-        view: h.view,
-        timestamp_ms: h.timestamp_ms,
-        previous_hash: h.previous_hash.try_into().ok()?,
-        tx_root: h.tx_root.try_into().ok()?,
-        state_root: h.state_root.try_into().ok()?,
-        proposer: h.proposer.try_into().ok()?,
-        tx_count: h.tx_count,
-    })
-}
-
 impl BlockStore {
     /// Opens (or creates) `dir/blocks.dat`, recovering from a torn tail and
     /// checking that the stored blocks form one chain.
     pub fn open(dir: &Path, limits: Limits) -> Result<(BlockStore, Recovery), StoreError> {
+        Self::open_above(dir, limits, None)
+    }
+
+    /// Like `open`, for a store whose first block sits on `base` (the header
+    /// of the snapshot the validator started from).
+    pub fn open_above(
+        dir: &Path,
+        limits: Limits,
+        base: Option<BlockHeader>,
+    ) -> Result<(BlockStore, Recovery), StoreError> {
         let mut index = Vec::new();
-        let mut last: Option<BlockHeader> = None;
+        let mut last: Option<BlockHeader> = base.clone();
+        let base_height = base.as_ref().map_or(0, |b| b.height);
         let (log, scan) = FramedFile::open(&dir.join("blocks.dat"), MAGIC, |off, payload| {
             let h = HeaderOnly::decode(payload)
                 .ok()
                 .and_then(|h| h.header)
                 .and_then(header_from_proto)
                 .ok_or("record does not decode as a block")?;
-            let want = index.len() as u64 + 1;
+            let want = base_height + index.len() as u64 + 1;
             if h.height != want {
                 return Err(format!("height {} where {want} was expected", h.height));
             }
@@ -93,12 +95,27 @@ impl BlockStore {
             Ok(())
         })?;
         let rec = Recovery { blocks: index.len() as u64, truncated_bytes: scan.truncated_bytes };
-        Ok((BlockStore { log, index, last, limits }, rec))
+        Ok((BlockStore { log, index, base, last, limits }, rec))
     }
 
-    /// Height of the last durable block (0: empty).
+    /// Height of the last durable block (0: empty; the base's height if
+    /// nothing is stored above it).
     pub fn height(&self) -> u64 {
-        self.index.len() as u64
+        self.base_height() + self.index.len() as u64
+    }
+
+    /// Height of the block the store starts above (0: from genesis).
+    pub fn base_height(&self) -> u64 {
+        self.base.as_ref().map_or(0, |b| b.height)
+    }
+
+    /// Starts an empty store above `base` (a snapshot's block), so the next
+    /// append is `base.height + 1`. The caller keeps the base durable
+    /// (`blocks.base`) before it appends.
+    pub fn set_base(&mut self, base: BlockHeader) {
+        assert!(self.index.is_empty() && self.base.is_none(), "a base is only set on an empty store");
+        self.last = Some(base.clone());
+        self.base = Some(base);
     }
 
     pub fn last_header(&self) -> Option<&BlockHeader> {
@@ -133,10 +150,10 @@ impl BlockStore {
 
     /// Raw protobuf bytes of block `height`.
     pub fn read_raw(&self, height: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        if height == 0 || height > self.height() {
+        if height <= self.base_height() || height > self.height() {
             return Ok(None);
         }
-        let i = (height - 1) as usize;
+        let i = (height - self.base_height() - 1) as usize;
         Ok(Some(self.log.read_at(self.index[i], i)?))
     }
 
@@ -145,7 +162,7 @@ impl BlockStore {
         let Some(raw) = self.read_raw(height)? else {
             return Ok(None);
         };
-        let i = (height - 1) as usize;
+        let i = (height - self.base_height() - 1) as usize;
         let corrupt = |detail: String| FramedError::Corrupt {
             path: self.log.path().to_path_buf(),
             offset: self.index[i],
@@ -217,6 +234,27 @@ mod tests {
         }
         assert!(s.read(6).unwrap().is_none());
         assert_eq!(s.last_hash(), blocks[4].hash());
+    }
+
+    #[test]
+    fn a_store_above_a_snapshot_starts_at_its_block_and_needs_it_to_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = chain(6);
+        let base = blocks[2].header.clone();
+        {
+            let (mut s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
+            s.set_base(base.clone());
+            assert_eq!((s.base_height(), s.height()), (3, 3));
+            assert!(matches!(s.append(&[(&blocks[0], None)]), Err(StoreError::OutOfOrder { .. })));
+            s.append(&blocks[3..].iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
+        }
+        let (s, r) = BlockStore::open_above(dir.path(), Limits::default(), Some(base)).unwrap();
+        assert_eq!((r.blocks, s.height()), (3, 6));
+        assert!(s.read(3).unwrap().is_none(), "nothing stored at or below the base");
+        assert_eq!(&s.read(4).unwrap().unwrap().0, &blocks[3]);
+        assert_eq!(s.last_hash(), blocks[5].hash());
+        // Without its base the file does not start at height 1: refused.
+        assert!(BlockStore::open(dir.path(), Limits::default()).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Real 4-process clusters over QUIC on loopback: normal operation, a
 //! genesis mismatch, the leader killed, a validator restarted behind the
-//! others, one whose disk was wiped, and one in its own network namespace
+//! others, one whose disk was wiped (young chain: it replays from height 1;
+//! older: it joins from a snapshot), and one in its own network namespace
 //! partitioned off and healed.
 
 mod common;
@@ -304,6 +305,8 @@ fn validator_with_a_wiped_disk_rejoins_through_genesis_and_catch_up() {
     // finished genesis long ago; they answer its attestation.
     let mut c3 = v3.connect();
     wait_log(&v3, "genesis complete", std::time::Duration::from_secs(60));
+    // The chain is younger than the snapshot interval: nobody has one.
+    wait_log(&v3, "no peer offered a snapshot; catching up from height 1", std::time::Duration::from_secs(30));
     let top = *chain0.keys().next_back().unwrap();
     let mut chain3 = collect_to_height(&mut c3, top);
     assert_eq!(chain3.len() as u64, top, "every block from height 1");
@@ -311,5 +314,53 @@ fn validator_with_a_wiped_disk_rejoins_through_genesis_and_catch_up() {
     clients[3] = c3;
     let others: Vec<&Validator> = vs.iter().flatten().collect();
     commits_everywhere(&c, &mut clients, 3, (&mut chain0, &mut chain3), 200..240, &others);
+    drop(v3);
+}
+
+#[test]
+fn fresh_validator_joins_from_a_snapshot_plus_later_blocks() {
+    // A snapshot every 8 blocks (the checkpoint interval), small blocks.
+    let c = Cluster::new(4, |cfg| {
+        cfg.block.max_txs = 10;
+        cfg.consensus.snapshot_interval = 8;
+    });
+    let mut vs: Vec<Option<Validator>> = (0..4).map(|i| Some(c.start(i))).collect();
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.as_ref().unwrap().connect()).collect();
+    let a: Vec<_> = (0..300).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
+    let mut chain0 = collect(&mut clients[0], &nonces(&a));
+    for cl in clients[1..].iter_mut() {
+        collect(cl, &nonces(&a));
+    }
+    wait_log(vs[0].as_ref().unwrap(), "chain snapshot ready", std::time::Duration::from_secs(30));
+    // A new disk: validator 3 starts with nothing but its config and key.
+    vs[3].take().unwrap().kill9();
+    std::fs::remove_dir_all(&c.net.nodes[3].data_dir).unwrap();
+    let v3 = c.start(3);
+    let mut c3 = v3.connect();
+    let joined = wait_log(
+        &v3,
+        "joined from a snapshot; catching up with the blocks above it",
+        std::time::Duration::from_secs(60),
+    );
+    let base = joined["fields"]["height"].as_u64().unwrap();
+    assert!(base >= 8 && base % 8 == 0, "joined at height {base}");
+    // Only the blocks above the snapshot are fetched and executed.
+    let top = *chain0.keys().next_back().unwrap();
+    let mut chain3 = collect_to_height(&mut c3, top.max(base + 1));
+    assert_eq!(*chain3.keys().next().unwrap(), base + 1, "first block executed after the snapshot");
+    assert_same_blocks(&chain0, &chain3);
+    clients[3] = c3;
+    let others: Vec<&Validator> = vs.iter().flatten().collect();
+    commits_everywhere(&c, &mut clients, 3, (&mut chain0, &mut chain3), 300..340, &others);
+    assert!(v3.terminate().success());
+    let text = store_check(&c.net.nodes[3].data_dir);
+    assert!(text.contains("block store OK") && text.contains(&format!("from a snapshot at height {base}")), "{text}");
+    // It restarts from the snapshot it keeps plus its own blocks.
+    let v3 = c.start(3);
+    assert!(v3.startup.iter().any(|m| m == "starting above the snapshot in blocks.base"), "{:?}", v3.startup);
+    assert!(v3.recovered_height > base);
+    clients[3] = v3.connect();
+    commits_everywhere(&c, &mut clients, 3, (&mut chain0, &mut chain3), 340..360, &others);
     drop(v3);
 }

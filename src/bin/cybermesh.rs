@@ -113,12 +113,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Store { cmd: StoreCmd::Check { data_dir } } => {
-            let (store, rec) = BlockStore::open(&data_dir, Default::default())?;
+            let base = cybermesh::snapshot::read_base_header(&data_dir)?;
+            let (store, rec) = BlockStore::open_above(&data_dir, Default::default(), base.clone())?;
             let mut txs = 0usize;
             let mut repeats = 0usize;
             let mut nonces = std::collections::HashSet::new();
-            let mut prev: Option<cybermesh::block::BlockHeader> = None;
-            for h in 1..=store.height() {
+            let mut prev: Option<cybermesh::block::BlockHeader> = base;
+            for h in store.base_height() + 1..=store.height() {
                 let (b, _) = store.read(h)?.context("indexed block missing")?;
                 b.validate(
                     prev.as_ref(),
@@ -136,8 +137,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 prev = Some(b.header);
             }
             println!(
-                "block store OK: {} blocks, {txs} txs ({repeats} repeated), last view {}, torn tail truncated: {} bytes, last hash {}",
+                "block store OK: {} blocks{}, {txs} txs ({repeats} repeated), last view {}, torn tail truncated: {} bytes, last hash {}",
                 store.height(),
+                match store.base_height() {
+                    0 => String::new(),
+                    b => format!(" (from a snapshot at height {b})"),
+                },
                 prev.as_ref().map_or(0, |h| h.view),
                 rec.truncated_bytes,
                 hex::encode(store.last_hash())

@@ -79,7 +79,11 @@ mod tests {
             Record::Prepared(PreparedCert { pre_prepare: pp, prepares: vec![vote] }),
             Record::Stable {
                 seq: 4,
-                proof: vec![Signed { body: Checkpoint { seq: 4, state: [9; 32] }, from: 3, sig: vec![3; 64] }],
+                proof: vec![Signed {
+                    body: Checkpoint { seq: 4, state: [9; 32], app: [8; 32] },
+                    from: 3,
+                    sig: vec![3; 64],
+                }],
             },
         ];
         {

@@ -68,6 +68,10 @@ pub struct Checkpoint {
     pub seq: Seq,
     /// Chained digest of every value executed up to `seq`.
     pub state: Hash32,
+    /// The application's digest after executing `seq` (the validator: block
+    /// hash and reputation), so a stable checkpoint vouches for a state
+    /// snapshot a fresh replica can start from.
+    pub app: Hash32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +262,7 @@ fn ckpt_bytes(c: &Checkpoint) -> Vec<u8> {
     let mut v = b"pbft.checkpoint".to_vec();
     v.extend_from_slice(&c.seq.to_be_bytes());
     v.extend_from_slice(&c.state);
+    v.extend_from_slice(&c.app);
     v
 }
 fn vc_bytes(c: &ViewChange) -> Vec<u8> {
@@ -321,7 +326,10 @@ pub struct Replica<A: Auth + Clone> {
     log: BTreeMap<Seq, Slot>,
     committed: BTreeMap<Seq, CommitCert>,
     checkpoints: BTreeMap<Seq, BTreeMap<Rid, Signed<Checkpoint>>>,
-    own_checkpoints: BTreeMap<Seq, Hash32>,
+    /// Own checkpoints: (chained state, application digest) per seq.
+    own_checkpoints: BTreeMap<Seq, (Hash32, Hash32)>,
+    /// Checkpoint seqs executed whose application digest has not arrived.
+    awaiting_app: BTreeMap<Seq, Hash32>,
     view_changes: BTreeMap<View, BTreeMap<Rid, Signed<ViewChange>>>,
     /// Values known and not yet executed (every replica keeps them, so any
     /// of them can propose them when it becomes primary).
@@ -365,6 +373,7 @@ impl<A: Auth + Clone> Replica<A> {
             committed: BTreeMap::new(),
             checkpoints: BTreeMap::new(),
             own_checkpoints: BTreeMap::new(),
+            awaiting_app: BTreeMap::new(),
             view_changes: BTreeMap::new(),
             queue: VecDeque::new(),
             assigned: BTreeSet::new(),
@@ -381,21 +390,58 @@ impl<A: Auth + Clone> Replica<A> {
     }
 
     /// Rebuilds a replica after a restart: re-executes the committed values
-    /// (from the block store, with their certificates), then replays the
-    /// durable records in the order they were persisted.
+    /// (from the block store, with their certificates and the application
+    /// digest after each), then replays the durable records in the order
+    /// they were persisted.
     pub fn recover(
         id: Rid,
         p: Params,
         auth: A,
-        executed: impl IntoIterator<Item = CommitCert>,
+        executed: impl IntoIterator<Item = (CommitCert, Hash32)>,
         records: impl IntoIterator<Item = Record>,
     ) -> Self {
+        Replica::new(id, p, auth).recover_onto(executed, records)
+    }
+
+    /// A replica that starts at a stable checkpoint instead of at 0 (a fresh
+    /// validator joining from a snapshot): `proof` must be `q` valid
+    /// signatures on one checkpoint at `seq`. Returns the checkpoint's
+    /// application digest with it, for the caller to compare with the
+    /// snapshot it holds.
+    pub fn from_stable_checkpoint(
+        id: Rid,
+        p: Params,
+        auth: A,
+        seq: Seq,
+        proof: Vec<Signed<Checkpoint>>,
+    ) -> Result<(Self, Hash32), &'static str> {
         let mut r = Replica::new(id, p, auth);
+        if seq == 0 || !r.valid_stable_proof(seq, &proof) {
+            return Err("the checkpoint proof does not carry a quorum of valid signatures");
+        }
+        let Checkpoint { state, app, .. } = proof[0].body.clone();
+        r.state = state;
+        r.executed = seq;
+        r.next_seq = seq + 1;
+        r.own_checkpoints.insert(seq, (state, app));
+        r.make_stable(seq, proof);
+        Ok((r, app))
+    }
+
+    /// `recover` on top of this replica (new, or from a stable checkpoint).
+    pub fn recover_onto(
+        self,
+        executed: impl IntoIterator<Item = (CommitCert, Hash32)>,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Self {
+        let mut r = self;
+        let id = r.id;
         let mut sink = Vec::new();
-        for c in executed {
+        for (c, app) in executed {
             let seq = c.pre_prepare.body.seq;
             assert_eq!(seq, r.executed + 1, "committed values are replayed in order");
             r.execute(seq, c, &mut sink);
+            r.on_app_digest(seq, app, &mut sink);
             sink.clear();
         }
         for rec in records {
@@ -498,6 +544,10 @@ impl<A: Auth + Clone> Replica<A> {
     }
     pub fn state_digest(&self) -> Hash32 {
         self.state
+    }
+    /// The newest stable checkpoint and its proof (`q` signatures).
+    pub fn stable_checkpoint(&self) -> (Seq, &[Signed<Checkpoint>]) {
+        (self.low, &self.stable_proof)
     }
     /// Leader of `view`: round-robin over the replicas not excluded.
     pub fn primary(&self, view: View) -> Rid {
@@ -713,8 +763,8 @@ impl<A: Auth + Clone> Replica<A> {
                 }
             }
         }
-        if let Some((&seq, &st)) = self.own_checkpoints.iter().next_back() {
-            let c = Checkpoint { seq, state: st };
+        if let Some((&seq, &(state, app))) = self.own_checkpoints.iter().next_back() {
+            let c = Checkpoint { seq, state, app };
             out.push(Action::Broadcast(Message::Checkpoint(self.sign(c.clone(), ckpt_bytes(&c)))));
         }
     }
@@ -914,12 +964,21 @@ impl<A: Auth + Clone> Replica<A> {
         self.committed.insert(seq, cert.clone());
         out.push(Action::Execute { seq, value, cert });
         if seq % self.p.checkpoint_interval == 0 {
-            self.own_checkpoints.insert(seq, self.state);
-            let c = Checkpoint { seq, state: self.state };
-            let s = self.sign(c.clone(), ckpt_bytes(&c));
-            out.push(Action::Broadcast(Message::Checkpoint(s.clone())));
-            self.on_checkpoint(s, out);
+            // The checkpoint goes out once the application reports its digest.
+            self.awaiting_app.insert(seq, self.state);
         }
+    }
+
+    /// The application's digest after executing `seq` (after the `Execute`
+    /// action for it). Callers report at least every checkpoint seq: until
+    /// they do, no checkpoint is signed and the window cannot move on.
+    pub fn on_app_digest(&mut self, seq: Seq, app: Hash32, out: &mut Vec<Action>) {
+        let Some(state) = self.awaiting_app.remove(&seq) else { return };
+        self.own_checkpoints.insert(seq, (state, app));
+        let c = Checkpoint { seq, state, app };
+        let s = self.sign(c.clone(), ckpt_bytes(&c));
+        out.push(Action::Broadcast(Message::Checkpoint(s.clone())));
+        self.on_checkpoint(s, out);
     }
 
     fn on_checkpoint(&mut self, s: Signed<Checkpoint>, out: &mut Vec<Action>) {
@@ -930,9 +989,9 @@ impl<A: Auth + Clone> Replica<A> {
         self.checkpoints.entry(seq).or_default().insert(s.from, s);
         let proof: Vec<Signed<Checkpoint>> = {
             let all = &self.checkpoints[&seq];
-            let mut by_state: BTreeMap<Hash32, Vec<Signed<Checkpoint>>> = BTreeMap::new();
+            let mut by_state: BTreeMap<(Hash32, Hash32), Vec<Signed<Checkpoint>>> = BTreeMap::new();
             for c in all.values() {
-                by_state.entry(c.body.state).or_default().push(c.clone());
+                by_state.entry((c.body.state, c.body.app)).or_default().push(c.clone());
             }
             match by_state.into_values().find(|v| v.len() >= self.p.q()) {
                 Some(v) => v,
@@ -944,7 +1003,7 @@ impl<A: Auth + Clone> Replica<A> {
             out.push(Action::Broadcast(Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
             return;
         }
-        if self.own_checkpoints.get(&seq) != Some(&proof[0].body.state) {
+        if self.own_checkpoints.get(&seq) != Some(&(proof[0].body.state, proof[0].body.app)) {
             return; // our state differs from the quorum's: never happens for an honest replica
         }
         out.push(Action::Persist(Record::Stable { seq, proof: proof.clone() }));
@@ -961,6 +1020,7 @@ impl<A: Auth + Clone> Replica<A> {
         self.log = self.log.split_off(&(seq + 1));
         self.committed = self.committed.split_off(&seq.saturating_sub(self.p.keep_committed).max(1));
         self.own_checkpoints = self.own_checkpoints.split_off(&seq);
+        self.awaiting_app = self.awaiting_app.split_off(&(seq + 1));
     }
 
     // Certificates of past views do not check that the pre-prepare came from
@@ -1068,6 +1128,7 @@ impl<A: Auth + Clone> Replica<A> {
         for c in proof {
             if c.body.seq == seq
                 && c.body.state == first.body.state
+                && c.body.app == first.body.app
                 && c.from < self.p.n
                 && self.auth.verify(c.from, &ckpt_bytes(&c.body), &c.sig)
             {

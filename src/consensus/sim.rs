@@ -50,7 +50,8 @@ impl PartialOrd for InFlight {
 /// its consensus records.
 #[derive(Default)]
 struct Durable {
-    certs: Vec<CommitCert>,
+    /// Committed values with the application digest after each.
+    certs: Vec<(CommitCert, Hash32)>,
     records: Vec<Record>,
     /// A checkpoint became stable: compact `records` (as the validator's
     /// consensus log does) before the replica can crash again.
@@ -81,6 +82,11 @@ pub struct SimConfig {
     pub exclude_later: Option<(Rid, u64)>,
     /// Faults (loss, partitions, crashes) stop here; liveness is due after.
     pub heal_at: u64,
+    /// The crash victim loses its disk: it rejoins from the newest stable
+    /// checkpoint another replica holds (a snapshot join) and catches up
+    /// from there. It forgets its votes, so it counts as the one fault:
+    /// never together with a Byzantine replica.
+    pub wipe: bool,
 }
 
 impl SimConfig {
@@ -100,6 +106,7 @@ impl SimConfig {
             excluded: vec![],
             exclude_later: None,
             heal_at: rng.gen_range(2_000..10_000),
+            wipe: false,
         };
         if cfg.byzantine.is_none() && rng.gen_bool(0.2) {
             cfg.mute = Some(rng.gen_range(0..n));
@@ -110,6 +117,7 @@ impl SimConfig {
         if rng.gen_bool(0.25) {
             cfg.exclude_later = Some((rng.gen_range(0..n), rng.gen_range(0..cfg.heal_at)));
         }
+        cfg.wipe = cfg.crash && cfg.byzantine.is_none() && cfg.mute.is_none() && rng.gen_bool(0.3);
         cfg
     }
 }
@@ -119,6 +127,8 @@ pub struct Outcome {
     pub executed: Vec<Seq>,
     pub views: Vec<View>,
     pub primaries: Vec<Rid>,
+    /// The stable checkpoint a wiped replica restarted from (0: from scratch).
+    pub joined_at: Option<Seq>,
 }
 
 /// Runs one seeded simulation; panics (with the seed) on any violation.
@@ -200,6 +210,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     };
 
     let mut learned_exclusion = vec![false; n];
+    let mut joined_at = None;
     while now < end {
         let faulty = now < cfg.heal_at;
         if let Some((x, at)) = cfg.exclude_later {
@@ -226,13 +237,34 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                 // Restarted: memory is gone; it recovers from what it made
                 // durable (committed values with certificates + its records).
                 let v = crash_victim;
-                replicas[v] = Replica::recover(
-                    v,
-                    params.clone(),
-                    auths[v].clone(),
-                    durable[v].certs.clone(),
-                    durable[v].records.clone(),
-                );
+                if cfg.wipe {
+                    // Disk lost: start from the newest stable checkpoint of a
+                    // live replica (the proof it would send with a snapshot).
+                    let (seq, proof) = (0..n)
+                        .filter(|&r| r != v && !down.contains(&r))
+                        .map(|r| (replicas[r].stable_checkpoint().0, replicas[r].stable_checkpoint().1.to_vec()))
+                        .max_by_key(|(seq, _)| *seq)
+                        .expect("other replicas are up");
+                    durable[v] = Durable::default();
+                    replicas[v] = if seq == 0 {
+                        Replica::new(v, params.clone(), auths[v].clone())
+                    } else {
+                        let (r, app) = Replica::from_stable_checkpoint(v, params.clone(), auths[v].clone(), seq, proof)
+                            .unwrap_or_else(|e| panic!("a stable checkpoint proof was refused: {e}; {}", ctx(seed)));
+                        assert_eq!(app, sim_app(seq, check.decided[&seq]), "checkpoint app digest; {}", ctx(seed));
+                        r
+                    };
+                    check.joined_at(v, seq);
+                    joined_at = Some(seq);
+                } else {
+                    replicas[v] = Replica::recover(
+                        v,
+                        params.clone(),
+                        auths[v].clone(),
+                        durable[v].certs.clone(),
+                        durable[v].records.clone(),
+                    );
+                }
                 replicas[v].set_excluded(cfg.excluded.iter().copied());
                 learned_exclusion[v] = false; // recomputed from its state, as the validator does
                                               // It reads the source again from its last committed offset, so
@@ -249,6 +281,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                     faulty,
                     cfg,
                     &auths[crash_victim],
+                    &mut replicas[crash_victim],
                     &mut durable[crash_victim],
                     &mut send,
                 );
@@ -271,6 +304,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                         faulty,
                         cfg,
                         &auths[r],
+                        &mut replicas[r],
                         &mut durable[r],
                         &mut send,
                     );
@@ -308,6 +342,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                 faulty,
                 cfg,
                 &auths[m.to],
+                &mut replicas[m.to],
                 &mut durable[m.to],
                 &mut send,
             );
@@ -320,7 +355,19 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                 }
                 replicas[r].on_tick(now, &mut out);
                 check.step(r, &out, &replicas[r]);
-                dispatch(r, &mut out, &mut queue, &mut rng, now, faulty, cfg, &auths[r], &mut durable[r], &mut send);
+                dispatch(
+                    r,
+                    &mut out,
+                    &mut queue,
+                    &mut rng,
+                    now,
+                    faulty,
+                    cfg,
+                    &auths[r],
+                    &mut replicas[r],
+                    &mut durable[r],
+                    &mut send,
+                );
             }
         }
         // Done: every honest replica executed every proposed value.
@@ -351,6 +398,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         executed: honest.iter().map(|&r| replicas[r].executed()).collect(),
         views: honest.iter().map(|&r| replicas[r].view()).collect(),
         primaries: honest.iter().map(|&r| replicas[r].primary(replicas[r].view())).collect(),
+        joined_at,
     }
 }
 
@@ -365,9 +413,21 @@ fn dispatch(
     faulty: bool,
     cfg: &SimConfig,
     auth: &SimAuth,
+    replica: &mut Replica<SimAuth>,
     durable: &mut Durable,
     send: &mut impl FnMut(&mut BinaryHeap<InFlight>, &mut StdRng, u64, Rid, Rid, Message, bool),
 ) {
+    // The application reports its digest after each execution (checkpoints wait for it).
+    let apps: Vec<(Seq, Hash32)> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Execute { seq, value, .. } => Some((*seq, sim_app(*seq, sha256(value)))),
+            _ => None,
+        })
+        .collect();
+    for (seq, app) in apps {
+        replica.on_app_digest(seq, app, out);
+    }
     let byz = cfg.byzantine == Some(from);
     if cfg.mute == Some(from) {
         out.clear();
@@ -397,10 +457,15 @@ fn dispatch(
                 durable.compact |= matches!(r, Record::Stable { .. });
                 durable.records.push(r);
             }
-            Action::Execute { cert, .. } => durable.certs.push(cert),
+            Action::Execute { seq, value, cert } => durable.certs.push((cert, sim_app(seq, sha256(&value)))),
             Action::Evidence { .. } => {}
         }
     }
+}
+
+/// The simulated application's digest after executing `digest` at `seq`.
+fn sim_app(seq: Seq, digest: Hash32) -> Hash32 {
+    sha256(&[b"sim.app".as_slice(), &seq.to_be_bytes(), &digest].concat())
 }
 
 /// Byzantine behaviour: equivocate pre-prepares, double-vote, vote for
@@ -447,6 +512,14 @@ struct Checker {
 }
 
 impl Checker {
+    /// Replica `r` restarted from the stable checkpoint at `seq`: what was
+    /// decided up to there is in the snapshot it starts from.
+    fn joined_at(&mut self, r: Rid, seq: Seq) {
+        self.last_exec[r] = seq;
+        let below: Vec<Hash32> = self.decided.range(..=seq).map(|(_, d)| *d).collect();
+        self.executed_values[r].extend(below);
+    }
+
     fn step(&mut self, r: Rid, out: &[Action], replica: &Replica<SimAuth>) {
         if !self.honest.contains(&r) {
             return;
@@ -488,6 +561,7 @@ mod tests {
             excluded: vec![],
             exclude_later: None,
             heal_at: 0,
+            wipe: false,
         }
     }
 
@@ -561,6 +635,14 @@ mod tests {
     }
 
     #[test]
+    fn a_wiped_replica_rejoins_from_a_stable_checkpoint() {
+        let cfg = SimConfig { crash: true, wipe: true, values: 40, loss: 0.05, heal_at: 6_000, ..quiet(4) };
+        let joined: Vec<Option<Seq>> = (0..20).map(|seed| run(seed, &cfg).joined_at).collect();
+        assert!(joined.iter().all(|j| j.is_some()), "{joined:?}");
+        assert!(joined.iter().filter(|j| j.is_some_and(|s| s > 0)).count() >= 10, "{joined:?}");
+    }
+
+    #[test]
     fn seven_replicas_with_a_crash_and_loss() {
         let cfg = SimConfig { crash: true, loss: 0.1, heal_at: 5_000, ..quiet(7) };
         run(3, &cfg);
@@ -577,13 +659,17 @@ mod tests {
             return;
         }
         let seeds: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
-        let mut view_changes = 0;
+        let (mut view_changes, mut snapshot_joins) = (0, 0);
         for seed in 0..seeds {
             let cfg = SimConfig::random(&mut StdRng::seed_from_u64(seed));
             let o = run(seed, &cfg);
             view_changes += o.views.iter().filter(|&&v| v > 0).count();
+            snapshot_joins += o.joined_at.is_some_and(|s| s > 0) as usize;
         }
-        // The faults must actually exercise view changes, or the test proves little.
+        // The faults must actually exercise view changes and joins from a
+        // stable checkpoint, or the test proves little.
         assert!(view_changes > 0);
+        assert!(seeds < 100 || snapshot_joins > 0, "no seed had a wiped replica join from a checkpoint");
+        eprintln!("{seeds} seeds: {view_changes} replicas ended in a later view, {snapshot_joins} snapshot joins");
     }
 }

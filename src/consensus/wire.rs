@@ -117,10 +117,20 @@ fn vote_from(v: proto::PbftVote, l: &WireLimits) -> Result<Signed<Vote>, WireErr
     })
 }
 fn ck_to(c: &Signed<Checkpoint>) -> proto::PbftCheckpoint {
-    proto::PbftCheckpoint { seq: c.body.seq, state: c.body.state.to_vec(), from: c.from as u32, sig: c.sig.clone() }
+    proto::PbftCheckpoint {
+        seq: c.body.seq,
+        state: c.body.state.to_vec(),
+        from: c.from as u32,
+        sig: c.sig.clone(),
+        app: c.body.app.to_vec(),
+    }
 }
 fn ck_from(c: proto::PbftCheckpoint, l: &WireLimits) -> Result<Signed<Checkpoint>, WireError> {
-    Ok(Signed { body: Checkpoint { seq: c.seq, state: digest(c.state)? }, from: rid(c.from, l)?, sig: sig(c.sig)? })
+    Ok(Signed {
+        body: Checkpoint { seq: c.seq, state: digest(c.state)?, app: digest(c.app)? },
+        from: rid(c.from, l)?,
+        sig: sig(c.sig)?,
+    })
 }
 fn vc_to(v: &Signed<ViewChange>) -> proto::PbftViewChange {
     proto::PbftViewChange {
@@ -287,7 +297,9 @@ fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireErro
         Msg::Fetch(f) => Message::Fetch { from: rid(f.from, l)?, from_seq: f.from_seq },
         Msg::Committed(c) => Message::Committed(commit_cert_from(c, l)?),
         Msg::Heartbeat(h) => Message::Heartbeat(Signed { body: h.view, from: rid(h.from, l)?, sig: sig(h.sig)? }),
-        Msg::GenesisReady(_) => return Err(WireError::Decode("a genesis attestation, not a PBFT message".into())),
+        Msg::GenesisReady(_) | Msg::SnapshotRequest(_) | Msg::SnapshotChunk(_) => {
+            return Err(WireError::Decode("not a PBFT message".into()))
+        }
     })
 }
 
@@ -296,6 +308,24 @@ fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireErro
 pub enum Frame {
     Pbft(Message),
     Genesis(ReadyAttestation),
+    SnapshotRequest(proto::SnapshotRequest),
+    SnapshotChunk(proto::SnapshotChunk),
+}
+
+/// Snapshot transfer frames (their content is checked when the whole
+/// snapshot is: against a stable checkpoint's signatures).
+pub fn encode_snapshot_request(r: proto::SnapshotRequest) -> Vec<u8> {
+    proto::PbftMessage { msg: Some(proto::pbft_message::Msg::SnapshotRequest(r)) }.encode_to_vec()
+}
+pub fn encode_snapshot_chunk(c: proto::SnapshotChunk) -> Vec<u8> {
+    proto::PbftMessage { msg: Some(proto::pbft_message::Msg::SnapshotChunk(c)) }.encode_to_vec()
+}
+
+pub fn checkpoint_to(c: &Signed<Checkpoint>) -> proto::PbftCheckpoint {
+    ck_to(c)
+}
+pub fn checkpoint_from(c: proto::PbftCheckpoint, l: &WireLimits) -> Result<Signed<Checkpoint>, WireError> {
+    ck_from(c, l)
 }
 
 pub fn encode_genesis(a: &ReadyAttestation) -> Vec<u8> {
@@ -314,16 +344,18 @@ pub fn encode_genesis(a: &ReadyAttestation) -> Vec<u8> {
 pub fn decode_frame(bytes: &[u8], l: &WireLimits) -> Result<Frame, WireError> {
     use proto::pbft_message::Msg;
     let m = proto::PbftMessage::decode(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
-    if let Some(Msg::GenesisReady(g)) = m.msg {
-        return Ok(Frame::Genesis(ReadyAttestation {
+    match m.msg {
+        Some(Msg::GenesisReady(g)) => Ok(Frame::Genesis(ReadyAttestation {
             validator: g.validator,
             config_hash: digest(g.config_hash)?,
             peer_hash: digest(g.peer_hash)?,
             timestamp_ms: g.timestamp_ms,
             signature: g.signature.try_into().map_err(|_| WireError::Range("signature length"))?,
-        }));
+        })),
+        Some(Msg::SnapshotRequest(r)) => Ok(Frame::SnapshotRequest(r)),
+        Some(Msg::SnapshotChunk(c)) => Ok(Frame::SnapshotChunk(c)),
+        _ => from_proto(m, l).map(Frame::Pbft),
     }
-    from_proto(m, l).map(Frame::Pbft)
 }
 
 #[cfg(test)]
@@ -342,7 +374,7 @@ mod tests {
         let spp = Signed { sig: auth.sign(&pp_bytes(&pp)), body: pp, from: 0 };
         let vote = Vote { phase: Phase::Commit, view: 0, seq: 1, digest: spp.body.digest };
         let sv = Signed { sig: auth.sign(&vote_bytes(&vote)), body: vote, from: 0 };
-        let ck = Signed { body: Checkpoint { seq: 8, state: [3; 32] }, from: 2, sig: vec![1; 64] };
+        let ck = Signed { body: Checkpoint { seq: 8, state: [3; 32], app: [4; 32] }, from: 2, sig: vec![1; 64] };
         let vc = Signed {
             body: ViewChange {
                 new_view: 1,

@@ -23,7 +23,7 @@ use crate::block::Block;
 use crate::config::{IdlePolicy, Validated};
 use crate::consensus::genesis::{verify_certificate, Ceremony, GenesisCertificate, GenesisError, ReadyAttestation};
 use crate::consensus::log::ConsensusLog;
-use crate::consensus::pbft::{CommitCert, Message, PrePrepare, Record, Replica, Rid, Seq, Signed};
+use crate::consensus::pbft::{Checkpoint, CommitCert, Message, PrePrepare, Record, Replica, Rid, Seq, Signed};
 use crate::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
 use crate::dlq::{DlqFileSink, RejectCounters, RejectReason, Rejection};
 use crate::event::Limits;
@@ -34,6 +34,7 @@ use crate::mempool::VerifiedTx;
 use crate::net::{Net, NetConfig, NetEvent, Peer};
 use crate::node::{self, Node, NodeConfig, Output};
 use crate::proposal;
+use crate::snapshot::{self, JoinStep};
 use crate::state::State;
 use crate::store::BlockStore;
 use crate::{crypto, proto};
@@ -184,15 +185,35 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         window: params.window as usize,
     };
 
-    // Recover: re-execute the block store into the state, and rebuild the
-    // replica from the blocks' commit certificates plus its durable records.
-    let (store, rec) = BlockStore::open(&c.node.data_dir, limits)?;
-    let mut state = State::new(c.state_config());
+    // Recover: start from the snapshot the store sits on (if this validator
+    // joined from one), re-execute the block store into the state, and
+    // rebuild the replica from the blocks' commit certificates plus its
+    // durable records.
+    let auth = Ed25519Auth::new(key.clone(), keys.clone());
+    let rep_cfg = snapshot::ReputationConfig {
+        floor: c.consensus.enable_reputation.then_some(c.consensus.min_leader_reputation),
+        quarantine: c.consensus.enable_quarantine,
+    };
+    let base_path = c.node.data_dir.join(snapshot::BASE_FILE);
+    let base = match std::fs::read(&base_path) {
+        Ok(bytes) => {
+            let v = snapshot::verify(&bytes, me_rid, &params, auth.clone(), &wire, c.state_config(), rep_cfg)
+                .with_context(|| format!("{} (the snapshot this validator started from)", base_path.display()))?;
+            tracing::info!(height = v.header.height, "starting above the snapshot in blocks.base");
+            Some((v, bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", base_path.display())),
+    };
+    let (store, rec) = BlockStore::open_above(&c.node.data_dir, limits, base.as_ref().map(|(v, _)| v.header.clone()))?;
+    let (mut state, mut reputation, mut prev_view, base_replica, base_bytes) = match base {
+        Some((v, bytes)) => (v.state, v.reputation, v.header.view, Some(v.replica), Some(bytes)),
+        None => {
+            (State::new(c.state_config()), node::Reputation::new(n, rep_cfg.floor, rep_cfg.quarantine), 0, None, None)
+        }
+    };
     let mut failed: Option<anyhow::Error> = None;
-    let floor = c.consensus.enable_reputation.then_some(c.consensus.min_leader_reputation);
-    let mut reputation = node::Reputation::new(n, floor, c.consensus.enable_quarantine);
-    let mut prev_view = 0;
-    let certs = (1..=store.height()).map_while(|h| {
+    let certs = (store.base_height() + 1..=store.height()).map_while(|h| {
         let r = store.read(h).map_err(anyhow::Error::from).and_then(|x| {
             let (b, cert) = x.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
             node::replay(&mut state, &b).map_err(anyhow::Error::msg)?;
@@ -203,7 +224,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             }
             reputation.on_block(prev_view, b.header.view, proposer);
             prev_view = b.header.view;
-            stored_cert(&b, cert, &wire)
+            Ok((stored_cert(&b, cert, &wire)?, snapshot::app_digest(&b.hash(), &reputation)))
         });
         r.map_err(|e| failed = Some(e)).ok()
     });
@@ -214,8 +235,13 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     } else {
         (None, vec![]) // one validator: nobody to vote twice to
     };
-    let auth = Ed25519Auth::new(key.clone(), keys.clone());
-    let replica = Replica::recover(me_rid, params.clone(), auth, certs, records);
+    // A validator with an empty store may still join from a snapshot: it
+    // needs its records again then.
+    let join_records = (store.height() == 0).then(|| records.clone());
+    let replica = match base_replica {
+        Some(r) => r.recover_onto(certs, records),
+        None => Replica::recover(me_rid, params.clone(), auth.clone(), certs, records),
+    };
     if let Some(e) = failed {
         return Err(e.context("recovering from the block store"));
     }
@@ -313,19 +339,74 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         policy: policy.clone(),
         skew_ms: c.ingest.max_timestamp_skew.as_millis() as u64,
         validators: keys.clone(),
+        snapshot_interval: if n > 1 { c.consensus.snapshot_interval } else { 0 },
     };
     let last = store.last_header().cloned();
     if !reputation.excluded().is_empty() {
         tracing::info!(excluded = ?reputation.excluded(), "leaders excluded by reputation");
     }
-    let node = Node::new(ncfg, replica, state, last, reputation, now_ms());
-    let cons =
-        Consensus { log: clog, net, ids, wire, pending: vec![], compact_at: c.runtime.consensus_log_compact_bytes };
+    let node = Node::new(ncfg.clone(), replica, state, last, reputation, now_ms());
+    // The snapshot this validator serves: its newest, else the one it started from.
+    let served = match std::fs::read(c.node.data_dir.join(snapshot::SERVED_FILE)) {
+        Ok(bytes) => match proto::ChainSnapshot::decode(&bytes[..]) {
+            Ok(s) => Some((s.header.map_or(0, |h| h.height), Arc::new(bytes))),
+            Err(e) => {
+                tracing::warn!(error = %e, "snapshot.bin does not decode; not serving it");
+                None
+            }
+        },
+        Err(_) => None,
+    }
+    .or_else(|| base_bytes.map(|b| (store.base_height(), Arc::new(b))));
+    let snapshot_writer = if n > 1 && c.consensus.snapshot_interval > 0 {
+        let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(2);
+        let path = c.node.data_dir.join(snapshot::SERVED_FILE);
+        std::thread::Builder::new().name("snapshot-writer".into()).spawn(move || {
+            for bytes in rx {
+                match write_atomically(&path, &bytes) {
+                    Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
+                    Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the snapshot failed"),
+                }
+            }
+        })?;
+        Some(tx)
+    } else {
+        None
+    };
+    let join = match join_records {
+        Some(records) if n > 1 && c.consensus.snapshot_interval > 0 => Some(Joining {
+            join: snapshot::Join::new(
+                ids.iter().copied().filter(|&i| i != c.node.id),
+                now_ms(),
+                c.consensus.snapshot_join_timeout.as_millis() as u64,
+            ),
+            records,
+            ncfg,
+            me_rid,
+            params: params.clone(),
+            auth: auth.clone(),
+            state_cfg: c.state_config(),
+            rep_cfg,
+            base_path,
+        }),
+        _ => None,
+    };
+    let cons = Consensus {
+        log: clog,
+        net,
+        ids,
+        wire,
+        pending: vec![],
+        compact_at: c.runtime.consensus_log_compact_bytes,
+        served,
+        pending_snapshot: None,
+        snapshot_writer,
+    };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
     let core = std::thread::Builder::new().name("core".into()).spawn(move || {
         pin(core_pin, "core");
-        let r = core_loop(node, store, cons, genesis, &outs, &bell, &sh);
+        let r = core_loop(node, store, cons, genesis, join, &outs, &bell, &sh);
         if let Err(e) = &r {
             tracing::error!(error = %format!("{e:#}"), "core stopped");
             sh.stop.store(true, Ordering::SeqCst);
@@ -528,6 +609,12 @@ struct Consensus {
     pending: Vec<Record>,
     /// Log size that triggers compaction at a stable checkpoint.
     compact_at: u64,
+    /// The encoded chain snapshot served to joining validators, by height.
+    served: Option<(Seq, Arc<Vec<u8>>)>,
+    /// The newest snapshot recorded at execution, until its checkpoint is stable.
+    pending_snapshot: Option<Box<proto::ChainSnapshot>>,
+    /// To the thread that writes `snapshot.bin` (off the core thread).
+    snapshot_writer: Option<SyncSender<Arc<Vec<u8>>>>,
 }
 
 impl Consensus {
@@ -550,6 +637,107 @@ impl Consensus {
     }
     fn rid_of(&self, id: u32) -> Option<Rid> {
         self.ids.iter().position(|&i| i == id)
+    }
+
+    /// A checkpoint became stable: if it is the recorded snapshot's, the
+    /// snapshot is complete (proof attached) and served from now on.
+    fn on_stable(&mut self, seq: Seq, proof: &[Signed<Checkpoint>]) {
+        let Some(height) = self.pending_snapshot.as_ref().and_then(|s| s.header.as_ref()).map(|h| h.height) else {
+            return;
+        };
+        if height > seq {
+            return;
+        }
+        let mut snap = self.pending_snapshot.take().expect("checked");
+        if height < seq {
+            // Its checkpoint was passed over (a later one became stable first).
+            tracing::debug!(height, stable = seq, "snapshot dropped: its checkpoint never became stable here");
+            return;
+        }
+        snap.proof = proof.iter().map(wire::checkpoint_to).collect();
+        let bytes = Arc::new(snap.encode_to_vec());
+        tracing::info!(height, bytes = bytes.len(), "chain snapshot ready");
+        if let Some(w) = &self.snapshot_writer {
+            if w.try_send(bytes.clone()).is_err() {
+                tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
+            }
+        }
+        self.served = Some((height, bytes));
+    }
+}
+
+/// A validator with an empty block store, looking for a snapshot to start
+/// from (see `crate::snapshot`); consensus waits until it is done.
+struct Joining {
+    join: snapshot::Join,
+    records: Vec<Record>,
+    ncfg: NodeConfig,
+    me_rid: Rid,
+    params: crate::consensus::pbft::Params,
+    auth: Ed25519Auth,
+    state_cfg: crate::state::StateConfig,
+    rep_cfg: snapshot::ReputationConfig,
+    base_path: std::path::PathBuf,
+}
+
+impl Joining {
+    /// Carries out a join step. Returns true when the join is over (the
+    /// node then runs from the snapshot, or from height 1).
+    fn step(
+        &mut self,
+        step: JoinStep,
+        node: &mut Node<Ed25519Auth>,
+        store: &mut BlockStore,
+        cons: &mut Consensus,
+        now: u64,
+    ) -> anyhow::Result<bool> {
+        match step {
+            JoinStep::Request(to, r) => {
+                if let Some(net) = &cons.net {
+                    let frame = Arc::new(wire::encode_snapshot_request(r));
+                    match to {
+                        Some(peer) => {
+                            net.send(peer, frame);
+                        }
+                        None => net.broadcast(frame),
+                    }
+                }
+                Ok(false)
+            }
+            JoinStep::GiveUp => {
+                tracing::info!("no peer offered a snapshot; catching up from height 1");
+                Ok(true)
+            }
+            JoinStep::Complete { peer, bytes } => {
+                let verified = snapshot::verify(
+                    &bytes,
+                    self.me_rid,
+                    &self.params,
+                    self.auth.clone(),
+                    &cons.wire,
+                    self.state_cfg,
+                    self.rep_cfg,
+                );
+                let v = match verified {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(peer, error = %e, "snapshot refused; asking the other validators");
+                        self.join.refuse(peer, now);
+                        return Ok(false);
+                    }
+                };
+                let height = v.header.height;
+                // Durable before the store starts above it.
+                write_atomically(&self.base_path, &bytes)
+                    .with_context(|| format!("writing {}", self.base_path.display()))?;
+                store.set_base(v.header.clone());
+                let replica = v.replica.recover_onto(std::iter::empty(), std::mem::take(&mut self.records));
+                *node = Node::new(self.ncfg.clone(), replica, v.state, Some(v.header), v.reputation, now);
+                cons.served = Some((height, Arc::new(bytes)));
+                tracing::info!(height, peer, "joined from a snapshot; catching up with the blocks above it");
+                Ok(true)
+            }
+        }
     }
 }
 
@@ -578,7 +766,8 @@ fn stored_cert(b: &Block, cert: Option<proto::PbftCommitCert>, wire: &WireLimits
 /// certificate (at most a window's worth per request).
 fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> anyhow::Result<()> {
     let end = store.height().min(from_seq.saturating_add(cons.wire.window as u64 - 1));
-    for h in from_seq.max(1)..=end {
+    // Below the base (a snapshot this validator started from) it has no blocks.
+    for h in from_seq.max(store.base_height() + 1)..=end {
         let (b, cert) = store.read(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
         if cert.is_none() {
             return Ok(()); // written before certificates were kept: nothing to prove it with
@@ -714,11 +903,13 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn core_loop(
     mut node: Node<Ed25519Auth>,
     mut store: BlockStore,
     mut cons: Consensus,
     mut genesis: Option<GenesisState>,
+    mut joining: Option<Joining>,
     inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
     bell: &Doorbell,
     sh: &Shared,
@@ -728,8 +919,17 @@ fn core_loop(
     loop {
         let now = now_ms();
         let mut worked = false;
-        // Consensus starts once genesis is done; until then txs wait in the rings.
-        let started = genesis.as_ref().is_none_or(|g| g.done);
+        // Consensus starts once genesis (and a snapshot join) is done; until
+        // then txs wait in the rings.
+        let genesis_done = genesis.as_ref().is_none_or(|g| g.done);
+        if let Some(j) = joining.as_mut().filter(|_| genesis_done) {
+            if let Some(step) = j.join.tick(now) {
+                if j.step(step, &mut node, &mut store, &mut cons, now)? {
+                    joining = None;
+                }
+            }
+        }
+        let started = genesis_done && joining.is_none();
         for ring in inputs.iter().filter(|_| started) {
             while node.has_room() {
                 let Some(batch) = ring.pop() else { break };
@@ -754,7 +954,9 @@ fn core_loop(
                     }
                 }
             }
-            let msgs = net.take_incoming(4096);
+        }
+        let msgs = cons.net.as_ref().map(|net| net.take_incoming(4096)).unwrap_or_default();
+        {
             for (from, bytes) in msgs {
                 worked = true;
                 let Some(rid) = cons.rid_of(from) else { continue };
@@ -764,6 +966,21 @@ fn core_loop(
                     Ok(Frame::Genesis(a)) => {
                         if let Some(g) = &mut genesis {
                             g.on_attestation(a, from, now, &cons)?;
+                        }
+                    }
+                    Ok(Frame::SnapshotRequest(r)) => {
+                        let chunk = snapshot::answer(cons.served.as_ref().map(|(s, b)| (*s, b.as_slice())), &r);
+                        if let Some(net) = &cons.net {
+                            net.send(from, Arc::new(wire::encode_snapshot_chunk(chunk)));
+                        }
+                    }
+                    Ok(Frame::SnapshotChunk(c)) => {
+                        if let Some(j) = joining.as_mut() {
+                            if let Some(step) = j.join.on_chunk(from, c, now) {
+                                if j.step(step, &mut node, &mut store, &mut cons, now)? {
+                                    joining = None;
+                                }
+                            }
                         }
                     }
                     Err(e) => tracing::debug!(peer = from, error = %e, "undecodable consensus message"),
@@ -834,9 +1051,13 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                 let _ = sh.dlq.send(r);
             }
             Output::Persist(r) => {
-                stable |= matches!(r, Record::Stable { .. });
+                if let Record::Stable { seq, proof } = &r {
+                    stable = true;
+                    cons.on_stable(*seq, proof);
+                }
                 cons.pending.push(r);
             }
+            Output::Snapshot(s) => cons.pending_snapshot = Some(s),
             Output::Send(to, m) => {
                 cons.flush()?;
                 cons.send(to, &m);

@@ -1,0 +1,25 @@
+//! Chain snapshots from a peer: verification never panics. Signatures are
+//! accepted here (a permissive `Auth`) so the input reaches the reputation,
+//! header and state checks behind them.
+#![no_main]
+use cybermesh::consensus::pbft::{Auth, Params, Rid};
+use cybermesh::consensus::wire::WireLimits;
+use cybermesh::snapshot::{verify, ReputationConfig};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Clone)]
+struct AnySignature;
+impl Auth for AnySignature {
+    fn sign(&self, _: &[u8]) -> Vec<u8> {
+        vec![0; 64]
+    }
+    fn verify(&self, _: Rid, _: &[u8], _: &[u8]) -> bool {
+        true
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let limits = WireLimits { n: 4, max_value_bytes: 1 << 20, window: 16 };
+    let rep = ReputationConfig { floor: Some(0.7), quarantine: true };
+    let _ = verify(data, 0, &Params::manual_defaults(4), AnySignature, &limits, Default::default(), rep);
+});
