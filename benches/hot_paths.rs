@@ -73,6 +73,7 @@ fn shard(c: &mut Criterion) {
                     .map(|i| Incoming {
                         event: events(&keys[i % 4], 1, NOW - 1000 + round * 256 + i as u64).pop().unwrap(),
                         origin: "bench".into(),
+                        pos: None,
                     })
                     .collect();
                 (Verifier::new(policy.clone()), batch)
@@ -160,7 +161,7 @@ fn mempool(c: &mut Criterion) {
     let key = crypto::generate_key();
     let txs: Vec<VerifiedTx> = events(&key, 1000, NOW)
         .into_iter()
-        .map(|e| VerifiedTx { tx_hash: e.tx_hash(), event: Arc::new(e), received_ms: 0 })
+        .map(|e| VerifiedTx { tx_hash: e.tx_hash(), event: Arc::new(e), received_ms: 0, pos: None })
         .collect();
     let mut g = c.benchmark_group("mempool");
     g.throughput(Throughput::Elements(1000));

@@ -1042,6 +1042,24 @@ impl Config {
                 "use SCRAM-SHA-256 or SCRAM-SHA-512",
             ));
         }
+        if c.ingest.source == SourceKind::Kafka {
+            for t in &c.kafka.input_topics {
+                if crate::ingest::kafka::kind_of_topic(t).is_none() {
+                    e.push(err(
+                        "KAFKA_INPUT_TOPICS (kafka.input_topics)",
+                        format!("topic {t:?} does not say which events it carries"),
+                        "name each input topic with anomal…, evidence or policy in it (default ai.anomalies.v1,ai.evidence.v1,ai.policy.v1)",
+                    ));
+                }
+            }
+            if c.kafka.input_topics.is_empty() || c.kafka.brokers.trim().is_empty() {
+                e.push(err(
+                    "KAFKA_BROKERS / KAFKA_INPUT_TOPICS",
+                    "INGEST_SOURCE=kafka needs brokers and input topics",
+                    "set KAFKA_BROKERS=host:9092 and KAFKA_INPUT_TOPICS (defaults: 127.0.0.1:9092; the ai.* topics)",
+                ));
+            }
+        }
         if c.node.environment == Environment::Production {
             production_checklist(c, &mut e);
         }

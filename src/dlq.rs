@@ -2,8 +2,9 @@
 //!
 //! Reasons have stable snake_case names (`RejectReason::as_str`): they appear
 //! in DLQ records, in logs and as the `reason` label of
-//! `ingest_rejected_total`. Until the Kafka DLQ topic is wired, records go to
-//! a JSON-lines file in the data directory (`dlq.jsonl`).
+//! `ingest_rejected_total`. With the Kafka source, records go to the DLQ
+//! topic ([`DlqKafkaSink`]); with the direct source, to a JSON-lines file in
+//! the data directory (`dlq.jsonl`, [`DlqFileSink`]).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +87,9 @@ pub struct Rejection {
     pub origin: String,
     /// The original bytes as received (possibly truncated to the limit).
     pub original: Vec<u8>,
+    /// The Kafka message, if it came from Kafka (its offset waits for this
+    /// record to be written).
+    pub pos: Option<crate::ingest::SourcePos>,
 }
 
 /// Counts of rejections per reason (lock-free; read by metrics).
@@ -133,5 +137,101 @@ impl DlqFileSink {
 
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// The DLQ on Kafka (`KAFKA_DLQ_TOPIC`, default `ai.dlq.v1`): the message
+/// value is the original bytes; headers say why and where from:
+/// `reason`, `detail`, `origin`, `validator_id`, and for Kafka input
+/// `source_topic`, `source_partition`, `source_offset` (decimal strings).
+/// Once the broker acknowledges a record, its source message is finished
+/// (its offset may be committed); a record the broker never acknowledges
+/// leaves the offset uncommitted, so the message is read again after a
+/// restart.
+pub struct DlqKafkaSink {
+    producer: rdkafka::producer::ThreadedProducer<DlqDelivery>,
+    topic: String,
+    validator: String,
+}
+
+pub struct DlqDelivery {
+    tracker: Option<std::sync::Arc<crate::ingest::kafka::OffsetTracker>>,
+}
+
+impl rdkafka::ClientContext for DlqDelivery {}
+
+impl rdkafka::producer::ProducerContext for DlqDelivery {
+    type DeliveryOpaque = Box<Option<crate::ingest::SourcePos>>;
+    fn delivery(&self, r: &rdkafka::producer::DeliveryResult<'_>, pos: Self::DeliveryOpaque) {
+        match (r, *pos) {
+            (Ok(_), Some(pos)) => {
+                if let Some(t) = &self.tracker {
+                    t.finish(&pos);
+                }
+            }
+            (Ok(_), None) => {}
+            (Err((e, _)), pos) => {
+                tracing::error!(error = %e, ?pos, "DLQ record not delivered; its message will be read again after a restart")
+            }
+        }
+    }
+}
+
+impl DlqKafkaSink {
+    pub fn new(
+        k: &crate::config::KafkaConfig,
+        validator: String,
+        tracker: Option<std::sync::Arc<crate::ingest::kafka::OffsetTracker>>,
+    ) -> rdkafka::error::KafkaResult<Self> {
+        let producer = crate::ingest::kafka::client_config(k)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "0")
+            .set("linger.ms", "5")
+            .create_with_context(DlqDelivery { tracker })?;
+        Ok(DlqKafkaSink { producer, topic: k.dlq_topic.clone(), validator })
+    }
+
+    pub fn write(&mut self, r: &Rejection) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::BaseRecord;
+        let mut headers = OwnedHeaders::new()
+            .insert(Header { key: "reason", value: Some(r.reason.as_str()) })
+            .insert(Header { key: "detail", value: Some(r.detail.as_str()) })
+            .insert(Header { key: "origin", value: Some(r.origin.as_str()) })
+            .insert(Header { key: "validator_id", value: Some(self.validator.as_str()) });
+        if let Some(p) = &r.pos {
+            headers = headers
+                .insert(Header { key: "source_topic", value: Some(&*p.topic) })
+                .insert(Header { key: "source_partition", value: Some(&p.partition.to_string()) })
+                .insert(Header { key: "source_offset", value: Some(&p.offset.to_string()) });
+        }
+        let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(r.pos.clone()))
+            .payload(&r.original[..])
+            .key(r.origin.as_str())
+            .headers(headers);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    back,
+                )) => {
+                    record = back;
+                    self.producer.poll(std::time::Duration::from_millis(50));
+                }
+                Err((e, _)) => {
+                    tracing::error!(error = %e, reason = r.reason.as_str(), "DLQ record refused by the producer; its message will be read again after a restart");
+                    return;
+                }
+            }
+        }
+    }
+
+    pub fn flush(&mut self, timeout: std::time::Duration) {
+        use rdkafka::producer::Producer;
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "DLQ flush did not complete");
+        }
     }
 }

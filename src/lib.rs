@@ -12,6 +12,7 @@ pub mod consensus;
 pub mod crypto;
 pub mod devnet;
 pub mod dlq;
+pub mod egress;
 pub mod event;
 pub mod framed;
 pub mod ingest;

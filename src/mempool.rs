@@ -18,6 +18,8 @@ pub struct VerifiedTx {
     pub tx_hash: Hash32,
     /// When the validator admitted it (ms), for latency metrics.
     pub received_ms: u64,
+    /// Its Kafka message, if any (see `ingest::SourcePos`).
+    pub pos: Option<crate::ingest::SourcePos>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -179,7 +181,7 @@ mod tests {
     fn tx(i: u64) -> VerifiedTx {
         let k = crypto::generate_key();
         let ev = Event::sign(TxKind::Anomaly, &k, [i as u8; 16], sample_anomaly_payload(i, 300), 1, [0; 4]);
-        VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: 0 }
+        VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: 0, pos: None }
     }
 
     #[test]

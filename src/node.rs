@@ -252,6 +252,8 @@ pub struct Node<A: Auth + Clone> {
     proofs: Vec<(Proof, bool)>,
     stats: NodeStats,
     actions: Vec<Action>,
+    /// Kafka messages whose txs were dropped as duplicates (finished).
+    dropped: Vec<crate::ingest::SourcePos>,
 }
 
 impl<A: Auth + Clone> Node<A> {
@@ -288,6 +290,7 @@ impl<A: Auth + Clone> Node<A> {
             proofs: vec![],
             stats: NodeStats::default(),
             actions: Vec::new(),
+            dropped: Vec::new(),
             cfg,
         }
     }
@@ -319,6 +322,11 @@ impl<A: Auth + Clone> Node<A> {
     pub fn mempool_bytes(&self) -> usize {
         self.mempool.bytes()
     }
+    /// Kafka messages dropped as duplicates since the last call: finished.
+    pub fn take_dropped(&mut self) -> Vec<crate::ingest::SourcePos> {
+        std::mem::take(&mut self.dropped)
+    }
+
     /// False while admitted txs wait for room: stop pulling from the shards.
     pub fn has_room(&self) -> bool {
         self.backlog.is_empty() && self.mempool.has_room()
@@ -338,6 +346,7 @@ impl<A: Auth + Clone> Node<A> {
                     ),
                     origin: "mempool".into(),
                     original: tx.event.encode(),
+                    pos: tx.pos.clone(),
                 }));
                 continue;
             }
@@ -351,18 +360,21 @@ impl<A: Auth + Clone> Node<A> {
         while let Some(tx) = self.backlog.front() {
             // Already committed (a redelivery after restart) or already pending.
             if self.state.has_nonce(&tx.event.nonce) || self.mempool.contains_content(&tx.event.content_hash) {
-                self.backlog.pop_front();
+                let tx = self.backlog.pop_front().expect("front exists");
                 self.stats.duplicates += 1;
+                self.dropped.extend(tx.pos);
                 continue;
             }
             if !self.mempool.fits(tx) {
                 return; // admitted as soon as a block commits
             }
             let tx = self.backlog.pop_front().expect("front exists");
+            let pos = tx.pos.clone();
             if self.mempool.admit(tx) == Admit::Added {
                 self.stats.admitted += 1;
             } else {
                 self.stats.duplicates += 1;
+                self.dropped.extend(pos);
             }
         }
     }
@@ -655,7 +667,7 @@ mod tests {
         nonce[8..12].copy_from_slice(&pk[..4]);
         nonce[12..].copy_from_slice(&(i as u32).to_be_bytes());
         let ev = Event::sign(TxKind::Anomaly, k, nonce, sample_anomaly_payload(i, 300), ts, (i as u32).to_be_bytes());
-        VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: ts }
+        VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: ts, pos: None }
     }
 
     /// Short timeouts (the tests drive a simulated clock in 100 ms steps).

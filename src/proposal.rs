@@ -305,7 +305,7 @@ mod tests {
         // A tx the backup admitted itself is not verified again; a copy with
         // the same hash but another signature still is.
         let t = &good[2];
-        f.mempool.admit(VerifiedTx { event: t.clone(), tx_hash: t.tx_hash(), received_ms: 0 });
+        f.mempool.admit(VerifiedTx { event: t.clone(), tx_hash: t.tx_hash(), received_ms: 0, pos: None });
         assert!(check(&encode(1000, &good), &cx(&f, 1000)).is_ok());
         let resigned = vec![good[0].clone(), bad_sig(t)];
         assert_eq!(resigned[1].tx_hash(), t.tx_hash());

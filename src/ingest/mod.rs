@@ -1,7 +1,8 @@
-//! Ingest: sources (the `direct` TCP source; Kafka next) and the
+//! Ingest: sources (the `direct` TCP source, `kafka`) and the
 //! verification shards' pipeline (`verify`).
 
 pub mod direct;
+pub mod kafka;
 pub mod verify;
 
 use crate::event::Event;
@@ -12,4 +13,15 @@ use std::sync::Arc;
 pub struct Incoming {
     pub event: Event,
     pub origin: Arc<str>,
+    /// Its Kafka message (None from the direct source): finished when the
+    /// tx is in a durable block, in the DLQ or dropped as a duplicate.
+    pub pos: Option<SourcePos>,
+}
+
+/// Where a Kafka message sits: what its offset commit waits on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourcePos {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
 }

@@ -77,7 +77,7 @@ pub fn shard_of(nonce: &[u8; 16], shards: usize) -> usize {
 }
 
 fn reject(inc: &Incoming, reason: RejectReason, detail: String) -> Rejection {
-    Rejection { reason, detail, origin: inc.origin.to_string(), original: inc.event.encode() }
+    Rejection { reason, detail, origin: inc.origin.to_string(), original: inc.event.encode(), pos: inc.pos.clone() }
 }
 
 impl Verifier {
@@ -139,7 +139,7 @@ impl Verifier {
                 continue;
             }
             let tx_hash: Hash32 = sha256(&sb);
-            admitted.push(VerifiedTx { event: Arc::new(inc.event), tx_hash, received_ms });
+            admitted.push(VerifiedTx { event: Arc::new(inc.event), tx_hash, received_ms, pos: inc.pos });
         }
     }
 }
@@ -275,7 +275,7 @@ mod tests {
     fn run(v: &mut Verifier, evs: Vec<Event>) -> (Vec<VerifiedTx>, Vec<Rejection>) {
         let (mut a, mut r) = (vec![], vec![]);
         v.process(
-            evs.into_iter().map(|event| Incoming { event, origin: "test".into() }).collect(),
+            evs.into_iter().map(|event| Incoming { event, origin: "test".into(), pos: None }).collect(),
             NOW,
             NOW,
             &mut a,

@@ -17,6 +17,7 @@
 //! Each stage owns its data; queues are bounded, so a slow stage stops the
 //! one before it and, finally, the TCP reader: backpressure, never growth.
 
+mod kafka;
 pub mod ring;
 
 use crate::block::Block;
@@ -25,9 +26,10 @@ use crate::consensus::genesis::{verify_certificate, Ceremony, GenesisCertificate
 use crate::consensus::log::ConsensusLog;
 use crate::consensus::pbft::{Checkpoint, CommitCert, Message, PrePrepare, Record, Replica, Rid, Seq, Signed};
 use crate::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
-use crate::dlq::{DlqFileSink, RejectCounters, RejectReason, Rejection};
+use crate::dlq::{DlqFileSink, DlqKafkaSink, RejectCounters, RejectReason, Rejection};
 use crate::event::Limits;
 use crate::ingest::direct;
+use crate::ingest::kafka::OffsetTracker;
 use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
 use crate::ingest::Incoming;
 use crate::mempool::VerifiedTx;
@@ -80,6 +82,8 @@ struct Shared {
     stats: Arc<RuntimeStats>,
     subscribers: CommitSubscribers,
     conns: Mutex<Vec<TcpStream>>,
+    /// Kafka source: which messages are finished (offsets to commit).
+    tracker: Option<Arc<OffsetTracker>>,
 }
 
 /// A running validator. Drop or `shutdown` to stop it.
@@ -90,6 +94,9 @@ pub struct Running {
     /// Joined last, once nothing can reject any more.
     dlq: Option<std::thread::JoinHandle<()>>,
     dlq_done: Arc<AtomicBool>,
+    /// The commit-event publisher: joined after the core (it drains what
+    /// the core handed it).
+    egress: Option<std::thread::JoinHandle<()>>,
     listen: std::net::SocketAddr,
     pub stats: Arc<RuntimeStats>,
 }
@@ -127,6 +134,9 @@ impl Running {
         self.dlq_done.store(true, Ordering::SeqCst);
         if let Some(d) = self.dlq.take() {
             let _ = d.join();
+        }
+        if let Some(e) = self.egress.take() {
+            let _ = e.join();
         }
         core
     }
@@ -166,9 +176,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         ),
         None => bail!("validator {} has no public key configured", c.node.id),
     }
-    if c.ingest.source != crate::config::SourceKind::Direct {
-        bail!("INGEST_SOURCE=kafka is not available in this build yet; use INGEST_SOURCE=direct");
-    }
+    let from_kafka = c.ingest.source == crate::config::SourceKind::Kafka;
     let limits = c.limits();
     std::fs::create_dir_all(&c.node.data_dir)
         .with_context(|| format!("creating data dir {}", c.node.data_dir.display()))?;
@@ -273,12 +281,21 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         stats: stats.clone(),
         subscribers: Mutex::new(vec![]),
         conns: Mutex::new(vec![]),
+        tracker: from_kafka.then(|| Arc::new(OffsetTracker::default())),
     });
     let mut threads = vec![];
 
     // DLQ writer.
-    let mut sink =
-        DlqFileSink::open(&c.node.data_dir.join("dlq.jsonl"), c.node.id.to_string()).context("opening the DLQ file")?;
+    let mut sink = if from_kafka {
+        DlqSink::Kafka(DlqKafkaSink::new(&c.kafka, c.node.id.to_string(), shared.tracker.clone()).with_context(
+            || format!("creating the DLQ producer for {} (KAFKA_BROKERS={})", c.kafka.dlq_topic, c.kafka.brokers),
+        )?)
+    } else {
+        DlqSink::File(
+            DlqFileSink::open(&c.node.data_dir.join("dlq.jsonl"), c.node.id.to_string())
+                .context("opening the DLQ file")?,
+        )
+    };
     let (st, dlq_done) = (stats.clone(), Arc::new(AtomicBool::new(false)));
     let dd = dlq_done.clone();
     let dlq = std::thread::Builder::new().name("dlq".into()).spawn(move || dlq_loop(dlq_rx, &mut sink, &st, &dd))?;
@@ -298,6 +315,58 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             shard_loop(Verifier::new(pol), &input, &output, &bell, &sh)
         })?);
     }
+
+    // Kafka source: one consumer thread (its own group: every validator
+    // reads every message) feeding the shards like a direct connection.
+    if let Some(tracker) = shared.tracker.clone() {
+        let group = crate::ingest::kafka::group_id(&c.kafka, c.node.id);
+        let consumer: rdkafka::consumer::BaseConsumer = crate::ingest::kafka::client_config(&c.kafka)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("enable.partition.eof", "false")
+            .set("queued.max.messages.kbytes", "65536")
+            .create()
+            .context("creating the Kafka consumer")?;
+        {
+            use rdkafka::consumer::Consumer;
+            consumer.fetch_metadata(None, Duration::from_secs(10)).with_context(|| {
+                format!(
+                    "cannot reach Kafka at KAFKA_BROKERS={} (check the address, TLS and SASL settings)",
+                    c.kafka.brokers
+                )
+            })?;
+            let topics: Vec<&str> = c.kafka.input_topics.iter().map(|t| t.as_str()).collect();
+            consumer.subscribe(&topics).context("subscribing to KAFKA_INPUT_TOPICS")?;
+        }
+        tracing::info!(group, topics = ?c.kafka.input_topics, "Kafka source subscribed");
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("kafka-consume".into())
+                .spawn(move || kafka::consumer_loop(consumer, tracker, &sh))?,
+        );
+    }
+    // Egress (with Kafka): signed commit events from the block store, from
+    // a persisted cursor, on their own thread.
+    let (egress_feed, egress) = if from_kafka {
+        let cursor_path = c.node.data_dir.join("commits.cursor");
+        let cursor = crate::egress::read_cursor(&cursor_path)
+            .with_context(|| format!("reading the commit-event cursor {}", cursor_path.display()))?;
+        let (tx, rx) = sync_channel::<(u64, Vec<u8>)>(1024);
+        let (kc, st) = (c.kafka.clone(), stop.clone());
+        let handle = std::thread::Builder::new().name("egress".into()).spawn(move || {
+            if let Err(e) = crate::egress::publish_loop(&kc, rx, cursor_path, cursor, &st) {
+                tracing::error!(error = %format!("{e:#}"), "commit-event publisher stopped");
+            }
+        })?;
+        tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
+        let next = (cursor + 1).max(store.base_height() + 1);
+        (Some(EgressFeed { tx, next, held: None, key: key.clone(), validators: keys.clone() }), Some(handle))
+    } else {
+        (None, None)
+    };
 
     // Network (N > 1): QUIC to every other validator; incoming messages
     // ring the core's doorbell.
@@ -401,6 +470,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         served,
         pending_snapshot: None,
         snapshot_writer,
+        egress: egress_feed,
+        tracker: shared.tracker.clone(),
     };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
@@ -418,17 +489,49 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let sh = shared.clone();
     threads.push(std::thread::Builder::new().name("direct-accept".into()).spawn(move || accept_loop(listener, sh))?);
     tracing::info!(addr = %listen, shards, "direct source listening");
-    Ok(Running { shared, threads, core: Some(core), dlq: Some(dlq), dlq_done, listen, stats })
+    Ok(Running { shared, threads, core: Some(core), dlq: Some(dlq), dlq_done, egress, listen, stats })
 }
 
-fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqFileSink, stats: &RuntimeStats, done: &AtomicBool) {
+/// Where rejections go: the Kafka DLQ topic, or a file for the direct source.
+enum DlqSink {
+    File(DlqFileSink),
+    Kafka(DlqKafkaSink),
+}
+
+impl DlqSink {
+    fn write(&mut self, r: &Rejection) -> std::io::Result<()> {
+        match self {
+            DlqSink::File(f) => f.write(r),
+            DlqSink::Kafka(k) => {
+                k.write(r);
+                Ok(())
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            DlqSink::File(f) => f.flush(),
+            DlqSink::Kafka(k) => {
+                k.flush(Duration::from_millis(0));
+                Ok(())
+            }
+        }
+    }
+}
+
+fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqSink, stats: &RuntimeStats, done: &AtomicBool) {
     let mut written = 0u64;
     loop {
         let r = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(r) => r,
             Err(_) if done.load(Ordering::SeqCst) => match rx.try_recv() {
                 Ok(r) => r,
-                Err(_) => return,
+                Err(_) => {
+                    if let DlqSink::Kafka(k) = sink {
+                        k.flush(Duration::from_secs(5)); // acknowledged records finish their messages
+                    }
+                    return;
+                }
             },
             Err(_) => continue,
         };
@@ -489,7 +592,13 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
 
 fn send_reject(sh: &Shared, reason: RejectReason, detail: String, origin: &str, original: &[u8]) {
     let keep = original.len().min(sh.limits.max_event_bytes);
-    let _ = sh.dlq.send(Rejection { reason, detail, origin: origin.to_string(), original: original[..keep].to_vec() });
+    let _ = sh.dlq.send(Rejection {
+        reason,
+        detail,
+        origin: origin.to_string(),
+        original: original[..keep].to_vec(),
+        pos: None,
+    });
 }
 
 /// One connection: frames → decoded events → per-shard batches.
@@ -523,7 +632,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
         match direct::decode_frame(&body, &sh.limits) {
             Ok(event) => {
                 let i = shard_of(&event.nonce, n);
-                batches[i].push(Incoming { event, origin: origin.clone() });
+                batches[i].push(Incoming { event, origin: origin.clone(), pos: None });
                 if batches[i].len() >= sh.batch && !flush(&mut batches, i) {
                     return;
                 }
@@ -615,6 +724,69 @@ struct Consensus {
     pending_snapshot: Option<Box<proto::ChainSnapshot>>,
     /// To the thread that writes `snapshot.bin` (off the core thread).
     snapshot_writer: Option<SyncSender<Arc<Vec<u8>>>>,
+    /// Commit events to publish (Kafka).
+    egress: Option<EgressFeed>,
+    /// Kafka source: committed txs finish their messages.
+    tracker: Option<Arc<OffsetTracker>>,
+}
+
+/// Feeds the publisher thread the commit event of every stored block in
+/// height order, from its cursor: live blocks as they commit, older ones
+/// (after a restart, or while the publisher was behind) read back from the
+/// block store. Never blocks the core: a full queue waits for the next turn.
+struct EgressFeed {
+    tx: SyncSender<(u64, Vec<u8>)>,
+    next: u64,
+    held: Option<(u64, Vec<u8>)>,
+    key: crypto::SigningKey,
+    validators: Vec<crypto::PublicKey>,
+}
+
+impl EgressFeed {
+    fn offer(&mut self, item: (u64, Vec<u8>)) -> bool {
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(TrySendError::Full(item)) => {
+                self.held = Some(item);
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.next = u64::MAX; // the publisher stopped (logged there); a restart resumes
+                false
+            }
+        }
+    }
+
+    fn on_commit(&mut self, block: &Block, cert: &CommitCert) {
+        if self.held.is_none() && self.next == block.header.height {
+            let cert = (!cert.commits.is_empty()).then_some(cert);
+            let e = crate::egress::commit_event(block, cert, &self.validators, &self.key);
+            self.next += 1;
+            self.offer((block.header.height, e.encode_to_vec()));
+        }
+    }
+
+    fn catch_up(&mut self, store: &BlockStore, wire: &WireLimits) -> anyhow::Result<()> {
+        if let Some(item) = self.held.take() {
+            if !self.offer(item) {
+                return Ok(());
+            }
+        }
+        while self.next <= store.height() {
+            let h = self.next;
+            let (b, pc) = store.read(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
+            let cert = match pc {
+                Some(pc) => Some(stored_cert(&b, Some(pc), wire)?),
+                None => None,
+            };
+            let e = crate::egress::commit_event(&b, cert.as_ref(), &self.validators, &self.key);
+            self.next += 1;
+            if !self.offer((h, e.encode_to_vec())) {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Consensus {
@@ -889,7 +1061,7 @@ impl GenesisState {
 }
 
 /// Writes `bytes` to `path` so that a crash leaves the old or the new file.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -1004,6 +1176,14 @@ fn core_loop(
                 tracing::info!(before, after = log.len(), "consensus log compacted");
             }
         }
+        if let Some(t) = &cons.tracker {
+            for p in node.take_dropped() {
+                t.finish(&p);
+            }
+        }
+        if let Some(e) = &mut cons.egress {
+            e.catch_up(&store, &cons.wire)?;
+        }
         let s = node.stats();
         sh.stats.duplicates.store(s.duplicates, Ordering::Relaxed);
         sh.stats.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
@@ -1092,6 +1272,15 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
         })
         .collect();
     store.append(&batch).context("block store append failed; stopping (restart recovers the store)")?;
+    for (block, cert, _) in &commits {
+        // Durable: their Kafka messages are finished; their events may go out.
+        if let Some(t) = &cons.tracker {
+            t.finish_nonces(block.txs.iter().map(|t| &t.nonce));
+        }
+        if let Some(e) = &mut cons.egress {
+            e.on_commit(block, cert);
+        }
+    }
     for (block, _, rejected) in &commits {
         sh.stats.height.store(block.header.height, Ordering::Relaxed);
         sh.stats.committed_txs.fetch_add(block.txs.len() as u64, Ordering::Relaxed);

@@ -91,6 +91,13 @@ impl<T> Ring<T> {
         }
     }
 
+    /// Pushes if there is room, else hands the item back at once.
+    pub fn try_push(&self, item: T) -> Result<(), T> {
+        self.q.push(item)?;
+        self.consumer_bell.ring();
+        Ok(())
+    }
+
     pub fn pop(&self) -> Option<T> {
         let v = self.q.pop();
         if v.is_some() {

@@ -1,0 +1,209 @@
+//! The Kafka source: client settings, which topic carries which kind, and
+//! the offset tracker that decides what may be committed.
+//!
+//! Every validator consumes every message: its consumer group is
+//! `<KAFKA_CONSUMER_GROUP_ID>-node-<id>`. A message's value is the event's
+//! protobuf bytes (`AnomalyEvent`, `EvidenceEvent` or `PolicyEvent`); its kind
+//! is the topic's (a topic name containing `anomal`, `evidence` or `policy`).
+//!
+//! # Offsets
+//! An offset is committed only once every message before it in its
+//! partition is *finished*: its tx is in a durable block, or the message is
+//! in the DLQ, or it was dropped as a duplicate of a committed or pending tx.
+//! [`OffsetTracker`] keeps the unfinished offsets per partition; the commit
+//! point is the smallest unfinished one (or one past the last seen). After a
+//! crash the consumer resumes there: messages redelivered whose txs were
+//! already committed are dropped by nonce, so none commits twice.
+
+use crate::config::KafkaConfig;
+use crate::event::TxKind;
+use crate::ingest::SourcePos;
+use rdkafka::ClientConfig;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+/// Settings shared by the consumer and the producers (brokers, TLS, SASL).
+pub fn client_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers);
+    let sasl = !k.sasl_mechanism.trim().is_empty();
+    let protocol = match (k.tls_enabled, sasl) {
+        (false, false) => "plaintext",
+        (true, false) => "ssl",
+        (false, true) => "sasl_plaintext",
+        (true, true) => "sasl_ssl",
+    };
+    c.set("security.protocol", protocol);
+    if k.tls_enabled && !k.ca_location.is_empty() {
+        c.set("ssl.ca.location", &k.ca_location);
+    }
+    if sasl {
+        c.set("sasl.mechanisms", k.sasl_mechanism.trim().to_ascii_uppercase());
+        c.set("sasl.username", &k.sasl_username);
+        c.set("sasl.password", &k.sasl_password);
+    }
+    c
+}
+
+/// The consumer group of validator `id`: its own, so it sees every message.
+pub fn group_id(k: &KafkaConfig, id: u32) -> String {
+    format!("{}-node-{id}", k.consumer_group_id)
+}
+
+/// The kind of event a topic carries, from its name.
+pub fn kind_of_topic(topic: &str) -> Option<TxKind> {
+    if topic.contains("anomal") {
+        Some(TxKind::Anomaly)
+    } else if topic.contains("evidence") {
+        Some(TxKind::Evidence)
+    } else if topic.contains("policy") {
+        Some(TxKind::Policy)
+    } else {
+        None
+    }
+}
+
+/// Unfinished messages per partition, and which nonce each decoded one
+/// carries (a committed block finishes its txs by nonce). Shared by the
+/// consumer (registers), the DLQ writer and the core (finish).
+#[derive(Default)]
+pub struct OffsetTracker {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    parts: HashMap<(Arc<str>, i32), Partition>,
+    by_nonce: HashMap<[u8; 16], Vec<SourcePos>>,
+    nonce_of: HashMap<SourcePos, [u8; 16]>,
+}
+
+#[derive(Default)]
+struct Partition {
+    unfinished: BTreeSet<i64>,
+    /// One past the highest offset seen.
+    next: i64,
+    /// The last commit point handed out.
+    committed: i64,
+}
+
+impl OffsetTracker {
+    /// A message was consumed; `nonce` if it decoded as an event.
+    pub fn consumed(&self, pos: &SourcePos, nonce: Option<[u8; 16]>) {
+        let mut g = self.inner.lock().expect("tracker lock");
+        let p = g.parts.entry((pos.topic.clone(), pos.partition)).or_default();
+        p.unfinished.insert(pos.offset);
+        p.next = p.next.max(pos.offset + 1);
+        if let Some(n) = nonce {
+            g.by_nonce.entry(n).or_default().push(pos.clone());
+            g.nonce_of.insert(pos.clone(), n);
+        }
+    }
+
+    /// The message at `pos` is finished (in the DLQ, or dropped).
+    pub fn finish(&self, pos: &SourcePos) {
+        let mut g = self.inner.lock().expect("tracker lock");
+        g.finish(pos);
+    }
+
+    /// Txs with these nonces are in a durable block: every message that
+    /// carried one is finished.
+    pub fn finish_nonces<'a>(&self, nonces: impl IntoIterator<Item = &'a [u8; 16]>) {
+        let mut g = self.inner.lock().expect("tracker lock");
+        for n in nonces {
+            if let Some(ps) = g.by_nonce.remove(n) {
+                for p in ps {
+                    g.finish(&p);
+                }
+            }
+        }
+    }
+
+    /// Partitions whose commit point moved since the last call, with the
+    /// offset to commit (the next one to read after a restart).
+    pub fn commit_points(&self) -> Vec<(Arc<str>, i32, i64)> {
+        let mut g = self.inner.lock().expect("tracker lock");
+        let mut out = vec![];
+        for ((topic, partition), p) in g.parts.iter_mut() {
+            let point = p.unfinished.first().copied().unwrap_or(p.next);
+            if point > p.committed {
+                p.committed = point;
+                out.push((topic.clone(), *partition, point));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Messages consumed and not finished.
+    pub fn unfinished(&self) -> usize {
+        self.inner.lock().expect("tracker lock").parts.values().map(|p| p.unfinished.len()).sum()
+    }
+}
+
+impl Inner {
+    fn finish(&mut self, pos: &SourcePos) {
+        if let Some(p) = self.parts.get_mut(&(pos.topic.clone(), pos.partition)) {
+            p.unfinished.remove(&pos.offset);
+        }
+        if let Some(n) = self.nonce_of.remove(pos) {
+            if let Some(v) = self.by_nonce.get_mut(&n) {
+                v.retain(|x| x != pos);
+                if v.is_empty() {
+                    self.by_nonce.remove(&n);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(t: &str, p: i32, o: i64) -> SourcePos {
+        SourcePos { topic: t.into(), partition: p, offset: o }
+    }
+
+    #[test]
+    fn commit_point_waits_for_the_oldest_unfinished_message() {
+        let t = OffsetTracker::default();
+        for o in 0..5 {
+            t.consumed(&pos("a", 0, o), Some([o as u8; 16]));
+        }
+        t.consumed(&pos("a", 1, 7), None);
+        assert!(t.commit_points().is_empty(), "nothing finished yet");
+        // 1 and 2 are done (DLQ; block), 0 is not: nothing can be committed.
+        t.finish(&pos("a", 0, 1));
+        t.finish_nonces([&[2u8; 16]]);
+        assert!(t.commit_points().is_empty());
+        t.finish_nonces([&[0u8; 16]]);
+        assert_eq!(t.commit_points(), vec![("a".into(), 0, 3)]);
+        assert!(t.commit_points().is_empty(), "only changes are reported");
+        t.finish(&pos("a", 1, 7));
+        t.finish_nonces([&[3u8; 16], &[4u8; 16]]);
+        assert_eq!(t.commit_points(), vec![("a".into(), 0, 5), ("a".into(), 1, 8)]);
+        assert_eq!(t.unfinished(), 0);
+    }
+
+    #[test]
+    fn a_redelivered_copy_is_finished_with_its_original_and_dropping_one_copy_keeps_the_other() {
+        let t = OffsetTracker::default();
+        t.consumed(&pos("a", 0, 0), Some([9; 16]));
+        t.consumed(&pos("a", 0, 1), Some([9; 16]));
+        // The copy is dropped as a duplicate of the pending tx: the original
+        // still holds the commit point.
+        t.finish(&pos("a", 0, 1));
+        assert!(t.commit_points().is_empty());
+        t.finish_nonces([&[9u8; 16]]);
+        assert_eq!(t.commit_points(), vec![("a".into(), 0, 2)]);
+    }
+
+    #[test]
+    fn topics_name_their_kind() {
+        assert_eq!(kind_of_topic("ai.anomalies.v1"), Some(TxKind::Anomaly));
+        assert_eq!(kind_of_topic("ai.evidence.v1"), Some(TxKind::Evidence));
+        assert_eq!(kind_of_topic("ai.policy.v1"), Some(TxKind::Policy));
+        assert_eq!(kind_of_topic("ai.other.v1"), None);
+    }
+}

@@ -1,0 +1,329 @@
+//! The Kafka source and egress against a real Kafka-protocol broker (nisshi,
+//! started by `scripts/setup-deps.sh`; `CYBERMESH_TEST_KAFKA_BROKERS`,
+//! default 127.0.0.1:9092), with rdkafka on both sides. Each test uses its
+//! own topics.
+
+mod common;
+use common::*;
+use cybermesh::crypto;
+use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
+use cybermesh::proto;
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn brokers() -> String {
+    std::env::var("CYBERMESH_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Unique topic names for one test.
+struct Topics {
+    anomalies: String,
+    evidence: String,
+    policy: String,
+    dlq: String,
+    commits: String,
+    group: String,
+}
+
+impl Topics {
+    fn new() -> Topics {
+        let t = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        Topics {
+            anomalies: format!("{t}.anomalies"),
+            evidence: format!("{t}.evidence"),
+            policy: format!("{t}.policy"),
+            dlq: format!("{t}.dlq"),
+            commits: format!("{t}.commits"),
+            group: format!("{t}-consensus"),
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("INGEST_SOURCE", "kafka".into()),
+            ("KAFKA_BROKERS", brokers()),
+            ("KAFKA_INPUT_TOPICS", format!("{},{},{}", self.anomalies, self.evidence, self.policy)),
+            ("KAFKA_CONSUMER_GROUP_ID", self.group.clone()),
+            ("KAFKA_DLQ_TOPIC", self.dlq.clone()),
+            ("CONTROL_COMMITS_TOPIC", self.commits.clone()),
+        ]
+    }
+}
+
+fn start(s: &Setup, t: &Topics, extra_env: &[(&str, &str)]) -> Validator {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(&s.config).envs(t.env()).envs(extra_env.iter().copied());
+    Validator::spawn(cmd)
+}
+
+fn producer() -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new().set("bootstrap.servers", brokers()).set("acks", "all").create().expect("producer")
+}
+
+fn produce(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, values: &[Vec<u8>]) {
+    for v in values {
+        let mut r = BaseRecord::<(), [u8]>::to(topic).payload(&v[..]);
+        loop {
+            match p.send(r) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    r = back;
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(30)).expect("all produced messages acknowledged");
+}
+
+/// A reader of a topic from its beginning (own group).
+fn reader(topic: &str) -> BaseConsumer {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    c
+}
+
+/// Reads `topic` until `done` says so (bounded: 120 s).
+fn read_until(topic: &str, mut done: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> bool) {
+    let c = reader(topic);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "{topic}: not everything arrived within 120 s");
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if done(&m) {
+                    return;
+                }
+            }
+            Some(Err(e)) => eprintln!("reader {topic}: {e}"),
+            None => {}
+        }
+    }
+}
+
+/// Commit events by height (one validator publishes), checked on the way:
+/// signature and certificate, one block per height.
+fn read_commits(topic: &str, validator: &[u8; 32], want: &BTreeSet<[u8; 16]>) -> BTreeMap<u64, proto::CommitEvent> {
+    let mut by_height: BTreeMap<u64, proto::CommitEvent> = BTreeMap::new();
+    let mut seen: BTreeSet<[u8; 16]> = BTreeSet::new();
+    read_until(topic, |m| {
+        let e = proto::CommitEvent::decode(m.payload().unwrap_or_default()).expect("a CommitEvent");
+        assert_eq!(m.key(), Some(e.height.to_string().as_bytes()), "keyed by height");
+        cybermesh::egress::verify_commit_event(&e, &[*validator], 1).expect("commit event verifies");
+        if let Some(old) = by_height.get(&e.height) {
+            assert_eq!(old.block_hash, e.block_hash, "two blocks at height {}", e.height);
+        }
+        seen.extend(e.anomaly_ids.iter().map(|id| <[u8; 16]>::try_from(&id[..]).unwrap()));
+        by_height.insert(e.height, e);
+        want.is_subset(&seen)
+    });
+    by_height
+}
+
+fn validator_key(s: &Setup) -> [u8; 32] {
+    let k = crypto::read_key_file(&s.dir.path().join("v1.pem"), false).unwrap();
+    crypto::public_key(&k)
+}
+
+#[test]
+fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_commit_events() {
+    let s = Setup::single("");
+    let t = Topics::new();
+    let k = &s.producer;
+    let now = now_ms();
+    let good: Vec<Event> = (0..40).map(|i| anomaly(k, i)).collect();
+    let ev_payload = proto::EvidencePayload {
+        anomaly_id: good[0].id.to_vec(),
+        evidence_type: "pcap".into(),
+        data: vec![1, 2, 3],
+        data_hash: vec![],
+    };
+    let evidence = Event::sign(TxKind::Evidence, k, [0xe1; 16], ev_payload.encode_to_vec(), now, [1; 4]);
+    let stranger = crypto::generate_key();
+    let mut hash = anomaly(k, 100);
+    hash.payload[3] ^= 1;
+    let mut nonce = anomaly(k, 101);
+    nonce.nonce[8] ^= 1;
+    let mut sig = anomaly(k, 102);
+    sig.signature[40] ^= 1;
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown_producer", anomaly(&stranger, 1).encode()),
+        ("content_hash_mismatch", hash.encode()),
+        ("nonce_mismatch", nonce.encode()),
+        (
+            "stale",
+            Event::sign(TxKind::Anomaly, k, [3; 16], sample_anomaly_payload(3, 100), now - 600_000, [3; 4]).encode(),
+        ),
+        (
+            "future",
+            Event::sign(TxKind::Anomaly, k, [4; 16], sample_anomaly_payload(4, 100), now + 600_000, [4; 4]).encode(),
+        ),
+        ("bad_signature", sig.encode()),
+        ("invalid_payload", Event::sign(TxKind::Anomaly, k, [5; 16], vec![0x10, 0x63], now, [5; 4]).encode()),
+        ("replayed_nonce", good[0].encode()),
+        ("malformed", b"\xff\xff\xff not protobuf".to_vec()),
+        ("oversized", vec![0u8; 70_000]),
+    ];
+    let p = producer();
+    let mut values: Vec<Vec<u8>> = good.iter().map(|e| e.encode()).collect();
+    values.extend(bad.iter().map(|(_, b)| b.clone()));
+    produce(&p, &t.anomalies, &values);
+    produce(&p, &t.evidence, &[evidence.encode()]);
+    // An evidence event on the anomalies topic is read as an anomaly: its
+    // signature (over another domain) fails.
+    produce(&p, &t.anomalies, &[Event::sign(TxKind::Evidence, k, [6; 16], vec![], now, [6; 4]).encode()]);
+
+    let v = start(&s, &t, &[]);
+    let key = validator_key(&s);
+    let want: BTreeSet<[u8; 16]> = good.iter().map(|e| e.id).collect();
+    let commits = read_commits(&t.commits, &key, &want);
+    let committed: Vec<[u8; 16]> =
+        commits.values().flat_map(|e| e.anomaly_ids.iter()).map(|i| i[..].try_into().unwrap()).collect();
+    assert_eq!(committed.len(), want.len(), "every valid anomaly exactly once, no bad one");
+    assert!(commits.values().map(|e| e.tx_count).sum::<u32>() >= 41, "the evidence event committed too");
+    assert_eq!(commits.keys().copied().collect::<Vec<_>>(), (1..=commits.len() as u64).collect::<Vec<_>>());
+
+    // One DLQ record per bad message, with its reason and source position.
+    let mut recs: Vec<HashMap<String, String>> = vec![];
+    read_until(&t.dlq, |m| {
+        let h = m.headers().expect("DLQ records carry headers");
+        let map: HashMap<String, String> = h
+            .iter()
+            .map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+            .collect();
+        assert!(!m.payload().unwrap_or_default().is_empty(), "the original message travels with it");
+        recs.push(map);
+        recs.len() == bad.len() + 1
+    });
+    let mut expected: Vec<&str> = bad.iter().map(|(r, _)| *r).collect();
+    expected.push("bad_signature");
+    expected.sort();
+    let mut got: Vec<&str> = recs.iter().map(|r| r["reason"].as_str()).collect();
+    got.sort();
+    assert_eq!(got, expected);
+    for r in &recs {
+        assert_eq!(r["source_topic"], t.anomalies);
+        assert_eq!(r["validator_id"], "1");
+        assert!(r["source_offset"].parse::<i64>().unwrap() >= 0);
+        assert!(r["source_partition"].parse::<i32>().unwrap() >= 0);
+        assert!(!r["detail"].is_empty());
+    }
+
+    // Every message is finished: the group's committed offsets reach the end.
+    wait_committed_offsets(&format!("{}-node-1", t.group), &t.anomalies);
+    assert!(v.terminate().success());
+}
+
+/// A group's committed offsets and the high watermarks of every non-empty
+/// partition of `topic`.
+fn offsets(group: &str, topic: &str) -> (BaseConsumer, BTreeMap<i32, i64>, BTreeMap<i32, i64>) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    assert!(!parts.is_empty());
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for &p in &parts {
+        tpl.add_partition(topic, p);
+        let end = c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1;
+        if end > 0 {
+            ends.insert(p, end); // an empty partition has nothing to commit
+        }
+    }
+    let got: BTreeMap<i32, i64> = c
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .map(|l| {
+            l.elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (c, got, ends)
+}
+
+/// Messages committed by `group` on `topic`, and messages in it.
+fn group_progress(group: &str, topic: &str) -> (i64, i64) {
+    let (_, got, ends) = offsets(group, topic);
+    (got.values().sum(), ends.values().sum())
+}
+
+/// Waits (bounded) until `group` has committed, on every non-empty
+/// partition of `topic`, the offset after its last message.
+fn wait_committed_offsets(group: &str, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (c, got, ends) = offsets(group, topic);
+        if got == ends {
+            return;
+        }
+        assert!(Instant::now() < deadline, "group {group} committed {got:?} on {topic}, not {ends:?}");
+        // The broker answers the queries; each round trip is the wait.
+        let _ = c.poll(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn kill9_mid_stream_then_restart_processes_every_message_and_commits_none_twice() {
+    let s = Setup::single("");
+    let t = Topics::new();
+    let evs: Vec<Event> = (0..20_000).map(|i| anomaly(&s.producer, i)).collect();
+    let p = producer();
+    produce(&p, &t.anomalies, &evs.iter().map(|e| e.encode()).collect::<Vec<_>>());
+    let key = validator_key(&s);
+
+    // Small blocks (1,000 of them, one fsync each): the kill lands mid-stream.
+    let small_blocks = [("BLOCK_MAX_TXS", "20")];
+    let v = start(&s, &t, &small_blocks);
+    loop {
+        let e = wait_log(&v, "committed", Duration::from_secs(60));
+        if e["fields"]["height"].as_u64().unwrap() >= 20 {
+            break;
+        }
+    }
+    v.kill9();
+    // Killed mid-stream: not every message was finished (and committed).
+    let (committed, end) = group_progress(&format!("{}-node-1", t.group), &t.anomalies);
+    assert!(committed < end, "the stream was already finished ({committed} of {end}) when the validator was killed");
+
+    let v = start(&s, &t, &small_blocks);
+    let all: BTreeSet<[u8; 16]> = evs.iter().map(|e| e.id).collect();
+    let commits = read_commits(&t.commits, &key, &all);
+    // Each id in exactly one block (a height republished after the restart
+    // is the same block).
+    let mut count: HashMap<[u8; 16], u32> = HashMap::new();
+    for e in commits.values() {
+        for id in &e.anomaly_ids {
+            *count.entry(id[..].try_into().unwrap()).or_default() += 1;
+        }
+    }
+    assert_eq!(count.len(), all.len());
+    assert!(count.values().all(|&c| c == 1), "a tx committed twice");
+    wait_committed_offsets(&format!("{}-node-1", t.group), &t.anomalies);
+    assert!(v.terminate().success());
+    let out = Command::new(BIN).args(["store", "check", "--data-dir"]).arg(s.data_dir()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("block store OK") && text.contains("(0 repeated)"), "{text}");
+}
