@@ -4,6 +4,7 @@
 #   - cargo-nextest (test runner)
 #   - PostgreSQL 15 from Debian, started, with role/database `cybermesh`
 #   - the `nisshi` Kafka-protocol broker from crates.io, started on 127.0.0.1:9092
+#   - rdkafka's C build dependencies (Debian) and the Python example clients' packages (PyPI)
 # Environment written for the tests: target/test-env.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,18 @@ fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   log "installing systemd (for systemd-analyze) from Debian"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
+
+# --- C build dependencies of rdkafka (bundled librdkafka with OpenSSL) -------
+if ! dpkg -s libssl-dev pkg-config zlib1g-dev make gcc >/dev/null 2>&1; then
+  log "installing libssl-dev, pkg-config, zlib1g-dev, make, gcc from Debian (for rdkafka)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config zlib1g-dev make gcc >/dev/null
+fi
+
+# --- Python example clients (examples/python, run by tests/kafka.rs) -------
+if ! python3 -c "import confluent_kafka, cryptography, google.protobuf, grpc_tools" >/dev/null 2>&1; then
+  log "installing confluent-kafka, cryptography, protobuf, grpcio-tools from PyPI"
+  python3 -m pip install -q --root-user-action=ignore confluent-kafka cryptography protobuf grpcio-tools
 fi
 
 # --- PostgreSQL -------------------------------------------------------------

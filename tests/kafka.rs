@@ -327,3 +327,62 @@ fn kill9_mid_stream_then_restart_processes_every_message_and_commits_none_twice(
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("block store OK") && text.contains("(0 repeated)"), "{text}");
 }
+
+/// The README's wire contract is enough for another language: the Python
+/// example producer (confluent-kafka, cryptography, the .proto files)
+/// publishes signed anomalies; a 4-validator cluster consumes them from
+/// Kafka; the Python commit consumer checks every commit event it reads
+/// (publisher signature and a quorum's commit votes) and finds every id.
+#[test]
+fn cluster_python_producer_and_commit_consumer_interoperate() {
+    let t = Topics::new();
+    let c = Cluster::new(4, |cfg| {
+        cfg.ingest.source = cybermesh::config::SourceKind::Kafka;
+        cfg.kafka.brokers = brokers();
+        cfg.kafka.input_topics = vec![t.anomalies.clone(), t.evidence.clone(), t.policy.clone()];
+        cfg.kafka.consumer_group_id = t.group.clone();
+        cfg.kafka.dlq_topic = t.dlq.clone();
+        cfg.kafka.commits_topic = t.commits.clone();
+    });
+    let vs: Vec<Validator> = (0..4).map(|i| c.start(i)).collect();
+    for v in &vs {
+        wait_log(v, "genesis complete", Duration::from_secs(60));
+    }
+    let key_file = c.dir.path().join("producer.pem"); // written by the devnet
+    assert_eq!(
+        crypto::read_key_file(&key_file, false).map(|k| crypto::public_key(&k)).ok(),
+        Some(crypto::public_key(c.producer()))
+    );
+    let py = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python");
+    let out = Command::new("python3")
+        .arg(py.join("producer.py"))
+        .args(["--brokers", &brokers(), "--topic", &t.anomalies, "--count", "60", "--key"])
+        .arg(&key_file)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "producer.py: {}", String::from_utf8_lossy(&out.stderr));
+    let ids = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(ids.lines().count(), 60);
+    let ids_file = c.dir.path().join("ids.txt");
+    std::fs::write(&ids_file, &ids).unwrap();
+    let v = cybermesh::config::Config::load(Some(&c.net.nodes[0].config)).unwrap().validate().unwrap();
+    let keys: Vec<String> = v.validators.values().map(hex::encode).collect();
+    let out = Command::new("python3")
+        .arg(py.join("commit_consumer.py"))
+        .args(["--brokers", &brokers(), "--topic", &t.commits, "--quorum", "3", "--timeout", "120"])
+        .args(["--validators", &keys.join(","), "--expect"])
+        .arg(&ids_file)
+        .output()
+        .expect("python3");
+    let report = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        for e in vs[0].logs.try_iter() {
+            eprintln!("validator 1: {e}");
+        }
+    }
+    assert!(out.status.success(), "commit_consumer.py: {report} {}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(r["anomalies"], 60);
+    assert!(r["verified_heights"].as_u64().unwrap() >= 1);
+    drop(vs);
+}

@@ -327,6 +327,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             .set("session.timeout.ms", "6000")
             .set("enable.partition.eof", "false")
             .set("queued.max.messages.kbytes", "65536")
+            // Topics created after the validator starts are picked up within seconds.
+            .set("topic.metadata.refresh.interval.ms", "2000")
             .create()
             .context("creating the Kafka consumer")?;
         {
