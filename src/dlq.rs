@@ -206,9 +206,13 @@ impl DlqKafkaSink {
                 .insert(Header { key: "source_partition", value: Some(&p.partition.to_string()) })
                 .insert(Header { key: "source_offset", value: Some(&p.offset.to_string()) });
         }
+        let key = match &r.pos {
+            Some(p) => format!("{}/{}/{}", p.topic, p.partition, p.offset),
+            None => r.origin.clone(),
+        };
         let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(r.pos.clone()))
             .payload(&r.original[..])
-            .key(r.origin.as_str())
+            .key(key.as_str())
             .headers(headers);
         loop {
             match self.producer.send(record) {

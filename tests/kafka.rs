@@ -104,11 +104,8 @@ fn read_until(topic: &str, mut done: impl FnMut(&rdkafka::message::BorrowedMessa
     loop {
         assert!(Instant::now() < deadline, "{topic}: not everything arrived within 120 s");
         match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                if done(&m) {
-                    return;
-                }
-            }
+            Some(Ok(m)) if done(&m) => return,
+            Some(Ok(_)) => {}
             Some(Err(e)) => eprintln!("reader {topic}: {e}"),
             None => {}
         }

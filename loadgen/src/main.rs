@@ -114,6 +114,26 @@ enum Cmd {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+    /// One validator reading a Kafka topic: pre-signed events are produced
+    /// to a fresh topic first, the broker's own consume rate is measured on
+    /// it, then the validator consumes, verifies and commits them all.
+    Kafka {
+        /// Kafka brokers (a running broker, e.g. the nisshi the test setup starts).
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Events to produce and consume.
+        #[arg(long, default_value_t = 200_000)]
+        count: usize,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 300)]
+        payload: usize,
+        /// Verification shards of the validator.
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+        /// Block size limit.
+        #[arg(long, default_value_t = 2000)]
+        block_max_txs: usize,
+    },
     /// Run a validator (what `cybermesh run` does); used by `single` and `devnet`.
     #[command(hide = true)]
     Validator {
@@ -129,6 +149,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Single { mut load, shards, block_max_txs, build_interval, keep } => {
             load.rate.get_or_insert(0);
             single(load, shards, block_max_txs, &build_interval, keep)
+        }
+        Cmd::Kafka { brokers, count, payload, shards, block_max_txs } => {
+            kafka(&brokers, count, payload, shards, block_max_txs)
         }
         Cmd::Devnet { mut load, cluster, keep } => {
             load.rate.get_or_insert(4000);
@@ -220,15 +243,19 @@ impl Drop for Child {
     }
 }
 
-fn single(load: LoadArgs, shards: usize, block_max_txs: usize, build_interval: &str, keep: bool) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("cybermesh-single-").tempdir()?;
-    let root = dir.path().to_path_buf();
+/// Writes a one-validator config (and keys) under `root`; returns its path
+/// and the producer key its events must be signed with.
+fn single_config(
+    root: &Path,
+    addr: SocketAddr,
+    shards: usize,
+    block_max_txs: usize,
+    build_interval: &str,
+) -> anyhow::Result<(PathBuf, crypto::SigningKey)> {
     let vkey = crypto::generate_key();
     let key_file = root.join("validator-1.pem");
     crypto::write_key_file(&key_file, &vkey)?;
     let producer = crypto::generate_key();
-    let port = free_port()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let cfg = format!(
         r#"[node]
 id = 1
@@ -265,6 +292,15 @@ verify_shards = {shards}
     );
     let cfg_path = root.join("validator-1.toml");
     std::fs::write(&cfg_path, cfg)?;
+    Ok((cfg_path, producer))
+}
+
+fn single(load: LoadArgs, shards: usize, block_max_txs: usize, build_interval: &str, keep: bool) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("cybermesh-single-").tempdir()?;
+    let root = dir.path().to_path_buf();
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let (cfg_path, producer) = single_config(&root, addr, shards, block_max_txs, build_interval)?;
 
     println!("measuring raw batch verification (one core, batch 256)...");
     let raw = raw_verify_rate();
@@ -591,4 +627,121 @@ fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards:
             })
         );
     }
+}
+
+/// `loadgen kafka`: one validator's consumed-and-committed rate against the
+/// broker's own consume rate, on the same topic and machine.
+fn kafka(brokers: &str, count: usize, payload: usize, shards: usize, block_max_txs: usize) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::ClientConfig;
+    let dir = tempfile::Builder::new().prefix("cybermesh-kafka-").tempdir()?;
+    let root = dir.path().to_path_buf();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let (cfg_path, producer_key) = single_config(&root, addr, shards, block_max_txs, "20ms")?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("loadgen.{}.anomalies", &run[..12]);
+
+    println!("measuring raw batch verification (one core, batch 256)...");
+    let raw = raw_verify_rate();
+    println!("pre-signing {count} transactions of {payload} B payload...");
+    let (frames, nonces, _) = presign(&producer_key, count, payload);
+
+    // 1. Produce everything (the event bytes: a frame without len and tag).
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("creating the producer")?;
+    let t = Instant::now();
+    for f in &frames {
+        let mut r = BaseRecord::<(), [u8]>::to(&topic).payload(&f[5..]);
+        loop {
+            match producer.send(r) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    r = back;
+                    producer.poll(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120)).context("flushing the produced events")?;
+    let produce_rate = count as f64 / t.elapsed().as_secs_f64();
+    println!("produced {count} to {topic} at {produce_rate:.0} msg/s");
+
+    // 2. The broker's own consume rate: a plain consumer, no processing.
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("loadgen-raw-{run}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    c.subscribe(&[&topic])?;
+    let (mut got, mut first) = (0usize, None);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while got < count {
+        if Instant::now() > deadline {
+            bail!("the broker delivered {got} of {count} messages within 300 s");
+        }
+        if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            got += 1;
+        }
+    }
+    let broker_rate = count as f64 / first.map_or(1e-9, |f| f.elapsed().as_secs_f64());
+    drop(c);
+    println!("broker consume rate (plain consumer, from first message): {broker_rate:.0} msg/s");
+
+    // 3. The validator reads the same topic (own group) and commits it all.
+    let log_path = root.join("validator-1.log");
+    let log = std::fs::File::create(&log_path)?;
+    let child = Child(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("validator")
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("INGEST_SOURCE", "kafka")
+            .env("KAFKA_BROKERS", brokers)
+            .env("KAFKA_INPUT_TOPICS", format!("{topic},loadgen.{}.evidence,loadgen.{}.policy", &run[..12], &run[..12]))
+            .env("KAFKA_CONSUMER_GROUP_ID", format!("loadgen-{run}"))
+            .env("KAFKA_DLQ_TOPIC", format!("loadgen.{}.dlq", &run[..12]))
+            .env("CONTROL_COMMITS_TOPIC", format!("loadgen.{}.commits", &run[..12]))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the validator process")?,
+    );
+    let stream = connect(addr, Duration::from_secs(30), &log_path)?;
+    let want: std::collections::HashSet<[u8; 16]> = nonces.iter().copied().collect();
+    let mut r = BufReader::new(stream);
+    let (mut committed, mut first) = (0usize, None);
+    let bar = ProgressBar::new(count as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} committed {per_sec}")?);
+    while committed < count {
+        let frame = match cybermesh::ingest::direct::read_frame(&mut r, 64 << 20)? {
+            Some(Ok(f)) => f,
+            _ => bail!("the validator closed its commit stream; see {}", log_path.display()),
+        };
+        let m = cybermesh::proto::DirectCommit::decode(&frame[..])?;
+        first.get_or_insert_with(Instant::now);
+        committed += m.nonces.iter().filter(|n| <[u8; 16]>::try_from(&n[..]).is_ok_and(|n| want.contains(&n))).count();
+        bar.set_position(committed as u64);
+    }
+    bar.finish_and_clear();
+    let rate = count as f64 / first.map_or(1e-9, |f| f.elapsed().as_secs_f64());
+    drop(child);
+    println!("=== loadgen: one validator reading Kafka ({brokers}) ===");
+    println!("events           : {count} × {payload} B payload, {shards} verify shards");
+    println!("raw batch verify : {raw:.0} sig/s on one core (batch 256)");
+    println!("broker consume   : {broker_rate:.0} msg/s (plain rdkafka consumer, no processing)");
+    println!(
+        "validator        : {rate:.0} tx/s consumed, verified and committed ({:.2}x the broker's consume rate, {:.2}x raw verify)",
+        rate / broker_rate,
+        rate / raw
+    );
+    Ok(())
 }

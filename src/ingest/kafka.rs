@@ -90,13 +90,20 @@ struct Partition {
 impl OffsetTracker {
     /// A message was consumed; `nonce` if it decoded as an event.
     pub fn consumed(&self, pos: &SourcePos, nonce: Option<[u8; 16]>) {
+        self.consumed_all(&[(pos.clone(), nonce)]);
+    }
+
+    /// `consumed` for a batch, under one lock.
+    pub fn consumed_all(&self, batch: &[(SourcePos, Option<[u8; 16]>)]) {
         let mut g = self.inner.lock().expect("tracker lock");
-        let p = g.parts.entry((pos.topic.clone(), pos.partition)).or_default();
-        p.unfinished.insert(pos.offset);
-        p.next = p.next.max(pos.offset + 1);
-        if let Some(n) = nonce {
-            g.by_nonce.entry(n).or_default().push(pos.clone());
-            g.nonce_of.insert(pos.clone(), n);
+        for (pos, nonce) in batch {
+            let p = g.parts.entry((pos.topic.clone(), pos.partition)).or_default();
+            p.unfinished.insert(pos.offset);
+            p.next = p.next.max(pos.offset + 1);
+            if let Some(n) = nonce {
+                g.by_nonce.entry(*n).or_default().push(pos.clone());
+                g.nonce_of.insert(pos.clone(), *n);
+            }
         }
     }
 
@@ -172,7 +179,9 @@ mod tests {
             t.consumed(&pos("a", 0, o), Some([o as u8; 16]));
         }
         t.consumed(&pos("a", 1, 7), None);
-        assert!(t.commit_points().is_empty(), "nothing finished yet");
+        // Partition 1 started at 7 (its committed offset): that is its point;
+        // partition 0 has nothing finished.
+        assert_eq!(t.commit_points(), vec![("a".into(), 1, 7)]);
         // 1 and 2 are done (DLQ; block), 0 is not: nothing can be committed.
         t.finish(&pos("a", 0, 1));
         t.finish_nonces([&[2u8; 16]]);

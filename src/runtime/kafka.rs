@@ -56,6 +56,10 @@ pub(super) fn consumer_loop(consumer: BaseConsumer, tracker: Arc<OffsetTracker>,
         // Block briefly for the first message, then take what is ready.
         let mut wait = if held.is_empty() { Duration::from_millis(100) } else { Duration::from_millis(20) };
         let mut taken = 0;
+        // Registered with the tracker before any of it reaches a shard (a
+        // message must be known unfinished before anything can finish it).
+        let mut consumed: Vec<(SourcePos, Option<[u8; 16]>)> = Vec::new();
+        let mut rejected: Vec<Rejection> = Vec::new();
         while taken < sh.batch * n {
             let Some(r) = consumer.poll(wait) else { break };
             wait = Duration::ZERO;
@@ -72,8 +76,7 @@ pub(super) fn consumer_loop(consumer: BaseConsumer, tracker: Arc<OffsetTracker>,
             };
             sh.stats.received.fetch_add(1, Ordering::Relaxed);
             let topic = topics.entry(m.topic().to_string()).or_insert_with(|| m.topic().into()).clone();
-            let pos = SourcePos { topic, partition: m.partition(), offset: m.offset() };
-            let origin: Arc<str> = format!("{}/{}/{}", pos.topic, pos.partition, pos.offset).into();
+            let pos = SourcePos { topic: topic.clone(), partition: m.partition(), offset: m.offset() };
             let payload = m.payload().unwrap_or_default();
             let decoded = match kind_of_topic(&pos.topic) {
                 None => Err((RejectReason::Malformed, format!("topic {} carries no known event kind", pos.topic))),
@@ -85,23 +88,27 @@ pub(super) fn consumer_loop(consumer: BaseConsumer, tracker: Arc<OffsetTracker>,
             };
             match decoded {
                 Ok(event) => {
-                    tracker.consumed(&pos, Some(event.nonce));
+                    consumed.push((pos.clone(), Some(event.nonce)));
                     let i = shard_of(&event.nonce, n);
-                    batches[i].push(Incoming { event, origin, pos: Some(pos) });
+                    // The origin names the topic; the position travels in `pos`.
+                    batches[i].push(Incoming { event, origin: topic, pos: Some(pos) });
                 }
                 Err((reason, detail)) => {
-                    tracker.consumed(&pos, None);
+                    consumed.push((pos.clone(), None));
                     let keep = payload.len().min(sh.limits.max_event_bytes);
-                    let r = Rejection {
+                    rejected.push(Rejection {
                         reason,
                         detail,
-                        origin: origin.to_string(),
+                        origin: topic.to_string(),
                         original: payload[..keep].to_vec(),
                         pos: Some(pos),
-                    };
-                    let _ = sh.dlq.send(r);
+                    });
                 }
             }
+        }
+        tracker.consumed_all(&consumed);
+        for r in rejected {
+            let _ = sh.dlq.send(r);
         }
         for (i, b) in batches.iter_mut().enumerate() {
             if !b.is_empty() {
