@@ -190,6 +190,7 @@ impl Block {
             txs: self.txs.iter().map(|t| t.to_tx_proto()).collect(),
             certificate: None,
             consensus,
+            outcome: None,
         }
     }
 

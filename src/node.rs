@@ -64,6 +64,8 @@ pub enum Output {
         block: Arc<Block>,
         cert: CommitCert,
         receipts: Vec<Receipt>,
+        /// Kept with the block: what egress events are made from.
+        outcome: crate::proto::BlockOutcome,
     },
     /// The chain snapshot at a checkpoint height (without its proof yet):
     /// keep it until the checkpoint there is stable (`Persist(Stable)`).
@@ -621,7 +623,8 @@ impl<A: Auth + Clone> Node<A> {
             // The pipeline drained: the next block may wait its interval from now.
             self.last_proposal_ms = self.last_proposal_ms.min(now_ms);
         }
-        out.push(Output::Commit { block, cert, receipts });
+        let outcome = block_outcome(&block, &receipts, &self.state);
+        out.push(Output::Commit { block, cert, receipts, outcome });
     }
 
     /// When `on_tick` next has something to do (ms).
@@ -632,6 +635,30 @@ impl<A: Auth + Clone> Node<A> {
             now_ms + 50
         }
     }
+}
+
+/// What executing `block` did: the txs refused, and every producer's
+/// totals after it.
+pub fn block_outcome(block: &Block, receipts: &[Receipt], state: &State) -> crate::proto::BlockOutcome {
+    let rejected = receipts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r.status {
+            crate::state::TxStatus::Applied => None,
+            crate::state::TxStatus::Rejected(reason) => {
+                Some(crate::proto::TxRejection { index: i as u32, reason: reason.into() })
+            }
+        })
+        .collect();
+    let producers: std::collections::BTreeSet<[u8; 32]> = block.txs.iter().map(|t| t.producer).collect();
+    let producers = producers
+        .into_iter()
+        .map(|p| {
+            let (accepted, rejected) = state.producer_totals(&p);
+            crate::proto::ProducerTotals { producer: p.to_vec(), accepted, rejected }
+        })
+        .collect();
+    crate::proto::BlockOutcome { rejected, producers }
 }
 
 /// Re-executes a stored block into `state`, checking its state root.

@@ -129,9 +129,18 @@ impl BlockStore {
     /// Appends blocks (consecutive heights) and makes them durable with one
     /// fdatasync. On error the store must be reopened (recovery truncates).
     pub fn append(&mut self, blocks: &[(&Block, Option<proto::PbftCommitCert>)]) -> Result<(), StoreError> {
+        let full: Vec<_> = blocks.iter().map(|(b, c)| (*b, c.clone(), None)).collect();
+        self.append_with_outcomes(&full)
+    }
+
+    /// `append`, keeping each block's execution outcome with it.
+    pub fn append_with_outcomes(
+        &mut self,
+        blocks: &[(&Block, Option<proto::PbftCommitCert>, Option<proto::BlockOutcome>)],
+    ) -> Result<(), StoreError> {
         let mut payloads = Vec::with_capacity(blocks.len());
         let mut prev = self.last.clone();
-        for (b, cert) in blocks {
+        for (b, cert, outcome) in blocks {
             let have = prev.as_ref().map_or(0, |h| h.height);
             if b.header.height != have + 1 {
                 return Err(StoreError::OutOfOrder { got: b.header.height, have });
@@ -139,7 +148,9 @@ impl BlockStore {
             if b.header.previous_hash != prev.as_ref().map_or([0; 32], |h| h.hash()) {
                 return Err(StoreError::BadLink { height: b.header.height, prev: have });
             }
-            payloads.push(b.to_proto(cert.clone()).encode_to_vec());
+            let mut p = b.to_proto(cert.clone());
+            p.outcome = outcome.clone();
+            payloads.push(p.encode_to_vec());
             prev = Some(b.header.clone());
         }
         let offsets = self.log.append(payloads.iter().map(|p| p.as_slice()))?;
@@ -159,6 +170,15 @@ impl BlockStore {
 
     /// Block `height` with its PBFT commit certificate (value left out), if stored.
     pub fn read(&self, height: u64) -> Result<Option<(Block, Option<proto::PbftCommitCert>)>, StoreError> {
+        Ok(self.read_full(height)?.map(|(b, c, _)| (b, c)))
+    }
+
+    /// `read`, with the block's execution outcome (if it was kept).
+    #[allow(clippy::type_complexity)]
+    pub fn read_full(
+        &self,
+        height: u64,
+    ) -> Result<Option<(Block, Option<proto::PbftCommitCert>, Option<proto::BlockOutcome>)>, StoreError> {
         let Some(raw) = self.read_raw(height)? else {
             return Ok(None);
         };
@@ -171,8 +191,9 @@ impl BlockStore {
         };
         let mut p = proto::Block::decode(&raw[..]).map_err(|e| corrupt(e.to_string()))?;
         let cert = p.consensus.take();
+        let outcome = p.outcome.take();
         let b = Block::from_proto(p, &self.limits).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Some((b, cert)))
+        Ok(Some((b, cert, outcome)))
     }
 }
 

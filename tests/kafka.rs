@@ -28,6 +28,9 @@ struct Topics {
     policy: String,
     dlq: String,
     commits: String,
+    reputation: String,
+    policy_out: String,
+    evidence_out: String,
     group: String,
 }
 
@@ -40,6 +43,9 @@ impl Topics {
             policy: format!("{t}.policy"),
             dlq: format!("{t}.dlq"),
             commits: format!("{t}.commits"),
+            reputation: format!("{t}.reputation-out"),
+            policy_out: format!("{t}.policy-out"),
+            evidence_out: format!("{t}.evidence-out"),
             group: format!("{t}-consensus"),
         }
     }
@@ -52,6 +58,9 @@ impl Topics {
             ("KAFKA_CONSUMER_GROUP_ID", self.group.clone()),
             ("KAFKA_DLQ_TOPIC", self.dlq.clone()),
             ("CONTROL_COMMITS_TOPIC", self.commits.clone()),
+            ("CONTROL_REPUTATION_TOPIC", self.reputation.clone()),
+            ("CONTROL_POLICY_TOPIC", self.policy_out.clone()),
+            ("CONTROL_EVIDENCE_TOPIC", self.evidence_out.clone()),
         ]
     }
 }
@@ -137,7 +146,7 @@ fn validator_key(s: &Setup) -> [u8; 32] {
 }
 
 #[test]
-fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_commit_events() {
+fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_events() {
     let s = Setup::single("");
     let t = Topics::new();
     let k = &s.producer;
@@ -150,6 +159,14 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_commi
         data_hash: vec![],
     };
     let evidence = Event::sign(TxKind::Evidence, k, [0xe1; 16], ev_payload.encode_to_vec(), now, [1; 4]);
+    let pol = proto::PolicyPayload {
+        policy_id: "block-10.0.0.1".into(),
+        action: "block".into(),
+        target: "10.0.0.1".into(),
+        rule: "deny all".into(),
+        ttl_seconds: 60,
+    };
+    let policy = Event::sign(TxKind::Policy, k, [0xf1; 16], pol.encode_to_vec(), now, [2; 4]);
     let stranger = crypto::generate_key();
     let mut hash = anomaly(k, 100);
     hash.payload[3] ^= 1;
@@ -180,6 +197,7 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_commi
     values.extend(bad.iter().map(|(_, b)| b.clone()));
     produce(&p, &t.anomalies, &values);
     produce(&p, &t.evidence, &[evidence.encode()]);
+    produce(&p, &t.policy, &[policy.encode()]);
     // An evidence event on the anomalies topic is read as an anomaly: its
     // signature (over another domain) fails.
     produce(&p, &t.anomalies, &[Event::sign(TxKind::Evidence, k, [6; 16], vec![], now, [6; 4]).encode()]);
@@ -191,7 +209,7 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_commi
     let committed: Vec<[u8; 16]> =
         commits.values().flat_map(|e| e.anomaly_ids.iter()).map(|i| i[..].try_into().unwrap()).collect();
     assert_eq!(committed.len(), want.len(), "every valid anomaly exactly once, no bad one");
-    assert!(commits.values().map(|e| e.tx_count).sum::<u32>() >= 41, "the evidence event committed too");
+    let all_txs = commits.values().map(|e| e.tx_count).sum::<u32>();
     assert_eq!(commits.keys().copied().collect::<Vec<_>>(), (1..=commits.len() as u64).collect::<Vec<_>>());
 
     // One DLQ record per bad message, with its reason and source position.
@@ -219,6 +237,43 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_commi
         assert!(r["source_partition"].parse::<i32>().unwrap() >= 0);
         assert!(!r["detail"].is_empty());
     }
+
+    // Derived events, each signed: the policy update; an evidence request
+    // for each high-severity, low-confidence anomaly; the producer's
+    // reputation, whose totals end at every tx the state machine applied.
+    read_until(&t.policy_out, |m| {
+        let e = proto::PolicyUpdateEvent::decode(m.payload().unwrap()).unwrap();
+        assert_eq!((e.policy_id.as_str(), e.tx_id.as_slice()), ("block-10.0.0.1", &policy.id[..]));
+        let sig: [u8; 64] = e.signature[..].try_into().unwrap();
+        crypto::verify_one(&key, &cybermesh::egress::policy_signed_bytes(&e), &sig).expect("signed");
+        true
+    });
+    let flagged: BTreeSet<Vec<u8>> = good
+        .iter()
+        .filter(|e| {
+            let a = proto::AnomalyPayload::decode(&e.payload[..]).unwrap();
+            a.severity >= 8 && a.confidence < 0.7
+        })
+        .map(|e| e.id.to_vec())
+        .collect();
+    assert!(!flagged.is_empty());
+    let mut requested = BTreeSet::new();
+    read_until(&t.evidence_out, |m| {
+        let e = proto::EvidenceRequestEvent::decode(m.payload().unwrap()).unwrap();
+        let sig: [u8; 64] = e.signature[..].try_into().unwrap();
+        crypto::verify_one(&key, &cybermesh::egress::evidence_request_signed_bytes(&e), &sig).expect("signed");
+        requested.insert(e.anomaly_id);
+        requested.len() == flagged.len()
+    });
+    assert_eq!(requested, flagged);
+    read_until(&t.reputation, |m| {
+        let e = proto::ReputationEvent::decode(m.payload().unwrap()).unwrap();
+        assert_eq!(e.producer_pubkey, crypto::public_key(k).to_vec());
+        let sig: [u8; 64] = e.signature[..].try_into().unwrap();
+        crypto::verify_one(&key, &cybermesh::egress::reputation_signed_bytes(&e), &sig).expect("signed");
+        e.accepted == all_txs as u64
+    });
+    assert_eq!(all_txs, 42, "40 anomalies, the evidence and the policy");
 
     // Every message is finished: the group's committed offsets reach the end.
     wait_committed_offsets(&format!("{}-node-1", t.group), &t.anomalies);

@@ -356,7 +356,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         let cursor_path = c.node.data_dir.join("commits.cursor");
         let cursor = crate::egress::read_cursor(&cursor_path)
             .with_context(|| format!("reading the commit-event cursor {}", cursor_path.display()))?;
-        let (tx, rx) = sync_channel::<(u64, Vec<u8>)>(1024);
+        let (tx, rx) = sync_channel::<crate::egress::HeightEvents>(1024);
         let (kc, st) = (c.kafka.clone(), stop.clone());
         let handle = std::thread::Builder::new().name("egress".into()).spawn(move || {
             if let Err(e) = crate::egress::publish_loop(&kc, rx, cursor_path, cursor, &st) {
@@ -365,7 +365,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         })?;
         tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
         let next = (cursor + 1).max(store.base_height() + 1);
-        (Some(EgressFeed { tx, next, held: None, key: key.clone(), validators: keys.clone() }), Some(handle))
+        let events = crate::egress::EventMaker::new(key.clone(), keys.clone(), &c.kafka);
+        (Some(EgressFeed { tx, next, held: None, events }), Some(handle))
     } else {
         (None, None)
     };
@@ -737,15 +738,14 @@ struct Consensus {
 /// (after a restart, or while the publisher was behind) read back from the
 /// block store. Never blocks the core: a full queue waits for the next turn.
 struct EgressFeed {
-    tx: SyncSender<(u64, Vec<u8>)>,
+    tx: SyncSender<crate::egress::HeightEvents>,
     next: u64,
-    held: Option<(u64, Vec<u8>)>,
-    key: crypto::SigningKey,
-    validators: Vec<crypto::PublicKey>,
+    held: Option<crate::egress::HeightEvents>,
+    events: crate::egress::EventMaker,
 }
 
 impl EgressFeed {
-    fn offer(&mut self, item: (u64, Vec<u8>)) -> bool {
+    fn offer(&mut self, item: crate::egress::HeightEvents) -> bool {
         match self.tx.try_send(item) {
             Ok(()) => true,
             Err(TrySendError::Full(item)) => {
@@ -759,12 +759,12 @@ impl EgressFeed {
         }
     }
 
-    fn on_commit(&mut self, block: &Block, cert: &CommitCert) {
+    fn on_commit(&mut self, block: &Block, cert: &CommitCert, outcome: &proto::BlockOutcome) {
         if self.held.is_none() && self.next == block.header.height {
             let cert = (!cert.commits.is_empty()).then_some(cert);
-            let e = crate::egress::commit_event(block, cert, &self.validators, &self.key);
+            let events = self.events.for_block(block, cert, Some(outcome));
             self.next += 1;
-            self.offer((block.header.height, e.encode_to_vec()));
+            self.offer(events);
         }
     }
 
@@ -776,14 +776,15 @@ impl EgressFeed {
         }
         while self.next <= store.height() {
             let h = self.next;
-            let (b, pc) = store.read(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
+            let (b, pc, outcome) =
+                store.read_full(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
             let cert = match pc {
                 Some(pc) => Some(stored_cert(&b, Some(pc), wire)?),
                 None => None,
             };
-            let e = crate::egress::commit_event(&b, cert.as_ref(), &self.validators, &self.key);
+            let events = self.events.for_block(&b, cert.as_ref(), outcome.as_ref());
             self.next += 1;
-            if !self.offer((h, e.encode_to_vec())) {
+            if !self.offer(events) {
                 break;
             }
         }
@@ -1226,7 +1227,7 @@ fn core_loop(
 /// later send; committed blocks appended with one fsync, then published.
 fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<bool> {
     let mut stable = false;
-    let mut commits: Vec<(Arc<Block>, CommitCert, usize)> = Vec::new();
+    let mut commits: Vec<(Arc<Block>, CommitCert, proto::BlockOutcome)> = Vec::new();
     for o in out.drain(..) {
         match o {
             Output::Reject(r) => {
@@ -1249,10 +1250,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                 cons.broadcast(&m);
             }
             Output::ServeFetch { to, from_seq } => serve_fetch(store, cons, to, from_seq)?,
-            Output::Commit { block, cert, receipts } => {
-                let rejected = receipts.iter().filter(|r| r.status != crate::state::TxStatus::Applied).count();
-                commits.push((block, cert, rejected));
-            }
+            Output::Commit { block, cert, receipts: _, outcome } => commits.push((block, cert, outcome)),
             Output::Evidence { culprit, what } => {
                 sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(validator = cons.ids.get(culprit).copied().unwrap_or(0), what, "validator misbehaviour");
@@ -1263,27 +1261,28 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     if commits.is_empty() {
         return Ok(stable);
     }
-    let batch: Vec<(&Block, Option<proto::PbftCommitCert>)> = commits
+    let batch: Vec<(&Block, Option<proto::PbftCommitCert>, Option<proto::BlockOutcome>)> = commits
         .iter()
-        .map(|(b, c, _)| {
+        .map(|(b, c, o)| {
             let mut pc = wire::commit_cert_to(c);
             if let Some(pp) = &mut pc.pre_prepare {
                 pp.value = proposal::stored_form(&pp.value); // the block holds the txs
             }
-            (&**b, Some(pc))
+            (&**b, Some(pc), Some(o.clone()))
         })
         .collect();
-    store.append(&batch).context("block store append failed; stopping (restart recovers the store)")?;
-    for (block, cert, _) in &commits {
+    store.append_with_outcomes(&batch).context("block store append failed; stopping (restart recovers the store)")?;
+    for (block, cert, outcome) in &commits {
         // Durable: their Kafka messages are finished; their events may go out.
         if let Some(t) = &cons.tracker {
             t.finish_nonces(block.txs.iter().map(|t| &t.nonce));
         }
         if let Some(e) = &mut cons.egress {
-            e.on_commit(block, cert);
+            e.on_commit(block, cert, outcome);
         }
     }
-    for (block, _, rejected) in &commits {
+    for (block, _, outcome) in &commits {
+        let rejected = outcome.rejected.len();
         sh.stats.height.store(block.header.height, Ordering::Relaxed);
         sh.stats.committed_txs.fetch_add(block.txs.len() as u64, Ordering::Relaxed);
         tracing::debug!(

@@ -137,6 +137,15 @@ impl State {
     pub fn has_nonce(&self, nonce: &[u8; 16]) -> bool {
         self.kv.contains_key(&nonce_key(nonce))
     }
+    /// A producer's accepted and rejected txs so far (the `r` table).
+    pub fn producer_totals(&self, producer: &[u8; 32]) -> (u64, u64) {
+        let mut k = vec![b'r'];
+        k.extend_from_slice(producer);
+        self.kv.get(&k).map_or((0, 0), |v| {
+            (u64::from_be_bytes(v[..8].try_into().unwrap()), u64::from_be_bytes(v[8..16].try_into().unwrap()))
+        })
+    }
+
     /// Merkle proof for `key` against `root()`.
     pub fn prove(&self, key: &[u8]) -> merkle::Proof {
         self.tree.prove(&sha256(key))
