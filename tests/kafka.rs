@@ -438,3 +438,162 @@ fn cluster_python_producer_and_commit_consumer_interoperate() {
     assert!(r["verified_heights"].as_u64().unwrap() >= 1);
     drop(vs);
 }
+
+/// A Kafka-protocol broker of this test's own (nisshi, in PATH after
+/// `scripts/setup-deps.sh`), killed on drop.
+struct Broker(std::process::Child);
+
+impl Broker {
+    /// Starts `nisshi broker` with `args` and waits for its "ready" line.
+    fn start(args: &[&str]) -> Broker {
+        use std::io::BufRead;
+        let mut child = Command::new("nisshi")
+            .arg("broker")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("nisshi is installed (scripts/setup-deps.sh)");
+        let out = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(out).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("ready") => break,
+                Some(Ok(_)) => {}
+                _ => panic!("nisshi exited before it was ready"),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Broker(child)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// TLS and SASL/SCRAM-SHA-512 as the manual's variables set them: a broker
+/// that only accepts TLS connections from authenticated users; the
+/// validator consumes and publishes over it; a wrong password stops the
+/// validator at startup with an error naming the settings.
+#[test]
+fn kafka_over_tls_with_scram_sha_512() {
+    let dir = tempfile::tempdir().unwrap();
+    // A certificate for "localhost", trusted through KAFKA_CA_LOCATION.
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    // SCRAM users live in the broker's storage: PostgreSQL (a database of
+    // this test's own). Users are created through a plain listener first.
+    let db = format!("nisshi_{}", uuid::Uuid::new_v4().simple());
+    let dsn = std::env::var("CYBERMESH_TEST_DB_DSN")
+        .unwrap_or_else(|_| "postgresql://cybermesh:cybermesh@127.0.0.1:5432/cybermesh".into());
+    let out = Command::new("psql").arg(&dsn).args(["-qc", &format!("CREATE DATABASE {db}")]).output().expect("psql");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // nisshi checks PostgreSQL's own certificate, which names localhost.
+    let storage = format!("postgres://cybermesh:cybermesh@localhost/{db}");
+    let plain = free_port();
+    {
+        let url = format!("tcp://127.0.0.1:{plain}");
+        let _b =
+            Broker::start(&["--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &storage]);
+        let out = Command::new("nisshi")
+            .args(["user", "create", "validator", "s3cret-Pw", "--mechanism", "scram512", "--broker", &url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let port = free_port();
+    let _broker = Broker::start(&[
+        "--listener-url",
+        &format!("tcp://127.0.0.1:{port}"),
+        "--advertised-listener-url",
+        &format!("tcp://localhost:{port}"),
+        "--storage-engine",
+        &storage,
+        "--authentication",
+        "--cert",
+        cert_pem.to_str().unwrap(),
+        "--key",
+        key_pem.to_str().unwrap(),
+        "--group-initial-rebalance-delay",
+        "100ms",
+    ]);
+    let brokers = format!("localhost:{port}");
+    let client = |password: &str| {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &brokers)
+            .set("security.protocol", "sasl_ssl")
+            .set("sasl.mechanisms", "SCRAM-SHA-512")
+            .set("sasl.username", "validator")
+            .set("sasl.password", password)
+            .set("ssl.ca.location", cert_pem.to_str().unwrap());
+        c
+    };
+    let s = Setup::single("");
+    let t = Topics::new();
+    let evs: Vec<Event> = (0..50).map(|i| anomaly(&s.producer, i)).collect();
+    let p: ThreadedProducer<DefaultProducerContext> = client("s3cret-Pw").set("acks", "all").create().unwrap();
+    for e in &evs {
+        let bytes = e.encode();
+        p.send(BaseRecord::<(), [u8]>::to(&t.anomalies).payload(&bytes[..])).map_err(|(e, _)| e).unwrap();
+    }
+    p.flush(Duration::from_secs(30)).expect("produced over TLS with SCRAM");
+
+    let security = |password: &'static str| {
+        vec![
+            ("KAFKA_BROKERS", brokers.clone()),
+            ("KAFKA_TLS_ENABLED", "true".to_string()),
+            ("KAFKA_CA_LOCATION", cert_pem.display().to_string()),
+            ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512".to_string()),
+            ("KAFKA_SASL_USERNAME", "validator".to_string()),
+            ("KAFKA_SASL_PASSWORD", password.to_string()),
+        ]
+    };
+    // A wrong password: the validator stops at startup and says why.
+    let out = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&s.config)
+        .envs(t.env())
+        .envs(security("wrong"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach Kafka") && err.contains("SASL"), "{err}");
+
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(&s.config).envs(t.env()).envs(security("s3cret-Pw"));
+    let v = Validator::spawn(cmd);
+    let key = validator_key(&s);
+    let want: BTreeSet<[u8; 16]> = evs.iter().map(|e| e.id).collect();
+    let c: BaseConsumer = client("s3cret-Pw")
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    c.subscribe(&[&t.commits]).unwrap();
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !want.is_subset(&seen) {
+        assert!(Instant::now() < deadline, "commit events did not arrive over TLS");
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let e = proto::CommitEvent::decode(m.payload().unwrap()).unwrap();
+            cybermesh::egress::verify_commit_event(&e, &[key], 1).unwrap();
+            seen.extend(e.anomaly_ids.iter().map(|i| <[u8; 16]>::try_from(&i[..]).unwrap()));
+        }
+    }
+    assert!(v.terminate().success());
+    drop(_broker);
+    let _ = Command::new("psql").arg(&dsn).args(["-qc", &format!("DROP DATABASE {db}")]).output();
+}
