@@ -539,6 +539,7 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("MEMPOOL_MAX_TXS", |c, v| Ok(c.mempool.max_txs = parse_num(v)?)),
     ("MEMPOOL_MAX_BYTES", |c, v| Ok(c.mempool.max_bytes = parse_num(v)?)),
     ("MEMPOOL_RATE_PER_SECOND", |c, v| Ok(c.mempool.rate_per_second = parse_num(v)?)),
+    ("MEMPOOL_RATE_BURST", |c, v| Ok(c.mempool.rate_burst = parse_num(v)?)),
     ("BLOCK_MAX_TXS", |c, v| Ok(c.block.max_txs = parse_num(v)?)),
     ("BLOCK_MAX_BYTES", |c, v| Ok(c.block.max_bytes = parse_num(v)?)),
     ("BLOCK_BUILD_INTERVAL", |c, v| Ok(c.block.build_interval = parse_dur(v)?)),
@@ -564,6 +565,7 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("CONSENSUS_ENABLE_QUARANTINE", |c, v| Ok(c.consensus.enable_quarantine = parse_bool(v)?)),
     ("RUNTIME_VERIFY_SHARDS", |c, v| Ok(c.runtime.verify_shards = parse_num(v)?)),
     ("RUNTIME_VERIFY_BATCH", |c, v| Ok(c.runtime.verify_batch = parse_num(v)?)),
+    ("RUNTIME_RING_CAPACITY", |c, v| Ok(c.runtime.ring_capacity = parse_num(v)?)),
     ("RUNTIME_IDLE", |c, v| {
         c.runtime.idle = match v.trim() {
             "park" => IdlePolicy::Park,

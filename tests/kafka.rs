@@ -102,6 +102,17 @@ fn reader(topic: &str) -> BaseConsumer {
         .set("topic.metadata.refresh.interval.ms", "500")
         .create()
         .expect("consumer");
+    // Subscribe once the topic exists (its first message may still be on
+    // its way): a group assigned nothing may not notice it appear.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(5));
+        if md.is_ok_and(|m| m.topics().iter().any(|t| t.error().is_none() && !t.partitions().is_empty())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "topic {topic} never appeared");
+        let _ = c.poll(Duration::from_millis(100));
+    }
     c.subscribe(&[topic]).expect("subscribe");
     c
 }
@@ -278,6 +289,31 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_event
     // Every message is finished: the group's committed offsets reach the end.
     wait_committed_offsets(&format!("{}-node-1", t.group), &t.anomalies);
     assert!(v.terminate().success());
+}
+
+/// Every message now in `topic` (all partitions): its `reason` header, if
+/// any, and its payload.
+fn read_all(topic: &str) -> Vec<(Option<String>, Vec<u8>)> {
+    let c = reader(topic);
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let total: i64 = md.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| c.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks").1)
+        .sum();
+    drop(c);
+    let mut out = vec![];
+    if total > 0 {
+        read_until(topic, |m| {
+            let reason = m
+                .headers()
+                .and_then(|h| h.iter().find(|x| x.key == "reason").and_then(|x| x.value))
+                .map(|v| String::from_utf8_lossy(v).into_owned());
+            out.push((reason, m.payload().unwrap_or_default().to_vec()));
+            out.len() as i64 == total
+        });
+    }
+    out
 }
 
 /// A group's committed offsets and the high watermarks of every non-empty
@@ -596,4 +632,58 @@ fn kafka_over_tls_with_scram_sha_512() {
     assert!(v.terminate().success());
     drop(_broker);
     let _ = Command::new("psql").arg(&dsn).args(["-qc", &format!("DROP DATABASE {db}")]).output();
+}
+
+/// A pipeline far smaller than the stream: the consumer pauses its
+/// partitions while the shards are full (instead of buffering), resumes,
+/// and every message still commits once.
+#[test]
+fn backpressure_pauses_partitions_and_nothing_is_lost() {
+    let s = Setup::single("");
+    let t = Topics::new();
+    let evs: Vec<Event> = (0..1500).map(|i| anomaly(&s.producer, i)).collect();
+    produce(&producer(), &t.anomalies, &evs.iter().map(|e| e.encode()).collect::<Vec<_>>());
+    let tiny = [
+        ("RUNTIME_RING_CAPACITY", "1"),
+        ("RUNTIME_VERIFY_BATCH", "8"),
+        ("MEMPOOL_MAX_TXS", "20"),
+        ("BLOCK_MAX_TXS", "10"),
+    ];
+    let v = start(&s, &t, &tiny);
+    wait_log(&v, "verify shards full: Kafka partitions paused", Duration::from_secs(60));
+    let all: BTreeSet<[u8; 16]> = evs.iter().map(|e| e.id).collect();
+    let commits = read_commits(&t.commits, &validator_key(&s), &all);
+    let n: usize = commits.values().map(|e| e.anomaly_ids.len()).sum();
+    assert_eq!(n, all.len(), "each tx once");
+    wait_committed_offsets(&format!("{}-node-1", t.group), &t.anomalies);
+    assert!(v.terminate().success());
+}
+
+/// A producer over its rate: the excess goes to the DLQ as `rate_limited`
+/// (and is finished there), the rest commits; together, every message.
+#[test]
+fn rate_limited_messages_are_dead_lettered_and_finished() {
+    let s = Setup::single("");
+    let t = Topics::new();
+    let evs: Vec<Event> = (0..40).map(|i| anomaly(&s.producer, i)).collect();
+    produce(&producer(), &t.anomalies, &evs.iter().map(|e| e.encode()).collect::<Vec<_>>());
+    let v = start(&s, &t, &[("MEMPOOL_RATE_PER_SECOND", "1"), ("MEMPOOL_RATE_BURST", "5")]);
+    // Once every message is finished, the DLQ and the commit events hold them all.
+    wait_committed_offsets(&format!("{}-node-1", t.group), &t.anomalies);
+    let mut limited: BTreeSet<[u8; 16]> = BTreeSet::new();
+    for m in read_all(&t.dlq) {
+        let (reason, payload) = m;
+        assert_eq!(reason.as_deref(), Some("rate_limited"));
+        let e = proto::AnomalyEvent::decode(&payload[..]).unwrap();
+        limited.insert(e.id[..].try_into().unwrap());
+    }
+    assert!(limited.len() >= 30, "{} rate limited", limited.len());
+    let mut committed: BTreeSet<[u8; 16]> = BTreeSet::new();
+    for (_, payload) in read_all(&t.commits) {
+        let e = proto::CommitEvent::decode(&payload[..]).unwrap();
+        committed.extend(e.anomaly_ids.iter().map(|i| <[u8; 16]>::try_from(&i[..]).unwrap()));
+    }
+    assert!(committed.is_disjoint(&limited));
+    assert_eq!(committed.len() + limited.len(), evs.len(), "every message committed or dead-lettered");
+    assert!(v.terminate().success());
 }
