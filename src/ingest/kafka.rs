@@ -142,6 +142,18 @@ impl OffsetTracker {
         out
     }
 
+    /// A commit of these points failed: hand them out again next time.
+    pub fn commit_failed(&self, points: &[(Arc<str>, i32, i64)]) {
+        let mut g = self.inner.lock().expect("tracker lock");
+        for (topic, partition, point) in points {
+            if let Some(p) = g.parts.get_mut(&(topic.clone(), *partition)) {
+                if p.committed == *point {
+                    p.committed = 0;
+                }
+            }
+        }
+    }
+
     /// Messages consumed and not finished.
     pub fn unfinished(&self) -> usize {
         self.inner.lock().expect("tracker lock").parts.values().map(|p| p.unfinished.len()).sum()
@@ -192,6 +204,9 @@ mod tests {
         t.finish(&pos("a", 1, 7));
         t.finish_nonces([&[3u8; 16], &[4u8; 16]]);
         assert_eq!(t.commit_points(), vec![("a".into(), 0, 5), ("a".into(), 1, 8)]);
+        // A failed commit is handed out again.
+        t.commit_failed(&[("a".into(), 1, 8)]);
+        assert_eq!(t.commit_points(), vec![("a".into(), 1, 8)]);
         assert_eq!(t.unfinished(), 0);
     }
 

@@ -135,6 +135,9 @@ fn commit(consumer: &BaseConsumer, tracker: &OffsetTracker, mode: CommitMode) {
     }
     match consumer.commit(&tpl, mode) {
         Ok(()) => tracing::debug!(partitions = points.len(), "Kafka offsets committed"),
-        Err(e) => tracing::warn!(error = %e, "Kafka offset commit failed (retried with the next)"),
+        Err(e) => {
+            tracker.commit_failed(&points);
+            tracing::warn!(error = %e, "Kafka offset commit failed (retried)");
+        }
     }
 }
