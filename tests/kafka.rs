@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use cybermesh::crypto;
-use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
+use cybermesh::event::{Event, TxKind};
 use cybermesh::proto;
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -163,46 +163,13 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_event
     let k = &s.producer;
     let now = now_ms();
     let good: Vec<Event> = (0..40).map(|i| anomaly(k, i)).collect();
-    let ev_payload = proto::EvidencePayload {
-        anomaly_id: good[0].id.to_vec(),
-        evidence_type: "pcap".into(),
-        data: vec![1, 2, 3],
-        data_hash: vec![],
-    };
-    let evidence = Event::sign(TxKind::Evidence, k, [0xe1; 16], ev_payload.encode_to_vec(), now, [1; 4]);
-    let pol = proto::PolicyPayload {
-        policy_id: "block-10.0.0.1".into(),
-        action: "block".into(),
-        target: "10.0.0.1".into(),
-        rule: "deny all".into(),
-        ttl_seconds: 60,
-    };
-    let policy = Event::sign(TxKind::Policy, k, [0xf1; 16], pol.encode_to_vec(), now, [2; 4]);
-    let stranger = crypto::generate_key();
-    let mut hash = anomaly(k, 100);
-    hash.payload[3] ^= 1;
-    let mut nonce = anomaly(k, 101);
-    nonce.nonce[8] ^= 1;
-    let mut sig = anomaly(k, 102);
-    sig.signature[40] ^= 1;
-    let bad: Vec<(&str, Vec<u8>)> = vec![
-        ("unknown_producer", anomaly(&stranger, 1).encode()),
-        ("content_hash_mismatch", hash.encode()),
-        ("nonce_mismatch", nonce.encode()),
-        (
-            "stale",
-            Event::sign(TxKind::Anomaly, k, [3; 16], sample_anomaly_payload(3, 100), now - 600_000, [3; 4]).encode(),
-        ),
-        (
-            "future",
-            Event::sign(TxKind::Anomaly, k, [4; 16], sample_anomaly_payload(4, 100), now + 600_000, [4; 4]).encode(),
-        ),
-        ("bad_signature", sig.encode()),
-        ("invalid_payload", Event::sign(TxKind::Anomaly, k, [5; 16], vec![0x10, 0x63], now, [5; 4]).encode()),
+    let (evidence, policy) = evidence_and_policy(k, good[0].id);
+    let mut bad: Vec<(&str, Vec<u8>)> = bad_events(k).into_iter().map(|(r, e)| (r, e.encode())).collect();
+    bad.extend([
         ("replayed_nonce", good[0].encode()),
         ("malformed", b"\xff\xff\xff not protobuf".to_vec()),
         ("oversized", vec![0u8; 70_000]),
-    ];
+    ]);
     let p = producer();
     let mut values: Vec<Vec<u8>> = good.iter().map(|e| e.encode()).collect();
     values.extend(bad.iter().map(|(_, b)| b.clone()));

@@ -2,10 +2,7 @@
 
 mod common;
 use common::*;
-use cybermesh::crypto;
-use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
-use cybermesh::proto;
-use prost::Message;
+use cybermesh::event::Event;
 use std::collections::BTreeSet;
 
 #[test]
@@ -14,40 +11,10 @@ fn commits_valid_events_and_dead_letters_every_bad_one_with_its_reason() {
     let v = s.start();
     let mut c = v.connect();
     let k = &s.producer;
-    let now = now_ms();
     let mut good: Vec<Event> = (0..40).map(|i| anomaly(k, i)).collect();
-    let ev_payload = proto::EvidencePayload {
-        anomaly_id: good[0].id.to_vec(),
-        evidence_type: "pcap".into(),
-        data: vec![1, 2, 3],
-        data_hash: vec![],
-    };
-    good.push(Event::sign(TxKind::Evidence, k, [0xe1; 16], ev_payload.encode_to_vec(), now, [1; 4]));
-    let pol = proto::PolicyPayload {
-        policy_id: "block-10.0.0.1".into(),
-        action: "block".into(),
-        target: "10.0.0.1".into(),
-        rule: "deny all".into(),
-        ttl_seconds: 60,
-    };
-    good.push(Event::sign(TxKind::Policy, k, [0xf1; 16], pol.encode_to_vec(), now, [2; 4]));
-
-    let stranger = crypto::generate_key();
-    let mut hash = anomaly(k, 100);
-    hash.payload[3] ^= 1;
-    let mut nonce = anomaly(k, 101);
-    nonce.nonce[8] ^= 1;
-    let mut sig = anomaly(k, 102);
-    sig.signature[40] ^= 1;
-    let bad = vec![
-        ("unknown_producer", anomaly(&stranger, 1)),
-        ("content_hash_mismatch", hash),
-        ("nonce_mismatch", nonce),
-        ("stale", Event::sign(TxKind::Anomaly, k, [3; 16], sample_anomaly_payload(3, 100), now - 600_000, [3; 4])),
-        ("future", Event::sign(TxKind::Anomaly, k, [4; 16], sample_anomaly_payload(4, 100), now + 600_000, [4; 4])),
-        ("bad_signature", sig),
-        ("invalid_payload", Event::sign(TxKind::Anomaly, k, [5; 16], vec![0x10, 0x63], now, [5; 4])),
-    ];
+    let (evidence, policy) = evidence_and_policy(k, good[0].id);
+    good.extend([evidence, policy]);
+    let bad = bad_events(k);
     for e in &good {
         c.send_event(e);
     }

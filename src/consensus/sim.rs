@@ -213,6 +213,24 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
     let mut joined_at = None;
     while now < end {
         let faulty = now < cfg.heal_at;
+        // Routes replica `$r`'s actions (see `dispatch`).
+        macro_rules! dispatch_from {
+            ($r:expr) => {
+                dispatch(
+                    $r,
+                    &mut out,
+                    &mut queue,
+                    &mut rng,
+                    now,
+                    faulty,
+                    cfg,
+                    &auths[$r],
+                    &mut replicas[$r],
+                    &mut durable[$r],
+                    &mut send,
+                )
+            };
+        }
         if let Some((x, at)) = cfg.exclude_later {
             for (r, learned) in learned_exclusion.iter_mut().enumerate() {
                 if !*learned && now >= at + 41 * r as u64 {
@@ -272,19 +290,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                 for v in &values_seen {
                     replicas[crash_victim].propose(v.clone(), &mut out);
                 }
-                dispatch(
-                    crash_victim,
-                    &mut out,
-                    &mut queue,
-                    &mut rng,
-                    now,
-                    faulty,
-                    cfg,
-                    &auths[crash_victim],
-                    &mut replicas[crash_victim],
-                    &mut durable[crash_victim],
-                    &mut send,
-                );
+                dispatch_from!(crash_victim);
             }
         }
         // Client values reach every replica.
@@ -295,19 +301,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
             for r in 0..n {
                 if !down.contains(&r) {
                     replicas[r].propose(v.clone(), &mut out);
-                    dispatch(
-                        r,
-                        &mut out,
-                        &mut queue,
-                        &mut rng,
-                        now,
-                        faulty,
-                        cfg,
-                        &auths[r],
-                        &mut replicas[r],
-                        &mut durable[r],
-                        &mut send,
-                    );
+                    dispatch_from!(r);
                 }
             }
             vi += 1;
@@ -333,19 +327,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
             }
             replicas[m.to].on_message(m.msg, &mut out);
             check.step(m.to, &out, &replicas[m.to]);
-            dispatch(
-                m.to,
-                &mut out,
-                &mut queue,
-                &mut rng,
-                now,
-                faulty,
-                cfg,
-                &auths[m.to],
-                &mut replicas[m.to],
-                &mut durable[m.to],
-                &mut send,
-            );
+            dispatch_from!(m.to);
         }
         // Timers.
         if now % 10 == 0 {
@@ -355,19 +337,7 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                 }
                 replicas[r].on_tick(now, &mut out);
                 check.step(r, &out, &replicas[r]);
-                dispatch(
-                    r,
-                    &mut out,
-                    &mut queue,
-                    &mut rng,
-                    now,
-                    faulty,
-                    cfg,
-                    &auths[r],
-                    &mut replicas[r],
-                    &mut durable[r],
-                    &mut send,
-                );
+                dispatch_from!(r);
             }
         }
         // Done: every honest replica executed every proposed value.

@@ -316,3 +316,48 @@ pub fn wait_dlq(v: &Validator, path: &Path, count: u64) -> Vec<serde_json::Value
     }
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).expect("DLQ line is JSON")).collect()
 }
+
+/// An evidence event for `anomaly_id` and a policy event, valid, by `key`.
+pub fn evidence_and_policy(key: &SigningKey, anomaly_id: [u8; 16]) -> (Event, Event) {
+    use cybermesh::proto;
+    let now = now_ms();
+    let ev = proto::EvidencePayload {
+        anomaly_id: anomaly_id.to_vec(),
+        evidence_type: "pcap".into(),
+        data: vec![1, 2, 3],
+        data_hash: vec![],
+    };
+    let pol = proto::PolicyPayload {
+        policy_id: "block-10.0.0.1".into(),
+        action: "block".into(),
+        target: "10.0.0.1".into(),
+        rule: "deny all".into(),
+        ttl_seconds: 60,
+    };
+    (
+        Event::sign(TxKind::Evidence, key, [0xe1; 16], ev.encode_to_vec(), now, [1; 4]),
+        Event::sign(TxKind::Policy, key, [0xf1; 16], pol.encode_to_vec(), now, [2; 4]),
+    )
+}
+
+/// One event per verification failure, by reason (`key` is the configured
+/// producer; each is rejected before execution).
+pub fn bad_events(key: &SigningKey) -> Vec<(&'static str, Event)> {
+    let now = now_ms();
+    let stranger = crypto::generate_key();
+    let mut hash = anomaly(key, 100);
+    hash.payload[3] ^= 1;
+    let mut nonce = anomaly(key, 101);
+    nonce.nonce[8] ^= 1;
+    let mut sig = anomaly(key, 102);
+    sig.signature[40] ^= 1;
+    vec![
+        ("unknown_producer", anomaly(&stranger, 1)),
+        ("content_hash_mismatch", hash),
+        ("nonce_mismatch", nonce),
+        ("stale", Event::sign(TxKind::Anomaly, key, [3; 16], sample_anomaly_payload(3, 100), now - 600_000, [3; 4])),
+        ("future", Event::sign(TxKind::Anomaly, key, [4; 16], sample_anomaly_payload(4, 100), now + 600_000, [4; 4])),
+        ("bad_signature", sig),
+        ("invalid_payload", Event::sign(TxKind::Anomaly, key, [5; 16], vec![0x10, 0x63], now, [5; 4])),
+    ]
+}
