@@ -327,7 +327,7 @@ impl Default for RuntimeConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// ENABLE_PERSISTENCE.
@@ -336,6 +336,23 @@ pub struct DatabaseConfig {
     pub dsn: String,
     /// DB_TLS.
     pub tls: bool,
+    /// DB_RETRY_MIN / DB_RETRY_MAX: the mirror's backoff after a failure.
+    #[serde(with = "dur")]
+    pub retry_min: Duration,
+    #[serde(with = "dur")]
+    pub retry_max: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            enabled: false,
+            dsn: String::new(),
+            tls: false,
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -579,6 +596,8 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("DB_DSN", |c, v| Ok(c.database.dsn = v.trim().into())),
     ("DATABASE_URL", |c, v| Ok(c.database.dsn = v.trim().into())),
     ("DB_TLS", |c, v| Ok(c.database.tls = parse_bool(v)?)),
+    ("DB_RETRY_MIN", |c, v| Ok(c.database.retry_min = parse_dur(v)?)),
+    ("DB_RETRY_MAX", |c, v| Ok(c.database.retry_max = parse_dur(v)?)),
     ("ENABLE_API", |c, v| Ok(c.api.enabled = parse_bool(v)?)),
     ("API_LISTEN_ADDR", |c, v| Ok(c.api.listen = v.trim().into())),
     ("API_TLS_ENABLED", |c, v| Ok(c.api.tls_enabled = parse_bool(v)?)),

@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod mempool;
 pub mod net;
 pub mod node;
+pub mod persist;
 pub mod proposal;
 pub mod runtime;
 pub mod snapshot;

@@ -36,6 +36,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: StoreCmd,
     },
+    /// Database mirror tools.
+    Db {
+        #[command(subcommand)]
+        cmd: DbCmd,
+    },
     #[command(hide = true)]
     Debug {
         #[command(subcommand)]
@@ -60,6 +65,16 @@ enum StoreCmd {
     Check {
         #[arg(long)]
         data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// Apply the schema migrations not yet applied (DB_DSN from the config
+    /// or the environment); the validator also does at startup.
+    Migrate {
+        #[arg(long, env = "CYBERMESH_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -93,6 +108,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { config } => cybermesh::runtime::run_blocking(config.as_deref()),
+        Cmd::Db { cmd: DbCmd::Migrate { config } } => {
+            let c = Config::load(config.as_deref())?;
+            if c.database.dsn.is_empty() {
+                anyhow::bail!("no database configured: set DB_DSN (database.dsn)");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let applied = rt.block_on(async {
+                let mut client = cybermesh::persist::connect(&c.database.dsn)
+                    .await
+                    .with_context(|| "connecting to the database (DB_DSN)".to_string())?;
+                cybermesh::persist::migrate(&mut client).await.context("applying migrations")
+            })?;
+            let latest = cybermesh::persist::MIGRATIONS.last().map_or(0, |m| m.0);
+            match applied.as_slice() {
+                [] => println!("schema up to date (version {latest})"),
+                v => println!("applied migrations {v:?}; schema at version {latest}"),
+            }
+            Ok(())
+        }
         Cmd::Config { cmd: ConfigCmd::Check { config } } => {
             let v = Config::load(config.as_deref())?.validate()?;
             println!("config hash (genesis): {}", hex::encode(v.config.consensus_fingerprint()));

@@ -68,6 +68,8 @@ pub struct RuntimeStats {
     pub mempool_bytes: AtomicU64,
     pub view: AtomicU64,
     pub evidence: AtomicU64,
+    /// The database mirror's progress.
+    pub mirror: Arc<crate::persist::MirrorStats>,
 }
 
 type CommitSubscribers = Mutex<Vec<SyncSender<Arc<Vec<u8>>>>>;
@@ -94,9 +96,10 @@ pub struct Running {
     /// Joined last, once nothing can reject any more.
     dlq: Option<std::thread::JoinHandle<()>>,
     dlq_done: Arc<AtomicBool>,
-    /// The commit-event publisher: joined after the core (it drains what
-    /// the core handed it).
+    /// The event publisher and the database mirror: joined after the core
+    /// (they drain what the core handed them).
     egress: Option<std::thread::JoinHandle<()>>,
+    mirror: Option<std::thread::JoinHandle<()>>,
     listen: std::net::SocketAddr,
     pub stats: Arc<RuntimeStats>,
 }
@@ -137,6 +140,9 @@ impl Running {
         }
         if let Some(e) = self.egress.take() {
             let _ = e.join();
+        }
+        if let Some(m) = self.mirror.take() {
+            let _ = m.join();
         }
         core
     }
@@ -366,7 +372,34 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
         let next = (cursor + 1).max(store.base_height() + 1);
         let events = crate::egress::EventMaker::new(key.clone(), keys.clone(), &c.kafka);
-        (Some(EgressFeed { tx, next, held: None, events }), Some(handle))
+        let make: MakeItem<_> = Box::new(move |b, cert, outcome| events.for_block(b, cert, outcome));
+        (Some(BlockFeed::new(tx, next, make)), Some(handle))
+    } else {
+        (None, None)
+    };
+
+    // Database mirror (ENABLE_PERSISTENCE): its own thread, fed from the
+    // block store from its persisted cursor.
+    let (mirror_feed, mirror) = if c.database.enabled {
+        let cursor_path = c.node.data_dir.join("mirror.cursor");
+        let cursor = crate::egress::read_cursor(&cursor_path)
+            .with_context(|| format!("reading the mirror cursor {}", cursor_path.display()))?;
+        let (tx, rx) = sync_channel::<crate::persist::MirrorBlock>(1024);
+        let mcfg = crate::persist::MirrorConfig {
+            dsn: c.database.dsn.clone(),
+            retry_min: c.database.retry_min,
+            retry_max: c.database.retry_max,
+            batch_blocks: 256,
+            validators: v.validators.iter().map(|(id, k)| (*id, *k)).collect(),
+        };
+        let (st, ms) = (stop.clone(), stats.mirror.clone());
+        let handle = std::thread::Builder::new()
+            .name("persist".into())
+            .spawn(move || crate::persist::mirror_loop(mcfg, rx, cursor_path, st, ms))?;
+        tracing::info!(cursor, "mirroring blocks to the database");
+        let next = (cursor + 1).max(store.base_height() + 1);
+        let make: MakeItem<_> = Box::new(|b, _, outcome| crate::persist::MirrorBlock::new(b.clone(), outcome));
+        (Some(BlockFeed::new(tx, next, make)), Some(handle))
     } else {
         (None, None)
     };
@@ -474,6 +507,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         pending_snapshot: None,
         snapshot_writer,
         egress: egress_feed,
+        mirror: mirror_feed,
         tracker: shared.tracker.clone(),
     };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
@@ -492,7 +526,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let sh = shared.clone();
     threads.push(std::thread::Builder::new().name("direct-accept".into()).spawn(move || accept_loop(listener, sh))?);
     tracing::info!(addr = %listen, shards, "direct source listening");
-    Ok(Running { shared, threads, core: Some(core), dlq: Some(dlq), dlq_done, egress, listen, stats })
+    Ok(Running { shared, threads, core: Some(core), dlq: Some(dlq), dlq_done, egress, mirror, listen, stats })
 }
 
 /// Where rejections go: the Kafka DLQ topic, or a file for the direct source.
@@ -728,24 +762,35 @@ struct Consensus {
     /// To the thread that writes `snapshot.bin` (off the core thread).
     snapshot_writer: Option<SyncSender<Arc<Vec<u8>>>>,
     /// Commit events to publish (Kafka).
-    egress: Option<EgressFeed>,
+    egress: Option<BlockFeed<crate::egress::HeightEvents>>,
+    /// Blocks to mirror into the database.
+    mirror: Option<BlockFeed<crate::persist::MirrorBlock>>,
     /// Kafka source: committed txs finish their messages.
     tracker: Option<Arc<OffsetTracker>>,
 }
 
-/// Feeds the publisher thread the commit event of every stored block in
-/// height order, from its cursor: live blocks as they commit, older ones
-/// (after a restart, or while the publisher was behind) read back from the
-/// block store. Never blocks the core: a full queue waits for the next turn.
-struct EgressFeed {
-    tx: SyncSender<crate::egress::HeightEvents>,
+/// Builds what a downstream thread needs from a stored block (its commit
+/// certificate and outcome when known).
+type MakeItem<M> = Box<dyn Fn(&Arc<Block>, Option<&CommitCert>, Option<&proto::BlockOutcome>) -> M + Send>;
+
+/// Feeds a downstream thread (the event publisher, the database mirror)
+/// every stored block in height order from its cursor: live blocks as they
+/// commit, older ones (after a restart, or while it was behind) read back
+/// from the block store. Never blocks the core: a full queue waits for the
+/// next turn.
+struct BlockFeed<M> {
+    tx: SyncSender<M>,
     next: u64,
-    held: Option<crate::egress::HeightEvents>,
-    events: crate::egress::EventMaker,
+    held: Option<M>,
+    make: MakeItem<M>,
 }
 
-impl EgressFeed {
-    fn offer(&mut self, item: crate::egress::HeightEvents) -> bool {
+impl<M> BlockFeed<M> {
+    fn new(tx: SyncSender<M>, next: u64, make: MakeItem<M>) -> Self {
+        BlockFeed { tx, next, held: None, make }
+    }
+
+    fn offer(&mut self, item: M) -> bool {
         match self.tx.try_send(item) {
             Ok(()) => true,
             Err(TrySendError::Full(item)) => {
@@ -753,18 +798,18 @@ impl EgressFeed {
                 false
             }
             Err(TrySendError::Disconnected(_)) => {
-                self.next = u64::MAX; // the publisher stopped (logged there); a restart resumes
+                self.next = u64::MAX; // the thread stopped (logged there); a restart resumes
                 false
             }
         }
     }
 
-    fn on_commit(&mut self, block: &Block, cert: &CommitCert, outcome: &proto::BlockOutcome) {
+    fn on_commit(&mut self, block: &Arc<Block>, cert: &CommitCert, outcome: &proto::BlockOutcome) {
         if self.held.is_none() && self.next == block.header.height {
             let cert = (!cert.commits.is_empty()).then_some(cert);
-            let events = self.events.for_block(block, cert, Some(outcome));
+            let item = (self.make)(block, cert, Some(outcome));
             self.next += 1;
-            self.offer(events);
+            self.offer(item);
         }
     }
 
@@ -782,9 +827,9 @@ impl EgressFeed {
                 Some(pc) => Some(stored_cert(&b, Some(pc), wire)?),
                 None => None,
             };
-            let events = self.events.for_block(&b, cert.as_ref(), outcome.as_ref());
+            let item = (self.make)(&Arc::new(b), cert.as_ref(), outcome.as_ref());
             self.next += 1;
-            if !self.offer(events) {
+            if !self.offer(item) {
                 break;
             }
         }
@@ -1187,6 +1232,9 @@ fn core_loop(
         if let Some(e) = &mut cons.egress {
             e.catch_up(&store, &cons.wire)?;
         }
+        if let Some(m) = &mut cons.mirror {
+            m.catch_up(&store, &cons.wire)?;
+        }
         let s = node.stats();
         sh.stats.duplicates.store(s.duplicates, Ordering::Relaxed);
         sh.stats.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
@@ -1279,6 +1327,9 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
         }
         if let Some(e) = &mut cons.egress {
             e.on_commit(block, cert, outcome);
+        }
+        if let Some(m) = &mut cons.mirror {
+            m.on_commit(block, cert, outcome);
         }
     }
     for (block, _, outcome) in &commits {

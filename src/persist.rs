@@ -1,0 +1,315 @@
+//! Persistence: the PostgreSQL / CockroachDB mirror of the block store.
+//!
+//! A thread of its own (a single-threaded tokio runtime around
+//! tokio-postgres) receives committed blocks from the core in height order
+//! and writes them in batches, one transaction per batch: `blocks`,
+//! `transactions`, `anomalies` (multi-row `INSERT … SELECT FROM UNNEST(…)
+//! ON CONFLICT DO NOTHING`, so a replayed block changes nothing) and the
+//! `mirror_cursor` row. After each committed batch it writes the local
+//! cursor file (`mirror.cursor`) the core resumes from after a restart.
+//! Consensus never waits for it: the core's feed is bounded and non-blocking,
+//! and falls back to reading the block store while the mirror is behind. A
+//! database outage makes the thread retry the same batch with exponential
+//! backoff (`DB_RETRY_MIN` 100 ms to `DB_RETRY_MAX` 5 s); nothing is lost and
+//! the mirror catches up.
+//!
+//! Schema changes are versioned migrations (`migrations/*.sql`, embedded),
+//! applied in order by `cybermesh db migrate` and at startup, each recorded
+//! in `schema_migrations`.
+
+use crate::block::Block;
+use crate::event::{parse_payload, Payload};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+
+/// (version, name, SQL), in order.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+
+/// A committed block for the mirror, with the reasons of the txs the state
+/// machine refused (by index).
+#[derive(Debug, Clone)]
+pub struct MirrorBlock {
+    pub block: Arc<Block>,
+    pub rejected: Vec<(u32, String)>,
+}
+
+impl MirrorBlock {
+    pub fn new(block: Arc<Block>, outcome: Option<&crate::proto::BlockOutcome>) -> Self {
+        let rejected = outcome.map_or(vec![], |o| o.rejected.iter().map(|r| (r.index, r.reason.clone())).collect());
+        MirrorBlock { block, rejected }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    pub dsn: String,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// Most blocks written in one transaction.
+    pub batch_blocks: usize,
+    /// Validator set (id, key) for the `validators` table.
+    pub validators: Vec<(u32, crate::crypto::PublicKey)>,
+}
+
+/// What the mirror publishes for logs and metrics.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    pub height: AtomicU64,
+    pub rows: AtomicU64,
+    pub connected: AtomicBool,
+    pub failures: AtomicU64,
+}
+
+pub async fn connect(dsn: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(dsn, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies the migrations not yet recorded; returns the versions applied.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let mut applied = vec![];
+    for (version, name, sql) in MIGRATIONS {
+        let done = client.query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version]).await?;
+        if done.is_some() {
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await?;
+        tx.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", &[version, name]).await?;
+        tx.commit().await?;
+        applied.push(*version);
+    }
+    Ok(applied)
+}
+
+/// Writes `blocks` (consecutive heights) in one transaction; returns the
+/// rows inserted (0 for a batch already there).
+pub async fn write_batch(client: &mut Client, blocks: &[MirrorBlock]) -> Result<u64, tokio_postgres::Error> {
+    let mut b = BlockRows::default();
+    let mut t = TxRows::default();
+    let mut a = AnomalyRows::default();
+    for mb in blocks {
+        let blk = &mb.block;
+        let h = &blk.header;
+        let height = h.height as i64;
+        b.height.push(height);
+        b.hash.push(blk.hash().to_vec());
+        b.state_root.push(h.state_root.to_vec());
+        b.previous.push(h.previous_hash.to_vec());
+        b.ts.push(h.timestamp_ms as i64);
+        b.count.push(h.tx_count as i32);
+        b.proposer.push(h.proposer.to_vec());
+        b.view.push(h.view as i64);
+        for (i, tx) in blk.txs.iter().enumerate() {
+            let status = mb.rejected.iter().find(|(j, _)| *j == i as u32).map_or("applied", |(_, r)| r.as_str());
+            t.id.push(uuid::Uuid::from_bytes(tx.id));
+            t.height.push(height);
+            t.index.push(i as i32);
+            t.kind.push(tx.kind.name().to_string());
+            t.content_hash.push(tx.content_hash.to_vec());
+            t.payload.push(tx.payload.clone());
+            t.producer.push(tx.producer.to_vec());
+            t.nonce.push(tx.nonce.to_vec());
+            t.signature.push(tx.signature.to_vec());
+            t.ts.push(tx.timestamp_ms as i64);
+            t.status.push(status.to_string());
+            if status != "applied" {
+                continue;
+            }
+            if let Ok(Payload::Anomaly(p)) = parse_payload(tx.kind, &tx.payload) {
+                a.id.push(uuid::Uuid::from_bytes(tx.id));
+                a.kind.push(p.anomaly_type);
+                a.severity.push(p.severity as i32);
+                a.confidence.push(p.confidence);
+                a.source.push(p.source);
+                a.height.push(height);
+                a.created.push(std::time::UNIX_EPOCH + Duration::from_millis(h.timestamp_ms));
+            }
+        }
+    }
+    let top = blocks.last().map_or(0, |m| m.block.header.height as i64);
+    let tx = client.transaction().await?;
+    let mut rows = tx
+        .execute(
+            "INSERT INTO blocks (height, block_hash, state_root, previous_hash, timestamp_ms, tx_count, proposer_id, block_view)
+             SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[], $3::BYTEA[], $4::BYTEA[], $5::BIGINT[], $6::INT[], $7::BYTEA[], $8::BIGINT[])
+             ON CONFLICT (height) DO NOTHING",
+            &[&b.height, &b.hash, &b.state_root, &b.previous, &b.ts, &b.count, &b.proposer, &b.view],
+        )
+        .await?;
+    rows += tx
+        .execute(
+            "INSERT INTO transactions (tx_id, block_height, tx_index, tx_type, content_hash, payload, producer_id, nonce, signature, timestamp_ms, status)
+             SELECT * FROM UNNEST($1::UUID[], $2::BIGINT[], $3::INT[], $4::TEXT[], $5::BYTEA[], $6::BYTEA[], $7::BYTEA[], $8::BYTEA[], $9::BYTEA[], $10::BIGINT[], $11::TEXT[])
+             ON CONFLICT (tx_id) DO NOTHING",
+            &[&t.id, &t.height, &t.index, &t.kind, &t.content_hash, &t.payload, &t.producer, &t.nonce, &t.signature, &t.ts, &t.status],
+        )
+        .await?;
+    rows += tx
+        .execute(
+            "INSERT INTO anomalies (anomaly_id, anomaly_type, severity, confidence, source, block_height, created_at)
+             SELECT * FROM UNNEST($1::UUID[], $2::TEXT[], $3::INT[], $4::FLOAT8[], $5::TEXT[], $6::BIGINT[], $7::TIMESTAMPTZ[])
+             ON CONFLICT (anomaly_id) DO NOTHING",
+            &[&a.id, &a.kind, &a.severity, &a.confidence, &a.source, &a.height, &a.created],
+        )
+        .await?;
+    tx.execute("UPDATE mirror_cursor SET height = GREATEST(height, $1) WHERE id = 1", &[&top]).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+#[derive(Default)]
+struct BlockRows {
+    height: Vec<i64>,
+    hash: Vec<Vec<u8>>,
+    state_root: Vec<Vec<u8>>,
+    previous: Vec<Vec<u8>>,
+    ts: Vec<i64>,
+    count: Vec<i32>,
+    proposer: Vec<Vec<u8>>,
+    view: Vec<i64>,
+}
+
+#[derive(Default)]
+struct TxRows {
+    id: Vec<uuid::Uuid>,
+    height: Vec<i64>,
+    index: Vec<i32>,
+    kind: Vec<String>,
+    content_hash: Vec<Vec<u8>>,
+    payload: Vec<Vec<u8>>,
+    producer: Vec<Vec<u8>>,
+    nonce: Vec<Vec<u8>>,
+    signature: Vec<Vec<u8>>,
+    ts: Vec<i64>,
+    status: Vec<String>,
+}
+
+#[derive(Default)]
+struct AnomalyRows {
+    id: Vec<uuid::Uuid>,
+    kind: Vec<String>,
+    severity: Vec<i32>,
+    confidence: Vec<f64>,
+    source: Vec<String>,
+    height: Vec<i64>,
+    created: Vec<std::time::SystemTime>,
+}
+
+async fn upsert_validators(
+    client: &Client,
+    v: &[(u32, crate::crypto::PublicKey)],
+) -> Result<(), tokio_postgres::Error> {
+    for (id, key) in v {
+        client
+            .execute(
+                "INSERT INTO validators (validator_id, public_key, reputation, is_active, joined_view) VALUES ($1, $2, 1.0, TRUE, 0)
+                 ON CONFLICT (validator_id) DO UPDATE SET public_key = EXCLUDED.public_key, is_active = TRUE",
+                &[&(*id as i64), &key.to_vec()],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The persistence thread. Returns when `stop` is raised and everything
+/// received is written (or the database stays unreachable).
+pub fn mirror_loop(
+    cfg: MirrorConfig,
+    rx: std::sync::mpsc::Receiver<MirrorBlock>,
+    cursor_path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    stats: Arc<MirrorStats>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "persistence: cannot start its runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let mut client: Option<Client> = None;
+        let mut backoff = cfg.retry_min;
+        let mut batch: Vec<MirrorBlock> = Vec::new();
+        loop {
+            // Fill the batch (a failed batch is retried as it is).
+            if batch.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(b) => batch.push(b),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) if stop.load(Ordering::Relaxed) => return,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                while batch.len() < cfg.batch_blocks {
+                    match rx.try_recv() {
+                        Ok(b) => batch.push(b),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                stats.connected.store(false, Ordering::Relaxed);
+                match connect(&cfg.dsn).await {
+                    Ok(mut c) => {
+                        let ready = async {
+                            migrate(&mut c).await?;
+                            upsert_validators(&c, &cfg.validators).await
+                        };
+                        match ready.await {
+                            Ok(()) => {
+                                tracing::info!("persistence: connected to the database");
+                                stats.connected.store(true, Ordering::Relaxed);
+                                client = Some(c);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "persistence: database not ready");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "persistence: cannot connect to the database"),
+                }
+            }
+            let result = match client.as_mut() {
+                Some(c) => write_batch(c, &batch).await.map_err(|e| e.to_string()),
+                None => Err("not connected".to_string()),
+            };
+            match result {
+                Ok(rows) => {
+                    backoff = cfg.retry_min;
+                    let top = batch.last().map_or(0, |m| m.block.header.height);
+                    stats.height.store(top, Ordering::Relaxed);
+                    stats.rows.fetch_add(rows, Ordering::Relaxed);
+                    if let Err(e) = crate::runtime::write_atomically(&cursor_path, top.to_string().as_bytes()) {
+                        tracing::error!(error = %e, path = %cursor_path.display(), "persistence: cannot write its cursor");
+                    }
+                    tracing::debug!(height = top, blocks = batch.len(), rows, "mirrored");
+                    batch.clear();
+                }
+                Err(e) => {
+                    stats.failures.fetch_add(1, Ordering::Relaxed);
+                    if stop.load(Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "persistence: stopping with blocks not mirrored (the next start resumes)");
+                        return;
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "persistence: write failed; retrying");
+                    client = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(cfg.retry_max);
+                }
+            }
+        }
+    });
+}
