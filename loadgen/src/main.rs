@@ -50,7 +50,7 @@ struct LoadArgs {
 }
 
 /// The local cluster `devnet` and `sweep` start.
-#[derive(Parser, Clone)]
+#[derive(Parser, Clone, Default)]
 struct ClusterArgs {
     /// Validators (N ≥ 4 tolerates f = (N − 1) / 3 faults).
     #[arg(long, default_value_t = 4)]
@@ -64,6 +64,11 @@ struct ClusterArgs {
     /// Block build interval.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     build_interval: Duration,
+    /// Mirror validator 1's blocks into a fresh database on this PostgreSQL
+    /// (an admin DSN: a database is created per run) and report the
+    /// mirror's rows/s and lag.
+    #[arg(long)]
+    db_dsn: Option<String>,
 }
 
 impl LoadArgs {
@@ -331,7 +336,8 @@ fn single(load: LoadArgs, shards: usize, block_max_txs: usize, build_interval: &
 }
 
 fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(Results, f64)> {
-    let ClusterArgs { validators, shards, block_max_txs, build_interval } = *cluster;
+    let ClusterArgs { validators, shards, block_max_txs, build_interval, ref db_dsn } = *cluster;
+    let mirror_dsn = db_dsn.as_deref().map(fresh_database).transpose()?;
     let dir = tempfile::Builder::new().prefix("cybermesh-devnet-").tempdir()?;
     let opts = cybermesh::devnet::DevnetOptions {
         validators,
@@ -341,7 +347,12 @@ fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(
         mempool_max_txs: block_max_txs * 10,
         ..Default::default()
     };
-    let net = cybermesh::devnet::create(dir.path(), &opts, |_| {})?;
+    let net = cybermesh::devnet::create(dir.path(), &opts, |cfg| {
+        if let (Some(dsn), 1) = (&mirror_dsn, cfg.node.id) {
+            cfg.database.enabled = true;
+            cfg.database.dsn = dsn.clone();
+        }
+    })?;
     println!("measuring raw batch verification (one core, batch 256)...");
     let raw = raw_verify_rate();
     let n = if load.rate() == 0 { load.max_txs } else { (load.rate() as f64 * load.duration.as_secs_f64()) as usize };
@@ -377,13 +388,28 @@ fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(
         std::thread::sleep(Duration::from_millis(20));
     }
     let res = drive(streams, frames, &nonces, &load)?;
+    let mirror = match &mirror_dsn {
+        Some(dsn) => Some(wait_mirror(dsn, res.top_height)?),
+        None => None,
+    };
     drop(children);
+    if let (Some(admin), Some(dsn)) = (db_dsn, &mirror_dsn) {
+        drop_database(admin, dsn);
+    }
     let f = (validators - 1) / 3;
     let what = format!(
         "{validators}-validator devnet (PBFT, f = {f}, quorum {}), commits seen at validator 1",
         validators - f
     );
     report(&load, &res, raw, sign_rate, shards, &what);
+    if let Some((rows, lag)) = mirror {
+        let secs = res.elapsed.as_secs_f64() + lag.as_secs_f64();
+        println!(
+            "database mirror  : {rows} rows (blocks, transactions, anomalies) at {:.0} rows/s; caught up {:.0} ms after the last commit",
+            rows as f64 / secs,
+            lag.as_secs_f64() * 1000.0
+        );
+    }
     if keep {
         let p = dir.keep();
         println!("kept {}", p.display());
@@ -410,6 +436,8 @@ struct Results {
     blocks: u64,
     /// Txs committed a second time (a no-op; happens around view changes).
     repeats: u64,
+    /// Height of the last block seen.
+    top_height: u64,
 }
 
 /// Sends every frame to every stream (one writer thread each, as Kafka
@@ -466,8 +494,9 @@ fn drive(
     let committed = Arc::new(AtomicU64::new(0));
     let blocks = Arc::new(AtomicU64::new(0));
     let last_commit_ns = Arc::new(AtomicU64::new(0));
+    let top = Arc::new(AtomicU64::new(0));
     let r_stream = stream.try_clone()?;
-    let (c2, b2, l2) = (committed.clone(), blocks.clone(), last_commit_ns.clone());
+    let (c2, b2, l2, t2) = (committed.clone(), blocks.clone(), last_commit_ns.clone(), top.clone());
     let reader = std::thread::spawn(move || -> anyhow::Result<(Histogram<u64>, u64)> {
         let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let mut r = BufReader::with_capacity(1 << 20, r_stream);
@@ -493,6 +522,7 @@ fn drive(
             }
             c2.fetch_add(n_ok, Ordering::Relaxed);
             b2.fetch_add(1, Ordering::Relaxed);
+            t2.fetch_max(c.height, Ordering::Relaxed);
             l2.store(now, Ordering::Relaxed);
         }
         Ok((hist, repeats))
@@ -547,6 +577,7 @@ fn drive(
         hist,
         blocks: blocks.load(Ordering::Relaxed),
         repeats,
+        top_height: top.load(Ordering::Relaxed),
     })
 }
 
@@ -744,4 +775,54 @@ fn kafka(brokers: &str, count: usize, payload: usize, shards: usize, block_max_t
         rate / raw
     );
     Ok(())
+}
+
+/// Creates a fresh database on the PostgreSQL `admin` points at; returns its DSN.
+fn fresh_database(admin: &str) -> anyhow::Result<String> {
+    let db = format!("loadgen_{}", uuid::Uuid::new_v4().simple());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let c = cybermesh::persist::connect(admin).await.context("connecting with --db-dsn")?;
+        c.batch_execute(&format!("CREATE DATABASE {db}")).await.context("creating the mirror database")
+    })?;
+    let (base, _) = admin.rsplit_once('/').context("--db-dsn must end with /<database>")?;
+    Ok(format!("{base}/{db}"))
+}
+
+/// Waits until the mirror holds `height`; returns its row count and how long
+/// after the call it got there.
+fn wait_mirror(dsn: &str, height: u64) -> anyhow::Result<(u64, Duration)> {
+    let t = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let c = cybermesh::persist::connect(dsn).await?;
+        loop {
+            let h: i64 = c.query_one("SELECT height FROM mirror_cursor WHERE id = 1", &[]).await?.get(0);
+            if h as u64 >= height {
+                let lag = t.elapsed();
+                let n: i64 = c
+                    .query_one(
+                        "SELECT (SELECT count(*) FROM blocks) + (SELECT count(*) FROM transactions) + (SELECT count(*) FROM anomalies)",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                return Ok((n as u64, lag));
+            }
+            if t.elapsed() > Duration::from_secs(300) {
+                anyhow::bail!("the mirror reached height {h} of {height} within 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+/// Drops the per-run database again (best effort).
+fn drop_database(admin: &str, dsn: &str) {
+    let Some((_, db)) = dsn.rsplit_once('/') else { return };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+    let _ = rt.block_on(async {
+        let c = cybermesh::persist::connect(admin).await?;
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await
+    });
 }
