@@ -1055,6 +1055,17 @@ impl Config {
                 "set DB_DSN=postgresql://user:pass@host:5432/cybermesh or ENABLE_PERSISTENCE=false",
             ));
         }
+        if c.database.enabled && !c.database.dsn.is_empty() {
+            match crate::persist::split_tls(&c.database.dsn) {
+                Err(why) => e.push(err("DB_DSN (database.dsn)", why, "see README \"Database mirror\"")),
+                Ok(t) if c.database.tls && t.verify_full_ca.is_none() => e.push(err(
+                    "DB_TLS / DB_DSN",
+                    "DB_TLS=true but DB_DSN does not ask for a verified TLS connection",
+                    "add sslmode=verify-full&sslrootcert=/path/to/ca.pem to DB_DSN",
+                )),
+                Ok(_) => {}
+            }
+        }
         let mech = c.kafka.sasl_mechanism.to_ascii_uppercase();
         if !["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&mech.as_str()) {
             e.push(err(

@@ -62,8 +62,33 @@ pub struct MirrorStats {
     pub failures: AtomicU64,
 }
 
-pub async fn connect(dsn: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(dsn, NoTls).await?;
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database settings: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// An error with its causes ("…: …"), for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// Connects (TLS per `split_tls`).
+pub async fn connect(dsn: &str) -> Result<Client, DbError> {
+    let t = split_tls(dsn).map_err(DbError::Config)?;
+    if let Some(ca) = &t.verify_full_ca {
+        return connect_tls(&t.dsn, ca).await;
+    }
+    let (client, connection) = tokio_postgres::connect(&t.dsn, NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "database connection closed");
@@ -275,15 +300,17 @@ pub fn mirror_loop(
                                 client = Some(c);
                             }
                             Err(e) => {
-                                tracing::warn!(error = %e, "persistence: database not ready");
+                                tracing::warn!(error = %error_chain(&e), "persistence: database not ready");
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "persistence: cannot connect to the database"),
+                    Err(e) => {
+                        tracing::warn!(error = %error_chain(&e), retry_in = ?backoff, "persistence: cannot connect to the database")
+                    }
                 }
             }
             let result = match client.as_mut() {
-                Some(c) => write_batch(c, &batch).await.map_err(|e| e.to_string()),
+                Some(c) => write_batch(c, &batch).await.map_err(|e| error_chain(&e)),
                 None => Err("not connected".to_string()),
             };
             match result {
@@ -312,4 +339,104 @@ pub fn mirror_loop(
             }
         }
     });
+}
+
+/// A DSN with TLS settings split out: `sslmode=verify-full` with
+/// `sslrootcert=<PEM file>` (URL query or key=value form) means TLS with
+/// the server's chain checked against that CA and its name against the
+/// host; the rest goes to tokio-postgres as is.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DsnTls {
+    pub dsn: String,
+    pub verify_full_ca: Option<String>,
+}
+
+pub fn split_tls(dsn: &str) -> Result<DsnTls, String> {
+    let mut mode = None;
+    let mut root = None;
+    let rest = if let Some((base, query)) = dsn.split_once('?').filter(|_| dsn.contains("://")) {
+        let mut keep = vec![];
+        for kv in query.split('&') {
+            match kv.split_once('=') {
+                Some(("sslmode", v)) => mode = Some(v.to_string()),
+                Some(("sslrootcert", v)) => root = Some(v.to_string()),
+                _ => keep.push(kv),
+            }
+        }
+        if keep.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", keep.join("&"))
+        }
+    } else if dsn.contains("://") {
+        dsn.to_string()
+    } else {
+        let mut keep = vec![];
+        for kv in dsn.split_whitespace() {
+            match kv.split_once('=') {
+                Some(("sslmode", v)) => mode = Some(v.to_string()),
+                Some(("sslrootcert", v)) => root = Some(v.to_string()),
+                _ => keep.push(kv),
+            }
+        }
+        keep.join(" ")
+    };
+    match mode.as_deref() {
+        None | Some("disable") => Ok(DsnTls { dsn: rest, verify_full_ca: None }),
+        Some("verify-full") => match root {
+            Some(r) => Ok(DsnTls { dsn: rest, verify_full_ca: Some(r) }),
+            None => Err("sslmode=verify-full needs sslrootcert=<CA PEM file> in DB_DSN".into()),
+        },
+        Some(other) => Err(format!(
+            "sslmode={other} is not supported: use sslmode=verify-full with sslrootcert=<CA PEM file> (or no sslmode for a plain connection)"
+        )),
+    }
+}
+
+async fn connect_tls(dsn: &str, ca: &str) -> Result<Client, DbError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let bad = |e: &dyn std::fmt::Display| DbError::Config(format!("sslrootcert {ca}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
+        roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DbError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut cfg: tokio_postgres::Config = dsn.parse()?;
+    cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, connection) = cfg.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_settings_are_split_from_both_dsn_forms() {
+        let url = "postgresql://u:p@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem&application_name=v";
+        assert_eq!(
+            split_tls(url).unwrap(),
+            DsnTls {
+                dsn: "postgresql://u:p@db:5432/x?application_name=v".into(),
+                verify_full_ca: Some("/ca.pem".into())
+            }
+        );
+        let kv = "host=db user=u sslmode=verify-full sslrootcert=/ca.pem dbname=x";
+        assert_eq!(
+            split_tls(kv).unwrap(),
+            DsnTls { dsn: "host=db user=u dbname=x".into(), verify_full_ca: Some("/ca.pem".into()) }
+        );
+        assert_eq!(split_tls("postgresql://u@h/x").unwrap().verify_full_ca, None);
+        assert!(split_tls("postgresql://u@h/x?sslmode=verify-full").unwrap_err().contains("sslrootcert"));
+        assert!(split_tls("postgresql://u@h/x?sslmode=require").unwrap_err().contains("not supported"));
+    }
 }

@@ -186,3 +186,42 @@ fn database_outage_under_load_loses_nothing_and_the_mirror_catches_up() {
     assert_eq!(query(&direct, "SELECT count(*) FROM blocks"), h2.to_string());
     assert!(v.terminate().success());
 }
+
+/// `sslmode=verify-full`: the mirror talks TLS to PostgreSQL, checking its
+/// certificate (Debian's, made for "localhost") against `sslrootcert`; with
+/// another CA it refuses to connect and mirrors nothing.
+#[test]
+fn mirror_over_tls_verify_full() {
+    let ca = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    assert!(std::path::Path::new(ca).exists(), "PostgreSQL's certificate {ca} (Debian's ssl-cert)");
+    let plain = fresh_db(pg_port());
+    let db = plain.rsplit_once('/').unwrap().1.to_string();
+    let tls =
+        format!("postgresql://cybermesh:cybermesh@localhost:{}/{db}?sslmode=verify-full&sslrootcert={ca}", pg_port());
+
+    // Another CA: refused.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap().cert.pem()).unwrap();
+    let s = Setup::single("");
+    let v = start(&s, &tls.replace(ca, other.to_str().unwrap()));
+    let mut c = v.connect();
+    send(&mut c, &s, 0..20);
+    let e = wait_log(&v, "persistence: cannot connect to the database", Duration::from_secs(60));
+    assert!(e["fields"]["error"].as_str().unwrap().to_lowercase().contains("certificate"), "{e}");
+    assert!(v.terminate().success());
+    assert_eq!(query(&plain, "SELECT count(*) FROM pg_tables WHERE tablename = 'blocks'"), "0", "nothing written");
+
+    // The right CA: mirrored, over TLS.
+    let v = start(&s, &tls);
+    let mut c = v.connect();
+    let top = send(&mut c, &s, 20..60);
+    wait_mirrored(&v, top);
+    assert_eq!(query(&plain, "SELECT count(*) FROM transactions"), "60");
+    let ssl = query(
+        &plain,
+        &format!("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{db}' AND s.ssl AND a.pid <> pg_backend_pid()"),
+    );
+    assert_ne!(ssl, "0", "the validator's connection uses TLS");
+    assert!(v.terminate().success());
+}

@@ -823,6 +823,6 @@ fn drop_database(admin: &str, dsn: &str) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
     let _ = rt.block_on(async {
         let c = cybermesh::persist::connect(admin).await?;
-        c.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await.map_err(cybermesh::persist::DbError::from)
     });
 }
