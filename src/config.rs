@@ -376,6 +376,9 @@ pub struct SecretsConfig {
     pub secret_key: String,
     pub jwt_secret: String,
     pub audit_signing_key: String,
+    /// AUDIT_LOG_PATH: the audit log (default `<data_dir>/audit.jsonl`);
+    /// written when AUDIT_SIGNING_KEY is set.
+    pub audit_log_path: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -605,6 +608,7 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("SECRET_KEY", |c, v| Ok(c.secrets.secret_key = v.into())),
     ("JWT_SECRET", |c, v| Ok(c.secrets.jwt_secret = v.into())),
     ("AUDIT_SIGNING_KEY", |c, v| Ok(c.secrets.audit_signing_key = v.into())),
+    ("AUDIT_LOG_PATH", |c, v| Ok(c.secrets.audit_log_path = v.trim().into())),
     ("LOG_LEVEL", |c, v| Ok(c.log.level = v.trim().into())),
 ];
 

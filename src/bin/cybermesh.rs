@@ -41,6 +41,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DbCmd,
     },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     #[command(hide = true)]
     Debug {
         #[command(subcommand)]
@@ -65,6 +70,17 @@ enum StoreCmd {
     Check {
         #[arg(long)]
         data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check an audit log's HMAC chain; names the first bad line.
+    Verify {
+        file: PathBuf,
+        /// The HMAC key (as AUDIT_SIGNING_KEY: hex, or raw text).
+        #[arg(long, env = "AUDIT_SIGNING_KEY", hide_env_values = true)]
+        key: String,
     },
 }
 
@@ -108,6 +124,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { config } => cybermesh::runtime::run_blocking(config.as_deref()),
+        Cmd::Audit { cmd: AuditCmd::Verify { file, key } } => {
+            let (n, _) = cybermesh::audit::verify(&file, &cybermesh::audit::key_from(&key))?;
+            println!("audit log OK: {n} records, chain and MACs verified");
+            Ok(())
+        }
         Cmd::Db { cmd: DbCmd::Migrate { config } } => {
             let c = Config::load(config.as_deref())?;
             if c.database.dsn.is_empty() {

@@ -496,6 +496,28 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         }),
         _ => None,
     };
+    let mut audit = if c.secrets.audit_signing_key.is_empty() {
+        None
+    } else {
+        let path = match c.secrets.audit_log_path.as_str() {
+            "" => c.node.data_dir.join("audit.jsonl"),
+            p => std::path::PathBuf::from(p),
+        };
+        let log = crate::audit::AuditLog::open(&path, crate::audit::key_from(&c.secrets.audit_signing_key))
+            .context("opening the audit log (a log that does not verify is not extended; `cybermesh audit verify` names the bad line)")?;
+        tracing::info!(path = %path.display(), "audit log");
+        Some(log)
+    };
+    if let Some(a) = &mut audit {
+        let fields = serde_json::json!({
+            "validator": c.node.id,
+            "config_hash": hex::encode(c.consensus_fingerprint()),
+            "height": store.height(),
+            "validators": n,
+        });
+        a.record(now_ms(), "start", fields)?;
+        a.flush()?;
+    }
     let cons = Consensus {
         log: clog,
         net,
@@ -509,6 +531,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         egress: egress_feed,
         mirror: mirror_feed,
         tracker: shared.tracker.clone(),
+        audit,
+        me: me_rid,
     };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
@@ -767,6 +791,19 @@ struct Consensus {
     mirror: Option<BlockFeed<crate::persist::MirrorBlock>>,
     /// Kafka source: committed txs finish their messages.
     tracker: Option<Arc<OffsetTracker>>,
+    /// The HMAC-chained audit log (AUDIT_SIGNING_KEY set).
+    audit: Option<crate::audit::AuditLog>,
+    /// This validator's replica id (to recognise its own proposals).
+    me: Rid,
+}
+
+impl Consensus {
+    fn audit(&mut self, event: &str, fields: serde_json::Value) -> anyhow::Result<()> {
+        if let Some(a) = &mut self.audit {
+            a.record(now_ms(), event, fields).context("writing the audit log")?;
+        }
+        Ok(())
+    }
 }
 
 /// Builds what a downstream thread needs from a stored block (its commit
@@ -1136,6 +1173,8 @@ fn core_loop(
 ) -> anyhow::Result<()> {
     let mut out: Vec<Output> = Vec::new();
     let mut last_log = now_ms();
+    // Quarantined validators already in the audit log.
+    let mut quarantined: Vec<Rid> = node.reputation().quarantined().collect();
     loop {
         let now = now_ms();
         let mut worked = false;
@@ -1243,6 +1282,18 @@ fn core_loop(
         if sh.stats.view.swap(view, Ordering::Relaxed) != view {
             let primary = cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0);
             tracing::info!(view, primary, height = node.height(), "view changed");
+            cons.audit("view_change", serde_json::json!({"view": view, "primary": primary, "height": node.height()}))?;
+        }
+        if cons.audit.is_some() {
+            let q: Vec<Rid> = node.reputation().quarantined().collect();
+            for r in q.iter().filter(|r| !quarantined.contains(r)) {
+                let validator = cons.ids.get(*r).copied().unwrap_or(0);
+                cons.audit("quarantine", serde_json::json!({"validator": validator, "height": node.height()}))?;
+            }
+            quarantined = q;
+            if worked {
+                cons.audit.as_mut().expect("checked").flush()?;
+            }
         }
         if now >= last_log + 5000 {
             last_log = now;
@@ -1295,13 +1346,22 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             }
             Output::Broadcast(m) => {
                 cons.flush()?;
+                if let Message::PrePrepare(p) = &m {
+                    if p.from == cons.me && cons.audit.is_some() {
+                        let b = &p.body;
+                        let fields = serde_json::json!({"view": b.view, "seq": b.seq, "digest": hex::encode(b.digest)});
+                        cons.audit("proposal", fields)?;
+                    }
+                }
                 cons.broadcast(&m);
             }
             Output::ServeFetch { to, from_seq } => serve_fetch(store, cons, to, from_seq)?,
             Output::Commit { block, cert, receipts: _, outcome } => commits.push((block, cert, outcome)),
             Output::Evidence { culprit, what } => {
                 sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(validator = cons.ids.get(culprit).copied().unwrap_or(0), what, "validator misbehaviour");
+                let validator = cons.ids.get(culprit).copied().unwrap_or(0);
+                tracing::warn!(validator, what, "validator misbehaviour");
+                cons.audit("misbehaviour", serde_json::json!({"validator": validator, "what": what}))?;
             }
         }
     }
@@ -1334,6 +1394,18 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     }
     for (block, _, outcome) in &commits {
         let rejected = outcome.rejected.len();
+        if cons.audit.is_some() {
+            let h = &block.header;
+            let fields = serde_json::json!({
+                "height": h.height,
+                "hash": hex::encode(block.hash()),
+                "view": h.view,
+                "txs": block.txs.len(),
+                "rejected": rejected,
+                "state_root": hex::encode(h.state_root),
+            });
+            cons.audit("commit", fields)?;
+        }
         sh.stats.height.store(block.header.height, Ordering::Relaxed);
         sh.stats.committed_txs.fetch_add(block.txs.len() as u64, Ordering::Relaxed);
         tracing::debug!(
