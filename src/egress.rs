@@ -331,6 +331,9 @@ pub fn read_cursor(path: &std::path::Path) -> std::io::Result<u64> {
 pub struct Acks {
     state: std::sync::Mutex<(std::collections::BTreeMap<u64, usize>, std::collections::BTreeSet<u64>)>,
     failed: std::sync::atomic::AtomicBool,
+    /// When each height's events were sent, for `kafka_produce_latency_ms`.
+    sent: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+    latency: Option<prometheus::Histogram>,
 }
 
 impl rdkafka::ClientContext for Acks {}
@@ -347,6 +350,9 @@ impl rdkafka::producer::ProducerContext for Acks {
                     if *n == 0 {
                         g.0.remove(&h);
                         g.1.insert(h);
+                        if let (Some(t), Some(l)) = (self.sent.lock().expect("sent lock").remove(&h), &self.latency) {
+                            l.observe(t.elapsed().as_secs_f64() * 1000.0);
+                        }
                     }
                 }
             }
@@ -369,6 +375,7 @@ pub fn publish_loop(
     cursor_path: std::path::PathBuf,
     mut cursor: u64,
     stop: &std::sync::atomic::AtomicBool,
+    latency: prometheus::Histogram,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -379,7 +386,7 @@ pub fn publish_loop(
         .set("acks", "all")
         .set("message.timeout.ms", "0")
         .set("linger.ms", "2")
-        .create_with_context(Acks::default())
+        .create_with_context(Acks { latency: Some(latency), ..Acks::default() })
         .context("creating the event producer")?;
     let mut written = cursor;
     let mut last_write = std::time::Instant::now();
@@ -392,6 +399,7 @@ pub fn publish_loop(
         if let Ok(batch) = got {
             let height = batch.height;
             producer.context().state.lock().expect("acks lock").0.insert(height, batch.events.len());
+            producer.context().sent.lock().expect("sent lock").insert(height, std::time::Instant::now());
             for ev in &batch.events {
                 let mut record =
                     BaseRecord::with_opaque_to(&ev.topic, height as usize).payload(&ev.payload[..]).key(&ev.key);

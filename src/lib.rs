@@ -6,6 +6,7 @@
 //! wired on threads by `runtime`; `node` is the sans-I/O core that owns the
 //! mempool, the builder and the state machine.
 
+pub mod api;
 pub mod audit;
 pub mod block;
 pub mod config;

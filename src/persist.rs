@@ -257,6 +257,7 @@ pub fn mirror_loop(
     cursor_path: std::path::PathBuf,
     stop: Arc<AtomicBool>,
     stats: Arc<MirrorStats>,
+    latency: prometheus::Histogram,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -309,10 +310,14 @@ pub fn mirror_loop(
                     }
                 }
             }
+            let t = std::time::Instant::now();
             let result = match client.as_mut() {
                 Some(c) => write_batch(c, &batch).await.map_err(|e| error_chain(&e)),
                 None => Err("not connected".to_string()),
             };
+            if result.is_ok() {
+                latency.observe(t.elapsed().as_secs_f64() * 1000.0);
+            }
             match result {
                 Ok(rows) => {
                     backoff = cfg.retry_min;

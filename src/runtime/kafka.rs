@@ -75,6 +75,10 @@ pub(super) fn consumer_loop(consumer: BaseConsumer, tracker: Arc<OffsetTracker>,
                 }
             };
             sh.stats.received.fetch_add(1, Ordering::Relaxed);
+            if let Some(ts) = m.timestamp().to_millis() {
+                let age = super::now_ms().saturating_sub(ts.max(0) as u64);
+                sh.stats.latencies.kafka_consume.observe(age as f64);
+            }
             let topic = topics.entry(m.topic().to_string()).or_insert_with(|| m.topic().into()).clone();
             let pos = SourcePos { topic: topic.clone(), partition: m.partition(), offset: m.offset() };
             let payload = m.payload().unwrap_or_default();
@@ -118,6 +122,7 @@ pub(super) fn consumer_loop(consumer: BaseConsumer, tracker: Arc<OffsetTracker>,
         if last_commit.elapsed() >= COMMIT_EVERY {
             last_commit = Instant::now();
             commit(&consumer, &tracker, CommitMode::Async);
+            sh.stats.kafka_unfinished.store(tracker.unfinished() as u64, Ordering::Relaxed);
         }
     }
 }

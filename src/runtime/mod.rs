@@ -70,6 +70,18 @@ pub struct RuntimeStats {
     pub evidence: AtomicU64,
     /// The database mirror's progress.
     pub mirror: Arc<crate::persist::MirrorStats>,
+    pub genesis_done: AtomicBool,
+    /// Validators (others) heard from in the last 5 s.
+    pub peers_connected: AtomicU64,
+    /// Validator id leading the current view.
+    pub leader: AtomicU64,
+    pub view_changes: AtomicU64,
+    pub blocks_committed: AtomicU64,
+    /// Kafka messages consumed and not finished.
+    pub kafka_unfinished: AtomicU64,
+    /// Batches waiting in the verify shards' input rings.
+    pub ring_occupancy: AtomicU64,
+    pub latencies: Arc<crate::api::Latencies>,
 }
 
 type CommitSubscribers = Mutex<Vec<SyncSender<Arc<Vec<u8>>>>>;
@@ -364,8 +376,9 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             .with_context(|| format!("reading the commit-event cursor {}", cursor_path.display()))?;
         let (tx, rx) = sync_channel::<crate::egress::HeightEvents>(1024);
         let (kc, st) = (c.kafka.clone(), stop.clone());
+        let lat = stats.latencies.kafka_produce.clone();
         let handle = std::thread::Builder::new().name("egress".into()).spawn(move || {
-            if let Err(e) = crate::egress::publish_loop(&kc, rx, cursor_path, cursor, &st) {
+            if let Err(e) = crate::egress::publish_loop(&kc, rx, cursor_path, cursor, &st, lat) {
                 tracing::error!(error = %format!("{e:#}"), "commit-event publisher stopped");
             }
         })?;
@@ -392,10 +405,10 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             batch_blocks: 256,
             validators: v.validators.iter().map(|(id, k)| (*id, *k)).collect(),
         };
-        let (st, ms) = (stop.clone(), stats.mirror.clone());
+        let (st, ms, lat) = (stop.clone(), stats.mirror.clone(), stats.latencies.persistence.clone());
         let handle = std::thread::Builder::new()
             .name("persist".into())
-            .spawn(move || crate::persist::mirror_loop(mcfg, rx, cursor_path, st, ms))?;
+            .spawn(move || crate::persist::mirror_loop(mcfg, rx, cursor_path, st, ms, lat))?;
         tracing::info!(cursor, "mirroring blocks to the database");
         let next = (cursor + 1).max(store.base_height() + 1);
         let make: MakeItem<_> = Box::new(|b, _, outcome| crate::persist::MirrorBlock::new(b.clone(), outcome));
@@ -403,6 +416,25 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     } else {
         (None, None)
     };
+
+    // HTTP API and metrics (ENABLE_API): a thread reading published stats.
+    if c.api.enabled {
+        if c.api.tls_enabled {
+            bail!("API_TLS_ENABLED=true is not supported by this build: terminate TLS in front of the API (a reverse proxy) and bind API_LISTEN_ADDR to loopback");
+        }
+        let server = tiny_http::Server::http(&c.api.listen)
+            .map_err(|e| anyhow::anyhow!("binding the HTTP API on {} (API_LISTEN_ADDR): {e}", c.api.listen))?;
+        let addr = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_default();
+        let info = crate::api::StaticInfo { validator: c.node.id, validators: n, quorum: params.q() };
+        let (st, sp) = (stats.clone(), stop.clone());
+        let lat = stats.latencies.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || crate::api::serve(server, info, st, lat, sp))?,
+        );
+        tracing::info!(addr = %addr, "HTTP API listening");
+    }
 
     // Network (N > 1): QUIC to every other validator; incoming messages
     // ring the core's doorbell.
@@ -1175,6 +1207,8 @@ fn core_loop(
     let mut last_log = now_ms();
     // Quarantined validators already in the audit log.
     let mut quarantined: Vec<Rid> = node.reputation().quarantined().collect();
+    // When each peer was last heard from (p2p_peers_connected, /ready).
+    let mut last_heard: std::collections::HashMap<u32, u64> = Default::default();
     loop {
         let now = now_ms();
         let mut worked = false;
@@ -1218,6 +1252,7 @@ fn core_loop(
         {
             for (from, bytes) in msgs {
                 worked = true;
+                last_heard.insert(from, now);
                 let Some(rid) = cons.rid_of(from) else { continue };
                 match wire::decode_frame(&bytes, &cons.wire) {
                     Ok(Frame::Pbft(m)) if started => node.on_message(now, rid, m, &mut out),
@@ -1279,7 +1314,16 @@ fn core_loop(
         sh.stats.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
         sh.stats.mempool_bytes.store(node.mempool_bytes() as u64, Ordering::Relaxed);
         let view = node.replica().view();
+        sh.stats.genesis_done.store(started, Ordering::Relaxed);
+        sh.stats
+            .leader
+            .store(cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0) as u64, Ordering::Relaxed);
+        sh.stats
+            .peers_connected
+            .store(last_heard.values().filter(|&&t| now < t + 5000).count() as u64, Ordering::Relaxed);
+        sh.stats.ring_occupancy.store(sh.shard_in.iter().map(|r| r.len() as u64).sum(), Ordering::Relaxed);
         if sh.stats.view.swap(view, Ordering::Relaxed) != view {
+            sh.stats.view_changes.fetch_add(1, Ordering::Relaxed);
             let primary = cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0);
             tracing::info!(view, primary, height = node.height(), "view changed");
             cons.audit("view_change", serde_json::json!({"view": view, "primary": primary, "height": node.height()}))?;
@@ -1394,6 +1438,8 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     }
     for (block, _, outcome) in &commits {
         let rejected = outcome.rejected.len();
+        sh.stats.blocks_committed.fetch_add(1, Ordering::Relaxed);
+        sh.stats.latencies.consensus_round.observe(now_ms().saturating_sub(block.header.timestamp_ms) as f64);
         if cons.audit.is_some() {
             let h = &block.header;
             let fields = serde_json::json!({

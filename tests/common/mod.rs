@@ -66,6 +66,8 @@ pub struct Validator {
     pub recovered_height: u64,
     /// Messages of the log events up to "direct source listening".
     pub startup: Vec<String>,
+    /// Those events, whole.
+    pub startup_events: Vec<serde_json::Value>,
 }
 
 fn spawn_log_reader(stderr: ChildStderr) -> Receiver<serde_json::Value> {
@@ -99,17 +101,19 @@ impl Validator {
         let logs = spawn_log_reader(child.stderr.take().unwrap());
         let mut recovered_height = 0;
         let mut startup = vec![];
+        let mut startup_events = vec![];
         // Wait for the events that say it is up (bounded).
         loop {
             let v = logs.recv_timeout(Duration::from_secs(60)).expect("validator did not start within 60 s");
             let msg = v["fields"]["message"].as_str().unwrap_or("");
             startup.push(msg.to_string());
+            startup_events.push(v.clone());
             if msg == "block store recovered" {
                 recovered_height = v["fields"]["height"].as_u64().unwrap();
             }
             if msg == "direct source listening" {
                 let addr = v["fields"]["addr"].as_str().unwrap().parse().unwrap();
-                return Validator { child, addr, logs, recovered_height, startup };
+                return Validator { child, addr, logs, recovered_height, startup, startup_events };
             }
         }
     }

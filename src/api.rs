@@ -1,0 +1,221 @@
+//! HTTP API and Prometheus metrics, on a thread of their own (tiny_http).
+//! They read what the other stages publish: atomics in `RuntimeStats` and
+//! lock-free histograms, never a lock the hot path takes.
+//!
+//! * `GET /health`: the process is up (200).
+//! * `GET /ready`: 200 once genesis is done and a quorum of validators
+//!   (this one included) was heard from in the last 5 s; else 503 with why.
+//! * `GET /status`: height, view, leader, peers, mempool, mirror (JSON).
+//! * `GET /metrics`: Prometheus text format (names in the manual's style).
+//!
+//! Errors are JSON `{"error": "..."}` with the status code.
+
+use crate::runtime::RuntimeStats;
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Latency histograms observed by the stages (milliseconds).
+pub struct Latencies {
+    /// Block timestamp (the proposal's) to commit at this validator.
+    pub consensus_round: Histogram,
+    /// One mirror batch (transaction) in the database.
+    pub persistence: Histogram,
+    /// Kafka message timestamp to consumed by this validator.
+    pub kafka_consume: Histogram,
+    /// Commit-event batch: sent to acknowledged by the broker.
+    pub kafka_produce: Histogram,
+}
+
+fn ms_histogram(name: &str, help: &str) -> Histogram {
+    let buckets = vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            consensus_round: ms_histogram(
+                "consensus_round_latency_ms",
+                "Time from a block's proposal timestamp to its commit here",
+            ),
+            persistence: ms_histogram("persistence_latency_ms", "Time to write one mirror batch"),
+            kafka_consume: ms_histogram("kafka_consume_latency_ms", "Kafka message timestamp to consumed"),
+            kafka_produce: ms_histogram("kafka_produce_latency_ms", "Commit events sent to acknowledged"),
+        }
+    }
+}
+
+/// What does not change while the validator runs.
+#[derive(Debug, Clone)]
+pub struct StaticInfo {
+    pub validator: u32,
+    pub validators: usize,
+    pub quorum: usize,
+}
+
+struct Gauges {
+    registry: Registry,
+    view: IntGauge,
+    height: IntGauge,
+    leader: IntGauge,
+    quorum: IntGauge,
+    validators: IntGauge,
+    view_changes: IntGauge,
+    blocks: IntGauge,
+    committed_txs: IntGauge,
+    mempool_size: IntGauge,
+    mempool_bytes: IntGauge,
+    peers: IntGauge,
+    db_connections: IntGauge,
+    mirror_height: IntGauge,
+    kafka_lag: IntGauge,
+    evidence: IntGauge,
+    received: IntGauge,
+    rejected: IntCounterVec,
+    rings: IntGauge,
+}
+
+impl Gauges {
+    fn new(l: &Latencies) -> prometheus::Result<Gauges> {
+        let registry = Registry::new();
+        let g = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let rejected =
+            IntCounterVec::new(Opts::new("ingest_rejected_total", "Inputs sent to the DLQ, by reason"), &["reason"])?;
+        registry.register(Box::new(rejected.clone()))?;
+        for h in [&l.consensus_round, &l.persistence, &l.kafka_consume, &l.kafka_produce] {
+            registry.register(Box::new(h.clone()))?;
+        }
+        Ok(Gauges {
+            view: g("consensus_view", "Current view")?,
+            height: g("consensus_height", "Height of the last committed block")?,
+            leader: g("consensus_leader_id", "Validator id leading the current view")?,
+            quorum: g("consensus_quorum_size", "Votes needed (N - f)")?,
+            validators: g("consensus_validator_count", "Validators in the set")?,
+            view_changes: g("consensus_view_changes_total", "View changes seen by this validator")?,
+            blocks: g("consensus_blocks_committed", "Blocks committed since start")?,
+            committed_txs: g("consensus_committed_txs_total", "Transactions committed since start")?,
+            mempool_size: g("mempool_size", "Transactions in the mempool")?,
+            mempool_bytes: g("mempool_bytes", "Bytes in the mempool")?,
+            peers: g("p2p_peers_connected", "Validators heard from in the last 5 s")?,
+            db_connections: g("database_connections_active", "Open mirror connections")?,
+            mirror_height: g("persistence_height", "Highest height mirrored to the database")?,
+            kafka_lag: g("kafka_consumer_lag", "Kafka messages consumed and not yet finished")?,
+            evidence: g("consensus_misbehaviour_total", "Misbehaviour reports with proof")?,
+            received: g("ingest_received_total", "Inputs received from the sources")?,
+            rings: g("ring_occupancy_batches", "Batches waiting in the verify shards' input rings")?,
+            rejected,
+            registry,
+        })
+    }
+}
+
+fn json_response(code: u16, body: serde_json::Value) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
+    let header = tiny_http::Header::from_bytes("Content-Type", "application/json").expect("static header");
+    tiny_http::Response::from_data(body.to_string().into_bytes()).with_status_code(code).with_header(header)
+}
+
+/// Serves until `stop` is raised.
+pub fn serve(
+    server: tiny_http::Server,
+    info: StaticInfo,
+    stats: Arc<RuntimeStats>,
+    latencies: Arc<Latencies>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let gauges = match Gauges::new(&latencies) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(error = %e, "metrics registry");
+            return;
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let req = match server.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "API: accept failed");
+                continue;
+            }
+        };
+        let path = req.url().split('?').next().unwrap_or("").to_string();
+        let s = &stats;
+        let ready_problems = || {
+            let mut why = vec![];
+            if !s.genesis_done.load(Ordering::Relaxed) {
+                why.push("genesis not complete".to_string());
+            }
+            let heard = s.peers_connected.load(Ordering::Relaxed) as usize + 1;
+            if heard < info.quorum {
+                why.push(format!("{heard} of {} validators reachable, quorum is {}", info.validators, info.quorum));
+            }
+            why
+        };
+        let resp = match (req.method(), path.as_str()) {
+            (tiny_http::Method::Get, "/health") => json_response(200, serde_json::json!({"status": "ok"})),
+            (tiny_http::Method::Get, "/ready") => match ready_problems() {
+                p if p.is_empty() => json_response(200, serde_json::json!({"ready": true})),
+                p => json_response(503, serde_json::json!({"ready": false, "why": p})),
+            },
+            (tiny_http::Method::Get, "/status") => json_response(
+                200,
+                serde_json::json!({
+                    "validator": info.validator,
+                    "validators": info.validators,
+                    "quorum": info.quorum,
+                    "height": s.height.load(Ordering::Relaxed),
+                    "view": s.view.load(Ordering::Relaxed),
+                    "leader": s.leader.load(Ordering::Relaxed),
+                    "peers_connected": s.peers_connected.load(Ordering::Relaxed),
+                    "genesis_done": s.genesis_done.load(Ordering::Relaxed),
+                    "mempool": {"size": s.mempool_size.load(Ordering::Relaxed), "bytes": s.mempool_bytes.load(Ordering::Relaxed)},
+                    "committed_txs": s.committed_txs.load(Ordering::Relaxed),
+                    "rejected": s.rejected.total(),
+                    "mirror": {"height": s.mirror.height.load(Ordering::Relaxed), "connected": s.mirror.connected.load(Ordering::Relaxed)},
+                    "ready": ready_problems().is_empty(),
+                }),
+            ),
+            (tiny_http::Method::Get, "/metrics") => {
+                let g = &gauges;
+                let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
+                g.view.set(load(&s.view));
+                g.height.set(load(&s.height));
+                g.leader.set(load(&s.leader));
+                g.quorum.set(info.quorum as i64);
+                g.validators.set(info.validators as i64);
+                g.view_changes.set(load(&s.view_changes));
+                g.blocks.set(load(&s.blocks_committed));
+                g.committed_txs.set(load(&s.committed_txs));
+                g.mempool_size.set(load(&s.mempool_size));
+                g.mempool_bytes.set(load(&s.mempool_bytes));
+                g.peers.set(load(&s.peers_connected));
+                g.db_connections.set(s.mirror.connected.load(Ordering::Relaxed) as i64);
+                g.mirror_height.set(load(&s.mirror.height));
+                g.kafka_lag.set(load(&s.kafka_unfinished));
+                g.evidence.set(load(&s.evidence));
+                g.received.set(load(&s.received));
+                g.rings.set(load(&s.ring_occupancy));
+                for r in crate::dlq::RejectReason::ALL {
+                    let c = g.rejected.with_label_values(&[r.as_str()]);
+                    let want = s.rejected.get(r);
+                    if want > c.get() {
+                        c.inc_by(want - c.get());
+                    }
+                }
+                let mut buf = vec![];
+                let _ = TextEncoder::new().encode(&g.registry.gather(), &mut buf);
+                let header =
+                    tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("static header");
+                tiny_http::Response::from_data(buf).with_header(header)
+            }
+            (tiny_http::Method::Get, _) => json_response(404, serde_json::json!({"error": format!("no route {path}")})),
+            _ => json_response(405, serde_json::json!({"error": "only GET is served"})),
+        };
+        let _ = req.respond(resp);
+    }
+}
