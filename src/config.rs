@@ -1163,8 +1163,15 @@ fn production_checklist(c: &Config, e: &mut Vec<ConfigError>) {
             ));
         }
     }
-    if c.api.enabled && !c.api.tls_enabled {
-        e.push(err("API_TLS_ENABLED", "production requires TLS on the API", "set API_TLS_ENABLED=true"));
+    // The API has no TLS of its own yet: in production it must sit on
+    // loopback behind a TLS-terminating proxy.
+    let loopback = c.api.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+    if c.api.enabled && !loopback {
+        e.push(err(
+            "API_LISTEN_ADDR",
+            "production exposes the API only through a TLS-terminating proxy",
+            "bind API_LISTEN_ADDR to 127.0.0.1:<port> and put a TLS reverse proxy in front",
+        ));
     }
     for (name, v, min) in [
         ("ENCRYPTION_KEY", &c.secrets.encryption_key, 64),
