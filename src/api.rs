@@ -7,6 +7,11 @@
 //!   (this one included) was heard from in the last 5 s; else 503 with why.
 //! * `GET /status`: height, view, leader, peers, mempool, mirror (JSON).
 //! * `GET /metrics`: Prometheus text format (names in the manual's style).
+//! * `GET /blocks?from=H&limit=N`: headers from H (default: the newest N),
+//!   N ≤ 100 (default 20); `GET /blocks/{height}`: one block with its txs
+//!   and commit certificate (read from the block store file by a read-only
+//!   reader of this thread's own).
+//! * `GET /validators`: ids, keys, reputation, exclusion and quarantine.
 //!
 //! Errors are JSON `{"error": "..."}` with the status code.
 
@@ -52,6 +57,69 @@ pub struct StaticInfo {
     pub validator: u32,
     pub validators: usize,
     pub quorum: usize,
+    /// Validator ids in replica order (certificate signers are replica indexes).
+    pub ids: Vec<u32>,
+}
+
+/// Most headers one `/blocks` page returns.
+pub const MAX_PAGE: u64 = 100;
+
+fn header_json(b: &crate::block::Block) -> serde_json::Value {
+    let h = &b.header;
+    serde_json::json!({
+        "height": h.height,
+        "hash": hex::encode(b.hash()),
+        "previous_hash": hex::encode(h.previous_hash),
+        "state_root": hex::encode(h.state_root),
+        "tx_root": hex::encode(h.tx_root),
+        "view": h.view,
+        "timestamp_ms": h.timestamp_ms,
+        "proposer": hex::encode(h.proposer),
+        "tx_count": h.tx_count,
+    })
+}
+
+fn block_json(b: &crate::block::Block, cert: Option<&crate::proto::PbftCommitCert>, ids: &[u32]) -> serde_json::Value {
+    let mut v = header_json(b);
+    v["txs"] = b
+        .txs
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "id": uuid::Uuid::from_bytes(t.id).to_string(),
+                "kind": t.kind.name(),
+                "nonce": hex::encode(t.nonce),
+                "producer": hex::encode(t.producer),
+                "timestamp_ms": t.timestamp_ms,
+                "content_hash": hex::encode(t.content_hash),
+                "signature": hex::encode(t.signature),
+            })
+        })
+        .collect();
+    v["certificate"] = match cert {
+        Some(c) => serde_json::json!({
+            "view": c.pre_prepare.as_ref().map_or(0, |p| p.view),
+            "value_digest": hex::encode(c.pre_prepare.as_ref().map(|p| p.digest.clone()).unwrap_or_default()),
+            "commits": c.commits.iter().map(|v| serde_json::json!({
+                "validator": ids.get(v.from as usize).copied(),
+                "signature": hex::encode(&v.sig),
+            })).collect::<Vec<_>>(),
+        }),
+        None => serde_json::Value::Null,
+    };
+    v
+}
+
+fn query_u64(url: &str, key: &str) -> Result<Option<u64>, String> {
+    let Some((_, q)) = url.split_once('?') else { return Ok(None) };
+    for kv in q.split('&') {
+        if let Some((k, v)) = kv.split_once('=') {
+            if k == key {
+                return v.parse().map(Some).map_err(|_| format!("{key} must be a non-negative integer"));
+            }
+        }
+    }
+    Ok(None)
 }
 
 struct Gauges {
@@ -125,6 +193,7 @@ pub fn serve(
     info: StaticInfo,
     stats: Arc<RuntimeStats>,
     latencies: Arc<Latencies>,
+    mut blocks: Option<crate::store::BlockStoreReader>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let gauges = match Gauges::new(&latencies) {
@@ -143,7 +212,8 @@ pub fn serve(
                 continue;
             }
         };
-        let path = req.url().split('?').next().unwrap_or("").to_string();
+        let url = req.url().to_string();
+        let path = url.split('?').next().unwrap_or("").to_string();
         let s = &stats;
         let ready_problems = || {
             let mut why = vec![];
@@ -212,6 +282,50 @@ pub fn serve(
                 let header =
                     tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("static header");
                 tiny_http::Response::from_data(buf).with_header(header)
+            }
+            (tiny_http::Method::Get, "/validators") => {
+                let v = s.validators_json.lock().expect("validators lock").clone();
+                json_response(200, v.map_or(serde_json::json!([]), |v| (*v).clone()))
+            }
+            (tiny_http::Method::Get, "/blocks") => {
+                let top = s.height.load(Ordering::Relaxed);
+                match (query_u64(&url, "from"), query_u64(&url, "limit")) {
+                    (Err(e), _) | (_, Err(e)) => json_response(400, serde_json::json!({"error": e})),
+                    (Ok(from), Ok(limit)) => {
+                        let limit = limit.unwrap_or(20).clamp(1, MAX_PAGE);
+                        let from = from.unwrap_or_else(|| top.saturating_sub(limit - 1).max(1));
+                        let mut out = vec![];
+                        let mut err = None;
+                        for h in from..=top.min(from.saturating_add(limit - 1)) {
+                            match blocks.as_mut().map(|r| r.read(h)) {
+                                Some(Ok(Some((b, _)))) => out.push(header_json(&b)),
+                                Some(Ok(None)) | None => {}
+                                Some(Err(e)) => err = Some(e),
+                            }
+                        }
+                        match err {
+                            Some(e) => json_response(500, serde_json::json!({"error": e})),
+                            None => json_response(200, serde_json::json!({"blocks": out, "height": top})),
+                        }
+                    }
+                }
+            }
+            (tiny_http::Method::Get, p) if p.starts_with("/blocks/") => {
+                let top = s.height.load(Ordering::Relaxed);
+                match p["/blocks/".len()..].parse::<u64>() {
+                    Err(_) => json_response(400, serde_json::json!({"error": "the height must be a number"})),
+                    Ok(h) if h == 0 || h > top => {
+                        json_response(404, serde_json::json!({"error": format!("no block {h} (height is {top})")}))
+                    }
+                    Ok(h) => match blocks.as_mut().map(|r| r.read(h)) {
+                        Some(Ok(Some((b, cert)))) => json_response(200, block_json(&b, cert.as_ref(), &info.ids)),
+                        Some(Ok(None)) | None => json_response(
+                            404,
+                            serde_json::json!({"error": format!("block {h} is not stored here (below this validator's snapshot)")}),
+                        ),
+                        Some(Err(e)) => json_response(500, serde_json::json!({"error": e})),
+                    },
+                }
             }
             (tiny_http::Method::Get, _) => json_response(404, serde_json::json!({"error": format!("no route {path}")})),
             _ => json_response(405, serde_json::json!({"error": "only GET is served"})),

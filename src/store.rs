@@ -197,6 +197,67 @@ impl BlockStore {
     }
 }
 
+/// A read-only view of `blocks.dat` for other threads (the HTTP API): it
+/// indexes the file itself, never writes, and stops at the first record
+/// not complete yet (one being appended). Callers ask only for heights the
+/// core has published as durable.
+pub struct BlockStoreReader {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    index: Vec<u64>,
+    scanned: u64,
+    base: u64,
+    limits: Limits,
+}
+
+impl BlockStoreReader {
+    pub fn open(dir: &Path, base: u64, limits: Limits) -> std::io::Result<BlockStoreReader> {
+        let path = dir.join("blocks.dat");
+        let file = std::fs::File::open(&path)?;
+        Ok(BlockStoreReader { file, path, index: vec![], scanned: MAGIC.len() as u64, base, limits })
+    }
+
+    fn refresh(&mut self) {
+        use std::os::unix::fs::FileExt;
+        let mut hdr = [0u8; 8];
+        while self.file.read_exact_at(&mut hdr, self.scanned).is_ok() {
+            let len = u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes")) as u64;
+            let end = self.scanned + 8 + len;
+            if len == 0 || self.file.metadata().map_or(true, |m| m.len() < end) {
+                return; // not complete yet
+            }
+            self.index.push(self.scanned);
+            self.scanned = end;
+        }
+    }
+
+    /// Block `height` with its stored commit certificate, if stored.
+    pub fn read(&mut self, height: u64) -> Result<Option<(Block, Option<proto::PbftCommitCert>)>, String> {
+        if height <= self.base {
+            return Ok(None);
+        }
+        let i = (height - self.base - 1) as usize;
+        if i >= self.index.len() {
+            self.refresh();
+        }
+        let Some(&off) = self.index.get(i) else { return Ok(None) };
+        use std::os::unix::fs::FileExt;
+        let mut hdr = [0u8; 8];
+        self.file.read_exact_at(&mut hdr, off).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let len = u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes")) as usize;
+        let mut payload = vec![0u8; len];
+        self.file.read_exact_at(&mut payload, off + 8).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let want = u32::from_le_bytes(hdr[4..].try_into().expect("4 bytes"));
+        if crc32c::crc32c_append(crc32c::crc32c(&hdr[..4]), &payload) != want {
+            return Err(format!("block {height}: checksum mismatch"));
+        }
+        let mut p = proto::Block::decode(&payload[..]).map_err(|e| format!("block {height}: {e}"))?;
+        let cert = p.consensus.take();
+        let b = Block::from_proto(p, &self.limits).map_err(|e| format!("block {height}: {e}"))?;
+        Ok(Some((b, cert)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +337,20 @@ mod tests {
         assert_eq!(s.last_hash(), blocks[5].hash());
         // Without its base the file does not start at height 1: refused.
         assert!(BlockStore::open(dir.path(), Limits::default()).is_err());
+    }
+
+    #[test]
+    fn a_reader_sees_appended_blocks_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = chain(4);
+        let (mut s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
+        s.append(&[(&blocks[0], None), (&blocks[1], None)]).unwrap();
+        let mut r = BlockStoreReader::open(dir.path(), 0, Limits::default()).unwrap();
+        assert_eq!(r.read(2).unwrap().unwrap().0, blocks[1]);
+        assert!(r.read(3).unwrap().is_none());
+        s.append(&[(&blocks[2], None), (&blocks[3], None)]).unwrap();
+        assert_eq!(r.read(4).unwrap().unwrap().0, blocks[3]);
+        assert!(r.read(0).unwrap().is_none());
     }
 
     #[test]

@@ -193,6 +193,33 @@ fn http_api_and_prometheus_metrics() {
     assert_eq!(value("ingest_rejected_total{reason=\"bad_signature\"}"), 1.0);
     assert_eq!(value("consensus_round_latency_ms_count"), value("consensus_blocks_committed"));
     assert!(value("consensus_blocks_committed") >= 1.0);
+    // Blocks: a page of headers, one block with its txs and certificate.
+    let (code, body) = http_get(&addr, "/blocks?from=1&limit=500");
+    assert_eq!(code, 200);
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let heights: Vec<u64> = page["blocks"].as_array().unwrap().iter().map(|b| b["height"].as_u64().unwrap()).collect();
+    assert_eq!(heights, (1..=last.height.min(100)).collect::<Vec<_>>());
+    let (code, body) = http_get(&addr, &format!("/blocks/{}", last.height));
+    assert_eq!(code, 200);
+    let b: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(b["hash"], hex::encode(&last.block_hash));
+    assert_eq!(b["txs"].as_array().unwrap().len(), last.nonces.len());
+    assert_eq!(b["certificate"]["commits"].as_array().unwrap().len(), 1, "N = 1: one commit vote");
+    let all_txs: usize = (1..=last.height)
+        .map(|h| {
+            let (_, body) = http_get(&addr, &format!("/blocks/{h}"));
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["txs"].as_array().unwrap().len()
+        })
+        .sum();
+    assert_eq!(all_txs, 25);
+    assert_eq!(http_get(&addr, &format!("/blocks/{}", last.height + 1)).0, 404);
+    assert_eq!(http_get(&addr, "/blocks?from=x").0, 400);
+    let (code, body) = http_get(&addr, "/validators");
+    assert_eq!(code, 200);
+    let vs: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(vs[0]["id"], 1);
+    assert_eq!(vs[0]["reputation"], 1.0);
+    assert_eq!(vs[0]["quarantined"], false);
     let (code, body) = http_get(&addr, "/nope");
     assert_eq!(code, 404);
     assert!(body.contains("\"error\""));

@@ -82,6 +82,9 @@ pub struct RuntimeStats {
     /// Batches waiting in the verify shards' input rings.
     pub ring_occupancy: AtomicU64,
     pub latencies: Arc<crate::api::Latencies>,
+    /// The validator set as `/validators` shows it (refreshed every second
+    /// by the core; the lock is taken once a second, not per tx).
+    pub validators_json: Mutex<Option<Arc<serde_json::Value>>>,
 }
 
 type CommitSubscribers = Mutex<Vec<SyncSender<Arc<Vec<u8>>>>>;
@@ -425,13 +428,15 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         let server = tiny_http::Server::http(&c.api.listen)
             .map_err(|e| anyhow::anyhow!("binding the HTTP API on {} (API_LISTEN_ADDR): {e}", c.api.listen))?;
         let addr = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_default();
-        let info = crate::api::StaticInfo { validator: c.node.id, validators: n, quorum: params.q() };
+        let info = crate::api::StaticInfo { validator: c.node.id, validators: n, quorum: params.q(), ids: ids.clone() };
         let (st, sp) = (stats.clone(), stop.clone());
         let lat = stats.latencies.clone();
+        let reader = crate::store::BlockStoreReader::open(&c.node.data_dir, store.base_height(), limits)
+            .context("opening the block store for the API")?;
         threads.push(
             std::thread::Builder::new()
                 .name("api".into())
-                .spawn(move || crate::api::serve(server, info, st, lat, sp))?,
+                .spawn(move || crate::api::serve(server, info, st, lat, Some(reader), sp))?,
         );
         tracing::info!(addr = %addr, "HTTP API listening");
     }
@@ -565,6 +570,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         tracker: shared.tracker.clone(),
         audit,
         me: me_rid,
+        keys: keys.clone(),
     };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
@@ -827,6 +833,8 @@ struct Consensus {
     audit: Option<crate::audit::AuditLog>,
     /// This validator's replica id (to recognise its own proposals).
     me: Rid,
+    /// Validator keys in replica order.
+    keys: Vec<crypto::PublicKey>,
 }
 
 impl Consensus {
@@ -1207,6 +1215,7 @@ fn core_loop(
     let mut last_log = now_ms();
     // Quarantined validators already in the audit log.
     let mut quarantined: Vec<Rid> = node.reputation().quarantined().collect();
+    let mut last_validators = 0u64;
     // When each peer was last heard from (p2p_peers_connected, /ready).
     let mut last_heard: std::collections::HashMap<u32, u64> = Default::default();
     loop {
@@ -1338,6 +1347,27 @@ fn core_loop(
             if worked {
                 cons.audit.as_mut().expect("checked").flush()?;
             }
+        }
+        if now >= last_validators + 1000 {
+            last_validators = now;
+            let rep = node.reputation();
+            let v: Vec<serde_json::Value> = cons
+                .ids
+                .iter()
+                .zip(&cons.keys)
+                .enumerate()
+                .map(|(r, (id, key))| {
+                    serde_json::json!({
+                        "id": id,
+                        "public_key": hex::encode(key),
+                        "reputation": rep.score(r),
+                        "excluded": rep.excluded().contains(&r),
+                        "quarantined": rep.is_quarantined(r),
+                        "leader": node.replica().primary(node.replica().view()) == r,
+                    })
+                })
+                .collect();
+            *sh.stats.validators_json.lock().unwrap() = Some(Arc::new(serde_json::Value::Array(v)));
         }
         if now >= last_log + 5000 {
             last_log = now;
