@@ -12,6 +12,9 @@
 //!   and commit certificate (read from the block store file by a read-only
 //!   reader of this thread's own).
 //! * `GET /validators`: ids, keys, reputation, exclusion and quarantine.
+//! * `GET /state/{key hex}`: the value under a state key with a Merkle proof
+//!   against the current state root (answered by the core between events:
+//!   the state is its own).
 //!
 //! Errors are JSON `{"error": "..."}` with the status code.
 
@@ -59,6 +62,28 @@ pub struct StaticInfo {
     pub quorum: usize,
     /// Validator ids in replica order (certificate signers are replica indexes).
     pub ids: Vec<u32>,
+}
+
+/// A state lookup for the core: it answers on `reply`.
+pub struct StateQuery {
+    pub key: Vec<u8>,
+    pub reply: std::sync::mpsc::SyncSender<serde_json::Value>,
+}
+
+/// The answer to a `StateQuery` (value, proof, root, height).
+pub fn state_answer(state: &crate::state::State, key: &[u8]) -> serde_json::Value {
+    let proof = state.prove(key);
+    serde_json::json!({
+        "key": hex::encode(key),
+        "value": state.get(key).map(hex::encode),
+        "height": state.height(),
+        "state_root": hex::encode(state.root()),
+        "proof": {
+            "key_hash": hex::encode(crate::sha256(key)),
+            "siblings": proof.siblings.iter().map(hex::encode).collect::<Vec<_>>(),
+            "leaf": proof.leaf.map(|(k, v)| serde_json::json!({"key_hash": hex::encode(k), "value_hash": hex::encode(v)})),
+        },
+    })
 }
 
 /// Most headers one `/blocks` page returns.
@@ -194,6 +219,7 @@ pub fn serve(
     stats: Arc<RuntimeStats>,
     latencies: Arc<Latencies>,
     mut blocks: Option<crate::store::BlockStoreReader>,
+    state_queries: std::sync::mpsc::SyncSender<StateQuery>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let gauges = match Gauges::new(&latencies) {
@@ -310,6 +336,24 @@ pub fn serve(
                     }
                 }
             }
+            (tiny_http::Method::Get, p) if p.starts_with("/state/") => match hex::decode(&p["/state/".len()..]) {
+                Err(_) => json_response(400, serde_json::json!({"error": "the key must be hex"})),
+                Ok(key) if key.is_empty() || key.len() > 1024 => {
+                    json_response(400, serde_json::json!({"error": "the key must be 1 to 1024 bytes"}))
+                }
+                Ok(key) => {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                    match state_queries.try_send(StateQuery { key, reply: tx }) {
+                        Err(_) => json_response(503, serde_json::json!({"error": "busy; retry"})),
+                        Ok(()) => match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+                            Ok(v) => json_response(200, v),
+                            Err(_) => {
+                                json_response(504, serde_json::json!({"error": "the core did not answer in time"}))
+                            }
+                        },
+                    }
+                }
+            },
             (tiny_http::Method::Get, p) if p.starts_with("/blocks/") => {
                 let top = s.height.load(Ordering::Relaxed);
                 match p["/blocks/".len()..].parse::<u64>() {

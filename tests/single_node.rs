@@ -220,6 +220,23 @@ fn http_api_and_prometheus_metrics() {
     assert_eq!(vs[0]["id"], 1);
     assert_eq!(vs[0]["reputation"], 1.0);
     assert_eq!(vs[0]["quarantined"], false);
+    // State with Merkle proofs: a committed anomaly (present), an unknown id (absent).
+    let check_state = |key: Vec<u8>, present: bool| {
+        let (code, body) = http_get(&addr, &format!("/state/{}", hex::encode(&key)));
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let h32 = |s: &serde_json::Value| -> [u8; 32] { hex::decode(s.as_str().unwrap()).unwrap().try_into().unwrap() };
+        let proof = cybermesh::state::merkle::Proof {
+            siblings: v["proof"]["siblings"].as_array().unwrap().iter().map(h32).collect(),
+            leaf: v["proof"]["leaf"].as_object().map(|l| (h32(&l["key_hash"]), h32(&l["value_hash"]))),
+        };
+        let value = v["value"].as_str().map(|x| cybermesh::sha256(&hex::decode(x).unwrap()));
+        assert_eq!(value.is_some(), present, "{body}");
+        assert!(proof.verify(&h32(&v["state_root"]), &cybermesh::sha256(&key), value.as_ref()), "proof fails: {body}");
+    };
+    check_state([&b"a"[..], &evs[3].id].concat(), true);
+    check_state([&b"a"[..], &[0x77; 16]].concat(), false);
+    assert_eq!(http_get(&addr, "/state/zz").0, 400);
     let (code, body) = http_get(&addr, "/nope");
     assert_eq!(code, 404);
     assert!(body.contains("\"error\""));

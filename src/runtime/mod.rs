@@ -420,6 +420,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         (None, None)
     };
 
+    // State lookups from the API, answered by the core between events.
+    let (state_tx, state_rx) = sync_channel::<crate::api::StateQuery>(64);
     // HTTP API and metrics (ENABLE_API): a thread reading published stats.
     if c.api.enabled {
         if c.api.tls_enabled {
@@ -433,10 +435,11 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         let lat = stats.latencies.clone();
         let reader = crate::store::BlockStoreReader::open(&c.node.data_dir, store.base_height(), limits)
             .context("opening the block store for the API")?;
+        let queries = state_tx.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("api".into())
-                .spawn(move || crate::api::serve(server, info, st, lat, Some(reader), sp))?,
+                .spawn(move || crate::api::serve(server, info, st, lat, Some(reader), queries, sp))?,
         );
         tracing::info!(addr = %addr, "HTTP API listening");
     }
@@ -571,6 +574,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         audit,
         me: me_rid,
         keys: keys.clone(),
+        state_queries: state_rx,
     };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
@@ -835,6 +839,8 @@ struct Consensus {
     me: Rid,
     /// Validator keys in replica order.
     keys: Vec<crypto::PublicKey>,
+    /// `/state/{key}` lookups from the API thread.
+    state_queries: Receiver<crate::api::StateQuery>,
 }
 
 impl Consensus {
@@ -1347,6 +1353,9 @@ fn core_loop(
             if worked {
                 cons.audit.as_mut().expect("checked").flush()?;
             }
+        }
+        while let Ok(q) = cons.state_queries.try_recv() {
+            let _ = q.reply.try_send(crate::api::state_answer(node.state(), &q.key));
         }
         if now >= last_validators + 1000 {
             last_validators = now;
