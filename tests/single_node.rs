@@ -237,8 +237,86 @@ fn http_api_and_prometheus_metrics() {
     check_state([&b"a"[..], &evs[3].id].concat(), true);
     check_state([&b"a"[..], &[0x77; 16]].concat(), false);
     assert_eq!(http_get(&addr, "/state/zz").0, 400);
+    // Every documented operation answers as `openapi.json` says.
+    let anomaly_key = hex::encode([&b"a"[..], &evs[0].id].concat());
+    check_openapi(&addr, &[("{height}", "1".to_string()), ("{key}", anomaly_key)]);
     let (code, body) = http_get(&addr, "/nope");
     assert_eq!(code, 404);
     assert!(body.contains("\"error\""));
     assert!(v.terminate().success());
+}
+
+/// Resolves `{"$ref": "#/components/..."}` in `doc`.
+fn resolve<'a>(doc: &'a serde_json::Value, v: &'a serde_json::Value) -> &'a serde_json::Value {
+    match v["$ref"].as_str() {
+        Some(r) => r.trim_start_matches("#/").split('/').fold(doc, |d, k| &d[k]),
+        None => v,
+    }
+}
+
+/// Checks `value` against a (subset of an) OpenAPI schema: types, required
+/// properties, array items, allOf, nullable.
+fn check_schema(doc: &serde_json::Value, schema: &serde_json::Value, value: &serde_json::Value, at: &str) {
+    let schema = resolve(doc, schema);
+    if let Some(all) = schema["allOf"].as_array() {
+        for s in all {
+            check_schema(doc, s, value, at);
+        }
+        return;
+    }
+    if value.is_null() && schema["nullable"] == true {
+        return;
+    }
+    let ok = match schema["type"].as_str() {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_u64() || value.is_i64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        _ => true,
+    };
+    assert!(ok, "{at}: {value} is not a {}", schema["type"]);
+    for r in schema["required"].as_array().into_iter().flatten() {
+        let k = r.as_str().unwrap();
+        assert!(value.get(k).is_some(), "{at}: required property {k} missing in {value}");
+    }
+    if let (Some(props), Some(obj)) = (schema["properties"].as_object(), value.as_object()) {
+        for (k, s) in props {
+            if let Some(v) = obj.get(k) {
+                check_schema(doc, s, v, &format!("{at}.{k}"));
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in arr.iter().enumerate() {
+            check_schema(doc, items, v, &format!("{at}[{i}]"));
+        }
+    }
+}
+
+/// Calls every GET operation of `openapi.json` (path parameters from
+/// `params`) and checks the status is documented and the body matches.
+fn check_openapi(addr: &str, params: &[(&str, String)]) {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 8);
+    for (path, item) in paths {
+        let op = &item["get"];
+        let mut url = path.clone();
+        for (k, v) in params {
+            url = url.replace(k, v);
+        }
+        let (code, body) = http_get(addr, &url);
+        let resp = resolve(&doc, &op["responses"][code.to_string()]);
+        assert!(!resp.is_null(), "{url}: status {code} is not documented");
+        let content = resp["content"].as_object().unwrap();
+        if let Some(json) = content.get("application/json") {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: not JSON: {e}"));
+            check_schema(&doc, &json["schema"], &v, &url);
+        } else {
+            assert!(content.contains_key("text/plain") && !body.is_empty(), "{url}");
+        }
+    }
 }
