@@ -49,6 +49,8 @@ pub struct MirrorConfig {
     pub retry_max: Duration,
     /// Most blocks written in one transaction.
     pub batch_blocks: usize,
+    /// Binary COPY (else multi-row UNNEST inserts).
+    pub copy: bool,
     /// Validator set (id, key) for the `validators` table.
     pub validators: Vec<(u32, crate::crypto::PublicKey)>,
 }
@@ -122,6 +124,109 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Er
 /// Writes `blocks` (consecutive heights) in one transaction; returns the
 /// rows inserted (0 for a batch already there).
 pub async fn write_batch(client: &mut Client, blocks: &[MirrorBlock]) -> Result<u64, tokio_postgres::Error> {
+    let (b, t, a) = rows(blocks);
+    let top = blocks.last().map_or(0, |m| m.block.header.height as i64);
+    let tx = client.transaction().await?;
+    let mut rows = tx
+        .execute(
+            "INSERT INTO blocks (height, block_hash, state_root, previous_hash, timestamp_ms, tx_count, proposer_id, block_view)
+             SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[], $3::BYTEA[], $4::BYTEA[], $5::BIGINT[], $6::INT[], $7::BYTEA[], $8::BIGINT[])
+             ON CONFLICT (height) DO NOTHING",
+            &[&b.height, &b.hash, &b.state_root, &b.previous, &b.ts, &b.count, &b.proposer, &b.view],
+        )
+        .await?;
+    rows += tx
+        .execute(
+            "INSERT INTO transactions (tx_id, block_height, tx_index, tx_type, content_hash, payload, producer_id, nonce, signature, timestamp_ms, status)
+             SELECT * FROM UNNEST($1::UUID[], $2::BIGINT[], $3::INT[], $4::TEXT[], $5::BYTEA[], $6::BYTEA[], $7::BYTEA[], $8::BYTEA[], $9::BYTEA[], $10::BIGINT[], $11::TEXT[])
+             ON CONFLICT (tx_id) DO NOTHING",
+            &[&t.id, &t.height, &t.index, &t.kind, &t.content_hash, &t.payload, &t.producer, &t.nonce, &t.signature, &t.ts, &t.status],
+        )
+        .await?;
+    rows += tx
+        .execute(
+            "INSERT INTO anomalies (anomaly_id, anomaly_type, severity, confidence, source, block_height, created_at)
+             SELECT * FROM UNNEST($1::UUID[], $2::TEXT[], $3::INT[], $4::FLOAT8[], $5::TEXT[], $6::BIGINT[], $7::TIMESTAMPTZ[])
+             ON CONFLICT (anomaly_id) DO NOTHING",
+            &[&a.id, &a.kind, &a.severity, &a.confidence, &a.source, &a.height, &a.created],
+        )
+        .await?;
+    tx.execute("UPDATE mirror_cursor SET height = GREATEST(height, $1) WHERE id = 1", &[&top]).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// `write_batch` with binary `COPY` into session temp tables, then
+/// `INSERT … SELECT … ON CONFLICT DO NOTHING` (same effect; for measuring
+/// against UNNEST: `loadgen mirror-bench`).
+pub async fn write_batch_copy(client: &mut Client, blocks: &[MirrorBlock]) -> Result<u64, tokio_postgres::Error> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::{ToSql, Type};
+    let (b, t, a) = rows(blocks);
+    let top = blocks.last().map_or(0, |m| m.block.header.height as i64);
+    let tx = client.transaction().await?;
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS blocks_in (LIKE blocks) ON COMMIT DELETE ROWS;
+         CREATE TEMP TABLE IF NOT EXISTS transactions_in (LIKE transactions) ON COMMIT DELETE ROWS;
+         CREATE TEMP TABLE IF NOT EXISTS anomalies_in (LIKE anomalies) ON COMMIT DELETE ROWS;",
+    )
+    .await?;
+    async fn copy(
+        tx: &tokio_postgres::Transaction<'_>,
+        sql: &str,
+        types: &[Type],
+        n: usize,
+        row: impl Fn(usize) -> Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let sink = tx.copy_in(sql).await?;
+        let w = BinaryCopyInWriter::new(sink, types);
+        tokio::pin!(w);
+        for i in 0..n {
+            let r = row(i);
+            let refs: Vec<&(dyn ToSql + Sync)> = r.iter().map(|x| &**x as &(dyn ToSql + Sync)).collect();
+            w.as_mut().write(&refs).await?;
+        }
+        w.finish().await?;
+        Ok(())
+    }
+    copy(
+        &tx,
+        "COPY blocks_in (height, block_hash, state_root, previous_hash, timestamp_ms, tx_count, proposer_id, block_view) FROM STDIN BINARY",
+        &[Type::INT8, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::INT8, Type::INT4, Type::BYTEA, Type::INT8],
+        b.height.len(),
+        |i| vec![Box::new(b.height[i]), Box::new(b.hash[i].clone()), Box::new(b.state_root[i].clone()), Box::new(b.previous[i].clone()), Box::new(b.ts[i]), Box::new(b.count[i]), Box::new(b.proposer[i].clone()), Box::new(b.view[i])],
+    )
+    .await?;
+    copy(
+        &tx,
+        "COPY transactions_in (tx_id, block_height, tx_index, tx_type, content_hash, payload, producer_id, nonce, signature, timestamp_ms, status) FROM STDIN BINARY",
+        &[Type::UUID, Type::INT8, Type::INT4, Type::TEXT, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::INT8, Type::TEXT],
+        t.id.len(),
+        |i| vec![Box::new(t.id[i]), Box::new(t.height[i]), Box::new(t.index[i]), Box::new(t.kind[i].clone()), Box::new(t.content_hash[i].clone()), Box::new(t.payload[i].clone()), Box::new(t.producer[i].clone()), Box::new(t.nonce[i].clone()), Box::new(t.signature[i].clone()), Box::new(t.ts[i]), Box::new(t.status[i].clone())],
+    )
+    .await?;
+    copy(
+        &tx,
+        "COPY anomalies_in (anomaly_id, anomaly_type, severity, confidence, source, block_height, created_at) FROM STDIN BINARY",
+        &[Type::UUID, Type::TEXT, Type::INT4, Type::FLOAT8, Type::TEXT, Type::INT8, Type::TIMESTAMPTZ],
+        a.id.len(),
+        |i| vec![Box::new(a.id[i]), Box::new(a.kind[i].clone()), Box::new(a.severity[i]), Box::new(a.confidence[i]), Box::new(a.source[i].clone()), Box::new(a.height[i]), Box::new(a.created[i])],
+    )
+    .await?;
+    let mut rows =
+        tx.execute("INSERT INTO blocks SELECT * FROM blocks_in ON CONFLICT (height) DO NOTHING", &[]).await?;
+    rows += tx
+        .execute("INSERT INTO transactions SELECT * FROM transactions_in ON CONFLICT (tx_id) DO NOTHING", &[])
+        .await?;
+    rows +=
+        tx.execute("INSERT INTO anomalies SELECT * FROM anomalies_in ON CONFLICT (anomaly_id) DO NOTHING", &[]).await?;
+    tx.execute("UPDATE mirror_cursor SET height = GREATEST(height, $1) WHERE id = 1", &[&top]).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// The rows of `blocks`, column by column.
+fn rows(blocks: &[MirrorBlock]) -> (BlockRows, TxRows, AnomalyRows) {
     let mut b = BlockRows::default();
     let mut t = TxRows::default();
     let mut a = AnomalyRows::default();
@@ -164,35 +269,7 @@ pub async fn write_batch(client: &mut Client, blocks: &[MirrorBlock]) -> Result<
             }
         }
     }
-    let top = blocks.last().map_or(0, |m| m.block.header.height as i64);
-    let tx = client.transaction().await?;
-    let mut rows = tx
-        .execute(
-            "INSERT INTO blocks (height, block_hash, state_root, previous_hash, timestamp_ms, tx_count, proposer_id, block_view)
-             SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[], $3::BYTEA[], $4::BYTEA[], $5::BIGINT[], $6::INT[], $7::BYTEA[], $8::BIGINT[])
-             ON CONFLICT (height) DO NOTHING",
-            &[&b.height, &b.hash, &b.state_root, &b.previous, &b.ts, &b.count, &b.proposer, &b.view],
-        )
-        .await?;
-    rows += tx
-        .execute(
-            "INSERT INTO transactions (tx_id, block_height, tx_index, tx_type, content_hash, payload, producer_id, nonce, signature, timestamp_ms, status)
-             SELECT * FROM UNNEST($1::UUID[], $2::BIGINT[], $3::INT[], $4::TEXT[], $5::BYTEA[], $6::BYTEA[], $7::BYTEA[], $8::BYTEA[], $9::BYTEA[], $10::BIGINT[], $11::TEXT[])
-             ON CONFLICT (tx_id) DO NOTHING",
-            &[&t.id, &t.height, &t.index, &t.kind, &t.content_hash, &t.payload, &t.producer, &t.nonce, &t.signature, &t.ts, &t.status],
-        )
-        .await?;
-    rows += tx
-        .execute(
-            "INSERT INTO anomalies (anomaly_id, anomaly_type, severity, confidence, source, block_height, created_at)
-             SELECT * FROM UNNEST($1::UUID[], $2::TEXT[], $3::INT[], $4::FLOAT8[], $5::TEXT[], $6::BIGINT[], $7::TIMESTAMPTZ[])
-             ON CONFLICT (anomaly_id) DO NOTHING",
-            &[&a.id, &a.kind, &a.severity, &a.confidence, &a.source, &a.height, &a.created],
-        )
-        .await?;
-    tx.execute("UPDATE mirror_cursor SET height = GREATEST(height, $1) WHERE id = 1", &[&top]).await?;
-    tx.commit().await?;
-    Ok(rows)
+    (b, t, a)
 }
 
 #[derive(Default)]
@@ -312,6 +389,7 @@ pub fn mirror_loop(
             }
             let t = std::time::Instant::now();
             let result = match client.as_mut() {
+                Some(c) if cfg.copy => write_batch_copy(c, &batch).await.map_err(|e| error_chain(&e)),
                 Some(c) => write_batch(c, &batch).await.map_err(|e| error_chain(&e)),
                 None => Err("not connected".to_string()),
             };

@@ -35,6 +35,10 @@ fn query(dsn: &str, sql: &str) -> String {
 }
 
 fn start(s: &Setup, dsn: &str) -> Validator {
+    start_mode(s, dsn, "copy")
+}
+
+fn start_mode(s: &Setup, dsn: &str, mode: &str) -> Validator {
     let mut cmd = Command::new(BIN);
     cmd.arg("run")
         .arg("--config")
@@ -42,7 +46,8 @@ fn start(s: &Setup, dsn: &str) -> Validator {
         .env("ENABLE_PERSISTENCE", "true")
         .env("DB_DSN", dsn)
         .env("DB_RETRY_MIN", "50ms")
-        .env("DB_RETRY_MAX", "400ms");
+        .env("DB_RETRY_MAX", "400ms")
+        .env("DB_WRITE_MODE", mode);
     Validator::spawn(cmd)
 }
 
@@ -68,6 +73,13 @@ fn send(c: &mut Client, s: &Setup, ids: std::ops::Range<u64>) -> u64 {
 
 #[test]
 fn mirror_writes_every_block_once_and_a_replay_changes_nothing() {
+    // Both write paths: binary COPY (default) and UNNEST (for CockroachDB).
+    for mode in ["copy", "unnest"] {
+        mirror_once_and_replay(mode);
+    }
+}
+
+fn mirror_once_and_replay(mode: &str) {
     let dsn = fresh_db(pg_port());
     // Migrations: applied once, then a no-op.
     let migrate = || Command::new(BIN).args(["db", "migrate"]).env("DB_DSN", &dsn).output().unwrap();
@@ -78,7 +90,7 @@ fn mirror_writes_every_block_once_and_a_replay_changes_nothing() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("schema up to date (version 1)"));
 
     let s = Setup::single("");
-    let v = start(&s, &dsn);
+    let v = start_mode(&s, &dsn, mode);
     let mut c = v.connect();
     let top = send(&mut c, &s, 0..300);
     wait_mirrored(&v, top);
@@ -103,7 +115,7 @@ fn mirror_writes_every_block_once_and_a_replay_changes_nothing() {
 
     // Replay: the local cursor is lost, every block is written again.
     std::fs::remove_file(s.data_dir().join("mirror.cursor")).unwrap();
-    let v = start(&s, &dsn);
+    let v = start_mode(&s, &dsn, mode);
     wait_mirrored(&v, top);
     assert_eq!(counts(&dsn), first, "a replayed block changes nothing");
     assert!(v.terminate().success());

@@ -139,6 +139,21 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         block_max_txs: usize,
     },
+    /// The database mirror's two write paths on the same blocks: multi-row
+    /// UNNEST inserts (the validator's) and binary COPY into temp tables.
+    MirrorBench {
+        /// An admin DSN: a fresh database is created (and dropped) per path.
+        #[arg(long, default_value = "postgresql://cybermesh:cybermesh@127.0.0.1:5432/cybermesh")]
+        db_dsn: String,
+        /// Blocks, and txs per block.
+        #[arg(long, default_value_t = 200)]
+        blocks: u64,
+        #[arg(long, default_value_t = 500)]
+        txs: usize,
+        /// Blocks per transaction.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+    },
     /// Run a validator (what `cybermesh run` does); used by `single` and `devnet`.
     #[command(hide = true)]
     Validator {
@@ -155,6 +170,7 @@ fn main() -> anyhow::Result<()> {
             load.rate.get_or_insert(0);
             single(load, shards, block_max_txs, &build_interval, keep)
         }
+        Cmd::MirrorBench { db_dsn, blocks, txs, batch } => mirror_bench(&db_dsn, blocks, txs, batch),
         Cmd::Kafka { brokers, count, payload, shards, block_max_txs } => {
             kafka(&brokers, count, payload, shards, block_max_txs)
         }
@@ -825,4 +841,74 @@ fn drop_database(admin: &str, dsn: &str) {
         let c = cybermesh::persist::connect(admin).await?;
         c.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await.map_err(cybermesh::persist::DbError::from)
     });
+}
+
+/// `loadgen mirror-bench`: rows/s of each mirror write path on identical blocks.
+fn mirror_bench(admin: &str, blocks: u64, txs: usize, batch: usize) -> anyhow::Result<()> {
+    use cybermesh::block::{tx_root, Block, BlockHeader};
+    use cybermesh::persist::MirrorBlock;
+    let key = crypto::generate_key();
+    let ts = cybermesh::runtime::now_ms();
+    println!("building {blocks} blocks of {txs} txs...");
+    let mut chain: Vec<MirrorBlock> = vec![];
+    let mut prev = [0u8; 32];
+    for h in 1..=blocks {
+        let evs: Vec<Arc<Event>> = (0..txs)
+            .into_par_iter()
+            .map(|i| {
+                let i = (h as usize * txs + i) as u64;
+                Arc::new(Event::sign(
+                    TxKind::Anomaly,
+                    &key,
+                    uuid::Uuid::new_v4().into_bytes(),
+                    sample_anomaly_payload(i, 300),
+                    ts,
+                    (i as u32).to_be_bytes(),
+                ))
+            })
+            .collect();
+        let tx_hashes: Vec<_> = evs.iter().map(|e| e.tx_hash()).collect();
+        let header = BlockHeader {
+            height: h,
+            view: 0,
+            timestamp_ms: ts,
+            previous_hash: prev,
+            tx_root: tx_root(&tx_hashes),
+            state_root: [0; 32],
+            proposer: crypto::public_key(&key),
+            tx_count: txs as u32,
+        };
+        let b = Block { header, txs: evs, tx_hashes };
+        prev = b.hash();
+        chain.push(MirrorBlock::new(Arc::new(b), None));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut results = vec![];
+    for copy in [false, true] {
+        let dsn = fresh_database(admin)?;
+        let took = rt.block_on(async {
+            let mut c = cybermesh::persist::connect(&dsn).await?;
+            cybermesh::persist::migrate(&mut c).await?;
+            let t = Instant::now();
+            for part in chain.chunks(batch) {
+                if copy {
+                    cybermesh::persist::write_batch_copy(&mut c, part).await?;
+                } else {
+                    cybermesh::persist::write_batch(&mut c, part).await?;
+                }
+            }
+            anyhow::Ok(t.elapsed())
+        })?;
+        drop_database(admin, &dsn);
+        let rows = blocks as usize * (1 + 2 * txs);
+        results.push((
+            if copy { "binary COPY + INSERT SELECT" } else { "UNNEST INSERT (default)" },
+            rows as f64 / took.as_secs_f64(),
+        ));
+    }
+    println!("=== mirror write paths: {blocks} blocks × {txs} txs, {batch} blocks per transaction ===");
+    for (name, rate) in &results {
+        println!("{name:<30}: {rate:>9.0} rows/s");
+    }
+    Ok(())
 }

@@ -406,6 +406,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             retry_min: c.database.retry_min,
             retry_max: c.database.retry_max,
             batch_blocks: 256,
+            copy: c.database.write_mode == "copy",
             validators: v.validators.iter().map(|(id, k)| (*id, *k)).collect(),
         };
         let (st, ms, lat) = (stop.clone(), stats.mirror.clone(), stats.latencies.persistence.clone());
