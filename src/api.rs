@@ -156,6 +156,9 @@ struct Gauges {
     validators: IntGauge,
     view_changes: IntGauge,
     blocks: IntGauge,
+    proposals: IntGauge,
+    prepares: IntGauge,
+    commits: IntGauge,
     committed_txs: IntGauge,
     mempool_size: IntGauge,
     mempool_bytes: IntGauge,
@@ -191,6 +194,9 @@ impl Gauges {
             validators: g("consensus_validator_count", "Validators in the set")?,
             view_changes: g("consensus_view_changes_total", "View changes seen by this validator")?,
             blocks: g("consensus_blocks_committed", "Blocks committed since start")?,
+            proposals: g("consensus_proposals_total", "Pre-prepares received from other validators")?,
+            prepares: g("consensus_prepares_total", "Prepare votes received from other validators")?,
+            commits: g("consensus_commits_total", "Commit votes received from other validators")?,
             committed_txs: g("consensus_committed_txs_total", "Transactions committed since start")?,
             mempool_size: g("mempool_size", "Transactions in the mempool")?,
             mempool_bytes: g("mempool_bytes", "Bytes in the mempool")?,
@@ -286,6 +292,9 @@ pub fn serve(
                 g.validators.set(info.validators as i64);
                 g.view_changes.set(load(&s.view_changes));
                 g.blocks.set(load(&s.blocks_committed));
+                g.proposals.set(load(&s.proposals_received));
+                g.prepares.set(load(&s.prepares_received));
+                g.commits.set(load(&s.commits_received));
                 g.committed_txs.set(load(&s.committed_txs));
                 g.mempool_size.set(load(&s.mempool_size));
                 g.mempool_bytes.set(load(&s.mempool_bytes));

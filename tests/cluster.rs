@@ -51,7 +51,10 @@ fn commits_everywhere(
 
 #[test]
 fn four_validators_commit_the_same_blocks() {
-    let c = Cluster::new(4, |_| {});
+    let c = Cluster::new(4, |cfg| {
+        cfg.api.enabled = true;
+        cfg.api.listen = "127.0.0.1:0".into();
+    });
     let vs: Vec<Validator> = (0..4).map(|i| c.start(i)).collect();
     for v in &vs {
         wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
@@ -68,6 +71,18 @@ fn four_validators_commit_the_same_blocks() {
     for v in &vs {
         assert_no_evidence(v);
     }
+    // A backup's API: ready with all peers, and its vote counters moved.
+    let addr = api_addr(&vs[1]);
+    let (code, body) = http_get(&addr, "/ready");
+    assert_eq!(code, 200, "{body}");
+    let (_, page) = http_get(&addr, "/metrics");
+    assert_eq!(metric(&page, "consensus_validator_count"), 4.0);
+    assert_eq!(metric(&page, "consensus_quorum_size"), 3.0);
+    assert_eq!(metric(&page, "p2p_peers_connected"), 3.0);
+    assert_eq!(metric(&page, "consensus_height"), *chains[1].keys().next_back().unwrap() as f64);
+    assert!(metric(&page, "consensus_proposals_total") >= 1.0);
+    assert!(metric(&page, "consensus_prepares_total") >= 1.0);
+    assert!(metric(&page, "consensus_commits_total") >= 2.0);
     for (i, v) in vs.into_iter().enumerate() {
         assert!(v.terminate().success());
         let text = store_check(&c.net.nodes[i].data_dir);

@@ -136,18 +136,6 @@ fn audit_log_records_consensus_events_and_verify_names_an_edited_line() {
     assert!(!verify(&path, &"00".repeat(32)).status.success());
 }
 
-/// GET `path` from `addr`: (status code, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
-}
-
 /// The HTTP API and /metrics reflect what the validator did.
 #[test]
 fn http_api_and_prometheus_metrics() {
@@ -155,8 +143,7 @@ fn http_api_and_prometheus_metrics() {
     let mut cmd = std::process::Command::new(BIN);
     cmd.arg("run").arg("--config").arg(&s.config).env("ENABLE_API", "true").env("API_LISTEN_ADDR", "127.0.0.1:0");
     let v = Validator::spawn(cmd);
-    let api = v.startup_events.iter().find(|e| e["fields"]["message"] == "HTTP API listening").expect("API started");
-    let addr = api["fields"]["addr"].as_str().unwrap().to_string();
+    let addr = api_addr(&v);
     let mut c = v.connect();
     let evs: Vec<Event> = (0..25).map(|i| anomaly(&s.producer, i)).collect();
     for e in &evs {
@@ -179,14 +166,7 @@ fn http_api_and_prometheus_metrics() {
     assert_eq!(st["validator"], 1);
     let (code, metrics) = http_get(&addr, "/metrics");
     assert_eq!(code, 200);
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
-    };
+    let value = |name: &str| metric(&metrics, name);
     assert_eq!(value("consensus_height"), last.height as f64);
     assert_eq!(value("consensus_quorum_size"), 1.0);
     assert_eq!(value("consensus_committed_txs_total"), 25.0);

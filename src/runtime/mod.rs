@@ -77,6 +77,10 @@ pub struct RuntimeStats {
     pub leader: AtomicU64,
     pub view_changes: AtomicU64,
     pub blocks_committed: AtomicU64,
+    /// PBFT messages received from other validators, by kind.
+    pub proposals_received: AtomicU64,
+    pub prepares_received: AtomicU64,
+    pub commits_received: AtomicU64,
     /// Kafka messages consumed and not finished.
     pub kafka_unfinished: AtomicU64,
     /// Batches waiting in the verify shards' input rings.
@@ -1271,7 +1275,20 @@ fn core_loop(
                 last_heard.insert(from, now);
                 let Some(rid) = cons.rid_of(from) else { continue };
                 match wire::decode_frame(&bytes, &cons.wire) {
-                    Ok(Frame::Pbft(m)) if started => node.on_message(now, rid, m, &mut out),
+                    Ok(Frame::Pbft(m)) if started => {
+                        let counter = match &m {
+                            Message::PrePrepare(_) => Some(&sh.stats.proposals_received),
+                            Message::Vote(v) if v.body.phase == crate::consensus::pbft::Phase::Prepare => {
+                                Some(&sh.stats.prepares_received)
+                            }
+                            Message::Vote(_) => Some(&sh.stats.commits_received),
+                            _ => None,
+                        };
+                        if let Some(c) = counter {
+                            c.fetch_add(1, Ordering::Relaxed);
+                        }
+                        node.on_message(now, rid, m, &mut out)
+                    }
                     Ok(Frame::Pbft(_)) => {} // before genesis: peers retransmit
                     Ok(Frame::Genesis(a)) => {
                         if let Some(g) = &mut genesis {

@@ -365,3 +365,30 @@ pub fn bad_events(key: &SigningKey) -> Vec<(&'static str, Event)> {
         ("invalid_payload", Event::sign(TxKind::Anomaly, key, [5; 16], vec![0x10, 0x63], now, [5; 4])),
     ]
 }
+
+/// GET `path` from `addr`: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// The address the validator's HTTP API listens on (from its startup log).
+pub fn api_addr(v: &Validator) -> String {
+    let e = v.startup_events.iter().find(|e| e["fields"]["message"] == "HTTP API listening").expect("API enabled");
+    e["fields"]["addr"].as_str().unwrap().to_string()
+}
+
+/// The value of a metric line `name value` in a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{page}"))
+}
