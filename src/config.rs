@@ -366,11 +366,20 @@ pub struct ApiConfig {
     pub enabled: bool,
     pub listen: String,
     pub tls_enabled: bool,
+    /// API_TLS_CERT / API_TLS_KEY: PEM certificate chain and private key.
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { enabled: false, listen: "127.0.0.1:8443".into(), tls_enabled: false }
+        ApiConfig {
+            enabled: false,
+            listen: "127.0.0.1:8443".into(),
+            tls_enabled: false,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+        }
     }
 }
 
@@ -610,6 +619,8 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("ENABLE_API", |c, v| Ok(c.api.enabled = parse_bool(v)?)),
     ("API_LISTEN_ADDR", |c, v| Ok(c.api.listen = v.trim().into())),
     ("API_TLS_ENABLED", |c, v| Ok(c.api.tls_enabled = parse_bool(v)?)),
+    ("API_TLS_CERT", |c, v| Ok(c.api.tls_cert = v.trim().into())),
+    ("API_TLS_KEY", |c, v| Ok(c.api.tls_key = v.trim().into())),
     ("ENCRYPTION_KEY", |c, v| Ok(c.secrets.encryption_key = v.into())),
     ("SECRET_KEY", |c, v| Ok(c.secrets.secret_key = v.into())),
     ("JWT_SECRET", |c, v| Ok(c.secrets.jwt_secret = v.into())),
@@ -1065,6 +1076,13 @@ impl Config {
                 "set DB_DSN=postgresql://user:pass@host:5432/cybermesh or ENABLE_PERSISTENCE=false",
             ));
         }
+        if c.api.enabled && c.api.tls_enabled && (c.api.tls_cert.is_empty() || c.api.tls_key.is_empty()) {
+            e.push(err(
+                "API_TLS_CERT / API_TLS_KEY",
+                "API_TLS_ENABLED=true needs a certificate and a key",
+                "set API_TLS_CERT=/path/cert.pem and API_TLS_KEY=/path/key.pem",
+            ));
+        }
         if !["copy", "unnest"].contains(&c.database.write_mode.as_str()) {
             e.push(err(
                 "DB_WRITE_MODE (database.write_mode)",
@@ -1176,14 +1194,13 @@ fn production_checklist(c: &Config, e: &mut Vec<ConfigError>) {
             ));
         }
     }
-    // The API has no TLS of its own yet: in production it must sit on
-    // loopback behind a TLS-terminating proxy.
+    // Production: TLS on the API, or loopback only (behind a TLS proxy).
     let loopback = c.api.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
-    if c.api.enabled && !loopback {
+    if c.api.enabled && !loopback && !c.api.tls_enabled {
         e.push(err(
-            "API_LISTEN_ADDR",
-            "production exposes the API only through a TLS-terminating proxy",
-            "bind API_LISTEN_ADDR to 127.0.0.1:<port> and put a TLS reverse proxy in front",
+            "API_TLS_ENABLED",
+            "production requires TLS on an API reachable from other hosts",
+            "set API_TLS_ENABLED=true with API_TLS_CERT/API_TLS_KEY, or bind API_LISTEN_ADDR to loopback behind a TLS proxy",
         ));
     }
     for (name, v, min) in [

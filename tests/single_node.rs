@@ -300,3 +300,51 @@ fn check_openapi(addr: &str, params: &[(&str, String)]) {
         }
     }
 }
+
+/// API_TLS_ENABLED: the API speaks HTTPS with the configured certificate; a
+/// client that trusts it gets answers, a plain HTTP request gets none.
+#[test]
+fn http_api_over_tls() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (dir.path().join("api.pem"), dir.path().join("api.key"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let s = Setup::single("");
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&s.config)
+        .env("ENABLE_API", "true")
+        .env("API_LISTEN_ADDR", "127.0.0.1:0")
+        .env("API_TLS_ENABLED", "true")
+        .env("API_TLS_CERT", &cert_pem)
+        .env("API_TLS_KEY", &key_pem);
+    let v = Validator::spawn(cmd);
+    let addr = api_addr(&v);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(&addr).unwrap());
+    write!(tls, "GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = tls.read_to_string(&mut text); // the server may close without close_notify
+    assert!(text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"validator\":1"), "{text}");
+    // Plain HTTP on the TLS port: no HTTP answer.
+    let mut plain = std::net::TcpStream::connect(&addr).unwrap();
+    plain.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    write!(plain, "GET /status HTTP/1.0\r\n\r\n").unwrap();
+    let mut back = vec![];
+    let _ = plain.read_to_end(&mut back);
+    assert!(!String::from_utf8_lossy(&back).contains("\"validator\""));
+    assert!(v.terminate().success());
+}

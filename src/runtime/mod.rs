@@ -429,11 +429,20 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let (state_tx, state_rx) = sync_channel::<crate::api::StateQuery>(64);
     // HTTP API and metrics (ENABLE_API): a thread reading published stats.
     if c.api.enabled {
-        if c.api.tls_enabled {
-            bail!("API_TLS_ENABLED=true is not supported by this build: terminate TLS in front of the API (a reverse proxy) and bind API_LISTEN_ADDR to loopback");
+        let server = if c.api.tls_enabled {
+            let read = |p: &str, what: &str| {
+                std::fs::read(p)
+                    .with_context(|| format!("reading the API {what} {p} (API_TLS_{})", what.to_uppercase()))
+            };
+            let ssl = tiny_http::SslConfig {
+                certificate: read(&c.api.tls_cert, "cert")?,
+                private_key: read(&c.api.tls_key, "key")?,
+            };
+            tiny_http::Server::https(&c.api.listen, ssl)
+        } else {
+            tiny_http::Server::http(&c.api.listen)
         }
-        let server = tiny_http::Server::http(&c.api.listen)
-            .map_err(|e| anyhow::anyhow!("binding the HTTP API on {} (API_LISTEN_ADDR): {e}", c.api.listen))?;
+        .map_err(|e| anyhow::anyhow!("starting the HTTP API on {} (API_LISTEN_ADDR, API_TLS_*): {e}", c.api.listen))?;
         let addr = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_default();
         let info = crate::api::StaticInfo { validator: c.node.id, validators: n, quorum: params.q(), ids: ids.clone() };
         let (st, sp) = (stats.clone(), stop.clone());
