@@ -219,11 +219,12 @@ impl BlockStoreReader {
 
     fn refresh(&mut self) {
         use std::os::unix::fs::FileExt;
+        let Ok(file_len) = self.file.metadata().map(|m| m.len()) else { return };
         let mut hdr = [0u8; 8];
-        while self.file.read_exact_at(&mut hdr, self.scanned).is_ok() {
+        while self.scanned + 8 <= file_len && self.file.read_exact_at(&mut hdr, self.scanned).is_ok() {
             let len = u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes")) as u64;
             let end = self.scanned + 8 + len;
-            if len == 0 || self.file.metadata().map_or(true, |m| m.len() < end) {
+            if len == 0 || file_len < end {
                 return; // not complete yet
             }
             self.index.push(self.scanned);

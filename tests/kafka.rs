@@ -490,10 +490,7 @@ fn free_port() -> u16 {
 fn kafka_over_tls_with_scram_sha_512() {
     let dir = tempfile::tempdir().unwrap();
     // A certificate for "localhost", trusted through KAFKA_CA_LOCATION.
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert_pem, key_pem) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
-    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let (cert_pem, key_pem, _) = localhost_cert(dir.path());
     // SCRAM users live in the broker's storage: PostgreSQL (a database of
     // this test's own). Users are created through a plain listener first.
     let db = format!("nisshi_{}", uuid::Uuid::new_v4().simple());

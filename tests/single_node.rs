@@ -307,10 +307,7 @@ fn check_openapi(addr: &str, params: &[(&str, String)]) {
 fn http_api_over_tls() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert_pem, key_pem) = (dir.path().join("api.pem"), dir.path().join("api.key"));
-    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
-    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let (cert_pem, key_pem, cert) = localhost_cert(dir.path());
     let s = Setup::single("");
     let mut cmd = std::process::Command::new(BIN);
     cmd.arg("run")

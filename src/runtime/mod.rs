@@ -1371,12 +1371,15 @@ fn core_loop(
             cons.audit("view_change", serde_json::json!({"view": view, "primary": primary, "height": node.height()}))?;
         }
         if cons.audit.is_some() {
-            let q: Vec<Rid> = node.reputation().quarantined().collect();
-            for r in q.iter().filter(|r| !quarantined.contains(r)) {
-                let validator = cons.ids.get(*r).copied().unwrap_or(0);
-                cons.audit("quarantine", serde_json::json!({"validator": validator, "height": node.height()}))?;
+            // Quarantine only grows: a new one shows as a longer set.
+            if node.reputation().quarantined().count() != quarantined.len() {
+                let q: Vec<Rid> = node.reputation().quarantined().collect();
+                for r in q.iter().filter(|r| !quarantined.contains(r)) {
+                    let validator = cons.ids.get(*r).copied().unwrap_or(0);
+                    cons.audit("quarantine", serde_json::json!({"validator": validator, "height": node.height()}))?;
+                }
+                quarantined = q;
             }
-            quarantined = q;
             if worked {
                 cons.audit.as_mut().expect("checked").flush()?;
             }

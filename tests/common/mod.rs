@@ -378,6 +378,16 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// A self-signed certificate for "localhost" written to `dir` as
+/// `cert.pem` / `key.pem`; returns their paths and the certificate.
+pub fn localhost_cert(dir: &Path) -> (PathBuf, PathBuf, rcgen::CertifiedKey) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    (cert_pem, key_pem, cert)
+}
+
 /// The address the validator's HTTP API listens on (from its startup log).
 pub fn api_addr(v: &Validator) -> String {
     let e = v.startup_events.iter().find(|e| e["fields"]["message"] == "HTTP API listening").expect("API enabled");
