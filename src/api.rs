@@ -29,6 +29,10 @@ pub struct Latencies {
     pub consensus_round: Histogram,
     /// One mirror batch (transaction) in the database.
     pub persistence: Histogram,
+    /// Leader: mempool to encoded proposal.
+    pub block_build: Histogram,
+    /// A committed block through the state machine (to its state root).
+    pub state_execution: Histogram,
     /// Kafka message timestamp to consumed by this validator.
     pub kafka_consume: Histogram,
     /// Commit-event batch: sent to acknowledged by the broker.
@@ -40,12 +44,23 @@ fn ms_histogram(name: &str, help: &str) -> Histogram {
     Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
 }
 
+/// For work inside the core, which takes well under a millisecond per block.
+fn sub_ms_histogram(name: &str, help: &str) -> Histogram {
+    let buckets = vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0];
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+}
+
 impl Default for Latencies {
     fn default() -> Self {
         Latencies {
             consensus_round: ms_histogram(
                 "consensus_round_latency_ms",
                 "Time from a block's proposal timestamp to its commit here",
+            ),
+            block_build: sub_ms_histogram("block_build_latency_ms", "Time for the leader to build one proposal"),
+            state_execution: sub_ms_histogram(
+                "state_execution_latency_ms",
+                "Time to execute one committed block (state machine and state root)",
             ),
             persistence: ms_histogram("persistence_latency_ms", "Time to write one mirror batch"),
             kafka_consume: ms_histogram("kafka_consume_latency_ms", "Kafka message timestamp to consumed"),
@@ -183,7 +198,9 @@ impl Gauges {
         let rejected =
             IntCounterVec::new(Opts::new("ingest_rejected_total", "Inputs sent to the DLQ, by reason"), &["reason"])?;
         registry.register(Box::new(rejected.clone()))?;
-        for h in [&l.consensus_round, &l.persistence, &l.kafka_consume, &l.kafka_produce] {
+        for h in
+            [&l.consensus_round, &l.block_build, &l.state_execution, &l.persistence, &l.kafka_consume, &l.kafka_produce]
+        {
             registry.register(Box::new(h.clone()))?;
         }
         Ok(Gauges {

@@ -231,6 +231,24 @@ impl Reputation {
     }
 }
 
+/// A stage of the core whose duration the host may measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Taking txs from the mempool and encoding a proposal (leader).
+    BuildBlock,
+    /// Executing a committed block through the state machine (state root).
+    Execute,
+}
+
+/// A monotonic host clock in nanoseconds, for observability only: the core
+/// reads it around its two costly stages and hands the durations out
+/// (`take_stage_times`); a reading never feeds a decision, so the core stays
+/// deterministic (the simulator and unit tests run without one).
+pub type Stopwatch = fn() -> u64;
+
+/// Stage durations kept until the host drains them (bounded: dropped past it).
+const MAX_STAGE_TIMES: usize = 1024;
+
 pub struct Node<A: Auth + Clone> {
     cfg: NodeConfig,
     mempool: Mempool,
@@ -256,6 +274,8 @@ pub struct Node<A: Auth + Clone> {
     actions: Vec<Action>,
     /// Kafka messages whose txs were dropped as duplicates (finished).
     dropped: Vec<crate::ingest::SourcePos>,
+    stopwatch: Option<Stopwatch>,
+    stage_times: Vec<(Stage, u64)>,
 }
 
 impl<A: Auth + Clone> Node<A> {
@@ -293,7 +313,31 @@ impl<A: Auth + Clone> Node<A> {
             stats: NodeStats::default(),
             actions: Vec::new(),
             dropped: Vec::new(),
+            stopwatch: None,
+            stage_times: Vec::new(),
             cfg,
+        }
+    }
+
+    /// Measure stage durations with `clock` (see `Stopwatch`).
+    pub fn set_stopwatch(&mut self, clock: Stopwatch) {
+        self.stopwatch = Some(clock);
+    }
+
+    /// Stage durations (ns) measured since the last call.
+    pub fn take_stage_times(&mut self) -> Vec<(Stage, u64)> {
+        std::mem::take(&mut self.stage_times)
+    }
+
+    fn lap(&self) -> u64 {
+        self.stopwatch.map_or(0, |clock| clock())
+    }
+
+    fn record_stage(&mut self, stage: Stage, started: u64) {
+        if let Some(clock) = self.stopwatch {
+            if self.stage_times.len() < MAX_STAGE_TIMES {
+                self.stage_times.push((stage, clock().saturating_sub(started)));
+            }
         }
     }
 
@@ -500,6 +544,7 @@ impl<A: Auth + Clone> Node<A> {
                         self.last_proposal_ms,
                     ))
             {
+                let started = self.lap();
                 let txs = self.mempool.take_for_block(self.cfg.builder.max_txs, self.cfg.builder.max_bytes);
                 let ts = now_ms.max(self.last_proposal_ts).max(self.last.as_ref().map_or(0, |h| h.timestamp_ms));
                 self.last_proposal_ts = ts;
@@ -518,6 +563,7 @@ impl<A: Auth + Clone> Node<A> {
                     crate::sha256(&value),
                     Proposal { timestamp_ms: ts, txs: events, tx_hashes, evidence },
                 );
+                self.record_stage(Stage::BuildBlock, started);
                 self.replica.propose(value, &mut self.actions);
             } else if !self.replica.is_primary() && self.mempool.pending() > 0 {
                 // Txs wait: the primary must order something before the timeout.
@@ -579,7 +625,9 @@ impl<A: Auth + Clone> Node<A> {
         // the last one's (the proposal keeps its own time; the store keeps it).
         let timestamp_ms = p.timestamp_ms.max(last_ts);
         let pairs: Vec<(&Event, Hash32)> = p.txs.iter().map(|t| &**t).zip(p.tx_hashes.iter().copied()).collect();
+        let started = self.lap();
         let Executed { state_root, receipts, undo: _ } = self.state.execute_block(seq, timestamp_ms, &pairs);
+        self.record_stage(Stage::Execute, started);
         let proposer_id = cert.pre_prepare.from;
         let header = BlockHeader {
             height: seq,
@@ -843,6 +891,35 @@ mod tests {
         }
         assert_eq!(total, 10, "nothing lost through backpressure");
         assert_eq!(n.stats().committed_txs, 10);
+    }
+
+    #[test]
+    fn stage_times_are_measured_only_with_a_stopwatch() {
+        // A fake clock that advances 1 µs per reading.
+        static TICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        fn fake_clock() -> u64 {
+            TICKS.fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
+        }
+        let k = crypto::generate_key();
+        let mut plain = cluster(1, &k, 6).pop().unwrap();
+        let mut out = vec![];
+        plain.on_txs(1000, (0..8).map(|i| vtx(&k, i, 1000)).collect(), &mut out);
+        assert_eq!(plain.stats().committed_blocks, 2);
+        assert!(plain.take_stage_times().is_empty(), "no stopwatch, no readings");
+
+        let mut timed = cluster(1, &k, 6).pop().unwrap();
+        timed.set_stopwatch(fake_clock);
+        out.clear();
+        timed.on_txs(1000, (0..8).map(|i| vtx(&k, i, 1000)).collect(), &mut out);
+        let times = timed.take_stage_times();
+        let count = |s: Stage| times.iter().filter(|(t, _)| *t == s).count();
+        assert_eq!(count(Stage::BuildBlock), 2, "{times:?}");
+        assert_eq!(count(Stage::Execute), 2, "{times:?}");
+        assert!(times.iter().all(|(_, ns)| *ns == 1_000), "one reading apart: {times:?}");
+        assert!(timed.take_stage_times().is_empty(), "drained");
+        // The same outputs either way: readings never feed a decision.
+        assert_eq!(timed.height(), plain.height());
+        assert_eq!(timed.state().root(), plain.state().root());
     }
 
     #[test]

@@ -172,6 +172,10 @@ fn http_api_and_prometheus_metrics() {
     assert_eq!(value("consensus_committed_txs_total"), 25.0);
     assert_eq!(value("ingest_rejected_total{reason=\"bad_signature\"}"), 1.0);
     assert_eq!(value("consensus_round_latency_ms_count"), value("consensus_blocks_committed"));
+    // One validator: it built and executed every block, each measured.
+    assert_eq!(value("state_execution_latency_ms_count"), value("consensus_blocks_committed"));
+    assert_eq!(value("block_build_latency_ms_count"), value("consensus_blocks_committed"));
+    assert!(value("state_execution_latency_ms_sum") > 0.0);
     assert!(value("consensus_blocks_committed") >= 1.0);
     // Blocks: a page of headers, one block with its txs and certificate.
     let (code, body) = http_get(&addr, "/blocks?from=1&limit=500");

@@ -119,6 +119,24 @@ enum Cmd {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+    /// How throughput and latency change with payload size, validator count
+    /// and verify-shard count: a fresh devnet per variant, each loaded as
+    /// fast as it accepts (`--max-txs` txs), one table at the end.
+    Scaling {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Payload sizes (bytes), with the other settings at their defaults.
+        #[arg(long, value_delimiter = ',', default_value = "100,300,1000,4000")]
+        payloads: Vec<usize>,
+        /// Validator counts (300 B payloads, the base shard count).
+        #[arg(long, value_delimiter = ',', default_value = "4,7")]
+        validator_counts: Vec<usize>,
+        /// Verify shards per validator (300 B payloads, the base validator count).
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        shard_counts: Vec<usize>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
     /// One validator reading a Kafka topic: pre-signed events are produced
     /// to a fresh topic first, the broker's own consume rate is measured on
     /// it, then the validator consumes, verifies and commits them all.
@@ -188,23 +206,70 @@ fn main() -> anyhow::Result<()> {
                 rows.push((rate, r, raw));
             }
             println!("=== sweep: {}-validator devnet, {} B payloads ===", cluster.validators, load.payload);
-            println!(
-                "{:>10} {:>12} {:>10} {:>10} {:>10} {:>12}",
-                "offered", "committed/s", "p50 ms", "p90 ms", "p99 ms", "raw verify/s"
-            );
-            for (rate, r, raw) in &rows {
-                let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
-                let offered = if *rate == 0 { "max".to_string() } else { rate.to_string() };
-                let tps = r.committed as f64 / r.elapsed.as_secs_f64().max(1e-9);
-                println!(
-                    "{offered:>10} {tps:>12.0} {:>10.1} {:>10.1} {:>10.1} {raw:>12.0}",
-                    ms(0.5),
-                    ms(0.9),
-                    ms(0.99)
-                );
-            }
+            let rows: Vec<_> = rows
+                .into_iter()
+                .map(|(rate, r, raw)| (if rate == 0 { "max".to_string() } else { rate.to_string() }, r, raw))
+                .collect();
+            print_table("offered", &rows);
             Ok(())
         }
+        Cmd::Scaling { load, payloads, validator_counts, shard_counts, cluster } => {
+            let mut variants: Vec<(String, usize, ClusterArgs)> = vec![];
+            let base = cluster.clone();
+            for &p in &payloads {
+                variants.push((format!("payload {p} B"), p, base.clone()));
+            }
+            for &v in &validator_counts {
+                variants.push((format!("{v} validators"), 300, ClusterArgs { validators: v, ..base.clone() }));
+            }
+            for &sh in &shard_counts {
+                variants.push((format!("{sh} shard(s)"), 300, ClusterArgs { shards: sh, ..base.clone() }));
+            }
+            // The base setting (300 B, 4 validators, 1 shard) runs once.
+            let key = |p: usize, c: &ClusterArgs| (p, c.validators, c.shards);
+            let mut done: Vec<((usize, usize, usize), usize)> = vec![];
+            let mut rows = vec![];
+            for (name, payload, c) in variants {
+                let results = match done.iter().find(|(k, _)| *k == key(payload, &c)) {
+                    Some((_, i)) => {
+                        let (_, r, raw): &(String, Results, f64) = &rows[*i];
+                        (r.clone(), *raw)
+                    }
+                    None => {
+                        let l = LoadArgs { payload, rate: Some(0), ..load.clone() };
+                        done.push((key(payload, &c), rows.len()));
+                        devnet(l, &c, false)?
+                    }
+                };
+                rows.push((name, results.0, results.1));
+            }
+            println!(
+                "=== scaling: devnets at the maximum rate ({} txs each; base: {} validators, {} shard(s), 300 B) ===",
+                load.max_txs, cluster.validators, cluster.shards
+            );
+            print_table("variant", &rows);
+            Ok(())
+        }
+    }
+}
+
+/// Throughput and latency per row, beside the raw verify rate measured in
+/// the same run (compare ratios, not figures across machines).
+fn print_table(label: &str, rows: &[(String, Results, f64)]) {
+    println!(
+        "{label:>16} {:>12} {:>9} {:>9} {:>9} {:>12} {:>9}",
+        "committed/s", "p50 ms", "p90 ms", "p99 ms", "raw verify/s", "tx/raw"
+    );
+    for (name, r, raw) in rows {
+        let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
+        let tps = r.committed as f64 / r.elapsed.as_secs_f64().max(1e-9);
+        println!(
+            "{name:>16} {tps:>12.0} {:>9.1} {:>9.1} {:>9.1} {raw:>12.0} {:>9.2}",
+            ms(0.5),
+            ms(0.9),
+            ms(0.99),
+            tps / raw
+        );
     }
 }
 
@@ -444,6 +509,7 @@ fn connect(addr: SocketAddr, within: Duration, log: &Path) -> anyhow::Result<Tcp
     }
 }
 
+#[derive(Clone)]
 struct Results {
     sent: u64,
     committed: u64,

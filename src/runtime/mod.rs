@@ -34,7 +34,7 @@ use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
 use crate::ingest::Incoming;
 use crate::mempool::VerifiedTx;
 use crate::net::{Net, NetConfig, NetEvent, Peer};
-use crate::node::{self, Node, NodeConfig, Output};
+use crate::node::{self, Node, NodeConfig, Output, Stage};
 use crate::proposal;
 use crate::snapshot::{self, JoinStep};
 use crate::state::State;
@@ -53,6 +53,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Wall-clock milliseconds since the Unix epoch (the runtime's only clock).
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Monotonic nanoseconds since first use: the core's stopwatch (stage
+/// durations for metrics only).
+pub fn monotonic_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
 }
 
 /// Counters published by the stages (lock-free), for logs and metrics.
@@ -504,7 +511,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     if !reputation.excluded().is_empty() {
         tracing::info!(excluded = ?reputation.excluded(), "leaders excluded by reputation");
     }
-    let node = Node::new(ncfg.clone(), replica, state, last, reputation, now_ms());
+    let mut node = Node::new(ncfg.clone(), replica, state, last, reputation, now_ms());
+    node.set_stopwatch(monotonic_ns);
     // The snapshot this validator serves: its newest, else the one it started from.
     let served = match std::fs::read(c.node.data_dir.join(snapshot::SERVED_FILE)) {
         Ok(bytes) => match proto::ChainSnapshot::decode(&bytes[..]) {
@@ -727,11 +735,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
         let b = std::mem::replace(&mut batches[i], Vec::with_capacity(sh.batch));
         sh.shard_in[i].push(b, sh.idle, &sh.stop).is_ok()
     };
-    loop {
-        let frame = match direct::read_frame(&mut r, sh.limits.max_event_bytes + 1) {
-            Ok(Some(f)) => f,
-            Ok(None) | Err(_) => break,
-        };
+    while let Ok(Some(frame)) = direct::read_frame(&mut r, sh.limits.max_event_bytes + 1) {
         sh.stats.received.fetch_add(1, Ordering::Relaxed);
         let body = match frame {
             Ok(b) => b,
@@ -1050,6 +1054,7 @@ impl Joining {
                 store.set_base(v.header.clone());
                 let replica = v.replica.recover_onto(std::iter::empty(), std::mem::take(&mut self.records));
                 *node = Node::new(self.ncfg.clone(), replica, v.state, Some(v.header), v.reputation, now);
+                node.set_stopwatch(monotonic_ns);
                 cons.served = Some((height, Arc::new(bytes)));
                 tracing::info!(height, peer, "joined from a snapshot; catching up with the blocks above it");
                 Ok(true)
@@ -1339,6 +1344,13 @@ fn core_loop(
                 log.compact(&node.replica().durable_records()).context("compacting the consensus log")?;
                 tracing::info!(before, after = log.len(), "consensus log compacted");
             }
+        }
+        for (stage, ns) in node.take_stage_times() {
+            let h = match stage {
+                Stage::BuildBlock => &sh.stats.latencies.block_build,
+                Stage::Execute => &sh.stats.latencies.state_execution,
+            };
+            h.observe(ns as f64 / 1e6);
         }
         if let Some(t) = &cons.tracker {
             for p in node.take_dropped() {

@@ -96,6 +96,9 @@ impl Validator {
 
     /// Starts `cmd` (a `cybermesh run`, possibly wrapped, e.g. in
     /// `ip netns exec`) and waits until it listens.
+    // A validator that never starts fails the test (panic); the process is
+    // then reaped with the test process.
+    #[allow(clippy::zombie_processes)]
     pub fn spawn(mut cmd: Command) -> Validator {
         let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
         let logs = spawn_log_reader(child.stderr.take().unwrap());
