@@ -195,7 +195,35 @@ impl Block {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        self.to_proto(None).encode_to_vec()
+        self.encode_with(None, None)
+    }
+
+    /// The `proto::Block` encoding (as `to_proto(consensus)` with `outcome`,
+    /// byte for byte), writing the txs straight from the events.
+    pub fn encode_with(
+        &self,
+        consensus: Option<&proto::PbftCommitCert>,
+        outcome: Option<&proto::BlockOutcome>,
+    ) -> Vec<u8> {
+        let header = header_to_proto(&self.header);
+        let txs: usize = self.txs.iter().map(|t| t.tx_field_len(2)).sum();
+        let mut buf = Vec::with_capacity(
+            prost::encoding::message::encoded_len(1, &header)
+                + txs
+                + consensus.map_or(0, |c| prost::encoding::message::encoded_len(4, c))
+                + outcome.map_or(0, |o| prost::encoding::message::encoded_len(5, o)),
+        );
+        prost::encoding::message::encode(1, &header, &mut buf);
+        for t in &self.txs {
+            t.encode_tx_field(2, &mut buf);
+        }
+        if let Some(c) = consensus {
+            prost::encoding::message::encode(4, c, &mut buf);
+        }
+        if let Some(o) = outcome {
+            prost::encoding::message::encode(5, o, &mut buf);
+        }
+        buf
     }
 
     /// Decodes a block and checks its internal consistency (tx count, tx root).
@@ -300,6 +328,20 @@ mod tests {
             tx_count: n as u32,
         };
         Block { header, txs, tx_hashes }
+    }
+
+    #[test]
+    fn block_encoding_is_prosts_with_and_without_certificate_and_outcome() {
+        let b = make_block(None, 5);
+        let cert = proto::PbftCommitCert { pre_prepare: None, commits: vec![proto::PbftVote::default()] };
+        let outcome = proto::BlockOutcome { rejected: vec![proto::TxRejection::default()], producers: vec![] };
+        for (c, o) in [(None, None), (Some(&cert), None), (Some(&cert), Some(&outcome)), (None, Some(&outcome))] {
+            let mut p = b.to_proto(c.cloned());
+            p.outcome = o.cloned();
+            assert_eq!(b.encode_with(c, o), p.encode_to_vec());
+        }
+        let empty = make_block(None, 0);
+        assert_eq!(empty.encode(), empty.to_proto(None).encode_to_vec());
     }
 
     #[test]

@@ -58,12 +58,34 @@ pub fn encode(timestamp_ms: u64, txs: &[Arc<Event>]) -> Vec<u8> {
 }
 
 pub fn encode_with(timestamp_ms: u64, txs: &[Arc<Event>], evidence: &[Proof]) -> Vec<u8> {
-    proto::Proposal {
-        timestamp_ms,
-        txs: txs.iter().map(|t| t.to_tx_proto()).collect(),
-        evidence: evidence.iter().map(proof_to).collect(),
+    let evidence: Vec<proto::PbftEvidence> = evidence.iter().map(proof_to).collect();
+    encode_proposal(timestamp_ms, txs.iter().map(|t| &**t), &evidence)
+}
+
+/// The `proto::Proposal` encoding, byte for byte (values are hashed: it
+/// must be canonical), writing the txs straight from the events.
+fn encode_proposal<'a>(
+    timestamp_ms: u64,
+    txs: impl Iterator<Item = &'a Event> + Clone,
+    evidence: &[proto::PbftEvidence],
+) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, message, WireType};
+    let len = if timestamp_ms != 0 { key_len(1) + encoded_len_varint(timestamp_ms) } else { 0 }
+        + txs.clone().map(|t| t.tx_field_len(2)).sum::<usize>()
+        + evidence.iter().map(|e| message::encoded_len(3, e)).sum::<usize>();
+    let mut buf = Vec::with_capacity(len);
+    if timestamp_ms != 0 {
+        encode_key(1, WireType::Varint, &mut buf);
+        encode_varint(timestamp_ms, &mut buf);
     }
-    .encode_to_vec()
+    for t in txs {
+        t.encode_tx_field(2, &mut buf);
+    }
+    for e in evidence {
+        message::encode(3, e, &mut buf);
+    }
+    debug_assert_eq!(buf.len(), len);
+    buf
 }
 
 /// What the block store keeps of a committed value: the Proposal without
@@ -94,7 +116,7 @@ pub fn value_of_block(b: &Block, stored: Option<&[u8]>) -> Vec<u8> {
         None if b.txs.is_empty() => return vec![],
         None => (b.header.timestamp_ms, vec![]),
     };
-    proto::Proposal { timestamp_ms, txs: b.txs.iter().map(|t| t.to_tx_proto()).collect(), evidence }.encode_to_vec()
+    encode_proposal(timestamp_ms, b.txs.iter().map(|t| &**t), &evidence)
 }
 
 /// Decodes a value; refuses any encoding other than the canonical one, so

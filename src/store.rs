@@ -148,9 +148,7 @@ impl BlockStore {
             if b.header.previous_hash != prev.as_ref().map_or([0; 32], |h| h.hash()) {
                 return Err(StoreError::BadLink { height: b.header.height, prev: have });
             }
-            let mut p = b.to_proto(cert.clone());
-            p.outcome = outcome.clone();
-            payloads.push(p.encode_to_vec());
+            payloads.push(b.encode_with(cert.as_ref(), outcome.as_ref()));
             prev = Some(b.header.clone());
         }
         let offsets = self.log.append(payloads.iter().map(|p| p.as_slice()))?;
