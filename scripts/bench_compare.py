@@ -2,17 +2,16 @@
 """Compare a criterion run of `benches/hot_paths.rs` against the committed
 baseline (`benches/baseline.json`), printing the ratio per bench.
 
-    scripts/bench-compare.sh            # short run, then compare (warns, never fails)
+    scripts/bench-compare.sh            # short run, then compare (warns, exits 0)
+    scripts/bench-compare.sh --strict   # ... and exits 1 if a bench is flagged
     scripts/bench-compare.sh --save     # short run, then write it as the new baseline
 
 Machines differ (AVX2 EPYC vs AVX-512 IFMA Xeon) and are noisy, so besides the
 raw ratio (this run's mean / the baseline's) the script prints a *calibrated*
-ratio: each bench divided by the calibration bench (`hash/content_hash_300B`,
-plain SHA-256 with no SIMD dispatch) of the same run, so a machine that is
-uniformly faster or slower does not read as a change. A bench is flagged only
-when its calibrated ratio moves past the threshold; the exit status is 0 either
-way (a warning, not a gate: see README "Criterion baseline" for the threshold's
-justification).
+ratio: the raw ratio divided by the machine factor, the median raw ratio over
+all benches of the run. A machine that is uniformly faster or slower then
+does not read as a change, and one bench that regresses does not move the
+median. A bench is flagged when its calibrated ratio is past the threshold.
 """
 import json
 import os
@@ -20,12 +19,12 @@ import platform
 import sys
 import time
 
-CALIBRATION = "hash/content_hash_300B"
-# Two back-to-back short runs on one idle 2-core machine differed by up to
-# ~15% on single benches (fsync and the 100k-key state benches the most);
-# 30% leaves room for that and a busier CI neighbour while still catching a
-# real regression of a hot path (a 1.5x slowdown reads as 1.5).
-THRESHOLD = 0.30
+# Two back-to-back short runs on one idle 2-core Xeon (2026-11-26) differed
+# by up to 1.27x slower and 1.35x faster on single benches (the rayon-parallel
+# Merkle benches, which depend on the other core being free, and the small
+# verify batches the most); the rest stayed within 15%. 40% clears that noise
+# and still flags a real regression of a hot path (a 1.5x slowdown).
+THRESHOLD = 0.40
 
 
 def read_run(criterion_dir):
@@ -62,6 +61,7 @@ def fmt_ns(ns):
 def main():
     args = sys.argv[1:]
     save = "--save" in args
+    strict = "--strict" in args
     criterion_dir = os.environ.get("CRITERION_DIR", "target/criterion")
     baseline_path = os.environ.get("BENCH_BASELINE", "benches/baseline.json")
     run = read_run(criterion_dir)
@@ -72,7 +72,6 @@ def main():
         doc = {
             "cpu": cpu_model(),
             "date": time.strftime("%Y-%m-%d"),
-            "calibration": CALIBRATION,
             "mean_ns": dict(sorted(run.items())),
         }
         with open(baseline_path, "w") as f:
@@ -83,10 +82,11 @@ def main():
     with open(baseline_path) as f:
         base = json.load(f)
     base_ns = base["mean_ns"]
-    cal_now, cal_base = run.get(CALIBRATION), base_ns.get(CALIBRATION)
+    common = sorted(set(run) & set(base_ns))
+    raws = sorted(run[b] / base_ns[b] for b in common)
+    factor = raws[len(raws) // 2] if raws else 1.0
     print(f"baseline: {base['cpu']} ({base['date']}); this run: {cpu_model()}")
-    if cal_now and cal_base:
-        print(f"calibration {CALIBRATION}: {fmt_ns(cal_base)} -> {fmt_ns(cal_now)} (machine factor {cal_now / cal_base:.2f})")
+    print(f"machine factor (median raw ratio over {len(common)} benches): {factor:.2f}")
     width = max(len(k) for k in list(run) + list(base_ns))
     print(f"{'bench':<{width}}  {'baseline':>10}  {'now':>10}  {'raw':>6}  {'calib':>6}")
     flagged = []
@@ -97,7 +97,7 @@ def main():
                   f"{'-' if now is None else fmt_ns(now):>10}  (only in {'baseline' if now is None else 'this run'})")
             continue
         raw = now / then
-        calib = raw / (cal_now / cal_base) if cal_now and cal_base else raw
+        calib = raw / factor
         mark = ""
         if calib > 1 + THRESHOLD:
             mark = "  SLOWER"
@@ -110,7 +110,7 @@ def main():
               f"calibration: {', '.join(flagged)} (a warning only; rerun to rule out noise)")
     else:
         print(f"bench-compare: no bench more than {THRESHOLD:.0%} slower than the baseline after calibration")
-    return 0
+    return 1 if strict and flagged else 0
 
 
 if __name__ == "__main__":

@@ -173,6 +173,17 @@ fn cert_from(c: proto::PbftPreparedCert, l: &WireLimits) -> Result<PreparedCert,
 }
 
 /// Encodes a durable consensus record (see `consensus::log`).
+/// Largest QUIC frame between validators, derived from the limits so a
+/// legitimate one always fits: a new-view carries the view changes of a
+/// quorum, each with up to a window of prepared proposals (values with
+/// their prepare votes), plus the new primary's re-proposals, i.e.
+/// (q + 1) × window values. (A fixed 64 MiB cap refused the new-views of a
+/// loaded devnet with 4 KB payloads, and the cluster looped in view changes.)
+pub fn max_frame(wire: &WireLimits, q: usize) -> usize {
+    let per_value = wire.max_value_bytes + wire.n * 256; // + a signed vote per validator
+    (q + 1).saturating_mul(wire.window).saturating_mul(per_value).saturating_add(1 << 20)
+}
+
 pub fn encode_record(r: &Record) -> Vec<u8> {
     use proto::pbft_record::Rec;
     let rec = match r {
@@ -399,6 +410,53 @@ mod tests {
             Message::Committed(CommitCert { pre_prepare: spp, commits: vec![sv] }),
             Message::Heartbeat(Signed { body: 5, from: 1, sig: vec![5; 64] }),
         ]
+    }
+
+    #[test]
+    fn the_largest_new_view_fits_the_frame_limit() {
+        // A quorum of view changes, each with a full window of prepared
+        // certificates of the largest values, plus a window of re-proposals.
+        let big: Value = Arc::new(vec![7; L.max_value_bytes]);
+        let pp = |seq| Signed {
+            body: PrePrepare { view: 0, seq, digest: sha256(&big), value: big.clone() },
+            from: 0,
+            sig: vec![1; 64],
+        };
+        let vote = |seq, from| Signed {
+            body: Vote { phase: Phase::Prepare, view: 0, seq, digest: sha256(&big) },
+            from,
+            sig: vec![2; 64],
+        };
+        let q = 3;
+        let window = L.window as u64;
+        let ck = Signed { body: Checkpoint { seq: 16, state: [3; 32], app: [4; 32] }, from: 2, sig: vec![1; 64] };
+        let vc = |from| Signed {
+            body: ViewChange {
+                new_view: 1,
+                stable_seq: 16,
+                stable_proof: vec![ck.clone(); q],
+                prepared: (17..17 + window)
+                    .map(|s| PreparedCert { pre_prepare: pp(s), prepares: (1..L.n).map(|f| vote(s, f)).collect() })
+                    .collect(),
+            },
+            from,
+            sig: vec![3; 64],
+        };
+        let nv = Message::NewView(Signed {
+            body: NewView {
+                view: 1,
+                view_changes: (0..q).map(vc).collect(),
+                pre_prepares: (17..17 + window).map(pp).collect(),
+            },
+            from: 1,
+            sig: vec![4; 64],
+        });
+        let bytes = encode(&nv);
+        let limit = max_frame(&L, q);
+        assert!(bytes.len() <= limit, "{} > {limit}", bytes.len());
+        // Besides its fixed 1 MiB of slack, the limit is not loose.
+        assert!(bytes.len() > (limit - (1 << 20)) * 9 / 10, "{} of {limit}", bytes.len());
+        assert_eq!(decode_frame(&bytes, &L), Ok(Frame::Pbft(nv)));
     }
 
     #[test]

@@ -40,7 +40,11 @@ pub struct NetConfig {
     pub socket: std::net::UdpSocket,
     /// Every other validator.
     pub peers: Vec<Peer>,
+    /// Largest frame accepted.
     pub max_frame: usize,
+    /// Bytes the incoming queue, and each peer's outgoing queue, may hold
+    /// (at least `max_frame`).
+    pub max_queued_bytes: usize,
     /// Outgoing messages buffered per peer, and incoming overall.
     pub queue: usize,
     /// ALLOWED_IPS: connections from other addresses are refused before the
@@ -293,7 +297,7 @@ impl Net {
             wake: cfg.wake.clone(),
             queued: queued.clone(),
             queued_bytes: queued_bytes.clone(),
-            max_queued_bytes: cfg.max_frame.saturating_mul(4),
+            max_queued_bytes: cfg.max_queued_bytes.max(cfg.max_frame),
         });
         let thread = std::thread::Builder::new()
             .name("net".into())
@@ -311,7 +315,7 @@ impl Net {
                 })
             })
             .map_err(|e| NetError::Endpoint(e.to_string()))?;
-        let max_out_bytes = cfg.max_frame.saturating_mul(4);
+        let max_out_bytes = cfg.max_queued_bytes.max(cfg.max_frame);
         Ok(Net {
             out,
             max_out_bytes,
@@ -535,7 +539,17 @@ mod tests {
     use std::time::Instant;
 
     fn cfg(me: u32, key: SigningKey, socket: std::net::UdpSocket, peers: Vec<Peer>) -> NetConfig {
-        NetConfig { me, key, socket, peers, max_frame: 1 << 20, queue: 1024, allowed_ips: vec![], wake: None }
+        NetConfig {
+            me,
+            key,
+            socket,
+            peers,
+            max_frame: 1 << 20,
+            max_queued_bytes: 4 << 20,
+            queue: 1024,
+            allowed_ips: vec![],
+            wake: None,
+        }
     }
 
     fn node(me: u32, key: SigningKey, socket: std::net::UdpSocket, peers: Vec<Peer>) -> Net {
@@ -696,7 +710,12 @@ mod tests {
         let (mut socks, addrs) = sockets(2);
         let dead = Peer { id: 2, addr: addrs[1], key: crypto::public_key(&k2) };
         drop(socks.pop()); // nobody listens for validator 2
-        let a = Net::start(NetConfig { max_frame: 100, ..cfg(1, k1, socks.pop().unwrap(), vec![dead]) }).unwrap();
+        let a = Net::start(NetConfig {
+            max_frame: 100,
+            max_queued_bytes: 400,
+            ..cfg(1, k1, socks.pop().unwrap(), vec![dead])
+        })
+        .unwrap();
         // Four frames' worth may wait; the fifth is dropped and counted.
         for i in 0..4 {
             assert!(a.send(2, Arc::new(vec![i; 100])), "frame {i} queued");

@@ -483,7 +483,9 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             key: key.clone(),
             socket: sock,
             peers,
-            max_frame: MAX_CONSENSUS_FRAME,
+            max_frame: wire::max_frame(&wire, params.q()),
+            // One largest frame besides the usual traffic.
+            max_queued_bytes: wire::max_frame(&wire, params.q()).saturating_add(128 << 20),
             queue: 8192,
             allowed_ips: v.allowed_ips.clone(),
             wake: Some(Arc::new(move || bell.ring())),
@@ -822,10 +824,6 @@ fn commit_frame(block: &Block) -> Arc<Vec<u8>> {
     direct::write_frame(&mut buf, &m.encode_to_vec()).expect("vec write");
     Arc::new(buf)
 }
-
-/// Largest QUIC frame between validators: a new-view carries up to a
-/// window of prepared proposals from a quorum of view changes.
-const MAX_CONSENSUS_FRAME: usize = 64 << 20;
 
 /// The core thread's consensus I/O: durable records, transport, id maps.
 struct Consensus {

@@ -9,7 +9,8 @@
 //! * `a` + anomaly id (16)   → `u64 BE height || tx_hash || AnomalyPayload`
 //! * `e` + evidence id (16)  → `u64 BE height || tx_hash || EvidencePayload`
 //! * `p` + policy_id (UTF-8) → `u64 BE height || tx_hash || PolicyPayload` (latest wins)
-//! * `n` + nonce (16)        → `u64 BE timestamp_ms` (replay protection, pruned after the TTL)
+//! * `n` + u64 BE height     → the nonces consumed by that block, `(nonce (16) || u64 BE timestamp_ms)*`
+//!   in tx order (replay protection; deleted once all are past the TTL)
 //! * `r` + producer key (32) → `u64 BE accepted || u64 BE rejected`
 
 pub mod merkle;
@@ -17,11 +18,16 @@ pub mod merkle;
 use crate::event::{parse_payload, Event, TxKind};
 use crate::{proto, sha256, Hash32};
 use merkle::SparseMerkleTree;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// One consumed nonce in a block's `n` entry: nonce (16) || u64 BE timestamp.
+const NONCE_ENTRY: usize = 24;
 
 #[derive(Debug, Clone, Copy)]
 pub struct StateConfig {
-    /// A nonce is remembered this long after its timestamp; an older tx is expired.
+    /// A tx this much older than its block is expired. Its nonce is remembered
+    /// at least this long after its timestamp (until every nonce its block
+    /// consumed is past it), so a replay within the TTL is always refused.
     pub nonce_ttl_ms: u64,
     /// A tx may be at most this far ahead of the block timestamp.
     pub future_skew_ms: u64,
@@ -74,15 +80,29 @@ pub struct State {
     cfg: StateConfig,
     kv: BTreeMap<Vec<u8>, Vec<u8>>,
     tree: SparseMerkleTree,
-    nonce_index: BTreeSet<(u64, [u8; 16])>,
+    /// Nonces remembered (replay protection) → the height that consumed
+    /// them: the `n` entries, indexed. Membership only, so iteration order
+    /// (HashMap's is random) never matters.
+    nonces: HashMap<[u8; 16], u64>,
+    /// `n` entries by (newest timestamp in it, height): pruned in this order.
+    nonce_blocks: BTreeSet<(u64, u64)>,
     height: u64,
 }
 
-fn nonce_key(n: &[u8; 16]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(17);
+/// Nonces live one state entry per block, not one per tx: a tx then costs
+/// one Merkle update (its record) instead of three (record, nonce, and the
+/// nonce's deletion after the TTL), and Merkle hashing is most of execution.
+fn nonce_block_key(height: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
     k.push(b'n');
-    k.extend_from_slice(n);
+    k.extend_from_slice(&height.to_be_bytes());
     k
+}
+
+fn nonce_entries(value: &[u8]) -> impl Iterator<Item = ([u8; 16], u64)> + '_ {
+    value
+        .chunks_exact(NONCE_ENTRY)
+        .map(|e| (e[..16].try_into().expect("16 bytes"), u64::from_be_bytes(e[16..].try_into().expect("8 bytes"))))
 }
 
 fn record(height: u64, tx_hash: &Hash32, payload: &[u8]) -> Vec<u8> {
@@ -116,7 +136,36 @@ impl Batch<'_> {
 
 impl State {
     pub fn new(cfg: StateConfig) -> Self {
-        State { cfg, kv: BTreeMap::new(), tree: SparseMerkleTree::new(), nonce_index: BTreeSet::new(), height: 0 }
+        State {
+            cfg,
+            kv: BTreeMap::new(),
+            tree: SparseMerkleTree::new(),
+            nonces: HashMap::new(),
+            nonce_blocks: BTreeSet::new(),
+            height: 0,
+        }
+    }
+
+    /// Adds block `height`'s `n` entry to the indexes.
+    fn index_nonce_block(&mut self, height: u64, value: &[u8]) {
+        let mut newest = 0;
+        for (n, ts) in nonce_entries(value) {
+            self.nonces.insert(n, height);
+            newest = newest.max(ts);
+        }
+        self.nonce_blocks.insert((newest, height));
+    }
+
+    /// Removes block `height`'s `n` entry from the indexes.
+    fn unindex_nonce_block(&mut self, height: u64, value: &[u8]) {
+        let mut newest = 0;
+        for (n, ts) in nonce_entries(value) {
+            if self.nonces.get(&n) == Some(&height) {
+                self.nonces.remove(&n);
+            }
+            newest = newest.max(ts);
+        }
+        self.nonce_blocks.remove(&(newest, height));
     }
 
     pub fn root(&self) -> Hash32 {
@@ -135,7 +184,7 @@ impl State {
         self.kv.get(key).map(|v| v.as_slice())
     }
     pub fn has_nonce(&self, nonce: &[u8; 16]) -> bool {
-        self.kv.contains_key(&nonce_key(nonce))
+        self.nonces.contains_key(nonce)
     }
     /// A producer's accepted and rejected txs so far (the `r` table).
     pub fn producer_totals(&self, producer: &[u8; 32]) -> (u64, u64) {
@@ -155,23 +204,32 @@ impl State {
     /// their tx hashes (computed once upstream).
     pub fn execute_block(&mut self, height: u64, timestamp_ms: u64, txs: &[(&Event, Hash32)]) -> Executed {
         assert_eq!(height, self.height + 1, "blocks execute in height order");
-        let mut b = Batch { kv: &mut self.kv, undo: BTreeMap::new() };
-        // Forget nonces past their TTL: a tx that old is refused as expired anyway.
+        // Forget nonces past their TTL, a block's worth at a time once all
+        // of its are: a tx that old is refused as expired anyway (that check
+        // comes first), so when a nonce is forgotten changes no outcome.
         let horizon = timestamp_ms.saturating_sub(self.cfg.nonce_ttl_ms);
-        while let Some(&(ts, n)) = self.nonce_index.first() {
-            if ts >= horizon {
+        let mut pruned = vec![];
+        while let Some(&(newest, h)) = self.nonce_blocks.first() {
+            if newest >= horizon {
                 break;
             }
-            self.nonce_index.pop_first();
-            b.delete(&nonce_key(&n));
+            let value = self.kv.get(&nonce_block_key(h)).cloned().unwrap_or_default();
+            self.unindex_nonce_block(h, &value);
+            pruned.push(h);
         }
+        let mut b = Batch { kv: &mut self.kv, undo: BTreeMap::new() };
+        for h in pruned {
+            b.delete(&nonce_block_key(h));
+        }
+        let mut consumed = Vec::with_capacity(txs.len() * NONCE_ENTRY);
         let mut receipts = Vec::with_capacity(txs.len());
         let mut producer_delta: BTreeMap<[u8; 32], (u64, u64)> = BTreeMap::new();
         for (ev, tx_hash) in txs {
-            let status = Self::apply_tx(&mut b, &self.cfg, height, timestamp_ms, ev, tx_hash);
+            let status = Self::apply_tx(&mut b, &self.nonces, &self.cfg, height, timestamp_ms, ev, tx_hash);
             if status != TxStatus::Rejected("replayed_nonce") && status != TxStatus::Rejected("expired") {
-                b.put(nonce_key(&ev.nonce), ev.timestamp_ms.to_be_bytes().to_vec());
-                self.nonce_index.insert((ev.timestamp_ms, ev.nonce));
+                self.nonces.insert(ev.nonce, height);
+                consumed.extend_from_slice(&ev.nonce);
+                consumed.extend_from_slice(&ev.timestamp_ms.to_be_bytes());
             }
             let d = producer_delta.entry(ev.producer).or_default();
             match status {
@@ -193,7 +251,14 @@ impl State {
             v.extend_from_slice(&(r0 + rej).to_be_bytes());
             b.put(k, v);
         }
+        if !consumed.is_empty() {
+            b.put(nonce_block_key(height), consumed.clone());
+        }
         let undo_map = std::mem::take(&mut b.undo);
+        if !consumed.is_empty() {
+            // Already in `nonces` (tx by tx); now the pruning order.
+            self.index_nonce_block(height, &consumed);
+        }
         let updates: Vec<merkle::Update> =
             undo_map.keys().map(|k| (sha256(k), self.kv.get(k).map(|v| sha256(v)))).collect();
         self.tree.apply(updates);
@@ -202,14 +267,22 @@ impl State {
         Executed { state_root: self.tree.root(), receipts, undo }
     }
 
-    fn apply_tx(b: &mut Batch<'_>, cfg: &StateConfig, height: u64, now: u64, ev: &Event, tx_hash: &Hash32) -> TxStatus {
+    fn apply_tx(
+        b: &mut Batch<'_>,
+        nonces: &HashMap<[u8; 16], u64>,
+        cfg: &StateConfig,
+        height: u64,
+        now: u64,
+        ev: &Event,
+        tx_hash: &Hash32,
+    ) -> TxStatus {
         if ev.timestamp_ms.saturating_add(cfg.nonce_ttl_ms) <= now {
             return TxStatus::Rejected("expired");
         }
         if ev.timestamp_ms > now.saturating_add(cfg.future_skew_ms) {
             return TxStatus::Rejected("future");
         }
-        if b.get(&nonce_key(&ev.nonce)).is_some() {
+        if nonces.contains_key(&ev.nonce) {
             return TxStatus::Rejected("replayed_nonce");
         }
         let payload = match parse_payload(ev.kind, &ev.payload) {
@@ -234,12 +307,12 @@ impl State {
         let mut updates = Vec::with_capacity(undo.prev.len());
         for (k, old) in undo.prev {
             if k.first() == Some(&b'n') {
-                let n: [u8; 16] = k[1..].try_into().expect("nonce key");
-                if let Some(v) = self.kv.get(&k) {
-                    self.nonce_index.remove(&(u64::from_be_bytes(v[..8].try_into().unwrap()), n));
+                let h = u64::from_be_bytes(k[1..].try_into().expect("nonce block key"));
+                if let Some(v) = self.kv.get(&k).cloned() {
+                    self.unindex_nonce_block(h, &v);
                 }
                 if let Some(v) = &old {
-                    self.nonce_index.insert((u64::from_be_bytes(v[..8].try_into().unwrap()), n));
+                    self.index_nonce_block(h, v);
                 }
             }
             updates.push((sha256(&k), old.as_ref().map(|v| sha256(v))));
@@ -267,11 +340,12 @@ impl State {
         let mut updates = Vec::with_capacity(snap.entries.len());
         for e in &snap.entries {
             if e.key.first() == Some(&b'n') {
-                let n: [u8; 16] =
-                    e.key[1..].try_into().map_err(|_| StateError::Malformed("nonce key length".into()))?;
-                let ts: [u8; 8] =
-                    e.value.as_slice().try_into().map_err(|_| StateError::Malformed("nonce value length".into()))?;
-                s.nonce_index.insert((u64::from_be_bytes(ts), n));
+                let h: [u8; 8] =
+                    e.key[1..].try_into().map_err(|_| StateError::Malformed("nonce block key length".into()))?;
+                if e.value.is_empty() || e.value.len() % NONCE_ENTRY != 0 {
+                    return Err(StateError::Malformed(format!("nonce block value of {} bytes", e.value.len())));
+                }
+                s.index_nonce_block(u64::from_be_bytes(h), &e.value);
             }
             updates.push((sha256(&e.key), Some(sha256(&e.value))));
             s.kv.insert(e.key.clone(), e.value.clone());
@@ -346,6 +420,43 @@ mod tests {
         assert_eq!(e.receipts[0].status, TxStatus::Rejected("expired"));
         let fut = ev(&k, TxKind::Anomaly, 77, late + 10 * 60_000, sample_anomaly_payload(77, 100));
         assert_eq!(run(&mut s1, 6, late + 2, &[fut]).receipts[0].status, TxStatus::Rejected("future"));
+    }
+
+    #[test]
+    fn nonces_are_one_entry_per_block_and_forgotten_once_all_expire() {
+        let k = crypto::generate_key();
+        let t0 = 1_700_000_000_000u64;
+        let ttl = StateConfig::default().nonce_ttl_ms;
+        let mut s = State::new(StateConfig::default());
+        let txs: Vec<Event> =
+            (0..10).map(|i| ev(&k, TxKind::Anomaly, i, t0 + i * 10, sample_anomaly_payload(i, 100))).collect();
+        run(&mut s, 1, t0 + 100, &txs);
+        // 10 records + one nonce entry for the block + the producer's totals.
+        assert_eq!(s.len(), 12);
+        let entry = s.get(&nonce_block_key(1)).expect("the block's nonce entry");
+        assert_eq!(entry.len(), 10 * NONCE_ENTRY);
+        // The oldest nonce is past the TTL, the newest is not: all remembered.
+        run(&mut s, 2, t0 + ttl + 1, &[]);
+        assert!(txs.iter().all(|t| s.has_nonce(&t.nonce)));
+        assert!(s.get(&nonce_block_key(1)).is_some());
+        // Every one past it: the entry goes, in one Merkle update.
+        let root_before = s.root();
+        let pruning = run(&mut s, 3, t0 + 90 + ttl + 1, &[]);
+        assert!(txs.iter().all(|t| !s.has_nonce(&t.nonce)));
+        assert!(s.get(&nonce_block_key(1)).is_none());
+        assert_eq!(s.len(), 11);
+        // Rolling the pruning block back remembers them again.
+        s.rollback(pruning.undo);
+        assert_eq!(s.root(), root_before);
+        assert!(txs.iter().all(|t| s.has_nonce(&t.nonce)));
+        // A restored snapshot remembers exactly the same nonces.
+        let r = State::restore(&s.snapshot([0; 32]), StateConfig::default()).unwrap();
+        assert!(txs.iter().all(|t| r.has_nonce(&t.nonce)));
+        assert_eq!(r.nonce_blocks, s.nonce_blocks);
+        let mut bad = s.snapshot([0; 32]);
+        let i = bad.entries.iter().position(|e| e.key.first() == Some(&b'n')).unwrap();
+        bad.entries[i].value.pop();
+        assert!(matches!(State::restore(&bad, StateConfig::default()), Err(StateError::Malformed(_))));
     }
 
     #[test]

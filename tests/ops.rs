@@ -1,6 +1,8 @@
 //! Operations: the validator's systemd unit (`systemd/cybermesh@.service`)
 //! passes `systemd-analyze verify` without a single warning, and the host
-//! tuning scripts (`tuning/`) are dry runs by default and idempotent.
+//! tuning scripts (`tuning/`) are dry runs by default and idempotent, and
+//! the criterion comparison (`scripts/bench_compare.py`) flags a regression
+//! but not a uniformly slower machine.
 
 use std::path::Path;
 use std::process::Command;
@@ -114,4 +116,60 @@ fn cpu_layout_gives_each_validator_its_cores_and_a_valid_affinity() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("leave runtime.pin_cores = false"), "{text}");
     assert!(files_under(small.path()).is_empty());
+}
+
+/// A fake criterion results dir: `bench id -> mean ns`.
+fn criterion_dir(root: &Path, means: &[(&str, f64)]) {
+    for (id, ns) in means {
+        let d = root.join(id.replace('/', "_")).join("new");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("benchmark.json"), serde_json::json!({ "full_id": id }).to_string()).unwrap();
+        let est = serde_json::json!({ "mean": { "point_estimate": ns } });
+        std::fs::write(d.join("estimates.json"), est.to_string()).unwrap();
+    }
+}
+
+fn bench_compare(criterion: &Path, baseline: &Path, args: &[&str]) -> (i32, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_compare.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .env("CRITERION_DIR", criterion)
+        .env("BENCH_BASELINE", baseline)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn bench_compare_flags_a_regression_but_not_a_slower_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let baseline = dir.path().join("baseline.json");
+    let base = [("a/x", 100.0), ("a/y", 200.0), ("b/z", 1000.0), ("c/w", 50.0), ("c/v", 10.0)];
+    criterion_dir(&dir.path().join("base"), &base);
+    let (code, text) = bench_compare(&dir.path().join("base"), &baseline, &["--save"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("wrote 5 benches"), "{text}");
+    // A machine twice as slow on everything: nothing flagged.
+    let slow: Vec<(&str, f64)> = base.iter().map(|(id, ns)| (*id, ns * 2.0)).collect();
+    criterion_dir(&dir.path().join("slow"), &slow);
+    let (code, text) = bench_compare(&dir.path().join("slow"), &baseline, &["--strict"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("machine factor (median raw ratio over 5 benches): 2.00"), "{text}");
+    assert!(!text.contains("SLOWER"), "{text}");
+    // One bench 2x slower on the same machine: flagged; --strict fails.
+    let mut reg = base.to_vec();
+    reg[2].1 *= 2.0;
+    criterion_dir(&dir.path().join("reg"), &reg);
+    let (code, text) = bench_compare(&dir.path().join("reg"), &baseline, &[]);
+    assert_eq!(code, 0, "warn only: {text}");
+    assert!(text.lines().any(|l| l.starts_with("b/z") && l.ends_with("SLOWER")), "{text}");
+    let (code, _) = bench_compare(&dir.path().join("reg"), &baseline, &["--strict"]);
+    assert_eq!(code, 1);
+    // Within the noise threshold: not flagged.
+    let mut noisy = base.to_vec();
+    noisy[2].1 *= 1.25;
+    criterion_dir(&dir.path().join("noisy"), &noisy);
+    let (code, text) = bench_compare(&dir.path().join("noisy"), &baseline, &["--strict"]);
+    assert_eq!(code, 0, "{text}");
 }
