@@ -777,6 +777,10 @@ impl<A: Auth + Clone> Replica<A> {
                     && !self.changing
                     && self.auth.verify(s.from, &pp_bytes(&s.body), &s.sig)
                 {
+                    // A signed proposal of this view shows its primary alive,
+                    // as a heartbeat does (under load, heartbeats queue behind
+                    // big proposals); lack of progress is the deadline's job.
+                    self.last_heartbeat = Some(self.now);
                     self.accept_pre_prepare(s, out);
                 }
             }
@@ -1329,6 +1333,34 @@ mod tests {
         }
         assert_eq!(seen, vec![1500, 2000, 2000]);
         assert_eq!(r.view(), 3);
+    }
+
+    #[test]
+    fn proposals_of_the_view_count_as_heartbeats_and_silence_does_not() {
+        // Heartbeats every 500 ms, 6 missed = 3 s; the progress deadline far off.
+        let p = Params {
+            heartbeat_ms: 500,
+            timeout_ms: 60_000,
+            timeout_min_ms: 60_000,
+            timeout_max_ms: 60_000,
+            ..params()
+        };
+        let mut r = Replica::new(1, p, NoAuth);
+        let mut out = vec![];
+        r.on_tick(0, &mut out);
+        let changing = |out: &[Action]| out.iter().any(|a| matches!(a, Action::Broadcast(Message::ViewChange(_))));
+        // Only proposals from the primary (no heartbeat) for 8 s: it is alive.
+        for t in 1..=8u64 {
+            r.set_time(t * 1000);
+            let value: Value = Arc::new(t.to_be_bytes().to_vec());
+            let pp = PrePrepare { view: 0, seq: t, digest: crate::sha256(&value), value };
+            r.on_message(Message::PrePrepare(Signed { body: pp, from: 0, sig: vec![] }), &mut out);
+            r.on_tick(t * 1000, &mut out);
+            assert!(!changing(&out), "view change at {t} s with proposals arriving");
+        }
+        // Then silence past 3 s: the backup moves to view 1.
+        r.on_tick(8000 + 3001, &mut out);
+        assert!(changing(&out), "a silent primary is replaced");
     }
 
     #[test]
