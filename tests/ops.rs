@@ -76,6 +76,23 @@ fn tuning_scripts_are_dry_runs_by_default_and_idempotent() {
     assert_eq!(code, 0, "{text}");
     assert_eq!(text.matches("nothing to change").count(), 6, "every script idempotent: {text}");
     assert!(!text.contains("wrote"), "{text}");
+    // irqbalance (when present) keeps off every core but the housekeeping ones.
+    let irq = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(irq.path().join("etc/default")).unwrap();
+    std::fs::write(irq.path().join("etc/default/irqbalance"), "").unwrap();
+    let (code, text) =
+        tuning("irq-affinity.sh", &["--housekeeping", "0", "--root", irq.path().to_str().unwrap(), "--apply"]);
+    assert_eq!(code, 0, "{text}");
+    let nproc = Command::new("nproc").arg("--all").output().unwrap();
+    let cores: usize = String::from_utf8_lossy(&nproc.stdout).trim().parse().unwrap();
+    let banned: Vec<String> = (1..cores).map(|c| c.to_string()).collect();
+    let conf = irq.path().join("etc/default/irqbalance.d/90-cybermesh.conf");
+    if cores > 1 {
+        let conf = std::fs::read_to_string(conf).unwrap();
+        assert!(conf.contains(&format!("IRQBALANCE_BANNED_CPULIST={}\n", banned.join(","))), "{conf}");
+    } else {
+        assert!(!conf.exists(), "one core: nothing to ban");
+    }
     // A bad option is refused with a reason.
     let (code, text) = tuning("cpu-layout.sh", &["--shards", "two"]);
     assert_eq!(code, 2);

@@ -20,15 +20,15 @@ case "$HK" in '' | *[!0-9,-]*) say "--housekeeping takes a core list such as 0 o
 
 # The cores that are not housekeeping, for irqbalance's banned list.
 CORES=$(nproc --all)
-BANNED=$(python3 - "$HK" "$CORES" <<'PY'
-import sys
-hk = set()
-for part in sys.argv[1].split(","):
-    a, _, b = part.partition("-")
-    hk.update(range(int(a), int(b or a) + 1))
-print(",".join(str(c) for c in range(int(sys.argv[2])) if c not in hk))
-PY
-)
+declare -A IS_HK=()
+IFS=, read -ra PARTS <<<"$HK"
+for part in "${PARTS[@]}"; do
+  for ((c = ${part%-*}; c <= ${part#*-}; c++)); do IS_HK[$c]=1; done
+done
+BANNED=""
+for ((c = 0; c < CORES; c++)); do
+  [ -n "${IS_HK[$c]:-}" ] || BANNED="${BANNED:+$BANNED,}$c"
+done
 if [ -z "$BANNED" ]; then
   say "every core is a housekeeping core on this $CORES-core host: nothing to move."
   finish
