@@ -210,25 +210,13 @@ impl DlqKafkaSink {
             Some(p) => format!("{}/{}/{}", p.topic, p.partition, p.offset),
             None => r.origin.clone(),
         };
-        let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(r.pos.clone()))
+        let record = BaseRecord::with_opaque_to(&self.topic, Box::new(r.pos.clone()))
             .payload(&r.original[..])
             .key(key.as_str())
             .headers(headers);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    back,
-                )) => {
-                    record = back;
-                    self.producer.poll(std::time::Duration::from_millis(50));
-                }
-                Err((e, _)) => {
-                    tracing::error!(error = %e, reason = r.reason.as_str(), "DLQ record refused by the producer; its message will be read again after a restart");
-                    return;
-                }
-            }
+        let wait = std::time::Duration::from_millis(50);
+        if let Err(e) = crate::ingest::kafka::send_when_queued(&self.producer, record, wait) {
+            tracing::error!(error = %e, reason = r.reason.as_str(), "DLQ record refused by the producer; its message will be read again after a restart");
         }
     }
 

@@ -401,23 +401,11 @@ pub fn publish_loop(
             producer.context().state.lock().expect("acks lock").0.insert(height, batch.events.len());
             producer.context().sent.lock().expect("sent lock").insert(height, std::time::Instant::now());
             for ev in &batch.events {
-                let mut record =
+                let record =
                     BaseRecord::with_opaque_to(&ev.topic, height as usize).payload(&ev.payload[..]).key(&ev.key);
-                loop {
-                    match producer.send(record) {
-                        Ok(()) => break,
-                        Err((
-                            rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                            back,
-                        )) => {
-                            record = back;
-                            producer.poll(Duration::from_millis(20));
-                        }
-                        Err((e, _)) => {
-                            tracing::error!(height, error = %e, topic = %ev.topic, "event refused by the producer; stopping the publisher (a restart resumes at the cursor)");
-                            return Ok(());
-                        }
-                    }
+                if let Err(e) = crate::ingest::kafka::send_when_queued(&producer, record, Duration::from_millis(20)) {
+                    tracing::error!(height, error = %e, topic = %ev.topic, "event refused by the producer; stopping the publisher (a restart resumes at the cursor)");
+                    return Ok(());
                 }
             }
         }

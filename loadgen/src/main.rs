@@ -225,23 +225,18 @@ fn main() -> anyhow::Result<()> {
             for &sh in &shard_counts {
                 variants.push((format!("{sh} shard(s)"), 300, ClusterArgs { shards: sh, ..base.clone() }));
             }
-            // The base setting (300 B, 4 validators, 1 shard) runs once.
-            let key = |p: usize, c: &ClusterArgs| (p, c.validators, c.shards);
-            let mut done: Vec<((usize, usize, usize), usize)> = vec![];
+            // The base setting appears in each group; it runs once.
+            let mut measured: std::collections::HashMap<(usize, usize, usize), (Results, f64)> = Default::default();
             let mut rows = vec![];
             for (name, payload, c) in variants {
-                let results = match done.iter().find(|(k, _)| *k == key(payload, &c)) {
-                    Some((_, i)) => {
-                        let (_, r, raw): &(String, Results, f64) = &rows[*i];
-                        (r.clone(), *raw)
-                    }
-                    None => {
+                let (r, raw) = match measured.entry((payload, c.validators, c.shards)) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
                         let l = LoadArgs { payload, rate: Some(0), ..load.clone() };
-                        done.push((key(payload, &c), rows.len()));
-                        devnet(l, &c, false)?
+                        e.insert(devnet(l, &c, false)?).clone()
                     }
                 };
-                rows.push((name, results.0, results.1));
+                rows.push((name, r, raw));
             }
             println!(
                 "=== scaling: devnets at the maximum rate ({} txs each; base: {} validators, {} shard(s), 300 B) ===",

@@ -22,6 +22,33 @@ use rdkafka::ClientConfig;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+/// Hands `record` to the producer, waiting `wait` at a time while
+/// librdkafka's local queue is full (backpressure, not a failure); any other
+/// refusal is returned.
+pub fn send_when_queued<'a, K, P, C>(
+    producer: &rdkafka::producer::ThreadedProducer<C>,
+    mut record: rdkafka::producer::BaseRecord<'a, K, P, C::DeliveryOpaque>,
+    wait: std::time::Duration,
+) -> rdkafka::error::KafkaResult<()>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+    C: rdkafka::producer::ProducerContext + 'static,
+{
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                producer.poll(wait);
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// Settings shared by the consumer and the producers (brokers, TLS, SASL).
 pub fn client_config(k: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();

@@ -478,14 +478,15 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             .map(|(id, key)| Peer { id: *id, addr: v.peers[id], key: *key })
             .collect();
         let bell = core_bell.clone();
+        let max_frame = wire::max_frame(&wire, params.q());
         let net = Net::start(NetConfig {
             me: c.node.id,
             key: key.clone(),
             socket: sock,
             peers,
-            max_frame: wire::max_frame(&wire, params.q()),
+            max_frame,
             // One largest frame besides the usual traffic.
-            max_queued_bytes: wire::max_frame(&wire, params.q()).saturating_add(128 << 20),
+            max_queued_bytes: max_frame.saturating_add(128 << 20),
             queue: 8192,
             allowed_ips: v.allowed_ips.clone(),
             wake: Some(Arc::new(move || bell.ring())),

@@ -80,13 +80,52 @@ pub struct State {
     cfg: StateConfig,
     kv: BTreeMap<Vec<u8>, Vec<u8>>,
     tree: SparseMerkleTree,
-    /// Nonces remembered (replay protection) → the height that consumed
-    /// them: the `n` entries, indexed. Membership only, so iteration order
-    /// (HashMap's is random) never matters.
-    nonces: HashMap<[u8; 16], u64>,
-    /// `n` entries by (newest timestamp in it, height): pruned in this order.
-    nonce_blocks: BTreeSet<(u64, u64)>,
+    nonces: NonceIndex,
     height: u64,
+}
+
+/// The `n` entries, indexed (rebuilt from them on restore).
+#[derive(Default)]
+struct NonceIndex {
+    /// Nonces remembered (replay protection) → the height that consumed
+    /// them. Membership only, so iteration order (HashMap's is random)
+    /// never matters.
+    by_nonce: HashMap<[u8; 16], u64>,
+    /// `n` entries by (newest timestamp in it, height): pruned in this order.
+    blocks: BTreeSet<(u64, u64)>,
+}
+
+impl NonceIndex {
+    fn contains(&self, nonce: &[u8; 16]) -> bool {
+        self.by_nonce.contains_key(nonce)
+    }
+
+    /// Adds block `height`'s `n` entry.
+    fn add_block(&mut self, height: u64, value: &[u8]) {
+        let mut newest = 0;
+        for (n, ts) in nonce_entries(value) {
+            self.by_nonce.insert(n, height);
+            newest = newest.max(ts);
+        }
+        self.blocks.insert((newest, height));
+    }
+
+    /// Removes block `height`'s `n` entry.
+    fn remove_block(&mut self, height: u64, value: &[u8]) {
+        let mut newest = 0;
+        for (n, ts) in nonce_entries(value) {
+            if self.by_nonce.get(&n) == Some(&height) {
+                self.by_nonce.remove(&n);
+            }
+            newest = newest.max(ts);
+        }
+        self.blocks.remove(&(newest, height));
+    }
+
+    /// The oldest block whose nonces are all older than `horizon`, if any.
+    fn expired(&self, horizon: u64) -> Option<u64> {
+        self.blocks.first().filter(|(newest, _)| *newest < horizon).map(|(_, h)| *h)
+    }
 }
 
 /// Nonces live one state entry per block, not one per tx: a tx then costs
@@ -136,36 +175,7 @@ impl Batch<'_> {
 
 impl State {
     pub fn new(cfg: StateConfig) -> Self {
-        State {
-            cfg,
-            kv: BTreeMap::new(),
-            tree: SparseMerkleTree::new(),
-            nonces: HashMap::new(),
-            nonce_blocks: BTreeSet::new(),
-            height: 0,
-        }
-    }
-
-    /// Adds block `height`'s `n` entry to the indexes.
-    fn index_nonce_block(&mut self, height: u64, value: &[u8]) {
-        let mut newest = 0;
-        for (n, ts) in nonce_entries(value) {
-            self.nonces.insert(n, height);
-            newest = newest.max(ts);
-        }
-        self.nonce_blocks.insert((newest, height));
-    }
-
-    /// Removes block `height`'s `n` entry from the indexes.
-    fn unindex_nonce_block(&mut self, height: u64, value: &[u8]) {
-        let mut newest = 0;
-        for (n, ts) in nonce_entries(value) {
-            if self.nonces.get(&n) == Some(&height) {
-                self.nonces.remove(&n);
-            }
-            newest = newest.max(ts);
-        }
-        self.nonce_blocks.remove(&(newest, height));
+        State { cfg, kv: BTreeMap::new(), tree: SparseMerkleTree::new(), nonces: NonceIndex::default(), height: 0 }
     }
 
     pub fn root(&self) -> Hash32 {
@@ -184,7 +194,7 @@ impl State {
         self.kv.get(key).map(|v| v.as_slice())
     }
     pub fn has_nonce(&self, nonce: &[u8; 16]) -> bool {
-        self.nonces.contains_key(nonce)
+        self.nonces.contains(nonce)
     }
     /// A producer's accepted and rejected txs so far (the `r` table).
     pub fn producer_totals(&self, producer: &[u8; 32]) -> (u64, u64) {
@@ -208,26 +218,22 @@ impl State {
         // of its are: a tx that old is refused as expired anyway (that check
         // comes first), so when a nonce is forgotten changes no outcome.
         let horizon = timestamp_ms.saturating_sub(self.cfg.nonce_ttl_ms);
-        let mut pruned = vec![];
-        while let Some(&(newest, h)) = self.nonce_blocks.first() {
-            if newest >= horizon {
-                break;
-            }
-            let value = self.kv.get(&nonce_block_key(h)).cloned().unwrap_or_default();
-            self.unindex_nonce_block(h, &value);
-            pruned.push(h);
-        }
         let mut b = Batch { kv: &mut self.kv, undo: BTreeMap::new() };
-        for h in pruned {
-            b.delete(&nonce_block_key(h));
+        while let Some(h) = self.nonces.expired(horizon) {
+            let key = nonce_block_key(h);
+            let value = b.kv.get(&key).map(Vec::as_slice).unwrap_or_default();
+            self.nonces.remove_block(h, value);
+            b.delete(&key);
         }
         let mut consumed = Vec::with_capacity(txs.len() * NONCE_ENTRY);
+        let mut newest = 0;
         let mut receipts = Vec::with_capacity(txs.len());
         let mut producer_delta: BTreeMap<[u8; 32], (u64, u64)> = BTreeMap::new();
         for (ev, tx_hash) in txs {
             let status = Self::apply_tx(&mut b, &self.nonces, &self.cfg, height, timestamp_ms, ev, tx_hash);
             if status != TxStatus::Rejected("replayed_nonce") && status != TxStatus::Rejected("expired") {
-                self.nonces.insert(ev.nonce, height);
+                self.nonces.by_nonce.insert(ev.nonce, height);
+                newest = newest.max(ev.timestamp_ms);
                 consumed.extend_from_slice(&ev.nonce);
                 consumed.extend_from_slice(&ev.timestamp_ms.to_be_bytes());
             }
@@ -252,13 +258,11 @@ impl State {
             b.put(k, v);
         }
         if !consumed.is_empty() {
-            b.put(nonce_block_key(height), consumed.clone());
+            // Its nonces are indexed already (tx by tx); now its pruning order.
+            self.nonces.blocks.insert((newest, height));
+            b.put(nonce_block_key(height), consumed);
         }
         let undo_map = std::mem::take(&mut b.undo);
-        if !consumed.is_empty() {
-            // Already in `nonces` (tx by tx); now the pruning order.
-            self.index_nonce_block(height, &consumed);
-        }
         let updates: Vec<merkle::Update> =
             undo_map.keys().map(|k| (sha256(k), self.kv.get(k).map(|v| sha256(v)))).collect();
         self.tree.apply(updates);
@@ -269,7 +273,7 @@ impl State {
 
     fn apply_tx(
         b: &mut Batch<'_>,
-        nonces: &HashMap<[u8; 16], u64>,
+        nonces: &NonceIndex,
         cfg: &StateConfig,
         height: u64,
         now: u64,
@@ -282,7 +286,7 @@ impl State {
         if ev.timestamp_ms > now.saturating_add(cfg.future_skew_ms) {
             return TxStatus::Rejected("future");
         }
-        if nonces.contains_key(&ev.nonce) {
+        if nonces.contains(&ev.nonce) {
             return TxStatus::Rejected("replayed_nonce");
         }
         let payload = match parse_payload(ev.kind, &ev.payload) {
@@ -308,11 +312,11 @@ impl State {
         for (k, old) in undo.prev {
             if k.first() == Some(&b'n') {
                 let h = u64::from_be_bytes(k[1..].try_into().expect("nonce block key"));
-                if let Some(v) = self.kv.get(&k).cloned() {
-                    self.unindex_nonce_block(h, &v);
+                if let Some(v) = self.kv.get(&k) {
+                    self.nonces.remove_block(h, v);
                 }
                 if let Some(v) = &old {
-                    self.index_nonce_block(h, v);
+                    self.nonces.add_block(h, v);
                 }
             }
             updates.push((sha256(&k), old.as_ref().map(|v| sha256(v))));
@@ -345,7 +349,7 @@ impl State {
                 if e.value.is_empty() || e.value.len() % NONCE_ENTRY != 0 {
                     return Err(StateError::Malformed(format!("nonce block value of {} bytes", e.value.len())));
                 }
-                s.index_nonce_block(u64::from_be_bytes(h), &e.value);
+                s.nonces.add_block(u64::from_be_bytes(h), &e.value);
             }
             updates.push((sha256(&e.key), Some(sha256(&e.value))));
             s.kv.insert(e.key.clone(), e.value.clone());
@@ -452,7 +456,7 @@ mod tests {
         // A restored snapshot remembers exactly the same nonces.
         let r = State::restore(&s.snapshot([0; 32]), StateConfig::default()).unwrap();
         assert!(txs.iter().all(|t| r.has_nonce(&t.nonce)));
-        assert_eq!(r.nonce_blocks, s.nonce_blocks);
+        assert_eq!(r.nonces.blocks, s.nonces.blocks);
         let mut bad = s.snapshot([0; 32]);
         let i = bad.entries.iter().position(|e| e.key.first() == Some(&b'n')).unwrap();
         bad.entries[i].value.pop();
