@@ -55,8 +55,9 @@ pub struct Mempool {
     bytes: usize,
     next: u64,
     cursor: u64,
-    /// Txs below `cursor` still present.
+    /// Txs below `cursor` still present, and their bytes.
     proposed: usize,
+    proposed_bytes: usize,
 }
 
 impl Mempool {
@@ -71,6 +72,7 @@ impl Mempool {
             next: 0,
             cursor: 0,
             proposed: 0,
+            proposed_bytes: 0,
         }
     }
 
@@ -86,6 +88,10 @@ impl Mempool {
     /// Txs not yet in a proposal.
     pub fn pending(&self) -> usize {
         self.txs.len() - self.proposed
+    }
+    /// Bytes of the txs not yet in a proposal (what the next block can take).
+    pub fn pending_bytes(&self) -> usize {
+        self.bytes - self.proposed_bytes
     }
     pub fn has_room(&self) -> bool {
         self.txs.len() < self.cfg.max_txs && self.bytes < self.cfg.max_bytes
@@ -141,6 +147,7 @@ impl Mempool {
         if let Some(n) = last {
             self.cursor = n + 1;
             self.proposed += out.len();
+            self.proposed_bytes += bytes;
         }
         out
     }
@@ -156,11 +163,12 @@ impl Mempool {
             self.bytes -= tx.event.size();
             if n < self.cursor {
                 self.proposed -= 1;
+                self.proposed_bytes -= tx.event.size();
             }
             removed += 1;
         }
         debug_assert_eq!(self.by_content.len(), self.txs.len());
-        debug_assert!(self.proposed <= self.txs.len());
+        debug_assert!(self.proposed <= self.txs.len() && self.proposed_bytes <= self.bytes);
         removed
     }
 
@@ -169,6 +177,7 @@ impl Mempool {
     pub fn unpropose_all(&mut self) {
         self.cursor = 0;
         self.proposed = 0;
+        self.proposed_bytes = 0;
     }
 }
 
@@ -209,7 +218,7 @@ mod tests {
     #[test]
     fn byte_limit_applies() {
         let one = tx(1);
-        let sz = one.event.size();
+        let (sz, one_hash) = (one.event.size(), one.tx_hash);
         let mut m = Mempool::new(MempoolConfig { max_txs: 100, max_bytes: sz * 2 });
         assert_eq!(m.admit(one), Admit::Added);
         assert_eq!(m.admit(tx(2)), Admit::Added);
@@ -217,7 +226,9 @@ mod tests {
         assert_eq!(m.bytes(), sz * 2);
         let b = m.take_for_block(10, sz);
         assert_eq!(b.len(), 1);
+        assert_eq!((m.bytes(), m.pending_bytes()), (sz * 2, sz), "a proposed tx's bytes are not pending");
         m.unpropose_all();
+        assert_eq!(m.pending_bytes(), sz * 2);
         assert_eq!(m.pending(), 2);
         // Another proposer's block commits the second tx; the first is taken next.
         let second = m.take_for_block(10, sz * 2)[1].tx_hash;
@@ -225,6 +236,8 @@ mod tests {
         m.remove_committed(&[second]);
         assert_eq!(m.pending(), 1);
         assert_eq!(m.take_for_block(10, sz * 2).len(), 1);
-        assert_eq!(m.pending(), 0);
+        assert_eq!((m.pending(), m.pending_bytes()), (0, 0));
+        m.remove_committed(&[one_hash]);
+        assert_eq!((m.len(), m.bytes(), m.pending_bytes()), (0, 0, 0));
     }
 }

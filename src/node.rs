@@ -539,7 +539,8 @@ impl<A: Auth + Clone> Node<A> {
                 && (unproposed_proofs
                     || self.cfg.builder.should_build(
                         self.mempool.pending(),
-                        self.mempool.bytes(),
+                        // Only what is not yet proposed fills the next block.
+                        self.mempool.pending_bytes(),
                         now_ms,
                         self.last_proposal_ms,
                     ))
@@ -891,6 +892,34 @@ mod tests {
         }
         assert_eq!(total, 10, "nothing lost through backpressure");
         assert_eq!(n.stats().committed_txs, 10);
+    }
+
+    #[test]
+    fn a_primary_cuts_a_block_early_only_for_bytes_not_yet_proposed() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let primary = &mut nodes[0];
+        let txs: Vec<VerifiedTx> = (0..3).map(|i| vtx(&k, i, 10)).collect();
+        let sz = txs[0].event.size();
+        // Room for two txs' bytes per block, a long interval.
+        primary.cfg.builder = BuilderConfig {
+            max_txs: 100,
+            max_bytes: sz * 5 / 2,
+            build_interval: Duration::from_millis(100),
+            min_txs: 1,
+        };
+        let proposals = |out: &[Output]| out.iter().filter(|o| matches!(o, Output::Persist(Record::PrePrepare(_)))).count();
+        let mut out = vec![];
+        primary.on_txs(10, txs, &mut out);
+        // Three txs' bytes fill a block: two are cut at once. The third
+        // waits for the interval, though the pool (with the two in flight)
+        // still holds more than a block's bytes.
+        assert_eq!(proposals(&out), 1);
+        out.clear();
+        primary.on_tick(50, &mut out);
+        assert_eq!(proposals(&out), 0, "the in-flight block's bytes do not fill the next one");
+        primary.on_tick(110, &mut out);
+        assert_eq!(proposals(&out), 1, "cut when the interval is over");
     }
 
     #[test]
