@@ -560,12 +560,10 @@ impl<A: Auth + Clone> Node<A> {
                     }
                 }
                 let value = Arc::new(proposal::encode_with(ts, &events, &evidence));
-                self.remember_checked(
-                    crate::sha256(&value),
-                    Proposal { timestamp_ms: ts, txs: events, tx_hashes, evidence },
-                );
+                // Its execution (queued in `actions`) finds it decoded here.
+                let digest = self.replica.propose(value, &mut self.actions);
+                self.remember_checked(digest, Proposal { timestamp_ms: ts, txs: events, tx_hashes, evidence });
                 self.record_stage(Stage::BuildBlock, started);
-                self.replica.propose(value, &mut self.actions);
             } else if !self.replica.is_primary() && self.mempool.pending() > 0 {
                 // Txs wait: the primary must order something before the timeout.
                 self.replica.expect_progress();

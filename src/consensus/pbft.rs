@@ -333,7 +333,9 @@ pub struct Replica<A: Auth + Clone> {
     view_changes: BTreeMap<View, BTreeMap<Rid, Signed<ViewChange>>>,
     /// Values known and not yet executed (every replica keeps them, so any
     /// of them can propose them when it becomes primary).
-    queue: VecDeque<Value>,
+    /// Values proposed here not yet executed, with their digests (hashed
+    /// once: a value may be megabytes).
+    queue: VecDeque<(Hash32, Value)>,
     /// Digests this replica proposed as primary in the current view.
     assigned: BTreeSet<Hash32>,
     /// Work known but not executed: deadline for a view change.
@@ -662,12 +664,15 @@ impl<A: Auth + Clone> Replica<A> {
     /// A value to order. Every replica is told (as every validator sees every
     /// transaction); the primary assigns it a sequence number, backups start
     /// their timer so a silent primary is replaced.
-    pub fn propose(&mut self, value: Value, out: &mut Vec<Action>) {
-        self.queue.push_back(value);
+    /// Returns the value's digest.
+    pub fn propose(&mut self, value: Value, out: &mut Vec<Action>) -> Hash32 {
+        let digest = sha256(&value);
+        self.queue.push_back((digest, value));
         if self.deadline.is_none() {
             self.deadline = Some(self.now + self.timeout_ms);
         }
         self.try_propose(out);
+        digest
     }
 
     fn try_propose(&mut self, out: &mut Vec<Action>) {
@@ -677,9 +682,8 @@ impl<A: Auth + Clone> Replica<A> {
         let view = self.view;
         let mut i = 0;
         while self.next_seq <= self.low + self.p.window && i < self.queue.len() {
-            let value = self.queue[i].clone();
+            let digest = self.queue[i].0;
             i += 1;
-            let digest = sha256(&value);
             if self.assigned.contains(&digest) {
                 continue;
             }
@@ -691,11 +695,12 @@ impl<A: Auth + Clone> Replica<A> {
                 continue; // already re-proposed by the new-view
             }
             self.assigned.insert(digest);
+            let value = self.queue[i - 1].1.clone();
             let pp = PrePrepare { view, seq: self.next_seq, digest, value };
             self.next_seq += 1;
             let s = self.sign(pp.clone(), pp_bytes(&pp));
             out.push(Action::Persist(Record::PrePrepare(s.clone())));
-            self.accept_pre_prepare(s.clone(), out);
+            self.accept_hashed_pre_prepare(s.clone(), out);
             out.push(Action::Broadcast(Message::PrePrepare(s)));
         }
     }
@@ -836,8 +841,16 @@ impl<A: Auth + Clone> Replica<A> {
     }
 
     fn accept_pre_prepare(&mut self, s: Signed<PrePrepare>, out: &mut Vec<Action>) {
+        if sha256(&s.body.value) == s.body.digest {
+            self.accept_hashed_pre_prepare(s, out);
+        }
+    }
+
+    /// `accept_pre_prepare` of one whose digest is known to match its value.
+    fn accept_hashed_pre_prepare(&mut self, s: Signed<PrePrepare>, out: &mut Vec<Action>) {
         let b = &s.body;
-        if !self.in_window(b.seq) || sha256(&b.value) != b.digest || b.seq <= self.executed {
+        debug_assert_eq!(sha256(&b.value), b.digest);
+        if !self.in_window(b.seq) || b.seq <= self.executed {
             return;
         }
         let view = self.view;
@@ -961,7 +974,7 @@ impl<A: Auth + Clone> Replica<A> {
         self.executed = seq;
         // Progress: the view works (AIMD additive decrease).
         self.timeout_ms = self.timeout_ms.saturating_sub(self.p.timeout_decrease_ms).max(self.p.timeout_min_ms);
-        self.queue.retain(|v| sha256(v) != cert.pre_prepare.body.digest);
+        self.queue.retain(|(d, _)| *d != cert.pre_prepare.body.digest);
         self.assigned.remove(&cert.pre_prepare.body.digest);
         let pending = self.log.range(seq + 1..).any(|(_, s)| s.pre_prepare.is_some()) || !self.queue.is_empty();
         self.deadline = pending.then_some(self.now + self.timeout_ms);

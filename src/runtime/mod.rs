@@ -590,6 +590,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         wire,
         pending: vec![],
         compact_at: c.runtime.consensus_log_compact_bytes,
+        compact_min: c.runtime.consensus_log_compact_bytes,
         served,
         pending_snapshot: None,
         snapshot_writer,
@@ -836,8 +837,10 @@ struct Consensus {
     wire: WireLimits,
     /// Records to make durable before the next send.
     pending: Vec<Record>,
-    /// Log size that triggers compaction at a stable checkpoint.
+    /// Log size that triggers compaction at a stable checkpoint (see
+    /// `next_compaction_at`), and the configured floor of it.
     compact_at: u64,
+    compact_min: u64,
     /// The encoded chain snapshot served to joining validators, by height.
     served: Option<(Seq, Arc<Vec<u8>>)>,
     /// The newest snapshot recorded at execution, until its checkpoint is stable.
@@ -1341,7 +1344,8 @@ fn core_loop(
             if let Some(log) = cons.log.as_mut().filter(|l| stable && l.len() > cons.compact_at) {
                 let before = log.len();
                 log.compact(&node.replica().durable_records()).context("compacting the consensus log")?;
-                tracing::info!(before, after = log.len(), "consensus log compacted");
+                cons.compact_at = next_compaction_at(cons.compact_min, log.len());
+                tracing::info!(before, after = log.len(), next_at = cons.compact_at, "consensus log compacted");
             }
         }
         for (stage, ns) in node.take_stage_times() {
@@ -1444,6 +1448,14 @@ fn core_loop(
             });
         }
     }
+}
+
+/// The log size at which to compact next, after compacting to `live` bytes:
+/// twice that, and at least the configured size. What recovery needs (the
+/// values in flight: up to a window of blocks) can exceed the configured
+/// size; compacting at every checkpoint would then rewrite it each time.
+fn next_compaction_at(configured: u64, live: u64) -> u64 {
+    configured.max(live.saturating_mul(2))
 }
 
 /// Carries out the core's outputs in order: records durable before any
@@ -1575,4 +1587,19 @@ pub fn run_blocking(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     running.wait()?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_compaction_at;
+
+    #[test]
+    fn the_log_compacts_again_only_once_it_doubles_its_live_size() {
+        // Small live set: the configured size rules.
+        assert_eq!(next_compaction_at(8 << 20, 1 << 20), 8 << 20);
+        // Live set (a window of big proposals) above it: wait for twice
+        // that, so each compaction drops at least half of what it reads.
+        assert_eq!(next_compaction_at(8 << 20, 12 << 20), 24 << 20);
+        assert_eq!(next_compaction_at(8 << 20, u64::MAX), u64::MAX);
+    }
 }

@@ -85,6 +85,24 @@ impl Node {
     }
 }
 
+impl Node {
+    /// `join`, storing the children in the given boxes when an internal
+    /// node results.
+    fn join_into(mut left_box: Box<Node>, mut right_box: Box<Node>, left: Node, right: Node) -> Node {
+        match (&left, &right) {
+            (Node::Empty, Node::Empty) => Node::Empty,
+            (Node::Empty, Node::Leaf { .. }) => right,
+            (Node::Leaf { .. }, Node::Empty) => left,
+            _ => {
+                let hash = internal_hash(&left.hash(), &right.hash());
+                *left_box = left;
+                *right_box = right;
+                Node::Internal { left: left_box, right: right_box, hash }
+            }
+        }
+    }
+}
+
 /// One change: set `key` to `value`, or delete it with `None`.
 pub type Update = (Hash32, Option<Hash32>);
 
@@ -223,15 +241,17 @@ fn update(node: Node, depth: usize, ups: &[Update], par: usize) -> (Node, isize)
         return (node, 0);
     }
     match node {
-        Node::Internal { left, right, .. } => {
+        Node::Internal { mut left, mut right, .. } => {
             let split = ups.partition_point(|u| !bit(&u.0, depth));
             let (lu, ru) = ups.split_at(split);
+            let (old_l, old_r) = (std::mem::take(&mut *left), std::mem::take(&mut *right));
             let ((l, dl), (r, dr)) = if ups.len() >= par && depth < PARALLEL_MAX_DEPTH {
-                rayon::join(|| update(*left, depth + 1, lu, par), || update(*right, depth + 1, ru, par))
+                rayon::join(|| update(old_l, depth + 1, lu, par), || update(old_r, depth + 1, ru, par))
             } else {
-                (update(*left, depth + 1, lu, par), update(*right, depth + 1, ru, par))
+                (update(old_l, depth + 1, lu, par), update(old_r, depth + 1, ru, par))
             };
-            (Node::join(l, r), dl + dr)
+            // The node's boxes are reused: no allocation on the common path.
+            (Node::join_into(left, right, l, r), dl + dr)
         }
         Node::Empty => {
             let ins: Vec<(Hash32, Hash32)> = ups.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();

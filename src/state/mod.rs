@@ -155,17 +155,21 @@ fn record(height: u64, tx_hash: &Hash32, payload: &[u8]) -> Vec<u8> {
 /// Writes of one block, applied to `kv` as they happen and to the tree once.
 struct Batch<'a> {
     kv: &'a mut BTreeMap<Vec<u8>, Vec<u8>>,
-    undo: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Per key written: its value before the block, and the hash of its
+    /// newest value (`None`: deleted), hashed as it is written so the tree
+    /// update needs no second look-up.
+    undo: BTreeMap<Vec<u8>, (Option<Vec<u8>>, Option<Hash32>)>,
 }
 
 impl Batch<'_> {
     fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        let h = sha256(&v);
         let old = self.kv.insert(k.clone(), v);
-        self.undo.entry(k).or_insert(old);
+        self.undo.entry(k).or_insert((old, None)).1 = Some(h);
     }
     fn delete(&mut self, k: &[u8]) {
         if let Some(old) = self.kv.remove(k) {
-            self.undo.entry(k.to_vec()).or_insert(Some(old));
+            self.undo.entry(k.to_vec()).or_insert((Some(old), None)).1 = None;
         }
     }
     fn get(&self, k: &[u8]) -> Option<&Vec<u8>> {
@@ -263,10 +267,9 @@ impl State {
             b.put(nonce_block_key(height), consumed);
         }
         let undo_map = std::mem::take(&mut b.undo);
-        let updates: Vec<merkle::Update> =
-            undo_map.keys().map(|k| (sha256(k), self.kv.get(k).map(|v| sha256(v)))).collect();
+        let updates: Vec<merkle::Update> = undo_map.iter().map(|(k, (_, h))| (sha256(k), *h)).collect();
         self.tree.apply(updates);
-        let undo = Undo { prev: undo_map.into_iter().collect(), height: self.height };
+        let undo = Undo { prev: undo_map.into_iter().map(|(k, (old, _))| (k, old)).collect(), height: self.height };
         self.height = height;
         Executed { state_root: self.tree.root(), receipts, undo }
     }
