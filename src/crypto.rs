@@ -22,9 +22,9 @@ use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
 use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use curve25519_dalek::traits::{IsIdentity, VartimeMultiscalarMul};
 use curve25519_dalek::Scalar;
-use sha2::{Digest, Sha512};
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use ed25519_dalek::Signer;
+use sha2::{Digest, Sha512};
 use std::path::Path;
 
 pub use ed25519_dalek::SigningKey;

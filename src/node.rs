@@ -906,7 +906,8 @@ mod tests {
             build_interval: Duration::from_millis(100),
             min_txs: 1,
         };
-        let proposals = |out: &[Output]| out.iter().filter(|o| matches!(o, Output::Persist(Record::PrePrepare(_)))).count();
+        let proposals =
+            |out: &[Output]| out.iter().filter(|o| matches!(o, Output::Persist(Record::PrePrepare(_)))).count();
         let mut out = vec![];
         primary.on_txs(10, txs, &mut out);
         // Three txs' bytes fill a block: two are cut at once. The third

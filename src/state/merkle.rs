@@ -73,31 +73,27 @@ impl Node {
 
     /// Joins two children, collapsing to keep the canonical shape.
     fn join(left: Node, right: Node) -> Node {
-        match (&left, &right) {
-            (Node::Empty, Node::Empty) => Node::Empty,
-            (Node::Empty, Node::Leaf { .. }) => right,
-            (Node::Leaf { .. }, Node::Empty) => left,
-            _ => {
-                let hash = internal_hash(&left.hash(), &right.hash());
-                Node::Internal { left: Box::new(left), right: Box::new(right), hash }
-            }
-        }
+        Node::join_into(None, left, right)
     }
-}
 
-impl Node {
-    /// `join`, storing the children in the given boxes when an internal
-    /// node results.
-    fn join_into(mut left_box: Box<Node>, mut right_box: Box<Node>, left: Node, right: Node) -> Node {
+    /// `join`, storing the children in `boxes` (a replaced node's) when an
+    /// internal node results: no allocation on an update's common path.
+    fn join_into(boxes: Option<(Box<Node>, Box<Node>)>, left: Node, right: Node) -> Node {
         match (&left, &right) {
             (Node::Empty, Node::Empty) => Node::Empty,
             (Node::Empty, Node::Leaf { .. }) => right,
             (Node::Leaf { .. }, Node::Empty) => left,
             _ => {
                 let hash = internal_hash(&left.hash(), &right.hash());
-                *left_box = left;
-                *right_box = right;
-                Node::Internal { left: left_box, right: right_box, hash }
+                let (left, right) = match boxes {
+                    Some((mut l, mut r)) => {
+                        *l = left;
+                        *r = right;
+                        (l, r)
+                    }
+                    None => (Box::new(left), Box::new(right)),
+                };
+                Node::Internal { left, right, hash }
             }
         }
     }
@@ -250,8 +246,7 @@ fn update(node: Node, depth: usize, ups: &[Update], par: usize) -> (Node, isize)
             } else {
                 (update(old_l, depth + 1, lu, par), update(old_r, depth + 1, ru, par))
             };
-            // The node's boxes are reused: no allocation on the common path.
-            (Node::join_into(left, right, l, r), dl + dr)
+            (Node::join_into(Some((left, right)), l, r), dl + dr)
         }
         Node::Empty => {
             let ins: Vec<(Hash32, Hash32)> = ups.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();

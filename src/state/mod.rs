@@ -152,13 +152,15 @@ fn record(height: u64, tx_hash: &Hash32, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Per key a block wrote: its value before the block, and the hash of its
+/// newest value (`None`: deleted), hashed as it is written so the tree
+/// update needs no second look-up.
+type Written = BTreeMap<Vec<u8>, (Option<Vec<u8>>, Option<Hash32>)>;
+
 /// Writes of one block, applied to `kv` as they happen and to the tree once.
 struct Batch<'a> {
     kv: &'a mut BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Per key written: its value before the block, and the hash of its
-    /// newest value (`None`: deleted), hashed as it is written so the tree
-    /// update needs no second look-up.
-    undo: BTreeMap<Vec<u8>, (Option<Vec<u8>>, Option<Hash32>)>,
+    undo: Written,
 }
 
 impl Batch<'_> {
