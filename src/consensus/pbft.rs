@@ -331,10 +331,9 @@ pub struct Replica<A: Auth + Clone> {
     /// Checkpoint seqs executed whose application digest has not arrived.
     awaiting_app: BTreeMap<Seq, Hash32>,
     view_changes: BTreeMap<View, BTreeMap<Rid, Signed<ViewChange>>>,
-    /// Values known and not yet executed (every replica keeps them, so any
-    /// of them can propose them when it becomes primary).
-    /// Values proposed here not yet executed, with their digests (hashed
-    /// once: a value may be megabytes).
+    /// Values known and not yet executed, with their digests (every replica
+    /// keeps them, so any of them can propose them when it becomes primary;
+    /// each hashed once, as a value may be megabytes).
     queue: VecDeque<(Hash32, Value)>,
     /// Digests this replica proposed as primary in the current view.
     assigned: BTreeSet<Hash32>,

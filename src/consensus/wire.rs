@@ -172,7 +172,6 @@ fn cert_from(c: proto::PbftPreparedCert, l: &WireLimits) -> Result<PreparedCert,
     })
 }
 
-/// Encodes a durable consensus record (see `consensus::log`).
 /// Largest QUIC frame between validators, derived from the limits so a
 /// legitimate one always fits: a new-view carries the view changes of a
 /// quorum, each with up to a window of prepared proposals (values with
@@ -184,6 +183,7 @@ pub fn max_frame(wire: &WireLimits, q: usize) -> usize {
     (q + 1).saturating_mul(wire.window).saturating_mul(per_value).saturating_add(1 << 20)
 }
 
+/// Encodes a durable consensus record (see `consensus::log`).
 pub fn encode_record(r: &Record) -> Vec<u8> {
     use proto::pbft_record::Rec;
     let rec = match r {
