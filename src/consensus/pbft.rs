@@ -306,6 +306,11 @@ struct Slot {
     /// slot. It outlives later pre-prepares for the slot: a view change must
     /// report it, or a value committed elsewhere could be replaced.
     prepared_cert: Option<PreparedCert>,
+    /// When (replica time) a pre-prepare or vote last entered the slot.
+    /// Retransmission skips slots that moved within the last interval: under
+    /// load every slot in flight is young, and re-sending megabyte values
+    /// that are on their way anyway swamped the links (see `retransmit`).
+    touched: u64,
 }
 
 /// One replica. All fields are its durable state: the runtime persists the
@@ -341,6 +346,9 @@ pub struct Replica<A: Auth + Clone> {
     deadline: Option<u64>,
     timeout_ms: u64,
     next_retransmit: u64,
+    /// When (replica time) the last value was executed: catch-up fetches and
+    /// new-view retransmits go out only once execution has stalled.
+    executed_at: u64,
     now: u64,
     /// The new-view this replica sent as primary (retransmitted to laggards).
     last_new_view: Option<Signed<NewView>>,
@@ -381,6 +389,7 @@ impl<A: Auth + Clone> Replica<A> {
             deadline: None,
             timeout_ms,
             next_retransmit: 0,
+            executed_at: 0,
             now: 0,
             last_new_view: None,
             last_heartbeat: None,
@@ -738,10 +747,18 @@ impl<A: Auth + Clone> Replica<A> {
         }
     }
 
+    /// Re-sends what may have been lost, once progress has stalled for an
+    /// interval: a slot's pre-prepare and own votes if nothing entered it
+    /// since; a fetch and the new-view if nothing executed since. Under
+    /// load every slot in flight is younger than that, so nothing goes out
+    /// twice (re-sending every unexecuted value each second cost a full
+    /// window of megabyte proposals per replica per second).
     fn retransmit(&mut self, out: &mut Vec<Action>) {
+        let stalled = |since: u64| self.now.saturating_sub(since) >= self.p.retransmit_ms;
+        let exec_stalled = stalled(self.executed_at);
         // Ask for what others committed if we have work outstanding: cheap,
         // and the way a replica that was cut off catches up, in any view.
-        if self.deadline.is_some() || !self.queue.is_empty() {
+        if exec_stalled && (self.deadline.is_some() || !self.queue.is_empty()) {
             out.push(Action::Broadcast(Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
         }
         if self.changing {
@@ -750,12 +767,12 @@ impl<A: Auth + Clone> Replica<A> {
             }
             return;
         }
-        if let Some(nv) = &self.last_new_view {
+        if let Some(nv) = self.last_new_view.as_ref().filter(|_| exec_stalled) {
             if nv.body.view == self.view {
                 out.push(Action::Broadcast(Message::NewView(nv.clone())));
             }
         }
-        for (_, slot) in self.log.range(self.executed + 1..) {
+        for (_, slot) in self.log.range(self.executed + 1..).filter(|(_, s)| stalled(s.touched)) {
             if let Some(pp) = &slot.pre_prepare {
                 if pp.body.view == self.view {
                     out.push(Action::Broadcast(Message::PrePrepare(pp.clone())));
@@ -873,6 +890,7 @@ impl<A: Auth + Clone> Replica<A> {
             return;
         }
         slot.pre_prepare = Some(s.clone());
+        slot.touched = self.now;
         if self.deadline.is_none() {
             self.deadline = Some(self.now + self.timeout_ms);
         }
@@ -914,6 +932,7 @@ impl<A: Auth + Clone> Replica<A> {
             _ => {}
         }
         map.insert(s.from, s.clone());
+        slot.touched = self.now;
         self.check_progress(b.seq, out);
     }
 
@@ -971,6 +990,7 @@ impl<A: Auth + Clone> Replica<A> {
         h.extend_from_slice(&cert.pre_prepare.body.digest);
         self.state = sha256(&h);
         self.executed = seq;
+        self.executed_at = self.now;
         // Progress: the view works (AIMD additive decrease).
         self.timeout_ms = self.timeout_ms.saturating_sub(self.p.timeout_decrease_ms).max(self.p.timeout_min_ms);
         self.queue.retain(|(d, _)| *d != cert.pre_prepare.body.digest);
@@ -1373,6 +1393,66 @@ mod tests {
         // Then silence past 3 s: the backup moves to view 1.
         r.on_tick(8000 + 3001, &mut out);
         assert!(changing(&out), "a silent primary is replaced");
+    }
+
+    #[test]
+    fn only_what_stalled_for_an_interval_is_retransmitted() {
+        let p = Params {
+            retransmit_ms: 1000,
+            timeout_ms: 60_000,
+            timeout_min_ms: 60_000,
+            timeout_max_ms: 60_000,
+            ..params()
+        };
+        let mut r = Replica::new(1, p, NoAuth);
+        let pp = |seq: Seq| {
+            let value: Value = Arc::new(seq.to_be_bytes().to_vec());
+            Message::PrePrepare(Signed {
+                body: PrePrepare { view: 0, seq, digest: crate::sha256(&value), value },
+                from: 0,
+                sig: vec![],
+            })
+        };
+        let vote = |phase, seq: Seq, from| {
+            let digest = crate::sha256(&seq.to_be_bytes());
+            Message::Vote(Signed { body: Vote { phase, view: 0, seq, digest }, from, sig: vec![] })
+        };
+        // (pre-prepares re-sent, votes re-sent, fetch asked) by a tick at `now`.
+        let tick = |r: &mut Replica<NoAuth>, now| {
+            let mut out = vec![];
+            r.on_tick(now, &mut out);
+            let (mut pps, mut votes, mut fetch) = (vec![], vec![], false);
+            for a in out {
+                match a {
+                    Action::Broadcast(Message::PrePrepare(s)) => pps.push(s.body.seq),
+                    Action::Broadcast(Message::Vote(v)) => votes.push(v.body.seq),
+                    Action::Broadcast(Message::Fetch { .. }) => fetch = true,
+                    _ => {}
+                }
+            }
+            (pps, votes, fetch)
+        };
+        let mut out = vec![];
+        assert_eq!(tick(&mut r, 0), (vec![], vec![], false));
+        r.set_time(0);
+        r.on_message(pp(1), &mut out);
+        r.set_time(600);
+        r.on_message(pp(2), &mut out);
+        // Slot 1 sat a full interval; slot 2 is young; nothing executed yet.
+        assert_eq!(tick(&mut r, 1000), (vec![1], vec![1], true));
+        // Slot 1 commits at 1500 (prepares and commits from 2 and 3).
+        r.set_time(1500);
+        for from in [2, 3] {
+            r.on_message(vote(Phase::Prepare, 1, from), &mut out);
+        }
+        for from in [2, 3] {
+            r.on_message(vote(Phase::Commit, 1, from), &mut out);
+        }
+        assert!(out.iter().any(|a| matches!(a, Action::Execute { seq: 1, .. })));
+        // Now slot 2 has stalled; execution moved 500 ms ago: no fetch.
+        assert_eq!(tick(&mut r, 2000), (vec![2], vec![2], false));
+        // Nothing moves for another interval: slot 2 again, and a fetch.
+        assert_eq!(tick(&mut r, 3000), (vec![2], vec![2], true));
     }
 
     #[test]
