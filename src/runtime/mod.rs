@@ -1463,6 +1463,7 @@ fn next_compaction_at(configured: u64, live: u64) -> u64 {
 fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<bool> {
     let mut stable = false;
     let mut commits: Vec<(Arc<Block>, CommitCert, proto::BlockOutcome)> = Vec::new();
+    let mut sends: Vec<(Option<Rid>, Message)> = Vec::new();
     for o in out.drain(..) {
         match o {
             Output::Reject(r) => {
@@ -1476,12 +1477,8 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                 cons.pending.push(r);
             }
             Output::Snapshot(s) => cons.pending_snapshot = Some(s),
-            Output::Send(to, m) => {
-                cons.flush()?;
-                cons.send(to, &m);
-            }
+            Output::Send(to, m) => sends.push((Some(to), m)),
             Output::Broadcast(m) => {
-                cons.flush()?;
                 if let Message::PrePrepare(p) = &m {
                     if p.from == cons.me && cons.audit.is_some() {
                         let b = &p.body;
@@ -1489,7 +1486,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                         cons.audit("proposal", fields)?;
                     }
                 }
-                cons.broadcast(&m);
+                sends.push((None, m));
             }
             Output::ServeFetch { to, from_seq } => serve_fetch(store, cons, to, from_seq)?,
             Output::Commit { block, cert, receipts: _, outcome } => commits.push((block, cert, outcome)),
@@ -1501,7 +1498,16 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             }
         }
     }
+    // One fdatasync for all the records above, then every send (each may
+    // depend on any record before it; none on a record after it). Flushing
+    // before each send instead cost one fsync per message.
     cons.flush()?;
+    for (to, m) in &sends {
+        match to {
+            Some(to) => cons.send(*to, m),
+            None => cons.broadcast(m),
+        }
+    }
     if commits.is_empty() {
         return Ok(stable);
     }
@@ -1551,6 +1557,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             view = block.header.view,
             txs = block.txs.len(),
             rejected,
+            age_ms = now_ms().saturating_sub(block.header.timestamp_ms),
             "committed"
         );
         let frame = commit_frame(block);
