@@ -78,7 +78,11 @@ pub enum StateError {
 
 pub struct State {
     cfg: StateConfig,
-    kv: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Hashed, not ordered: execution only looks keys up (a B-tree of
+    /// ~10^6 keys cost a few hundred ns of key comparisons per look-up);
+    /// the one ordered walk, the snapshot, sorts. SipHash with a random key:
+    /// producers choose the keys.
+    kv: HashMap<Vec<u8>, Vec<u8>>,
     tree: SparseMerkleTree,
     nonces: NonceIndex,
     height: u64,
@@ -155,11 +159,11 @@ fn record(height: u64, tx_hash: &Hash32, payload: &[u8]) -> Vec<u8> {
 /// Per key a block wrote: its value before the block, and the hash of its
 /// newest value (`None`: deleted), hashed as it is written so the tree
 /// update needs no second look-up.
-type Written = BTreeMap<Vec<u8>, (Option<Vec<u8>>, Option<Hash32>)>;
+type Written = HashMap<Vec<u8>, (Option<Vec<u8>>, Option<Hash32>)>;
 
 /// Writes of one block, applied to `kv` as they happen and to the tree once.
 struct Batch<'a> {
-    kv: &'a mut BTreeMap<Vec<u8>, Vec<u8>>,
+    kv: &'a mut HashMap<Vec<u8>, Vec<u8>>,
     undo: Written,
 }
 
@@ -181,7 +185,7 @@ impl Batch<'_> {
 
 impl State {
     pub fn new(cfg: StateConfig) -> Self {
-        State { cfg, kv: BTreeMap::new(), tree: SparseMerkleTree::new(), nonces: NonceIndex::default(), height: 0 }
+        State { cfg, kv: HashMap::new(), tree: SparseMerkleTree::new(), nonces: NonceIndex::default(), height: 0 }
     }
 
     pub fn root(&self) -> Hash32 {
@@ -224,7 +228,7 @@ impl State {
         // of its are: a tx that old is refused as expired anyway (that check
         // comes first), so when a nonce is forgotten changes no outcome.
         let horizon = timestamp_ms.saturating_sub(self.cfg.nonce_ttl_ms);
-        let mut b = Batch { kv: &mut self.kv, undo: BTreeMap::new() };
+        let mut b = Batch { kv: &mut self.kv, undo: HashMap::with_capacity(txs.len() + 8) };
         while let Some(h) = self.nonces.expired(horizon) {
             let key = nonce_block_key(h);
             let value = b.kv.get(&key).map(Vec::as_slice).unwrap_or_default();
@@ -339,7 +343,13 @@ impl State {
             height: self.height,
             state_root: self.root().to_vec(),
             block_hash: block_hash.to_vec(),
-            entries: self.kv.iter().map(|(k, v)| proto::StateEntry { key: k.clone(), value: v.clone() }).collect(),
+            entries: {
+                // Key order: every validator's snapshot of a height is
+                // byte-identical (joiners fetch chunks from several peers).
+                let mut e: Vec<(&Vec<u8>, &Vec<u8>)> = self.kv.iter().collect();
+                e.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                e.into_iter().map(|(k, v)| proto::StateEntry { key: k.clone(), value: v.clone() }).collect()
+            },
         }
     }
 
@@ -499,6 +509,14 @@ mod tests {
         assert_eq!(back.root(), s.root());
         assert_eq!(back.height(), 1);
         assert!(back.has_nonce(&evs[3].nonce));
+        // Equal states snapshot to equal bytes (peers serve chunks of them),
+        // whatever order their hash maps (each randomly keyed) hold the
+        // keys in: the restored copy and a second execution.
+        assert!(back.snapshot([7; 32]).encode_to_vec() == bytes, "restored state snapshots differently");
+        let mut again = State::new(StateConfig::default());
+        run(&mut again, 1, 5000, &evs);
+        assert!(again.snapshot([7; 32]).encode_to_vec() == bytes, "equal state snapshots differently");
+        assert!(snap.entries.windows(2).all(|w| w[0].key < w[1].key), "entries in key order");
         let mut bad = snap.clone();
         bad.entries[5].value.push(0);
         assert!(matches!(State::restore(&bad, StateConfig::default()), Err(StateError::RootMismatch { .. })));
