@@ -128,14 +128,25 @@ impl Default for BuilderConfig {
 }
 
 impl BuilderConfig {
-    /// Whether to cut a block now: a full block is cut at once; otherwise at
-    /// least `min_txs` must wait and `build_interval` must have passed since
-    /// the last block.
-    pub fn should_build(&self, pending_txs: usize, pending_bytes: usize, now_ms: u64, last_block_ms: u64) -> bool {
+    /// Whether to cut a block now: at least `min_txs` must wait, and then a
+    /// full block is cut at once, as is any block while none of this
+    /// primary's blocks is in flight (`pipeline_idle`: nothing to batch
+    /// behind, so waiting would only add latency); otherwise once
+    /// `build_interval` has passed since the last block. The interval thus
+    /// paces a busy pipeline, and blocks grow with the load.
+    pub fn should_build(
+        &self,
+        pending_txs: usize,
+        pending_bytes: usize,
+        now_ms: u64,
+        last_block_ms: u64,
+        pipeline_idle: bool,
+    ) -> bool {
         if pending_txs == 0 || pending_txs < self.min_txs {
             return false;
         }
-        pending_txs >= self.max_txs
+        pipeline_idle
+            || pending_txs >= self.max_txs
             || pending_bytes >= self.max_bytes
             || now_ms.saturating_sub(last_block_ms) >= self.build_interval.as_millis() as u64
     }
@@ -373,11 +384,14 @@ mod tests {
         assert_ne!(tx_root(&[h(1), h(2)]), tx_root(&[h(2), h(1)]));
         assert_ne!(tx_root(&[h(1), h(2), h(3)]), tx_root(&[h(1), h(2)]));
         let c = BuilderConfig::default();
-        assert!(!c.should_build(0, 0, 10_000, 0));
-        assert!(c.should_build(500, 0, 1, 0), "full block is cut at once");
-        assert!(!c.should_build(10, 0, 499, 0));
-        assert!(c.should_build(10, 0, 500, 0));
+        assert!(!c.should_build(0, 0, 10_000, 0, false));
+        assert!(!c.should_build(0, 0, 10_000, 0, true), "nothing to propose");
+        assert!(c.should_build(500, 0, 1, 0, false), "full block is cut at once");
+        assert!(!c.should_build(10, 0, 499, 0, false));
+        assert!(c.should_build(10, 0, 499, 0, true), "an idle pipeline does not wait");
+        assert!(c.should_build(10, 0, 500, 0, false));
         let c2 = BuilderConfig { min_txs: 5, ..c };
-        assert!(!c2.should_build(4, 0, 10_000, 0));
+        assert!(!c2.should_build(4, 0, 10_000, 0, false));
+        assert!(!c2.should_build(4, 0, 10_000, 0, true), "min_txs holds either way");
     }
 }

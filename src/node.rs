@@ -543,6 +543,7 @@ impl<A: Auth + Clone> Node<A> {
                         self.mempool.pending_bytes(),
                         now_ms,
                         self.last_proposal_ms,
+                        self.replica.queued() == 0,
                     ))
             {
                 let started = self.lap();
@@ -867,10 +868,11 @@ mod tests {
         let mut out = vec![];
         n.on_txs(1000, (0..10).map(|i| vtx(&k, i, 1000)).collect(), &mut out);
         // Four are a full block: proposed and (N = 1) committed at once; the
-        // backlog refills the pool, so a second full block follows.
+        // backlog refills the pool, so a second full block follows, and the
+        // last two go at once too (no block in flight: nothing to wait for).
         let commits: Vec<_> =
             out.iter().filter_map(|o| if let Output::Commit { block, .. } = o { Some(block) } else { None }).collect();
-        assert_eq!(commits.len(), 2);
+        assert_eq!(commits.iter().map(|b| b.txs.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
         assert_eq!(commits[1].header.previous_hash, commits[0].hash());
         assert_eq!(commits[0].header.height, 1);
         assert_eq!(commits[0].txs.len(), 4);

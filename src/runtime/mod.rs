@@ -528,15 +528,25 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         Err(_) => None,
     }
     .or_else(|| base_bytes.map(|b| (store.base_height(), Arc::new(b))));
+    let served: Served = Arc::new(Mutex::new(served));
     let snapshot_writer = if n > 1 && c.consensus.snapshot_interval > 0 {
-        let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(2);
+        // Encoding a snapshot (tens of MB at 10^5 records) took the core
+        // thread hundreds of ms: a commit-latency spike at every snapshot.
+        // This thread encodes, writes, then serves it.
+        let (tx, rx) = sync_channel::<Box<proto::ChainSnapshot>>(2);
         let path = c.node.data_dir.join(snapshot::SERVED_FILE);
+        let served = served.clone();
         std::thread::Builder::new().name("snapshot-writer".into()).spawn(move || {
-            for bytes in rx {
+            for snap in rx {
+                let height = snap.header.as_ref().map_or(0, |h| h.height);
+                let bytes = Arc::new(snap.encode_to_vec());
                 match write_atomically(&path, &bytes) {
                     Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
                     Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the snapshot failed"),
                 }
+                let len = bytes.len();
+                *served.lock().unwrap() = Some((height, bytes));
+                tracing::info!(height, bytes = len, "chain snapshot ready");
             }
         })?;
         Some(tx)
@@ -828,6 +838,10 @@ fn commit_frame(block: &Block) -> Arc<Vec<u8>> {
 }
 
 /// The core thread's consensus I/O: durable records, transport, id maps.
+/// The encoded snapshot served to joiners: set by the snapshot writer,
+/// read by the core thread when a joiner asks.
+type Served = Arc<Mutex<Option<(Seq, Arc<Vec<u8>>)>>>;
+
 struct Consensus {
     /// None with one validator (no one to vote twice to).
     log: Option<ConsensusLog>,
@@ -842,11 +856,11 @@ struct Consensus {
     compact_at: u64,
     compact_min: u64,
     /// The encoded chain snapshot served to joining validators, by height.
-    served: Option<(Seq, Arc<Vec<u8>>)>,
+    served: Served,
     /// The newest snapshot recorded at execution, until its checkpoint is stable.
     pending_snapshot: Option<Box<proto::ChainSnapshot>>,
     /// To the thread that writes `snapshot.bin` (off the core thread).
-    snapshot_writer: Option<SyncSender<Arc<Vec<u8>>>>,
+    snapshot_writer: Option<SyncSender<Box<proto::ChainSnapshot>>>,
     /// Commit events to publish (Kafka).
     egress: Option<BlockFeed<crate::egress::HeightEvents>>,
     /// Blocks to mirror into the database.
@@ -978,14 +992,11 @@ impl Consensus {
             return;
         }
         snap.proof = proof.iter().map(wire::checkpoint_to).collect();
-        let bytes = Arc::new(snap.encode_to_vec());
-        tracing::info!(height, bytes = bytes.len(), "chain snapshot ready");
         if let Some(w) = &self.snapshot_writer {
-            if w.try_send(bytes.clone()).is_err() {
+            if w.try_send(snap).is_err() {
                 tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
             }
         }
-        self.served = Some((height, bytes));
     }
 }
 
@@ -1057,7 +1068,7 @@ impl Joining {
                 let replica = v.replica.recover_onto(std::iter::empty(), std::mem::take(&mut self.records));
                 *node = Node::new(self.ncfg.clone(), replica, v.state, Some(v.header), v.reputation, now);
                 node.set_stopwatch(monotonic_ns);
-                cons.served = Some((height, Arc::new(bytes)));
+                *cons.served.lock().unwrap() = Some((height, Arc::new(bytes)));
                 tracing::info!(height, peer, "joined from a snapshot; catching up with the blocks above it");
                 Ok(true)
             }
@@ -1312,7 +1323,8 @@ fn core_loop(
                         }
                     }
                     Ok(Frame::SnapshotRequest(r)) => {
-                        let chunk = snapshot::answer(cons.served.as_ref().map(|(s, b)| (*s, b.as_slice())), &r);
+                        let served = cons.served.lock().unwrap().clone();
+                        let chunk = snapshot::answer(served.as_ref().map(|(s, b)| (*s, b.as_slice())), &r);
                         if let Some(net) = &cons.net {
                             net.send(from, Arc::new(wire::encode_snapshot_chunk(chunk)));
                         }
