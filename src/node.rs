@@ -1128,7 +1128,7 @@ mod tests {
                 Output::Persist(Record::Stable { seq, proof }) if i == 0 => {
                     if let Some(mut s) = self.pending.take_if(|s| s.header.as_ref().is_some_and(|h| h.height == seq)) {
                         s.proof = proof.iter().map(crate::consensus::wire::checkpoint_to).collect();
-                        self.served = Some((seq, s.encode_to_vec()));
+                        self.served = Some((seq, crate::snapshot::encode(*s)));
                     }
                 }
                 _ => {}

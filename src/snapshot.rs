@@ -76,15 +76,25 @@ pub fn app_digest(block_hash: &Hash32, rep: &Reputation) -> Hash32 {
     sha256(&v)
 }
 
-/// A snapshot taken at execution, waiting for its checkpoint's proof.
+/// A snapshot taken at execution, waiting for its checkpoint's proof. Its
+/// state entries are unordered (copying is all the core thread does):
+/// [`encode`] sorts them.
 pub fn record(header: &BlockHeader, state: &State, rep: &Reputation) -> proto::ChainSnapshot {
     proto::ChainSnapshot {
         header: Some(crate::block::header_to_proto(header)),
-        state: Some(state.snapshot(header.hash())),
+        state: Some(state.snapshot_unordered(header.hash())),
         reputation: rep.scores().to_vec(),
         quarantined: rep.quarantined().map(|r| r as u32).collect(),
         proof: vec![],
     }
+}
+
+/// The canonical bytes of a recorded snapshot (state entries in key order).
+pub fn encode(mut snap: proto::ChainSnapshot) -> Vec<u8> {
+    if let Some(s) = snap.state.as_mut() {
+        crate::state::sort_snapshot(s);
+    }
+    snap.encode_to_vec()
 }
 
 #[derive(Debug, thiserror::Error)]

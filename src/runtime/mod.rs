@@ -539,7 +539,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         std::thread::Builder::new().name("snapshot-writer".into()).spawn(move || {
             for snap in rx {
                 let height = snap.header.as_ref().map_or(0, |h| h.height);
-                let bytes = Arc::new(snap.encode_to_vec());
+                let bytes = Arc::new(snapshot::encode(*snap));
                 match write_atomically(&path, &bytes) {
                     Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
                     Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the snapshot failed"),

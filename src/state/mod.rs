@@ -338,18 +338,23 @@ impl State {
         self.height = undo.height;
     }
 
+    /// The state as a snapshot, entries in key order: every validator's
+    /// snapshot of a height is byte-identical (joiners fetch chunks of it
+    /// from several peers).
     pub fn snapshot(&self, block_hash: Hash32) -> proto::StateSnapshot {
+        let mut s = self.snapshot_unordered(block_hash);
+        sort_snapshot(&mut s);
+        s
+    }
+
+    /// `snapshot` without the sort, for a caller that sorts elsewhere (the
+    /// runtime, off its core thread: [`sort_snapshot`]).
+    pub fn snapshot_unordered(&self, block_hash: Hash32) -> proto::StateSnapshot {
         proto::StateSnapshot {
             height: self.height,
             state_root: self.root().to_vec(),
             block_hash: block_hash.to_vec(),
-            entries: {
-                // Key order: every validator's snapshot of a height is
-                // byte-identical (joiners fetch chunks from several peers).
-                let mut e: Vec<(&Vec<u8>, &Vec<u8>)> = self.kv.iter().collect();
-                e.sort_unstable_by(|a, b| a.0.cmp(b.0));
-                e.into_iter().map(|(k, v)| proto::StateEntry { key: k.clone(), value: v.clone() }).collect()
-            },
+            entries: self.kv.iter().map(|(k, v)| proto::StateEntry { key: k.clone(), value: v.clone() }).collect(),
         }
     }
 
@@ -379,6 +384,11 @@ impl State {
         s.height = snap.height;
         Ok(s)
     }
+}
+
+/// Puts a snapshot's entries in key order (see [`State::snapshot`]).
+pub fn sort_snapshot(s: &mut proto::StateSnapshot) {
+    s.entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
 }
 
 #[cfg(test)]
@@ -517,6 +527,9 @@ mod tests {
         run(&mut again, 1, 5000, &evs);
         assert!(again.snapshot([7; 32]).encode_to_vec() == bytes, "equal state snapshots differently");
         assert!(snap.entries.windows(2).all(|w| w[0].key < w[1].key), "entries in key order");
+        let mut later = s.snapshot_unordered([7; 32]);
+        sort_snapshot(&mut later);
+        assert!(later == snap, "sorting an unordered snapshot gives the snapshot");
         let mut bad = snap.clone();
         bad.entries[5].value.push(0);
         assert!(matches!(State::restore(&bad, StateConfig::default()), Err(StateError::RootMismatch { .. })));
