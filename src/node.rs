@@ -1115,7 +1115,6 @@ mod tests {
 
     impl Stores {
         fn handle(&mut self, i: usize, o: Output) -> Option<(Rid, Vec<Message>)> {
-            use prost::Message as _;
             match o {
                 Output::Commit { block, cert, .. } => {
                     self.certs[i].insert(block.header.height, cert);
