@@ -313,8 +313,10 @@ struct Slot {
     touched: u64,
 }
 
-/// One replica. All fields are its durable state: the runtime persists the
-/// replica before sending what an event produced.
+/// One replica. All fields but the retransmission clocks (`Slot::touched`,
+/// `executed_at`: zero after recovery, so a recovered replica re-sends at
+/// once) are its durable state: the runtime persists the replica before
+/// sending what an event produced.
 #[derive(Debug, Clone)]
 pub struct Replica<A: Auth + Clone> {
     pub id: Rid,

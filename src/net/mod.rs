@@ -392,15 +392,15 @@ impl Drop for Net {
     }
 }
 
+/// Per-stream QUIC flow-control window (bytes a peer may send ahead of
+/// this node reading them).
+const STREAM_WINDOW_BYTES: u32 = 32 << 20;
+
 /// UDP buffer each way. A proposal is up to a few MB in ~1,200-byte
 /// datagrams; Linux's default 208 KB receive buffer overflows while the net
 /// thread waits for a core, and every datagram lost there is a QUIC loss
 /// that halves the congestion window (measured: 4.4% of datagrams dropped,
 /// commits stalling in bursts, the machine 28% idle at full load).
-/// Per-stream QUIC flow-control window (bytes a peer may send ahead of
-/// this node reading them).
-const STREAM_WINDOW_BYTES: u32 = 32 << 20;
-
 pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 
 /// Sizes the socket's kernel buffers: past `net.core.rmem_max`/`wmem_max`

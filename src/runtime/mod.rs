@@ -854,11 +854,11 @@ fn commit_frame(block: &Block) -> Arc<Vec<u8>> {
     Arc::new(buf)
 }
 
-/// The core thread's consensus I/O: durable records, transport, id maps.
 /// The encoded snapshot served to joiners: set by the snapshot writer,
 /// read by the core thread when a joiner asks.
 type Served = Arc<Mutex<Option<(Seq, Arc<Vec<u8>>)>>>;
 
+/// The core thread's consensus I/O: durable records, transport, id maps.
 struct Consensus {
     /// None with one validator (no one to vote twice to).
     log: Option<ConsensusLog>,
