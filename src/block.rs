@@ -216,25 +216,36 @@ impl Block {
         consensus: Option<&proto::PbftCommitCert>,
         outcome: Option<&proto::BlockOutcome>,
     ) -> Vec<u8> {
+        let mut buf = Vec::new();
+        self.encode_with_into(consensus, outcome, &mut buf);
+        buf
+    }
+
+    /// `encode_with`, appended to `buf`.
+    pub fn encode_with_into(
+        &self,
+        consensus: Option<&proto::PbftCommitCert>,
+        outcome: Option<&proto::BlockOutcome>,
+        buf: &mut Vec<u8>,
+    ) {
         let header = header_to_proto(&self.header);
         let txs: usize = self.txs.iter().map(|t| t.tx_field_len(2)).sum();
-        let mut buf = Vec::with_capacity(
+        buf.reserve(
             prost::encoding::message::encoded_len(1, &header)
                 + txs
                 + consensus.map_or(0, |c| prost::encoding::message::encoded_len(4, c))
                 + outcome.map_or(0, |o| prost::encoding::message::encoded_len(5, o)),
         );
-        prost::encoding::message::encode(1, &header, &mut buf);
+        prost::encoding::message::encode(1, &header, buf);
         for t in &self.txs {
-            t.encode_tx_field(2, &mut buf);
+            t.encode_tx_field(2, buf);
         }
         if let Some(c) = consensus {
-            prost::encoding::message::encode(4, c, &mut buf);
+            prost::encoding::message::encode(4, c, buf);
         }
         if let Some(o) = outcome {
-            prost::encoding::message::encode(5, o, &mut buf);
+            prost::encoding::message::encode(5, o, buf);
         }
-        buf
     }
 
     /// Decodes a block and checks its internal consistency (tx count, tx root).

@@ -40,7 +40,15 @@ pub struct FramedFile {
     path: PathBuf,
     file: File,
     end: u64,
+    /// The append buffer, kept between appends: a fresh one per append
+    /// (records of a megabyte) cost page faults and page zeroing on every
+    /// block (~5% of a backup's core thread in a max-rate profile).
+    buf: Vec<u8>,
 }
+
+/// Largest append buffer kept for the next append (bounds the memory a
+/// one-off large append leaves behind).
+const KEEP_BUFFER: usize = 32 * 1024 * 1024;
 
 fn crc(len: u32, payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&len.to_le_bytes()), payload)
@@ -122,7 +130,7 @@ impl FramedFile {
             file.set_len(off).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
-        Ok((FramedFile { path, file, end: off }, Scan { records, truncated_bytes: truncated }))
+        Ok((FramedFile { path, file, end: off, buf: Vec::new() }, Scan { records, truncated_bytes: truncated }))
     }
 
     pub fn path(&self) -> &Path {
@@ -165,20 +173,39 @@ impl FramedFile {
     /// Appends records with one write and one fdatasync; returns their
     /// offsets. After an error the file must be reopened (recovery truncates).
     pub fn append<'a>(&mut self, payloads: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u64>, FramedError> {
-        let mut buf = Vec::new();
+        self.append_encoded(payloads, |p, buf| buf.extend_from_slice(p))
+    }
+
+    /// `append`, each record's payload written by `encode` straight into the
+    /// append buffer (no intermediate copy per record).
+    pub fn append_encoded<T>(
+        &mut self,
+        items: impl IntoIterator<Item = T>,
+        mut encode: impl FnMut(T, &mut Vec<u8>),
+    ) -> Result<Vec<u64>, FramedError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
         let mut offsets = Vec::new();
-        for p in payloads {
-            let len = p.len() as u32;
-            assert!(len <= MAX_RECORD, "record of {len} bytes exceeds MAX_RECORD");
-            offsets.push(self.end + buf.len() as u64);
-            buf.extend_from_slice(&len.to_le_bytes());
-            buf.extend_from_slice(&crc(len, p).to_le_bytes());
-            buf.extend_from_slice(p);
+        for it in items {
+            let start = buf.len();
+            offsets.push(self.end + start as u64);
+            buf.extend_from_slice(&[0u8; HEADER as usize]);
+            encode(it, &mut buf);
+            let len = buf.len() - start - HEADER as usize;
+            assert!(len <= MAX_RECORD as usize, "record of {len} bytes exceeds MAX_RECORD");
+            let len = len as u32;
+            let c = crc(len, &buf[start + HEADER as usize..]);
+            buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            buf[start + 4..start + 8].copy_from_slice(&c.to_le_bytes());
         }
         let io = |source| FramedError::Io { path: self.path.clone(), source };
-        self.file.write_all_at(&buf, self.end).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
-        self.end += buf.len() as u64;
+        let written = self.file.write_all_at(&buf, self.end).and_then(|()| self.file.sync_data());
+        let n = buf.len() as u64;
+        if buf.capacity() <= KEEP_BUFFER {
+            self.buf = buf;
+        }
+        written.map_err(io)?;
+        self.end += n;
         Ok(offsets)
     }
 

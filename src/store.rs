@@ -138,9 +138,8 @@ impl BlockStore {
         &mut self,
         blocks: &[(&Block, Option<proto::PbftCommitCert>, Option<proto::BlockOutcome>)],
     ) -> Result<(), StoreError> {
-        let mut payloads = Vec::with_capacity(blocks.len());
         let mut prev = self.last.clone();
-        for (b, cert, outcome) in blocks {
+        for (b, _, _) in blocks {
             let have = prev.as_ref().map_or(0, |h| h.height);
             if b.header.height != have + 1 {
                 return Err(StoreError::OutOfOrder { got: b.header.height, have });
@@ -148,10 +147,11 @@ impl BlockStore {
             if b.header.previous_hash != prev.as_ref().map_or([0; 32], |h| h.hash()) {
                 return Err(StoreError::BadLink { height: b.header.height, prev: have });
             }
-            payloads.push(b.encode_with(cert.as_ref(), outcome.as_ref()));
             prev = Some(b.header.clone());
         }
-        let offsets = self.log.append(payloads.iter().map(|p| p.as_slice()))?;
+        let offsets = self.log.append_encoded(blocks, |(b, cert, outcome), buf| {
+            b.encode_with_into(cert.as_ref(), outcome.as_ref(), buf)
+        })?;
         self.index.extend(offsets);
         self.last = prev;
         Ok(())

@@ -4,7 +4,7 @@
 //! `Replica::recover` after a restart.
 
 use super::pbft::Record;
-use super::wire::{decode_record, encode_record, WireLimits};
+use super::wire::{decode_record, encode_record, encode_record_into, WireLimits};
 use crate::framed::{FramedError, FramedFile, Scan};
 use std::path::Path;
 
@@ -45,8 +45,7 @@ impl ConsensusLog {
         if records.is_empty() {
             return Ok(());
         }
-        let enc: Vec<Vec<u8>> = records.iter().map(encode_record).collect();
-        self.file.append(enc.iter().map(|e| e.as_slice()))?;
+        self.file.append_encoded(records, encode_record_into)?;
         Ok(())
     }
 }

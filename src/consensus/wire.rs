@@ -185,6 +185,13 @@ pub fn max_frame(wire: &WireLimits, q: usize) -> usize {
 
 /// Encodes a durable consensus record (see `consensus::log`).
 pub fn encode_record(r: &Record) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode_record_into(r, &mut buf);
+    buf
+}
+
+/// `encode_record`, appended to `buf`.
+pub fn encode_record_into(r: &Record, buf: &mut Vec<u8>) {
     use proto::pbft_record::Rec;
     let rec = match r {
         Record::View { view, changing } => Rec::View(proto::PbftView { view: *view, changing: *changing }),
@@ -196,7 +203,9 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
             Rec::Stable(proto::PbftStable { seq: *seq, proof: proof.iter().map(ck_to).collect() })
         }
     };
-    proto::PbftRecord { rec: Some(rec) }.encode_to_vec()
+    let rec = proto::PbftRecord { rec: Some(rec) };
+    buf.reserve(rec.encoded_len());
+    rec.encode_raw(buf);
 }
 
 pub fn decode_record(bytes: &[u8], l: &WireLimits) -> Result<Record, WireError> {
