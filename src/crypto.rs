@@ -91,22 +91,54 @@ pub fn precheck_signature(sig: &Signature) -> Result<(), CryptoError> {
 
 /// Rules 2 and 3: the decoded `R` and the scalar `s`.
 fn parse_signature(sig: &Signature) -> Result<(EdwardsPoint, Scalar), CryptoError> {
+    let (s, r) = parse_encodings(sig)?;
+    Ok((check_r(r.decompress())?, s))
+}
+
+/// `parse_signature` for many signatures: the `R` decodings (the costly
+/// part, an exponentiation each) run four at a time where the CPU can
+/// (`CompressedEdwardsY::decompress_batch`). Same verdicts, in order.
+fn parse_signatures<'a>(sigs: impl Iterator<Item = &'a Signature>) -> Vec<Result<(EdwardsPoint, Scalar), CryptoError>> {
+    let enc: Vec<Result<(Scalar, CompressedEdwardsY), CryptoError>> = sigs.map(parse_encodings).collect();
+    let rs: Vec<CompressedEdwardsY> = enc.iter().filter_map(|e| e.as_ref().ok().map(|(_, r)| *r)).collect();
+    let mut points = CompressedEdwardsY::decompress_batch(&rs).into_iter();
+    enc.into_iter()
+        .map(|e| {
+            let (s, _) = e?;
+            Ok((check_r(points.next().expect("one decoding per well-formed signature"))?, s))
+        })
+        .collect()
+}
+
+/// Rule 2 and the encoding half of rule 3: canonical `s`, canonical `y` of `R`.
+fn parse_encodings(sig: &Signature) -> Result<(Scalar, CompressedEdwardsY), CryptoError> {
     let s_bytes: [u8; 32] = sig[32..].try_into().expect("64-byte signature");
     let s = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes)).ok_or(CryptoError::NonCanonicalS)?;
     let r: [u8; 32] = sig[..32].try_into().expect("64-byte signature");
     if !y_is_canonical(&r) {
         return Err(CryptoError::BadR);
     }
-    let rp = CompressedEdwardsY(r).decompress().ok_or(CryptoError::BadR)?;
+    Ok((s, CompressedEdwardsY(r)))
+}
+
+/// The point half of rule 3: `R` decodes and is not of small order.
+fn check_r(decoded: Option<EdwardsPoint>) -> Result<EdwardsPoint, CryptoError> {
+    let rp = decoded.ok_or(CryptoError::BadR)?;
     if rp.is_small_order() {
         return Err(CryptoError::SmallOrderR);
     }
-    Ok((rp, s))
+    Ok(rp)
 }
 
 /// `k = SHA-512(R || A || M) mod ℓ`, over the encodings as sent.
 fn challenge(sig: &Signature, key: &PublicKey, msg: &[u8]) -> Scalar {
-    Scalar::from_hash(Sha512::new().chain_update(&sig[..32]).chain_update(key).chain_update(msg))
+    wide_scalar(Sha512::new().chain_update(&sig[..32]).chain_update(key).chain_update(msg))
+}
+
+/// A SHA-512 output reduced mod ℓ (curve25519-dalek 5's `from_hash` takes
+/// the newer `digest` traits; this is the same reduction).
+fn wide_scalar(h: Sha512) -> Scalar {
+    Scalar::from_bytes_mod_order_wide(&h.finalize().into())
 }
 
 /// Decodes a key, through a per-thread cache: keys are the configured
@@ -178,8 +210,8 @@ pub fn verify_batch(items: &[BatchItem<'_>]) -> Vec<Result<(), CryptoError>> {
     let mut key_index: std::collections::HashMap<&PublicKey, usize> = Default::default();
     let mut key_points: Vec<EdwardsPoint> = Vec::new();
     let mut parsed: Vec<Option<Parsed>> = Vec::with_capacity(items.len());
-    for it in items {
-        let p = parse_signature(it.sig).and_then(|(r, s)| {
+    for (it, rs) in items.iter().zip(parse_signatures(items.iter().map(|it| it.sig))) {
+        let p = rs.and_then(|(r, s)| {
             let key = match key_index.get(it.key) {
                 Some(&j) => j,
                 None => {
@@ -341,7 +373,7 @@ mod tests {
         let r = ED25519_BASEPOINT_POINT * r_scalar + EIGHT_TORSION[r_torsion];
         let (ae, re) = (a.compress().0, r.compress().0);
         let h = Sha512::new().chain_update(re).chain_update(ae).chain_update(msg);
-        let kk = Scalar::from_hash(h);
+        let kk = wide_scalar(h);
         let s = r_scalar + kk * a_scalar;
         let mut sig = [0u8; 64];
         sig[..32].copy_from_slice(&re);
@@ -482,6 +514,70 @@ mod tests {
         // A torsioned key is refused by the key policy, not by the equation.
         assert_eq!(check_public_key(&items[1].0), Err(CryptoError::KeyHasTorsion));
         assert_eq!(check_public_key(&items[0].0), Ok(()));
+    }
+
+    /// The vendored batch decoder (`vendor/curve25519-dalek`) against the
+    /// one-at-a-time decoder, on every lane position and remainder length:
+    /// valid points, random bytes (about half are not points), and the edge
+    /// cases (torsion points with both sign bits, y = 0, ±1, non-canonical y).
+    #[test]
+    fn batched_point_decoding_equals_one_at_a_time() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut inputs: Vec<[u8; 32]> = Vec::new();
+        for t in EIGHT_TORSION.iter() {
+            let e = t.compress().0;
+            inputs.push(e);
+            let mut flipped = e;
+            flipped[31] ^= 0x80;
+            inputs.push(flipped);
+        }
+        let p_minus_1: [u8; 32] = {
+            let mut b = [0xff; 32];
+            b[0] = 0xec;
+            b[31] = 0x7f;
+            b
+        };
+        let mut p_plus_1 = p_minus_1;
+        p_plus_1[0] = 0xee;
+        let one = {
+            let mut b = [0u8; 32];
+            b[0] = 1;
+            b
+        };
+        for e in [[0u8; 32], one, p_minus_1, p_plus_1, [0xff; 32]] {
+            inputs.push(e);
+            let mut flipped = e;
+            flipped[31] ^= 0x80;
+            inputs.push(flipped);
+        }
+        for i in 0..300u64 {
+            inputs.push((ED25519_BASEPOINT_POINT * Scalar::from(i * 1_000_003 + 1)).compress().0);
+            inputs.push(rng.gen());
+        }
+        // Shuffled so that every kind lands in every lane.
+        for round in 0..4 {
+            for i in (1..inputs.len()).rev() {
+                inputs.swap(i, rng.gen_range(0..=i));
+            }
+            for len in [inputs.len(), 0, 1, 3, 4, 5, 7, 8, 9].into_iter().skip(if round == 0 { 0 } else { 1 }) {
+                let encs: Vec<CompressedEdwardsY> = inputs[..len].iter().map(|e| CompressedEdwardsY(*e)).collect();
+                let batch = CompressedEdwardsY::decompress_batch(&encs);
+                assert_eq!(batch.len(), len);
+                for (e, got) in encs.iter().zip(&batch) {
+                    let want = e.decompress();
+                    assert_eq!(got.is_some(), want.is_some(), "{:?}", e.0);
+                    if let (Some(g), Some(w)) = (got, want) {
+                        assert_eq!(*g, w);
+                        assert_eq!(g.compress(), w.compress());
+                    }
+                }
+                if round == 0 && len == inputs.len() {
+                    let valid = batch.iter().filter(|p| p.is_some()).count();
+                    assert!(valid > 300 && valid < len, "a mix of points and non-points: {valid} of {len}");
+                }
+            }
+        }
     }
 
     /// The accept rule is ZIP-215's cofactored equation plus rules 2–3:
