@@ -7,7 +7,8 @@
 
 use crate::event::Event;
 use crate::Hash32;
-use std::collections::{BTreeMap, HashMap};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// A transaction that passed verification, with its precomputed hash.

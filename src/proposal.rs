@@ -14,7 +14,7 @@ use crate::ingest::verify::{verify_events, VerifyPolicy};
 use crate::mempool::Mempool;
 use crate::{proto, Hash32};
 use prost::Message;
-use std::collections::HashSet;
+use foldhash::{HashSet, HashSetExt};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

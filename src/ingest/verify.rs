@@ -14,7 +14,8 @@ use crate::dlq::{RejectReason, Rejection};
 use crate::event::{parse_payload, signed_len, write_signed_bytes, Event};
 use crate::mempool::VerifiedTx;
 use crate::{sha256, Hash32};
-use std::collections::{HashMap, HashSet, VecDeque};
+use foldhash::{HashMap, HashMapExt, HashSet};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// What every shard checks against (shared, read-only).
