@@ -1,9 +1,18 @@
 //! Sparse Merkle tree over 256-bit key hashes, with single-leaf subtrees
 //! compressed into their leaf (as in Diem's JMT, binary).
 //!
-//! * leaf hash     = SHA-256(0x00 || key_hash || value_hash)
-//! * internal hash = SHA-256(0x01 || left || right)
+//! * leaf hash     = C(IV_LEAF, key_hash || value_hash)
+//! * internal hash = C(IV_NODE, left || right)
 //! * empty subtree = 32 zero bytes
+//!
+//! `C` is the SHA-256 compression function on one 64-byte block, output as
+//! big-endian words; `IV_LEAF` / `IV_NODE` are the big-endian words of
+//! SHA-256("cybermesh/smt/leaf") / SHA-256("cybermesh/smt/node"). Every
+//! input is exactly one block, so no length padding is needed for collision
+//! resistance (Merkle–Damgård strengthening guards variable lengths), and
+//! the distinct IVs separate leaves from nodes. Each hash is one compression
+//! instead of the two of `SHA-256(tag || l || r)`: hashing was half of a
+//! block's Merkle time.
 //!
 //! The shape is canonical (a subtree holding one leaf *is* that leaf; no
 //! internal node has fewer than two leaves below it), so the root depends only
@@ -12,7 +21,7 @@
 //! a tree of n, and disjoint subtrees of large batches hash in parallel.
 
 use crate::Hash32;
-use sha2::{Digest, Sha256};
+use std::sync::LazyLock;
 
 pub const EMPTY: Hash32 = [0u8; 32];
 
@@ -38,20 +47,33 @@ enum Node {
     },
 }
 
+fn iv(tag: &str) -> [u32; 8] {
+    let h = crate::sha256(tag.as_bytes());
+    std::array::from_fn(|i| u32::from_be_bytes(h[4 * i..4 * i + 4].try_into().expect("4 bytes")))
+}
+static IV_LEAF: LazyLock<[u32; 8]> = LazyLock::new(|| iv("cybermesh/smt/leaf"));
+static IV_NODE: LazyLock<[u32; 8]> = LazyLock::new(|| iv("cybermesh/smt/node"));
+
+/// `C(iv, a || b)`: one SHA-256 compression.
+fn compress(iv: &[u32; 8], a: &Hash32, b: &Hash32) -> Hash32 {
+    let mut block = sha2::digest::generic_array::GenericArray::<u8, sha2::digest::consts::U64>::default();
+    block[..32].copy_from_slice(a);
+    block[32..].copy_from_slice(b);
+    let mut state = *iv;
+    sha2::compress256(&mut state, std::slice::from_ref(&block));
+    let mut out = [0u8; 32];
+    for (o, w) in out.chunks_exact_mut(4).zip(state) {
+        o.copy_from_slice(&w.to_be_bytes());
+    }
+    out
+}
+
 fn leaf_hash(key: &Hash32, value: &Hash32) -> Hash32 {
-    let mut h = Sha256::new();
-    h.update([0u8]);
-    h.update(key);
-    h.update(value);
-    h.finalize().into()
+    compress(&IV_LEAF, key, value)
 }
 
 fn internal_hash(l: &Hash32, r: &Hash32) -> Hash32 {
-    let mut h = Sha256::new();
-    h.update([1u8]);
-    h.update(l);
-    h.update(r);
-    h.finalize().into()
+    compress(&IV_NODE, l, r)
 }
 
 #[inline]
@@ -306,6 +328,29 @@ mod tests {
     fn reference(set: &std::collections::BTreeMap<Hash32, Hash32>) -> Hash32 {
         let v: Vec<_> = set.iter().map(|(a, b)| (*a, *b)).collect();
         build(0, &v, usize::MAX).hash()
+    }
+
+    /// The compression function is SHA-256's: a one-block message's digest
+    /// is C(SHA-256's IV, the message's padded block), and C(IV, block)
+    /// depends on the IV and on both halves.
+    #[test]
+    fn node_hashes_are_one_sha256_compression_with_their_own_iv() {
+        use sha2::Digest;
+        let sha_iv: [u32; 8] = [
+            0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+        ];
+        // SHA-256("abc"): one block, 0x80 after the message, bit length 24 at the end.
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        a[..3].copy_from_slice(b"abc");
+        a[3] = 0x80;
+        b[31] = 24;
+        assert_eq!(compress(&sha_iv, &a, &b)[..], sha2::Sha256::digest(b"abc")[..]);
+        let (x, y) = (k(1), k(2));
+        assert_ne!(leaf_hash(&x, &y), internal_hash(&x, &y), "leaf and node domains differ");
+        assert_ne!(internal_hash(&x, &y), internal_hash(&y, &x));
+        assert_ne!(internal_hash(&x, &y), internal_hash(&x, &x));
+        assert_eq!(IV_LEAF[0], u32::from_be_bytes(crate::sha256(b"cybermesh/smt/leaf")[..4].try_into().unwrap()));
     }
 
     #[test]
