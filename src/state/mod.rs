@@ -19,7 +19,7 @@ use crate::event::{parse_payload, Event, TxKind};
 use crate::{proto, sha256, Hash32};
 use merkle::SparseMerkleTree;
 use foldhash::{HashMap, HashMapExt};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 /// One consumed nonce in a block's `n` entry: nonce (16) || u64 BE timestamp.
 const NONCE_ENTRY: usize = 24;
@@ -239,7 +239,9 @@ impl State {
         let mut consumed = Vec::with_capacity(txs.len() * NONCE_ENTRY);
         let mut newest = 0;
         let mut receipts = Vec::with_capacity(txs.len());
-        let mut producer_delta: BTreeMap<[u8; 32], (u64, u64)> = BTreeMap::new();
+        // Per-producer counts (order-free: each becomes one record, and the
+        // batch and the tree do not depend on the order of writes).
+        let mut producer_delta: HashMap<[u8; 32], (u64, u64)> = HashMap::new();
         for (ev, tx_hash) in txs {
             let status = Self::apply_tx(&mut b, &self.nonces, &self.cfg, height, timestamp_ms, ev, tx_hash);
             if status != TxStatus::Rejected("replayed_nonce") && status != TxStatus::Rejected("expired") {
