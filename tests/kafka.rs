@@ -146,7 +146,11 @@ fn read_commits(topic: &str, validator: &[u8; 32], want: &BTreeSet<[u8; 16]>) ->
         }
         seen.extend(e.anomaly_ids.iter().map(|id| <[u8; 16]>::try_from(&id[..]).unwrap()));
         by_height.insert(e.height, e);
-        want.is_subset(&seen)
+        // Every wanted id, and no height missing below the highest seen: the
+        // commit topic may have several partitions (keyed by height), so a
+        // block without wanted ids can arrive after a later one.
+        let contiguous = by_height.keys().next_back().is_some_and(|&h| h == by_height.len() as u64);
+        want.is_subset(&seen) && contiguous
     });
     by_height
 }
