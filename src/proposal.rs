@@ -13,8 +13,8 @@ use crate::event::{Event, Limits};
 use crate::ingest::verify::{verify_events, VerifyPolicy};
 use crate::mempool::Mempool;
 use crate::{proto, Hash32};
-use prost::Message;
 use foldhash::{HashSet, HashSetExt};
+use prost::Message;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -336,9 +336,8 @@ mod tests {
     #[test]
     fn node_hashes_are_one_sha256_compression_with_their_own_iv() {
         use sha2::Digest;
-        let sha_iv: [u32; 8] = [
-            0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
-        ];
+        let sha_iv: [u32; 8] =
+            [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
         // SHA-256("abc"): one block, 0x80 after the message, bit length 24 at the end.
         let mut a = [0u8; 32];
         let mut b = [0u8; 32];

@@ -17,8 +17,8 @@ pub mod merkle;
 
 use crate::event::{parse_payload, Event, TxKind};
 use crate::{proto, sha256, Hash32};
-use merkle::SparseMerkleTree;
 use foldhash::{HashMap, HashMapExt};
+use merkle::SparseMerkleTree;
 use std::collections::BTreeSet;
 
 /// One consumed nonce in a block's `n` entry: nonce (16) || u64 BE timestamp.
