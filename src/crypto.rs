@@ -164,6 +164,29 @@ fn key_point(key: &PublicKey) -> Result<EdwardsPoint, CryptoError> {
     })
 }
 
+/// The curve arithmetic backend curve25519-dalek uses on this CPU (it picks
+/// at run time; this mirrors its choice): `avx512ifma`, `avx2` or `serial`.
+/// Logged at startup and printed by loadgen, so figures from different
+/// machines can be told apart.
+pub fn curve_backend() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cfg!(curve25519_dalek_backend = "serial") || cfg!(curve25519_dalek_backend = "fiat") {
+            return "serial";
+        }
+        if cfg!(curve25519_dalek_backend = "avx512")
+            && std::arch::is_x86_feature_detected!("avx512ifma")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return "avx512ifma";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
+    }
+    "serial"
+}
+
 /// Verifies one signature under the accept rule. `key` must have passed
 /// [`check_public_key`].
 pub fn verify_one(key: &PublicKey, msg: &[u8], sig: &Signature) -> Result<(), CryptoError> {
@@ -514,6 +537,23 @@ mod tests {
         // A torsioned key is refused by the key policy, not by the equation.
         assert_eq!(check_public_key(&items[1].0), Err(CryptoError::KeyHasTorsion));
         assert_eq!(check_public_key(&items[0].0), Ok(()));
+    }
+
+    /// `.cargo/config.toml` compiles the IFMA backend in: on a CPU that has
+    /// IFMA it is the one in use, elsewhere AVX2 where present. (Fails if
+    /// the config stops applying, e.g. a RUSTFLAGS variable without its --cfg.)
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_fastest_curve_backend_the_cpu_has_is_in_use() {
+        let want =
+            if std::arch::is_x86_feature_detected!("avx512ifma") && std::arch::is_x86_feature_detected!("avx512vl") {
+                "avx512ifma"
+            } else if std::arch::is_x86_feature_detected!("avx2") {
+                "avx2"
+            } else {
+                "serial"
+            };
+        assert_eq!(curve_backend(), want, "see .cargo/config.toml");
     }
 
     /// The vendored batch decoder (`vendor/curve25519-dalek`) against the

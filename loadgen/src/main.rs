@@ -709,7 +709,7 @@ fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards:
     println!("payload          : {} B", load.payload);
     println!("verify shards    : {shards}");
     println!("loadgen signing  : {sign_rate:.0} tx/s (pre-signed before the clock starts)");
-    println!("raw batch verify : {raw_verify:.0} sig/s on one core (batch 256)");
+    println!("raw batch verify : {raw_verify:.0} sig/s on one core (batch 256, {} backend)", crypto::curve_backend());
     println!("sent             : {}", r.sent);
     println!("committed        : {} in {} blocks ({} ordered twice, executed once)", r.committed, r.blocks, r.repeats);
     println!(
@@ -844,7 +844,7 @@ fn kafka(brokers: &str, count: usize, payload: usize, shards: usize, block_max_t
     drop(child);
     println!("=== loadgen: one validator reading Kafka ({brokers}) ===");
     println!("events           : {count} × {payload} B payload, {shards} verify shards");
-    println!("raw batch verify : {raw:.0} sig/s on one core (batch 256)");
+    println!("raw batch verify : {raw:.0} sig/s on one core (batch 256, {} backend)", crypto::curve_backend());
     println!("broker consume   : {broker_rate:.0} msg/s (plain rdkafka consumer, no processing)");
     println!(
         "validator        : {rate:.0} tx/s consumed, verified and committed ({:.2}x the broker's consume rate, {:.2}x raw verify)",

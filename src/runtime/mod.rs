@@ -346,6 +346,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let dlq = std::thread::Builder::new().name("dlq".into()).spawn(move || dlq_loop(dlq_rx, &mut sink, &st, &dd))?;
 
     // Verify shards.
+    tracing::info!(shards, curve_backend = crate::crypto::curve_backend(), "starting signature verification");
     let policy = Arc::new(VerifyPolicy {
         producers: v.producers.iter().copied().collect(),
         skew_ms: c.ingest.max_timestamp_skew.as_millis() as u64,
