@@ -803,6 +803,8 @@ impl Config {
         StateConfig {
             nonce_ttl_ms: self.ingest.nonce_ttl.as_millis() as u64,
             future_skew_ms: self.ingest.max_timestamp_skew.as_millis() as u64,
+            rate_per_second: self.mempool.rate_per_second,
+            rate_burst: self.mempool.rate_burst,
         }
     }
 

@@ -9,74 +9,7 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Why an input was rejected. The string form is part of the contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RejectReason {
-    /// Not a decodable event, bad field length, unknown frame tag.
-    Malformed,
-    /// Event or payload larger than the configured limit.
-    Oversized,
-    /// Producer key not in the configured producer set.
-    UnknownProducer,
-    /// `content_hash != SHA-256(payload)`.
-    ContentHashMismatch,
-    /// Nonce does not embed the event's timestamp and producer id.
-    NonceMismatch,
-    /// Timestamp older than now − skew tolerance.
-    Stale,
-    /// Timestamp newer than now + skew tolerance.
-    Future,
-    /// Signature fails the accept rule.
-    BadSignature,
-    /// Nonce already seen within its TTL.
-    ReplayedNonce,
-    /// Payload does not decode or breaks its kind's rules.
-    InvalidPayload,
-    /// Producer exceeded its token-bucket rate.
-    RateLimited,
-}
-
-impl RejectReason {
-    pub const ALL: [RejectReason; 11] = [
-        RejectReason::Malformed,
-        RejectReason::Oversized,
-        RejectReason::UnknownProducer,
-        RejectReason::ContentHashMismatch,
-        RejectReason::NonceMismatch,
-        RejectReason::Stale,
-        RejectReason::Future,
-        RejectReason::BadSignature,
-        RejectReason::ReplayedNonce,
-        RejectReason::InvalidPayload,
-        RejectReason::RateLimited,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::Malformed => "malformed",
-            RejectReason::Oversized => "oversized",
-            RejectReason::UnknownProducer => "unknown_producer",
-            RejectReason::ContentHashMismatch => "content_hash_mismatch",
-            RejectReason::NonceMismatch => "nonce_mismatch",
-            RejectReason::Stale => "stale",
-            RejectReason::Future => "future",
-            RejectReason::BadSignature => "bad_signature",
-            RejectReason::ReplayedNonce => "replayed_nonce",
-            RejectReason::InvalidPayload => "invalid_payload",
-            RejectReason::RateLimited => "rate_limited",
-        }
-    }
-
-    fn index(self) -> usize {
-        Self::ALL.iter().position(|r| *r == self).expect("in ALL")
-    }
-}
-
-impl std::fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::reject::RejectReason;
 
 /// One rejected input, with enough context to find and replay it.
 #[derive(Debug, Clone)]
@@ -85,17 +18,35 @@ pub struct Rejection {
     pub detail: String,
     /// Where it came from: `direct`, or `topic/partition/offset` for Kafka.
     pub origin: String,
-    /// The original bytes as received (possibly truncated to the limit).
+    /// The original bytes as received, whole (sinks keep at most
+    /// [`MAX_VALUE_BYTES`] of them, with the full length and SHA-256).
     pub original: Vec<u8>,
     /// The Kafka message, if it came from Kafka (its offset waits for this
     /// record to be written).
     pub pos: Option<crate::ingest::SourcePos>,
 }
 
+/// Most bytes of an original message a DLQ record carries: below the
+/// broker's default message limit (1 MiB) with room for the headers. Every
+/// record also carries the original's length and SHA-256 (headers
+/// `original_length`, `original_sha256`), so a longer one, cut here, is still
+/// identified exactly. Input events are far smaller (`max_event_bytes`).
+pub const MAX_VALUE_BYTES: usize = 960 * 1024;
+
+impl Rejection {
+    /// The part of the original a record carries (see [`MAX_VALUE_BYTES`]).
+    pub fn kept(&self) -> &[u8] {
+        &self.original[..self.original.len().min(MAX_VALUE_BYTES)]
+    }
+    pub fn original_sha256_hex(&self) -> String {
+        hex::encode(crate::sha256(&self.original))
+    }
+}
+
 /// Counts of rejections per reason (lock-free; read by metrics).
 #[derive(Default, Debug)]
 pub struct RejectCounters {
-    counts: [AtomicU64; 11],
+    counts: [AtomicU64; RejectReason::ALL.len()],
 }
 
 impl RejectCounters {
@@ -111,7 +62,8 @@ impl RejectCounters {
 }
 
 /// Writes DLQ records as JSON lines: `{"reason","detail","origin","validator",
-/// "original_b64hex"}`. Flushes per batch so nothing rejected is lost on exit.
+/// "original_hex","original_length","original_sha256"}`. Flushes per batch so
+/// nothing rejected is lost on exit.
 pub struct DlqFileSink {
     out: std::io::BufWriter<std::fs::File>,
     validator: String,
@@ -129,7 +81,9 @@ impl DlqFileSink {
             "detail": r.detail,
             "origin": r.origin,
             "validator": self.validator,
-            "original_hex": hex::encode(&r.original),
+            "original_hex": hex::encode(r.kept()),
+            "original_length": r.original.len(),
+            "original_sha256": r.original_sha256_hex(),
         });
         serde_json::to_writer(&mut self.out, &rec)?;
         self.out.write_all(b"\n")
@@ -141,9 +95,11 @@ impl DlqFileSink {
 }
 
 /// The DLQ on Kafka (`KAFKA_DLQ_TOPIC`, default `ai.dlq.v1`): the message
-/// value is the original bytes; headers say why and where from:
-/// `reason`, `detail`, `origin`, `validator_id`, and for Kafka input
-/// `source_topic`, `source_partition`, `source_offset` (decimal strings).
+/// value is the original bytes (at most [`MAX_VALUE_BYTES`]); headers say
+/// why and where from: `reason`, `detail`, `origin`, `validator_id`,
+/// `original_length` (decimal), `original_sha256` (hex), and for Kafka
+/// input `source_topic`, `source_partition`, `source_offset` (decimal
+/// strings).
 /// Once the broker acknowledges a record, its source message is finished
 /// (its offset may be committed); a record the broker never acknowledges
 /// leaves the offset uncommitted, so the message is read again after a
@@ -188,6 +144,8 @@ impl DlqKafkaSink {
             .set("acks", "all")
             .set("message.timeout.ms", "0")
             .set("linger.ms", "5")
+            // A whole original plus headers fits (librdkafka's default is 1 MB).
+            .set("message.max.bytes", (MAX_VALUE_BYTES + 64 * 1024).to_string())
             .create_with_context(DlqDelivery { tracker })?;
         Ok(DlqKafkaSink { producer, topic: k.dlq_topic.clone(), validator })
     }
@@ -199,7 +157,9 @@ impl DlqKafkaSink {
             .insert(Header { key: "reason", value: Some(r.reason.as_str()) })
             .insert(Header { key: "detail", value: Some(r.detail.as_str()) })
             .insert(Header { key: "origin", value: Some(r.origin.as_str()) })
-            .insert(Header { key: "validator_id", value: Some(self.validator.as_str()) });
+            .insert(Header { key: "validator_id", value: Some(self.validator.as_str()) })
+            .insert(Header { key: "original_length", value: Some(&r.original.len().to_string()) })
+            .insert(Header { key: "original_sha256", value: Some(&r.original_sha256_hex()) });
         if let Some(p) = &r.pos {
             headers = headers
                 .insert(Header { key: "source_topic", value: Some(&*p.topic) })
@@ -211,7 +171,7 @@ impl DlqKafkaSink {
             None => r.origin.clone(),
         };
         let record = BaseRecord::with_opaque_to(&self.topic, Box::new(r.pos.clone()))
-            .payload(&r.original[..])
+            .payload(r.kept())
             .key(key.as_str())
             .headers(headers);
         let wait = std::time::Duration::from_millis(50);

@@ -46,12 +46,26 @@ pub fn commit_signed_bytes(e: &proto::CommitEvent) -> Vec<u8> {
 
 /// The signed commit event of `block`; `cert` is None for blocks committed
 /// by a lone validator (N = 1).
+/// `outcome` (None for blocks stored without one) names the txs execution
+/// refused or found repeated: they are not listed among the ids.
 pub fn commit_event(
     block: &Block,
     cert: Option<&CommitCert>,
+    outcome: Option<&proto::BlockOutcome>,
     validators: &[PublicKey],
     key: &SigningKey,
 ) -> proto::CommitEvent {
+    let refused: std::collections::BTreeSet<u32> =
+        outcome.map(|o| o.rejected.iter().map(|r| r.index).collect()).unwrap_or_default();
+    let ids = |kind: TxKind| -> Vec<Vec<u8>> {
+        block
+            .txs
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| t.kind == kind && !refused.contains(&(*i as u32)))
+            .map(|(_, t)| t.id.to_vec())
+            .collect()
+    };
     let h = &block.header;
     let block_hash = block.hash();
     let certificate = cert.map(|c| proto::CommitCertificate {
@@ -73,7 +87,9 @@ pub fn commit_event(
         block_hash: block_hash.to_vec(),
         state_root: h.state_root.to_vec(),
         tx_count: h.tx_count,
-        anomaly_ids: block.txs.iter().filter(|t| t.kind == TxKind::Anomaly).map(|t| t.id.to_vec()).collect(),
+        anomaly_ids: ids(TxKind::Anomaly),
+        evidence_ids: ids(TxKind::Evidence),
+        policy_ids: ids(TxKind::Policy),
         timestamp_ms: h.timestamp_ms,
         signature: vec![],
         public_key: crypto::public_key(key).to_vec(),
@@ -239,7 +255,7 @@ impl EventMaker {
         let mut events = vec![Outgoing {
             topic: self.commits.clone(),
             key: height.to_string(),
-            payload: commit_event(block, cert, &self.validators, &self.key).encode_to_vec(),
+            payload: commit_event(block, cert, outcome, &self.validators, &self.key).encode_to_vec(),
         }];
         let Some(outcome) = outcome else { return HeightEvents { height, events } };
         let sign = |bytes: Vec<u8>| crypto::sign(&self.key, &bytes).to_vec();

@@ -2,7 +2,7 @@
 //! size limits, and the typed payloads inside.
 
 use crate::crypto::{self, PublicKey, Signature};
-use crate::dlq::RejectReason;
+use crate::reject::RejectReason;
 use crate::{proto, sha256, Hash32};
 use prost::Message;
 

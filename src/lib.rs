@@ -29,6 +29,7 @@ pub mod net;
 pub mod node;
 pub mod persist;
 pub mod proposal;
+pub mod reject;
 pub mod runtime;
 pub mod snapshot;
 pub mod state;

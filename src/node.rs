@@ -18,7 +18,7 @@ use crate::consensus::pbft::{Action, Auth, CommitCert, Message, Proof, Record, R
 use crate::crypto::PublicKey;
 use crate::dlq::{RejectReason, Rejection};
 use crate::event::{Event, Limits};
-use crate::ingest::verify::{RateLimiter, VerifyPolicy};
+use crate::ingest::verify::VerifyPolicy;
 use crate::mempool::{Admit, Mempool, MempoolConfig, VerifiedTx};
 use crate::proposal::{self, CheckContext, Proposal};
 use crate::state::{Executed, Receipt, State};
@@ -30,8 +30,6 @@ use std::sync::Arc;
 pub struct NodeConfig {
     pub builder: BuilderConfig,
     pub mempool: MempoolConfig,
-    pub rate_per_second: u32,
-    pub rate_burst: u32,
     pub limits: Limits,
     /// What txs in other validators' proposals are checked against.
     pub policy: Arc<VerifyPolicy>,
@@ -82,8 +80,14 @@ pub enum Output {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NodeStats {
     pub admitted: u64,
+    /// Exact repeats of a tx pending or committed here (redelivery,
+    /// resends): dropped and counted, never dead-lettered.
     pub duplicates: u64,
+    /// Txs refused by execution for their producer's rate (receipts).
     pub rate_limited: u64,
+    /// Views this backup left because the primary kept passing over txs
+    /// it holds while ordering later ones.
+    pub censorship_suspicions: u64,
     pub committed_txs: u64,
     pub committed_blocks: u64,
     pub proposals_refused: u64,
@@ -254,8 +258,19 @@ pub struct Node<A: Auth + Clone> {
     mempool: Mempool,
     /// Admitted by the shards but not yet fitting in the mempool.
     backlog: VecDeque<VerifiedTx>,
-    rate: RateLimiter,
     state: State,
+    /// Txs of values in flight (pre-prepared in the current view, not yet
+    /// executed), by nonce: kept out of new proposals, and a proposal that
+    /// repeats one at another seq is refused. Rebuilt from the replica's
+    /// log whenever the view changed (`inflight_view`).
+    inflight: HashMap<[u8; 16], (Seq, Hash32)>,
+    inflight_by_seq: std::collections::BTreeMap<Seq, Vec<[u8; 16]>>,
+    inflight_view: Option<View>,
+    /// Admission time here of the newest tx the current view ordered: a
+    /// pending tx admitted more than the order timeout before it was
+    /// passed over (censorship check, `on_tick`).
+    newest_ordered_received_ms: u64,
+    next_order_check_ms: u64,
     last: Option<BlockHeader>,
     replica: Replica<A>,
     view: View,
@@ -297,8 +312,12 @@ impl<A: Auth + Clone> Node<A> {
         assert_eq!(replica.executed(), height, "replica and block store disagree");
         Node {
             mempool: Mempool::new(cfg.mempool),
-            rate: RateLimiter::new(cfg.rate_per_second, cfg.rate_burst),
             backlog: VecDeque::new(),
+            inflight: HashMap::new(),
+            inflight_by_seq: Default::default(),
+            inflight_view: None,
+            newest_ordered_received_ms: 0,
+            next_order_check_ms: 0,
             state,
             last_proposal_ts: last.as_ref().map_or(0, |h| h.timestamp_ms),
             last,
@@ -378,37 +397,31 @@ impl<A: Auth + Clone> Node<A> {
         self.backlog.is_empty() && self.mempool.has_room()
     }
 
-    /// Txs admitted by the verify shards.
+    /// Txs admitted by the verify shards. No verdict is made here that
+    /// another validator could make differently: the rate limit is the
+    /// state machine's (receipts), and the backlog is backpressure only.
     pub fn on_txs(&mut self, now_ms: u64, txs: Vec<VerifiedTx>, out: &mut Vec<Output>) {
-        for tx in txs {
-            if !self.rate.allow(&tx.event.producer, now_ms) {
-                self.stats.rate_limited += 1;
-                out.push(Output::Reject(Rejection {
-                    reason: RejectReason::RateLimited,
-                    detail: format!(
-                        "producer {} over {} tx/s",
-                        hex::encode(tx.event.producer),
-                        self.cfg.rate_per_second
-                    ),
-                    origin: "mempool".into(),
-                    original: tx.event.encode(),
-                    pos: tx.pos.clone(),
-                }));
-                continue;
-            }
-            self.backlog.push_back(tx);
-        }
-        self.drain_backlog();
+        self.backlog.extend(txs);
+        self.drain_backlog(out);
         self.step(now_ms, out);
     }
 
-    fn drain_backlog(&mut self) {
+    fn drain_backlog(&mut self, out: &mut Vec<Output>) {
         while let Some(tx) = self.backlog.front() {
-            // Already committed (a redelivery after restart) or already pending.
-            if self.state.has_nonce(&tx.event.nonce) || self.mempool.contains_content(&tx.event.content_hash) {
+            // This very tx committed (a redelivery after restart, a resend)
+            // or pending: a duplicate, finished without a DLQ record.
+            if self.state.is_committed(&tx.event.nonce, &tx.tx_hash) || self.mempool.contains(&tx.tx_hash) {
                 let tx = self.backlog.pop_front().expect("front exists");
                 self.stats.duplicates += 1;
                 self.dropped.extend(tx.pos);
+                continue;
+            }
+            // Another tx committed with its nonce: it can never commit (a
+            // verdict from committed state, the same on every validator).
+            if let Some(owner) = self.state.nonce_owner(&tx.event.nonce) {
+                let detail = format!("nonce already committed by tx {}", hex::encode(owner));
+                let tx = self.backlog.pop_front().expect("front exists");
+                out.push(Output::Reject(rejection(&tx, RejectReason::ReplayedNonce, detail, "mempool".into())));
                 continue;
             }
             if !self.mempool.fits(tx) {
@@ -443,14 +456,19 @@ impl<A: Auth + Clone> Node<A> {
                     && s.body.seq > self.replica.executed()
                     && !self.checked.contains_key(&s.body.digest) =>
             {
+                self.sync_inflight();
+                let seq = s.body.seq;
                 let checked = self.check_proposal(now_ms, &s.body.value).and_then(|p| {
                     match p.evidence.iter().position(|e| !self.replica.verify_proof(e)) {
                         Some(i) => Err(proposal::ProposalError::Decode(format!("proof {i} does not verify"))),
-                        None => Ok(p),
+                        None => self.check_no_repeats(seq, &p).map(|()| p),
                     }
                 });
                 match checked {
-                    Ok(p) => self.remember_checked(s.body.digest, p),
+                    Ok(p) => {
+                        self.add_inflight(seq, &p);
+                        self.remember_checked(s.body.digest, p)
+                    }
                     Err(e) => {
                         self.stats.proposals_refused += 1;
                         self.conduct[s.from].invalid_proposals += 1;
@@ -499,6 +517,109 @@ impl<A: Auth + Clone> Node<A> {
         )
     }
 
+    /// No tx of `p` (for `seq`) is committed or in a value in flight at
+    /// another seq: an honest primary never orders a tx twice.
+    fn check_no_repeats(&self, seq: Seq, p: &Proposal) -> Result<(), proposal::ProposalError> {
+        for (index, (tx, h)) in p.txs.iter().zip(&p.tx_hashes).enumerate() {
+            if let Some(owner) = self.state.nonce_owner(&tx.nonce) {
+                let what = if owner == h { "is committed" } else { "reuses a committed nonce" };
+                return Err(proposal::ProposalError::Tx { index, detail: format!("tx {what}") });
+            }
+            if let Some((at, _)) = self.inflight.get(&tx.nonce).filter(|(at, _)| *at != seq) {
+                return Err(proposal::ProposalError::Tx {
+                    index,
+                    detail: format!("its nonce is in flight at seq {at}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the in-flight set from the replica's log once per view
+    /// (values a new-view re-proposed; abandoned ones leave it).
+    fn sync_inflight(&mut self) {
+        let view = self.replica.view();
+        if self.inflight_view == Some(view) {
+            return;
+        }
+        self.inflight_view = Some(view);
+        self.inflight.clear();
+        self.inflight_by_seq.clear();
+        let values: Vec<(Seq, Hash32, crate::consensus::pbft::Value)> =
+            self.replica.unexecuted_pre_prepares().map(|(s, d, v)| (s, *d, v.clone())).collect();
+        for (seq, digest, value) in values {
+            let p = match self.checked.get(&digest) {
+                Some(p) => p.clone(),
+                None => match proposal::decode(&value, &self.cfg.limits) {
+                    Ok(p) => Arc::new(p),
+                    Err(_) => continue, // executes as a null block
+                },
+            };
+            self.add_inflight(seq, &p);
+        }
+    }
+
+    fn add_inflight(&mut self, seq: Seq, p: &Proposal) {
+        let nonces: Vec<[u8; 16]> = p.txs.iter().map(|t| t.nonce).collect();
+        for (n, h) in nonces.iter().zip(&p.tx_hashes) {
+            self.inflight.insert(*n, (seq, *h));
+        }
+        self.inflight_by_seq.entry(seq).or_default().extend(nonces);
+    }
+
+    /// Seq `seq` executed: values in flight at or below it are done.
+    fn retire_inflight(&mut self, seq: Seq) {
+        let keep = self.inflight_by_seq.split_off(&(seq + 1));
+        for (s, nonces) in std::mem::replace(&mut self.inflight_by_seq, keep) {
+            for n in nonces {
+                if self.inflight.get(&n).is_some_and(|(at, _)| *at == s) {
+                    self.inflight.remove(&n);
+                }
+            }
+        }
+    }
+
+    /// Censorship check (backups): a pending tx not in flight, admitted
+    /// here more than the order timeout before a tx this view ordered, was
+    /// passed over: move to the next view. Txs waiting behind a queue (the
+    /// primary orders oldest first) are never older than what it orders,
+    /// so overload alone does not trigger it; an idle primary that orders
+    /// nothing is the view-change timer's job (`expect_progress`).
+    fn check_order(&mut self, now_ms: u64) {
+        if now_ms < self.next_order_check_ms {
+            return;
+        }
+        self.next_order_check_ms = now_ms + ORDER_CHECK_INTERVAL_MS;
+        if self.replica.is_primary() || self.replica.is_changing() {
+            return;
+        }
+        self.sync_inflight();
+        let timeout_ms = self.order_timeout_ms();
+        let oldest = self
+            .mempool
+            .iter_pending()
+            .take(ORDER_CHECK_MAX_SCAN)
+            .find(|t| !self.inflight.contains_key(&t.event.nonce))
+            .map(|t| t.received_ms);
+        if let Some(received_ms) = oldest {
+            if received_ms + timeout_ms <= self.newest_ordered_received_ms {
+                self.stats.censorship_suspicions += 1;
+                tracing::warn!(
+                    view = self.replica.view(),
+                    waited_ms = now_ms.saturating_sub(received_ms),
+                    "the primary orders later txs but not one held here; moving to the next view"
+                );
+                self.replica.suspect_primary(&mut self.actions);
+            }
+        }
+    }
+
+    /// How long a tx may be passed over before the primary is suspected:
+    /// twice the view-change timeout (AIMD: it grows after failed views).
+    fn order_timeout_ms(&self) -> u64 {
+        2 * self.replica.timeout_ms()
+    }
+
     /// A proof this replica found: keep it to commit (once per culprit).
     fn note_proof(&mut self, p: Proof) {
         let c = p.culprit();
@@ -524,6 +645,7 @@ impl<A: Auth + Clone> Node<A> {
     /// Time passes: timers, and a proposal if this validator leads.
     pub fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         self.replica.on_tick(now_ms, &mut self.actions);
+        self.check_order(now_ms);
         self.step(now_ms, out);
     }
 
@@ -547,7 +669,11 @@ impl<A: Auth + Clone> Node<A> {
                     ))
             {
                 let started = self.lap();
-                let txs = self.mempool.take_for_block(self.cfg.builder.max_txs, self.cfg.builder.max_bytes);
+                self.sync_inflight();
+                let inflight = &self.inflight;
+                let txs = self.mempool.take_for_block(self.cfg.builder.max_txs, self.cfg.builder.max_bytes, |t| {
+                    inflight.contains_key(&t.event.nonce)
+                });
                 let ts = now_ms.max(self.last_proposal_ts).max(self.last.as_ref().map_or(0, |h| h.timestamp_ms));
                 self.last_proposal_ts = ts;
                 self.last_proposal_ms = now_ms;
@@ -600,6 +726,7 @@ impl<A: Auth + Clone> Node<A> {
             self.conduct[old_primary].failed_views += 1;
             self.stats.view_changes += 1;
             self.view = v;
+            self.newest_ordered_received_ms = 0;
             self.replica.clear_queue();
             self.mempool.unpropose_all();
             for (_, proposed) in &mut self.proofs {
@@ -628,6 +755,39 @@ impl<A: Auth + Clone> Node<A> {
         let started = self.lap();
         let Executed { state_root, receipts, undo: _ } = self.state.execute_block(seq, timestamp_ms, &pairs);
         self.record_stage(Stage::Execute, started);
+        debug_assert_eq!(receipts.len(), p.txs.len());
+        self.retire_inflight(seq);
+        if self.view == cert.pre_prepare.body.view {
+            for h in &p.tx_hashes {
+                if let Some(t) = self.mempool.get(h) {
+                    self.newest_ordered_received_ms = self.newest_ordered_received_ms.max(t.received_ms);
+                }
+            }
+        }
+        // Verdicts from committed state: every validator writes the same
+        // DLQ records for this block (their txs are finished by the block).
+        for ((tx, r), h) in p.txs.iter().zip(&receipts).zip(&p.tx_hashes) {
+            if let crate::state::TxStatus::Rejected(reason) = r.status {
+                if reason == RejectReason::RateLimited {
+                    self.stats.rate_limited += 1;
+                }
+                let detail = format!("refused by execution at height {seq}");
+                out.push(Output::Reject(Rejection {
+                    reason,
+                    detail,
+                    origin: format!("block/{seq}"),
+                    original: tx.encode(),
+                    pos: None,
+                }));
+            }
+            // Other txs holding a nonce this block consumed can never commit.
+            if self.state.is_committed(&tx.nonce, h) {
+                for loser in self.mempool.remove_nonce_losers(&tx.nonce, h) {
+                    let detail = format!("nonce committed at height {seq} by tx {}", hex::encode(h));
+                    out.push(Output::Reject(rejection(&loser, RejectReason::ReplayedNonce, detail, "mempool".into())));
+                }
+            }
+        }
         let proposer_id = cert.pre_prepare.from;
         let header = BlockHeader {
             height: seq,
@@ -666,7 +826,7 @@ impl<A: Auth + Clone> Node<A> {
         self.last = Some(header);
         self.stats.committed_blocks += 1;
         self.stats.committed_txs += block.txs.len() as u64;
-        self.drain_backlog();
+        self.drain_backlog(out);
         if self.replica.is_primary() && self.replica.queued() == 0 {
             // The pipeline drained: the next block may wait its interval from now.
             self.last_proposal_ms = self.last_proposal_ms.min(now_ms);
@@ -685,6 +845,19 @@ impl<A: Auth + Clone> Node<A> {
     }
 }
 
+/// The `reason` of a `TxRejection` for a tx already committed earlier in
+/// the chain: not applied again, not counted against its producer.
+pub const REPEAT_REASON: &str = "repeat";
+
+/// How often a backup checks that the primary is not passing over its txs.
+const ORDER_CHECK_INTERVAL_MS: u64 = 200;
+/// Most pending txs one censorship check looks at (the oldest ones).
+const ORDER_CHECK_MAX_SCAN: usize = 8192;
+
+fn rejection(tx: &VerifiedTx, reason: RejectReason, detail: String, origin: String) -> Rejection {
+    Rejection { reason, detail, origin, original: tx.event.encode(), pos: tx.pos.clone() }
+}
+
 /// What executing `block` did: the txs refused, and every producer's
 /// totals after it.
 pub fn block_outcome(block: &Block, receipts: &[Receipt], state: &State) -> crate::proto::BlockOutcome {
@@ -694,7 +867,10 @@ pub fn block_outcome(block: &Block, receipts: &[Receipt], state: &State) -> crat
         .filter_map(|(i, r)| match r.status {
             crate::state::TxStatus::Applied => None,
             crate::state::TxStatus::Rejected(reason) => {
-                Some(crate::proto::TxRejection { index: i as u32, reason: reason.into() })
+                Some(crate::proto::TxRejection { index: i as u32, reason: reason.as_str().into() })
+            }
+            crate::state::TxStatus::Repeat => {
+                Some(crate::proto::TxRejection { index: i as u32, reason: REPEAT_REASON.into() })
             }
         })
         .collect();
@@ -778,8 +954,6 @@ mod tests {
                 min_txs: 1,
             },
             mempool: MempoolConfig { max_txs: max_mempool, max_bytes: 1 << 20 },
-            rate_per_second: 0,
-            rate_burst: 0,
             limits: Limits::default(),
             policy: Arc::new(VerifyPolicy {
                 producers: [crypto::public_key(producer)].into_iter().collect(),

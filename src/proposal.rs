@@ -8,10 +8,10 @@
 use crate::block::{Block, BuilderConfig};
 use crate::consensus::pbft::Proof;
 use crate::consensus::wire::{proof_from, proof_to, WireLimits};
-use crate::dlq::RejectReason;
 use crate::event::{Event, Limits};
 use crate::ingest::verify::{verify_events, VerifyPolicy};
 use crate::mempool::Mempool;
+use crate::reject::RejectReason;
 use crate::{proto, Hash32};
 use foldhash::{HashSet, HashSetExt};
 use prost::Message;

@@ -667,6 +667,31 @@ impl<A: Auth + Clone> Replica<A> {
         &self.p
     }
 
+    /// True between sending a view change and accepting the new view.
+    pub fn is_changing(&self) -> bool {
+        self.changing
+    }
+
+    /// The application holds work the primary keeps passing over while it
+    /// orders other work (a censoring primary, or one that never got the
+    /// txs): move to the next view now, as the view-change timer would.
+    pub fn suspect_primary(&mut self, out: &mut Vec<Action>) {
+        if !self.changing && !self.is_primary() {
+            self.start_view_change(self.view + 1, out);
+        }
+    }
+
+    /// Pre-prepares of the current view not yet executed, by seq: the
+    /// values in flight (the application keeps their txs out of new
+    /// proposals and refuses proposals that repeat them).
+    pub fn unexecuted_pre_prepares(&self) -> impl Iterator<Item = (Seq, &Hash32, &Value)> {
+        let view = self.view;
+        self.log.range(self.executed + 1..).filter_map(move |(&seq, slot)| {
+            let pp = slot.pre_prepare.as_ref().filter(|p| p.body.view == view)?;
+            Some((seq, &pp.body.digest, &pp.body.value))
+        })
+    }
+
     fn sign<T>(&self, body: T, bytes: Vec<u8>) -> Signed<T> {
         Signed { sig: self.auth.sign(&bytes), body, from: self.id }
     }

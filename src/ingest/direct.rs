@@ -9,8 +9,8 @@
 //! connection closed, since the stream can no longer be trusted to be framed.
 //! The source has no authentication: bind it to loopback.
 
-use crate::dlq::RejectReason;
 use crate::event::{Event, Limits, TxKind};
+use crate::reject::RejectReason;
 use std::io::{self, Read, Write};
 
 /// Decodes one frame body (`kind tag | event`); on failure, the reason, a

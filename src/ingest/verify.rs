@@ -1,12 +1,15 @@
 //! The verification pipeline of one shard:
 //! known producer → content hash → nonce layout → timestamp skew →
-//! batched Ed25519 → payload rules → nonce uniqueness.
-//! (Decoding and size limits happen at the source; the per-producer rate
-//! limit at mempool admission, where one thread sees every producer's txs.)
+//! batched Ed25519 → payload rules.
+//! (Decoding and size limits happen at the source.) Every verdict here is a
+//! function of the bytes and the configuration (and, for stale/future, the
+//! arrival time): the same on every validator. Nonce reuse, duplicates and
+//! the per-producer rate limit are judged against committed state by the
+//! core and the state machine, so no validator's verdict differs from
+//! another's (see `reject`).
 //!
-//! Shards are chosen by a hash of the nonce, so a nonce is always checked by
-//! the same shard and the nonce cache needs no sharing. A nonce is recorded
-//! only after its signature verified: forged events cannot burn nonces.
+//! Shards are chosen by a hash of the nonce, so one tx and its resends are
+//! always checked by the same shard.
 
 use super::Incoming;
 use crate::crypto::{self, BatchItem, PublicKey};
@@ -14,8 +17,7 @@ use crate::dlq::{RejectReason, Rejection};
 use crate::event::{parse_payload, signed_len, write_signed_bytes, Event};
 use crate::mempool::VerifiedTx;
 use crate::{sha256, Hash32};
-use foldhash::{HashMap, HashMapExt, HashSet};
-use std::collections::VecDeque;
+use foldhash::HashSet;
 use std::sync::Arc;
 
 /// What every shard checks against (shared, read-only).
@@ -26,47 +28,9 @@ pub struct VerifyPolicy {
     pub nonce_ttl_ms: u64,
 }
 
-/// Nonces seen within their TTL.
-#[derive(Default)]
-pub struct NonceCache {
-    seen: HashMap<[u8; 16], u64>,
-    order: VecDeque<(u64, [u8; 16])>,
-}
-
-impl NonceCache {
-    /// Records `nonce`; false if it was already there.
-    pub fn insert(&mut self, nonce: [u8; 16], ts: u64) -> bool {
-        if self.seen.contains_key(&nonce) {
-            return false;
-        }
-        self.seen.insert(nonce, ts);
-        self.order.push_back((ts, nonce));
-        true
-    }
-
-    /// Forgets nonces whose timestamp is older than `horizon_ms`.
-    pub fn expire(&mut self, horizon_ms: u64) {
-        while let Some(&(ts, n)) = self.order.front() {
-            if ts >= horizon_ms {
-                break;
-            }
-            self.order.pop_front();
-            self.seen.remove(&n);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.seen.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
-    }
-}
-
 /// Per-shard verifier state.
 pub struct Verifier {
     policy: Arc<VerifyPolicy>,
-    nonces: NonceCache,
 }
 
 /// Shard index for a nonce (stable across runs and validators).
@@ -83,11 +47,7 @@ fn reject(inc: &Incoming, reason: RejectReason, detail: String) -> Rejection {
 
 impl Verifier {
     pub fn new(policy: Arc<VerifyPolicy>) -> Self {
-        Verifier { policy, nonces: NonceCache::default() }
-    }
-
-    pub fn nonce_cache_len(&self) -> usize {
-        self.nonces.len()
+        Verifier { policy }
     }
 
     /// Verifies a batch at wall-clock time `now_ms`. Every input ends up in
@@ -101,7 +61,6 @@ impl Verifier {
         rejected: &mut Vec<Rejection>,
     ) {
         let p = &*self.policy;
-        self.nonces.expire(now_ms.saturating_sub(p.nonce_ttl_ms.max(p.skew_ms)));
         // Cheap checks first; keep survivors with their signed bytes.
         let mut cand: Vec<(Incoming, Vec<u8>)> = Vec::with_capacity(batch.len());
         for inc in batch {
@@ -129,14 +88,6 @@ impl Verifier {
             }
             if let Err(d) = parse_payload(inc.event.kind, &inc.event.payload) {
                 rejected.push(reject(&inc, RejectReason::InvalidPayload, d));
-                continue;
-            }
-            if !self.nonces.insert(inc.event.nonce, inc.event.timestamp_ms) {
-                rejected.push(reject(
-                    &inc,
-                    RejectReason::ReplayedNonce,
-                    format!("nonce {} already seen", hex::encode(inc.event.nonce)),
-                ));
                 continue;
             }
             let tx_hash: Hash32 = sha256(&sb);
@@ -207,39 +158,6 @@ pub fn verify_events(p: &VerifyPolicy, events: &[&Event], now_ms: u64) -> Result
     Ok(())
 }
 
-/// Per-producer token buckets (manual: MEMPOOL_RATE_PER_SECOND). Time is
-/// passed in, so the limiter is deterministic under test.
-pub struct RateLimiter {
-    rate_per_s: f64,
-    burst: f64,
-    buckets: HashMap<PublicKey, (f64, u64)>,
-}
-
-impl RateLimiter {
-    /// `rate_per_s == 0` disables limiting; `burst == 0` means one second's worth.
-    pub fn new(rate_per_s: u32, burst: u32) -> Self {
-        let burst = if burst == 0 { rate_per_s } else { burst };
-        RateLimiter { rate_per_s: rate_per_s as f64, burst: burst as f64, buckets: HashMap::new() }
-    }
-
-    /// Takes one token for `producer` at `now_ms`.
-    pub fn allow(&mut self, producer: &PublicKey, now_ms: u64) -> bool {
-        if self.rate_per_s == 0.0 {
-            return true;
-        }
-        let (tokens, last) = self.buckets.entry(*producer).or_insert((self.burst, now_ms));
-        let elapsed = now_ms.saturating_sub(*last) as f64 / 1000.0;
-        *tokens = (*tokens + elapsed * self.rate_per_s).min(self.burst);
-        *last = now_ms.max(*last);
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,10 +218,12 @@ mod tests {
         let mut sig = ev(&f.key, 7, NOW);
         sig.signature[5] ^= 1;
         let payload = Event::sign(TxKind::Anomaly, &f.key, [8; 16], vec![0x08, 0x00], NOW, [8; 4]);
-        let replay = good.clone();
-        let (a, r) = run(&mut f.v, vec![good.clone(), unknown, hash, nonce, stale, future, sig, payload, replay]);
-        assert_eq!(a.len(), 1);
-        assert_eq!(a[0].tx_hash, good.tx_hash());
+        // An exact resend is no verdict of a shard's: the core drops it as a
+        // duplicate of the pending or committed tx (same tx hash).
+        let resend = good.clone();
+        let (a, r) = run(&mut f.v, vec![good.clone(), unknown, hash, nonce, stale, future, sig, payload, resend]);
+        assert_eq!(a.len(), 2);
+        assert!(a.iter().all(|t| t.tx_hash == good.tx_hash()));
         let reasons: Vec<_> = r.iter().map(|r| r.reason).collect();
         assert_eq!(
             reasons,
@@ -315,15 +235,10 @@ mod tests {
                 RejectReason::Future,
                 RejectReason::BadSignature,
                 RejectReason::InvalidPayload,
-                RejectReason::ReplayedNonce,
             ]
         );
         // The original bytes travel with the rejection.
         assert!(Event::decode(TxKind::Anomaly, &r[0].original, &Default::default()).is_ok());
-        // A replay in a later batch is caught too.
-        let (a, r) = run(&mut f.v, vec![good]);
-        assert!(a.is_empty());
-        assert_eq!(r[0].reason, RejectReason::ReplayedNonce);
     }
 
     #[test]
@@ -336,28 +251,6 @@ mod tests {
         assert!(a.is_empty() && r[0].reason == RejectReason::BadSignature);
         let (a, _) = run(&mut f.v, vec![good]);
         assert_eq!(a.len(), 1);
-    }
-
-    #[test]
-    fn rate_limiter_refills() {
-        let mut rl = RateLimiter::new(10, 2);
-        let p = [1u8; 32];
-        assert!(rl.allow(&p, 0));
-        assert!(rl.allow(&p, 0));
-        assert!(!rl.allow(&p, 0));
-        assert!(rl.allow(&p, 100), "one token after 100 ms at 10/s");
-        assert!(!rl.allow(&p, 100));
-        assert!(RateLimiter::new(0, 0).allow(&p, 0));
-    }
-
-    #[test]
-    fn nonce_cache_expires() {
-        let mut c = NonceCache::default();
-        assert!(c.insert([1; 16], 10));
-        assert!(!c.insert([1; 16], 10));
-        c.expire(11);
-        assert!(c.is_empty());
-        assert!(c.insert([1; 16], 20));
     }
 
     #[test]

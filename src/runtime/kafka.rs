@@ -99,12 +99,11 @@ pub(super) fn consumer_loop(consumer: BaseConsumer, tracker: Arc<OffsetTracker>,
                 }
                 Err((reason, detail)) => {
                     consumed.push((pos.clone(), None));
-                    let keep = payload.len().min(sh.limits.max_event_bytes);
                     rejected.push(Rejection {
                         reason,
                         detail,
                         origin: topic.to_string(),
-                        original: payload[..keep].to_vec(),
+                        original: payload.to_vec(),
                         pos: Some(pos),
                     });
                 }

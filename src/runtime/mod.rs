@@ -516,8 +516,6 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let ncfg = NodeConfig {
         builder: c.builder(),
         mempool: c.mempool_config(),
-        rate_per_second: c.mempool.rate_per_second,
-        rate_burst: c.mempool.rate_burst,
         limits,
         policy: policy.clone(),
         skew_ms: c.ingest.max_timestamp_skew.as_millis() as u64,
@@ -748,14 +746,8 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
 }
 
 fn send_reject(sh: &Shared, reason: RejectReason, detail: String, origin: &str, original: &[u8]) {
-    let keep = original.len().min(sh.limits.max_event_bytes);
-    let _ = sh.dlq.send(Rejection {
-        reason,
-        detail,
-        origin: origin.to_string(),
-        original: original[..keep].to_vec(),
-        pos: None,
-    });
+    let _ =
+        sh.dlq.send(Rejection { reason, detail, origin: origin.to_string(), original: original.to_vec(), pos: None });
 }
 
 /// One connection: frames → decoded events → per-shard batches.

@@ -9,20 +9,37 @@
 //! * `a` + anomaly id (16)   → `u64 BE height || tx_hash || AnomalyPayload`
 //! * `e` + evidence id (16)  → `u64 BE height || tx_hash || EvidencePayload`
 //! * `p` + policy_id (UTF-8) → `u64 BE height || tx_hash || PolicyPayload` (latest wins)
-//! * `n` + u64 BE height     → the nonces consumed by that block, `(nonce (16) || u64 BE timestamp_ms)*`
-//!   in tx order (replay protection; deleted once all are past the TTL)
-//! * `r` + producer key (32) → `u64 BE accepted || u64 BE rejected`
+//! * `n` + u64 BE height     → the nonces consumed by that block,
+//!   `(nonce (16) || u64 BE timestamp_ms || tx_hash (32))*` in tx order
+//!   (replay protection and tx identity; deleted once all are past the TTL)
+//! * `r` + producer key (32) → `u64 BE accepted || u64 BE rejected ||
+//!   u64 BE tokens (thousandths) || u64 BE block timestamp_ms they were counted at`
+//!
+//! # Identity and verdicts
+//! A tx is its hash (of the signed bytes: domain, timestamp, nonce, id,
+//! content hash), never its payload. A tx ordered again after it committed
+//! (a Byzantine primary, or a race across a view change) executes once: the
+//! repeat gets [`TxStatus::Repeat`], changes nothing and counts against no
+//! one. Every refusal here is a receipt every validator computes alike,
+//! including the per-producer rate limit: a token bucket charged against
+//! block timestamps, so it does not depend on when a validator saw the tx.
 
 pub mod merkle;
 
 use crate::event::{parse_payload, Event, TxKind};
+use crate::reject::RejectReason;
 use crate::{proto, sha256, Hash32};
 use foldhash::{HashMap, HashMapExt};
 use merkle::SparseMerkleTree;
 use std::collections::BTreeSet;
 
-/// One consumed nonce in a block's `n` entry: nonce (16) || u64 BE timestamp.
-const NONCE_ENTRY: usize = 24;
+/// One consumed nonce in a block's `n` entry: nonce (16) || u64 BE
+/// timestamp || tx hash (32).
+const NONCE_ENTRY: usize = 56;
+/// A producer's `r` record: accepted, rejected, tokens, counted-at.
+const PRODUCER_RECORD: usize = 32;
+/// Token-bucket units per tx (integer arithmetic: every validator agrees).
+const MILLI: u64 = 1000;
 
 #[derive(Debug, Clone, Copy)]
 pub struct StateConfig {
@@ -32,20 +49,36 @@ pub struct StateConfig {
     pub nonce_ttl_ms: u64,
     /// A tx may be at most this far ahead of the block timestamp.
     pub future_skew_ms: u64,
+    /// Per-producer token bucket (MEMPOOL_RATE_PER_SECOND): tokens added
+    /// per second of block time; 0 disables the limit.
+    pub rate_per_second: u32,
+    /// Bucket size (MEMPOOL_RATE_BURST); 0 means one second's worth.
+    pub rate_burst: u32,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { nonce_ttl_ms: 15 * 60_000, future_skew_ms: 5 * 60_000 }
+        StateConfig { nonce_ttl_ms: 15 * 60_000, future_skew_ms: 5 * 60_000, rate_per_second: 0, rate_burst: 0 }
+    }
+}
+
+impl StateConfig {
+    fn bucket_milli(&self) -> u64 {
+        let burst = if self.rate_burst == 0 { self.rate_per_second } else { self.rate_burst };
+        burst as u64 * MILLI
     }
 }
 
 /// Result of one transaction. Rejected transactions stay in the block (the
-/// block is valid), consume their nonce and count against their producer.
+/// block is valid) and count against their producer; those refused for
+/// their content (not replayed or expired) consume their nonce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxStatus {
     Applied,
-    Rejected(&'static str),
+    Rejected(RejectReason),
+    /// This very tx (same hash) is already committed: executed once, the
+    /// repeat changes nothing and is not counted against its producer.
+    Repeat,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,9 +126,9 @@ pub struct State {
 #[derive(Default)]
 struct NonceIndex {
     /// Nonces remembered (replay protection) → the height that consumed
-    /// them. Membership only, so iteration order (HashMap's is random)
-    /// never matters.
-    by_nonce: HashMap<[u8; 16], u64>,
+    /// them and the tx that did. Membership only, so iteration order
+    /// (HashMap's is random) never matters.
+    by_nonce: HashMap<[u8; 16], (u64, Hash32)>,
     /// `n` entries by (newest timestamp in it, height): pruned in this order.
     blocks: BTreeSet<(u64, u64)>,
 }
@@ -105,11 +138,15 @@ impl NonceIndex {
         self.by_nonce.contains_key(nonce)
     }
 
+    fn owner(&self, nonce: &[u8; 16]) -> Option<&Hash32> {
+        self.by_nonce.get(nonce).map(|(_, h)| h)
+    }
+
     /// Adds block `height`'s `n` entry.
     fn add_block(&mut self, height: u64, value: &[u8]) {
         let mut newest = 0;
-        for (n, ts) in nonce_entries(value) {
-            self.by_nonce.insert(n, height);
+        for (n, ts, tx) in nonce_entries(value) {
+            self.by_nonce.insert(n, (height, tx));
             newest = newest.max(ts);
         }
         self.blocks.insert((newest, height));
@@ -118,8 +155,8 @@ impl NonceIndex {
     /// Removes block `height`'s `n` entry.
     fn remove_block(&mut self, height: u64, value: &[u8]) {
         let mut newest = 0;
-        for (n, ts) in nonce_entries(value) {
-            if self.by_nonce.get(&n) == Some(&height) {
+        for (n, ts, _) in nonce_entries(value) {
+            if self.by_nonce.get(&n).is_some_and(|(h, _)| *h == height) {
                 self.by_nonce.remove(&n);
             }
             newest = newest.max(ts);
@@ -143,10 +180,76 @@ fn nonce_block_key(height: u64) -> Vec<u8> {
     k
 }
 
-fn nonce_entries(value: &[u8]) -> impl Iterator<Item = ([u8; 16], u64)> + '_ {
-    value
-        .chunks_exact(NONCE_ENTRY)
-        .map(|e| (e[..16].try_into().expect("16 bytes"), u64::from_be_bytes(e[16..].try_into().expect("8 bytes"))))
+fn nonce_entries(value: &[u8]) -> impl Iterator<Item = ([u8; 16], u64, Hash32)> + '_ {
+    value.chunks_exact(NONCE_ENTRY).map(|e| {
+        (
+            e[..16].try_into().expect("16 bytes"),
+            u64::from_be_bytes(e[16..24].try_into().expect("8 bytes")),
+            e[24..].try_into().expect("32 bytes"),
+        )
+    })
+}
+
+fn producer_key(producer: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(b'r');
+    k.extend_from_slice(producer);
+    k
+}
+
+fn be(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().expect("8 bytes"))
+}
+
+/// One producer's `r` record, as a block's execution updates it.
+#[derive(Debug, Clone, Copy)]
+struct ProducerRecord {
+    accepted: u64,
+    rejected: u64,
+    tokens_milli: u64,
+    counted_at_ms: u64,
+}
+
+impl ProducerRecord {
+    fn parse(v: Option<&Vec<u8>>, cfg: &StateConfig, now_ms: u64) -> Self {
+        match v {
+            Some(v) if v.len() >= PRODUCER_RECORD => ProducerRecord {
+                accepted: be(&v[..8]),
+                rejected: be(&v[8..16]),
+                tokens_milli: be(&v[16..24]),
+                counted_at_ms: be(&v[24..32]),
+            },
+            // A producer not seen yet starts with a full bucket.
+            _ => ProducerRecord { accepted: 0, rejected: 0, tokens_milli: cfg.bucket_milli(), counted_at_ms: now_ms },
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(PRODUCER_RECORD);
+        for x in [self.accepted, self.rejected, self.tokens_milli, self.counted_at_ms] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        v
+    }
+
+    /// Takes one token at block time `now_ms` (refilled since the last
+    /// count); false when the bucket is empty. Always true with no limit.
+    fn take_token(&mut self, cfg: &StateConfig, now_ms: u64) -> bool {
+        if cfg.rate_per_second == 0 {
+            return true;
+        }
+        let elapsed_ms = now_ms.saturating_sub(self.counted_at_ms);
+        // tokens/s × ms = thousandths of a token.
+        let refill = elapsed_ms.saturating_mul(cfg.rate_per_second as u64);
+        self.tokens_milli = self.tokens_milli.saturating_add(refill).min(cfg.bucket_milli());
+        self.counted_at_ms = self.counted_at_ms.max(now_ms);
+        if self.tokens_milli >= MILLI {
+            self.tokens_milli -= MILLI;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 fn record(height: u64, tx_hash: &Hash32, payload: &[u8]) -> Vec<u8> {
@@ -207,13 +310,20 @@ impl State {
     pub fn has_nonce(&self, nonce: &[u8; 16]) -> bool {
         self.nonces.contains(nonce)
     }
+    /// The committed tx that consumed `nonce`, while it is remembered (its
+    /// TTL): the same hash means this tx is committed; another, that the
+    /// nonce is used.
+    pub fn nonce_owner(&self, nonce: &[u8; 16]) -> Option<&Hash32> {
+        self.nonces.owner(nonce)
+    }
+    /// Whether this very tx is committed (within the nonce TTL; older txs
+    /// are refused as expired anyway).
+    pub fn is_committed(&self, nonce: &[u8; 16], tx_hash: &Hash32) -> bool {
+        self.nonce_owner(nonce) == Some(tx_hash)
+    }
     /// A producer's accepted and rejected txs so far (the `r` table).
     pub fn producer_totals(&self, producer: &[u8; 32]) -> (u64, u64) {
-        let mut k = vec![b'r'];
-        k.extend_from_slice(producer);
-        self.kv.get(&k).map_or((0, 0), |v| {
-            (u64::from_be_bytes(v[..8].try_into().unwrap()), u64::from_be_bytes(v[8..16].try_into().unwrap()))
-        })
+        self.kv.get(&producer_key(producer)).map_or((0, 0), |v| (be(&v[..8]), be(&v[8..16])))
     }
 
     /// Merkle proof for `key` against `root()`.
@@ -239,36 +349,34 @@ impl State {
         let mut consumed = Vec::with_capacity(txs.len() * NONCE_ENTRY);
         let mut newest = 0;
         let mut receipts = Vec::with_capacity(txs.len());
-        // Per-producer counts (order-free: each becomes one record, and the
+        // Per-producer records, read once and written once per block (the
         // batch and the tree do not depend on the order of writes).
-        let mut producer_delta: HashMap<[u8; 32], (u64, u64)> = HashMap::new();
+        let mut producers: HashMap<[u8; 32], ProducerRecord> = HashMap::new();
         for (ev, tx_hash) in txs {
-            let status = Self::apply_tx(&mut b, &self.nonces, &self.cfg, height, timestamp_ms, ev, tx_hash);
-            if status != TxStatus::Rejected("replayed_nonce") && status != TxStatus::Rejected("expired") {
-                self.nonces.by_nonce.insert(ev.nonce, height);
+            let rec = producers
+                .entry(ev.producer)
+                .or_insert_with(|| ProducerRecord::parse(b.get(&producer_key(&ev.producer)), &self.cfg, timestamp_ms));
+            let status = Self::apply_tx(&mut b, &self.nonces, &self.cfg, rec, height, timestamp_ms, ev, tx_hash);
+            let consumes = !matches!(
+                status,
+                TxStatus::Repeat | TxStatus::Rejected(RejectReason::ReplayedNonce | RejectReason::Expired)
+            );
+            if consumes {
+                self.nonces.by_nonce.insert(ev.nonce, (height, *tx_hash));
                 newest = newest.max(ev.timestamp_ms);
                 consumed.extend_from_slice(&ev.nonce);
                 consumed.extend_from_slice(&ev.timestamp_ms.to_be_bytes());
+                consumed.extend_from_slice(tx_hash);
             }
-            let d = producer_delta.entry(ev.producer).or_default();
             match status {
-                TxStatus::Applied => d.0 += 1,
-                TxStatus::Rejected(_) => d.1 += 1,
+                TxStatus::Applied => rec.accepted += 1,
+                TxStatus::Rejected(_) => rec.rejected += 1,
+                TxStatus::Repeat => {}
             }
             receipts.push(Receipt { tx_hash: *tx_hash, status });
         }
-        for (p, (acc, rej)) in producer_delta {
-            let mut k = vec![b'r'];
-            k.extend_from_slice(&p);
-            let (a0, r0) = b
-                .get(&k)
-                .map(|v| {
-                    (u64::from_be_bytes(v[..8].try_into().unwrap()), u64::from_be_bytes(v[8..16].try_into().unwrap()))
-                })
-                .unwrap_or((0, 0));
-            let mut v = (a0 + acc).to_be_bytes().to_vec();
-            v.extend_from_slice(&(r0 + rej).to_be_bytes());
-            b.put(k, v);
+        for (p, rec) in producers {
+            b.put(producer_key(&p), rec.encode());
         }
         if !consumed.is_empty() {
             // Its nonces are indexed already (tx by tx); now its pruning order.
@@ -283,27 +391,36 @@ impl State {
         Executed { state_root: self.tree.root(), receipts, undo }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn apply_tx(
         b: &mut Batch<'_>,
         nonces: &NonceIndex,
         cfg: &StateConfig,
+        producer: &mut ProducerRecord,
         height: u64,
         now: u64,
         ev: &Event,
         tx_hash: &Hash32,
     ) -> TxStatus {
+        let owner = nonces.owner(&ev.nonce);
+        if owner == Some(tx_hash) {
+            return TxStatus::Repeat;
+        }
         if ev.timestamp_ms.saturating_add(cfg.nonce_ttl_ms) <= now {
-            return TxStatus::Rejected("expired");
+            return TxStatus::Rejected(RejectReason::Expired);
         }
         if ev.timestamp_ms > now.saturating_add(cfg.future_skew_ms) {
-            return TxStatus::Rejected("future");
+            return TxStatus::Rejected(RejectReason::Future);
         }
-        if nonces.contains(&ev.nonce) {
-            return TxStatus::Rejected("replayed_nonce");
+        if owner.is_some() {
+            return TxStatus::Rejected(RejectReason::ReplayedNonce);
+        }
+        if !producer.take_token(cfg, now) {
+            return TxStatus::Rejected(RejectReason::RateLimited);
         }
         let payload = match parse_payload(ev.kind, &ev.payload) {
             Ok(p) => p,
-            Err(_) => return TxStatus::Rejected("invalid_payload"),
+            Err(_) => return TxStatus::Rejected(RejectReason::InvalidPayload),
         };
         let key = match (ev.kind, &payload) {
             (TxKind::Anomaly, _) => [&[b'a'][..], &ev.id].concat(),
@@ -312,7 +429,7 @@ impl State {
             (TxKind::Policy, _) => unreachable!("parse_payload returns the kind's payload"),
         };
         if ev.kind != TxKind::Policy && b.get(&key).is_some() {
-            return TxStatus::Rejected("duplicate_id");
+            return TxStatus::Rejected(RejectReason::DuplicateId);
         }
         b.put(key, record(height, tx_hash, &ev.payload));
         TxStatus::Applied
@@ -433,25 +550,40 @@ mod tests {
         let st: Vec<_> = e1.receipts.iter().map(|r| r.status).collect();
         assert_eq!(
             st,
-            vec![TxStatus::Applied, TxStatus::Applied, TxStatus::Rejected("invalid_payload"), TxStatus::Applied]
+            vec![
+                TxStatus::Applied,
+                TxStatus::Applied,
+                TxStatus::Rejected(RejectReason::InvalidPayload),
+                TxStatus::Applied
+            ]
         );
-        // Replay of the same nonce in a later block is refused.
+        // The same tx ordered again executes once: a repeat, not counted.
+        let before = s1.producer_totals(&a.producer);
         let e = run(&mut s1, 2, t0 + 20, std::slice::from_ref(&a));
-        assert_eq!(e.receipts[0].status, TxStatus::Rejected("replayed_nonce"));
+        assert_eq!(e.receipts[0].status, TxStatus::Repeat);
+        assert_eq!(s1.producer_totals(&a.producer), before, "a repeat counts against no one");
+        assert!(s1.is_committed(&a.nonce, &a.tx_hash()));
+        // Another tx reusing the nonce is refused (and counted).
+        let reuse =
+            Event::sign(TxKind::Anomaly, &k, [0x55; 16], sample_anomaly_payload(5, 300), t0, 1u32.to_be_bytes());
+        assert_eq!(reuse.nonce, a.nonce);
+        let e = run(&mut s1, 3, t0 + 25, std::slice::from_ref(&reuse));
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::ReplayedNonce));
+        assert_eq!(s1.producer_totals(&a.producer), (before.0, before.1 + 1));
         // Same id, fresh nonce: duplicate id.
         let a2 = Event::sign(TxKind::Anomaly, &k, a.id, sample_anomaly_payload(9, 300), t0 + 5, [9; 4]);
-        let e = run(&mut s1, 3, t0 + 30, &[a2]);
-        assert_eq!(e.receipts[0].status, TxStatus::Rejected("duplicate_id"));
+        let e = run(&mut s1, 4, t0 + 30, &[a2]);
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::DuplicateId));
         // After the TTL the nonce is pruned and an old tx is expired, not replayed.
         let late = t0 + StateConfig::default().nonce_ttl_ms + 1;
         assert!(s1.has_nonce(&a.nonce));
-        let e = run(&mut s1, 4, late, &[]);
+        let e = run(&mut s1, 5, late, &[]);
         assert!(!s1.has_nonce(&a.nonce));
         assert!(e.receipts.is_empty());
-        let e = run(&mut s1, 5, late + 1, std::slice::from_ref(&a));
-        assert_eq!(e.receipts[0].status, TxStatus::Rejected("expired"));
+        let e = run(&mut s1, 6, late + 1, std::slice::from_ref(&a));
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::Expired));
         let fut = ev(&k, TxKind::Anomaly, 77, late + 10 * 60_000, sample_anomaly_payload(77, 100));
-        assert_eq!(run(&mut s1, 6, late + 2, &[fut]).receipts[0].status, TxStatus::Rejected("future"));
+        assert_eq!(run(&mut s1, 7, late + 2, &[fut]).receipts[0].status, TxStatus::Rejected(RejectReason::Future));
     }
 
     #[test]
@@ -540,5 +672,54 @@ mod tests {
         let key = [&[b'a'][..], &evs[0].id].concat();
         let v = sha256(s.get(&key).unwrap());
         assert!(s.prove(&key).verify(&s.root(), &sha256(&key), Some(&v)));
+    }
+
+    #[test]
+    fn identical_payloads_are_distinct_txs_and_a_repeat_in_one_block_executes_once() {
+        let k = crypto::generate_key();
+        let t0 = 1_700_000_000_000u64;
+        let p = sample_anomaly_payload(1, 300);
+        let (x, y) = (ev(&k, TxKind::Anomaly, 1, t0, p.clone()), ev(&k, TxKind::Anomaly, 2, t0, p));
+        let mut s = State::new(StateConfig::default());
+        let e = run(&mut s, 1, t0, &[x.clone(), y.clone(), x.clone()]);
+        let st: Vec<_> = e.receipts.iter().map(|r| r.status).collect();
+        assert_eq!(st, vec![TxStatus::Applied, TxStatus::Applied, TxStatus::Repeat]);
+        assert_eq!(s.producer_totals(&x.producer), (2, 0));
+        // The nonce entry names each tx once; a restored state knows them.
+        assert_eq!(s.get(&nonce_block_key(1)).unwrap().len(), 2 * NONCE_ENTRY);
+        let r = State::restore(&s.snapshot([0; 32]), StateConfig::default()).unwrap();
+        assert!(r.is_committed(&x.nonce, &x.tx_hash()) && r.is_committed(&y.nonce, &y.tx_hash()));
+        assert!(!r.is_committed(&x.nonce, &y.tx_hash()));
+    }
+
+    #[test]
+    fn the_rate_limit_is_charged_against_block_time_alike_everywhere() {
+        let k = crypto::generate_key();
+        let t0 = 1_700_000_000_000u64;
+        let cfg = StateConfig { rate_per_second: 10, rate_burst: 2, ..StateConfig::default() };
+        let evs: Vec<_> = (0..6).map(|i| ev(&k, TxKind::Anomaly, i, t0, sample_anomaly_payload(i, 50))).collect();
+        let mut a = State::new(cfg);
+        let mut b = State::new(cfg);
+        let rl = TxStatus::Rejected(RejectReason::RateLimited);
+        // Burst of two, then empty at the same block time.
+        let e = run(&mut a, 1, t0, &evs[..3]);
+        assert_eq!(
+            e.receipts.iter().map(|r| r.status).collect::<Vec<_>>(),
+            vec![TxStatus::Applied, TxStatus::Applied, rl]
+        );
+        // 100 ms of block time at 10/s refills one token.
+        let e = run(&mut a, 2, t0 + 100, &evs[3..5]);
+        assert_eq!(e.receipts.iter().map(|r| r.status).collect::<Vec<_>>(), vec![TxStatus::Applied, rl]);
+        assert_eq!(a.producer_totals(&evs[0].producer), (3, 2));
+        // The same blocks elsewhere: the same receipts and root, whenever run.
+        run(&mut b, 1, t0, &evs[..3]);
+        let e = run(&mut b, 2, t0 + 100, &evs[3..5]);
+        assert_eq!(e.state_root, a.root());
+        // A rate-limited tx consumed its nonce: resending it is a repeat.
+        let e = run(&mut a, 3, t0 + 10_000, std::slice::from_ref(&evs[2]));
+        assert_eq!(e.receipts[0].status, TxStatus::Repeat);
+        // No limit configured: nothing is refused.
+        let mut free = State::new(StateConfig::default());
+        assert!(run(&mut free, 1, t0, &evs).receipts.iter().all(|r| r.status == TxStatus::Applied));
     }
 }
