@@ -944,6 +944,15 @@ mod tests {
         producer: &crypto::SigningKey,
         max_mempool: usize,
     ) -> (Vec<Node<Ed25519Auth>>, Vec<crypto::SigningKey>) {
+        cluster_with_state(n, producer, max_mempool, StateConfig::default())
+    }
+
+    fn cluster_with_state(
+        n: usize,
+        producer: &crypto::SigningKey,
+        max_mempool: usize,
+        state: StateConfig,
+    ) -> (Vec<Node<Ed25519Auth>>, Vec<crypto::SigningKey>) {
         let keys: Vec<_> = (0..n).map(|_| crypto::generate_key()).collect();
         let pks: Vec<_> = keys.iter().map(crypto::public_key).collect();
         let cfg = NodeConfig {
@@ -967,14 +976,7 @@ mod tests {
         let nodes = (0..n)
             .map(|i| {
                 let r = Replica::new(i, params_for_tests(n), Ed25519Auth::new(keys[i].clone(), pks.clone()));
-                Node::new(
-                    cfg.clone(),
-                    r,
-                    State::new(StateConfig::default()),
-                    None,
-                    Reputation::new(n, Some(0.7), true),
-                    0,
-                )
+                Node::new(cfg.clone(), r, State::new(state), None, Reputation::new(n, Some(0.7), true), 0)
             })
             .collect();
         (nodes, keys)
@@ -1436,5 +1438,187 @@ mod tests {
             assert!(n.stats().view_changes >= 1);
         }
         assert!(nodes[1..].iter().all(|n| n.state().root() == nodes[1].state().root()));
+    }
+
+    /// A tx signed with an explicit id, payload and nonce randomness.
+    fn vtx_with(k: &crypto::SigningKey, id: u8, payload: Vec<u8>, ts: u64, random: u32) -> VerifiedTx {
+        let ev = Event::sign(TxKind::Anomaly, k, [id; 16], payload, ts, random.to_be_bytes());
+        VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: ts, pos: None }
+    }
+
+    /// Ticks every node and delivers until `done`, collecting commits and
+    /// DLQ records per node.
+    fn run_until(
+        nodes: &mut [Node<Ed25519Auth>],
+        outs: &mut [Vec<Output>],
+        now: &mut u64,
+        limit_ms: u64,
+        mut each_tick: impl FnMut(u64, &mut [Node<Ed25519Auth>], &mut [Vec<Output>]),
+        done: impl Fn(&[Node<Ed25519Auth>], &[Vec<Arc<Block>>]) -> bool,
+    ) -> (Vec<Vec<Arc<Block>>>, Vec<Vec<Rejection>>) {
+        let mut blocks = vec![vec![]; nodes.len()];
+        let mut rejects: Vec<Vec<Rejection>> = vec![vec![]; nodes.len()];
+        while !done(nodes, &blocks) {
+            *now += 100;
+            assert!(
+                *now < limit_ms,
+                "no progress by {now} ms: heights {:?}",
+                nodes.iter().map(|n| n.height()).collect::<Vec<_>>()
+            );
+            each_tick(*now, nodes, outs);
+            for (i, n) in nodes.iter_mut().enumerate() {
+                n.on_tick(*now, &mut outs[i]);
+            }
+            let got = settle_with(nodes, *now, outs, &[], &mut |i, o| {
+                if let Output::Reject(r) = o {
+                    rejects[i].push(r);
+                }
+                None
+            });
+            for (i, b) in got.into_iter().enumerate() {
+                blocks[i].extend(b);
+            }
+        }
+        (blocks, rejects)
+    }
+
+    fn committed_ids(blocks: &[Arc<Block>]) -> Vec<[u8; 16]> {
+        blocks.iter().flat_map(|b| b.txs.iter().map(|t| t.id)).collect()
+    }
+
+    #[test]
+    fn identical_payloads_and_exact_resends_commit_exactly_once_everywhere() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        // Six alerts, one payload: distinct ids and nonces, so six txs.
+        let payload = sample_anomaly_payload(42, 300);
+        let txs: Vec<_> = (0..6).map(|i| vtx_with(&k, i, payload.clone(), 1000, i as u32)).collect();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_txs(1000, txs.clone(), &mut outs[i]);
+            // Resent at once (pending) ...
+            n.on_txs(1000, txs[..2].to_vec(), &mut outs[i]);
+        }
+        let mut now = 1000;
+        let (mut blocks, rejects) = run_until(
+            &mut nodes,
+            &mut outs,
+            &mut now,
+            20_000,
+            |_, _, _| {},
+            |n, _| n.iter().all(|n| n.mempool_len() == 0),
+        );
+        // ... and again after commit (redelivery).
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_txs(now, txs.clone(), &mut outs[i]);
+        }
+        let (more, more_rejects) = run_until(&mut nodes, &mut outs, &mut now, 30_000, |_, _, _| {}, |_, _| true);
+        for (b, m) in blocks.iter_mut().zip(more) {
+            b.extend(m);
+        }
+        let mut ids = committed_ids(&blocks[0]);
+        ids.sort();
+        assert_eq!(ids, (0..6).map(|i| [i; 16]).collect::<Vec<_>>(), "every alert committed once");
+        assert!(blocks.iter().all(|b| b.iter().map(|b| b.hash()).eq(blocks[0].iter().map(|b| b.hash()))));
+        assert!(rejects.iter().chain(&more_rejects).all(|r| r.is_empty()), "duplicates are not dead-lettered");
+        for n in &nodes {
+            assert_eq!(n.stats().duplicates, 8, "2 resends while pending + 6 after commit");
+            assert_eq!(n.state().producer_totals(&crypto::public_key(&k)), (6, 0));
+        }
+    }
+
+    #[test]
+    fn a_proposal_repeating_a_committed_tx_is_refused() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let t = vtx(&k, 1, 1000);
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_txs(1000, vec![t.clone()], &mut outs[i]);
+        }
+        let mut now = 1000;
+        run_until(&mut nodes, &mut outs, &mut now, 20_000, |_, _, _| {}, |n, _| n.iter().all(|n| n.height() == 1));
+        // A faulty primary orders it again (into its pool past every check).
+        assert_eq!(nodes[0].mempool.admit(t.clone()), Admit::Added);
+        nodes[0].on_tick(now + 200, &mut outs[0]);
+        settle(&mut nodes, now + 200, &mut outs, &[]);
+        for n in &nodes[1..] {
+            assert_eq!(n.stats().proposals_refused, 1);
+            assert_eq!(n.height(), 1);
+        }
+    }
+
+    #[test]
+    fn a_primary_passing_over_a_tx_the_backups_hold_is_replaced() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 1000);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        // Only the backups get this one (a primary that restarted, or one
+        // that drops it); the primary keeps ordering newer load.
+        let held = vtx(&k, 1_000_000, 1000);
+        for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+            n.on_txs(1000, vec![held.clone()], &mut outs[i]);
+        }
+        let mut now = 1000;
+        let mut next = 0u64;
+        let (blocks, _) = run_until(
+            &mut nodes,
+            &mut outs,
+            &mut now,
+            60_000,
+            |now, nodes, outs| {
+                if now % 500 == 0 {
+                    next += 1;
+                    let t = vtx(&k, next, now);
+                    for (i, n) in nodes.iter_mut().enumerate() {
+                        n.on_txs(now, vec![t.clone()], &mut outs[i]);
+                    }
+                }
+            },
+            |_, blocks| committed_ids(&blocks[1]).contains(&held.event.id),
+        );
+        let at = blocks[1].iter().find(|b| b.txs.iter().any(|t| t.id == held.event.id)).unwrap();
+        assert!(at.header.view >= 1, "ordered after a view change");
+        assert_ne!(at.header.proposer, nodes[0].cfg.validators[0]);
+        assert!(nodes[1..].iter().all(|n| n.stats().censorship_suspicions >= 1));
+        // While the primary ordered the load, it did so without a view change.
+        assert!(blocks[1].iter().filter(|b| b.header.view == 0).count() >= 3);
+    }
+
+    #[test]
+    fn rate_limit_verdicts_are_the_same_on_every_validator() {
+        let k = crypto::generate_key();
+        let cfg = StateConfig { rate_per_second: 1, rate_burst: 3, ..StateConfig::default() };
+        let (mut nodes, _) = cluster_with_state(4, &k, 100, cfg);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let txs: Vec<_> = (0..12).map(|i| vtx(&k, i, 1000)).collect();
+        // Each validator sees them in another order and at other times.
+        for (i, n) in nodes.iter_mut().enumerate() {
+            let mut mine = txs.clone();
+            mine.rotate_left(i * 3);
+            n.on_txs(1000 + i as u64 * 30, mine, &mut outs[i]);
+        }
+        let mut now = 1000;
+        let (blocks, rejects) = run_until(
+            &mut nodes,
+            &mut outs,
+            &mut now,
+            30_000,
+            |_, _, _| {},
+            |n, _| n.iter().all(|n| n.mempool_len() == 0),
+        );
+        let limited: Vec<Vec<Hash32>> = rejects
+            .iter()
+            .map(|rs| {
+                assert!(rs.iter().all(|r| r.reason == RejectReason::RateLimited));
+                let mut v: Vec<Hash32> = rs.iter().map(|r| crate::sha256(&r.original)).collect();
+                v.sort();
+                v
+            })
+            .collect();
+        assert!(!limited[0].is_empty() && limited[0].len() < 12, "{} limited", limited[0].len());
+        assert!(limited.iter().all(|l| *l == limited[0]), "every validator dead-letters the same txs");
+        assert_eq!(committed_ids(&blocks[0]).len(), 12, "every tx is in a block, with its receipt");
+        assert!(nodes.iter().all(|n| n.stats().rate_limited == limited[0].len() as u64));
     }
 }
