@@ -119,7 +119,8 @@ fn state(c: &mut Criterion) {
     let mut g = c.benchmark_group("state");
     g.sample_size(20);
     // A state holding 100k anomalies, then one 500-tx block.
-    let mut base = State::new(StateConfig { nonce_ttl_ms: u64::MAX / 4, future_skew_ms: u64::MAX / 4, ..StateConfig::default() });
+    let mut base =
+        State::new(StateConfig { nonce_ttl_ms: u64::MAX / 4, future_skew_ms: u64::MAX / 4, ..StateConfig::default() });
     let mut h = 0;
     for chunk in 0..20u64 {
         let evs = events(&key, 5000, NOW + chunk);
