@@ -615,9 +615,11 @@ impl<A: Auth + Clone> Node<A> {
     }
 
     /// How long a tx may be passed over before the primary is suspected:
-    /// twice the view-change timeout (AIMD: it grows after failed views).
+    /// four view-change timeouts (AIMD: they grow after failed views), and
+    /// at least `ORDER_TIMEOUT_MIN_MS`, so validators that consume a Kafka
+    /// backlog in somewhat different orders do not suspect each other.
     fn order_timeout_ms(&self) -> u64 {
-        2 * self.replica.timeout_ms()
+        (4 * self.replica.timeout_ms()).max(ORDER_TIMEOUT_MIN_MS)
     }
 
     /// A proof this replica found: keep it to commit (once per culprit).
@@ -851,6 +853,9 @@ pub const REPEAT_REASON: &str = "repeat";
 
 /// How often a backup checks that the primary is not passing over its txs.
 const ORDER_CHECK_INTERVAL_MS: u64 = 200;
+/// The shortest time a tx may be passed over before its holder suspects
+/// the primary.
+const ORDER_TIMEOUT_MIN_MS: u64 = 5_000;
 /// Most pending txs one censorship check looks at (the oldest ones).
 const ORDER_CHECK_MAX_SCAN: usize = 8192;
 
