@@ -51,6 +51,12 @@ pub enum Output {
     Persist(Record),
     Send(Rid, Message),
     Broadcast(Message),
+    /// Txs this backup holds that the primary has not proposed: send them
+    /// to `to` (the primary) as a tx forward (no durability needed).
+    Forward {
+        to: Rid,
+        txs: Vec<Arc<Event>>,
+    },
     /// A peer asks for committed blocks from `from_seq` on: answer from the
     /// block store with `Message::Committed`.
     ServeFetch {
@@ -88,6 +94,12 @@ pub struct NodeStats {
     /// Views this backup left because the primary kept passing over txs
     /// it holds while ordering later ones.
     pub censorship_suspicions: u64,
+    /// Txs this backup forwarded to the primary.
+    pub forwarded: u64,
+    /// Forwarded txs this validator received and admitted / refused
+    /// (failed verification: a faulty forwarder, or clock skew).
+    pub forwards_admitted: u64,
+    pub forwards_refused: u64,
     pub committed_txs: u64,
     pub committed_blocks: u64,
     pub proposals_refused: u64,
@@ -271,6 +283,12 @@ pub struct Node<A: Auth + Clone> {
     /// passed over (censorship check, `on_tick`).
     newest_ordered_received_ms: u64,
     next_order_check_ms: u64,
+    /// Txs forwarded to the primary of the current view (cleared at a view
+    /// change; pruned to the mempool's txs).
+    forwarded: foldhash::HashSet<Hash32>,
+    /// Forwarded txs verified per sender since the last order check (a
+    /// faulty validator cannot make this one verify without a bound).
+    forward_budget: Vec<usize>,
     last: Option<BlockHeader>,
     replica: Replica<A>,
     view: View,
@@ -318,6 +336,8 @@ impl<A: Auth + Clone> Node<A> {
             inflight_view: None,
             newest_ordered_received_ms: 0,
             next_order_check_ms: 0,
+            forwarded: Default::default(),
+            forward_budget: vec![0; cfg.validators.len()],
             state,
             last_proposal_ts: last.as_ref().map_or(0, |h| h.timestamp_ms),
             last,
@@ -436,6 +456,49 @@ impl<A: Auth + Clone> Node<A> {
                 self.dropped.extend(pos);
             }
         }
+    }
+
+    /// Txs validator `from` forwarded (see `Output::Forward`): decoded with
+    /// this validator's limits, deduplicated by tx hash, verified like any
+    /// ingest, admitted. At most `MAX_FORWARD_TXS` per sender per order
+    /// check are verified; the rest are dropped (the sender retries in a
+    /// later view if still needed).
+    pub fn on_forward(&mut self, now_ms: u64, from: Rid, txs: Vec<crate::proto::Transaction>, out: &mut Vec<Output>) {
+        let Some(budget) = self.forward_budget.get_mut(from) else { return };
+        let mut events = Vec::with_capacity(txs.len());
+        for t in txs {
+            let Ok(ev) = Event::from_tx_proto(t, &self.cfg.limits) else {
+                self.stats.forwards_refused += 1;
+                continue;
+            };
+            let tx_hash = ev.tx_hash();
+            if self.mempool.contains(&tx_hash) || self.state.is_committed(&ev.nonce, &tx_hash) {
+                continue; // known here: nothing to verify
+            }
+            if *budget >= crate::consensus::wire::MAX_FORWARD_TXS {
+                self.stats.forwards_refused += 1;
+                continue;
+            }
+            *budget += 1;
+            events.push((ev, tx_hash));
+        }
+        if events.is_empty() {
+            return;
+        }
+        let refs: Vec<&Event> = events.iter().map(|(e, _)| e).collect();
+        let verdicts = crate::ingest::verify::verify_each(&self.cfg.policy, &refs, now_ms);
+        let mut admitted = vec![];
+        for ((event, tx_hash), v) in events.into_iter().zip(verdicts) {
+            match v {
+                Ok(()) => admitted.push(VerifiedTx { event: Arc::new(event), tx_hash, received_ms: now_ms, pos: None }),
+                Err((reason, detail)) => {
+                    self.stats.forwards_refused += 1;
+                    tracing::debug!(from, %reason, detail, "forwarded tx refused");
+                }
+            }
+        }
+        self.stats.forwards_admitted += admitted.len() as u64;
+        self.on_txs(now_ms, admitted, out);
     }
 
     /// A consensus message from validator `from` (authenticated by the
@@ -585,15 +648,17 @@ impl<A: Auth + Clone> Node<A> {
     /// primary orders oldest first) are never older than what it orders,
     /// so overload alone does not trigger it; an idle primary that orders
     /// nothing is the view-change timer's job (`expect_progress`).
-    fn check_order(&mut self, now_ms: u64) {
+    fn check_order(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         if now_ms < self.next_order_check_ms {
             return;
         }
         self.next_order_check_ms = now_ms + ORDER_CHECK_INTERVAL_MS;
+        self.forward_budget.iter_mut().for_each(|b| *b = 0);
         if self.replica.is_primary() || self.replica.is_changing() {
             return;
         }
         self.sync_inflight();
+        self.forward_passed_over(now_ms, out);
         let timeout_ms = self.order_timeout_ms();
         let oldest = self
             .mempool
@@ -612,6 +677,42 @@ impl<A: Auth + Clone> Node<A> {
                 self.replica.suspect_primary(&mut self.actions);
             }
         }
+    }
+
+    /// Forwards to the primary (once per view) pending txs not in flight
+    /// that waited `FORWARD_DELAY_MS` here while the primary ordered later
+    /// ones or nothing at all: it may never have received them (a restart,
+    /// a client that reached only some validators). A primary that has them
+    /// queued behind load is never sent them: under load something is in
+    /// flight and what it orders is not newer than them.
+    fn forward_passed_over(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let idle = self.inflight.is_empty();
+        let newest = self.newest_ordered_received_ms;
+        let txs: Vec<Arc<Event>> = self
+            .mempool
+            .iter_pending()
+            .take(ORDER_CHECK_MAX_SCAN)
+            .filter(|t| {
+                let waited = t.received_ms + FORWARD_DELAY_MS;
+                waited <= now_ms && (idle || waited <= newest) && !self.inflight.contains_key(&t.event.nonce)
+            })
+            .filter(|t| !self.forwarded.contains(&t.tx_hash))
+            .take(crate::consensus::wire::MAX_FORWARD_TXS)
+            .map(|t| t.event.clone())
+            .collect();
+        if txs.is_empty() {
+            return;
+        }
+        if self.forwarded.len() > 2 * self.mempool.len() + 1024 {
+            let m = &self.mempool;
+            self.forwarded.retain(|h| m.contains(h));
+        }
+        for t in &txs {
+            self.forwarded.insert(t.tx_hash());
+        }
+        self.stats.forwarded += txs.len() as u64;
+        let to = self.replica.primary(self.replica.view());
+        out.push(Output::Forward { to, txs });
     }
 
     /// How long a tx may be passed over before the primary is suspected:
@@ -647,7 +748,7 @@ impl<A: Auth + Clone> Node<A> {
     /// Time passes: timers, and a proposal if this validator leads.
     pub fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         self.replica.on_tick(now_ms, &mut self.actions);
-        self.check_order(now_ms);
+        self.check_order(now_ms, out);
         self.step(now_ms, out);
     }
 
@@ -729,6 +830,7 @@ impl<A: Auth + Clone> Node<A> {
             self.stats.view_changes += 1;
             self.view = v;
             self.newest_ordered_received_ms = 0;
+            self.forwarded.clear();
             self.replica.clear_queue();
             self.mempool.unpropose_all();
             for (_, proposed) in &mut self.proofs {
@@ -853,6 +955,9 @@ pub const REPEAT_REASON: &str = "repeat";
 
 /// How often a backup checks that the primary is not passing over its txs.
 const ORDER_CHECK_INTERVAL_MS: u64 = 200;
+/// How long a backup holds a tx the primary passes over (or, idle, does
+/// not order) before forwarding it to the primary.
+const FORWARD_DELAY_MS: u64 = 1_000;
 /// The shortest time a tx may be passed over before its holder suspects
 /// the primary.
 const ORDER_TIMEOUT_MIN_MS: u64 = 5_000;
@@ -924,6 +1029,11 @@ mod tests {
         nonce[12..].copy_from_slice(&(i as u32).to_be_bytes());
         let ev = Event::sign(TxKind::Anomaly, k, nonce, sample_anomaly_payload(i, 300), ts, (i as u32).to_be_bytes());
         VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: ts, pos: None }
+    }
+
+    thread_local! {
+        /// A validator that drops every tx forwarded to it (a censor).
+        static DROP_FORWARDS_TO: std::cell::Cell<Option<Rid>> = const { std::cell::Cell::new(None) };
     }
 
     /// Short timeouts (the tests drive a simulated clock in 100 ms steps).
@@ -1010,11 +1120,13 @@ mod tests {
         let mut committed = vec![vec![]; nodes.len()];
         loop {
             let mut msgs = vec![];
+            let mut forwards = vec![];
             for (i, out) in outs.iter_mut().enumerate() {
                 for o in out.drain(..) {
                     match o {
                         Output::Send(to, m) => msgs.push((i, Some(to), m)),
                         Output::Broadcast(m) => msgs.push((i, None, m)),
+                        Output::Forward { to, txs } => forwards.push((i, to, txs)),
                         o => {
                             if let Output::Commit { block, .. } = &o {
                                 committed[i].push(block.clone());
@@ -1026,8 +1138,15 @@ mod tests {
                     }
                 }
             }
-            if msgs.is_empty() {
+            if msgs.is_empty() && forwards.is_empty() {
                 return committed;
+            }
+            for (from, to, txs) in forwards {
+                if mute.contains(&from) || DROP_FORWARDS_TO.get() == Some(to) {
+                    continue;
+                }
+                let txs = txs.iter().map(|t| t.to_tx_proto()).collect();
+                nodes[to].on_forward(now, from, txs, &mut outs[to]);
             }
             for (from, to, m) in msgs {
                 if mute.contains(&from) {
@@ -1553,28 +1672,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_primary_passing_over_a_tx_the_backups_hold_is_replaced() {
-        let k = crypto::generate_key();
-        let mut nodes = cluster(4, &k, 1000);
+    /// Only the backups get `held`; the primary orders newer load (one tx
+    /// every 500 ms) until `held` commits. Returns the blocks of node 1.
+    fn order_a_tx_only_backups_hold(
+        nodes: &mut [Node<Ed25519Auth>],
+        k: &crypto::SigningKey,
+        held: &VerifiedTx,
+    ) -> Vec<Arc<Block>> {
         let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
-        // Only the backups get this one (a primary that restarted, or one
-        // that drops it); the primary keeps ordering newer load.
-        let held = vtx(&k, 1_000_000, 1000);
         for (i, n) in nodes.iter_mut().enumerate().skip(1) {
             n.on_txs(1000, vec![held.clone()], &mut outs[i]);
         }
         let mut now = 1000;
         let mut next = 0u64;
         let (blocks, _) = run_until(
-            &mut nodes,
+            nodes,
             &mut outs,
             &mut now,
             60_000,
             |now, nodes, outs| {
                 if now % 500 == 0 {
                     next += 1;
-                    let t = vtx(&k, next, now);
+                    let t = vtx(k, next, now);
                     for (i, n) in nodes.iter_mut().enumerate() {
                         n.on_txs(now, vec![t.clone()], &mut outs[i]);
                     }
@@ -1582,12 +1701,64 @@ mod tests {
             },
             |_, blocks| committed_ids(&blocks[1]).contains(&held.event.id),
         );
-        let at = blocks[1].iter().find(|b| b.txs.iter().any(|t| t.id == held.event.id)).unwrap();
+        blocks[1].clone()
+    }
+
+    #[test]
+    fn a_tx_only_the_backups_hold_is_forwarded_to_the_primary_and_ordered_in_its_view() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 1000);
+        let held = vtx(&k, 1_000_000, 1000);
+        let blocks = order_a_tx_only_backups_hold(&mut nodes, &k, &held);
+        let at = blocks.iter().find(|b| b.txs.iter().any(|t| t.id == held.event.id)).unwrap();
+        assert_eq!(at.header.view, 0, "no view change needed");
+        assert_eq!(at.header.proposer, nodes[0].cfg.validators[0]);
+        assert!(nodes[1..].iter().all(|n| n.stats().forwarded >= 1 && n.stats().censorship_suspicions == 0));
+        assert_eq!(nodes[0].stats().forwards_admitted, 1, "admitted once, however many forwarded it");
+        assert_eq!(committed_ids(&blocks).iter().filter(|id| **id == held.event.id).count(), 1);
+    }
+
+    #[test]
+    fn a_primary_censoring_a_tx_the_backups_hold_is_replaced() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 1000);
+        let held = vtx(&k, 1_000_000, 1000);
+        DROP_FORWARDS_TO.set(Some(0));
+        let blocks = order_a_tx_only_backups_hold(&mut nodes, &k, &held);
+        DROP_FORWARDS_TO.set(None);
+        let at = blocks.iter().find(|b| b.txs.iter().any(|t| t.id == held.event.id)).unwrap();
         assert!(at.header.view >= 1, "ordered after a view change");
         assert_ne!(at.header.proposer, nodes[0].cfg.validators[0]);
         assert!(nodes[1..].iter().all(|n| n.stats().censorship_suspicions >= 1));
         // While the primary ordered the load, it did so without a view change.
-        assert!(blocks[1].iter().filter(|b| b.header.view == 0).count() >= 3);
+        assert!(blocks.iter().filter(|b| b.header.view == 0).count() >= 3);
+    }
+
+    #[test]
+    fn forwarded_txs_are_verified_and_bounded_per_sender() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 10_000);
+        let mut out = vec![];
+        let good = vtx(&k, 1, 1000);
+        let mut forged = (*vtx(&k, 2, 1000).event).clone();
+        forged.signature[3] ^= 1;
+        let stranger = vtx(&crypto::generate_key(), 3, 1000);
+        let txs = vec![good.event.to_tx_proto(), forged.to_tx_proto(), stranger.event.to_tx_proto()];
+        nodes[0].on_forward(1000, 1, txs, &mut out);
+        assert_eq!((nodes[0].stats().forwards_admitted, nodes[0].stats().forwards_refused), (1, 2));
+        assert!(nodes[0].mempool.contains(&good.tx_hash));
+        assert!(!out.iter().any(|o| matches!(o, Output::Reject(_))), "a peer's forward is no producer's DLQ record");
+        // A flood from one sender: verified up to the budget per check.
+        let flood: Vec<_> = (10..10 + 2 * crate::consensus::wire::MAX_FORWARD_TXS as u64)
+            .map(|i| vtx(&k, i, 1000).event.to_tx_proto())
+            .collect();
+        let before = nodes[0].stats().forwards_admitted;
+        nodes[0].on_forward(1000, 2, flood.clone(), &mut out);
+        let taken = nodes[0].stats().forwards_admitted - before;
+        assert_eq!(taken, crate::consensus::wire::MAX_FORWARD_TXS as u64);
+        // Known txs cost nothing and are not admitted twice.
+        nodes[0].on_forward(1000, 2, flood[..10].to_vec(), &mut out);
+        assert_eq!(nodes[0].stats().forwards_admitted - before, taken);
     }
 
     #[test]

@@ -169,10 +169,7 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_event
     let good: Vec<Event> = (0..40).map(|i| anomaly(k, i)).collect();
     let (evidence, policy) = evidence_and_policy(k, good[0].id);
     let mut bad: Vec<(&str, Vec<u8>)> = bad_events(k).into_iter().map(|(r, e)| (r, e.encode())).collect();
-    bad.extend([
-        ("malformed", b"\xff\xff\xff not protobuf".to_vec()),
-        ("oversized", vec![0u8; 70_000]),
-    ]);
+    bad.extend([("malformed", b"\xff\xff\xff not protobuf".to_vec()), ("oversized", vec![0u8; 70_000])]);
     let p = producer();
     let mut values: Vec<Vec<u8>> = good.iter().map(|e| e.encode()).collect();
     values.extend(bad.iter().map(|(_, b)| b.clone()));

@@ -317,7 +317,7 @@ fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireErro
         Msg::Fetch(f) => Message::Fetch { from: rid(f.from, l)?, from_seq: f.from_seq },
         Msg::Committed(c) => Message::Committed(commit_cert_from(c, l)?),
         Msg::Heartbeat(h) => Message::Heartbeat(Signed { body: h.view, from: rid(h.from, l)?, sig: sig(h.sig)? }),
-        Msg::GenesisReady(_) | Msg::SnapshotRequest(_) | Msg::SnapshotChunk(_) => {
+        Msg::GenesisReady(_) | Msg::SnapshotRequest(_) | Msg::SnapshotChunk(_) | Msg::TxForward(_) => {
             return Err(WireError::Decode("not a PBFT message".into()))
         }
     })
@@ -330,6 +330,20 @@ pub enum Frame {
     Genesis(ReadyAttestation),
     SnapshotRequest(proto::SnapshotRequest),
     SnapshotChunk(proto::SnapshotChunk),
+    /// Forwarded txs, still encoded (the core decodes them with its event
+    /// limits and verifies them); at most [`MAX_FORWARD_TXS`].
+    Forward(Vec<proto::Transaction>),
+}
+
+/// Most txs in one forward message.
+pub const MAX_FORWARD_TXS: usize = 256;
+
+/// Encodes a tx forward (see `Frame::Forward`).
+pub fn encode_forward(txs: &[Arc<crate::event::Event>]) -> Vec<u8> {
+    use proto::pbft_message::Msg;
+    debug_assert!(txs.len() <= MAX_FORWARD_TXS);
+    let txs = txs.iter().map(|t| t.to_tx_proto()).collect();
+    proto::PbftMessage { msg: Some(Msg::TxForward(proto::TxForward { txs })) }.encode_to_vec()
 }
 
 /// Snapshot transfer frames (their content is checked when the whole
@@ -374,6 +388,7 @@ pub fn decode_frame(bytes: &[u8], l: &WireLimits) -> Result<Frame, WireError> {
         })),
         Some(Msg::SnapshotRequest(r)) => Ok(Frame::SnapshotRequest(r)),
         Some(Msg::SnapshotChunk(c)) => Ok(Frame::SnapshotChunk(c)),
+        Some(Msg::TxForward(f)) => Ok(Frame::Forward(bounded(f.txs, MAX_FORWARD_TXS, "forwarded txs")?)),
         _ => from_proto(m, l).map(Frame::Pbft),
     }
 }
@@ -466,6 +481,26 @@ mod tests {
         // Besides its fixed 1 MiB of slack, the limit is not loose.
         assert!(bytes.len() > (limit - (1 << 20)) * 9 / 10, "{} of {limit}", bytes.len());
         assert_eq!(decode_frame(&bytes, &L), Ok(Frame::Pbft(nv)));
+    }
+
+    #[test]
+    fn tx_forwards_round_trip_and_are_bounded() {
+        use crate::event::{sample_anomaly_payload, Event, TxKind};
+        let k = SigningKey::from_bytes(&[9; 32]);
+        let txs: Vec<Arc<Event>> = (0..3u8)
+            .map(|i| {
+                Arc::new(Event::sign(TxKind::Anomaly, &k, [i; 16], sample_anomaly_payload(i as u64, 50), 7, [i; 4]))
+            })
+            .collect();
+        let Ok(Frame::Forward(back)) = decode_frame(&encode_forward(&txs), &L) else { panic!("not a forward") };
+        let limits = crate::event::Limits::default();
+        let back: Vec<Event> = back.into_iter().map(|t| Event::from_tx_proto(t, &limits).unwrap()).collect();
+        assert!(back.iter().zip(&txs).all(|(a, b)| a == &**b));
+        let many = proto::TxForward { txs: vec![txs[0].to_tx_proto(); MAX_FORWARD_TXS + 1] };
+        let bytes = proto::PbftMessage { msg: Some(proto::pbft_message::Msg::TxForward(many)) }.encode_to_vec();
+        assert!(matches!(decode_frame(&bytes, &L), Err(WireError::Range(_))));
+        // Not a PBFT message: `decode` (PBFT only) refuses it.
+        assert!(decode(&encode_forward(&txs), &L).is_err());
     }
 
     #[test]

@@ -135,27 +135,39 @@ pub fn precheck(p: &VerifyPolicy, ev: &Event, now_ms: u64) -> Result<(), (Reject
 /// another validator's proposal): precheck, one batched signature check,
 /// payload rules. Returns the first failure with the tx's index.
 pub fn verify_events(p: &VerifyPolicy, events: &[&Event], now_ms: u64) -> Result<(), (usize, RejectReason, String)> {
+    match verify_each(p, events, now_ms).into_iter().enumerate().find_map(|(i, v)| v.err().map(|e| (i, e))) {
+        Some((i, (r, d))) => Err((i, r, d)),
+        None => Ok(()),
+    }
+}
+
+/// The verdict on each event (in order): precheck at `now_ms`, one batched
+/// signature check for those that pass it, payload rules.
+pub fn verify_each(p: &VerifyPolicy, events: &[&Event], now_ms: u64) -> Vec<Result<(), (RejectReason, String)>> {
+    let mut verdicts: Vec<Result<(), (RejectReason, String)>> =
+        events.iter().map(|ev| precheck(p, ev, now_ms)).collect();
     let mut signed = Vec::with_capacity(events.len());
-    for (i, ev) in events.iter().enumerate() {
-        precheck(p, ev, now_ms).map_err(|(r, d)| (i, r, d))?;
+    let mut idx = Vec::with_capacity(events.len());
+    for (i, ev) in events.iter().enumerate().filter(|(i, _)| verdicts[*i].is_ok()) {
         let mut sb = Vec::with_capacity(signed_len(ev.kind.domain().len()));
         write_signed_bytes(&mut sb, ev.kind.domain(), ev.timestamp_ms, &ev.nonce, &ev.id, &ev.content_hash);
         signed.push(sb);
+        idx.push(i);
     }
-    let items: Vec<BatchItem> = events
+    let items: Vec<BatchItem> = idx
         .iter()
         .zip(&signed)
-        .map(|(ev, sb)| BatchItem { key: &ev.producer, msg: sb, sig: &ev.signature })
+        .map(|(&i, sb)| BatchItem { key: &events[i].producer, msg: sb, sig: &events[i].signature })
         .collect();
-    for (i, v) in crypto::verify_batch(&items).into_iter().enumerate() {
-        if let Err(e) = v {
-            return Err((i, RejectReason::BadSignature, e.to_string()));
-        }
+    for (&i, v) in idx.iter().zip(crypto::verify_batch(&items)) {
+        verdicts[i] = match v {
+            Err(e) => Err((RejectReason::BadSignature, e.to_string())),
+            Ok(_) => parse_payload(events[i].kind, &events[i].payload)
+                .map(|_| ())
+                .map_err(|d| (RejectReason::InvalidPayload, d)),
+        };
     }
-    for (i, ev) in events.iter().enumerate() {
-        parse_payload(ev.kind, &ev.payload).map_err(|d| (i, RejectReason::InvalidPayload, d))?;
-    }
-    Ok(())
+    verdicts
 }
 
 #[cfg(test)]

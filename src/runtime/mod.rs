@@ -1327,6 +1327,11 @@ fn core_loop(
                         node.on_message(now, rid, m, &mut out)
                     }
                     Ok(Frame::Pbft(_)) => {} // before genesis: peers retransmit
+                    Ok(Frame::Forward(txs)) => {
+                        if started {
+                            node.on_forward(now, rid, txs, &mut out);
+                        }
+                    }
                     Ok(Frame::Genesis(a)) => {
                         if let Some(g) = &mut genesis {
                             g.on_attestation(a, from, now, &cons)?;
@@ -1511,6 +1516,11 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                 sends.push((None, m));
             }
             Output::ServeFetch { to, from_seq } => serve_fetch(store, cons, to, from_seq)?,
+            Output::Forward { to, txs } => {
+                if let Some(net) = &cons.net {
+                    net.send(cons.ids[to], Arc::new(wire::encode_forward(&txs)));
+                }
+            }
             Output::Commit { block, cert, receipts: _, outcome } => commits.push((block, cert, outcome)),
             Output::Evidence { culprit, what } => {
                 sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
