@@ -24,6 +24,11 @@ pub struct Rejection {
     /// The Kafka message, if it came from Kafka (its offset waits for this
     /// record to be written).
     pub pos: Option<crate::ingest::SourcePos>,
+    /// For a verdict of committed state: the height of the block that
+    /// holds the tx and its receipt. With the Kafka source these records
+    /// are published with the block's events, from the block store's
+    /// cursor (so none is lost across a crash), not by the DLQ writer.
+    pub height: Option<u64>,
 }
 
 /// Most bytes of an original message a DLQ record carries: below the

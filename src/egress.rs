@@ -207,6 +207,8 @@ pub struct Outgoing {
     pub topic: std::sync::Arc<str>,
     pub key: String,
     pub payload: Vec<u8>,
+    /// Kafka headers (UTF-8 values): DLQ records only.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// Every event of one block; the cursor passes the height once all are
@@ -226,10 +228,18 @@ pub struct EventMaker {
     reputation: std::sync::Arc<str>,
     policy: std::sync::Arc<str>,
     evidence: std::sync::Arc<str>,
+    dlq: std::sync::Arc<str>,
+    /// This validator's id (the DLQ records' `validator_id` header).
+    validator_id: String,
 }
 
 impl EventMaker {
-    pub fn new(key: SigningKey, validators: Vec<PublicKey>, k: &crate::config::KafkaConfig) -> Self {
+    pub fn new(
+        key: SigningKey,
+        validators: Vec<PublicKey>,
+        k: &crate::config::KafkaConfig,
+        validator_id: String,
+    ) -> Self {
         EventMaker {
             public: crypto::public_key(&key),
             key,
@@ -238,7 +248,28 @@ impl EventMaker {
             reputation: k.reputation_topic.as_str().into(),
             policy: k.policy_topic.as_str().into(),
             evidence: k.evidence_topic.as_str().into(),
+            dlq: k.dlq_topic.as_str().into(),
+            validator_id,
         }
+    }
+
+    /// The DLQ record of the tx at `index` that execution refused: the
+    /// same on every validator (a receipt of committed state), published
+    /// with the block's events so a restart resumes it from the cursor.
+    fn verdict_record(&self, block: &Block, index: usize, reason: &str) -> Option<Outgoing> {
+        let tx = block.txs.get(index)?;
+        let original = tx.encode();
+        let height = block.header.height;
+        let origin = format!("block/{height}");
+        let headers = vec![
+            ("reason", reason.to_string()),
+            ("detail", format!("refused by execution at height {height}")),
+            ("origin", origin.clone()),
+            ("validator_id", self.validator_id.clone()),
+            ("original_length", original.len().to_string()),
+            ("original_sha256", hex::encode(crate::sha256(&original))),
+        ];
+        Some(Outgoing { topic: self.dlq.clone(), key: format!("{origin}/{index}"), payload: original, headers })
     }
 
     /// The block's events. `outcome` None (a block stored without one):
@@ -256,6 +287,7 @@ impl EventMaker {
             topic: self.commits.clone(),
             key: height.to_string(),
             payload: commit_event(block, cert, outcome, &self.validators, &self.key).encode_to_vec(),
+            headers: vec![],
         }];
         let Some(outcome) = outcome else { return HeightEvents { height, events } };
         let sign = |bytes: Vec<u8>| crypto::sign(&self.key, &bytes).to_vec();
@@ -276,9 +308,13 @@ impl EventMaker {
                 topic: self.reputation.clone(),
                 key: hex::encode(&p.producer),
                 payload: e.encode_to_vec(),
+                headers: vec![],
             });
         }
         let refused: std::collections::BTreeSet<u32> = outcome.rejected.iter().map(|r| r.index).collect();
+        for r in outcome.rejected.iter().filter(|r| r.reason != crate::state::REPEAT_REASON) {
+            events.extend(self.verdict_record(block, r.index as usize, &r.reason));
+        }
         for (i, tx) in block.txs.iter().enumerate() {
             if refused.contains(&(i as u32)) {
                 continue;
@@ -298,7 +334,12 @@ impl EventMaker {
                         public_key: self.public.to_vec(),
                     };
                     e.signature = sign(policy_signed_bytes(&e));
-                    events.push(Outgoing { topic: self.policy.clone(), key: p.policy_id, payload: e.encode_to_vec() });
+                    events.push(Outgoing {
+                        topic: self.policy.clone(),
+                        key: p.policy_id,
+                        payload: e.encode_to_vec(),
+                        headers: vec![],
+                    });
                 }
                 Ok(crate::event::Payload::Anomaly(a))
                     if a.severity >= EVIDENCE_MIN_SEVERITY && a.confidence < EVIDENCE_MAX_CONFIDENCE =>
@@ -319,6 +360,7 @@ impl EventMaker {
                         topic: self.evidence.clone(),
                         key: hex::encode(tx.id),
                         payload: e.encode_to_vec(),
+                        headers: vec![],
                     });
                 }
                 _ => {}
@@ -417,8 +459,16 @@ pub fn publish_loop(
             producer.context().state.lock().expect("acks lock").0.insert(height, batch.events.len());
             producer.context().sent.lock().expect("sent lock").insert(height, std::time::Instant::now());
             for ev in &batch.events {
-                let record =
+                let mut record =
                     BaseRecord::with_opaque_to(&ev.topic, height as usize).payload(&ev.payload[..]).key(&ev.key);
+                if !ev.headers.is_empty() {
+                    use rdkafka::message::{Header, OwnedHeaders};
+                    let h = ev
+                        .headers
+                        .iter()
+                        .fold(OwnedHeaders::new(), |h, (key, v)| h.insert(Header { key, value: Some(v.as_str()) }));
+                    record = record.headers(h);
+                }
                 if let Err(e) = crate::ingest::kafka::send_when_queued(&producer, record, Duration::from_millis(20)) {
                     tracing::error!(height, error = %e, topic = %ev.topic, "event refused by the producer; stopping the publisher (a restart resumes at the cursor)");
                     return Ok(());
@@ -486,6 +536,7 @@ mod tests {
             anomaly(3, 0.1, 3), // low severity: no request
             Arc::new(Event::sign(TxKind::Policy, &producer, [4; 16], pol.encode_to_vec(), 1000, [4; 4])),
             anomaly(10, 0.1, 5), // flagged but refused by the state machine
+            anomaly(10, 0.1, 1), // a repeat of tx 0 (committed before)
         ];
         let hashes: Vec<_> = txs.iter().map(|t| t.tx_hash()).collect();
         let header = BlockHeader {
@@ -500,21 +551,41 @@ mod tests {
         };
         let block = Block { header, txs, tx_hashes: hashes };
         let outcome = proto::BlockOutcome {
-            rejected: vec![proto::TxRejection { index: 4, reason: "duplicate_id".into() }],
+            rejected: vec![
+                proto::TxRejection { index: 4, reason: "duplicate_id".into() },
+                proto::TxRejection { index: 5, reason: crate::state::REPEAT_REASON.into() },
+            ],
             producers: vec![proto::ProducerTotals {
                 producer: crypto::public_key(&producer).to_vec(),
                 accepted: 12,
                 rejected: 4,
             }],
         };
-        let maker = EventMaker::new(vkey.clone(), vec![crypto::public_key(&vkey)], &Default::default());
-        let out = maker.for_block(&block, None, Some(&outcome));
+        let maker = EventMaker::new(vkey.clone(), vec![crypto::public_key(&vkey)], &Default::default(), "1".into());
+        let mut out = maker.for_block(&block, None, Some(&outcome));
         assert_eq!(out.height, 7);
         let topics: Vec<&str> = out.events.iter().map(|e| &*e.topic).collect();
-        // Commit, reputation, then per tx in block order (the flagged anomaly is tx 0, the policy tx 3).
-        assert_eq!(topics, ["control.commits.v1", "control.reputation.v1", "control.evidence.v1", "control.policy.v1"]);
+        // Commit, reputation, the refusal's DLQ record (not the repeat's),
+        // then per tx in block order (the flagged anomaly is tx 0, the policy tx 3).
+        assert_eq!(
+            topics,
+            ["control.commits.v1", "control.reputation.v1", "ai.dlq.v1", "control.evidence.v1", "control.policy.v1"]
+        );
         let c = proto::CommitEvent::decode(&out.events[0].payload[..]).unwrap();
         verify_commit_event(&c, &[crypto::public_key(&vkey)], 1).unwrap();
+        // Only applied txs are listed: not the refused one, not the repeat.
+        assert_eq!(c.anomaly_ids, vec![vec![1u8; 16], vec![2u8; 16], vec![3u8; 16]]);
+        assert_eq!(c.policy_ids, vec![vec![4u8; 16]]);
+        assert_eq!(c.tx_count, 6);
+        let d = out.events.remove(2);
+        let h: std::collections::HashMap<_, _> = d.headers.iter().cloned().collect();
+        assert_eq!(
+            (h["reason"].as_str(), h["origin"].as_str(), h["validator_id"].as_str()),
+            ("duplicate_id", "block/7", "1")
+        );
+        assert_eq!(d.payload, block.txs[4].encode(), "the original bytes");
+        assert_eq!(h["original_sha256"], hex::encode(crate::sha256(&d.payload)));
+        assert_eq!(d.key, "block/7/4");
         let r = proto::ReputationEvent::decode(&out.events[1].payload[..]).unwrap();
         assert_eq!((r.accepted, r.rejected, r.reputation), (12, 4, 0.75));
         assert!(sign_ok(&r.public_key, &r.signature, &reputation_signed_bytes(&r)));

@@ -882,6 +882,7 @@ impl<A: Auth + Clone> Node<A> {
                     origin: format!("block/{seq}"),
                     original: tx.encode(),
                     pos: None,
+                    height: Some(seq),
                 }));
             }
             // Other txs holding a nonce this block consumed can never commit.
@@ -949,10 +950,6 @@ impl<A: Auth + Clone> Node<A> {
     }
 }
 
-/// The `reason` of a `TxRejection` for a tx already committed earlier in
-/// the chain: not applied again, not counted against its producer.
-pub const REPEAT_REASON: &str = "repeat";
-
 /// How often a backup checks that the primary is not passing over its txs.
 const ORDER_CHECK_INTERVAL_MS: u64 = 200;
 /// How long a backup holds a tx the primary passes over (or, idle, does
@@ -965,7 +962,7 @@ const ORDER_TIMEOUT_MIN_MS: u64 = 5_000;
 const ORDER_CHECK_MAX_SCAN: usize = 8192;
 
 fn rejection(tx: &VerifiedTx, reason: RejectReason, detail: String, origin: String) -> Rejection {
-    Rejection { reason, detail, origin, original: tx.event.encode(), pos: tx.pos.clone() }
+    Rejection { reason, detail, origin, original: tx.event.encode(), pos: tx.pos.clone(), height: None }
 }
 
 /// What executing `block` did: the txs refused, and every producer's
@@ -980,7 +977,7 @@ pub fn block_outcome(block: &Block, receipts: &[Receipt], state: &State) -> crat
                 Some(crate::proto::TxRejection { index: i as u32, reason: reason.as_str().into() })
             }
             crate::state::TxStatus::Repeat => {
-                Some(crate::proto::TxRejection { index: i as u32, reason: REPEAT_REASON.into() })
+                Some(crate::proto::TxRejection { index: i as u32, reason: crate::state::REPEAT_REASON.into() })
             }
         })
         .collect();

@@ -42,7 +42,14 @@ pub fn shard_of(nonce: &[u8; 16], shards: usize) -> usize {
 }
 
 fn reject(inc: &Incoming, reason: RejectReason, detail: String) -> Rejection {
-    Rejection { reason, detail, origin: inc.origin.to_string(), original: inc.event.encode(), pos: inc.pos.clone() }
+    Rejection {
+        reason,
+        detail,
+        origin: inc.origin.to_string(),
+        original: inc.event.encode(),
+        pos: inc.pos.clone(),
+        height: None,
+    }
 }
 
 impl Verifier {

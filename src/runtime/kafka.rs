@@ -105,6 +105,7 @@ pub(super) fn consumer_loop(consumer: BaseConsumer, tracker: Arc<OffsetTracker>,
                         origin: topic.to_string(),
                         original: payload.to_vec(),
                         pos: Some(pos),
+                        height: None,
                     });
                 }
             }

@@ -412,7 +412,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         })?;
         tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
         let next = (cursor + 1).max(store.base_height() + 1);
-        let events = crate::egress::EventMaker::new(key.clone(), keys.clone(), &c.kafka);
+        let events = crate::egress::EventMaker::new(key.clone(), keys.clone(), &c.kafka, c.node.id.to_string());
         let make: MakeItem<_> = Box::new(move |b, cert, outcome| events.for_block(b, cert, outcome));
         (Some(BlockFeed::new(tx, next, make)), Some(handle))
     } else {
@@ -746,8 +746,14 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
 }
 
 fn send_reject(sh: &Shared, reason: RejectReason, detail: String, origin: &str, original: &[u8]) {
-    let _ =
-        sh.dlq.send(Rejection { reason, detail, origin: origin.to_string(), original: original.to_vec(), pos: None });
+    let _ = sh.dlq.send(Rejection {
+        reason,
+        detail,
+        origin: origin.to_string(),
+        original: original.to_vec(),
+        pos: None,
+        height: None,
+    });
 }
 
 /// One connection: frames → decoded events → per-shard batches.
@@ -1493,6 +1499,9 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     let mut sends: Vec<(Option<Rid>, Message)> = Vec::new();
     for o in out.drain(..) {
         match o {
+            // Verdicts of committed state go out with their block's events
+            // when those are published (Kafka); else to the DLQ file now.
+            Output::Reject(r) if r.height.is_some() && cons.egress.is_some() => {}
             Output::Reject(r) => {
                 let _ = sh.dlq.send(r);
             }

@@ -69,6 +69,10 @@ impl StateConfig {
     }
 }
 
+/// The `reason` of a block outcome's `TxRejection` for a [`TxStatus::Repeat`]:
+/// not applied again, not counted against its producer, no DLQ record.
+pub const REPEAT_REASON: &str = "repeat";
+
 /// Result of one transaction. Rejected transactions stay in the block (the
 /// block is valid) and count against their producer; those refused for
 /// their content (not replayed or expired) consume their nonce.
