@@ -151,6 +151,14 @@ pub struct KafkaConfig {
     pub reputation_topic: String,
     pub policy_topic: String,
     pub evidence_topic: String,
+    /// Create missing input, DLQ and control topics at startup
+    /// (KAFKA_CREATE_TOPICS); when off, or when the broker refuses, wait for
+    /// them with one message naming them.
+    pub create_topics: bool,
+    /// Partitions and replication factor of topics created here
+    /// (KAFKA_TOPIC_PARTITIONS, KAFKA_TOPIC_REPLICATION).
+    pub topic_partitions: i32,
+    pub topic_replication: i32,
 }
 
 impl Default for KafkaConfig {
@@ -169,6 +177,9 @@ impl Default for KafkaConfig {
             reputation_topic: "control.reputation.v1".into(),
             policy_topic: "control.policy.v1".into(),
             evidence_topic: "control.evidence.v1".into(),
+            create_topics: true,
+            topic_partitions: 4,
+            topic_replication: 1,
         }
     }
 }
@@ -569,6 +580,9 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("KAFKA_INPUT_TOPICS", |c, v| Ok(c.kafka.input_topics = parse_list(v))),
     ("KAFKA_CONSUMER_GROUP_ID", |c, v| Ok(c.kafka.consumer_group_id = v.trim().into())),
     ("KAFKA_DLQ_TOPIC", |c, v| Ok(c.kafka.dlq_topic = v.trim().into())),
+    ("KAFKA_CREATE_TOPICS", |c, v| Ok(c.kafka.create_topics = parse_bool(v)?)),
+    ("KAFKA_TOPIC_PARTITIONS", |c, v| Ok(c.kafka.topic_partitions = parse_num(v)?)),
+    ("KAFKA_TOPIC_REPLICATION", |c, v| Ok(c.kafka.topic_replication = parse_num(v)?)),
     ("CONTROL_COMMITS_TOPIC", |c, v| Ok(c.kafka.commits_topic = v.trim().into())),
     ("CONTROL_REPUTATION_TOPIC", |c, v| Ok(c.kafka.reputation_topic = v.trim().into())),
     ("CONTROL_POLICY_TOPIC", |c, v| Ok(c.kafka.policy_topic = v.trim().into())),
@@ -1123,6 +1137,13 @@ impl Config {
                         "name each input topic with anomal…, evidence or policy in it (default ai.anomalies.v1,ai.evidence.v1,ai.policy.v1)",
                     ));
                 }
+            }
+            if c.kafka.topic_partitions < 1 || c.kafka.topic_replication < 1 {
+                e.push(err(
+                    "KAFKA_TOPIC_PARTITIONS / KAFKA_TOPIC_REPLICATION",
+                    "must be at least 1",
+                    "set KAFKA_TOPIC_PARTITIONS=4 and KAFKA_TOPIC_REPLICATION=1 (or your cluster's factor)",
+                ));
             }
             if c.kafka.input_topics.is_empty() || c.kafka.brokers.trim().is_empty() {
                 e.push(err(

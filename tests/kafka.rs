@@ -745,3 +745,23 @@ fn identical_payloads_commit_once_each_and_resends_are_duplicates_across_a_kill9
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("block store OK") && text.contains("(0 repeated)"), "{text}");
 }
+
+/// At startup the validator creates every missing input, DLQ and control
+/// topic with the configured partitions (KAFKA_TOPIC_PARTITIONS).
+#[test]
+fn missing_topics_are_created_at_startup_with_the_configured_partitions() {
+    let s = Setup::single("");
+    let t = Topics::new();
+    let v = start(&s, &t, &[("KAFKA_TOPIC_PARTITIONS", "3")]);
+    wait_log(&v, "Kafka source subscribed", Duration::from_secs(60));
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let md = c.fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
+    for topic in
+        [&t.anomalies, &t.evidence, &t.policy, &t.dlq, &t.commits, &t.reputation, &t.policy_out, &t.evidence_out]
+    {
+        let found = md.topics().iter().find(|x| x.name() == topic.as_str());
+        let parts = found.map(|x| x.partitions().len());
+        assert_eq!(parts, Some(3), "topic {topic}");
+    }
+    assert!(v.terminate().success());
+}

@@ -72,6 +72,63 @@ pub fn client_config(k: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Every topic the validator reads or writes: input, DLQ, control.
+pub fn all_topics(k: &KafkaConfig) -> Vec<String> {
+    let mut t = k.input_topics.clone();
+    t.extend(
+        [&k.dlq_topic, &k.commits_topic, &k.reputation_topic, &k.policy_topic, &k.evidence_topic].map(|s| s.clone()),
+    );
+    t.retain(|s| !s.trim().is_empty());
+    t.sort();
+    t.dedup();
+    t
+}
+
+/// Topics of [`all_topics`] the broker does not list.
+pub fn missing_topics(k: &KafkaConfig, timeout: std::time::Duration) -> rdkafka::error::KafkaResult<Vec<String>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = client_config(k).create()?;
+    let md = c.fetch_metadata(None, timeout)?;
+    let have: std::collections::HashSet<&str> =
+        md.topics().iter().filter(|t| t.error().is_none() && !t.partitions().is_empty()).map(|t| t.name()).collect();
+    Ok(all_topics(k).into_iter().filter(|t| !have.contains(t.as_str())).collect())
+}
+
+/// Creates the missing topics (KAFKA_CREATE_TOPICS) with the configured
+/// partitions and replication; a topic created meanwhile by someone else is
+/// fine. Returns the topics still missing afterwards, for the caller to name.
+pub fn ensure_topics(k: &KafkaConfig) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context as _;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::types::RDKafkaErrorCode;
+    let timeout = std::time::Duration::from_secs(10);
+    let missing = missing_topics(k, timeout).context("listing Kafka topics")?;
+    if missing.is_empty() || !k.create_topics {
+        return Ok(missing);
+    }
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        client_config(k).create().context("creating the Kafka admin client")?;
+    let new: Vec<NewTopic> = missing
+        .iter()
+        .map(|t| NewTopic::new(t, k.topic_partitions, TopicReplication::Fixed(k.topic_replication)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let results = rt.block_on(admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(timeout))));
+    match results {
+        Ok(rs) => {
+            for r in rs {
+                match r {
+                    Ok(t) => tracing::info!(topic = t, partitions = k.topic_partitions, "Kafka topic created"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((t, e)) => tracing::warn!(topic = t, error = %e, "could not create Kafka topic"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "the broker refused to create topics"),
+    }
+    missing_topics(k, timeout).context("listing Kafka topics")
+}
+
 /// The consumer group of validator `id`: its own, so it sees every message.
 pub fn group_id(k: &KafkaConfig, id: u32) -> String {
     format!("{}-node-{id}", k.consumer_group_id)

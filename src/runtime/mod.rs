@@ -385,6 +385,14 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
                     c.kafka.brokers
                 )
             })?;
+            let missing = crate::ingest::kafka::ensure_topics(&c.kafka)?;
+            if !missing.is_empty() {
+                // Not fatal: the consumer picks topics up as they appear.
+                tracing::warn!(
+                    topics = ?missing,
+                    "Kafka topics missing; waiting for them (create them, or set KAFKA_CREATE_TOPICS=true on a broker that allows it)"
+                );
+            }
             let topics: Vec<&str> = c.kafka.input_topics.iter().map(|t| t.as_str()).collect();
             consumer.subscribe(&topics).context("subscribing to KAFKA_INPUT_TOPICS")?;
         }
@@ -666,10 +674,11 @@ impl DlqSink {
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             DlqSink::File(f) => f.flush(),
-            DlqSink::Kafka(k) => {
-                k.flush(Duration::from_millis(0));
-                Ok(())
-            }
+            // The threaded producer delivers in the background; each
+            // acknowledgement finishes its message. Waiting here (or a
+            // zero-timeout flush, which warns while records are in flight)
+            // would only stall the writer.
+            DlqSink::Kafka(_) => Ok(()),
         }
     }
 }
