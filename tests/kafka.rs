@@ -765,3 +765,138 @@ fn missing_topics_are_created_at_startup_with_the_configured_partitions() {
     }
     assert!(v.terminate().success());
 }
+
+/// What one validator published: the ids its commit events list as
+/// applied, and the block hash per height.
+#[derive(Default, Debug)]
+struct Published {
+    applied: HashMap<[u8; 16], u32>,
+    blocks: BTreeMap<u64, Vec<u8>>,
+}
+
+/// The whole promise on 4 real processes reading Kafka: alerts sharing a
+/// payload, exact resends, a producer over its rate, the leader killed
+/// (-9) and restarted, then a backup, then every early message sent again.
+/// Each validator's commit events list every applied id exactly once, all
+/// agree block by block, every other id is dead-lettered, and every
+/// validator's DLQ records are the same.
+#[test]
+fn cluster_commits_each_alert_once_with_the_same_verdicts_everywhere_across_leader_and_backup_kill9() {
+    let t = Topics::new();
+    let c = Cluster::new(4, |cfg| {
+        cfg.ingest.source = cybermesh::config::SourceKind::Kafka;
+        cfg.kafka.brokers = brokers();
+        cfg.kafka.input_topics = vec![t.anomalies.clone(), t.evidence.clone(), t.policy.clone()];
+        cfg.kafka.consumer_group_id = t.group.clone();
+        cfg.kafka.dlq_topic = t.dlq.clone();
+        cfg.kafka.commits_topic = t.commits.clone();
+        cfg.kafka.reputation_topic = t.reputation.clone();
+        cfg.kafka.policy_topic = t.policy_out.clone();
+        cfg.kafka.evidence_topic = t.evidence_out.clone();
+        // A rate the first burst exceeds (verdicts charged at block time).
+        cfg.mempool.rate_per_second = 40;
+        cfg.mempool.rate_burst = 60;
+    });
+    let mut vs: Vec<Option<Validator>> = (0..4).map(|i| Some(c.start(i))).collect();
+    for v in vs.iter().flatten() {
+        wait_log(v, "genesis complete", Duration::from_secs(60));
+    }
+    let k = c.producer();
+    let payload = cybermesh::event::sample_anomaly_payload(3, 300);
+    let alert = |same: bool, i: u64| {
+        let p = if same { payload.clone() } else { cybermesh::event::sample_anomaly_payload(i, 300) };
+        Event::sign(TxKind::Anomaly, k, uuid::Uuid::new_v4().into_bytes(), p, now_ms(), rand::random())
+    };
+    let p = producer();
+    // Phase 1: 120 alerts, half of them with one payload, each sent twice.
+    let first: Vec<Event> = (0..120).map(|i| alert(i % 2 == 0, i)).collect();
+    let first_bytes: Vec<Vec<u8>> = first.iter().map(|e| e.encode()).collect();
+    produce(&p, &t.anomalies, &first_bytes.iter().flat_map(|b| [b.clone(), b.clone()]).collect::<Vec<_>>());
+    read_until(&t.commits, |_| true); // something committed
+    vs[0].take().unwrap().kill9(); // the leader of view 0
+                                   // Phase 2, without the leader.
+    let second: Vec<Event> = (0..60).map(|i| alert(i % 3 == 0, 1000 + i)).collect();
+    produce(&p, &t.anomalies, &second.iter().map(|e| e.encode()).collect::<Vec<_>>());
+    vs[0] = Some(c.start(0));
+    vs[2].take().unwrap().kill9(); // a backup
+                                   // Phase 3: new alerts, and every phase-1 message once more.
+    let third: Vec<Event> = (0..60).map(|i| alert(i % 2 == 1, 2000 + i)).collect();
+    let mut again: Vec<Vec<u8>> = third.iter().map(|e| e.encode()).collect();
+    again.extend(first_bytes.iter().cloned());
+    produce(&p, &t.anomalies, &again);
+    vs[2] = Some(c.start(2));
+
+    let all: BTreeSet<[u8; 16]> = first.iter().chain(&second).chain(&third).map(|e| e.id).collect();
+    let setup = cybermesh::config::Config::load(Some(&c.net.nodes[0].config)).unwrap().validate().unwrap();
+    let keys: Vec<[u8; 32]> = setup.validators.values().copied().collect();
+    let mut by_key: HashMap<Vec<u8>, Published> = HashMap::new();
+    let mut dead_by_validator: HashMap<String, BTreeMap<[u8; 16], String>> = HashMap::new();
+    let consumer = reader(&t.commits);
+    consumer.subscribe(&[t.commits.as_str(), t.dlq.as_str()]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let done = |by_key: &HashMap<Vec<u8>, Published>, dead: &HashMap<String, BTreeMap<[u8; 16], String>>| {
+        by_key.len() == 4
+            && by_key.values().all(|p| {
+                let v = p.blocks.keys().next_back().copied().unwrap_or(0);
+                p.blocks.len() as u64 == v
+            })
+            && (1..=4).all(|id| {
+                let d = dead.get(&id.to_string()).cloned().unwrap_or_default();
+                let key = keys[id - 1].to_vec();
+                by_key.get(&key).is_some_and(|p| all.iter().all(|i| p.applied.contains_key(i) || d.contains_key(i)))
+            })
+    };
+    while !done(&by_key, &dead_by_validator) {
+        assert!(Instant::now() < deadline, "not every validator published every id within 240 s");
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let bytes = m.payload().unwrap_or_default();
+        if m.topic() == t.commits {
+            let e = proto::CommitEvent::decode(bytes).expect("a CommitEvent");
+            cybermesh::egress::verify_commit_event(&e, &keys, 3).expect("commit event verifies");
+            let p = by_key.entry(e.public_key.clone()).or_default();
+            // A height published again after a restart is the same block,
+            // with the same ids: count each height once.
+            if let Some(old) = p.blocks.insert(e.height, e.block_hash.clone()) {
+                assert_eq!(old, e.block_hash, "one validator published two blocks at height {}", e.height);
+                continue;
+            }
+            for id in &e.anomaly_ids {
+                *p.applied.entry(id[..].try_into().unwrap()).or_default() += 1;
+            }
+        } else {
+            let h: HashMap<String, String> = m
+                .headers()
+                .expect("DLQ headers")
+                .iter()
+                .map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+                .collect();
+            let e = proto::AnomalyEvent::decode(bytes).expect("the original event");
+            let id: [u8; 16] = e.id[..].try_into().unwrap();
+            let d = dead_by_validator.entry(h["validator_id"].clone()).or_default();
+            if let Some(old) = d.insert(id, h["reason"].clone()) {
+                assert_eq!(old, h["reason"], "two verdicts on one tx");
+            }
+        }
+    }
+    // The same chain everywhere.
+    let chains: Vec<&BTreeMap<u64, Vec<u8>>> = by_key.values().map(|p| &p.blocks).collect();
+    let top = chains.iter().map(|c| c.len()).min().unwrap() as u64;
+    for h in 1..=top {
+        assert!(chains.iter().all(|c| c[&h] == chains[0][&h]), "validators disagree at height {h}");
+    }
+    // Each applied id once per validator, the same set everywhere; the rest
+    // dead-lettered, the same way by every validator, never also applied.
+    let applied: Vec<BTreeSet<[u8; 16]>> = by_key.values().map(|p| p.applied.keys().copied().collect()).collect();
+    for p in by_key.values() {
+        assert!(p.applied.values().all(|&n| n == 1), "an id listed twice");
+    }
+    assert!(applied.iter().all(|a| *a == applied[0]), "validators applied different txs");
+    let dead: Vec<&BTreeMap<[u8; 16], String>> = dead_by_validator.values().collect();
+    assert_eq!(dead.len(), 4, "every validator wrote the committed verdicts");
+    assert!(dead.iter().all(|d| *d == dead[0]), "DLQ records differ between validators");
+    assert!(dead[0].values().all(|r| r == "rate_limited"), "{:?}", dead[0]);
+    assert!(!dead[0].is_empty(), "the first burst exceeded the rate");
+    assert!(applied[0].is_disjoint(&dead[0].keys().copied().collect()));
+    assert_eq!(applied[0].len() + dead[0].len(), all.len(), "every alert applied or dead-lettered");
+    drop(vs);
+}
