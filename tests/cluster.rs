@@ -379,3 +379,48 @@ fn fresh_validator_joins_from_a_snapshot_plus_later_blocks() {
     commits_everywhere(&c, &mut clients, 3, (&mut chain0, &mut chain3), 340..360, &others);
     drop(v3);
 }
+
+/// A cluster with nothing to do stays whole: for a minute, sampled each
+/// second, every validator hears all three peers, is ready, and no view
+/// changes (the primary's heartbeats and every validator's liveness
+/// beacons; QUIC keep-alives hold the connections).
+#[test]
+fn an_idle_cluster_keeps_every_peer_and_its_view_for_a_minute() {
+    let c = Cluster::new(4, |cfg| {
+        cfg.api.enabled = true;
+        cfg.api.listen = "127.0.0.1:0".into();
+    });
+    let vs: Vec<Validator> = (0..4).map(|i| c.start(i)).collect();
+    for v in &vs {
+        wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
+    }
+    let addrs: Vec<String> = vs.iter().map(api_addr).collect();
+    // Until each has heard every peer once (beacons start with the core).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for a in &addrs {
+        while metric(&http_get(a, "/metrics").1, "p2p_peers_connected") < 3.0 {
+            assert!(std::time::Instant::now() < deadline, "{a}: peers never all heard");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let start = std::time::Instant::now();
+    let mut samples = 0;
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        for a in &addrs {
+            let (code, body) = http_get(a, "/ready");
+            assert_eq!(code, 200, "{a} not ready after {:?} idle: {body}", start.elapsed());
+            let page = http_get(a, "/metrics").1;
+            assert_eq!(metric(&page, "p2p_peers_connected"), 3.0, "{a} after {:?}", start.elapsed());
+            assert_eq!(metric(&page, "consensus_view_changes_total"), 0.0, "{a} after {:?}", start.elapsed());
+        }
+        samples += 1;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    assert!(samples >= 30);
+    for v in &vs {
+        assert_no_evidence(v);
+    }
+    for v in vs {
+        assert!(v.terminate().success());
+    }
+}

@@ -317,7 +317,7 @@ fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireErro
         Msg::Fetch(f) => Message::Fetch { from: rid(f.from, l)?, from_seq: f.from_seq },
         Msg::Committed(c) => Message::Committed(commit_cert_from(c, l)?),
         Msg::Heartbeat(h) => Message::Heartbeat(Signed { body: h.view, from: rid(h.from, l)?, sig: sig(h.sig)? }),
-        Msg::GenesisReady(_) | Msg::SnapshotRequest(_) | Msg::SnapshotChunk(_) | Msg::TxForward(_) => {
+        Msg::GenesisReady(_) | Msg::SnapshotRequest(_) | Msg::SnapshotChunk(_) | Msg::TxForward(_) | Msg::Alive(_) => {
             return Err(WireError::Decode("not a PBFT message".into()))
         }
     })
@@ -333,6 +333,14 @@ pub enum Frame {
     /// Forwarded txs, still encoded (the core decodes them with its event
     /// limits and verifies them); at most [`MAX_FORWARD_TXS`].
     Forward(Vec<proto::Transaction>),
+    /// A peer's liveness beacon (no content).
+    Alive,
+}
+
+/// Encodes a liveness beacon (see `Frame::Alive`).
+pub fn encode_alive() -> Vec<u8> {
+    use proto::pbft_message::Msg;
+    proto::PbftMessage { msg: Some(Msg::Alive(proto::PeerAlive {})) }.encode_to_vec()
 }
 
 /// Most txs in one forward message.
@@ -389,6 +397,7 @@ pub fn decode_frame(bytes: &[u8], l: &WireLimits) -> Result<Frame, WireError> {
         Some(Msg::SnapshotRequest(r)) => Ok(Frame::SnapshotRequest(r)),
         Some(Msg::SnapshotChunk(c)) => Ok(Frame::SnapshotChunk(c)),
         Some(Msg::TxForward(f)) => Ok(Frame::Forward(bounded(f.txs, MAX_FORWARD_TXS, "forwarded txs")?)),
+        Some(Msg::Alive(_)) => Ok(Frame::Alive),
         _ => from_proto(m, l).map(Frame::Pbft),
     }
 }
@@ -501,6 +510,7 @@ mod tests {
         assert!(matches!(decode_frame(&bytes, &L), Err(WireError::Range(_))));
         // Not a PBFT message: `decode` (PBFT only) refuses it.
         assert!(decode(&encode_forward(&txs), &L).is_err());
+        assert_eq!(decode_frame(&encode_alive(), &L), Ok(Frame::Alive));
     }
 
     #[test]

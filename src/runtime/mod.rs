@@ -1281,6 +1281,8 @@ fn core_loop(
     let mut last_validators = 0u64;
     // When each peer was last heard from (p2p_peers_connected, /ready).
     let mut last_heard: std::collections::HashMap<u32, u64> = Default::default();
+    // When this validator next tells its peers it is alive (idle or not).
+    let mut next_alive_ms = 0u64;
     loop {
         let now = now_ms();
         let mut worked = false;
@@ -1342,6 +1344,7 @@ fn core_loop(
                         node.on_message(now, rid, m, &mut out)
                     }
                     Ok(Frame::Pbft(_)) => {} // before genesis: peers retransmit
+                    Ok(Frame::Alive) => {}   // heard from: that is all
                     Ok(Frame::Forward(txs)) => {
                         if started {
                             node.on_forward(now, rid, txs, &mut out);
@@ -1420,6 +1423,12 @@ fn core_loop(
         sh.stats
             .peers_connected
             .store(last_heard.values().filter(|&&t| now < t + 5000).count() as u64, Ordering::Relaxed);
+        if now >= next_alive_ms {
+            next_alive_ms = now + ALIVE_INTERVAL_MS;
+            if let Some(net) = &cons.net {
+                net.broadcast(Arc::new(wire::encode_alive()));
+            }
+        }
         sh.stats.ring_occupancy.store(sh.shard_in.iter().map(|r| r.len() as u64).sum(), Ordering::Relaxed);
         if sh.stats.view.swap(view, Ordering::Relaxed) != view {
             sh.stats.view_changes.fetch_add(1, Ordering::Relaxed);
@@ -1491,6 +1500,10 @@ fn core_loop(
         }
     }
 }
+
+/// How often a validator tells every peer it is alive: well inside the 5 s
+/// within which a peer counts as connected, so idle peers stay counted.
+const ALIVE_INTERVAL_MS: u64 = 1_000;
 
 /// The log size at which to compact next, after compacting to `live` bytes:
 /// twice that, and at least the configured size. What recovery needs (the
