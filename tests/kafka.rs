@@ -260,31 +260,6 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_event
     assert!(v.terminate().success());
 }
 
-/// Every message now in `topic` (all partitions): its `reason` header, if
-/// any, and its payload.
-fn read_all(topic: &str) -> Vec<(Option<String>, Vec<u8>)> {
-    let c = reader(topic);
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-    let total: i64 = md.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| c.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks").1)
-        .sum();
-    drop(c);
-    let mut out = vec![];
-    if total > 0 {
-        read_until(topic, |m| {
-            let reason = m
-                .headers()
-                .and_then(|h| h.iter().find(|x| x.key == "reason").and_then(|x| x.value))
-                .map(|v| String::from_utf8_lossy(v).into_owned());
-            out.push((reason, m.payload().unwrap_or_default().to_vec()));
-            out.len() as i64 == total
-        });
-    }
-    out
-}
-
 /// A group's committed offsets and the high watermarks of every non-empty
 /// partition of `topic`.
 fn offsets(group: &str, topic: &str) -> (BaseConsumer, BTreeMap<i32, i64>, BTreeMap<i32, i64>) {
@@ -636,29 +611,35 @@ fn rate_limited_messages_are_dead_lettered_and_finished() {
     let evs: Vec<Event> = (0..40).map(|i| anomaly(&s.producer, i)).collect();
     produce(&producer(), &t.anomalies, &evs.iter().map(|e| e.encode()).collect::<Vec<_>>());
     let v = start(&s, &t, &[("MEMPOOL_RATE_PER_SECOND", "1"), ("MEMPOOL_RATE_BURST", "5")]);
-    // Once every message is finished, the DLQ and the commit events hold them all.
     wait_committed_offsets(&format!("{}-node-1", t.group), &t.anomalies);
-    let mut limited: BTreeSet<[u8; 16]> = BTreeSet::new();
-    for m in read_all(&t.dlq) {
-        let (reason, payload) = m;
-        assert_eq!(reason.as_deref(), Some("rate_limited"));
-        let e = proto::AnomalyEvent::decode(&payload[..]).unwrap();
-        limited.insert(e.id[..].try_into().unwrap());
-    }
-    let mut committed: BTreeSet<[u8; 16]> = BTreeSet::new();
-    for (_, payload) in read_all(&t.commits) {
-        let e = proto::CommitEvent::decode(&payload[..]).unwrap();
-        committed.extend(e.anomaly_ids.iter().map(|i| <[u8; 16]>::try_from(&i[..]).unwrap()));
-    }
-    // The verdicts come from executed blocks: their DLQ records follow
-    // the blocks (the messages are finished by the blocks themselves).
-    if limited.len() + committed.len() < evs.len() {
-        limited.clear();
-        read_until(&t.dlq, |m| {
-            let e = proto::AnomalyEvent::decode(m.payload().unwrap_or_default()).unwrap();
-            limited.insert(e.id[..].try_into().unwrap());
-            limited.len() + committed.len() >= evs.len()
-        });
+    // The verdicts come from executed blocks and are published with the
+    // blocks' events: read both until every message is accounted for.
+    let all: BTreeSet<[u8; 16]> = evs.iter().map(|e| e.id).collect();
+    let (mut limited, mut committed) = (BTreeSet::<[u8; 16]>::new(), BTreeSet::<[u8; 16]>::new());
+    let c = reader(&t.commits);
+    c.subscribe(&[t.commits.as_str(), t.dlq.as_str()]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while limited.union(&committed).count() < all.len() {
+        assert!(
+            Instant::now() < deadline,
+            "{} committed + {} dead-lettered of {}",
+            committed.len(),
+            limited.len(),
+            all.len()
+        );
+        let Some(Ok(m)) = c.poll(Duration::from_millis(200)) else { continue };
+        let bytes = m.payload().unwrap_or_default();
+        if m.topic() == t.dlq {
+            let reason = m.headers().and_then(|h| h.iter().find(|x| x.key == "reason").and_then(|x| x.value));
+            assert_eq!(reason, Some(&b"rate_limited"[..]));
+            let e = proto::AnomalyEvent::decode(bytes).unwrap();
+            assert!(limited.insert(e.id[..].try_into().unwrap()), "one DLQ record per tx");
+        } else {
+            let e = proto::CommitEvent::decode(bytes).unwrap();
+            for id in &e.anomaly_ids {
+                assert!(committed.insert(id[..].try_into().unwrap()), "an id listed twice");
+            }
+        }
     }
     assert!(limited.len() >= 30, "{} rate limited", limited.len());
     assert!(committed.is_disjoint(&limited));
@@ -753,7 +734,10 @@ fn missing_topics_are_created_at_startup_with_the_configured_partitions() {
     let s = Setup::single("");
     let t = Topics::new();
     let v = start(&s, &t, &[("KAFKA_TOPIC_PARTITIONS", "3")]);
-    wait_log(&v, "Kafka source subscribed", Duration::from_secs(60));
+    // Created before the source subscribed, itself before the validator
+    // reported itself up.
+    assert!(v.startup.iter().any(|m| m == "Kafka topic created"), "{:?}", v.startup);
+    assert!(v.startup.iter().any(|m| m == "Kafka source subscribed"), "{:?}", v.startup);
     let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     let md = c.fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
     for topic in
