@@ -49,8 +49,8 @@ fn commits_everywhere(
     }
 }
 
-#[test]
-fn four_validators_commit_the_same_blocks() {
+/// Four validators with their HTTP APIs, through genesis.
+fn four_with_api() -> (Cluster, Vec<Validator>) {
     let c = Cluster::new(4, |cfg| {
         cfg.api.enabled = true;
         cfg.api.listen = "127.0.0.1:0".into();
@@ -59,6 +59,12 @@ fn four_validators_commit_the_same_blocks() {
     for v in &vs {
         wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
     }
+    (c, vs)
+}
+
+#[test]
+fn four_validators_commit_the_same_blocks() {
+    let (c, vs) = four_with_api();
     let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
     let evs: Vec<_> = (0..400).map(|i| anomaly(c.producer(), i)).collect();
     send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &evs);
@@ -386,14 +392,7 @@ fn fresh_validator_joins_from_a_snapshot_plus_later_blocks() {
 /// beacons; QUIC keep-alives hold the connections).
 #[test]
 fn an_idle_cluster_keeps_every_peer_and_its_view_for_a_minute() {
-    let c = Cluster::new(4, |cfg| {
-        cfg.api.enabled = true;
-        cfg.api.listen = "127.0.0.1:0".into();
-    });
-    let vs: Vec<Validator> = (0..4).map(|i| c.start(i)).collect();
-    for v in &vs {
-        wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
-    }
+    let (_cluster, vs) = four_with_api();
     let addrs: Vec<String> = vs.iter().map(api_addr).collect();
     // Until each has heard every peer once (beacons start with the core).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

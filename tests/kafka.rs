@@ -668,18 +668,7 @@ fn identical_payloads_commit_once_each_and_resends_are_duplicates_across_a_kill9
     let t = Topics::new();
     let k = &s.producer;
     let payload = cybermesh::event::sample_anomaly_payload(7, 300);
-    let same: Vec<Event> = (0..30)
-        .map(|_| {
-            Event::sign(
-                TxKind::Anomaly,
-                k,
-                uuid::Uuid::new_v4().into_bytes(),
-                payload.clone(),
-                now_ms(),
-                rand::random(),
-            )
-        })
-        .collect();
+    let same: Vec<Event> = (0..30).map(|_| anomaly_with(k, payload.clone())).collect();
     let bytes: Vec<Vec<u8>> = same.iter().map(|e| e.encode()).collect();
     let p = producer();
     // Each message twice, back to back.
@@ -693,18 +682,7 @@ fn identical_payloads_commit_once_each_and_resends_are_duplicates_across_a_kill9
     v.kill9();
     // After the restart every message comes again: redeliveries of txs
     // already committed, and 20 new alerts with that payload too.
-    let more: Vec<Event> = (0..20)
-        .map(|_| {
-            Event::sign(
-                TxKind::Anomaly,
-                k,
-                uuid::Uuid::new_v4().into_bytes(),
-                payload.clone(),
-                now_ms(),
-                rand::random(),
-            )
-        })
-        .collect();
+    let more: Vec<Event> = (0..20).map(|_| anomaly_with(k, payload.clone())).collect();
     let mut again = bytes.clone();
     again.extend(more.iter().map(|e| e.encode()));
     produce(&p, &t.anomalies, &again);
@@ -788,8 +766,7 @@ fn cluster_commits_each_alert_once_with_the_same_verdicts_everywhere_across_lead
     let k = c.producer();
     let payload = cybermesh::event::sample_anomaly_payload(3, 300);
     let alert = |same: bool, i: u64| {
-        let p = if same { payload.clone() } else { cybermesh::event::sample_anomaly_payload(i, 300) };
-        Event::sign(TxKind::Anomaly, k, uuid::Uuid::new_v4().into_bytes(), p, now_ms(), rand::random())
+        anomaly_with(k, if same { payload.clone() } else { cybermesh::event::sample_anomaly_payload(i, 300) })
     };
     let p = producer();
     // Phase 1: 120 alerts, half of them with one payload, each sent twice.

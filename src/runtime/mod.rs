@@ -1483,6 +1483,10 @@ fn core_loop(
                 mempool = node.mempool_len(),
                 rejected = sh.stats.rejected.total(),
                 duplicates = s.duplicates,
+                rate_limited = s.rate_limited,
+                forwarded = s.forwarded,
+                forwards_admitted = s.forwards_admitted,
+                censorship_suspicions = s.censorship_suspicions,
                 proposals_refused = s.proposals_refused,
                 "progress"
             );

@@ -300,14 +300,13 @@ pub fn wait_log(v: &Validator, message: &str, within: Duration) -> serde_json::V
 
 /// A valid anomaly event by `key`, signed now.
 pub fn anomaly(key: &SigningKey, i: u64) -> Event {
-    Event::sign(
-        TxKind::Anomaly,
-        key,
-        uuid::Uuid::new_v4().into_bytes(),
-        sample_anomaly_payload(i, 300),
-        now_ms(),
-        rand::random(),
-    )
+    anomaly_with(key, sample_anomaly_payload(i, 300))
+}
+
+/// A valid anomaly event by `key` with this payload, signed now under a
+/// fresh id and nonce (several may share one payload: distinct alerts).
+pub fn anomaly_with(key: &SigningKey, payload: Vec<u8>) -> Event {
+    Event::sign(TxKind::Anomaly, key, uuid::Uuid::new_v4().into_bytes(), payload, now_ms(), rand::random())
 }
 
 /// Waits (bounded) for the validator's "dlq flushed" event reporting at
