@@ -1130,7 +1130,7 @@ impl Config {
         }
         if c.ingest.source == SourceKind::Kafka {
             for t in &c.kafka.input_topics {
-                if crate::ingest::kafka::kind_of_topic(t).is_none() {
+                if crate::event::TxKind::from_topic(t).is_none() {
                     e.push(err(
                         "KAFKA_INPUT_TOPICS (kafka.input_topics)",
                         format!("topic {t:?} does not say which events it carries"),

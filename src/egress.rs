@@ -486,7 +486,7 @@ pub fn publish_loop(
             }
         }
         if cursor != written && (done || last_write.elapsed() >= Duration::from_millis(100)) {
-            crate::runtime::write_atomically(&cursor_path, cursor.to_string().as_bytes())
+            crate::framed::write_atomically(&cursor_path, cursor.to_string().as_bytes())
                 .with_context(|| format!("writing the event cursor {}", cursor_path.display()))?;
             tracing::debug!(height = cursor, "events published");
             written = cursor;

@@ -49,6 +49,19 @@ impl TxKind {
             _ => None,
         }
     }
+    /// The kind of event a Kafka topic carries, from its name (containing
+    /// `anomal`, `evidence` or `policy`).
+    pub fn from_topic(topic: &str) -> Option<TxKind> {
+        if topic.contains("anomal") {
+            Some(TxKind::Anomaly)
+        } else if topic.contains("evidence") {
+            Some(TxKind::Evidence)
+        } else if topic.contains("policy") {
+            Some(TxKind::Policy)
+        } else {
+            None
+        }
+    }
     pub fn name(self) -> &'static str {
         match self {
             TxKind::Anomaly => "anomaly",
@@ -432,6 +445,14 @@ mod tests {
         assert_eq!(p.encode_to_vec(), bytes);
         let e = proto::EvidenceEvent::decode(&bytes[..]).unwrap();
         assert_eq!(e.encode_to_vec(), bytes);
+    }
+
+    #[test]
+    fn topics_name_their_kind() {
+        assert_eq!(TxKind::from_topic("ai.anomalies.v1"), Some(TxKind::Anomaly));
+        assert_eq!(TxKind::from_topic("ai.evidence.v1"), Some(TxKind::Evidence));
+        assert_eq!(TxKind::from_topic("ai.policy.v1"), Some(TxKind::Policy));
+        assert_eq!(TxKind::from_topic("ai.other.v1"), None);
     }
 
     #[test]

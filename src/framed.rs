@@ -228,3 +228,20 @@ impl FramedFile {
         Ok(payload)
     }
 }
+
+/// Writes `bytes` to `path` so that a crash leaves the old or the new file
+/// (cursors, genesis certificates, snapshots): a temporary file, fsync,
+/// rename, fsync of the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

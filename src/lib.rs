@@ -30,6 +30,7 @@ pub mod node;
 pub mod persist;
 pub mod proposal;
 pub mod reject;
+pub mod reputation;
 pub mod runtime;
 pub mod snapshot;
 pub mod state;

@@ -402,7 +402,7 @@ pub fn mirror_loop(
                     let top = batch.last().map_or(0, |m| m.block.header.height);
                     stats.height.store(top, Ordering::Relaxed);
                     stats.rows.fetch_add(rows, Ordering::Relaxed);
-                    if let Err(e) = crate::runtime::write_atomically(&cursor_path, top.to_string().as_bytes()) {
+                    if let Err(e) = crate::framed::write_atomically(&cursor_path, top.to_string().as_bytes()) {
                         tracing::error!(error = %e, path = %cursor_path.display(), "persistence: cannot write its cursor");
                     }
                     tracing::debug!(height = top, blocks = batch.len(), rows, "mirrored");

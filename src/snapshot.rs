@@ -28,7 +28,7 @@
 use crate::block::BlockHeader;
 use crate::consensus::pbft::{Auth, Checkpoint, Params, Replica, Rid, Seq, Signed};
 use crate::consensus::wire::{self, WireLimits};
-use crate::node::Reputation;
+use crate::reputation::Reputation;
 use crate::state::{State, StateConfig};
 use crate::{proto, sha256, Hash32};
 use prost::Message as _;

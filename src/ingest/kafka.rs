@@ -16,7 +16,6 @@
 //! already committed are dropped by nonce, so none commits twice.
 
 use crate::config::KafkaConfig;
-use crate::event::TxKind;
 use crate::ingest::SourcePos;
 use rdkafka::ClientConfig;
 use std::collections::{BTreeSet, HashMap};
@@ -132,19 +131,6 @@ pub fn ensure_topics(k: &KafkaConfig) -> anyhow::Result<Vec<String>> {
 /// The consumer group of validator `id`: its own, so it sees every message.
 pub fn group_id(k: &KafkaConfig, id: u32) -> String {
     format!("{}-node-{id}", k.consumer_group_id)
-}
-
-/// The kind of event a topic carries, from its name.
-pub fn kind_of_topic(topic: &str) -> Option<TxKind> {
-    if topic.contains("anomal") {
-        Some(TxKind::Anomaly)
-    } else if topic.contains("evidence") {
-        Some(TxKind::Evidence)
-    } else if topic.contains("policy") {
-        Some(TxKind::Policy)
-    } else {
-        None
-    }
 }
 
 /// Unfinished messages per partition, and which nonce each decoded one
@@ -305,13 +291,5 @@ mod tests {
         assert!(t.commit_points().is_empty());
         t.finish_nonces([&[9u8; 16]]);
         assert_eq!(t.commit_points(), vec![("a".into(), 0, 2)]);
-    }
-
-    #[test]
-    fn topics_name_their_kind() {
-        assert_eq!(kind_of_topic("ai.anomalies.v1"), Some(TxKind::Anomaly));
-        assert_eq!(kind_of_topic("ai.evidence.v1"), Some(TxKind::Evidence));
-        assert_eq!(kind_of_topic("ai.policy.v1"), Some(TxKind::Policy));
-        assert_eq!(kind_of_topic("ai.other.v1"), None);
     }
 }

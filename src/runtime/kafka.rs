@@ -5,7 +5,8 @@
 use super::Shared;
 use crate::dlq::{RejectReason, Rejection};
 use crate::event::Event;
-use crate::ingest::kafka::{kind_of_topic, OffsetTracker};
+use crate::event::TxKind;
+use crate::ingest::kafka::OffsetTracker;
 use crate::ingest::verify::shard_of;
 use crate::ingest::{Incoming, SourcePos};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -82,7 +83,7 @@ pub(super) fn consumer_loop(consumer: BaseConsumer, tracker: Arc<OffsetTracker>,
             let topic = topics.entry(m.topic().to_string()).or_insert_with(|| m.topic().into()).clone();
             let pos = SourcePos { topic: topic.clone(), partition: m.partition(), offset: m.offset() };
             let payload = m.payload().unwrap_or_default();
-            let decoded = match kind_of_topic(&pos.topic) {
+            let decoded = match TxKind::from_topic(&pos.topic) {
                 None => Err((RejectReason::Malformed, format!("topic {} carries no known event kind", pos.topic))),
                 Some(_) if payload.len() > sh.limits.max_event_bytes => Err((
                     RejectReason::Oversized,

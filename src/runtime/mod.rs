@@ -28,6 +28,7 @@ use crate::consensus::pbft::{Checkpoint, CommitCert, Message, PrePrepare, Record
 use crate::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
 use crate::dlq::{DlqFileSink, DlqKafkaSink, RejectCounters, RejectReason, Rejection};
 use crate::event::Limits;
+use crate::framed::write_atomically;
 use crate::ingest::direct;
 use crate::ingest::kafka::OffsetTracker;
 use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
@@ -261,9 +262,13 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let (store, rec) = BlockStore::open_above(&c.node.data_dir, limits, base.as_ref().map(|(v, _)| v.header.clone()))?;
     let (mut state, mut reputation, mut prev_view, base_replica, base_bytes) = match base {
         Some((v, bytes)) => (v.state, v.reputation, v.header.view, Some(v.replica), Some(bytes)),
-        None => {
-            (State::new(c.state_config()), node::Reputation::new(n, rep_cfg.floor, rep_cfg.quarantine), 0, None, None)
-        }
+        None => (
+            State::new(c.state_config()),
+            crate::reputation::Reputation::new(n, rep_cfg.floor, rep_cfg.quarantine),
+            0,
+            None,
+            None,
+        ),
     };
     let mut failed: Option<anyhow::Error> = None;
     let certs = (store.base_height() + 1..=store.height()).map_while(|h| {
@@ -1246,21 +1251,6 @@ impl GenesisState {
         }
         Ok(())
     }
-}
-
-/// Writes `bytes` to `path` so that a crash leaves the old or the new file.
-pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
