@@ -1629,6 +1629,36 @@ mod tests {
         assert_eq!(nodes[0].stats().forwards_admitted - before, taken);
     }
 
+    /// A backup alone in a view change (it suspected a primary the others
+    /// keep following) still executes what they commit, by fetching it, so
+    /// its pool drains; and it does not race ahead through views alone.
+    #[test]
+    fn a_backup_alone_in_a_view_change_executes_what_the_others_commit() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 1000);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let mut actions = vec![];
+        nodes[3].replica.set_time(1000);
+        nodes[3].replica.suspect_primary(&mut actions);
+        // Its view change goes nowhere: the others never see it.
+        assert!(nodes[3].replica().is_changing() && nodes[3].replica().view() == 1);
+        // Two blocks (4 txs each at most), then nothing: no checkpoint (every
+        // 4 here) ever tells it it is behind; it must ask.
+        let txs: Vec<_> = (0..6).map(|i| vtx(&k, i, 1000)).collect();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_txs(1000, txs.clone(), &mut outs[i]);
+        }
+        outs[3].clear(); // its view-change messages are lost
+        let mut stores = Stores { certs: vec![Default::default(); 4], ..Default::default() };
+        let mut now = 1000;
+        drive(&mut nodes, &mut outs, &mut stores, &mut now, |ns| ns.iter().all(|n| n.mempool_len() == 0));
+        assert_eq!(nodes[3].height(), 2);
+        assert_eq!(nodes[3].height(), nodes[0].height());
+        assert_eq!(nodes[3].state().root(), nodes[0].state().root());
+        assert_eq!(nodes[0].replica().view(), 0, "the others kept their view");
+        assert_eq!(nodes[3].replica().view(), 1, "alone, it did not move on through views");
+    }
+
     #[test]
     fn rate_limit_verdicts_are_the_same_on_every_validator() {
         let k = crypto::generate_key();

@@ -785,7 +785,10 @@ impl<A: Auth + Clone> Replica<A> {
         let exec_stalled = stalled(self.executed_at);
         // Ask for what others committed if we have work outstanding: cheap,
         // and the way a replica that was cut off catches up, in any view.
-        if exec_stalled && (self.deadline.is_some() || !self.queue.is_empty()) {
+        // A replica alone in a view change asks too (its timer is off until
+        // a quorum joins): the others may be committing in the old view, and
+        // what they commit it executes, so its pool drains while it waits.
+        if exec_stalled && (self.deadline.is_some() || !self.queue.is_empty() || self.changing) {
             out.push(Action::Broadcast(Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
         }
         if self.changing {
@@ -1023,7 +1026,12 @@ impl<A: Auth + Clone> Replica<A> {
         self.queue.retain(|(d, _)| *d != cert.pre_prepare.body.digest);
         self.assigned.remove(&cert.pre_prepare.body.digest);
         let pending = self.log.range(seq + 1..).any(|(_, s)| s.pre_prepare.is_some()) || !self.queue.is_empty();
-        self.deadline = pending.then_some(self.now + self.timeout_ms);
+        // While changing view, the timer is the view change's (started once
+        // a quorum asks for the view): executing a fetched value must not
+        // restart it, or a replica alone could race ahead through views.
+        if !self.changing {
+            self.deadline = pending.then_some(self.now + self.timeout_ms);
+        }
         self.committed.insert(seq, cert.clone());
         out.push(Action::Execute { seq, value, cert });
         if seq % self.p.checkpoint_interval == 0 {
