@@ -72,7 +72,6 @@ fn shard(c: &mut Criterion) {
     let policy = Arc::new(VerifyPolicy {
         producers: keys.iter().map(crypto::public_key).collect(),
         skew_ms: 300_000,
-        nonce_ttl_ms: 900_000,
     });
     let mut g = c.benchmark_group("shard");
     g.throughput(Throughput::Elements(256));

@@ -8,7 +8,7 @@
 
 /// mimalloc for every binary that links the validator: the core thread
 /// allocates per tx (decoded events, Merkle nodes) and glibc malloc took ~13%
-/// of its time in a devnet profile (see README "Performance").
+/// of its time in a devnet profile (see docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -559,7 +559,7 @@ impl<A: Auth + Clone> Node<A> {
     fn forward_passed_over(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         let idle = self.inflight.is_empty();
         let newest = self.newest_ordered_received_ms;
-        let txs: Vec<Arc<Event>> = self
+        let (hashes, txs): (Vec<Hash32>, Vec<Arc<Event>>) = self
             .mempool
             .iter_pending()
             .take(ORDER_CHECK_MAX_SCAN)
@@ -569,8 +569,8 @@ impl<A: Auth + Clone> Node<A> {
             })
             .filter(|t| !self.forwarded.contains(&t.tx_hash))
             .take(crate::consensus::wire::MAX_FORWARD_TXS)
-            .map(|t| t.event.clone())
-            .collect();
+            .map(|t| (t.tx_hash, t.event.clone()))
+            .unzip();
         if txs.is_empty() {
             return;
         }
@@ -578,9 +578,7 @@ impl<A: Auth + Clone> Node<A> {
             let m = &self.mempool;
             self.forwarded.retain(|h| m.contains(h));
         }
-        for t in &txs {
-            self.forwarded.insert(t.tx_hash());
-        }
+        self.forwarded.extend(hashes);
         self.stats.forwarded += txs.len() as u64;
         let to = self.replica.primary(self.replica.view());
         out.push(Output::Forward { to, txs });
@@ -950,7 +948,6 @@ mod tests {
             policy: Arc::new(VerifyPolicy {
                 producers: [crypto::public_key(producer)].into_iter().collect(),
                 skew_ms: 60_000,
-                nonce_ttl_ms: 60_000,
             }),
             skew_ms: 60_000,
             validators: pks.clone(),

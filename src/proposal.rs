@@ -227,11 +227,7 @@ mod tests {
         Fixture {
             limits: Limits::default(),
             builder: BuilderConfig { max_txs: 4, ..BuilderConfig::default() },
-            policy: VerifyPolicy {
-                producers: [crypto::public_key(k)].into_iter().collect(),
-                skew_ms: 60_000,
-                nonce_ttl_ms: 60_000,
-            },
+            policy: VerifyPolicy { producers: [crypto::public_key(k)].into_iter().collect(), skew_ms: 60_000 },
             mempool: Mempool::new(MempoolConfig::default()),
         }
     }

@@ -155,6 +155,13 @@ fn read_commits(topic: &str, validator: &[u8; 32], want: &BTreeSet<[u8; 16]>) ->
     by_height
 }
 
+/// `cybermesh store check` on the validator's data: intact, no tx twice.
+fn assert_store_ok_without_repeats(s: &Setup) {
+    let out = Command::new(BIN).args(["store", "check", "--data-dir"]).arg(s.data_dir()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("block store OK") && text.contains("(0 repeated)"), "{text}");
+}
+
 fn validator_key(s: &Setup) -> [u8; 32] {
     let k = crypto::read_key_file(&s.dir.path().join("v1.pem"), false).unwrap();
     crypto::public_key(&k)
@@ -355,9 +362,7 @@ fn kill9_mid_stream_then_restart_processes_every_message_and_commits_none_twice(
     assert!(count.values().all(|&c| c == 1), "a tx committed twice");
     wait_committed_offsets(&format!("{}-node-1", t.group), &t.anomalies);
     assert!(v.terminate().success());
-    let out = Command::new(BIN).args(["store", "check", "--data-dir"]).arg(s.data_dir()).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("block store OK") && text.contains("(0 repeated)"), "{text}");
+    assert_store_ok_without_repeats(&s);
 }
 
 /// The README's wire contract is enough for another language: the Python
@@ -700,9 +705,7 @@ fn identical_payloads_commit_once_each_and_resends_are_duplicates_across_a_kill9
     assert!(count.values().all(|&c| c == 1), "an id listed twice: {count:?}");
     assert_eq!(topic_len(&t.dlq), 0, "duplicates are not dead-lettered");
     assert!(v.terminate().success());
-    let out = Command::new(BIN).args(["store", "check", "--data-dir"]).arg(s.data_dir()).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("block store OK") && text.contains("(0 repeated)"), "{text}");
+    assert_store_ok_without_repeats(&s);
 }
 
 /// At startup the validator creates every missing input, DLQ and control

@@ -25,7 +25,6 @@ use std::sync::Arc;
 pub struct VerifyPolicy {
     pub producers: HashSet<PublicKey>,
     pub skew_ms: u64,
-    pub nonce_ttl_ms: u64,
 }
 
 /// Per-shard verifier state.
@@ -191,11 +190,7 @@ mod tests {
 
     fn fx() -> Fx {
         let key = crypto::generate_key();
-        let policy = VerifyPolicy {
-            producers: [crypto::public_key(&key)].into_iter().collect(),
-            skew_ms: 300_000,
-            nonce_ttl_ms: 900_000,
-        };
+        let policy = VerifyPolicy { producers: [crypto::public_key(&key)].into_iter().collect(), skew_ms: 300_000 };
         Fx { key, v: Verifier::new(Arc::new(policy)) }
     }
 

@@ -355,7 +355,6 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let policy = Arc::new(VerifyPolicy {
         producers: v.producers.iter().copied().collect(),
         skew_ms: c.ingest.max_timestamp_skew.as_millis() as u64,
-        nonce_ttl_ms: c.ingest.nonce_ttl.as_millis() as u64,
     });
     for i in 0..shards {
         let (input, output, bell, sh, pol) =
