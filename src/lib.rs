@@ -15,6 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub mod api;
 pub mod audit;
 pub mod block;
+pub mod bodies;
 pub mod config;
 pub mod consensus;
 pub mod crypto;

@@ -9,23 +9,32 @@
 //!                    ▲                                          │
 //!   backups check proposals (proposal::check)      execute ─► block + state root
 //! ```
+//! Proposals name their txs by hash (`proposal::TxRef`): a backup resolves
+//! them against its own mempool and asks peers for the bodies it lacks
+//! (`Output::FetchTxs`, `bodies`) before it checks and prepares; a
+//! committed value whose bodies are missing waits in the execution queue
+//! until they arrive, and nothing after it executes first.
 //! A committed value becomes the block at height = PBFT sequence number (a
 //! null value becomes an empty block), so heights and sequence numbers agree
 //! and the block store doubles as PBFT's committed log for catch-up.
 
 use crate::block::{tx_root, Block, BlockHeader, BuilderConfig};
-use crate::consensus::pbft::{Action, Auth, CommitCert, Message, Proof, Record, Replica, Rid, Seq, View};
+use crate::bodies::{ask_order, Bodies};
+use crate::consensus::pbft::{
+    Action, Auth, CommitCert, Message, PrePrepare, Proof, Record, Replica, Rid, Seq, Signed, View,
+};
+use crate::consensus::wire::MAX_FETCH_TXS;
 use crate::crypto::PublicKey;
 use crate::dlq::{RejectReason, Rejection};
 use crate::event::{Event, Limits};
 use crate::ingest::verify::VerifyPolicy;
 use crate::mempool::{Admit, Mempool, MempoolConfig, VerifiedTx};
-use crate::proposal::{self, CheckContext, Proposal};
+use crate::proposal::{self, CheckContext, Named, Proposal, TxRef};
 /// Leader reputation lives in its own module; re-exported where it was.
 pub use crate::reputation::Reputation;
 use crate::state::{Executed, Receipt, State};
 use crate::Hash32;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -60,10 +69,29 @@ pub enum Output {
         txs: Vec<Arc<Event>>,
     },
     /// A peer asks for committed blocks from `from_seq` on: answer from the
-    /// block store with `Message::Committed`.
+    /// block store with `Message::Committed`, each followed by its txs.
     ServeFetch {
         to: Rid,
         from_seq: Seq,
+    },
+    /// Ask `to` for the bodies of these txs of the value at `seq`.
+    FetchTxs {
+        to: Rid,
+        seq: Seq,
+        tx_hashes: Vec<Hash32>,
+    },
+    /// Send `to` these tx bodies of the value at `seq` (a fetch answered).
+    SendTxs {
+        to: Rid,
+        seq: Seq,
+        txs: Vec<Arc<Event>>,
+    },
+    /// `to` asks for txs of the committed block at `seq` that are no longer
+    /// in memory here: answer from the block store.
+    ServeBlockTxs {
+        to: Rid,
+        seq: Seq,
+        tx_hashes: Vec<Hash32>,
     },
     /// A committed block: make it durable with its certificate, then publish.
     Commit {
@@ -102,6 +130,12 @@ pub struct NodeStats {
     /// (failed verification: a faulty forwarder, or clock skew).
     pub forwards_admitted: u64,
     pub forwards_refused: u64,
+    /// Tx bodies this validator asked peers for (asks sent) and received
+    /// (bodies it lacked for a value to prepare or execute).
+    pub fetch_asks: u64,
+    pub txs_fetched: u64,
+    /// Tx bodies sent to peers that asked.
+    pub txs_served: u64,
     pub committed_txs: u64,
     pub committed_blocks: u64,
     pub proposals_refused: u64,
@@ -136,6 +170,20 @@ pub type Stopwatch = fn() -> u64;
 /// Stage durations kept until the host drains them (bounded: dropped past it).
 const MAX_STAGE_TIMES: usize = 1024;
 
+/// A committed value waiting to execute.
+#[derive(Debug)]
+struct Queued {
+    seq: Seq,
+    cert: CommitCert,
+    body: QueuedBody,
+}
+
+#[derive(Debug)]
+enum QueuedBody {
+    Ready(Proposal),
+    Missing(Bodies),
+}
+
 pub struct Node<A: Auth + Clone> {
     cfg: NodeConfig,
     mempool: Mempool,
@@ -147,7 +195,9 @@ pub struct Node<A: Auth + Clone> {
     /// repeats one at another seq is refused. Rebuilt from the replica's
     /// log whenever the view changed (`inflight_view`).
     inflight: HashMap<[u8; 16], (Seq, Hash32)>,
-    inflight_by_seq: std::collections::BTreeMap<Seq, Vec<[u8; 16]>>,
+    /// The same by tx hash: also the txs whose bodies are not here.
+    inflight_tx: HashMap<Hash32, Seq>,
+    inflight_by_seq: BTreeMap<Seq, Vec<(Option<[u8; 16]>, Hash32)>>,
     inflight_view: Option<View>,
     /// Admission time here of the newest tx the current view ordered: a
     /// pending tx admitted more than the order timeout before it was
@@ -160,6 +210,14 @@ pub struct Node<A: Auth + Clone> {
     /// Forwarded txs verified per sender since the last order check (a
     /// faulty validator cannot make this one verify without a bound).
     forward_budget: Vec<usize>,
+    /// Tx bodies served per sender since the last order check.
+    serve_budget: Vec<usize>,
+    /// Pre-prepares of the current view (within the window) whose bodies
+    /// are not all here yet, or that wait for execution to catch up.
+    awaiting: BTreeMap<Seq, (Signed<PrePrepare>, Bodies)>,
+    /// Values the replica committed, in order, waiting for their bodies
+    /// (only the first can be missing any: the rest wait behind it).
+    exec_queue: VecDeque<Queued>,
     last: Option<BlockHeader>,
     replica: Replica<A>,
     view: View,
@@ -203,12 +261,16 @@ impl<A: Auth + Clone> Node<A> {
             mempool: Mempool::new(cfg.mempool),
             backlog: VecDeque::new(),
             inflight: HashMap::new(),
+            inflight_tx: HashMap::new(),
             inflight_by_seq: Default::default(),
             inflight_view: None,
             newest_ordered_received_ms: 0,
             next_order_check_ms: 0,
             forwarded: Default::default(),
             forward_budget: vec![0; cfg.validators.len()],
+            serve_budget: vec![0; cfg.validators.len()],
+            awaiting: BTreeMap::new(),
+            exec_queue: VecDeque::new(),
             state,
             last_proposal_ts: last.as_ref().map_or(0, |h| h.timestamp_ms),
             last,
@@ -294,7 +356,25 @@ impl<A: Auth + Clone> Node<A> {
     pub fn on_txs(&mut self, now_ms: u64, txs: Vec<VerifiedTx>, out: &mut Vec<Output>) {
         self.backlog.extend(txs);
         self.drain_backlog(out);
+        self.drain_exec_queue(now_ms, out);
         self.step(now_ms, out);
+    }
+
+    /// Whether some value waits for bodies.
+    fn waits_for_bodies(&self) -> bool {
+        !self.awaiting.is_empty() || !self.exec_queue.is_empty()
+    }
+
+    /// Offers a tx this validator now holds to the values waiting for it.
+    fn offer(&mut self, event: &Arc<Event>, tx_hash: &Hash32) {
+        for (_, b) in self.awaiting.values_mut() {
+            b.offer(event, tx_hash);
+        }
+        for q in &mut self.exec_queue {
+            if let QueuedBody::Missing(b) = &mut q.body {
+                b.offer(event, tx_hash);
+            }
+        }
     }
 
     fn drain_backlog(&mut self, out: &mut Vec<Output>) {
@@ -320,8 +400,12 @@ impl<A: Auth + Clone> Node<A> {
             }
             let tx = self.backlog.pop_front().expect("front exists");
             let pos = tx.pos.clone();
+            let waited = self.waits_for_bodies().then(|| (tx.event.clone(), tx.tx_hash));
             if self.mempool.admit(tx) == Admit::Added {
                 self.stats.admitted += 1;
+                if let Some((event, tx_hash)) = waited {
+                    self.offer(&event, &tx_hash);
+                }
             } else {
                 self.stats.duplicates += 1;
                 self.dropped.extend(pos);
@@ -382,7 +466,7 @@ impl<A: Auth + Clone> Node<A> {
                 }
                 return;
             }
-            Message::PrePrepare(ref s)
+            Message::PrePrepare(s)
                 if s.from == from
                     && s.body.view == self.replica.view()
                     && s.from == self.replica.primary(s.body.view)
@@ -390,29 +474,12 @@ impl<A: Auth + Clone> Node<A> {
                     && s.body.seq > self.replica.executed()
                     && !self.checked.contains_key(&s.body.digest) =>
             {
-                self.sync_inflight();
-                let seq = s.body.seq;
-                let checked = self.check_proposal(now_ms, &s.body.value).and_then(|p| {
-                    match p.evidence.iter().position(|e| !self.replica.verify_proof(e)) {
-                        Some(i) => Err(proposal::ProposalError::Decode(format!("proof {i} does not verify"))),
-                        None => self.check_no_repeats(seq, &p).map(|()| p),
-                    }
-                });
-                match checked {
-                    Ok(p) => {
-                        self.add_inflight(seq, &p);
-                        self.remember_checked(s.body.digest, p)
-                    }
-                    Err(e) => {
-                        self.stats.proposals_refused += 1;
-                        self.conduct[s.from].invalid_proposals += 1;
-                        out.push(Output::Evidence {
-                            culprit: s.from,
-                            what: format!("invalid proposal for seq {} in view {}: {e}", s.body.seq, s.body.view),
-                        });
-                        return; // no prepare: the view changes if the primary persists
-                    }
-                }
+                self.on_pre_prepare(now_ms, s, out);
+                self.step(now_ms, out);
+                return;
+            }
+            Message::Committed(_) if self.exec_queue.len() >= 2 * self.replica.params().window as usize => {
+                return; // bodies of the values before it still missing: fetched again later
             }
             Message::Committed(ref c) => {
                 // Catching up: a peer answers a fetch with a window of
@@ -437,24 +504,203 @@ impl<A: Auth + Clone> Node<A> {
         self.step(now_ms, out);
     }
 
-    fn check_proposal(&self, now_ms: u64, value: &[u8]) -> Result<Proposal, proposal::ProposalError> {
-        proposal::check(
-            value,
-            &CheckContext {
-                limits: &self.cfg.limits,
-                builder: &self.cfg.builder,
-                policy: &self.cfg.policy,
-                mempool: &self.mempool,
-                now_ms,
-                skew_ms: self.cfg.skew_ms,
-            },
-        )
+    fn check_context(&self, now_ms: u64) -> CheckContext<'_> {
+        CheckContext {
+            builder: &self.cfg.builder,
+            policy: &self.cfg.policy,
+            mempool: &self.mempool,
+            now_ms,
+            skew_ms: self.cfg.skew_ms,
+        }
+    }
+
+    /// A body this validator holds for `r`: admitted to its mempool, or
+    /// verified and waiting in the backlog (`backlog`: its index, built by
+    /// the caller only when the backlog is not empty).
+    fn held(&self, r: &TxRef, backlog: &HashMap<Hash32, Arc<Event>>) -> Option<Arc<Event>> {
+        self.mempool.get(&r.tx_hash).map(|t| t.event.clone()).or_else(|| backlog.get(&r.tx_hash).cloned())
+    }
+
+    /// The bodies of `named` this validator holds; the rest are asked of
+    /// `first` and then the other validators.
+    fn resolve(&self, named: Named, first: Rid, now_ms: u64) -> Bodies {
+        let backlog: HashMap<Hash32, Arc<Event>> = if self.backlog.is_empty() {
+            HashMap::new()
+        } else {
+            self.backlog.iter().map(|t| (t.tx_hash, t.event.clone())).collect()
+        };
+        let peers = ask_order(self.cfg.validators.len(), first, self.replica.id);
+        Bodies::new(named, |r| self.held(r, &backlog), peers, now_ms)
+    }
+
+    /// A pre-prepare of the current primary not checked yet: decoded and
+    /// checked as far as it can be without its bodies, then held until
+    /// they are here (and execution has caught up with the replica).
+    fn on_pre_prepare(&mut self, now_ms: u64, s: Signed<PrePrepare>, out: &mut Vec<Output>) {
+        let seq = s.body.seq;
+        if self.awaiting.contains_key(&seq) || seq > self.replica.executed() + self.replica.params().window {
+            return; // held already (a retransmission), or outside the window
+        }
+        let named = proposal::decode(&s.body.value, self.cfg.builder.max_txs)
+            .and_then(|n| proposal::check_named(&n, &self.check_context(now_ms)).map(|()| n));
+        match named {
+            Ok(named) => {
+                let bodies = self.resolve(named, s.from, now_ms);
+                self.awaiting.insert(seq, (s, bodies));
+                self.check_awaiting(now_ms, out);
+            }
+            Err(e) => self.refuse(&s, e, out),
+        }
+    }
+
+    /// Checks the held pre-prepares whose bodies are all here, once this
+    /// validator's state is the replica's (nothing waits to execute).
+    fn check_awaiting(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        if !self.exec_queue.is_empty() {
+            return;
+        }
+        let ready: Vec<Seq> = self.awaiting.iter().filter(|(_, (_, b))| b.is_complete()).map(|(s, _)| *s).collect();
+        for seq in ready {
+            let (s, bodies) = self.awaiting.remove(&seq).expect("listed");
+            if seq <= self.replica.executed() || s.body.view != self.replica.view() {
+                continue; // committed meanwhile (fetched), or the view moved on
+            }
+            self.check_pre_prepare(now_ms, s, bodies.into_proposal(), out);
+        }
+    }
+
+    /// Full check of a pre-prepare with its bodies; if it passes, the
+    /// replica gets it (and prepares).
+    fn check_pre_prepare(&mut self, now_ms: u64, s: Signed<PrePrepare>, p: Proposal, out: &mut Vec<Output>) {
+        self.sync_inflight();
+        let seq = s.body.seq;
+        let checked = proposal::check(&p, &self.check_context(now_ms)).and_then(|()| {
+            match p.evidence.iter().position(|e| !self.replica.verify_proof(e)) {
+                Some(i) => Err(proposal::ProposalError::Decode(format!("proof {i} does not verify"))),
+                None => self.check_no_repeats(seq, &p),
+            }
+        });
+        match checked {
+            Ok(()) => {
+                self.add_inflight(seq, p.tx_hashes.iter().copied().zip(p.txs.iter().map(|t| Some(t.nonce))));
+                self.remember_checked(s.body.digest, p);
+                self.replica.set_time(now_ms);
+                self.replica.on_message(Message::PrePrepare(s), &mut self.actions);
+            }
+            Err(e) => self.refuse(&s, e, out),
+        }
+    }
+
+    /// An invalid proposal: no prepare (the view changes if the primary
+    /// persists), and evidence against its primary.
+    fn refuse(&mut self, s: &Signed<PrePrepare>, e: proposal::ProposalError, out: &mut Vec<Output>) {
+        self.stats.proposals_refused += 1;
+        self.conduct[s.from].invalid_proposals += 1;
+        out.push(Output::Evidence {
+            culprit: s.from,
+            what: format!("invalid proposal for seq {} in view {}: {e}", s.body.seq, s.body.view),
+        });
+    }
+
+    /// Bodies validator `from` sent for the value at `seq`: decoded with
+    /// this validator's limits and kept only where a waiting value names
+    /// them (both hashes); the rest are dropped. Bodies of a pre-prepare
+    /// are verified when it is checked; those of a committed value need not
+    /// be (a quorum prepared exactly these bytes).
+    pub fn on_bodies(
+        &mut self,
+        now_ms: u64,
+        from: Rid,
+        seq: Seq,
+        txs: Vec<crate::proto::Transaction>,
+        out: &mut Vec<Output>,
+    ) {
+        if from >= self.cfg.validators.len() || !self.waits_for_bodies() {
+            return;
+        }
+        for t in txs {
+            let Ok(ev) = Event::from_tx_proto(t, &self.cfg.limits) else { continue };
+            let h = ev.tx_hash();
+            let ev = Arc::new(ev);
+            let mut taken = self.awaiting.get_mut(&seq).is_some_and(|(_, b)| b.offer(&ev, &h));
+            if !taken {
+                if let Some(QueuedBody::Missing(b)) =
+                    self.exec_queue.iter_mut().find(|q| q.seq == seq).map(|q| &mut q.body)
+                {
+                    taken = b.offer(&ev, &h);
+                }
+            }
+            self.stats.txs_fetched += taken as u64;
+        }
+        self.drain_exec_queue(now_ms, out);
+        self.step(now_ms, out);
+    }
+
+    /// Validator `from` asks for tx bodies of the value at `seq`: answered
+    /// from the mempool and the proposals checked here, else (a committed
+    /// block) from the block store. At most `MAX_SERVED_TXS` per sender per
+    /// order check.
+    pub fn on_tx_fetch(&mut self, from: Rid, seq: Seq, tx_hashes: Vec<Hash32>, out: &mut Vec<Output>) {
+        if from == self.replica.id {
+            return;
+        }
+        let Some(budget) = self.serve_budget.get_mut(from) else { return };
+        if *budget + tx_hashes.len() > MAX_SERVED_TXS {
+            return; // asked again after the retry interval
+        }
+        *budget += tx_hashes.len();
+        let mut txs = vec![];
+        let mut rest: foldhash::HashSet<Hash32> = Default::default();
+        for h in tx_hashes {
+            match self.mempool.get(&h) {
+                Some(t) => txs.push(t.event.clone()),
+                None => {
+                    rest.insert(h);
+                }
+            }
+        }
+        if !rest.is_empty() {
+            for p in self.checked.values() {
+                for (t, h) in p.txs.iter().zip(&p.tx_hashes) {
+                    if rest.remove(h) {
+                        txs.push(t.clone());
+                    }
+                }
+            }
+        }
+        self.stats.txs_served += txs.len() as u64;
+        if !txs.is_empty() {
+            out.push(Output::SendTxs { to: from, seq, txs });
+        }
+        if !rest.is_empty() && seq <= self.height() {
+            out.push(Output::ServeBlockTxs { to: from, seq, tx_hashes: rest.into_iter().collect() });
+        }
+    }
+
+    /// Asks peers for the bodies still missing whose ask is due.
+    fn ask_for_bodies(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let mut asks = vec![];
+        for (seq, (_, b)) in self.awaiting.iter_mut() {
+            asks.extend(b.ask(now_ms, MAX_FETCH_TXS).map(|a| (*seq, a)));
+        }
+        for q in &mut self.exec_queue {
+            if let QueuedBody::Missing(b) = &mut q.body {
+                asks.extend(b.ask(now_ms, MAX_FETCH_TXS).map(|a| (q.seq, a)));
+            }
+        }
+        for (seq, (to, tx_hashes)) in asks {
+            self.stats.fetch_asks += 1;
+            out.push(Output::FetchTxs { to, seq, tx_hashes });
+        }
     }
 
     /// No tx of `p` (for `seq`) is committed or in a value in flight at
     /// another seq: an honest primary never orders a tx twice.
     fn check_no_repeats(&self, seq: Seq, p: &Proposal) -> Result<(), proposal::ProposalError> {
         for (index, (tx, h)) in p.txs.iter().zip(&p.tx_hashes).enumerate() {
+            if let Some(at) = self.inflight_tx.get(h).filter(|at| **at != seq) {
+                return Err(proposal::ProposalError::Tx { index, detail: format!("tx is in flight at seq {at}") });
+            }
             if let Some(owner) = self.state.nonce_owner(&tx.nonce) {
                 let what = if owner == h { "is committed" } else { "reuses a committed nonce" };
                 return Err(proposal::ProposalError::Tx { index, detail: format!("tx {what}") });
@@ -470,7 +716,8 @@ impl<A: Auth + Clone> Node<A> {
     }
 
     /// Rebuilds the in-flight set from the replica's log once per view
-    /// (values a new-view re-proposed; abandoned ones leave it).
+    /// (values a new-view re-proposed; abandoned ones leave it), and from
+    /// the committed values waiting to execute.
     fn sync_inflight(&mut self) {
         let view = self.replica.view();
         if self.inflight_view == Some(view) {
@@ -478,36 +725,55 @@ impl<A: Auth + Clone> Node<A> {
         }
         self.inflight_view = Some(view);
         self.inflight.clear();
+        self.inflight_tx.clear();
         self.inflight_by_seq.clear();
-        let values: Vec<(Seq, Hash32, crate::consensus::pbft::Value)> =
-            self.replica.unexecuted_pre_prepares().map(|(s, d, v)| (s, *d, v.clone())).collect();
-        for (seq, digest, value) in values {
-            let p = match self.checked.get(&digest) {
-                Some(p) => p.clone(),
-                None => match proposal::decode(&value, &self.cfg.limits) {
-                    Ok(p) => Arc::new(p),
+        let mut values: Vec<(Seq, Vec<(Hash32, Option<[u8; 16]>)>)> = vec![];
+        for q in &self.exec_queue {
+            let txs = match &q.body {
+                QueuedBody::Ready(p) => p.tx_hashes.iter().copied().zip(p.txs.iter().map(|t| Some(t.nonce))).collect(),
+                QueuedBody::Missing(b) => b.tx_hashes().map(|h| (*h, self.mempool.get(h).map(|t| t.event.nonce))).collect(),
+            };
+            values.push((q.seq, txs));
+        }
+        for (seq, digest, value) in self.replica.unexecuted_pre_prepares() {
+            let txs = match self.checked.get(digest) {
+                Some(p) => p.tx_hashes.iter().copied().zip(p.txs.iter().map(|t| Some(t.nonce))).collect(),
+                None => match proposal::decode(value, self.cfg.builder.max_txs) {
+                    Ok(n) => n.refs.iter().map(|r| (r.tx_hash, self.mempool.get(&r.tx_hash).map(|t| t.event.nonce))).collect(),
                     Err(_) => continue, // executes as a null block
                 },
             };
-            self.add_inflight(seq, &p);
+            values.push((seq, txs));
+        }
+        for (seq, txs) in values {
+            self.add_inflight(seq, txs.into_iter());
         }
     }
 
-    fn add_inflight(&mut self, seq: Seq, p: &Proposal) {
-        let nonces: Vec<[u8; 16]> = p.txs.iter().map(|t| t.nonce).collect();
-        for (n, h) in nonces.iter().zip(&p.tx_hashes) {
-            self.inflight.insert(*n, (seq, *h));
+    /// The txs (tx hash, nonce if the body is here) of a value at `seq`.
+    fn add_inflight(&mut self, seq: Seq, txs: impl Iterator<Item = (Hash32, Option<[u8; 16]>)>) {
+        let entry = self.inflight_by_seq.entry(seq).or_default();
+        for (h, n) in txs {
+            if let Some(n) = n {
+                self.inflight.insert(n, (seq, h));
+            }
+            self.inflight_tx.insert(h, seq);
+            entry.push((n, h));
         }
-        self.inflight_by_seq.entry(seq).or_default().extend(nonces);
     }
 
     /// Seq `seq` executed: values in flight at or below it are done.
     fn retire_inflight(&mut self, seq: Seq) {
         let keep = self.inflight_by_seq.split_off(&(seq + 1));
-        for (s, nonces) in std::mem::replace(&mut self.inflight_by_seq, keep) {
-            for n in nonces {
-                if self.inflight.get(&n).is_some_and(|(at, _)| *at == s) {
-                    self.inflight.remove(&n);
+        for (s, txs) in std::mem::replace(&mut self.inflight_by_seq, keep) {
+            for (n, h) in txs {
+                if let Some(n) = n {
+                    if self.inflight.get(&n).is_some_and(|(at, _)| *at == s) {
+                        self.inflight.remove(&n);
+                    }
+                }
+                if self.inflight_tx.get(&h) == Some(&s) {
+                    self.inflight_tx.remove(&h);
                 }
             }
         }
@@ -525,7 +791,8 @@ impl<A: Auth + Clone> Node<A> {
         }
         self.next_order_check_ms = now_ms + ORDER_CHECK_INTERVAL_MS;
         self.forward_budget.iter_mut().for_each(|b| *b = 0);
-        if self.replica.is_primary() || self.replica.is_changing() {
+        self.serve_budget.iter_mut().for_each(|b| *b = 0);
+        if self.replica.is_primary() || self.replica.is_changing() || !self.exec_queue.is_empty() {
             return;
         }
         self.sync_inflight();
@@ -618,6 +885,7 @@ impl<A: Auth + Clone> Node<A> {
     pub fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         self.replica.on_tick(now_ms, &mut self.actions);
         self.check_order(now_ms, out);
+        self.ask_for_bodies(now_ms, out);
         self.step(now_ms, out);
     }
 
@@ -629,7 +897,10 @@ impl<A: Auth + Clone> Node<A> {
         loop {
             self.note_view();
             let unproposed_proofs = self.proofs.iter().any(|(_, proposed)| !proposed);
+            // A primary whose execution lags its replica (bodies missing)
+            // does not propose: its mempool and state are not current.
             if self.replica.can_propose()
+                && self.exec_queue.is_empty()
                 && (unproposed_proofs
                     || self.cfg.builder.should_build(
                         self.mempool.pending(),
@@ -643,8 +914,9 @@ impl<A: Auth + Clone> Node<A> {
                 let started = self.lap();
                 self.sync_inflight();
                 let inflight = &self.inflight;
+                let inflight_tx = &self.inflight_tx;
                 let txs = self.mempool.take_for_block(self.cfg.builder.max_txs, self.cfg.builder.max_bytes, |t| {
-                    inflight.contains_key(&t.event.nonce)
+                    inflight.contains_key(&t.event.nonce) || inflight_tx.contains_key(&t.tx_hash)
                 });
                 let ts = now_ms.max(self.last_proposal_ts).max(self.last.as_ref().map_or(0, |h| h.timestamp_ms));
                 self.last_proposal_ts = ts;
@@ -658,13 +930,14 @@ impl<A: Auth + Clone> Node<A> {
                         evidence.push(p.clone());
                     }
                 }
-                let value = Arc::new(proposal::encode_with(ts, &events, &evidence));
+                let value = Arc::new(proposal::encode_with(ts, &events, &tx_hashes, &evidence));
                 // Its execution (queued in `actions`) finds it decoded here.
                 let digest = self.replica.propose(value, &mut self.actions);
                 self.remember_checked(digest, Proposal { timestamp_ms: ts, txs: events, tx_hashes, evidence });
                 self.record_stage(Stage::BuildBlock, started);
-            } else if !self.replica.is_primary() && self.mempool.pending() > 0 {
-                // Txs wait: the primary must order something before the timeout.
+            } else if !self.replica.is_primary() && (self.mempool.pending() > 0 || !self.awaiting.is_empty()) {
+                // Txs wait, or a proposal's bodies: the primary must get
+                // something ordered before the timeout.
                 self.replica.expect_progress();
             }
             if self.actions.is_empty() {
@@ -700,6 +973,7 @@ impl<A: Auth + Clone> Node<A> {
             self.view = v;
             self.newest_ordered_received_ms = 0;
             self.forwarded.clear();
+            self.awaiting.clear(); // a new primary re-proposes what counts
             self.replica.clear_queue();
             self.mempool.unpropose_all();
             for (_, proposed) in &mut self.proofs {
@@ -708,19 +982,56 @@ impl<A: Auth + Clone> Node<A> {
         }
     }
 
+    /// The replica committed `value` at `seq`: executed once its bodies
+    /// are here and everything before it executed.
     fn execute(&mut self, now_ms: u64, seq: Seq, value: &[u8], cert: CommitCert, out: &mut Vec<Output>) {
-        assert_eq!(seq, self.height() + 1, "PBFT executes sequence numbers in order; height = seq");
         let last_ts = self.last.as_ref().map_or(0, |h| h.timestamp_ms);
         // Honest backups checked the value before preparing it; one that
         // still fails to decode is executed as a null block on every replica.
         let digest = cert.pre_prepare.body.digest;
-        let p = match self.checked.remove(&digest) {
-            Some(p) => Arc::unwrap_or_clone(p),
-            None => proposal::decode(value, &self.cfg.limits).unwrap_or_else(|e| {
-                tracing::error!(seq, error = %e, "committed value does not decode; executing it as an empty block");
-                Proposal { timestamp_ms: last_ts, txs: vec![], tx_hashes: vec![], evidence: vec![] }
-            }),
+        let body = match self.checked.remove(&digest) {
+            Some(p) => QueuedBody::Ready(Arc::unwrap_or_clone(p)),
+            None => match proposal::decode(value, self.cfg.builder.max_txs) {
+                Ok(named) => {
+                    let b = self.resolve(named, cert.pre_prepare.from, now_ms);
+                    if b.is_complete() {
+                        QueuedBody::Ready(b.into_proposal())
+                    } else {
+                        QueuedBody::Missing(b)
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "committed value does not decode; executing it as an empty block");
+                    QueuedBody::Ready(Proposal { timestamp_ms: last_ts, txs: vec![], tx_hashes: vec![], evidence: vec![] })
+                }
+            },
         };
+        self.exec_queue.push_back(Queued { seq, cert, body });
+        self.drain_exec_queue(now_ms, out);
+    }
+
+    /// Executes the committed values whose bodies are all here, in order;
+    /// once none waits, the held pre-prepares can be checked.
+    fn drain_exec_queue(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        while let Some(q) = self.exec_queue.front() {
+            if let QueuedBody::Missing(b) = &q.body {
+                if !b.is_complete() {
+                    break;
+                }
+            }
+            let q = self.exec_queue.pop_front().expect("front exists");
+            let p = match q.body {
+                QueuedBody::Ready(p) => p,
+                QueuedBody::Missing(b) => b.into_proposal(),
+            };
+            self.execute_proposal(now_ms, q.seq, p, q.cert, out);
+        }
+        self.check_awaiting(now_ms, out);
+    }
+
+    fn execute_proposal(&mut self, now_ms: u64, seq: Seq, p: Proposal, cert: CommitCert, out: &mut Vec<Output>) {
+        assert_eq!(seq, self.height() + 1, "PBFT executes sequence numbers in order; height = seq");
+        let last_ts = self.last.as_ref().map_or(0, |h| h.timestamp_ms);
         // Block time never goes back, even if a new primary's clock is behind
         // the last one's (the proposal keeps its own time; the store keeps it).
         let timestamp_ms = p.timestamp_ms.max(last_ts);
@@ -811,13 +1122,23 @@ impl<A: Auth + Clone> Node<A> {
 
     /// When `on_tick` next has something to do (ms).
     pub fn next_deadline_ms(&self, now_ms: u64) -> u64 {
-        if self.replica.can_propose() && self.mempool.pending() > 0 {
+        let next = if self.replica.can_propose() && self.mempool.pending() > 0 {
             self.cfg.builder.next_deadline_ms(self.last_proposal_ms).max(now_ms)
         } else {
             now_ms + 50
-        }
+        };
+        let asks = self.awaiting.values().filter_map(|(_, b)| b.next_ask_ms());
+        let queued = self.exec_queue.iter().filter_map(|q| match &q.body {
+            QueuedBody::Missing(b) => b.next_ask_ms(),
+            QueuedBody::Ready(_) => None,
+        });
+        asks.chain(queued).fold(next, u64::min).max(now_ms)
     }
 }
+
+/// Most tx bodies served to one validator per order check (a faulty one
+/// cannot make this one read and send without a bound).
+const MAX_SERVED_TXS: usize = 4 * MAX_FETCH_TXS;
 
 /// How often a backup checks that the primary is not passing over its txs.
 const ORDER_CHECK_INTERVAL_MS: u64 = 200;
@@ -900,6 +1221,11 @@ mod tests {
     thread_local! {
         /// A validator that drops every tx forwarded to it (a censor).
         static DROP_FORWARDS_TO: std::cell::Cell<Option<Rid>> = const { std::cell::Cell::new(None) };
+        /// Validators that answer no tx fetch (a primary naming txs it
+        /// keeps to itself).
+        static WITHHOLD_BODIES: std::cell::Cell<&'static [Rid]> = const { std::cell::Cell::new(&[]) };
+        /// Each node's committed blocks by height (its block store).
+        static STORED: std::cell::RefCell<HashMap<(usize, Seq), Arc<Block>>> = std::cell::RefCell::new(HashMap::new());
     }
 
     /// Short timeouts (the tests drive a simulated clock in 100 ms steps).
@@ -986,15 +1312,34 @@ mod tests {
         loop {
             let mut msgs = vec![];
             let mut forwards = vec![];
+            let mut fetches = vec![];
+            let mut bodies = vec![];
             for (i, out) in outs.iter_mut().enumerate() {
                 for o in out.drain(..) {
                     match o {
                         Output::Send(to, m) => msgs.push((i, Some(to), m)),
                         Output::Broadcast(m) => msgs.push((i, None, m)),
                         Output::Forward { to, txs } => forwards.push((i, to, txs)),
+                        Output::FetchTxs { to, seq, tx_hashes } => fetches.push((i, to, seq, tx_hashes)),
+                        Output::SendTxs { to, seq, txs } => bodies.push((i, to, seq, txs)),
+                        Output::ServeBlockTxs { to, seq, tx_hashes } => {
+                            // The block store: this node's committed block.
+                            let b = STORED.with_borrow(|s| s.get(&(i, seq)).cloned());
+                            if let Some(b) = b {
+                                let txs = b
+                                    .txs
+                                    .iter()
+                                    .zip(&b.tx_hashes)
+                                    .filter(|(_, h)| tx_hashes.contains(h))
+                                    .map(|(t, _)| t.clone())
+                                    .collect();
+                                bodies.push((i, to, seq, txs));
+                            }
+                        }
                         o => {
                             if let Output::Commit { block, .. } = &o {
                                 committed[i].push(block.clone());
+                                STORED.with_borrow_mut(|s| s.insert((i, block.header.height), block.clone()));
                             }
                             if let Some((to, ms)) = other(i, o) {
                                 msgs.extend(ms.into_iter().map(|m| (i, Some(to), m)));
@@ -1003,8 +1348,19 @@ mod tests {
                     }
                 }
             }
-            if msgs.is_empty() && forwards.is_empty() {
+            if msgs.is_empty() && forwards.is_empty() && fetches.is_empty() && bodies.is_empty() {
                 return committed;
+            }
+            for (from, to, seq, hashes) in fetches {
+                if !mute.contains(&from) && !WITHHOLD_BODIES.get().contains(&to) {
+                    nodes[to].on_tx_fetch(from, seq, hashes, &mut outs[to]);
+                }
+            }
+            for (from, to, seq, txs) in bodies {
+                if !mute.contains(&from) {
+                    let txs = txs.iter().map(|t| t.to_tx_proto()).collect();
+                    nodes[to].on_bodies(now, from, seq, txs, &mut outs[to]);
+                }
             }
             for (from, to, txs) in forwards {
                 if mute.contains(&from) || DROP_FORWARDS_TO.get() == Some(to) {
@@ -1024,6 +1380,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Lets the backups' wait for their own source run out, so they ask
+    /// for the bodies they lack, and delivers everything.
+    fn fetch_bodies(nodes: &mut [Node<Ed25519Auth>], now: u64, outs: &mut [Vec<Output>]) {
+        let later = now + crate::bodies::WAIT_FOR_SOURCE_MS;
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_tick(later, &mut outs[i]);
+        }
+        settle(nodes, later, outs, &[]);
     }
 
     #[test]
@@ -1197,7 +1563,7 @@ mod tests {
         // Validator 0 leads view 0 and signs two different values for seq 1.
         let auth0 = Ed25519Auth::new(keys[0].clone(), nodes[0].cfg.validators.clone());
         let pp = |t: &VerifiedTx| {
-            let value: Value = Arc::new(proposal::encode(now, std::slice::from_ref(&t.event)));
+            let value: Value = Arc::new(proposal::encode(now, std::slice::from_ref(&t.event), &[t.tx_hash]));
             let body = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
             Message::PrePrepare(Signed { sig: auth0.sign(&pp_bytes(&body)), body, from: 0 })
         };
@@ -1400,7 +1766,10 @@ mod tests {
         nodes[0].mempool.admit(forged);
         nodes[0].on_tick(1200, &mut outs[0]);
         settle(&mut nodes, 1200, &mut outs, &[]);
+        assert_eq!(nodes[1].stats().proposals_refused, 0, "it waits for its own source first");
+        fetch_bodies(&mut nodes, 1200, &mut outs);
         for (i, n) in nodes.iter().enumerate().skip(1) {
+            assert_eq!(n.stats().txs_fetched, 1, "backup {i} fetched the body from the primary");
             assert_eq!(n.stats().proposals_refused, 1, "backup {i} refused");
             assert_eq!(n.conduct()[0].invalid_proposals, 1);
         }
@@ -1531,6 +1900,7 @@ mod tests {
         assert_eq!(nodes[0].mempool.admit(t.clone()), Admit::Added);
         nodes[0].on_tick(now + 200, &mut outs[0]);
         settle(&mut nodes, now + 200, &mut outs, &[]);
+        fetch_bodies(&mut nodes, now + 200, &mut outs);
         for n in &nodes[1..] {
             assert_eq!(n.stats().proposals_refused, 1);
             assert_eq!(n.height(), 1);
@@ -1691,5 +2061,102 @@ mod tests {
         assert!(limited.iter().all(|l| *l == limited[0]), "every validator dead-letters the same txs");
         assert_eq!(committed_ids(&blocks[0]).len(), 12, "every tx is in a block, with its receipt");
         assert!(nodes.iter().all(|n| n.stats().rate_limited == limited[0].len() as u64));
+    }
+
+    #[test]
+    fn a_tx_only_the_primary_holds_is_fetched_verified_and_committed_and_values_name_txs() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let t = vtx(&k, 1, 1000);
+        nodes[0].on_txs(1000, vec![t.clone()], &mut outs[0]);
+        nodes[0].on_tick(1200, &mut outs[0]);
+        let value_len = outs[0]
+            .iter()
+            .find_map(|o| match o {
+                Output::Persist(Record::PrePrepare(p)) => Some(p.body.value.len()),
+                _ => None,
+            })
+            .expect("proposed");
+        assert!(value_len < proposal::TX_REF_BYTES + 16, "the value names the tx ({value_len} bytes)");
+        assert!(t.event.size() > 2 * value_len, "it does not carry the body");
+        settle(&mut nodes, 1200, &mut outs, &[]);
+        assert_eq!(nodes[1].height(), 0, "no prepare without the body");
+        fetch_bodies(&mut nodes, 1200, &mut outs);
+        for n in &nodes {
+            assert_eq!(n.height(), 1);
+            assert_eq!(n.state().root(), nodes[0].state().root());
+            assert!(n.state().is_committed(&t.event.nonce, &t.tx_hash));
+        }
+        for n in &nodes[1..] {
+            assert_eq!((n.stats().fetch_asks, n.stats().txs_fetched), (1, 1));
+        }
+        assert_eq!(nodes[0].stats().txs_served, 3);
+    }
+
+    #[test]
+    fn a_primary_naming_txs_it_withholds_loses_its_view_and_the_rest_commits() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        WITHHOLD_BODIES.set(&[0]);
+        let secret = vtx(&k, 1, 1000);
+        let public = vtx(&k, 2, 1000);
+        nodes[0].on_txs(1000, vec![secret.clone()], &mut outs[0]);
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_txs(1000, vec![public.clone()], &mut outs[i]);
+        }
+        let mut now = 1000;
+        let (blocks, _) = run_until(&mut nodes, &mut outs, &mut now, 30_000, |_, _, _| {}, |n, _| {
+            n.iter().all(|n| n.state().is_committed(&public.event.nonce, &public.tx_hash))
+        });
+        WITHHOLD_BODIES.set(&[]);
+        for n in &nodes[1..] {
+            assert!(n.stats().fetch_asks >= 2, "asked the primary, then the others");
+            assert!(n.conduct()[0].failed_views >= 1, "its view failed");
+            assert!(n.replica().view() >= 1);
+            assert!(n.reputation().score(0) < n.reputation().score(2), "its reputation fell");
+        }
+        assert!(blocks[1].iter().all(|b| b.header.view >= 1), "nothing committed in the withholding view");
+        // Held by validator 0 alone, the withheld tx reaches the new primary
+        // as a forward and commits too.
+        run_until(&mut nodes, &mut outs, &mut now, 60_000, |_, _, _| {}, |n, _| {
+            n.iter().all(|n| n.state().is_committed(&secret.event.nonce, &secret.tx_hash))
+        });
+        for n in &nodes {
+            assert_eq!(n.state().root(), nodes[0].state().root());
+        }
+    }
+
+    #[test]
+    fn a_validator_that_never_received_the_txs_catches_up_with_fetched_bodies() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 200);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let mut stores = Stores { certs: vec![Default::default(); 4], ..Default::default() };
+        let mut now = 1000;
+        // Validator 3 is cut off while the others commit 40 txs it never sees.
+        let txs: Vec<_> = (0..40).map(|i| vtx(&k, i, 1000)).collect();
+        for (i, n) in nodes.iter_mut().enumerate().take(3) {
+            n.on_txs(now, txs.clone(), &mut outs[i]);
+        }
+        drive(&mut nodes[..3], &mut outs[..3], &mut stores, &mut now, |ns| ns.iter().all(|n| n.mempool_len() == 0));
+        let height = nodes[0].height();
+        assert!(height >= 10, "several blocks ({height})");
+        assert_eq!(nodes[3].height(), 0);
+        // Back, it learns of them from new traffic, fetches the certificates
+        // (bodies not included here) and then the bodies, executing in order.
+        let later: Vec<_> = (40..44).map(|i| vtx(&k, i, now)).collect();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_txs(now, later.clone(), &mut outs[i]);
+        }
+        drive(&mut nodes, &mut outs, &mut stores, &mut now, |ns| {
+            ns.iter().all(|n| n.mempool_len() == 0 && n.height() == ns[0].height())
+        });
+        assert_eq!(nodes[3].last_header().map(|h| h.hash()), nodes[0].last_header().map(|h| h.hash()));
+        assert_eq!(nodes[3].state().root(), nodes[0].state().root());
+        assert!(nodes[3].stats().txs_fetched >= 40, "fetched {}", nodes[3].stats().txs_fetched);
+        assert!(txs.iter().all(|t| nodes[3].state().is_committed(&t.event.nonce, &t.tx_hash)));
+        assert!(nodes[3].exec_queue.is_empty() && nodes[3].awaiting.is_empty());
     }
 }

@@ -1,6 +1,12 @@
-//! The PBFT value: the txs a primary proposes for the next height, its
-//! canonical encoding, and the checks every backup makes before preparing
-//! it (DESIGN.md §3: replicas re-validate every tx of a proposal).
+//! The PBFT value: the txs a primary proposes for the next height, named
+//! by hash, its canonical encoding, and the checks every backup makes
+//! before preparing it (DESIGN.md §3: replicas re-validate every tx).
+//!
+//! A value names each tx by a [`TxRef`] (64 bytes) instead of carrying it:
+//! every validator receives every tx from the source, so the bodies cross
+//! the network once, not once per backup, and the consensus log and view
+//! changes stay small. A backup resolves the refs against the txs its own
+//! shards verified and fetches the rest (`node`, `TxFetch`).
 //!
 //! The empty value is PBFT's null request (a gap filled by a new-view); it
 //! becomes an empty block. A primary never proposes an empty tx list.
@@ -8,11 +14,11 @@
 use crate::block::{Block, BuilderConfig};
 use crate::consensus::pbft::Proof;
 use crate::consensus::wire::{proof_from, proof_to, WireLimits};
-use crate::event::{Event, Limits};
+use crate::event::Event;
 use crate::ingest::verify::{verify_events, VerifyPolicy};
 use crate::mempool::Mempool;
 use crate::reject::RejectReason;
-use crate::{proto, Hash32};
+use crate::{proto, sha256, Hash32};
 use foldhash::{HashSet, HashSetExt};
 use prost::Message;
 use std::sync::Arc;
@@ -24,6 +30,47 @@ pub struct Proposal {
     pub tx_hashes: Vec<Hash32>,
     /// Proofs of misbehaviour to commit (each quarantines its culprit).
     pub evidence: Vec<Proof>,
+}
+
+/// How a value names a tx: its hash (SHA-256 of the signed bytes, the id
+/// the state and the tx root use) and SHA-256 of its signature. The tx
+/// hash alone would not do: a producer can sign the same bytes twice with
+/// different (valid) signatures, and validators must store the same block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TxRef {
+    pub tx_hash: Hash32,
+    pub sig_hash: Hash32,
+}
+
+/// Bytes per tx in a value.
+pub const TX_REF_BYTES: usize = 64;
+
+impl TxRef {
+    pub fn of(event: &Event, tx_hash: Hash32) -> TxRef {
+        TxRef { tx_hash, sig_hash: sha256(&event.signature) }
+    }
+    /// `event` is the very tx this names (its tx hash already compared).
+    pub fn names(&self, event: &Event) -> bool {
+        sha256(&event.signature) == self.sig_hash
+    }
+}
+
+/// A decoded value, its txs not yet resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    pub timestamp_ms: u64,
+    pub refs: Vec<TxRef>,
+    pub evidence: Vec<Proof>,
+}
+
+impl Named {
+    /// The proposal, given the bodies of `refs` in order (each checked by
+    /// the caller against its ref).
+    pub fn resolve(self, txs: Vec<Arc<Event>>) -> Proposal {
+        assert_eq!(txs.len(), self.refs.len(), "one body per ref");
+        let tx_hashes = self.refs.iter().map(|r| r.tx_hash).collect();
+        Proposal { timestamp_ms: self.timestamp_ms, txs, tx_hashes, evidence: self.evidence }
+    }
 }
 
 /// Most proofs one proposal carries.
@@ -52,49 +99,36 @@ pub enum ProposalError {
     Invalid { index: usize, reason: RejectReason, detail: String },
 }
 
-/// Canonical encoding of a proposal (`proto::Proposal`).
-pub fn encode(timestamp_ms: u64, txs: &[Arc<Event>]) -> Vec<u8> {
-    encode_with(timestamp_ms, txs, &[])
+/// Canonical encoding of a proposal of `txs` (with their hashes).
+pub fn encode(timestamp_ms: u64, txs: &[Arc<Event>], tx_hashes: &[Hash32]) -> Vec<u8> {
+    encode_with(timestamp_ms, txs, tx_hashes, &[])
 }
 
-pub fn encode_with(timestamp_ms: u64, txs: &[Arc<Event>], evidence: &[Proof]) -> Vec<u8> {
-    let evidence: Vec<proto::PbftEvidence> = evidence.iter().map(proof_to).collect();
-    encode_proposal(timestamp_ms, txs.iter().map(|t| &**t), &evidence)
+pub fn encode_with(timestamp_ms: u64, txs: &[Arc<Event>], tx_hashes: &[Hash32], evidence: &[Proof]) -> Vec<u8> {
+    assert_eq!(txs.len(), tx_hashes.len(), "one hash per tx");
+    let refs: Vec<TxRef> = txs.iter().zip(tx_hashes).map(|(t, h)| TxRef::of(t, *h)).collect();
+    encode_refs(timestamp_ms, &refs, evidence)
 }
 
 /// The `proto::Proposal` encoding, byte for byte (values are hashed: it
-/// must be canonical), writing the txs straight from the events.
-fn encode_proposal<'a>(
-    timestamp_ms: u64,
-    txs: impl Iterator<Item = &'a Event> + Clone,
-    evidence: &[proto::PbftEvidence],
-) -> Vec<u8> {
-    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, message, WireType};
-    let len = if timestamp_ms != 0 { key_len(1) + encoded_len_varint(timestamp_ms) } else { 0 }
-        + txs.clone().map(|t| t.tx_field_len(2)).sum::<usize>()
-        + evidence.iter().map(|e| message::encoded_len(3, e)).sum::<usize>();
-    let mut buf = Vec::with_capacity(len);
-    if timestamp_ms != 0 {
-        encode_key(1, WireType::Varint, &mut buf);
-        encode_varint(timestamp_ms, &mut buf);
+/// must be canonical).
+pub fn encode_refs(timestamp_ms: u64, refs: &[TxRef], evidence: &[Proof]) -> Vec<u8> {
+    let mut tx_refs = Vec::with_capacity(refs.len() * TX_REF_BYTES);
+    for r in refs {
+        tx_refs.extend_from_slice(&r.tx_hash);
+        tx_refs.extend_from_slice(&r.sig_hash);
     }
-    for t in txs {
-        t.encode_tx_field(2, &mut buf);
-    }
-    for e in evidence {
-        message::encode(3, e, &mut buf);
-    }
-    debug_assert_eq!(buf.len(), len);
-    buf
+    proto::Proposal { timestamp_ms, evidence: evidence.iter().map(proof_to).collect(), tx_refs }.encode_to_vec()
 }
 
 /// What the block store keeps of a committed value: the Proposal without
-/// its txs (they are in the block), i.e. just its timestamp; empty for null.
+/// its tx refs (the block has the txs), i.e. its timestamp and proofs;
+/// empty for null.
 pub fn stored_form(value: &[u8]) -> Vec<u8> {
     if value.is_empty() {
         return vec![];
     }
-    // Field 2 (the txs) is skipped unparsed.
+    // Field 4 (the refs) is skipped unparsed.
     proto::ProposalStored::decode(value).unwrap_or_default().encode_to_vec()
 }
 
@@ -110,45 +144,52 @@ pub fn value_of_block(b: &Block, stored: Option<&[u8]>) -> Vec<u8> {
     let (timestamp_ms, evidence) = match stored {
         Some([]) => return vec![], // a null block
         Some(s) => match proto::ProposalStored::decode(s) {
-            Ok(p) => (p.timestamp_ms, p.evidence),
+            Ok(p) => (p.timestamp_ms, p.evidence.into_iter().filter_map(|e| proof_from(e, &EVIDENCE_LIMITS).ok()).collect()),
             Err(_) => (b.header.timestamp_ms, vec![]),
         },
         None if b.txs.is_empty() => return vec![],
         None => (b.header.timestamp_ms, vec![]),
     };
-    encode_proposal(timestamp_ms, b.txs.iter().map(|t| &**t), &evidence)
+    encode_with(timestamp_ms, &b.txs, &b.tx_hashes, &evidence)
 }
 
 /// Decodes a value; refuses any encoding other than the canonical one, so
 /// that a stored block always re-encodes to the exact value PBFT ordered.
-pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Proposal, ProposalError> {
+/// At most `max_txs` refs (a bound before anything is allocated per ref).
+pub fn decode(bytes: &[u8], max_txs: usize) -> Result<Named, ProposalError> {
     let p = proto::Proposal::decode(bytes).map_err(|e| ProposalError::Decode(e.to_string()))?;
-    let timestamp_ms = p.timestamp_ms;
-    let mut txs = Vec::with_capacity(p.txs.len());
-    for (index, t) in p.txs.into_iter().enumerate() {
-        let ev = Event::from_tx_proto(t, limits)
-            .map_err(|(r, d)| ProposalError::Tx { index, detail: format!("{r}: {d}") })?;
-        txs.push(Arc::new(ev));
+    if p.tx_refs.len() % TX_REF_BYTES != 0 {
+        return Err(ProposalError::Decode(format!("{} bytes of tx refs is not a whole number of refs", p.tx_refs.len())));
+    }
+    let count = p.tx_refs.len() / TX_REF_BYTES;
+    if count > max_txs {
+        return Err(ProposalError::Decode(format!("{count} txs exceed the block limit of {max_txs}")));
     }
     if p.evidence.len() > MAX_EVIDENCE {
         return Err(ProposalError::Decode(format!("{} proofs exceed {MAX_EVIDENCE}", p.evidence.len())));
     }
+    let refs: Vec<TxRef> = p
+        .tx_refs
+        .chunks_exact(TX_REF_BYTES)
+        .map(|c| TxRef {
+            tx_hash: c[..32].try_into().expect("32 bytes"),
+            sig_hash: c[32..].try_into().expect("32 bytes"),
+        })
+        .collect();
     let evidence = p
         .evidence
         .into_iter()
         .map(|e| proof_from(e, &EVIDENCE_LIMITS))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ProposalError::Decode(format!("evidence: {e}")))?;
-    if encode_with(timestamp_ms, &txs, &evidence) != bytes {
+    if encode_refs(p.timestamp_ms, &refs, &evidence) != bytes {
         return Err(ProposalError::NotCanonical);
     }
-    let tx_hashes = txs.iter().map(|t| t.tx_hash()).collect();
-    Ok(Proposal { timestamp_ms, txs, tx_hashes, evidence })
+    Ok(Named { timestamp_ms: p.timestamp_ms, refs, evidence })
 }
 
 /// What a backup checks a proposal against.
 pub struct CheckContext<'a> {
-    pub limits: &'a Limits,
     pub builder: &'a BuilderConfig,
     pub policy: &'a VerifyPolicy,
     /// Txs this validator verified itself (no second signature check).
@@ -157,14 +198,36 @@ pub struct CheckContext<'a> {
     pub skew_ms: u64,
 }
 
-/// Full validation of another validator's proposal. Txs already in the
-/// mempool were verified on admission; the rest are verified here, in one
-/// batch.
-pub fn check(bytes: &[u8], cx: &CheckContext) -> Result<Proposal, ProposalError> {
-    let p = decode(bytes, cx.limits)?;
-    if p.txs.is_empty() && p.evidence.is_empty() {
+/// The checks a backup makes before it has the bodies: not empty, within
+/// the tx count, not ahead of its clock, no tx named twice.
+pub fn check_named(n: &Named, cx: &CheckContext) -> Result<(), ProposalError> {
+    if n.refs.is_empty() && n.evidence.is_empty() {
         return Err(ProposalError::Empty);
     }
+    if n.refs.len() > cx.builder.max_txs {
+        return Err(ProposalError::TooLarge {
+            txs: n.refs.len(),
+            bytes: 0,
+            max_txs: cx.builder.max_txs,
+            max_bytes: cx.builder.max_bytes,
+        });
+    }
+    if n.timestamp_ms > cx.now_ms + cx.skew_ms {
+        return Err(ProposalError::TimeAhead { ts: n.timestamp_ms, now: cx.now_ms, skew_ms: cx.skew_ms });
+    }
+    let mut seen = HashSet::with_capacity(n.refs.len());
+    for (i, r) in n.refs.iter().enumerate() {
+        if !seen.insert(r.tx_hash) {
+            return Err(ProposalError::Duplicate(i));
+        }
+    }
+    Ok(())
+}
+
+/// Full validation of another validator's proposal, its bodies resolved
+/// (each names its ref). Txs in the mempool were verified on admission;
+/// the rest (fetched from peers) are verified here, in one batch.
+pub fn check(p: &Proposal, cx: &CheckContext) -> Result<(), ProposalError> {
     let size: usize = p.txs.iter().map(|t| t.size()).sum();
     if p.txs.len() > cx.builder.max_txs || size > cx.builder.max_bytes {
         return Err(ProposalError::TooLarge {
@@ -174,17 +237,13 @@ pub fn check(bytes: &[u8], cx: &CheckContext) -> Result<Proposal, ProposalError>
             max_bytes: cx.builder.max_bytes,
         });
     }
-    if p.timestamp_ms > cx.now_ms + cx.skew_ms {
-        return Err(ProposalError::TimeAhead { ts: p.timestamp_ms, now: cx.now_ms, skew_ms: cx.skew_ms });
-    }
     let mut seen = HashSet::with_capacity(p.txs.len());
     let mut unknown: Vec<(usize, &Event)> = vec![];
     for (i, (tx, h)) in p.txs.iter().zip(&p.tx_hashes).enumerate() {
         if !seen.insert(tx.nonce) {
             return Err(ProposalError::Duplicate(i));
         }
-        // The hash does not cover the signature: compare the whole event.
-        if cx.mempool.get(h).is_none_or(|m| *m.event != **tx) {
+        if cx.mempool.get(h).is_none_or(|m| !Arc::ptr_eq(&m.event, tx) && *m.event != **tx) {
             unknown.push((i, tx));
         }
     }
@@ -197,7 +256,7 @@ pub fn check(bytes: &[u8], cx: &CheckContext) -> Result<Proposal, ProposalError>
             detail,
         })?;
     }
-    Ok(p)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -216,8 +275,19 @@ mod tests {
         Arc::new(Event::sign(TxKind::Anomaly, k, nonce, sample_anomaly_payload(i, 200), ts, (i as u32).to_be_bytes()))
     }
 
+    fn hashes(txs: &[Arc<Event>]) -> Vec<Hash32> {
+        txs.iter().map(|t| t.tx_hash()).collect()
+    }
+
+    fn proposal(ts: u64, txs: &[Arc<Event>]) -> Proposal {
+        Proposal { timestamp_ms: ts, txs: txs.to_vec(), tx_hashes: hashes(txs), evidence: vec![] }
+    }
+
+    fn named(ts: u64, txs: &[Arc<Event>]) -> Named {
+        decode(&encode(ts, txs, &hashes(txs)), 1000).unwrap()
+    }
+
     struct Fixture {
-        limits: Limits,
         builder: BuilderConfig,
         policy: VerifyPolicy,
         mempool: Mempool,
@@ -225,22 +295,14 @@ mod tests {
 
     fn fixture(k: &crypto::SigningKey) -> Fixture {
         Fixture {
-            limits: Limits::default(),
-            builder: BuilderConfig { max_txs: 4, ..BuilderConfig::default() },
+            builder: BuilderConfig { max_txs: 4, max_bytes: 1_200, ..BuilderConfig::default() },
             policy: VerifyPolicy { producers: [crypto::public_key(k)].into_iter().collect(), skew_ms: 60_000 },
             mempool: Mempool::new(MempoolConfig::default()),
         }
     }
 
     fn cx(f: &Fixture, now: u64) -> CheckContext<'_> {
-        CheckContext {
-            limits: &f.limits,
-            builder: &f.builder,
-            policy: &f.policy,
-            mempool: &f.mempool,
-            now_ms: now,
-            skew_ms: 60_000,
-        }
+        CheckContext { builder: &f.builder, policy: &f.policy, mempool: &f.mempool, now_ms: now, skew_ms: 60_000 }
     }
 
     fn bad_sig(e: &Event) -> Arc<Event> {
@@ -250,14 +312,21 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_is_canonical_and_null_is_empty() {
+    fn round_trip_is_canonical_names_each_tx_in_64_bytes_and_null_is_empty() {
         let k = crypto::generate_key();
         let txs: Vec<_> = (0..3).map(|i| ev(&k, i, 1000)).collect();
-        let bytes = encode(1000, &txs);
-        let p = decode(&bytes, &Limits::default()).unwrap();
-        assert_eq!(p.txs, txs);
-        assert_eq!(p.tx_hashes[1], txs[1].tx_hash());
-        assert!(decode(&[], &Limits::default()).unwrap().txs.is_empty(), "null value");
+        let bytes = encode(1000, &txs, &hashes(&txs));
+        let body_bytes: usize = txs.iter().map(|t| t.size()).sum();
+        assert!(bytes.len() < 3 * TX_REF_BYTES + 16, "{} bytes for {body_bytes} of bodies", bytes.len());
+        let n = decode(&bytes, 1000).unwrap();
+        assert_eq!(n.refs[1], TxRef::of(&txs[1], txs[1].tx_hash()));
+        assert!(n.refs[1].names(&txs[1]) && !n.refs[1].names(&bad_sig(&txs[1])));
+        assert_eq!(n.clone().resolve(txs.clone()), proposal(1000, &txs));
+        assert!(matches!(decode(&bytes, 2), Err(ProposalError::Decode(_))), "more refs than the block limit");
+        assert!(decode(&[], 1000).unwrap().refs.is_empty(), "null value");
+        // Refs that are not a whole number of 64 bytes.
+        let torn = proto::Proposal { timestamp_ms: 1, tx_refs: vec![0; 65], evidence: vec![] }.encode_to_vec();
+        assert!(matches!(decode(&torn, 1000), Err(ProposalError::Decode(_))));
         // What the store keeps, and the value rebuilt from it.
         let stored = stored_form(&bytes);
         assert!(stored.len() < 16);
@@ -271,8 +340,7 @@ mod tests {
             proposer: [0; 32],
             tx_count: 3,
         };
-        let tx_hashes = txs.iter().map(|t| t.tx_hash()).collect();
-        let block = Block { header, txs: txs.clone(), tx_hashes };
+        let block = Block { header, txs: txs.clone(), tx_hashes: hashes(&txs) };
         assert_eq!(value_of_block(&block, Some(&stored)), bytes);
         assert_eq!(stored_form(&[]), Vec::<u8>::new());
         // With a proof of misbehaviour: kept in the stored form too.
@@ -283,16 +351,16 @@ mod tests {
             sig: vec![d; 64],
         };
         let proof = Proof::Votes(vote(1), vote(2));
-        let with = encode_with(1000, &txs, std::slice::from_ref(&proof));
-        let p = decode(&with, &Limits::default()).unwrap();
-        assert_eq!(p.evidence, vec![proof.clone()]);
+        let with = encode_with(1000, &txs, &hashes(&txs), std::slice::from_ref(&proof));
+        let n = decode(&with, 1000).unwrap();
+        assert_eq!(n.evidence, vec![proof.clone()]);
         let stored = stored_form(&with);
         assert_eq!(stored_evidence(&stored), vec![proof]);
         assert_eq!(value_of_block(&block, Some(&stored)), with);
         // The same message with a field repeated is not canonical.
         let mut dup = bytes.clone();
         dup.extend_from_slice(&proto::Proposal { timestamp_ms: 1000, ..Default::default() }.encode_to_vec());
-        assert_eq!(decode(&dup, &Limits::default()), Err(ProposalError::NotCanonical));
+        assert_eq!(decode(&dup, 1000), Err(ProposalError::NotCanonical));
     }
 
     #[test]
@@ -300,23 +368,33 @@ mod tests {
         let k = crypto::generate_key();
         let mut f = fixture(&k);
         let good: Vec<_> = (0..3).map(|i| ev(&k, i, 1000)).collect();
-        assert_eq!(check(&encode(1000, &good), &cx(&f, 1000)).unwrap().txs.len(), 3);
-        assert_eq!(check(&encode(1000, &[]), &cx(&f, 1000)), Err(ProposalError::Empty));
+        assert_eq!(check_named(&named(1000, &good), &cx(&f, 1000)), Ok(()));
+        assert_eq!(check(&proposal(1000, &good), &cx(&f, 1000)), Ok(()));
+        assert_eq!(check_named(&named(1000, &[]), &cx(&f, 1000)), Err(ProposalError::Empty));
         let five: Vec<_> = (0..5).map(|i| ev(&k, i, 1000)).collect();
-        assert!(matches!(check(&encode(1000, &five), &cx(&f, 1000)), Err(ProposalError::TooLarge { .. })));
+        assert!(matches!(check_named(&named(1000, &five), &cx(&f, 1000)), Err(ProposalError::TooLarge { .. })));
+        // Within the count but over the bytes: known only with the bodies.
+        let big: Vec<_> = (0..4).map(|i| ev(&k, i, 1000)).collect();
+        assert_eq!(check_named(&named(1000, &big), &cx(&f, 1000)), Ok(()));
+        assert!(matches!(check(&proposal(1000, &big), &cx(&f, 1000)), Err(ProposalError::TooLarge { .. })));
         let twice = vec![good[0].clone(), good[0].clone()];
-        assert_eq!(check(&encode(1000, &twice), &cx(&f, 1000)), Err(ProposalError::Duplicate(1)));
+        assert_eq!(check_named(&named(1000, &twice), &cx(&f, 1000)), Err(ProposalError::Duplicate(1)));
+        // Two txs sharing a nonce (another tx hash): caught with the bodies.
+        let mut twin = (*good[1]).clone();
+        twin.nonce = good[0].nonce;
+        let twin = Arc::new(twin);
+        assert_eq!(check(&proposal(1000, &[good[0].clone(), twin]), &cx(&f, 1000)), Err(ProposalError::Duplicate(1)));
         // A clock behind the last block's is not refused: block time is kept
         // monotonic at execution instead.
-        assert!(check(&encode(800, &good), &cx(&f, 1000)).is_ok());
-        assert!(matches!(check(&encode(99_999, &good), &cx(&f, 1000)), Err(ProposalError::TimeAhead { .. })));
+        assert_eq!(check_named(&named(800, &good), &cx(&f, 1000)), Ok(()));
+        assert!(matches!(check_named(&named(99_999, &good), &cx(&f, 1000)), Err(ProposalError::TimeAhead { .. })));
         let forged = vec![good[0].clone(), bad_sig(&good[1])];
-        match check(&encode(1000, &forged), &cx(&f, 1000)) {
+        match check(&proposal(1000, &forged), &cx(&f, 1000)) {
             Err(ProposalError::Invalid { index: 1, reason: RejectReason::BadSignature, .. }) => {}
             other => panic!("{other:?}"),
         }
         let stranger = crypto::generate_key();
-        match check(&encode(1000, &[ev(&stranger, 9, 1000)]), &cx(&f, 1000)) {
+        match check(&proposal(1000, &[ev(&stranger, 9, 1000)]), &cx(&f, 1000)) {
             Err(ProposalError::Invalid { index: 0, reason: RejectReason::UnknownProducer, .. }) => {}
             other => panic!("{other:?}"),
         }
@@ -324,11 +402,11 @@ mod tests {
         // the same hash but another signature still is.
         let t = &good[2];
         f.mempool.admit(VerifiedTx { event: t.clone(), tx_hash: t.tx_hash(), received_ms: 0, pos: None });
-        assert!(check(&encode(1000, &good), &cx(&f, 1000)).is_ok());
+        assert_eq!(check(&proposal(1000, &good), &cx(&f, 1000)), Ok(()));
         let resigned = vec![good[0].clone(), bad_sig(t)];
         assert_eq!(resigned[1].tx_hash(), t.tx_hash());
         assert!(matches!(
-            check(&encode(1000, &resigned), &cx(&f, 1000)),
+            check(&proposal(1000, &resigned), &cx(&f, 1000)),
             Err(ProposalError::Invalid { index: 1, reason: RejectReason::BadSignature, .. })
         ));
     }

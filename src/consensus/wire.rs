@@ -317,9 +317,13 @@ fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireErro
         Msg::Fetch(f) => Message::Fetch { from: rid(f.from, l)?, from_seq: f.from_seq },
         Msg::Committed(c) => Message::Committed(commit_cert_from(c, l)?),
         Msg::Heartbeat(h) => Message::Heartbeat(Signed { body: h.view, from: rid(h.from, l)?, sig: sig(h.sig)? }),
-        Msg::GenesisReady(_) | Msg::SnapshotRequest(_) | Msg::SnapshotChunk(_) | Msg::TxForward(_) | Msg::Alive(_) => {
-            return Err(WireError::Decode("not a PBFT message".into()))
-        }
+        Msg::GenesisReady(_)
+        | Msg::SnapshotRequest(_)
+        | Msg::SnapshotChunk(_)
+        | Msg::TxForward(_)
+        | Msg::Alive(_)
+        | Msg::TxFetch(_)
+        | Msg::TxBodies(_) => return Err(WireError::Decode("not a PBFT message".into())),
     })
 }
 
@@ -335,6 +339,54 @@ pub enum Frame {
     Forward(Vec<proto::Transaction>),
     /// A peer's liveness beacon (no content).
     Alive,
+    /// A peer asks for the bodies of txs (by tx hash) of the value at `seq`;
+    /// at most [`MAX_FETCH_TXS`].
+    TxFetch { seq: Seq, tx_hashes: Vec<Hash32> },
+    /// Tx bodies for the value at `seq`, still encoded (the core decodes
+    /// them with its event limits); at most [`MAX_FETCH_TXS`].
+    TxBodies { seq: Seq, txs: Vec<proto::Transaction> },
+}
+
+/// Most txs one tx fetch asks for, or one bodies message carries (a block
+/// holds at most `block.max_txs`, 500 by default).
+pub const MAX_FETCH_TXS: usize = 4096;
+
+/// Bytes of tx bodies one message carries at most (one tx more if the
+/// first alone is larger), so answers stay well inside a frame.
+pub const MAX_BODIES_BYTES: usize = 1 << 20;
+
+/// Encodes a tx fetch (see `Frame::TxFetch`).
+pub fn encode_tx_fetch(seq: Seq, tx_hashes: &[Hash32]) -> Vec<u8> {
+    use proto::pbft_message::Msg;
+    debug_assert!(tx_hashes.len() <= MAX_FETCH_TXS);
+    let f = proto::TxFetch { seq, tx_hashes: tx_hashes.iter().map(|h| h.to_vec()).collect() };
+    proto::PbftMessage { msg: Some(Msg::TxFetch(f)) }.encode_to_vec()
+}
+
+/// Encodes tx bodies (see `Frame::TxBodies`), as many messages as
+/// `MAX_FETCH_TXS` and `MAX_BODIES_BYTES` ask for.
+pub fn encode_tx_bodies(seq: Seq, txs: &[Arc<crate::event::Event>]) -> Vec<Vec<u8>> {
+    use proto::pbft_message::Msg;
+    let mut frames = vec![];
+    let mut chunk: Vec<proto::Transaction> = vec![];
+    let mut bytes = 0;
+    let mut flush = |chunk: &mut Vec<proto::Transaction>| {
+        let b = proto::TxBodies { seq, txs: std::mem::take(chunk) };
+        frames.push(proto::PbftMessage { msg: Some(Msg::TxBodies(b)) }.encode_to_vec());
+    };
+    for t in txs {
+        let size = t.size();
+        if !chunk.is_empty() && (chunk.len() == MAX_FETCH_TXS || bytes + size > MAX_BODIES_BYTES) {
+            flush(&mut chunk);
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push(t.to_tx_proto());
+    }
+    if !chunk.is_empty() {
+        flush(&mut chunk);
+    }
+    frames
 }
 
 /// Encodes a liveness beacon (see `Frame::Alive`).
@@ -398,6 +450,16 @@ pub fn decode_frame(bytes: &[u8], l: &WireLimits) -> Result<Frame, WireError> {
         Some(Msg::SnapshotChunk(c)) => Ok(Frame::SnapshotChunk(c)),
         Some(Msg::TxForward(f)) => Ok(Frame::Forward(bounded(f.txs, MAX_FORWARD_TXS, "forwarded txs")?)),
         Some(Msg::Alive(_)) => Ok(Frame::Alive),
+        Some(Msg::TxFetch(f)) => Ok(Frame::TxFetch {
+            seq: f.seq,
+            tx_hashes: bounded(f.tx_hashes, MAX_FETCH_TXS, "fetched tx hashes")?
+                .into_iter()
+                .map(digest)
+                .collect::<Result<_, _>>()?,
+        }),
+        Some(Msg::TxBodies(b)) => {
+            Ok(Frame::TxBodies { seq: b.seq, txs: bounded(b.txs, MAX_FETCH_TXS, "tx bodies")? })
+        }
         _ => from_proto(m, l).map(Frame::Pbft),
     }
 }

@@ -996,6 +996,13 @@ impl Consensus {
             net.send(self.ids[to], Arc::new(wire::encode(m)));
         }
     }
+    fn send_bodies(&self, to: Rid, seq: Seq, txs: &[Arc<crate::event::Event>]) {
+        if let Some(net) = &self.net {
+            for frame in wire::encode_tx_bodies(seq, txs) {
+                net.send(self.ids[to], Arc::new(frame));
+            }
+        }
+    }
     fn broadcast(&self, m: &Message) {
         if let Some(net) = &self.net {
             net.broadcast(Arc::new(wire::encode(m)));
@@ -1137,7 +1144,29 @@ fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> 
             return Ok(()); // written before certificates were kept: nothing to prove it with
         }
         cons.send(to, &Message::Committed(stored_cert(&b, cert, &cons.wire)?));
+        // Its value names the txs; the bodies follow (the peer would ask).
+        cons.send_bodies(to, h, &b.txs);
     }
+    Ok(())
+}
+
+/// Answers a tx fetch for a committed block from the store: the block's
+/// txs among `tx_hashes` (none if the block is below this store's base).
+fn serve_block_txs(
+    store: &BlockStore,
+    cons: &Consensus,
+    to: Rid,
+    seq: Seq,
+    tx_hashes: &[crate::Hash32],
+) -> anyhow::Result<()> {
+    if seq <= store.base_height() || seq > store.height() {
+        return Ok(());
+    }
+    let Some((b, _)) = store.read(seq)? else { return Ok(()) };
+    let wanted: std::collections::HashSet<&crate::Hash32> = tx_hashes.iter().collect();
+    let txs: Vec<Arc<crate::event::Event>> =
+        b.txs.iter().zip(&b.tx_hashes).filter(|(_, h)| wanted.contains(h)).map(|(t, _)| t.clone()).collect();
+    cons.send_bodies(to, seq, &txs);
     Ok(())
 }
 
@@ -1337,6 +1366,16 @@ fn core_loop(
                     Ok(Frame::Forward(txs)) => {
                         if started {
                             node.on_forward(now, rid, txs, &mut out);
+                        }
+                    }
+                    Ok(Frame::TxFetch { seq, tx_hashes }) => {
+                        if started {
+                            node.on_tx_fetch(rid, seq, tx_hashes, &mut out);
+                        }
+                    }
+                    Ok(Frame::TxBodies { seq, txs }) => {
+                        if started {
+                            node.on_bodies(now, rid, seq, txs, &mut out);
                         }
                     }
                     Ok(Frame::Genesis(a)) => {
@@ -1545,6 +1584,13 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                     net.send(cons.ids[to], Arc::new(wire::encode_forward(&txs)));
                 }
             }
+            Output::FetchTxs { to, seq, tx_hashes } => {
+                if let Some(net) = &cons.net {
+                    net.send(cons.ids[to], Arc::new(wire::encode_tx_fetch(seq, &tx_hashes)));
+                }
+            }
+            Output::SendTxs { to, seq, txs } => cons.send_bodies(to, seq, &txs),
+            Output::ServeBlockTxs { to, seq, tx_hashes } => serve_block_txs(store, cons, to, seq, &tx_hashes)?,
             Output::Commit { block, cert, receipts: _, outcome } => commits.push((block, cert, outcome)),
             Output::Evidence { culprit, what } => {
                 sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
