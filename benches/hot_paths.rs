@@ -86,6 +86,7 @@ fn shard(c: &mut Criterion) {
                         event: events(&keys[i % 4], 1, NOW - 1000 + round * 256 + i as u64).pop().unwrap(),
                         origin: "bench".into(),
                         pos: None,
+                        received_ms: NOW,
                     })
                     .collect();
                 (Verifier::new(policy.clone()), batch)

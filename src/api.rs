@@ -19,7 +19,7 @@
 //! Errors are JSON `{"error": "..."}` with the status code.
 
 use crate::runtime::RuntimeStats;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -37,6 +37,26 @@ pub struct Latencies {
     pub kafka_consume: Histogram,
     /// Commit-event batch: sent to acknowledged by the broker.
     pub kafka_produce: Histogram,
+    /// Where each tx's time goes, stage by stage (`TX_STAGES`), one
+    /// observation per tx: `tx_stage_latency_ms{stage}`.
+    pub tx_stage: HistogramVec,
+    /// Its children, resolved once (the hot path observes per tx).
+    tx_stages: Vec<Histogram>,
+}
+
+/// The stages of `tx_stage_latency_ms`, in pipeline order, each from the
+/// end of the one before: read by the source → verified (`verify`) →
+/// proposed by the primary (`queue`) → prepared (`prepare`) → committed
+/// (`commit`) → executed (`execute`) → durable in the block store
+/// (`durable`). `queue` is the primary's only.
+pub const TX_STAGES: [&str; 6] = ["verify", "queue", "prepare", "commit", "execute", "durable"];
+
+impl Latencies {
+    /// The histogram of one of `TX_STAGES`.
+    pub fn stage(&self, name: &str) -> &Histogram {
+        let i = TX_STAGES.iter().position(|s| *s == name).expect("a known stage");
+        &self.tx_stages[i]
+    }
 }
 
 fn ms_histogram(name: &str, help: &str) -> Histogram {
@@ -52,6 +72,13 @@ fn sub_ms_histogram(name: &str, help: &str) -> Histogram {
 
 impl Default for Latencies {
     fn default() -> Self {
+        let buckets = vec![
+            0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0, 750.0,
+            1000.0, 2000.0, 5000.0,
+        ];
+        let opts = HistogramOpts::new("tx_stage_latency_ms", "Time each tx spends in a pipeline stage").buckets(buckets);
+        let tx_stage = HistogramVec::new(opts, &["stage"]).expect("valid histogram");
+        let tx_stages = TX_STAGES.iter().map(|s| tx_stage.with_label_values(&[s])).collect();
         Latencies {
             consensus_round: ms_histogram(
                 "consensus_round_latency_ms",
@@ -65,6 +92,8 @@ impl Default for Latencies {
             persistence: ms_histogram("persistence_latency_ms", "Time to write one mirror batch"),
             kafka_consume: ms_histogram("kafka_consume_latency_ms", "Kafka message timestamp to consumed"),
             kafka_produce: ms_histogram("kafka_produce_latency_ms", "Commit events sent to acknowledged"),
+            tx_stage,
+            tx_stages,
         }
     }
 }
@@ -185,6 +214,8 @@ struct Gauges {
     received: IntGauge,
     rejected: IntCounterVec,
     rings: IntGauge,
+    bytes_sent: IntCounter,
+    bytes_received: IntCounter,
 }
 
 impl Gauges {
@@ -203,6 +234,14 @@ impl Gauges {
         {
             registry.register(Box::new(h.clone()))?;
         }
+        registry.register(Box::new(l.tx_stage.clone()))?;
+        let c = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let bytes_sent = c("p2p_bytes_sent_total", "Bytes of consensus frames sent to other validators")?;
+        let bytes_received = c("p2p_bytes_received_total", "Bytes of consensus frames received from other validators")?;
         Ok(Gauges {
             view: g("consensus_view", "Current view")?,
             height: g("consensus_height", "Height of the last committed block")?,
@@ -225,6 +264,8 @@ impl Gauges {
             received: g("ingest_received_total", "Inputs received from the sources")?,
             rings: g("ring_occupancy_batches", "Batches waiting in the verify shards' input rings")?,
             rejected,
+            bytes_sent,
+            bytes_received,
             registry,
         })
     }
@@ -322,6 +363,12 @@ pub fn serve(
                 g.evidence.set(load(&s.evidence));
                 g.received.set(load(&s.received));
                 g.rings.set(load(&s.ring_occupancy));
+                for (c, a) in [(&g.bytes_sent, &s.p2p_bytes_sent), (&g.bytes_received, &s.p2p_bytes_received)] {
+                    let want = a.load(Ordering::Relaxed);
+                    if want > c.get() {
+                        c.inc_by(want - c.get());
+                    }
+                }
                 for r in crate::dlq::RejectReason::ALL {
                     let c = g.rejected.with_label_values(&[r.as_str()]);
                     let want = s.rejected.get(r);

@@ -161,6 +161,47 @@ pub enum Stage {
     Execute,
 }
 
+/// Where a tx's time goes inside consensus, each stage from the end of the
+/// previous one (ms of the host's `now_ms`; for the per-stage latency
+/// histograms, `take_latencies`). Verification before and durability after
+/// are measured by the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStage {
+    /// Admitted (verified) here to put in a proposal (primary only).
+    Queue,
+    /// Pre-prepare sent (primary) or received (backup) to prepared here:
+    /// resolving bodies, checking, the prepare round.
+    Prepare,
+    /// Prepared to committed (the commit round).
+    Commit,
+    /// Committed to executed (bodies this validator waited for, and the
+    /// state machine).
+    Execute,
+}
+
+impl TxStage {
+    pub const ALL: [TxStage; 4] = [TxStage::Queue, TxStage::Prepare, TxStage::Commit, TxStage::Execute];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxStage::Queue => "queue",
+            TxStage::Prepare => "prepare",
+            TxStage::Commit => "commit",
+            TxStage::Execute => "execute",
+        }
+    }
+}
+
+/// When this validator saw a slot's value reach each phase (ms).
+#[derive(Debug, Default, Clone, Copy)]
+struct SlotTimes {
+    pre_prepared_ms: Option<u64>,
+    prepared_ms: Option<u64>,
+    committed_ms: Option<u64>,
+}
+
+/// Latency samples kept until the host drains them (bounded: dropped past it).
+const MAX_LATENCY_SAMPLES: usize = 8192;
+
 /// A monotonic host clock in nanoseconds, for observability only: the core
 /// reads it around its two costly stages and hands the durations out
 /// (`take_stage_times`); a reading never feeds a decision, so the core stays
@@ -238,6 +279,10 @@ pub struct Node<A: Auth + Clone> {
     dropped: Vec<crate::ingest::SourcePos>,
     stopwatch: Option<Stopwatch>,
     stage_times: Vec<(Stage, u64)>,
+    /// Phase times of the slots in the window (pruned as they execute).
+    slot_times: BTreeMap<Seq, SlotTimes>,
+    /// (stage, ms, txs): `txs` txs spent `ms` in `stage`.
+    latencies: Vec<(TxStage, u64, u32)>,
 }
 
 impl<A: Auth + Clone> Node<A> {
@@ -287,6 +332,8 @@ impl<A: Auth + Clone> Node<A> {
             dropped: Vec::new(),
             stopwatch: None,
             stage_times: Vec::new(),
+            slot_times: BTreeMap::new(),
+            latencies: Vec::new(),
             cfg,
         }
     }
@@ -299,6 +346,26 @@ impl<A: Auth + Clone> Node<A> {
     /// Stage durations (ns) measured since the last call.
     pub fn take_stage_times(&mut self) -> Vec<(Stage, u64)> {
         std::mem::take(&mut self.stage_times)
+    }
+
+    /// Per-stage latency samples since the last call: (stage, ms, txs).
+    pub fn take_latencies(&mut self) -> Vec<(TxStage, u64, u32)> {
+        std::mem::take(&mut self.latencies)
+    }
+
+    fn sample(&mut self, stage: TxStage, ms: u64, txs: u32) {
+        if txs > 0 && self.latencies.len() < MAX_LATENCY_SAMPLES {
+            self.latencies.push((stage, ms, txs));
+        }
+    }
+
+    /// Notes the time a slot in the window reached a phase (first time only).
+    fn slot_time(&mut self, seq: Seq, now_ms: u64, phase: fn(&mut SlotTimes) -> &mut Option<u64>) {
+        let window = self.replica.params().window;
+        if seq <= self.height() || seq > self.height() + 2 * window {
+            return;
+        }
+        phase(self.slot_times.entry(seq).or_default()).get_or_insert(now_ms);
     }
 
     fn lap(&self) -> u64 {
@@ -474,6 +541,7 @@ impl<A: Auth + Clone> Node<A> {
                     && s.body.seq > self.replica.executed()
                     && !self.checked.contains_key(&s.body.digest) =>
             {
+                self.slot_time(s.body.seq, now_ms, |t| &mut t.pre_prepared_ms);
                 self.on_pre_prepare(now_ms, s, out);
                 self.step(now_ms, out);
                 return;
@@ -922,6 +990,9 @@ impl<A: Auth + Clone> Node<A> {
                 self.last_proposal_ts = ts;
                 self.last_proposal_ms = now_ms;
                 let tx_hashes: Vec<Hash32> = txs.iter().map(|t| t.tx_hash).collect();
+                for t in &txs {
+                    self.sample(TxStage::Queue, now_ms.saturating_sub(t.received_ms), 1);
+                }
                 let events: Vec<Arc<Event>> = txs.into_iter().map(|t| t.event).collect();
                 let mut evidence = vec![];
                 for (p, proposed) in self.proofs.iter_mut().filter(|(_, proposed)| !proposed) {
@@ -947,8 +1018,20 @@ impl<A: Auth + Clone> Node<A> {
                 match a {
                     Action::Persist(r) => out.push(Output::Persist(r)),
                     Action::Send(to, m) => out.push(Output::Send(to, m)),
-                    Action::Broadcast(m) => out.push(Output::Broadcast(m)),
-                    Action::Execute { seq, value, cert } => self.execute(now_ms, seq, &value, cert, out),
+                    Action::Broadcast(m) => {
+                        match &m {
+                            Message::PrePrepare(p) => self.slot_time(p.body.seq, now_ms, |t| &mut t.pre_prepared_ms),
+                            Message::Vote(v) if v.body.phase == crate::consensus::pbft::Phase::Commit => {
+                                self.slot_time(v.body.seq, now_ms, |t| &mut t.prepared_ms)
+                            }
+                            _ => {}
+                        }
+                        out.push(Output::Broadcast(m))
+                    }
+                    Action::Execute { seq, value, cert } => {
+                        self.slot_time(seq, now_ms, |t| &mut t.committed_ms);
+                        self.execute(now_ms, seq, &value, cert, out)
+                    }
                     Action::Evidence { culprit, what, proof } => {
                         self.conduct[culprit].equivocations += 1;
                         if let Some(p) = proof {
@@ -1032,6 +1115,16 @@ impl<A: Auth + Clone> Node<A> {
     fn execute_proposal(&mut self, now_ms: u64, seq: Seq, p: Proposal, cert: CommitCert, out: &mut Vec<Output>) {
         assert_eq!(seq, self.height() + 1, "PBFT executes sequence numbers in order; height = seq");
         let last_ts = self.last.as_ref().map_or(0, |h| h.timestamp_ms);
+        let later = self.slot_times.split_off(&(seq + 1));
+        if let Some(t) = std::mem::replace(&mut self.slot_times, later).remove(&seq) {
+            // Only slots seen through every phase here (not fetched ones).
+            if let SlotTimes { pre_prepared_ms: Some(a), prepared_ms: Some(b), committed_ms: Some(c) } = t {
+                let txs = p.txs.len() as u32;
+                self.sample(TxStage::Prepare, b.saturating_sub(a), txs);
+                self.sample(TxStage::Commit, c.saturating_sub(b), txs);
+                self.sample(TxStage::Execute, now_ms.saturating_sub(c), txs);
+            }
+        }
         // Block time never goes back, even if a new primary's clock is behind
         // the last one's (the proposal keeps its own time; the store keeps it).
         let timestamp_ms = p.timestamp_ms.max(last_ts);
@@ -2158,5 +2251,35 @@ mod tests {
         assert!(nodes[3].stats().txs_fetched >= 40, "fetched {}", nodes[3].stats().txs_fetched);
         assert!(txs.iter().all(|t| nodes[3].state().is_committed(&t.event.nonce, &t.tx_hash)));
         assert!(nodes[3].exec_queue.is_empty() && nodes[3].awaiting.is_empty());
+    }
+
+    #[test]
+    fn every_committed_tx_is_timed_through_each_consensus_stage() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let txs: Vec<_> = (0..10).map(|i| vtx(&k, i, 1000)).collect();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.on_txs(1000, txs.clone(), &mut outs[i]);
+        }
+        let mut now = 1000;
+        run_until(&mut nodes, &mut outs, &mut now, 20_000, |_, _, _| {}, |n, _| n.iter().all(|n| n.height() >= 3));
+        let total = |samples: &[(TxStage, u64, u32)], stage: TxStage| -> u32 {
+            samples.iter().filter(|(s, _, _)| *s == stage).map(|(_, _, n)| n).sum()
+        };
+        for (i, n) in nodes.iter_mut().enumerate() {
+            let committed = n.stats().committed_txs as u32;
+            let samples = n.take_latencies();
+            assert_eq!(total(&samples, TxStage::Queue), if i == 0 { committed } else { 0 }, "the primary's only");
+            for stage in [TxStage::Prepare, TxStage::Commit, TxStage::Execute] {
+                assert_eq!(total(&samples, stage), committed, "validator {i}, {}", stage.as_str());
+            }
+            // Admitted at 1000 ms, proposed at the primary's ticks after it.
+            if i == 0 {
+                assert!(samples.iter().any(|(s, ms, _)| *s == TxStage::Queue && *ms >= 100), "{samples:?}");
+            }
+            assert!(n.take_latencies().is_empty(), "drained");
+            assert!(n.slot_times.is_empty(), "executed slots leave no times behind");
+        }
     }
 }

@@ -89,6 +89,11 @@ fn four_validators_commit_the_same_blocks() {
     assert!(metric(&page, "consensus_proposals_total") >= 1.0);
     assert!(metric(&page, "consensus_prepares_total") >= 1.0);
     assert!(metric(&page, "consensus_commits_total") >= 2.0);
+    // Its own view of the pipeline: one durable-stage observation per tx
+    // it committed, and the consensus bytes it sent (votes: no tx bodies).
+    assert_eq!(metric(&page, "tx_stage_latency_ms_count{stage=\"durable\"}"), evs.len() as f64);
+    assert!(metric(&page, "tx_stage_latency_ms_count{stage=\"commit\"}") >= 1.0);
+    assert!(metric(&page, "p2p_bytes_sent_total") > 0.0);
     for (i, v) in vs.into_iter().enumerate() {
         assert!(v.terminate().success());
         let text = store_check(&c.net.nodes[i].data_dir);

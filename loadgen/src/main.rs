@@ -413,6 +413,7 @@ fn single(load: LoadArgs, shards: usize, block_max_txs: usize, build_interval: &
 
 fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(Results, f64)> {
     let ClusterArgs { validators, shards, block_max_txs, build_interval, ref db_dsn } = *cluster;
+    let api_ports: Vec<u16> = (0..validators).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
     let mirror_dsn = db_dsn.as_deref().map(fresh_database).transpose()?;
     let dir = tempfile::Builder::new().prefix("cybermesh-devnet-").tempdir()?;
     let opts = cybermesh::devnet::DevnetOptions {
@@ -424,6 +425,9 @@ fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(
         ..Default::default()
     };
     let net = cybermesh::devnet::create(dir.path(), &opts, |cfg| {
+        // The API, for the stage latencies and byte counters.
+        cfg.api.enabled = true;
+        cfg.api.listen = format!("127.0.0.1:{}", api_ports[cfg.node.id as usize - 1]);
         if let (Some(dsn), 1) = (&mirror_dsn, cfg.node.id) {
             cfg.database.enabled = true;
             cfg.database.dsn = dsn.clone();
@@ -463,7 +467,11 @@ fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let res = drive(streams, frames, &nonces, &load)?;
+    let ids: Vec<u32> = net.nodes.iter().map(|n| n.id).collect();
+    let before: Vec<Scrape> = api_ports.iter().map(|p| scrape(*p)).collect::<anyhow::Result<_>>()?;
+    let mut res = drive(streams, frames, &nonces, &load)?;
+    let after: Vec<Scrape> = api_ports.iter().map(|p| scrape(*p)).collect::<anyhow::Result<_>>()?;
+    (res.stages, res.bytes_per_tx) = breakdown(&ids, &before, &after, res.committed);
     let mirror = match &mirror_dsn {
         Some(dsn) => Some(wait_mirror(dsn, res.top_height)?),
         None => None,
@@ -515,7 +523,101 @@ struct Results {
     repeats: u64,
     /// Height of the last block seen.
     top_height: u64,
+    /// From the validators' own metrics over the run (devnet): each stage's
+    /// p50 / p99 (ms), and bytes sent per committed tx by each validator.
+    stages: Vec<(String, f64, f64)>,
+    bytes_per_tx: Vec<(u32, bool, f64)>,
 }
+
+/// What loadgen reads from one validator's `/metrics`.
+#[derive(Default, Clone)]
+struct Scrape {
+    /// Stage → cumulative bucket counts (upper bound ms, count).
+    stages: std::collections::BTreeMap<String, Vec<(f64, f64)>>,
+    bytes_sent: f64,
+    leader: f64,
+}
+
+fn scrape(port: u16) -> anyhow::Result<Scrape> {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).context("connecting to a validator's API")?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let mut out = Scrape::default();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        if let Some(labels) = name.strip_prefix("tx_stage_latency_ms_bucket{") {
+            // stage="verify",le="0.5"}
+            let field = |k: &str| labels.split(&format!("{k}=\"")).nth(1).and_then(|r| r.split('"').next());
+            if let (Some(stage), Some(le)) = (field("stage"), field("le")) {
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+                out.stages.entry(stage.to_string()).or_default().push((le, value));
+            }
+        } else if name == "p2p_bytes_sent_total" {
+            out.bytes_sent = value;
+        } else if name == "consensus_leader_id" {
+            out.leader = value;
+        }
+    }
+    Ok(out)
+}
+
+/// A quantile from cumulative bucket counts, interpolated within its bucket.
+fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let want = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for &(le, cum) in buckets {
+        if cum >= want {
+            if le.is_infinite() {
+                return Some(lo);
+            }
+            let within = if cum > below { (want - below) / (cum - below) } else { 1.0 };
+            return Some(lo + (le - lo) * within);
+        }
+        (lo, below) = (le, cum);
+    }
+    Some(lo)
+}
+
+/// Per-stage p50 / p99 over all validators, and bytes sent per committed
+/// tx by each, between two scrapes of every validator.
+fn breakdown(ids: &[u32], before: &[Scrape], after: &[Scrape], committed: u64) -> Results2 {
+    let mut merged: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    for (b, a) in before.iter().zip(after) {
+        for (stage, buckets) in &a.stages {
+            let prev = b.stages.get(stage);
+            let m = merged.entry(stage.clone()).or_insert_with(|| buckets.iter().map(|(le, _)| (*le, 0.0)).collect());
+            for (i, (_, cum)) in buckets.iter().enumerate() {
+                let was = prev.and_then(|p| p.get(i)).map_or(0.0, |(_, c)| *c);
+                if let Some(slot) = m.get_mut(i) {
+                    slot.1 += cum - was;
+                }
+            }
+        }
+    }
+    let stages = cybermesh::api::TX_STAGES
+        .iter()
+        .filter_map(|s| {
+            let b = merged.get(*s)?;
+            Some((s.to_string(), bucket_quantile(b, 0.5)?, bucket_quantile(b, 0.99)?))
+        })
+        .collect();
+    let bytes = ids
+        .iter()
+        .zip(before.iter().zip(after))
+        .map(|(id, (b, a))| (*id, a.leader as u32 == *id, (a.bytes_sent - b.bytes_sent) / committed.max(1) as f64))
+        .collect();
+    (stages, bytes)
+}
+
+type Results2 = (Vec<(String, f64, f64)>, Vec<(u32, bool, f64)>);
 
 /// Sends every frame to every stream (one writer thread each, as Kafka
 /// delivers every tx to every validator); latency and throughput are
@@ -655,6 +757,8 @@ fn drive(
         blocks: blocks.load(Ordering::Relaxed),
         repeats,
         top_height: top.load(Ordering::Relaxed),
+        stages: vec![],
+        bytes_per_tx: vec![],
     })
 }
 
@@ -724,6 +828,19 @@ fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards:
         ms(0.99),
         r.hist.max() as f64 / 1000.0
     );
+    if !r.stages.is_empty() {
+        let parts: Vec<String> =
+            r.stages.iter().map(|(s, p50, p99)| format!("{s} {p50:.1}/{p99:.1}")).collect();
+        println!("stage p50/p99 ms : {} (every validator's tx_stage_latency_ms)", parts.join("  "));
+    }
+    if !r.bytes_per_tx.is_empty() {
+        let parts: Vec<String> = r
+            .bytes_per_tx
+            .iter()
+            .map(|(id, leader, b)| format!("v{id}{} {b:.0}", if *leader { " (leader)" } else { "" }))
+            .collect();
+        println!("p2p bytes sent/tx: {}", parts.join("  "));
+    }
     if load.json {
         println!(
             "{}",
@@ -972,4 +1089,27 @@ fn mirror_bench(admin: &str, blocks: u64, txs: usize, batch: usize) -> anyhow::R
         println!("{name:<30}: {rate:>9.0} rows/s");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_quantiles_interpolate_within_buckets_and_diff_between_scrapes() {
+        // 100 observations: 50 in (0, 1], 40 in (1, 5], 10 in (5, 10].
+        let b = vec![(1.0, 50.0), (5.0, 90.0), (10.0, 100.0), (f64::INFINITY, 100.0)];
+        assert_eq!(bucket_quantile(&b, 0.5), Some(1.0));
+        assert_eq!(bucket_quantile(&b, 0.7), Some(3.0));
+        assert_eq!(bucket_quantile(&b, 0.99), Some(9.5));
+        assert_eq!(bucket_quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
+        let scrape = |n: f64, sent: f64| Scrape {
+            stages: [("prepare".to_string(), vec![(1.0, n), (2.0, 2.0 * n), (f64::INFINITY, 2.0 * n)])].into(),
+            bytes_sent: sent,
+            leader: 1.0,
+        };
+        let (stages, bytes) = breakdown(&[1], &[scrape(10.0, 1000.0)], &[scrape(20.0, 3000.0)], 100);
+        assert_eq!(stages, vec![("prepare".to_string(), 1.0, 1.98)]);
+        assert_eq!(bytes, vec![(1, true, 20.0)]);
+    }
 }

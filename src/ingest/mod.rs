@@ -16,6 +16,8 @@ pub struct Incoming {
     /// Its Kafka message (None from the direct source): finished when the
     /// tx is in a durable block, in the DLQ or dropped as a duplicate.
     pub pos: Option<SourcePos>,
+    /// When the source read it (host ms; for the verify-stage latency).
+    pub received_ms: u64,
 }
 
 /// Where a Kafka message sits: what its offset commit waits on.

@@ -78,6 +78,10 @@ pub enum NetEvent {
 pub struct NetStats {
     pub sent: AtomicU64,
     pub received: AtomicU64,
+    /// Frame bytes queued to peers / received from them (without the
+    /// length prefix and QUIC's own overhead).
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
     pub dropped_out: AtomicU64,
     pub dropped_in: AtomicU64,
 }
@@ -340,8 +344,8 @@ impl Net {
 
     /// Queues `bytes` for `to`; false if it was dropped (unknown peer or full queue).
     pub fn send(&self, to: u32, bytes: Arc<Vec<u8>>) -> bool {
+        let n = bytes.len();
         let ok = self.out.get(&to).is_some_and(|(q, queued)| {
-            let n = bytes.len();
             if queued.fetch_add(n, Ordering::SeqCst) + n > self.max_out_bytes || q.try_send(bytes).is_err() {
                 queued.fetch_sub(n, Ordering::SeqCst);
                 return false;
@@ -350,6 +354,9 @@ impl Net {
         });
         let c = if ok { &self.stats.sent } else { &self.stats.dropped_out };
         c.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
         ok
     }
 
@@ -571,6 +578,7 @@ async fn accept_loop(
                         break;
                     }
                     stats.received.fetch_add(1, Ordering::Relaxed);
+                    stats.bytes_received.fetch_add(len as u64, Ordering::Relaxed);
                     // Bounded in bytes as well as messages: a flooding peer
                     // loses its messages (consensus retransmits), the node
                     // keeps its memory.

@@ -93,6 +93,10 @@ pub struct RuntimeStats {
     pub kafka_unfinished: AtomicU64,
     /// Batches waiting in the verify shards' input rings.
     pub ring_occupancy: AtomicU64,
+    /// Bytes sent to / received from the other validators (copied from the
+    /// transport's counters by the core loop).
+    pub p2p_bytes_sent: AtomicU64,
+    pub p2p_bytes_received: AtomicU64,
     pub latencies: Arc<crate::api::Latencies>,
     /// The validator set as `/validators` shows it (refreshed every second
     /// by the core; the lock is taken once a second, not per tx).
@@ -796,7 +800,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
         match direct::decode_frame(&body, &sh.limits) {
             Ok(event) => {
                 let i = shard_of(&event.nonce, n);
-                batches[i].push(Incoming { event, origin: origin.clone(), pos: None });
+                batches[i].push(Incoming { event, origin: origin.clone(), pos: None, received_ms: now_ms() });
                 if batches[i].len() >= sh.batch && !flush(&mut batches, i) {
                     return;
                 }
@@ -842,8 +846,14 @@ fn shard_loop(
             continue;
         }
         let now = now_ms();
+        let waited: Vec<u64> = batch.iter().map(|i| i.received_ms).collect();
         let (mut ok, mut bad) = (Vec::with_capacity(batch.len()), Vec::new());
         v.process(batch, now, now, &mut ok, &mut bad);
+        let verified_ms = now_ms();
+        let h = sh.stats.latencies.stage("verify");
+        for received_ms in waited {
+            h.observe(verified_ms.saturating_sub(received_ms) as f64);
+        }
         sh.stats.verified.fetch_add(ok.len() as u64, Ordering::Relaxed);
         for r in bad {
             let _ = sh.dlq.send(r);
@@ -1421,6 +1431,12 @@ fn core_loop(
                 tracing::info!(before, after = log.len(), next_at = cons.compact_at, "consensus log compacted");
             }
         }
+        for (stage, ms, txs) in node.take_latencies() {
+            let h = sh.stats.latencies.stage(stage.as_str());
+            for _ in 0..txs {
+                h.observe(ms as f64);
+            }
+        }
         for (stage, ns) in node.take_stage_times() {
             let h = match stage {
                 Stage::BuildBlock => &sh.stats.latencies.block_build,
@@ -1480,6 +1496,10 @@ fn core_loop(
         }
         while let Ok(q) = cons.state_queries.try_recv() {
             let _ = q.reply.try_send(crate::api::state_answer(node.state(), &q.key));
+        }
+        if let Some(net) = &cons.net {
+            sh.stats.p2p_bytes_sent.store(net.stats.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
+            sh.stats.p2p_bytes_received.store(net.stats.bytes_received.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         if now >= last_validators + 1000 {
             last_validators = now;
@@ -1548,6 +1568,7 @@ fn next_compaction_at(configured: u64, live: u64) -> u64 {
 /// Carries out the core's outputs in order: records durable before any
 /// later send; committed blocks appended with one fsync, then published.
 fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<bool> {
+    let executed_ms = now_ms();
     let mut stable = false;
     let mut commits: Vec<(Arc<Block>, CommitCert, proto::BlockOutcome)> = Vec::new();
     let mut sends: Vec<(Option<Rid>, Message)> = Vec::new();
@@ -1624,6 +1645,13 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
         })
         .collect();
     store.append_with_outcomes(&batch).context("block store append failed; stopping (restart recovers the store)")?;
+    let durable_ms = now_ms().saturating_sub(executed_ms) as f64;
+    let h = sh.stats.latencies.stage("durable");
+    for (block, _, _) in &commits {
+        for _ in 0..block.txs.len() {
+            h.observe(durable_ms);
+        }
+    }
     for (block, cert, outcome) in &commits {
         // Durable: their Kafka messages are finished; their events may go out.
         if let Some(t) = &cons.tracker {
