@@ -211,6 +211,9 @@ pub type Stopwatch = fn() -> u64;
 /// Stage durations kept until the host drains them (bounded: dropped past it).
 const MAX_STAGE_TIMES: usize = 1024;
 
+/// A tx of a value in flight: its hash, and its nonce if the body is here.
+type InflightTx = (Hash32, Option<[u8; 16]>);
+
 /// A committed value waiting to execute.
 #[derive(Debug)]
 struct Queued {
@@ -238,7 +241,7 @@ pub struct Node<A: Auth + Clone> {
     inflight: HashMap<[u8; 16], (Seq, Hash32)>,
     /// The same by tx hash: also the txs whose bodies are not here.
     inflight_tx: HashMap<Hash32, Seq>,
-    inflight_by_seq: BTreeMap<Seq, Vec<(Option<[u8; 16]>, Hash32)>>,
+    inflight_by_seq: BTreeMap<Seq, Vec<InflightTx>>,
     inflight_view: Option<View>,
     /// Admission time here of the newest tx the current view ordered: a
     /// pending tx admitted more than the order timeout before it was
@@ -795,7 +798,7 @@ impl<A: Auth + Clone> Node<A> {
         self.inflight.clear();
         self.inflight_tx.clear();
         self.inflight_by_seq.clear();
-        let mut values: Vec<(Seq, Vec<(Hash32, Option<[u8; 16]>)>)> = vec![];
+        let mut values: Vec<(Seq, Vec<InflightTx>)> = vec![];
         for q in &self.exec_queue {
             let txs = match &q.body {
                 QueuedBody::Ready(p) => p.tx_hashes.iter().copied().zip(p.txs.iter().map(|t| Some(t.nonce))).collect(),
@@ -819,14 +822,14 @@ impl<A: Auth + Clone> Node<A> {
     }
 
     /// The txs (tx hash, nonce if the body is here) of a value at `seq`.
-    fn add_inflight(&mut self, seq: Seq, txs: impl Iterator<Item = (Hash32, Option<[u8; 16]>)>) {
+    fn add_inflight(&mut self, seq: Seq, txs: impl Iterator<Item = InflightTx>) {
         let entry = self.inflight_by_seq.entry(seq).or_default();
         for (h, n) in txs {
             if let Some(n) = n {
                 self.inflight.insert(n, (seq, h));
             }
             self.inflight_tx.insert(h, seq);
-            entry.push((n, h));
+            entry.push((h, n));
         }
     }
 
@@ -834,7 +837,7 @@ impl<A: Auth + Clone> Node<A> {
     fn retire_inflight(&mut self, seq: Seq) {
         let keep = self.inflight_by_seq.split_off(&(seq + 1));
         for (s, txs) in std::mem::replace(&mut self.inflight_by_seq, keep) {
-            for (n, h) in txs {
+            for (h, n) in txs {
                 if let Some(n) = n {
                     if self.inflight.get(&n).is_some_and(|(at, _)| *at == s) {
                         self.inflight.remove(&n);
@@ -1116,14 +1119,14 @@ impl<A: Auth + Clone> Node<A> {
         assert_eq!(seq, self.height() + 1, "PBFT executes sequence numbers in order; height = seq");
         let last_ts = self.last.as_ref().map_or(0, |h| h.timestamp_ms);
         let later = self.slot_times.split_off(&(seq + 1));
-        if let Some(t) = std::mem::replace(&mut self.slot_times, later).remove(&seq) {
-            // Only slots seen through every phase here (not fetched ones).
-            if let SlotTimes { pre_prepared_ms: Some(a), prepared_ms: Some(b), committed_ms: Some(c) } = t {
-                let txs = p.txs.len() as u32;
-                self.sample(TxStage::Prepare, b.saturating_sub(a), txs);
-                self.sample(TxStage::Commit, c.saturating_sub(b), txs);
-                self.sample(TxStage::Execute, now_ms.saturating_sub(c), txs);
-            }
+        // Only slots seen through every phase here (not fetched ones).
+        if let Some(SlotTimes { pre_prepared_ms: Some(a), prepared_ms: Some(b), committed_ms: Some(c) }) =
+            std::mem::replace(&mut self.slot_times, later).remove(&seq)
+        {
+            let txs = p.txs.len() as u32;
+            self.sample(TxStage::Prepare, b.saturating_sub(a), txs);
+            self.sample(TxStage::Commit, c.saturating_sub(b), txs);
+            self.sample(TxStage::Execute, now_ms.saturating_sub(c), txs);
         }
         // Block time never goes back, even if a new primary's clock is behind
         // the last one's (the proposal keeps its own time; the store keeps it).

@@ -108,14 +108,21 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Run `devnet` at several offered rates (a fresh cluster each) and print
-    /// throughput against latency.
+    /// Run `devnet` at several offered rates (a fresh cluster each), print
+    /// throughput against p50/p99 latency and plot it: one curve per
+    /// payload size, so the knee shows.
     Sweep {
         #[command(flatten)]
         load: LoadArgs,
         /// Offered rates in tx/s, comma-separated; 0 = as fast as accepted.
         #[arg(long, value_delimiter = ',', default_value = "2000,4000,6000,8000,0")]
         rates: Vec<u64>,
+        /// Payload sizes (bytes), one curve each (default: --payload).
+        #[arg(long, value_delimiter = ',')]
+        payloads: Vec<usize>,
+        /// Where to write the plot (SVG).
+        #[arg(long, default_value = "loadgen-sweep.svg")]
+        plot: PathBuf,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -196,21 +203,25 @@ fn main() -> anyhow::Result<()> {
             load.rate.get_or_insert(4000);
             devnet(load, &cluster, keep).map(|_| ())
         }
-        Cmd::Sweep { load, rates, cluster } => {
-            let mut rows = vec![];
-            for rate in rates {
-                let mut l = load.clone();
-                l.rate = Some(rate);
-                l.max_txs = l.max_txs.min(300_000);
-                let (r, raw) = devnet(l, &cluster, false)?;
-                rows.push((rate, r, raw));
+        Cmd::Sweep { load, rates, payloads, plot, cluster } => {
+            let payloads = if payloads.is_empty() { vec![load.payload] } else { payloads };
+            let mut curves = vec![];
+            for &payload in &payloads {
+                let mut rows = vec![];
+                for &rate in &rates {
+                    let mut l = LoadArgs { payload, rate: Some(rate), ..load.clone() };
+                    l.max_txs = l.max_txs.min(300_000);
+                    let (r, raw) = devnet(l, &cluster, false)?;
+                    rows.push((if rate == 0 { "max".to_string() } else { rate.to_string() }, r, raw));
+                }
+                curves.push((format!("{payload} B"), rows));
             }
-            println!("=== sweep: {}-validator devnet, {} B payloads ===", cluster.validators, load.payload);
-            let rows: Vec<_> = rows
-                .into_iter()
-                .map(|(rate, r, raw)| (if rate == 0 { "max".to_string() } else { rate.to_string() }, r, raw))
-                .collect();
-            print_table("offered", &rows);
+            for (name, rows) in &curves {
+                println!("=== sweep: {}-validator devnet, {name} payloads ===", cluster.validators);
+                print_table("offered", rows);
+            }
+            plot_sweep(&plot, cluster.validators, &curves)?;
+            println!("plot: {}", plot.display());
             Ok(())
         }
         Cmd::Scaling { load, payloads, validator_counts, shard_counts, cluster } => {
@@ -266,6 +277,66 @@ fn print_table(label: &str, rows: &[(String, Results, f64)]) {
             tps / raw
         );
     }
+}
+
+/// Throughput (x) against p50 (dashed) and p99 (solid) latency (y, log
+/// scale), one curve per run, as SVG.
+fn plot_sweep(path: &Path, validators: usize, curves: &[(String, Vec<(String, Results, f64)>)]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let points = |rows: &[(String, Results, f64)], q: f64| -> Vec<(f64, f64)> {
+        let mut p: Vec<(f64, f64)> = rows
+            .iter()
+            .map(|(_, r, _)| {
+                let tps = r.committed as f64 / r.elapsed.as_secs_f64().max(1e-9);
+                (tps, (r.hist.value_at_quantile(q) as f64 / 1000.0).max(0.1))
+            })
+            .collect();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        p
+    };
+    let all: Vec<(f64, f64)> = curves.iter().flat_map(|(_, rows)| [points(rows, 0.5), points(rows, 0.99)]).flatten().collect();
+    let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let y_max = all.iter().map(|p| p.1).fold(1.0, f64::max) * 1.5;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{validators}-validator devnet: commit latency against throughput"), ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, (0.1..y_max).log_scale())
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("committed tx/s")
+        .y_desc("latency ms (p99 solid, p50 dashed)")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    for (i, (name, rows)) in curves.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let p99 = points(rows, 0.99);
+        chart
+            .draw_series(LineSeries::new(p99.clone(), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+            .label(format!("{name} p99"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(p99.iter().map(|p| Circle::new(*p, 3, color.filled())))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        chart
+            .draw_series(DashedLineSeries::new(points(rows, 0.5), 6, 4, color.stroke_width(1)))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+            .label(format!("{name} p50"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1)));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    Ok(())
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -1111,5 +1182,39 @@ mod tests {
         let (stages, bytes) = breakdown(&[1], &[scrape(10.0, 1000.0)], &[scrape(20.0, 3000.0)], 100);
         assert_eq!(stages, vec![("prepare".to_string(), 1.0, 1.98)]);
         assert_eq!(bytes, vec![(1, true, 20.0)]);
+    }
+
+    #[test]
+    fn a_sweep_plots_one_curve_per_run() {
+        let run = |tps: u64, p50_us: u64, p99_us: u64| {
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            hist.record_n(p50_us, 60).unwrap();
+            hist.record_n(p99_us, 40).unwrap();
+            let r = Results {
+                sent: tps,
+                committed: tps,
+                elapsed: Duration::from_secs(1),
+                hist,
+                blocks: 1,
+                repeats: 0,
+                top_height: 1,
+                stages: vec![],
+                bytes_per_tx: vec![],
+            };
+            (tps.to_string(), r, 100_000.0)
+        };
+        let curves = vec![
+            ("300 B".to_string(), vec![run(2000, 5_000, 9_000), run(9000, 40_000, 300_000)]),
+            ("4000 B".to_string(), vec![run(1000, 6_000, 12_000), run(3000, 90_000, 700_000)]),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sweep.svg");
+        plot_sweep(&path, 4, &curves).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..80.min(svg.len())]);
+        for label in ["300 B p99", "300 B p50", "4000 B p99", "committed tx/s"] {
+            assert!(svg.contains(label), "{label} missing");
+        }
+        assert!(svg.matches("<polyline").count() >= 2, "a line per curve");
     }
 }
