@@ -19,6 +19,12 @@ pub const WAIT_FOR_SOURCE_MS: u64 = 10;
 /// How long to wait for an answer before asking the next peer.
 pub const ASK_RETRY_MS: u64 = 200;
 
+/// How long a validator whose own source still has txs to verify (its
+/// rings are not empty: it lags, typically under load) waits for them
+/// before asking a peer. Fetching then would verify a tx twice here and
+/// cost the peer bytes, just when both are busiest.
+pub const WAIT_FOR_BUSY_SOURCE_MS: u64 = 1_000;
+
 /// The bodies of one value, found and missing.
 #[derive(Debug)]
 pub struct Bodies {
@@ -31,6 +37,7 @@ pub struct Bodies {
     peers: Vec<Rid>,
     asks: usize,
     next_ask_ms: u64,
+    created_ms: u64,
 }
 
 impl Bodies {
@@ -56,7 +63,7 @@ impl Bodies {
                 b
             })
             .collect();
-        Bodies { named, found, missing, peers, asks: 0, next_ask_ms: now_ms + WAIT_FOR_SOURCE_MS }
+        Bodies { named, found, missing, peers, asks: 0, next_ask_ms: now_ms + WAIT_FOR_SOURCE_MS, created_ms: now_ms }
     }
 
     pub fn is_complete(&self) -> bool {
@@ -103,9 +110,13 @@ impl Bodies {
     }
 
     /// If it is time: the peer to ask and (at most `max`) missing hashes;
-    /// the next ask goes to the next peer, `ASK_RETRY_MS` later.
-    pub fn ask(&mut self, now_ms: u64, max: usize) -> Option<(Rid, Vec<Hash32>)> {
+    /// the next ask goes to the next peer, `ASK_RETRY_MS` later. While
+    /// `source_busy`, the first ask waits up to `WAIT_FOR_BUSY_SOURCE_MS`.
+    pub fn ask(&mut self, now_ms: u64, max: usize, source_busy: bool) -> Option<(Rid, Vec<Hash32>)> {
         if self.missing.is_empty() || now_ms < self.next_ask_ms || self.peers.is_empty() {
+            return None;
+        }
+        if source_busy && self.asks == 0 && now_ms < self.created_ms + WAIT_FOR_BUSY_SOURCE_MS {
             return None;
         }
         let peer = self.peers[self.asks % self.peers.len()];
@@ -156,11 +167,13 @@ mod tests {
             100,
         );
         assert_eq!(b.missing_len(), 2);
-        assert_eq!(b.ask(105, 10), None, "waits for its own source first");
-        let (peer, hashes) = b.ask(110, 10).unwrap();
+        assert_eq!(b.ask(105, 10, false), None, "waits for its own source first");
+        assert_eq!(b.ask(110, 10, true), None, "longer while its source has txs to verify");
+        assert_eq!(b.ask(1099, 10, true), None);
+        let (peer, hashes) = b.ask(110, 10, false).unwrap();
         assert_eq!((peer, hashes), (2, vec![txs[0].tx_hash(), txs[2].tx_hash()]));
-        assert_eq!(b.ask(200, 10), None, "the first peer has until the retry");
-        assert_eq!(b.ask(310, 1).unwrap(), (3, vec![txs[0].tx_hash()]));
+        assert_eq!(b.ask(200, 10, false), None, "the first peer has until the retry");
+        assert_eq!(b.ask(310, 1, true).unwrap(), (3, vec![txs[0].tx_hash()]), "retries do not wait");
         // Another signature over the same bytes is not the named body.
         let mut resigned = (*txs[0]).clone();
         resigned.signature[5] ^= 1;

@@ -282,6 +282,9 @@ pub struct Node<A: Auth + Clone> {
     dropped: Vec<crate::ingest::SourcePos>,
     stopwatch: Option<Stopwatch>,
     stage_times: Vec<(Stage, u64)>,
+    /// The host says its source has txs not yet verified (see
+    /// `set_source_busy`).
+    source_busy: bool,
     /// Phase times of the slots in the window (pruned as they execute).
     slot_times: BTreeMap<Seq, SlotTimes>,
     /// (stage, ms, txs): `txs` txs spent `ms` in `stage`.
@@ -337,6 +340,7 @@ impl<A: Auth + Clone> Node<A> {
             stage_times: Vec::new(),
             slot_times: BTreeMap::new(),
             latencies: Vec::new(),
+            source_busy: false,
             cfg,
         }
     }
@@ -349,6 +353,13 @@ impl<A: Auth + Clone> Node<A> {
     /// Stage durations (ns) measured since the last call.
     pub fn take_stage_times(&mut self) -> Vec<(Stage, u64)> {
         std::mem::take(&mut self.stage_times)
+    }
+
+    /// Whether this validator's source has txs it has not verified yet
+    /// (the host's rings are not empty): missing bodies are then waited
+    /// for longer before a peer is asked (`bodies::WAIT_FOR_BUSY_SOURCE_MS`).
+    pub fn set_source_busy(&mut self, busy: bool) {
+        self.source_busy = busy;
     }
 
     /// Per-stage latency samples since the last call: (stage, ms, txs).
@@ -751,12 +762,13 @@ impl<A: Auth + Clone> Node<A> {
     /// Asks peers for the bodies still missing whose ask is due.
     fn ask_for_bodies(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         let mut asks = vec![];
+        let busy = self.source_busy;
         for (seq, (_, b)) in self.awaiting.iter_mut() {
-            asks.extend(b.ask(now_ms, MAX_FETCH_TXS).map(|a| (*seq, a)));
+            asks.extend(b.ask(now_ms, MAX_FETCH_TXS, busy).map(|a| (*seq, a)));
         }
         for q in &mut self.exec_queue {
             if let QueuedBody::Missing(b) = &mut q.body {
-                asks.extend(b.ask(now_ms, MAX_FETCH_TXS).map(|a| (q.seq, a)));
+                asks.extend(b.ask(now_ms, MAX_FETCH_TXS, busy).map(|a| (q.seq, a)));
             }
         }
         for (seq, (to, tx_hashes)) in asks {
@@ -907,6 +919,11 @@ impl<A: Auth + Clone> Node<A> {
             })
             .filter(|t| !self.forwarded.contains(&t.tx_hash))
             .take(crate::consensus::wire::MAX_FORWARD_TXS)
+            // Within a frame: the first tx, and the rest while they fit.
+            .scan(0usize, |bytes, t| {
+                *bytes += t.event.size();
+                (*bytes == t.event.size() || *bytes <= crate::consensus::wire::MAX_BODIES_BYTES).then_some(t)
+            })
             .map(|t| (t.tx_hash, t.event.clone()))
             .unzip();
         if txs.is_empty() {

@@ -177,11 +177,16 @@ fn cert_from(c: proto::PbftPreparedCert, l: &WireLimits) -> Result<PreparedCert,
 /// quorum, each with up to a window of prepared proposals (values with
 /// their prepare votes), plus the new primary's re-proposals, i.e.
 /// (q + 1) × window values. (A fixed 64 MiB cap refused the new-views of a
-/// loaded devnet with 4 KB payloads, and the cluster looped in view changes.)
+/// loaded devnet with 4 KB payloads, and the cluster looped in view changes,
+/// when values carried their txs.) The slack holds the other large frames:
+/// a snapshot chunk, tx bodies, a tx forward (each at most ~1 MiB).
 pub fn max_frame(wire: &WireLimits, q: usize) -> usize {
     let per_value = wire.max_value_bytes + wire.n * 256; // + a signed vote per validator
-    (q + 1).saturating_mul(wire.window).saturating_mul(per_value).saturating_add(1 << 20)
+    (q + 1).saturating_mul(wire.window).saturating_mul(per_value).saturating_add(FRAME_SLACK_BYTES)
 }
+
+/// See `max_frame`.
+pub const FRAME_SLACK_BYTES: usize = 2 << 20;
 
 /// Encodes a durable consensus record (see `consensus::log`).
 pub fn encode_record(r: &Record) -> Vec<u8> {
@@ -351,8 +356,8 @@ pub enum Frame {
 /// holds at most `block.max_txs`, 500 by default).
 pub const MAX_FETCH_TXS: usize = 4096;
 
-/// Bytes of tx bodies one message carries at most (one tx more if the
-/// first alone is larger), so answers stay well inside a frame.
+/// Bytes of tx bodies (events) one bodies or forward message carries at
+/// most, besides the first tx, so it fits in a frame's slack.
 pub const MAX_BODIES_BYTES: usize = 1 << 20;
 
 /// Encodes a tx fetch (see `Frame::TxFetch`).
@@ -377,6 +382,7 @@ pub fn encode_tx_bodies(seq: Seq, txs: &[Arc<crate::event::Event>]) -> Vec<Vec<u
     for t in txs {
         let size = t.size();
         if !chunk.is_empty() && (chunk.len() == MAX_FETCH_TXS || bytes + size > MAX_BODIES_BYTES) {
+            // (A tx is at most `Limits::max_event_bytes`, far below this.)
             flush(&mut chunk);
             bytes = 0;
         }
@@ -549,8 +555,8 @@ mod tests {
         let bytes = encode(&nv);
         let limit = max_frame(&L, q);
         assert!(bytes.len() <= limit, "{} > {limit}", bytes.len());
-        // Besides its fixed 1 MiB of slack, the limit is not loose.
-        assert!(bytes.len() > (limit - (1 << 20)) * 9 / 10, "{} of {limit}", bytes.len());
+        // Besides its fixed slack, the limit is not loose.
+        assert!(bytes.len() > (limit - FRAME_SLACK_BYTES) * 9 / 10, "{} of {limit}", bytes.len());
         assert_eq!(decode_frame(&bytes, &L), Ok(Frame::Pbft(nv)));
     }
 
@@ -573,6 +579,41 @@ mod tests {
         // Not a PBFT message: `decode` (PBFT only) refuses it.
         assert!(decode(&encode_forward(&txs), &L).is_err());
         assert_eq!(decode_frame(&encode_alive(), &L), Ok(Frame::Alive));
+    }
+
+    #[test]
+    fn tx_fetches_and_bodies_round_trip_split_to_fit_a_frame_and_are_bounded() {
+        use crate::event::{sample_anomaly_payload, Event, TxKind};
+        let k = SigningKey::from_bytes(&[9; 32]);
+        let hashes = vec![[1u8; 32], [2u8; 32]];
+        assert_eq!(
+            decode_frame(&encode_tx_fetch(7, &hashes), &L),
+            Ok(Frame::TxFetch { seq: 7, tx_hashes: hashes.clone() })
+        );
+        let short = proto::TxFetch { seq: 7, tx_hashes: vec![vec![1; 31]] };
+        let bytes = proto::PbftMessage { msg: Some(proto::pbft_message::Msg::TxFetch(short)) }.encode_to_vec();
+        assert!(matches!(decode_frame(&bytes, &L), Err(WireError::Range(_))), "a hash of 31 bytes");
+        let many = proto::TxFetch { seq: 7, tx_hashes: vec![vec![1; 32]; MAX_FETCH_TXS + 1] };
+        let bytes = proto::PbftMessage { msg: Some(proto::pbft_message::Msg::TxFetch(many)) }.encode_to_vec();
+        assert!(matches!(decode_frame(&bytes, &L), Err(WireError::Range(_))));
+        // 40 txs of 60 KB: several messages, each within the frame slack.
+        let txs: Vec<Arc<crate::event::Event>> = (0..40u8)
+            .map(|i| {
+                Arc::new(Event::sign(TxKind::Anomaly, &k, [i; 16], sample_anomaly_payload(i as u64, 60_000), 7, [i; 4]))
+            })
+            .collect();
+        let frames = encode_tx_bodies(9, &txs);
+        assert!(frames.len() >= 3, "{} frames", frames.len());
+        let mut back = vec![];
+        for f in &frames {
+            assert!(f.len() <= FRAME_SLACK_BYTES, "{} bytes", f.len());
+            let Ok(Frame::TxBodies { seq: 9, txs }) = decode_frame(f, &L) else { panic!("not bodies") };
+            back.extend(txs);
+        }
+        let limits = crate::event::Limits::default();
+        let back: Vec<Event> = back.into_iter().map(|t| Event::from_tx_proto(t, &limits).unwrap()).collect();
+        assert!(back.len() == txs.len() && back.iter().zip(&txs).all(|(a, b)| a == &**b));
+        assert!(encode_tx_bodies(9, &[]).is_empty());
     }
 
     #[test]

@@ -239,7 +239,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let params = c.pbft_params(n);
     let wire = WireLimits {
         n,
-        max_value_bytes: c.block.max_bytes + 64 * c.block.max_txs + 1024,
+        // Values name their txs (64 bytes each) and carry at most 16 proofs.
+        max_value_bytes: proposal::TX_REF_BYTES * c.block.max_txs + proposal::MAX_EVIDENCE * 1024 + 1024,
         window: params.window as usize,
     };
 
@@ -1332,6 +1333,11 @@ fn core_loop(
                 worked = true;
             }
         }
+        // Txs still on their way through this validator's own shards: a
+        // proposal's missing bodies are likely among them.
+        node.set_source_busy(
+            inputs.iter().any(|r| !r.is_empty()) || sh.shard_in.iter().any(|r| !r.is_empty()),
+        );
         if let Some(net) = &cons.net {
             // Connection events first: a peer's new connection precedes its
             // messages on it.
