@@ -19,11 +19,7 @@ pub const WAIT_FOR_SOURCE_MS: u64 = 10;
 /// How long to wait for an answer before asking the next peer.
 pub const ASK_RETRY_MS: u64 = 200;
 
-/// How long a validator whose own source still has txs to verify (its
-/// rings are not empty: it lags, typically under load) waits for them
-/// before asking a peer. Fetching then would verify a tx twice here and
-/// cost the peer bytes, just when both are busiest.
-pub const WAIT_FOR_BUSY_SOURCE_MS: u64 = 1_000;
+
 
 /// The bodies of one value, found and missing.
 #[derive(Debug)]
@@ -37,7 +33,6 @@ pub struct Bodies {
     peers: Vec<Rid>,
     asks: usize,
     next_ask_ms: u64,
-    created_ms: u64,
 }
 
 impl Bodies {
@@ -63,7 +58,7 @@ impl Bodies {
                 b
             })
             .collect();
-        Bodies { named, found, missing, peers, asks: 0, next_ask_ms: now_ms + WAIT_FOR_SOURCE_MS, created_ms: now_ms }
+        Bodies { named, found, missing, peers, asks: 0, next_ask_ms: now_ms + WAIT_FOR_SOURCE_MS }
     }
 
     pub fn is_complete(&self) -> bool {
@@ -111,12 +106,16 @@ impl Bodies {
 
     /// If it is time: the peer to ask and (at most `max`) missing hashes;
     /// the next ask goes to the next peer, `ASK_RETRY_MS` later. While
-    /// `source_busy`, the first ask waits up to `WAIT_FOR_BUSY_SOURCE_MS`.
+    /// `source_busy` (this validator's own shards still hold txs: it lags,
+    /// typically under load) the first ask waits: the bodies are most
+    /// likely among them, and fetching would verify them twice here and
+    /// cost the peer bytes just when both are busiest. If they never come,
+    /// the view-change timer (running while a proposal waits) moves on.
     pub fn ask(&mut self, now_ms: u64, max: usize, source_busy: bool) -> Option<(Rid, Vec<Hash32>)> {
         if self.missing.is_empty() || now_ms < self.next_ask_ms || self.peers.is_empty() {
             return None;
         }
-        if source_busy && self.asks == 0 && now_ms < self.created_ms + WAIT_FOR_BUSY_SOURCE_MS {
+        if source_busy && self.asks == 0 {
             return None;
         }
         let peer = self.peers[self.asks % self.peers.len()];
@@ -168,8 +167,8 @@ mod tests {
         );
         assert_eq!(b.missing_len(), 2);
         assert_eq!(b.ask(105, 10, false), None, "waits for its own source first");
-        assert_eq!(b.ask(110, 10, true), None, "longer while its source has txs to verify");
-        assert_eq!(b.ask(1099, 10, true), None);
+        assert_eq!(b.ask(110, 10, true), None, "not while its own source has txs to verify");
+        assert_eq!(b.ask(5_000, 10, true), None);
         let (peer, hashes) = b.ask(110, 10, false).unwrap();
         assert_eq!((peer, hashes), (2, vec![txs[0].tx_hash(), txs[2].tx_hash()]));
         assert_eq!(b.ask(200, 10, false), None, "the first peer has until the retry");

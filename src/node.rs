@@ -356,8 +356,8 @@ impl<A: Auth + Clone> Node<A> {
     }
 
     /// Whether this validator's source has txs it has not verified yet
-    /// (the host's rings are not empty): missing bodies are then waited
-    /// for longer before a peer is asked (`bodies::WAIT_FOR_BUSY_SOURCE_MS`).
+    /// (the host's rings are not empty): a proposal's missing bodies are
+    /// then not asked of peers yet (see `Bodies::ask`).
     pub fn set_source_busy(&mut self, busy: bool) {
         self.source_busy = busy;
     }

@@ -46,7 +46,7 @@ use prost::Message as _;
 use ring::{idle_wait, Doorbell, Ring};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -117,6 +117,8 @@ struct Shared {
     conns: Mutex<Vec<TcpStream>>,
     /// Kafka source: which messages are finished (offsets to commit).
     tracker: Option<Arc<OffsetTracker>>,
+    /// Txs a verify shard has taken from its ring and not yet handed on.
+    verifying: AtomicUsize,
 }
 
 /// A running validator. Drop or `shutdown` to stop it.
@@ -196,10 +198,14 @@ fn pin(core: Option<usize>, what: &str) {
 /// Gives the calling thread the lowest CPU priority (nice 19): it runs on
 /// what the validator's own pipeline leaves.
 fn lower_priority(what: &str) {
+    set_nice(what, 19)
+}
+
+fn set_nice(what: &str, nice: i32) {
     // SAFETY: setpriority on the calling thread's own id (Linux: per thread).
     let ok = unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19) == 0
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0
     };
     if !ok {
         tracing::warn!(thread = what, "could not lower the thread's priority");
@@ -337,6 +343,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         subscribers: Mutex::new(vec![]),
         conns: Mutex::new(vec![]),
         tracker: from_kafka.then(|| Arc::new(OffsetTracker::default())),
+        verifying: AtomicUsize::new(0),
     });
     let mut threads = vec![];
 
@@ -365,8 +372,12 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         let (input, output, bell, sh, pol) =
             (shard_in[i].clone(), shard_out[i].clone(), shard_bells[i].clone(), shared.clone(), policy.clone());
         let core = c.runtime.pin_cores.then(|| c.runtime.verify_cores.get(i).copied()).flatten();
+        let nice = c.runtime.verify_nice;
         threads.push(std::thread::Builder::new().name(format!("verify-{i}")).spawn(move || {
             pin(core, "verify");
+            if nice > 0 {
+                set_nice("verify", nice); // runtime.verify_nice
+            }
             shard_loop(Verifier::new(pol), &input, &output, &bell, &sh)
         })?);
     }
@@ -846,6 +857,8 @@ fn shard_loop(
             idle_wait(sh.idle, bell, Duration::from_millis(100), || !input.is_empty());
             continue;
         }
+        let taken = batch.len();
+        sh.verifying.fetch_add(taken, Ordering::Relaxed);
         let now = now_ms();
         let waited: Vec<u64> = batch.iter().map(|i| i.received_ms).collect();
         let (mut ok, mut bad) = (Vec::with_capacity(batch.len()), Vec::new());
@@ -859,7 +872,9 @@ fn shard_loop(
         for r in bad {
             let _ = sh.dlq.send(r);
         }
-        if !ok.is_empty() && output.push(ok, sh.idle, &sh.stop).is_err() {
+        let pushed = ok.is_empty() || output.push(ok, sh.idle, &sh.stop).is_ok();
+        sh.verifying.fetch_sub(taken, Ordering::Relaxed);
+        if !pushed {
             return;
         }
     }
@@ -1336,7 +1351,9 @@ fn core_loop(
         // Txs still on their way through this validator's own shards: a
         // proposal's missing bodies are likely among them.
         node.set_source_busy(
-            inputs.iter().any(|r| !r.is_empty()) || sh.shard_in.iter().any(|r| !r.is_empty()),
+            inputs.iter().any(|r| !r.is_empty())
+                || sh.shard_in.iter().any(|r| !r.is_empty())
+                || sh.verifying.load(Ordering::Relaxed) > 0,
         );
         if let Some(net) = &cons.net {
             // Connection events first: a peer's new connection precedes its
