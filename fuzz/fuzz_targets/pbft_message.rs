@@ -1,7 +1,9 @@
-//! Frames from peers (PBFT messages and genesis attestations): decoding with
-//! bounds, and round trip.
+//! Frames from peers (PBFT messages, genesis attestations, tx fetches and
+//! bodies): decoding with bounds, and round trip.
 #![no_main]
-use cybermesh::consensus::wire::{decode, decode_frame, encode, encode_genesis, Frame, WireLimits};
+use cybermesh::consensus::wire::{
+    decode, decode_frame, encode, encode_genesis, encode_tx_fetch, Frame, WireLimits, MAX_FETCH_TXS,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -12,6 +14,12 @@ fuzz_target!(|data: &[u8]| {
     match decode_frame(data, &l) {
         Ok(Frame::Pbft(m)) => assert_eq!(decode(&encode(&m), &l).expect("re-decodes"), m),
         Ok(Frame::Genesis(a)) => assert_eq!(decode_frame(&encode_genesis(&a), &l), Ok(Frame::Genesis(a))),
-        Err(_) => {}
+        Ok(Frame::TxFetch { seq, tx_hashes }) => {
+            assert!(tx_hashes.len() <= MAX_FETCH_TXS);
+            let again = decode_frame(&encode_tx_fetch(seq, &tx_hashes), &l);
+            assert_eq!(again, Ok(Frame::TxFetch { seq, tx_hashes }));
+        }
+        Ok(Frame::TxBodies { txs, .. }) => assert!(txs.len() <= MAX_FETCH_TXS),
+        Ok(_) | Err(_) => {}
     }
 });
