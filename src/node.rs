@@ -2302,4 +2302,47 @@ mod tests {
             assert!(n.slot_times.is_empty(), "executed slots leave no times behind");
         }
     }
+
+    #[test]
+    fn bodies_are_not_fetched_while_the_own_source_is_busy_and_fetches_are_bounded() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let t = vtx(&k, 1, 1000);
+        nodes[0].on_txs(1000, vec![t.clone()], &mut outs[0]);
+        nodes[0].on_tick(1200, &mut outs[0]);
+        settle(&mut nodes, 1200, &mut outs, &[]);
+        let asks = |out: &[Output]| out.iter().filter(|o| matches!(o, Output::FetchTxs { .. })).count();
+        // Its shards still verify txs: the body is most likely among them.
+        nodes[1].set_source_busy(true);
+        let mut out = vec![];
+        nodes[1].on_tick(1300, &mut out);
+        assert_eq!(asks(&out), 0);
+        nodes[1].on_txs(1300, vec![t.clone()], &mut out);
+        assert_eq!((nodes[1].stats().fetch_asks, nodes[1].stats().txs_fetched), (0, 0), "it came from its source");
+        assert!(nodes[1].awaiting.is_empty(), "checked, prepared");
+        // Another backup, not busy, asks once the wait is over.
+        let mut out = vec![];
+        nodes[2].on_tick(1300, &mut out);
+        assert_eq!(asks(&out), 1);
+        // Bodies nobody waits for are dropped; answers are bounded per asker.
+        let before = nodes[3].stats().txs_fetched;
+        let stranger = vtx(&k, 9, 1000);
+        nodes[3].on_bodies(1300, 0, 1, vec![stranger.event.to_tx_proto()], &mut vec![]);
+        assert_eq!(nodes[3].stats().txs_fetched, before);
+        let mut out = vec![];
+        let many: Vec<Hash32> = vec![t.tx_hash; MAX_FETCH_TXS];
+        for _ in 0..(MAX_SERVED_TXS / MAX_FETCH_TXS + 2) {
+            nodes[0].on_tx_fetch(3, 1, many.clone(), &mut out);
+        }
+        let served: usize = out
+            .iter()
+            .map(|o| match o {
+                Output::SendTxs { txs, .. } => txs.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(served, MAX_SERVED_TXS, "at most MAX_SERVED_TXS per asker per order check");
+    }
 }
+
