@@ -349,3 +349,40 @@ fn http_api_over_tls() {
     assert!(!String::from_utf8_lossy(&back).contains("\"validator\""));
     assert!(v.terminate().success());
 }
+
+/// The direct source holds at most `MAX_DIRECT_CONNECTIONS` at once (two
+/// threads each); one more is closed at once, and a client that goes away
+/// frees its slot.
+#[test]
+fn direct_connections_are_capped_and_a_closed_one_frees_its_slot() {
+    use cybermesh::ingest::direct;
+    use cybermesh::runtime::MAX_DIRECT_CONNECTIONS;
+    use std::time::Duration;
+    let s = Setup::single("");
+    let v = s.start();
+    let mut open: Vec<Client> = (0..MAX_DIRECT_CONNECTIONS).map(|_| v.connect()).collect();
+    let mut extra = v.connect();
+    wait_log(&v, "direct source: too many connections; closing this one", Duration::from_secs(60));
+    extra.r.get_ref().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    assert!(matches!(direct::read_frame(&mut extra.r, 1 << 20), Ok(None)), "closed at once");
+    // One client leaves; a new connection is served once the validator has
+    // seen it go (until then it may still be refused: try again).
+    drop(open.pop());
+    for i in 0.. {
+        assert!(i < 100, "no slot came free");
+        let mut c = v.connect();
+        let ev = anomaly(&s.producer, i);
+        if c.try_send_raw(ev.kind.tag(), &ev.encode()).is_err() {
+            continue;
+        }
+        c.r.get_ref().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        match direct::read_frame(&mut c.r, 64 << 20) {
+            Ok(Some(Ok(_))) => break, // its tx committed and it heard of it
+            Ok(None) | Err(_) => {
+                wait_log(&v, "direct source: too many connections; closing this one", Duration::from_secs(60));
+            }
+            Ok(Some(Err(e))) => panic!("bad frame: {e:?}"),
+        }
+    }
+    assert!(v.terminate().success());
+}

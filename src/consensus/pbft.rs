@@ -1054,12 +1054,29 @@ impl<A: Auth + Clone> Replica<A> {
 
     fn on_checkpoint(&mut self, s: Signed<Checkpoint>, out: &mut Vec<Action>) {
         let seq = s.body.seq;
-        if seq <= self.low {
+        // Honest replicas checkpoint only at multiples of the interval.
+        if seq <= self.low || seq % self.p.checkpoint_interval != 0 {
             return;
         }
-        self.checkpoints.entry(seq).or_default().insert(s.from, s);
+        let from = s.from;
+        self.checkpoints.entry(seq).or_default().insert(from, s);
+        // A bound on what one replica can make us keep: its newest few
+        // checkpoints (a window's worth and two more). An honest replica is
+        // rarely further ahead than that; a faulty one only evicts its own.
+        let max = self.max_checkpoints_per_replica();
+        let theirs: Vec<Seq> =
+            self.checkpoints.iter().filter(|(_, m)| m.contains_key(&from)).map(|(seq, _)| *seq).collect();
+        for old in theirs.iter().take(theirs.len().saturating_sub(max)) {
+            let m = self.checkpoints.get_mut(old).expect("listed");
+            m.remove(&from);
+            if m.is_empty() {
+                self.checkpoints.remove(old);
+            }
+        }
+        debug_assert!(self.checkpoints.values().all(|m| !m.is_empty()));
+        debug_assert!(self.checkpoints.len() <= self.p.n * max, "bounded by n × max");
+        let Some(all) = self.checkpoints.get(&seq) else { return }; // evicted at once: older than its newest
         let proof: Vec<Signed<Checkpoint>> = {
-            let all = &self.checkpoints[&seq];
             let mut by_state: BTreeMap<(Hash32, Hash32), Vec<Signed<Checkpoint>>> = BTreeMap::new();
             for c in all.values() {
                 by_state.entry((c.body.state, c.body.app)).or_default().push(c.clone());
@@ -1083,6 +1100,11 @@ impl<A: Auth + Clone> Replica<A> {
         // `committed` is kept for catch-up (the block store plays this role in
         // the validator).
         self.try_propose(out);
+    }
+
+    /// See `on_checkpoint`.
+    fn max_checkpoints_per_replica(&self) -> usize {
+        (self.p.window / self.p.checkpoint_interval.max(1)) as usize + 2
     }
 
     fn make_stable(&mut self, seq: Seq, proof: Vec<Signed<Checkpoint>>) {
@@ -1220,7 +1242,19 @@ impl<A: Auth + Clone> Replica<A> {
         if nv < self.view || (nv == self.view && !self.changing) {
             return;
         }
-        self.view_changes.entry(nv).or_default().insert(s.from, s);
+        // One view change per replica, its highest: a replica that asks for
+        // a higher view has abandoned the lower one (this bounds what a
+        // faulty replica can make us keep to one entry).
+        let from = s.from;
+        if self.view_changes.range(nv + 1..).any(|(_, m)| m.contains_key(&from)) {
+            return;
+        }
+        for m in self.view_changes.values_mut() {
+            m.remove(&from);
+        }
+        self.view_changes.retain(|_, m| !m.is_empty());
+        self.view_changes.entry(nv).or_default().insert(from, s);
+        debug_assert!(self.view_changes.values().map(|m| m.len()).sum::<usize>() <= self.p.n);
         // A view change for a higher view also abandons ours: count those too,
         // or a replica that raced ahead alone could leave the rest waiting.
         let asking = self.view_changes.range(self.view..).flat_map(|(_, m)| m.keys()).collect::<BTreeSet<_>>().len();
@@ -1375,6 +1409,40 @@ mod tests {
             heartbeat_ms: 0,
             ..Params::manual_defaults(4)
         }
+    }
+
+    #[test]
+    fn a_faulty_replica_cannot_grow_the_checkpoint_or_view_change_maps() {
+        let mut r = Replica::new(0, params(), NoAuth);
+        let mut out = vec![];
+        let interval = r.p.checkpoint_interval;
+        // Replica 3 signs checkpoints for a thousand future slots, and some
+        // off the interval.
+        for k in 1..=1000u64 {
+            for seq in [k * interval, k * interval + 1] {
+                let c = Checkpoint { seq, state: [k as u8; 32], app: [0; 32] };
+                r.on_message(Message::Checkpoint(Signed { body: c, from: 3, sig: vec![] }), &mut out);
+            }
+        }
+        let max = r.max_checkpoints_per_replica();
+        assert_eq!(r.checkpoints.len(), max, "its newest {max} only");
+        assert_eq!(*r.checkpoints.keys().next().unwrap(), (1001 - max as u64) * interval);
+        // An honest checkpoint still counts beside them.
+        let c = Checkpoint { seq: interval, state: [9; 32], app: [0; 32] };
+        r.on_message(Message::Checkpoint(Signed { body: c, from: 1, sig: vec![] }), &mut out);
+        assert!(r.checkpoints[&interval].contains_key(&1));
+        // View changes for a thousand views: one entry, its highest.
+        for v in 1..=1000u64 {
+            let vc = ViewChange { new_view: v, stable_seq: 0, stable_proof: vec![], prepared: vec![] };
+            r.on_message(Message::ViewChange(Signed { body: vc, from: 3, sig: vec![] }), &mut out);
+        }
+        assert_eq!(r.view_changes.len(), 1);
+        assert!(r.view_changes[&1000].contains_key(&3));
+        // A lower one after it is stale.
+        let vc = ViewChange { new_view: 5, stable_seq: 0, stable_proof: vec![], prepared: vec![] };
+        r.on_message(Message::ViewChange(Signed { body: vc, from: 3, sig: vec![] }), &mut out);
+        assert_eq!(r.view_changes.keys().copied().collect::<Vec<_>>(), vec![1000]);
+        assert_eq!(r.view(), 0, "one replica alone moves no one");
     }
 
     #[test]

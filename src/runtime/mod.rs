@@ -114,7 +114,9 @@ struct Shared {
     dlq: SyncSender<Rejection>,
     stats: Arc<RuntimeStats>,
     subscribers: CommitSubscribers,
-    conns: Mutex<Vec<TcpStream>>,
+    /// Open direct-source connections, by a number of their own (closed
+    /// at shutdown; each removes itself when its reader ends).
+    conns: Mutex<Vec<(u64, TcpStream)>>,
     /// Kafka source: which messages are finished (offsets to commit).
     tracker: Option<Arc<OffsetTracker>>,
     /// Txs a verify shard has taken from its ring and not yet handed on.
@@ -156,7 +158,7 @@ impl Running {
     /// Stops every thread: sources first, then shards drain, then the core.
     pub fn shutdown(&mut self) -> anyhow::Result<()> {
         self.shared.stop.store(true, Ordering::SeqCst);
-        for c in self.shared.conns.lock().unwrap().drain(..) {
+        for (_, c) in self.shared.conns.lock().unwrap().drain(..) {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
         let _ = TcpStream::connect(self.listen); // wake the acceptor
@@ -737,18 +739,30 @@ fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqSink, stats: &RuntimeStats, d
     }
 }
 
+/// Most direct-source connections open at once (each costs two threads);
+/// one more is closed at once, with a warning.
+pub const MAX_DIRECT_CONNECTIONS: usize = 256;
+
 fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
+    let mut next_id = 0u64;
     for conn in listener.incoming() {
         if sh.stop.load(Ordering::Relaxed) {
             return;
         }
         let Ok(conn) = conn else { continue };
-        let _ = conn.set_nodelay(true);
         let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        if sh.conns.lock().unwrap().len() >= MAX_DIRECT_CONNECTIONS {
+            tracing::warn!(peer, max = MAX_DIRECT_CONNECTIONS, "direct source: too many connections; closing this one");
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            continue;
+        }
+        let _ = conn.set_nodelay(true);
         let (Ok(wconn), Ok(kconn)) = (conn.try_clone(), conn.try_clone()) else {
             continue;
         };
-        sh.conns.lock().unwrap().push(kconn);
+        next_id += 1;
+        let id = next_id;
+        sh.conns.lock().unwrap().push((id, kconn));
         let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(4096);
         sh.subscribers.lock().unwrap().push(tx);
         let _ = std::thread::Builder::new().name("direct-write".into()).spawn(move || {
@@ -768,9 +782,16 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
             }
         });
         let sh2 = sh.clone();
-        let _ = std::thread::Builder::new()
-            .name("direct-read".into())
-            .spawn(move || read_loop(conn, format!("direct:{peer}").into(), &sh2));
+        let _ = std::thread::Builder::new().name("direct-read".into()).spawn(move || {
+            read_loop(conn, format!("direct:{peer}").into(), &sh2);
+            // Closed: its writer ends with it (the write side errors or its
+            // subscription is dropped), and its slot is free again.
+            let mut conns = sh2.conns.lock().unwrap();
+            if let Some(i) = conns.iter().position(|(c, _)| *c == id) {
+                let (_, c) = conns.swap_remove(i);
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        });
     }
 }
 
