@@ -69,7 +69,7 @@ pub enum Output {
         txs: Vec<Arc<Event>>,
     },
     /// A peer asks for committed blocks from `from_seq` on: answer from the
-    /// block store with `Message::Committed`, each followed by its txs.
+    /// block store with `Message::Committed` (it fetches the bodies it lacks).
     ServeFetch {
         to: Rid,
         from_seq: Seq,
@@ -2258,7 +2258,7 @@ mod tests {
         assert!(height >= 10, "several blocks ({height})");
         assert_eq!(nodes[3].height(), 0);
         // Back, it learns of them from new traffic, fetches the certificates
-        // (bodies not included here) and then the bodies, executing in order.
+        // and then the bodies, executing in order.
         let later: Vec<_> = (40..44).map(|i| vtx(&k, i, now)).collect();
         for (i, n) in nodes.iter_mut().enumerate() {
             n.on_txs(now, later.clone(), &mut outs[i]);

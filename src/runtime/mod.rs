@@ -1190,9 +1190,10 @@ fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> 
         if cert.is_none() {
             return Ok(()); // written before certificates were kept: nothing to prove it with
         }
+        // Its value names the txs: the peer asks for the bodies it lacks
+        // (`TxFetch`; sending them all here multiplied the traffic of an
+        // overloaded cluster whose validators hold most of them already).
         cons.send(to, &Message::Committed(stored_cert(&b, cert, &cons.wire)?));
-        // Its value names the txs; the bodies follow (the peer would ask).
-        cons.send_bodies(to, h, &b.txs);
     }
     Ok(())
 }
