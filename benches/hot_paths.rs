@@ -69,10 +69,7 @@ fn signatures(c: &mut Criterion) {
 
 fn shard(c: &mut Criterion) {
     let keys: Vec<_> = (0..4).map(|_| crypto::generate_key()).collect();
-    let policy = Arc::new(VerifyPolicy {
-        producers: keys.iter().map(crypto::public_key).collect(),
-        skew_ms: 300_000,
-    });
+    let policy = Arc::new(VerifyPolicy { producers: keys.iter().map(crypto::public_key).collect(), skew_ms: 300_000 });
     let mut g = c.benchmark_group("shard");
     g.throughput(Throughput::Elements(256));
     let mut round = 0u64;

@@ -19,7 +19,9 @@
 //! Errors are JSON `{"error": "..."}` with the status code.
 
 use crate::runtime::RuntimeStats;
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -76,7 +78,8 @@ impl Default for Latencies {
             0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0, 750.0,
             1000.0, 2000.0, 5000.0,
         ];
-        let opts = HistogramOpts::new("tx_stage_latency_ms", "Time each tx spends in a pipeline stage").buckets(buckets);
+        let opts =
+            HistogramOpts::new("tx_stage_latency_ms", "Time each tx spends in a pipeline stage").buckets(buckets);
         let tx_stage = HistogramVec::new(opts, &["stage"]).expect("valid histogram");
         let tx_stages = TX_STAGES.iter().map(|s| tx_stage.with_label_values(&[s])).collect();
         Latencies {

@@ -19,8 +19,6 @@ pub const WAIT_FOR_SOURCE_MS: u64 = 10;
 /// How long to wait for an answer before asking the next peer.
 pub const ASK_RETRY_MS: u64 = 200;
 
-
-
 /// The bodies of one value, found and missing.
 #[derive(Debug)]
 pub struct Bodies {
@@ -159,12 +157,8 @@ mod tests {
         let refs: Vec<TxRef> = txs.iter().map(|t| TxRef::of(t, t.tx_hash())).collect();
         let named = Named { timestamp_ms: 1000, refs, evidence: vec![] };
         let held = txs[1].clone();
-        let mut b = Bodies::new(
-            named,
-            |r| (r.tx_hash == held.tx_hash()).then(|| held.clone()),
-            ask_order(4, 2, 1),
-            100,
-        );
+        let mut b =
+            Bodies::new(named, |r| (r.tx_hash == held.tx_hash()).then(|| held.clone()), ask_order(4, 2, 1), 100);
         assert_eq!(b.missing_len(), 2);
         assert_eq!(b.ask(105, 10, false), None, "waits for its own source first");
         assert_eq!(b.ask(110, 10, true), None, "not while its own source has txs to verify");

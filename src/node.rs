@@ -814,7 +814,9 @@ impl<A: Auth + Clone> Node<A> {
         for q in &self.exec_queue {
             let txs = match &q.body {
                 QueuedBody::Ready(p) => p.tx_hashes.iter().copied().zip(p.txs.iter().map(|t| Some(t.nonce))).collect(),
-                QueuedBody::Missing(b) => b.tx_hashes().map(|h| (*h, self.mempool.get(h).map(|t| t.event.nonce))).collect(),
+                QueuedBody::Missing(b) => {
+                    b.tx_hashes().map(|h| (*h, self.mempool.get(h).map(|t| t.event.nonce))).collect()
+                }
             };
             values.push((q.seq, txs));
         }
@@ -822,7 +824,11 @@ impl<A: Auth + Clone> Node<A> {
             let txs = match self.checked.get(digest) {
                 Some(p) => p.tx_hashes.iter().copied().zip(p.txs.iter().map(|t| Some(t.nonce))).collect(),
                 None => match proposal::decode(value, self.cfg.builder.max_txs) {
-                    Ok(n) => n.refs.iter().map(|r| (r.tx_hash, self.mempool.get(&r.tx_hash).map(|t| t.event.nonce))).collect(),
+                    Ok(n) => n
+                        .refs
+                        .iter()
+                        .map(|r| (r.tx_hash, self.mempool.get(&r.tx_hash).map(|t| t.event.nonce)))
+                        .collect(),
                     Err(_) => continue, // executes as a null block
                 },
             };
@@ -1105,7 +1111,12 @@ impl<A: Auth + Clone> Node<A> {
                 }
                 Err(e) => {
                     tracing::error!(seq, error = %e, "committed value does not decode; executing it as an empty block");
-                    QueuedBody::Ready(Proposal { timestamp_ms: last_ts, txs: vec![], tx_hashes: vec![], evidence: vec![] })
+                    QueuedBody::Ready(Proposal {
+                        timestamp_ms: last_ts,
+                        txs: vec![],
+                        tx_hashes: vec![],
+                        evidence: vec![],
+                    })
                 }
             },
         };
@@ -2220,9 +2231,14 @@ mod tests {
             n.on_txs(1000, vec![public.clone()], &mut outs[i]);
         }
         let mut now = 1000;
-        let (blocks, _) = run_until(&mut nodes, &mut outs, &mut now, 30_000, |_, _, _| {}, |n, _| {
-            n.iter().all(|n| n.state().is_committed(&public.event.nonce, &public.tx_hash))
-        });
+        let (blocks, _) = run_until(
+            &mut nodes,
+            &mut outs,
+            &mut now,
+            30_000,
+            |_, _, _| {},
+            |n, _| n.iter().all(|n| n.state().is_committed(&public.event.nonce, &public.tx_hash)),
+        );
         WITHHOLD_BODIES.set(&[]);
         for n in &nodes[1..] {
             assert!(n.stats().fetch_asks >= 2, "asked the primary, then the others");
@@ -2233,9 +2249,14 @@ mod tests {
         assert!(blocks[1].iter().all(|b| b.header.view >= 1), "nothing committed in the withholding view");
         // Held by validator 0 alone, the withheld tx reaches the new primary
         // as a forward and commits too.
-        run_until(&mut nodes, &mut outs, &mut now, 60_000, |_, _, _| {}, |n, _| {
-            n.iter().all(|n| n.state().is_committed(&secret.event.nonce, &secret.tx_hash))
-        });
+        run_until(
+            &mut nodes,
+            &mut outs,
+            &mut now,
+            60_000,
+            |_, _, _| {},
+            |n, _| n.iter().all(|n| n.state().is_committed(&secret.event.nonce, &secret.tx_hash)),
+        );
         for n in &nodes {
             assert_eq!(n.state().root(), nodes[0].state().root());
         }
@@ -2344,5 +2365,68 @@ mod tests {
             .sum();
         assert_eq!(served, MAX_SERVED_TXS, "at most MAX_SERVED_TXS per asker per order check");
     }
-}
 
+    /// Txs reach random subsets of the validators at random times (as after
+    /// restarts, or clients that reach only some): over many seeds, every
+    /// tx commits exactly once and all four end with the same chain, through
+    /// body fetches (txs the primary alone holds) and forwards (txs only
+    /// backups hold).
+    #[test]
+    fn txs_reaching_random_subsets_commit_once_everywhere_over_many_seeds() {
+        use rand::{Rng, SeedableRng};
+        let k = crypto::generate_key();
+        let seeds: u64 = std::env::var("NODE_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
+        for seed in 0..seeds {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut nodes = cluster(4, &k, 100);
+            let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+            let txs: Vec<VerifiedTx> = (0..24).map(|i| vtx(&k, i, 1000)).collect();
+            // When (tick) and where each tx arrives.
+            let plan: Vec<(u64, Vec<usize>)> = txs
+                .iter()
+                .map(|_| {
+                    let at = 1000 + 100 * rng.gen_range(0..20u64);
+                    let mut to: Vec<usize> = (0..4).filter(|_| rng.gen_bool(0.5)).collect();
+                    if to.is_empty() {
+                        to.push(rng.gen_range(0..4));
+                    }
+                    (at, to)
+                })
+                .collect();
+            let mut now = 900;
+            let (blocks, _) = run_until(
+                &mut nodes,
+                &mut outs,
+                &mut now,
+                120_000,
+                |now, nodes, outs| {
+                    for (t, (at, to)) in txs.iter().zip(&plan) {
+                        if *at == now {
+                            for &i in to {
+                                nodes[i].on_txs(now, vec![t.clone()], &mut outs[i]);
+                            }
+                        }
+                    }
+                },
+                |n, _| {
+                    n.iter().all(|n| {
+                        txs.iter().all(|t| n.state().is_committed(&t.event.nonce, &t.tx_hash))
+                            && n.height() == nodes_height(n)
+                    })
+                },
+            );
+            for (i, n) in nodes.iter().enumerate() {
+                assert_eq!(n.state().root(), nodes[0].state().root(), "seed {seed}: validator {i}");
+                assert_eq!(n.last_header().map(|h| h.hash()), nodes[0].last_header().map(|h| h.hash()), "seed {seed}");
+                let ids = committed_ids(&blocks[i]);
+                let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+                assert_eq!(ids.len(), unique.len(), "seed {seed}: a tx in two blocks at validator {i}");
+                assert_eq!(unique.len(), txs.len(), "seed {seed}: validator {i}");
+            }
+        }
+    }
+
+    fn nodes_height(n: &Node<Ed25519Auth>) -> u64 {
+        n.replica().executed()
+    }
+}

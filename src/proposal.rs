@@ -144,7 +144,9 @@ pub fn value_of_block(b: &Block, stored: Option<&[u8]>) -> Vec<u8> {
     let (timestamp_ms, evidence) = match stored {
         Some([]) => return vec![], // a null block
         Some(s) => match proto::ProposalStored::decode(s) {
-            Ok(p) => (p.timestamp_ms, p.evidence.into_iter().filter_map(|e| proof_from(e, &EVIDENCE_LIMITS).ok()).collect()),
+            Ok(p) => {
+                (p.timestamp_ms, p.evidence.into_iter().filter_map(|e| proof_from(e, &EVIDENCE_LIMITS).ok()).collect())
+            }
             Err(_) => (b.header.timestamp_ms, vec![]),
         },
         None if b.txs.is_empty() => return vec![],
@@ -159,7 +161,10 @@ pub fn value_of_block(b: &Block, stored: Option<&[u8]>) -> Vec<u8> {
 pub fn decode(bytes: &[u8], max_txs: usize) -> Result<Named, ProposalError> {
     let p = proto::Proposal::decode(bytes).map_err(|e| ProposalError::Decode(e.to_string()))?;
     if p.tx_refs.len() % TX_REF_BYTES != 0 {
-        return Err(ProposalError::Decode(format!("{} bytes of tx refs is not a whole number of refs", p.tx_refs.len())));
+        return Err(ProposalError::Decode(format!(
+            "{} bytes of tx refs is not a whole number of refs",
+            p.tx_refs.len()
+        )));
     }
     let count = p.tx_refs.len() / TX_REF_BYTES;
     if count > max_txs {

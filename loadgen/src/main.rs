@@ -294,7 +294,8 @@ fn plot_sweep(path: &Path, validators: usize, curves: &[(String, Vec<(String, Re
         p.sort_by(|a, b| a.0.total_cmp(&b.0));
         p
     };
-    let all: Vec<(f64, f64)> = curves.iter().flat_map(|(_, rows)| [points(rows, 0.5), points(rows, 0.99)]).flatten().collect();
+    let all: Vec<(f64, f64)> =
+        curves.iter().flat_map(|(_, rows)| [points(rows, 0.5), points(rows, 0.99)]).flatten().collect();
     let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
     let y_max = all.iter().map(|p| p.1).fold(1.0, f64::max) * 1.5;
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
@@ -900,8 +901,7 @@ fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards:
         r.hist.max() as f64 / 1000.0
     );
     if !r.stages.is_empty() {
-        let parts: Vec<String> =
-            r.stages.iter().map(|(s, p50, p99)| format!("{s} {p50:.1}/{p99:.1}")).collect();
+        let parts: Vec<String> = r.stages.iter().map(|(s, p50, p99)| format!("{s} {p50:.1}/{p99:.1}")).collect();
         println!("stage p50/p99 ms : {} (every validator's tx_stage_latency_ms)", parts.join("  "));
     }
     if !r.bytes_per_tx.is_empty() {

@@ -346,10 +346,16 @@ pub enum Frame {
     Alive,
     /// A peer asks for the bodies of txs (by tx hash) of the value at `seq`;
     /// at most [`MAX_FETCH_TXS`].
-    TxFetch { seq: Seq, tx_hashes: Vec<Hash32> },
+    TxFetch {
+        seq: Seq,
+        tx_hashes: Vec<Hash32>,
+    },
     /// Tx bodies for the value at `seq`, still encoded (the core decodes
     /// them with its event limits); at most [`MAX_FETCH_TXS`].
-    TxBodies { seq: Seq, txs: Vec<proto::Transaction> },
+    TxBodies {
+        seq: Seq,
+        txs: Vec<proto::Transaction>,
+    },
 }
 
 /// Most txs one tx fetch asks for, or one bodies message carries (a block
@@ -463,9 +469,7 @@ pub fn decode_frame(bytes: &[u8], l: &WireLimits) -> Result<Frame, WireError> {
                 .map(digest)
                 .collect::<Result<_, _>>()?,
         }),
-        Some(Msg::TxBodies(b)) => {
-            Ok(Frame::TxBodies { seq: b.seq, txs: bounded(b.txs, MAX_FETCH_TXS, "tx bodies")? })
-        }
+        Some(Msg::TxBodies(b)) => Ok(Frame::TxBodies { seq: b.seq, txs: bounded(b.txs, MAX_FETCH_TXS, "tx bodies")? }),
         _ => from_proto(m, l).map(Frame::Pbft),
     }
 }

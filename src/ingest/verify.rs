@@ -208,7 +208,9 @@ mod tests {
     fn run(v: &mut Verifier, evs: Vec<Event>) -> (Vec<VerifiedTx>, Vec<Rejection>) {
         let (mut a, mut r) = (vec![], vec![]);
         v.process(
-            evs.into_iter().map(|event| Incoming { event, origin: "test".into(), pos: None, received_ms: NOW }).collect(),
+            evs.into_iter()
+                .map(|event| Incoming { event, origin: "test".into(), pos: None, received_ms: NOW })
+                .collect(),
             NOW,
             NOW,
             &mut a,
