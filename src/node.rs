@@ -21,7 +21,7 @@
 use crate::block::{tx_root, Block, BlockHeader, BuilderConfig};
 use crate::bodies::{ask_order, Bodies};
 use crate::consensus::pbft::{
-    Action, Auth, CommitCert, Message, PrePrepare, Proof, Record, Replica, Rid, Seq, Signed, View,
+    without_value, Action, Auth, CommitCert, Message, PrePrepare, Proof, Record, Replica, Rid, Seq, Signed, View,
 };
 use crate::consensus::wire::MAX_FETCH_TXS;
 use crate::crypto::PublicKey;
@@ -620,8 +620,22 @@ impl<A: Auth + Clone> Node<A> {
     /// they are here (and execution has caught up with the replica).
     fn on_pre_prepare(&mut self, now_ms: u64, s: Signed<PrePrepare>, out: &mut Vec<Output>) {
         let seq = s.body.seq;
-        if self.awaiting.contains_key(&seq) || seq > self.replica.executed() + self.replica.params().window {
-            return; // held already (a retransmission), or outside the window
+        if let Some((held, _)) = self.awaiting.get(&seq) {
+            // Held already: a retransmission, or the primary signed two
+            // values for the slot (the replica has seen neither yet).
+            if held.body.digest != s.body.digest && held.body.view == s.body.view {
+                let proof = Proof::PrePrepares(without_value(held), without_value(&s));
+                if self.replica.verify_proof(&proof) {
+                    self.conduct[s.from].equivocations += 1;
+                    self.note_proof(proof);
+                    let what = format!("two pre-prepares for seq {seq} in view {}", s.body.view);
+                    out.push(Output::Evidence { culprit: s.from, what });
+                }
+            }
+            return;
+        }
+        if seq > self.replica.executed() + self.replica.params().window {
+            return; // outside the window: the replica would drop it
         }
         let named = proposal::decode(&s.body.value, self.cfg.builder.max_txs)
             .and_then(|n| proposal::check_named(&n, &self.check_context(now_ms)).map(|()| n));
@@ -2428,5 +2442,29 @@ mod tests {
 
     fn nodes_height(n: &Node<Ed25519Auth>) -> u64 {
         n.replica().executed()
+    }
+
+    #[test]
+    fn a_primary_signing_two_values_for_a_slot_is_caught_while_their_bodies_are_fetched() {
+        use crate::consensus::pbft::{pp_bytes, PrePrepare, Signed, Value};
+        let k = crypto::generate_key();
+        let (mut nodes, keys) = cluster_with_keys(4, &k, 100);
+        let auth0 = Ed25519Auth::new(keys[0].clone(), nodes[0].cfg.validators.clone());
+        let (a, b) = (vtx(&k, 1, 1000), vtx(&k, 2, 1000));
+        let pp = |t: &VerifiedTx| {
+            let value: Value = Arc::new(proposal::encode(1000, std::slice::from_ref(&t.event), &[t.tx_hash]));
+            let body = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
+            Message::PrePrepare(Signed { sig: auth0.sign(&pp_bytes(&body)), body, from: 0 })
+        };
+        // Backup 1 holds neither tx: both values wait for their bodies.
+        let mut out = vec![];
+        nodes[1].on_message(1000, 0, pp(&a), &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Output::Evidence { .. })));
+        nodes[1].on_message(1000, 0, pp(&a), &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Output::Evidence { .. })), "a retransmission is not evidence");
+        nodes[1].on_message(1000, 0, pp(&b), &mut out);
+        assert!(out.iter().any(|o| matches!(o, Output::Evidence { culprit: 0, .. })));
+        assert_eq!(nodes[1].conduct()[0].equivocations, 1);
+        assert_eq!(nodes[1].proofs.len(), 1, "kept to commit");
     }
 }

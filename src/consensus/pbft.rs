@@ -180,7 +180,8 @@ impl Proof {
     }
 }
 
-fn without_value(s: &Signed<PrePrepare>) -> Signed<PrePrepare> {
+/// A pre-prepare as a proof carries it: the signature covers the digest.
+pub fn without_value(s: &Signed<PrePrepare>) -> Signed<PrePrepare> {
     let mut s = s.clone();
     s.body.value = Arc::new(vec![]);
     s
