@@ -1743,8 +1743,8 @@ mod tests {
         assert_eq!(n.mempool_len(), 0);
     }
 
-    #[test]
-    fn four_validators_agree_and_every_tx_commits_once() {
+    /// Four validators that each admitted the same ten txs at 1000 ms.
+    fn four_fed_ten_txs() -> (Vec<Node<Ed25519Auth>>, Vec<Vec<Output>>, Vec<VerifiedTx>) {
         let k = crypto::generate_key();
         let mut nodes = cluster(4, &k, 100);
         let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
@@ -1752,6 +1752,12 @@ mod tests {
         for (i, n) in nodes.iter_mut().enumerate() {
             n.on_txs(1000, txs.clone(), &mut outs[i]);
         }
+        (nodes, outs, txs)
+    }
+
+    #[test]
+    fn four_validators_agree_and_every_tx_commits_once() {
+        let (mut nodes, mut outs, _) = four_fed_ten_txs();
         let mut now = 1000;
         let mut blocks = vec![vec![]; 4];
         while nodes.iter().any(|n| n.mempool_len() > 0) {
@@ -2310,13 +2316,7 @@ mod tests {
 
     #[test]
     fn every_committed_tx_is_timed_through_each_consensus_stage() {
-        let k = crypto::generate_key();
-        let mut nodes = cluster(4, &k, 100);
-        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
-        let txs: Vec<_> = (0..10).map(|i| vtx(&k, i, 1000)).collect();
-        for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(1000, txs.clone(), &mut outs[i]);
-        }
+        let (mut nodes, mut outs, _) = four_fed_ten_txs();
         let mut now = 1000;
         run_until(&mut nodes, &mut outs, &mut now, 20_000, |_, _, _| {}, |n, _| n.iter().all(|n| n.height() >= 3));
         let total = |samples: &[(TxStage, u64, u32)], stage: TxStage| -> u32 {
