@@ -2207,14 +2207,21 @@ mod tests {
         assert!(nodes.iter().all(|n| n.stats().rate_limited == limited[0].len() as u64));
     }
 
-    #[test]
-    fn a_tx_only_the_primary_holds_is_fetched_verified_and_committed_and_values_name_txs() {
+    /// Four validators; the primary alone admitted a tx and proposed it at
+    /// 1200 ms (its outputs not delivered yet).
+    fn the_primary_alone_proposes_a_tx() -> (crypto::SigningKey, Vec<Node<Ed25519Auth>>, Vec<Vec<Output>>, VerifiedTx) {
         let k = crypto::generate_key();
         let mut nodes = cluster(4, &k, 100);
         let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
         let t = vtx(&k, 1, 1000);
         nodes[0].on_txs(1000, vec![t.clone()], &mut outs[0]);
         nodes[0].on_tick(1200, &mut outs[0]);
+        (k, nodes, outs, t)
+    }
+
+    #[test]
+    fn a_tx_only_the_primary_holds_is_fetched_verified_and_committed_and_values_name_txs() {
+        let (_, mut nodes, mut outs, t) = the_primary_alone_proposes_a_tx();
         let value_len = outs[0]
             .iter()
             .find_map(|o| match o {
@@ -2340,12 +2347,7 @@ mod tests {
 
     #[test]
     fn bodies_are_not_fetched_while_the_own_source_is_busy_and_fetches_are_bounded() {
-        let k = crypto::generate_key();
-        let mut nodes = cluster(4, &k, 100);
-        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
-        let t = vtx(&k, 1, 1000);
-        nodes[0].on_txs(1000, vec![t.clone()], &mut outs[0]);
-        nodes[0].on_tick(1200, &mut outs[0]);
+        let (k, mut nodes, mut outs, t) = the_primary_alone_proposes_a_tx();
         settle(&mut nodes, 1200, &mut outs, &[]);
         let asks = |out: &[Output]| out.iter().filter(|o| matches!(o, Output::FetchTxs { .. })).count();
         // Its shards still verify txs: the body is most likely among them.
