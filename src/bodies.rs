@@ -67,10 +67,6 @@ impl Bodies {
         self.missing.len()
     }
 
-    pub fn timestamp_ms(&self) -> u64 {
-        self.named.timestamp_ms
-    }
-
     /// Every tx hash the value names (found or not).
     pub fn tx_hashes(&self) -> impl Iterator<Item = &Hash32> {
         self.named.refs.iter().map(|r| &r.tx_hash)
@@ -85,16 +81,6 @@ impl Bodies {
         self.missing.remove(tx_hash);
         self.found[i] = Some(event.clone());
         true
-    }
-
-    /// Offers every missing tx to `lookup` again (after the mempool grew).
-    pub fn refill(&mut self, mut lookup: impl FnMut(&Hash32) -> Option<Arc<Event>>) {
-        let hashes: Vec<Hash32> = self.missing.keys().copied().collect();
-        for h in hashes {
-            if let Some(e) = lookup(&h) {
-                self.offer(&e, &h);
-            }
-        }
     }
 
     /// When to ask next (ms), if anything is missing.
@@ -173,7 +159,7 @@ mod tests {
         assert!(!b.offer(&Arc::new(resigned), &txs[0].tx_hash()));
         assert!(!b.offer(&txs[1], &txs[1].tx_hash()), "already found");
         assert!(b.offer(&txs[0], &txs[0].tx_hash()));
-        b.refill(|h| (*h == txs[2].tx_hash()).then(|| txs[2].clone()));
+        assert!(b.offer(&txs[2], &txs[2].tx_hash()));
         assert!(b.is_complete());
         assert_eq!(b.next_ask_ms(), None);
         assert_eq!(b.into_proposal().txs, txs);

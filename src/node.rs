@@ -29,7 +29,7 @@ use crate::dlq::{RejectReason, Rejection};
 use crate::event::{Event, Limits};
 use crate::ingest::verify::VerifyPolicy;
 use crate::mempool::{Admit, Mempool, MempoolConfig, VerifiedTx};
-use crate::proposal::{self, CheckContext, Named, Proposal, TxRef};
+use crate::proposal::{self, CheckContext, Named, Proposal};
 /// Leader reputation lives in its own module; re-exported where it was.
 pub use crate::reputation::Reputation;
 use crate::state::{Executed, Receipt, State};
@@ -596,23 +596,19 @@ impl<A: Auth + Clone> Node<A> {
         }
     }
 
-    /// A body this validator holds for `r`: admitted to its mempool, or
-    /// verified and waiting in the backlog (`backlog`: its index, built by
-    /// the caller only when the backlog is not empty).
-    fn held(&self, r: &TxRef, backlog: &HashMap<Hash32, Arc<Event>>) -> Option<Arc<Event>> {
-        self.mempool.get(&r.tx_hash).map(|t| t.event.clone()).or_else(|| backlog.get(&r.tx_hash).cloned())
-    }
-
-    /// The bodies of `named` this validator holds; the rest are asked of
-    /// `first` and then the other validators.
+    /// The bodies of `named` this validator holds (admitted to its
+    /// mempool, or verified and waiting in the backlog); the rest are asked
+    /// of `first` and then the other validators.
     fn resolve(&self, named: Named, first: Rid, now_ms: u64) -> Bodies {
-        let backlog: HashMap<Hash32, Arc<Event>> = if self.backlog.is_empty() {
-            HashMap::new()
-        } else {
-            self.backlog.iter().map(|t| (t.tx_hash, t.event.clone())).collect()
-        };
         let peers = ask_order(self.cfg.validators.len(), first, self.replica.id);
-        Bodies::new(named, |r| self.held(r, &backlog), peers, now_ms)
+        let mut b = Bodies::new(named, |r| self.mempool.get(&r.tx_hash).map(|t| t.event.clone()), peers, now_ms);
+        for t in &self.backlog {
+            if b.is_complete() {
+                break;
+            }
+            b.offer(&t.event, &t.tx_hash);
+        }
+        b
     }
 
     /// A pre-prepare of the current primary not checked yet: decoded and

@@ -134,8 +134,11 @@ pub fn stored_form(value: &[u8]) -> Vec<u8> {
 
 /// The proofs in a stored form (for replaying quarantines at startup).
 pub fn stored_evidence(stored: &[u8]) -> Vec<Proof> {
-    let s = proto::ProposalStored::decode(stored).unwrap_or_default();
-    s.evidence.into_iter().filter_map(|e| proof_from(e, &EVIDENCE_LIMITS).ok()).collect()
+    proofs(proto::ProposalStored::decode(stored).unwrap_or_default().evidence)
+}
+
+fn proofs(evidence: Vec<proto::PbftEvidence>) -> Vec<Proof> {
+    evidence.into_iter().filter_map(|e| proof_from(e, &EVIDENCE_LIMITS).ok()).collect()
 }
 
 /// The value a stored block was ordered as, from its txs and the stored
@@ -144,9 +147,7 @@ pub fn value_of_block(b: &Block, stored: Option<&[u8]>) -> Vec<u8> {
     let (timestamp_ms, evidence) = match stored {
         Some([]) => return vec![], // a null block
         Some(s) => match proto::ProposalStored::decode(s) {
-            Ok(p) => {
-                (p.timestamp_ms, p.evidence.into_iter().filter_map(|e| proof_from(e, &EVIDENCE_LIMITS).ok()).collect())
-            }
+            Ok(p) => (p.timestamp_ms, proofs(p.evidence)),
             Err(_) => (b.header.timestamp_ms, vec![]),
         },
         None if b.txs.is_empty() => return vec![],
