@@ -20,7 +20,7 @@
 
 use crate::block::{header_from_proto, Block, BlockHeader};
 use crate::event::Limits;
-use crate::framed::{FramedError, FramedFile};
+use crate::framed::{FramedError, FramedFile, Mode};
 use crate::{proto, Hash32};
 use prost::Message;
 use std::path::Path;
@@ -41,7 +41,11 @@ pub enum StoreError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recovery {
     pub blocks: u64,
+    /// Bytes cut after the last block kept (or, read-only, that a start
+    /// would cut).
     pub truncated_bytes: u64,
+    /// Intact blocks after a corrupt one that a repair dropped.
+    pub dropped_blocks: u64,
 }
 
 pub struct BlockStore {
@@ -74,10 +78,21 @@ impl BlockStore {
         limits: Limits,
         base: Option<BlockHeader>,
     ) -> Result<(BlockStore, Recovery), StoreError> {
+        Self::open_in(dir, limits, base, Mode::Recover)
+    }
+
+    /// `open_above` in the given mode: `ReadOnly` and `Repair` for
+    /// `cybermesh store check`.
+    pub fn open_in(
+        dir: &Path,
+        limits: Limits,
+        base: Option<BlockHeader>,
+        mode: Mode,
+    ) -> Result<(BlockStore, Recovery), StoreError> {
         let mut index = Vec::new();
         let mut last: Option<BlockHeader> = base.clone();
         let base_height = base.as_ref().map_or(0, |b| b.height);
-        let (log, scan) = FramedFile::open(&dir.join("blocks.dat"), MAGIC, |off, payload| {
+        let (log, scan) = FramedFile::open_with(&dir.join("blocks.dat"), MAGIC, mode, |off, payload| {
             let h = HeaderOnly::decode(payload)
                 .ok()
                 .and_then(|h| h.header)
@@ -94,7 +109,11 @@ impl BlockStore {
             last = Some(h);
             Ok(())
         })?;
-        let rec = Recovery { blocks: index.len() as u64, truncated_bytes: scan.truncated_bytes };
+        let rec = Recovery {
+            blocks: index.len() as u64,
+            truncated_bytes: scan.truncated_bytes,
+            dropped_blocks: scan.dropped_records as u64,
+        };
         Ok((BlockStore { log, index, base, last, limits }, rec))
     }
 
@@ -181,7 +200,7 @@ impl BlockStore {
             return Ok(None);
         };
         let i = (height - self.base_height() - 1) as usize;
-        let corrupt = |detail: String| FramedError::Corrupt {
+        let corrupt = |detail: String| FramedError::BadRead {
             path: self.log.path().to_path_buf(),
             offset: self.index[i],
             index: i,
@@ -303,7 +322,7 @@ mod tests {
         let blocks = chain(5);
         {
             let (mut s, r) = BlockStore::open(dir.path(), Limits::default()).unwrap();
-            assert_eq!(r, Recovery { blocks: 0, truncated_bytes: 0 });
+            assert_eq!(r, Recovery { blocks: 0, truncated_bytes: 0, dropped_blocks: 0 });
             s.append(&[(&blocks[0], None)]).unwrap();
             s.append(&blocks[1..].iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
             assert!(matches!(s.append(&[(&blocks[2], None)]), Err(StoreError::OutOfOrder { .. })));
@@ -380,23 +399,37 @@ mod tests {
         z.extend_from_slice(&[0u8; 100]);
         std::fs::write(d3.path().join("blocks.dat"), &z).unwrap();
         let (_, r) = BlockStore::open(d3.path(), Limits::default()).unwrap();
-        assert_eq!(r, Recovery { blocks: 3, truncated_bytes: 100 });
+        assert_eq!(r, Recovery { blocks: 3, truncated_bytes: 100, dropped_blocks: 0 });
     }
 
     #[test]
-    fn corruption_in_the_middle_is_refused() {
+    fn every_damaged_field_of_every_block_is_refused_unless_it_is_the_last() {
         let dir = tempfile::tempdir().unwrap();
-        let blocks = chain(3);
-        {
+        let blocks = chain(4);
+        let (offsets, lens) = {
             let (mut s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
-            s.append(&blocks.iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
-        }
-        let p = dir.path().join("blocks.dat");
-        let mut full = std::fs::read(&p).unwrap();
-        full[30] ^= 0xff; // inside block 1's payload
-        std::fs::write(&p, &full).unwrap();
-        let err = BlockStore::open(dir.path(), Limits::default()).err().expect("must refuse");
-        assert!(matches!(err, StoreError::Log(FramedError::Corrupt { .. })), "{err}");
-        assert!(err.to_string().contains("refusing to truncate"));
+            s.append(&[(&blocks[0], None), (&blocks[1], None)]).unwrap();
+            s.append(&[(&blocks[2], None), (&blocks[3], None)]).unwrap();
+            let offsets: Vec<usize> = s.index.iter().map(|&o| o as usize).collect();
+            let lens = (1..=4).map(|h| s.read_raw(h).unwrap().unwrap().len()).collect::<Vec<_>>();
+            (offsets, lens)
+        };
+        let path = dir.path().join("blocks.dat");
+        let file = std::fs::read(&path).unwrap();
+        crate::framed::tests::check_every_damage(&path, &file, &offsets, &lens, &|mode| {
+            match BlockStore::open_in(dir.path(), Limits::default(), None, mode) {
+                Ok((s, r)) => {
+                    assert_eq!(s.height(), r.blocks);
+                    let scan = crate::framed::Scan {
+                        records: r.blocks as usize,
+                        truncated_bytes: r.truncated_bytes,
+                        dropped_records: r.dropped_blocks as usize,
+                    };
+                    Ok((r.blocks as usize, scan))
+                }
+                Err(StoreError::Log(e)) => Err(e),
+                Err(e) => panic!("{e}"),
+            }
+        });
     }
 }

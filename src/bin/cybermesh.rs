@@ -66,10 +66,15 @@ enum ConfigCmd {
 
 #[derive(Subcommand)]
 enum StoreCmd {
-    /// Open a block store (recovering a torn tail), re-read every block and check the chain.
+    /// Check a validator's block store and consensus log without modifying them: re-read every block,
+    /// check the chain, and report a torn tail (which the validator's next start truncates) or corruption.
     Check {
         #[arg(long)]
         data_dir: PathBuf,
+        /// Cut each file at its first damaged record, dropping it and every record after it (the validator
+        /// then fetches the missing blocks from its peers). Only for corruption the check reported.
+        #[arg(long)]
+        repair: bool,
     },
 }
 
@@ -167,45 +172,73 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", toml::to_string_pretty(&Config::default())?);
             Ok(())
         }
-        Cmd::Store { cmd: StoreCmd::Check { data_dir } } => {
-            let base = cybermesh::snapshot::read_base_header(&data_dir)?;
-            let (store, rec) = BlockStore::open_above(&data_dir, Default::default(), base.clone())?;
-            let mut txs = 0usize;
-            let mut repeats = 0usize;
-            let mut nonces = std::collections::HashSet::new();
-            let mut prev: Option<cybermesh::block::BlockHeader> = base;
-            for h in store.base_height() + 1..=store.height() {
-                let (b, _) = store.read(h)?.context("indexed block missing")?;
-                b.validate(
-                    prev.as_ref(),
-                    &cybermesh::block::BuilderConfig {
-                        max_txs: usize::MAX,
-                        max_bytes: usize::MAX,
-                        ..Default::default()
-                    },
-                )
-                .with_context(|| format!("block {h}"))?;
-                txs += b.txs.len();
-                // A tx ordered twice (possible after a view change) executes
-                // once; the second copy is a no-op "duplicate" receipt.
-                repeats += b.txs.iter().filter(|t| !nonces.insert(t.nonce)).count();
-                prev = Some(b.header);
-            }
-            println!(
-                "block store OK: {} blocks{}, {txs} txs ({repeats} repeated), last view {}, torn tail truncated: {} bytes, last hash {}",
-                store.height(),
-                match store.base_height() {
-                    0 => String::new(),
-                    b => format!(" (from a snapshot at height {b})"),
-                },
-                prev.as_ref().map_or(0, |h| h.view),
-                rec.truncated_bytes,
-                hex::encode(store.last_hash())
-            );
-            Ok(())
-        }
+        Cmd::Store { cmd: StoreCmd::Check { data_dir, repair } } => store_check(&data_dir, repair),
         Cmd::Debug { cmd: DebugCmd::StoreWriter { data_dir } } => store_writer(&data_dir),
     }
+}
+
+fn store_check(data_dir: &std::path::Path, repair: bool) -> anyhow::Result<()> {
+    use cybermesh::framed::Mode;
+    let mode = if repair { Mode::Repair } else { Mode::ReadOnly };
+    let tail = |bytes: u64| match (bytes, repair) {
+        (0, _) => String::new(),
+        (b, false) => format!(", torn tail of {b} bytes (the validator's next start truncates it)"),
+        (b, true) => format!(", {b} bytes cut"),
+    };
+    let base = cybermesh::snapshot::read_base_header(data_dir)?;
+    let (store, rec) = BlockStore::open_in(data_dir, Default::default(), base.clone(), mode)?;
+    let mut txs = 0usize;
+    let mut repeats = 0usize;
+    let mut nonces = std::collections::HashSet::new();
+    let mut prev: Option<cybermesh::block::BlockHeader> = base;
+    for h in store.base_height() + 1..=store.height() {
+        let (b, _) = store.read(h)?.context("indexed block missing")?;
+        b.validate(
+            prev.as_ref(),
+            &cybermesh::block::BuilderConfig { max_txs: usize::MAX, max_bytes: usize::MAX, ..Default::default() },
+        )
+        .with_context(|| format!("block {h}"))?;
+        txs += b.txs.len();
+        // A tx ordered twice (possible after a view change) executes
+        // once; the second copy is a no-op "duplicate" receipt.
+        repeats += b.txs.iter().filter(|t| !nonces.insert(t.nonce)).count();
+        prev = Some(b.header);
+    }
+    println!(
+        "block store OK: {} blocks{}, {txs} txs ({repeats} repeated), last view {}, last hash {}{}{}",
+        store.height(),
+        match store.base_height() {
+            0 => String::new(),
+            b => format!(" (from a snapshot at height {b})"),
+        },
+        prev.as_ref().map_or(0, |h| h.view),
+        hex::encode(store.last_hash()),
+        tail(rec.truncated_bytes),
+        match rec.dropped_blocks {
+            0 => String::new(),
+            d => format!(", {d} intact blocks after the corrupt one dropped"),
+        }
+    );
+    if data_dir.join("consensus.log").exists() {
+        // Limits as wide as the format allows: this reads a log, it does not
+        // admit messages.
+        let wide = cybermesh::consensus::wire::WireLimits {
+            n: 1 << 16,
+            max_value_bytes: cybermesh::framed::MAX_RECORD as usize,
+            window: 1 << 20,
+        };
+        let (_, records, scan) = cybermesh::consensus::log::ConsensusLog::open_in(data_dir, &wide, mode)?;
+        println!(
+            "consensus log OK: {} records{}{}",
+            records.len(),
+            tail(scan.truncated_bytes),
+            match scan.dropped_records {
+                0 => String::new(),
+                d => format!(", {d} intact records after the corrupt one dropped"),
+            }
+        );
+    }
+    Ok(())
 }
 
 fn store_writer(dir: &std::path::Path) -> anyhow::Result<()> {

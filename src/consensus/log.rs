@@ -5,7 +5,7 @@
 
 use super::pbft::Record;
 use super::wire::{decode_record, encode_record, encode_record_into, WireLimits};
-use crate::framed::{FramedError, FramedFile, Scan};
+use crate::framed::{FramedError, FramedFile, Mode, Scan};
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"CMPBFT01";
@@ -17,8 +17,17 @@ pub struct ConsensusLog {
 impl ConsensusLog {
     /// Opens `dir/consensus.log`, returning the records in order.
     pub fn open(dir: &Path, limits: &WireLimits) -> Result<(ConsensusLog, Vec<Record>, Scan), FramedError> {
+        Self::open_in(dir, limits, Mode::Recover)
+    }
+
+    /// `open` in the given mode (`ReadOnly`, `Repair`: `cybermesh store check`).
+    pub fn open_in(
+        dir: &Path,
+        limits: &WireLimits,
+        mode: Mode,
+    ) -> Result<(ConsensusLog, Vec<Record>, Scan), FramedError> {
         let mut records = Vec::new();
-        let (file, scan) = FramedFile::open(&dir.join("consensus.log"), MAGIC, |_, payload| {
+        let (file, scan) = FramedFile::open_with(&dir.join("consensus.log"), MAGIC, mode, |_, payload| {
             records.push(decode_record(payload, limits).map_err(|e| e.to_string())?);
             Ok(())
         })?;
@@ -118,5 +127,28 @@ mod tests {
         let (_, got, _) = ConsensusLog::open(dir.path(), &l).unwrap();
         assert_eq!(got, vec![view(99), view(100)]);
         assert!(!dir.path().join("consensus.compact").exists());
+    }
+
+    #[test]
+    fn every_damaged_field_of_every_record_is_refused_unless_it_is_the_last() {
+        let l = WireLimits { n: 4, max_value_bytes: 1 << 20, window: 16 };
+        let dir = tempfile::tempdir().unwrap();
+        let recs: Vec<Record> = (0..4).map(|v| Record::View { view: v * 1000, changing: v % 2 == 1 }).collect();
+        {
+            let (mut log, _, _) = ConsensusLog::open(dir.path(), &l).unwrap();
+            log.append(&recs[..1]).unwrap();
+            log.append(&recs[1..]).unwrap();
+        }
+        let lens: Vec<usize> = recs.iter().map(|r| encode_record(r).len()).collect();
+        let offsets: Vec<usize> = lens.iter().scan(8, |at, len| Some(std::mem::replace(at, *at + 8 + len))).collect();
+        let path = dir.path().join("consensus.log");
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(file.len(), offsets[3] + 8 + lens[3]);
+        crate::framed::tests::check_every_damage(&path, &file, &offsets, &lens, &|mode| {
+            ConsensusLog::open_in(dir.path(), &l, mode).map(|(_, got, scan)| {
+                assert_eq!(got, recs[..got.len()].to_vec(), "a prefix survives");
+                (got.len(), scan)
+            })
+        });
     }
 }
