@@ -118,7 +118,10 @@ fn frame_at(data: &[u8], at: usize) -> Result<u32, String> {
         return Err(format!("length field {len} is above the largest record ({MAX_RECORD})"));
     }
     if HEADER as usize + len as usize > rest {
-        return Err(format!("length field {len} runs past the end of the file ({} bytes left)", rest - HEADER as usize));
+        return Err(format!(
+            "length field {len} runs past the end of the file ({} bytes left)",
+            rest - HEADER as usize
+        ));
     }
     let payload = &data[at + HEADER as usize..at + HEADER as usize + len as usize];
     if crc(len, payload) != u32_at(data, at + 4) {
@@ -248,13 +251,8 @@ impl FramedFile {
                 std::fs::create_dir_all(dir).map_err(io)?;
             }
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .create(writable)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
+        let mut file =
+            OpenOptions::new().read(true).write(writable).create(writable).truncate(false).open(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len < magic.len() as u64 {
             if !writable {
@@ -506,8 +504,11 @@ pub(crate) mod tests {
     fn every_damaged_field_of_every_record_is_a_torn_tail_only_when_last() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let payloads: Vec<Vec<u8>> =
-            [0usize, 1, 17, 40, 3].iter().enumerate().map(|(i, &l)| (0..l).map(|j| (i * 31 + j) as u8).collect()).collect();
+        let payloads: Vec<Vec<u8>> = [0usize, 1, 17, 40, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (0..l).map(|j| (i * 31 + j) as u8).collect())
+            .collect();
         {
             let (mut f, _) = FramedFile::open(&path, MAGIC, |_, _| Ok(())).unwrap();
             f.append(payloads[..2].iter().map(|p| p.as_slice())).unwrap();

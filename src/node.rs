@@ -544,6 +544,13 @@ impl<A: Auth + Clone> Node<A> {
             Message::Fetch { from: asker, from_seq } => {
                 if asker == from && asker != self.replica.id {
                     out.push(Output::ServeFetch { to: asker, from_seq });
+                    // One asking from an older view needs this view's
+                    // new-view to vote again (`Replica::ask_for_view`).
+                    self.replica.set_time(now_ms);
+                    if let Some(nv) = self.replica.new_view_for(asker) {
+                        self.actions.push(Action::Send(asker, Message::NewView(nv)));
+                        self.step(now_ms, out);
+                    }
                 }
                 return;
             }
@@ -553,7 +560,8 @@ impl<A: Auth + Clone> Node<A> {
                     && s.from == self.replica.primary(s.body.view)
                     && s.from != self.replica.id
                     && s.body.seq > self.replica.executed()
-                    && !self.checked.contains_key(&s.body.digest) =>
+                    && !self.checked.contains_key(&s.body.digest)
+                    && !self.replica.holds_pre_prepare(s.body.view, s.body.seq, &s.body.digest) =>
             {
                 self.slot_time(s.body.seq, now_ms, |t| &mut t.pre_prepared_ms);
                 self.on_pre_prepare(now_ms, s, out);
@@ -998,12 +1006,16 @@ impl<A: Auth + Clone> Node<A> {
     fn step(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         // Deadlines set below count from now, even before the first tick.
         self.replica.set_time(now_ms);
+        // Set once the pending txs were all in flight already: nothing to
+        // propose until something changes (a later step).
+        let mut nothing_to_propose = false;
         loop {
             self.note_view();
             let unproposed_proofs = self.proofs.iter().any(|(_, proposed)| !proposed);
             // A primary whose execution lags its replica (bodies missing)
             // does not propose: its mempool and state are not current.
-            if self.replica.can_propose()
+            if !nothing_to_propose
+                && self.replica.can_propose()
                 && self.exec_queue.is_empty()
                 && (unproposed_proofs
                     || self.cfg.builder.should_build(
@@ -1037,6 +1049,13 @@ impl<A: Auth + Clone> Node<A> {
                         evidence.push(p.clone());
                     }
                 }
+                if events.is_empty() && evidence.is_empty() {
+                    // Every pending tx is in flight (after a view change:
+                    // re-proposed by the new-view): an empty proposal would
+                    // be refused by every backup as misbehaviour.
+                    nothing_to_propose = true;
+                    continue;
+                }
                 let value = Arc::new(proposal::encode_with(ts, &events, &tx_hashes, &evidence));
                 // Its execution (queued in `actions`) finds it decoded here.
                 let digest = self.replica.propose(value, &mut self.actions);
@@ -1046,6 +1065,8 @@ impl<A: Auth + Clone> Node<A> {
                 // Txs wait, or a proposal's bodies: the primary must get
                 // something ordered before the timeout.
                 self.replica.expect_progress();
+            } else if !self.replica.is_primary() && self.exec_queue.is_empty() {
+                self.replica.expect_nothing();
             }
             if self.actions.is_empty() {
                 return;
@@ -1749,6 +1770,67 @@ mod tests {
             n.on_txs(1000, txs.clone(), &mut outs[i]);
         }
         (nodes, outs, txs)
+    }
+
+    /// A new primary whose pending txs the new-view re-proposes has nothing
+    /// to propose: it must not propose an empty value (backups refuse those
+    /// as misbehaviour, and the view would change again and again).
+    #[test]
+    fn a_new_primary_with_every_pending_tx_re_proposed_proposes_nothing_empty() {
+        let (mut nodes, mut outs, txs) = four_fed_ten_txs();
+        nodes[0].on_tick(1100, &mut outs[0]);
+        // Pre-prepares and prepares flow, commits are lost: every backup
+        // holds a prepared certificate, nothing commits.
+        loop {
+            let mut msgs = vec![];
+            for (i, out) in outs.iter_mut().enumerate() {
+                for o in out.drain(..) {
+                    match o {
+                        Output::Broadcast(m) => msgs.push((i, m)),
+                        Output::Send(_, m) => msgs.push((i, m)),
+                        _ => {}
+                    }
+                }
+            }
+            msgs.retain(
+                |(_, m)| !matches!(m, Message::Vote(v) if v.body.phase == crate::consensus::pbft::Phase::Commit),
+            );
+            if msgs.is_empty() {
+                break;
+            }
+            for (from, m) in msgs {
+                for (j, n) in nodes.iter_mut().enumerate().filter(|(j, _)| *j != from) {
+                    n.on_message(1100, from, m.clone(), &mut outs[j]);
+                }
+            }
+        }
+        assert!(nodes.iter().all(|n| n.height() == 0));
+        // The primary goes; the others change view and validator 1 leads.
+        for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+            n.replica.set_time(1200);
+            n.replica.suspect_primary(&mut n.actions);
+            n.step(1200, &mut outs[i]);
+        }
+        let mut now = 1200;
+        let mut committed = vec![vec![]; 4];
+        while nodes[1..].iter().any(|n| n.height() == 0) {
+            now += 100;
+            assert!(now < 120_000, "nothing committed after the view change");
+            for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+                n.on_tick(now, &mut outs[i]);
+            }
+            outs[0].clear();
+            let c = settle(&mut nodes, now, &mut outs, &[0]);
+            for (i, b) in c.into_iter().enumerate() {
+                committed[i].extend(b);
+            }
+        }
+        for (i, n) in nodes.iter().enumerate().skip(1) {
+            assert_eq!(n.replica().view(), 1, "validator {i}: one view change, not a cascade");
+            assert_eq!(n.stats().proposals_refused, 0, "validator {i} refused a proposal");
+            assert_eq!(n.conduct()[1].invalid_proposals, 0);
+            assert_eq!(committed_ids(&committed[i]).len(), txs.len(), "validator {i}: every tx once");
+        }
     }
 
     #[test]

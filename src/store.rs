@@ -416,20 +416,23 @@ mod tests {
         };
         let path = dir.path().join("blocks.dat");
         let file = std::fs::read(&path).unwrap();
-        crate::framed::tests::check_every_damage(&path, &file, &offsets, &lens, &|mode| {
-            match BlockStore::open_in(dir.path(), Limits::default(), None, mode) {
-                Ok((s, r)) => {
-                    assert_eq!(s.height(), r.blocks);
-                    let scan = crate::framed::Scan {
-                        records: r.blocks as usize,
-                        truncated_bytes: r.truncated_bytes,
-                        dropped_records: r.dropped_blocks as usize,
-                    };
-                    Ok((r.blocks as usize, scan))
-                }
-                Err(StoreError::Log(e)) => Err(e),
-                Err(e) => panic!("{e}"),
+        crate::framed::tests::check_every_damage(&path, &file, &offsets, &lens, &|mode| match BlockStore::open_in(
+            dir.path(),
+            Limits::default(),
+            None,
+            mode,
+        ) {
+            Ok((s, r)) => {
+                assert_eq!(s.height(), r.blocks);
+                let scan = crate::framed::Scan {
+                    records: r.blocks as usize,
+                    truncated_bytes: r.truncated_bytes,
+                    dropped_records: r.dropped_blocks as usize,
+                };
+                Ok((r.blocks as usize, scan))
             }
+            Err(StoreError::Log(e)) => Err(e),
+            Err(e) => panic!("{e}"),
         });
     }
 }

@@ -65,7 +65,11 @@ fn store_check_tells_a_torn_tail_from_corruption_and_repairs_only_when_asked() {
             c.arg("--repair");
         }
         let out = c.output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let path = dir.path().join("blocks.dat");
     // Recover once (the kill may have left a torn tail), then add one.

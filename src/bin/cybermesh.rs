@@ -72,7 +72,8 @@ enum StoreCmd {
         #[arg(long)]
         data_dir: PathBuf,
         /// Cut each file at its first damaged record, dropping it and every record after it (the validator
-        /// then fetches the missing blocks from its peers). Only for corruption the check reported.
+        /// then fetches the missing blocks from its peers). Only for corruption the check reported. A repaired
+        /// consensus log may have lost votes this validator sent: the cluster tolerates f such validators.
         #[arg(long)]
         repair: bool,
     },

@@ -115,8 +115,18 @@ pub enum Message {
         from_seq: Seq,
     },
     Committed(CommitCert),
-    /// The primary is alive in `view` (signed by it).
-    Heartbeat(Signed<View>),
+    /// The primary is alive in its view, and has executed this far (signed
+    /// by it).
+    Heartbeat(Signed<Heartbeat>),
+}
+
+/// A primary's periodic sign of life. `executed` lets a replica that fell
+/// behind while the cluster went idle (its last seq not a checkpoint, so no
+/// checkpoint tells it) notice and fetch what it lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub view: View,
+    pub executed: Seq,
 }
 
 /// What a replica must make durable before the sends that follow it in the
@@ -278,9 +288,10 @@ fn vc_bytes(c: &ViewChange) -> Vec<u8> {
     }
     v
 }
-fn hb_bytes(v: &View) -> Vec<u8> {
-    let mut b = b"pbft.heartbeat".to_vec();
-    b.extend_from_slice(&v.to_be_bytes());
+fn hb_bytes(h: &Heartbeat) -> Vec<u8> {
+    let mut b = b"pbft.heartbeat.v2".to_vec();
+    b.extend_from_slice(&h.view.to_be_bytes());
+    b.extend_from_slice(&h.executed.to_be_bytes());
     b
 }
 fn nv_bytes(n: &NewView) -> Vec<u8> {
@@ -312,6 +323,36 @@ struct Slot {
     /// load every slot in flight is young, and re-sending megabyte values
     /// that are on their way anyway swamped the links (see `retransmit`).
     touched: u64,
+}
+
+/// Why a replica left its view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewChangeCause {
+    /// Still in the view it started or recovered in.
+    None,
+    /// Work waited longer than the view-change timeout.
+    Timeout,
+    /// The primary sent neither heartbeats nor proposals.
+    SilentPrimary,
+    /// f + 1 replicas asked for a later view (PBFT §4.5.2's liveness rule).
+    Asked,
+    /// The application suspected the primary (censorship check).
+    Suspected,
+    /// A new-view for a later view arrived (it missed the view change).
+    NewView,
+}
+
+impl ViewChangeCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ViewChangeCause::None => "none",
+            ViewChangeCause::Timeout => "timeout",
+            ViewChangeCause::SilentPrimary => "silent primary",
+            ViewChangeCause::Asked => "f + 1 validators asked",
+            ViewChangeCause::Suspected => "primary suspected",
+            ViewChangeCause::NewView => "new-view received",
+        }
+    }
 }
 
 /// One replica. All fields but the retransmission clocks (`Slot::touched`,
@@ -353,8 +394,18 @@ pub struct Replica<A: Auth + Clone> {
     /// new-view retransmits go out only once execution has stalled.
     executed_at: u64,
     now: u64,
-    /// The new-view this replica sent as primary (retransmitted to laggards).
+    /// The new-view that started this replica's view (made as its primary,
+    /// or received): retransmitted by the primary once execution stalls,
+    /// and sent to a replica that asks from an older view.
     last_new_view: Option<Signed<NewView>>,
+    /// Why this replica last left a view (for operators' logs).
+    view_change_cause: ViewChangeCause,
+    /// Replica time before which this replica does not ask again for a
+    /// later view's new-view (`ask_for_view`).
+    next_view_ask_ms: u64,
+    /// When (replica time) the new-view was last sent to each replica that
+    /// asked for it: at most once per retransmit interval each.
+    new_view_sent_ms: Vec<Option<u64>>,
     /// None until the first tick (a new or recovered replica starts counting then).
     last_heartbeat: Option<u64>,
     next_heartbeat: u64,
@@ -370,6 +421,7 @@ impl<A: Auth + Clone> Replica<A> {
         assert!(p.n >= 4 || p.n == 1, "n must be 1 or at least 4");
         assert!(id < p.n);
         let timeout_ms = p.timeout_ms;
+        let n = p.n;
         Replica {
             id,
             p,
@@ -395,6 +447,9 @@ impl<A: Auth + Clone> Replica<A> {
             executed_at: 0,
             now: 0,
             last_new_view: None,
+            next_view_ask_ms: 0,
+            view_change_cause: ViewChangeCause::None,
+            new_view_sent_ms: vec![None; n],
             last_heartbeat: None,
             next_heartbeat: 0,
             excluded: BTreeSet::new(),
@@ -664,8 +719,36 @@ impl<A: Auth + Clone> Replica<A> {
         }
     }
 
+    /// Whether this replica holds exactly this pre-prepare (e.g. from the
+    /// new-view that started its view: a re-sent copy needs no new check).
+    pub fn holds_pre_prepare(&self, view: View, seq: Seq, digest: &Hash32) -> bool {
+        self.log
+            .get(&seq)
+            .and_then(|s| s.pre_prepare.as_ref())
+            .is_some_and(|p| p.body.view == view && p.body.digest == *digest)
+    }
+
+    /// The application holds no work any more: a deadline that only
+    /// `expect_progress` set lapses (the txs it waited for committed, or
+    /// left), so an idle view is not changed for a reason that is gone. A
+    /// deadline for this replica's own unexecuted pre-prepares stays.
+    pub fn expect_nothing(&mut self) {
+        if self.deadline.is_some()
+            && !self.changing
+            && self.queue.is_empty()
+            && !self.log.range(self.executed + 1..).any(|(_, s)| s.pre_prepare.is_some())
+        {
+            self.deadline = None;
+        }
+    }
+
     pub fn params(&self) -> &Params {
         &self.p
+    }
+
+    /// Why this replica last left a view.
+    pub fn view_change_cause(&self) -> ViewChangeCause {
+        self.view_change_cause
     }
 
     /// True between sending a view change and accepting the new view.
@@ -678,7 +761,7 @@ impl<A: Auth + Clone> Replica<A> {
     /// txs): move to the next view now, as the view-change timer would.
     pub fn suspect_primary(&mut self, out: &mut Vec<Action>) {
         if !self.changing && !self.is_primary() {
-            self.start_view_change(self.view + 1, out);
+            self.start_view_change(self.view + 1, ViewChangeCause::Suspected, out);
         }
     }
 
@@ -752,21 +835,22 @@ impl<A: Auth + Clone> Replica<A> {
         self.now = now;
         if let Some(d) = self.deadline {
             if now >= d {
-                self.start_view_change(self.view + 1, out);
+                self.start_view_change(self.view + 1, ViewChangeCause::Timeout, out);
             }
         }
         if self.p.heartbeat_ms > 0 && !self.changing {
             if self.is_primary() {
                 if now >= self.next_heartbeat {
                     self.next_heartbeat = now + self.p.heartbeat_ms;
-                    let v = self.view;
-                    out.push(Action::Broadcast(Message::Heartbeat(self.sign(v, hb_bytes(&v)))));
+                    let h = Heartbeat { view: self.view, executed: self.executed };
+                    let bytes = hb_bytes(&h);
+                    out.push(Action::Broadcast(Message::Heartbeat(self.sign(h, bytes))));
                 }
             } else if now.saturating_sub(*self.last_heartbeat.get_or_insert(now))
                 > self.p.heartbeat_ms * self.p.missed_heartbeats
             {
                 // A silent primary is replaced even when there is no work.
-                self.start_view_change(self.view + 1, out);
+                self.start_view_change(self.view + 1, ViewChangeCause::SilentPrimary, out);
             }
         }
         if now >= self.next_retransmit {
@@ -798,7 +882,7 @@ impl<A: Auth + Clone> Replica<A> {
             }
             return;
         }
-        if let Some(nv) = self.last_new_view.as_ref().filter(|_| exec_stalled) {
+        if let Some(nv) = self.last_new_view.as_ref().filter(|_| exec_stalled && self.is_primary()) {
             if nv.body.view == self.view {
                 out.push(Action::Broadcast(Message::NewView(nv.clone())));
             }
@@ -834,6 +918,8 @@ impl<A: Auth + Clone> Replica<A> {
                     // big proposals); lack of progress is the deadline's job.
                     self.last_heartbeat = Some(self.now);
                     self.accept_pre_prepare(s, out);
+                } else {
+                    self.ask_for_view(s.body.view, s.from, out);
                 }
             }
             Message::Vote(s) => {
@@ -869,18 +955,73 @@ impl<A: Auth + Clone> Replica<A> {
                     for (_, c) in self.committed.range(from_seq..).take(self.p.window as usize) {
                         out.push(Action::Send(from, Message::Committed(c.clone())));
                     }
+                    if let Some(nv) = self.new_view_for(from) {
+                        out.push(Action::Send(from, Message::NewView(nv)));
+                    }
                 }
             }
             Message::Committed(c) => self.on_commit_cert(c, out),
             Message::Heartbeat(s) => {
-                if s.body == self.view
-                    && s.from == self.primary(s.body)
+                if s.body.view == self.view
+                    && !self.changing
+                    && s.from == self.primary(s.body.view)
                     && self.auth.verify(s.from, &hb_bytes(&s.body), &s.sig)
                 {
                     self.last_heartbeat = Some(self.now);
+                    if s.body.executed > self.executed {
+                        self.ask_to_catch_up(s.from, out);
+                    }
+                } else {
+                    self.ask_for_view(s.body.view, s.from, out);
                 }
             }
         }
+    }
+
+    /// A message of view `view` from `from`: if that is a later view (or the
+    /// one this replica is still changing to) and `from` leads it, this
+    /// replica missed its new-view (it was down or cut off while the others
+    /// moved on) and nothing re-sends it while the view makes progress, so
+    /// it asks `from`, with a fetch of what it has not executed; at most once
+    /// per retransmit interval (signatures are not checked for this: the
+    /// worst a forged message can do is cause one such fetch).
+    fn ask_for_view(&mut self, view: View, from: Rid, out: &mut Vec<Action>) {
+        let later = view > self.view || (view == self.view && self.changing);
+        if !later
+            || from >= self.p.n
+            || from == self.id
+            || from != self.primary(view)
+            || self.now < self.next_view_ask_ms
+        {
+            return;
+        }
+        self.next_view_ask_ms = self.now + self.p.retransmit_ms;
+        out.push(Action::Send(from, Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
+    }
+
+    /// The primary has executed more than this replica: once this
+    /// replica's own execution has stalled for a retransmit interval (it is
+    /// not catching up already), it fetches from the primary; at most once
+    /// per interval (shares `ask_for_view`'s timer).
+    fn ask_to_catch_up(&mut self, primary: Rid, out: &mut Vec<Action>) {
+        if self.now.saturating_sub(self.executed_at) < self.p.retransmit_ms || self.now < self.next_view_ask_ms {
+            return;
+        }
+        self.next_view_ask_ms = self.now + self.p.retransmit_ms;
+        out.push(Action::Send(primary, Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
+    }
+
+    /// The new-view of this replica's view, for replica `to` that asked with
+    /// a fetch; `None` in view 0, while changing, or if `to` had it within
+    /// the last retransmit interval.
+    pub fn new_view_for(&mut self, to: Rid) -> Option<Signed<NewView>> {
+        let nv = self.last_new_view.as_ref().filter(|nv| nv.body.view == self.view && !self.changing)?;
+        let sent = self.new_view_sent_ms.get_mut(to)?;
+        if sent.is_some_and(|at| self.now < at + self.p.retransmit_ms) {
+            return None;
+        }
+        *sent = Some(self.now);
+        Some(nv.clone())
     }
 
     fn in_window(&self, seq: Seq) -> bool {
@@ -1159,10 +1300,11 @@ impl<A: Auth + Clone> Replica<A> {
 
     // ---- view change ------------------------------------------------------
 
-    fn start_view_change(&mut self, new_view: View, out: &mut Vec<Action>) {
+    fn start_view_change(&mut self, new_view: View, cause: ViewChangeCause, out: &mut Vec<Action>) {
         if new_view < self.view || (new_view == self.view && self.changing) {
             return;
         }
+        self.view_change_cause = cause;
         if let Some(e) = self.next_excluded.take() {
             self.excluded = e;
         }
@@ -1272,7 +1414,7 @@ impl<A: Auth + Clone> Replica<A> {
         }
         if senders.len() > self.p.f() {
             let smallest = *senders.values().min().expect("non-empty");
-            self.start_view_change(smallest, out);
+            self.start_view_change(smallest, ViewChangeCause::Asked, out);
             return;
         }
         let nv = self.view;
@@ -1351,6 +1493,10 @@ impl<A: Auth + Clone> Replica<A> {
             out.push(Action::Evidence { culprit: s.from, what: "new-view with wrong pre-prepares", proof: None });
             return;
         }
+        if b.view > self.view {
+            self.view_change_cause = ViewChangeCause::NewView; // joined without asking
+        }
+        self.last_new_view = Some(s.clone());
         self.enter_view(s.body, out);
     }
 
@@ -1410,6 +1556,121 @@ mod tests {
             heartbeat_ms: 0,
             ..Params::manual_defaults(4)
         }
+    }
+
+    /// Delivers every message `out` sends and what the replies send, until
+    /// quiet; messages to replicas in `down` are lost.
+    fn pump(rs: &mut [Replica<NoAuth>], down: &[Rid], from: Rid, out: Vec<Action>) {
+        let mut queue: VecDeque<(Rid, Rid, Message)> = VecDeque::new();
+        let route = |queue: &mut VecDeque<_>, from: Rid, out: Vec<Action>| {
+            for a in out {
+                match a {
+                    Action::Broadcast(m) => {
+                        (0..4).filter(|&to| to != from).for_each(|to| queue.push_back((from, to, m.clone())))
+                    }
+                    Action::Send(to, m) => queue.push_back((from, to, m)),
+                    _ => {}
+                }
+            }
+        };
+        route(&mut queue, from, out);
+        while let Some((_, to, m)) = queue.pop_front() {
+            if down.contains(&to) {
+                continue;
+            }
+            let mut out = vec![];
+            rs[to].on_message(m, &mut out);
+            route(&mut queue, to, out);
+        }
+    }
+
+    #[test]
+    fn a_replica_restarted_in_an_old_view_asks_for_the_new_view_and_votes_again() {
+        let p = Params { retransmit_ms: 100, ..params() };
+        let mut rs: Vec<Replica<NoAuth>> = (0..4).map(|i| Replica::new(i, p.clone(), NoAuth)).collect();
+        let value = |i: u8| -> Value { Arc::new(vec![i; 8]) };
+        // Replica 3 is down; the others move to view 1 (primary 1) and commit.
+        for r in 0..3 {
+            rs[r].set_time(10);
+            if rs[r].view() == 0 {
+                let mut out = vec![];
+                rs[r].start_view_change(1, ViewChangeCause::Suspected, &mut out);
+                pump(&mut rs, &[3], r, out);
+            }
+        }
+        assert!(
+            (0..3).all(|r| rs[r].view() == 1 && !rs[r].changing),
+            "{:?}",
+            rs.iter().map(|r| (r.view(), r.changing)).collect::<Vec<_>>()
+        );
+        let mut out = vec![];
+        rs[1].propose(value(1), &mut out);
+        pump(&mut rs, &[3], 1, out);
+        assert!((0..3).all(|r| rs[r].executed() == 1));
+        // Replica 3 restarts with no memory of view 1. The primary's next
+        // proposal reaches it; in view 0 it ignores it, asks the primary, and
+        // gets the certificate it missed and the new-view.
+        rs[3] = Replica::new(3, p.clone(), NoAuth);
+        rs[3].set_time(20);
+        assert_eq!(rs[3].view(), 0);
+        let mut out = vec![];
+        rs[1].set_time(20);
+        rs[1].propose(value(2), &mut out);
+        pump(&mut rs, &[], 1, out);
+        assert_eq!((rs[3].view(), rs[3].changing), (1, false), "replica 3 joined view 1");
+        // The proposal it ignored in view 0 comes with its next fetch.
+        let mut out = vec![];
+        rs[3].on_tick(20 + 2 * p.retransmit_ms, &mut out);
+        pump(&mut rs, &[], 3, out);
+        assert_eq!(rs[3].executed(), 2, "and caught up");
+        // It votes again: with replica 0 down, 1, 2 and 3 commit the next value.
+        let mut out = vec![];
+        rs[1].propose(value(3), &mut out);
+        pump(&mut rs, &[0], 1, out);
+        assert!([1, 2, 3].iter().all(|&r| rs[r].executed() == 3), "a quorum with the restarted replica commits");
+        // A second ask within the retransmit interval gets no second new-view.
+        assert!(rs[1].new_view_for(3).is_none());
+        rs[1].set_time(20 + p.retransmit_ms);
+        assert!(rs[1].new_view_for(3).is_some());
+    }
+
+    #[test]
+    fn a_replica_behind_an_idle_primary_fetches_when_its_heartbeat_says_so() {
+        let p = Params { retransmit_ms: 100, ..params() };
+        let mut r = Replica::new(3, p, NoAuth);
+        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 0, sig: vec![] });
+        let fetches = |out: &[Action]| {
+            out.iter().filter(|a| matches!(a, Action::Send(0, Message::Fetch { from: 3, from_seq: 1 }))).count()
+        };
+        let mut out = vec![];
+        r.set_time(500);
+        r.on_message(hb(0), &mut out);
+        assert_eq!(fetches(&out), 0, "level with the primary");
+        r.on_message(hb(7), &mut out);
+        assert_eq!(fetches(&out), 1, "seven behind: fetch from the primary");
+        r.on_message(hb(7), &mut out);
+        assert_eq!(fetches(&out), 1, "not twice within a retransmit interval");
+        r.set_time(600);
+        r.on_message(hb(7), &mut out);
+        assert_eq!(fetches(&out), 2);
+    }
+
+    #[test]
+    fn a_deadline_the_application_asked_for_lapses_when_its_work_is_gone() {
+        let mut r = Replica::new(1, params(), NoAuth);
+        r.set_time(100);
+        r.expect_progress();
+        assert!(r.deadline.is_some());
+        r.expect_nothing();
+        assert_eq!(r.deadline, None, "no work left: no view change for it");
+        // A pre-prepare waiting to execute keeps its deadline.
+        let value: Value = Arc::new(b"v".to_vec());
+        let pp = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
+        let mut out = vec![];
+        r.on_message(Message::PrePrepare(Signed { body: pp, from: 0, sig: vec![] }), &mut out);
+        assert!(r.deadline.is_some());
+        r.expect_nothing();
+        assert!(r.deadline.is_some());
     }
 
     #[test]

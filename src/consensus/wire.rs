@@ -285,9 +285,12 @@ pub fn encode(m: &Message) -> Vec<u8> {
         }),
         Message::Fetch { from, from_seq } => Msg::Fetch(proto::PbftFetch { from: *from as u32, from_seq: *from_seq }),
         Message::Committed(c) => Msg::Committed(commit_cert_to(c)),
-        Message::Heartbeat(h) => {
-            Msg::Heartbeat(proto::PbftHeartbeat { view: h.body, from: h.from as u32, sig: h.sig.clone() })
-        }
+        Message::Heartbeat(h) => Msg::Heartbeat(proto::PbftHeartbeat {
+            view: h.body.view,
+            from: h.from as u32,
+            sig: h.sig.clone(),
+            executed: h.body.executed,
+        }),
     };
     proto::PbftMessage { msg: Some(msg) }.encode_to_vec()
 }
@@ -321,7 +324,11 @@ fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireErro
         }),
         Msg::Fetch(f) => Message::Fetch { from: rid(f.from, l)?, from_seq: f.from_seq },
         Msg::Committed(c) => Message::Committed(commit_cert_from(c, l)?),
-        Msg::Heartbeat(h) => Message::Heartbeat(Signed { body: h.view, from: rid(h.from, l)?, sig: sig(h.sig)? }),
+        Msg::Heartbeat(h) => Message::Heartbeat(Signed {
+            body: Heartbeat { view: h.view, executed: h.executed },
+            from: rid(h.from, l)?,
+            sig: sig(h.sig)?,
+        }),
         Msg::GenesisReady(_)
         | Msg::SnapshotRequest(_)
         | Msg::SnapshotChunk(_)
@@ -513,7 +520,7 @@ mod tests {
             }),
             Message::Fetch { from: 3, from_seq: 9 },
             Message::Committed(CommitCert { pre_prepare: spp, commits: vec![sv] }),
-            Message::Heartbeat(Signed { body: 5, from: 1, sig: vec![5; 64] }),
+            Message::Heartbeat(Signed { body: Heartbeat { view: 5, executed: 9 }, from: 1, sig: vec![5; 64] }),
         ]
     }
 

@@ -1522,7 +1522,8 @@ fn core_loop(
         if sh.stats.view.swap(view, Ordering::Relaxed) != view {
             sh.stats.view_changes.fetch_add(1, Ordering::Relaxed);
             let primary = cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0);
-            tracing::info!(view, primary, height = node.height(), "view changed");
+            let cause = node.replica().view_change_cause().as_str();
+            tracing::info!(view, primary, height = node.height(), cause, "view changed");
             cons.audit("view_change", serde_json::json!({"view": view, "primary": primary, "height": node.height()}))?;
         }
         if cons.audit.is_some() {
