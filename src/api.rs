@@ -1,4 +1,7 @@
-//! HTTP API and Prometheus metrics, on a thread of their own (tiny_http).
+//! HTTP API and Prometheus metrics, on a thread of their own (hyper, HTTP/1.1,
+//! optional TLS by rustls, on a single-threaded tokio runtime: connections
+//! cost no thread, are capped at `MAX_API_CONNECTIONS`, and an accept error
+//! such as running out of file descriptors is waited out, never fatal).
 //! They read what the other stages publish: atomics in `RuntimeStats` and
 //! lock-free histograms, never a lock the hot path takes.
 //!
@@ -274,63 +277,70 @@ impl Gauges {
     }
 }
 
-fn json_response(code: u16, body: serde_json::Value) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let header = tiny_http::Header::from_bytes("Content-Type", "application/json").expect("static header");
-    tiny_http::Response::from_data(body.to_string().into_bytes()).with_status_code(code).with_header(header)
+/// One answer: status, content type, body.
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
 }
 
-/// Serves until `stop` is raised.
-pub fn serve(
-    server: tiny_http::Server,
+fn json_response(status: u16, body: serde_json::Value) -> Reply {
+    Reply { status, content_type: "application/json", body: body.to_string().into_bytes() }
+}
+
+/// What the API answers from: the published stats, the metrics registry,
+/// a block store reader and the core's state-query channel. Transport-free
+/// (`respond`), so the routes are the same over HTTP and HTTPS.
+pub struct Api {
     info: StaticInfo,
     stats: Arc<RuntimeStats>,
-    latencies: Arc<Latencies>,
-    mut blocks: Option<crate::store::BlockStoreReader>,
+    gauges: Gauges,
+    blocks: Option<crate::store::BlockStoreReader>,
     state_queries: std::sync::mpsc::SyncSender<StateQuery>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) {
-    let gauges = match Gauges::new(&latencies) {
-        Ok(g) => g,
-        Err(e) => {
-            tracing::error!(error = %e, "metrics registry");
-            return;
-        }
-    };
-    while !stop.load(Ordering::Relaxed) {
-        let req = match server.recv_timeout(std::time::Duration::from_millis(200)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "API: accept failed");
-                continue;
-            }
-        };
-        let url = req.url().to_string();
-        let path = url.split('?').next().unwrap_or("").to_string();
-        let s = &stats;
+}
+
+impl Api {
+    pub fn new(
+        info: StaticInfo,
+        stats: Arc<RuntimeStats>,
+        latencies: &Latencies,
+        blocks: Option<crate::store::BlockStoreReader>,
+        state_queries: std::sync::mpsc::SyncSender<StateQuery>,
+    ) -> prometheus::Result<Api> {
+        Ok(Api { info, stats, gauges: Gauges::new(latencies)?, blocks, state_queries })
+    }
+
+    /// The answer to `method url` (url with its query string).
+    pub fn respond(&mut self, method: &str, url: &str) -> Reply {
+        let path = url.split('?').next().unwrap_or("");
+        let stats = self.stats.clone();
+        let s = &*stats;
         let ready_problems = || {
             let mut why = vec![];
             if !s.genesis_done.load(Ordering::Relaxed) {
                 why.push("genesis not complete".to_string());
             }
             let heard = s.peers_connected.load(Ordering::Relaxed) as usize + 1;
-            if heard < info.quorum {
-                why.push(format!("{heard} of {} validators reachable, quorum is {}", info.validators, info.quorum));
+            if heard < self.info.quorum {
+                why.push(format!(
+                    "{heard} of {} validators reachable, quorum is {}",
+                    self.info.validators, self.info.quorum
+                ));
             }
             why
         };
-        let resp = match (req.method(), path.as_str()) {
-            (tiny_http::Method::Get, "/health") => json_response(200, serde_json::json!({"status": "ok"})),
-            (tiny_http::Method::Get, "/ready") => match ready_problems() {
+        match (method, path) {
+            ("GET", "/health") => json_response(200, serde_json::json!({"status": "ok"})),
+            ("GET", "/ready") => match ready_problems() {
                 p if p.is_empty() => json_response(200, serde_json::json!({"ready": true})),
                 p => json_response(503, serde_json::json!({"ready": false, "why": p})),
             },
-            (tiny_http::Method::Get, "/status") => json_response(
+            ("GET", "/status") => json_response(
                 200,
                 serde_json::json!({
-                    "validator": info.validator,
-                    "validators": info.validators,
-                    "quorum": info.quorum,
+                    "validator": self.info.validator,
+                    "validators": self.info.validators,
+                    "quorum": self.info.quorum,
                     "height": s.height.load(Ordering::Relaxed),
                     "view": s.view.load(Ordering::Relaxed),
                     "leader": s.leader.load(Ordering::Relaxed),
@@ -343,14 +353,14 @@ pub fn serve(
                     "ready": ready_problems().is_empty(),
                 }),
             ),
-            (tiny_http::Method::Get, "/metrics") => {
-                let g = &gauges;
+            ("GET", "/metrics") => {
+                let g = &self.gauges;
                 let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
                 g.view.set(load(&s.view));
                 g.height.set(load(&s.height));
                 g.leader.set(load(&s.leader));
-                g.quorum.set(info.quorum as i64);
-                g.validators.set(info.validators as i64);
+                g.quorum.set(self.info.quorum as i64);
+                g.validators.set(self.info.validators as i64);
                 g.view_changes.set(load(&s.view_changes));
                 g.blocks.set(load(&s.blocks_committed));
                 g.proposals.set(load(&s.proposals_received));
@@ -381,17 +391,15 @@ pub fn serve(
                 }
                 let mut buf = vec![];
                 let _ = TextEncoder::new().encode(&g.registry.gather(), &mut buf);
-                let header =
-                    tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("static header");
-                tiny_http::Response::from_data(buf).with_header(header)
+                Reply { status: 200, content_type: "text/plain; version=0.0.4", body: buf }
             }
-            (tiny_http::Method::Get, "/validators") => {
+            ("GET", "/validators") => {
                 let v = s.validators_json.lock().expect("validators lock").clone();
                 json_response(200, v.map_or(serde_json::json!([]), |v| (*v).clone()))
             }
-            (tiny_http::Method::Get, "/blocks") => {
+            ("GET", "/blocks") => {
                 let top = s.height.load(Ordering::Relaxed);
-                match (query_u64(&url, "from"), query_u64(&url, "limit")) {
+                match (query_u64(url, "from"), query_u64(url, "limit")) {
                     (Err(e), _) | (_, Err(e)) => json_response(400, serde_json::json!({"error": e})),
                     (Ok(from), Ok(limit)) => {
                         let limit = limit.unwrap_or(20).clamp(1, MAX_PAGE);
@@ -399,7 +407,7 @@ pub fn serve(
                         let mut out = vec![];
                         let mut err = None;
                         for h in from..=top.min(from.saturating_add(limit - 1)) {
-                            match blocks.as_mut().map(|r| r.read(h)) {
+                            match self.blocks.as_mut().map(|r| r.read(h)) {
                                 Some(Ok(Some((b, _)))) => out.push(header_json(&b)),
                                 Some(Ok(None)) | None => {}
                                 Some(Err(e)) => err = Some(e),
@@ -412,14 +420,14 @@ pub fn serve(
                     }
                 }
             }
-            (tiny_http::Method::Get, p) if p.starts_with("/state/") => match hex::decode(&p["/state/".len()..]) {
+            ("GET", p) if p.starts_with("/state/") => match hex::decode(&p["/state/".len()..]) {
                 Err(_) => json_response(400, serde_json::json!({"error": "the key must be hex"})),
                 Ok(key) if key.is_empty() || key.len() > 1024 => {
                     json_response(400, serde_json::json!({"error": "the key must be 1 to 1024 bytes"}))
                 }
                 Ok(key) => {
                     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                    match state_queries.try_send(StateQuery { key, reply: tx }) {
+                    match self.state_queries.try_send(StateQuery { key, reply: tx }) {
                         Err(_) => json_response(503, serde_json::json!({"error": "busy; retry"})),
                         Ok(()) => match rx.recv_timeout(std::time::Duration::from_secs(5)) {
                             Ok(v) => json_response(200, v),
@@ -430,15 +438,15 @@ pub fn serve(
                     }
                 }
             },
-            (tiny_http::Method::Get, p) if p.starts_with("/blocks/") => {
+            ("GET", p) if p.starts_with("/blocks/") => {
                 let top = s.height.load(Ordering::Relaxed);
                 match p["/blocks/".len()..].parse::<u64>() {
                     Err(_) => json_response(400, serde_json::json!({"error": "the height must be a number"})),
                     Ok(h) if h == 0 || h > top => {
                         json_response(404, serde_json::json!({"error": format!("no block {h} (height is {top})")}))
                     }
-                    Ok(h) => match blocks.as_mut().map(|r| r.read(h)) {
-                        Some(Ok(Some((b, cert)))) => json_response(200, block_json(&b, cert.as_ref(), &info.ids)),
+                    Ok(h) => match self.blocks.as_mut().map(|r| r.read(h)) {
+                        Some(Ok(Some((b, cert)))) => json_response(200, block_json(&b, cert.as_ref(), &self.info.ids)),
                         Some(Ok(None)) | None => json_response(
                             404,
                             serde_json::json!({"error": format!("block {h} is not stored here (below this validator's snapshot)")}),
@@ -447,9 +455,127 @@ pub fn serve(
                     },
                 }
             }
-            (tiny_http::Method::Get, _) => json_response(404, serde_json::json!({"error": format!("no route {path}")})),
+            ("GET", _) => json_response(404, serde_json::json!({"error": format!("no route {path}")})),
             _ => json_response(405, serde_json::json!({"error": "only GET is served"})),
+        }
+    }
+}
+
+/// Connections served at once; one more is closed on accept (each costs a
+/// socket and a little memory, no thread).
+pub const MAX_API_CONNECTIONS: usize = 256;
+/// A client that does not send its request headers (or finish its TLS
+/// handshake) within this is disconnected.
+const API_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Pause after an accept error (e.g. EMFILE: the process is out of file
+/// descriptors) before accepting again.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// TLS for the API from PEM files (API_TLS_CERT, API_TLS_KEY).
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err("the certificate file holds no PEM certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("the key file: {e}"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Serves `listener` (HTTPS if `tls`) until `stop` is raised.
+pub fn serve(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    api: Api,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "API: no runtime; the API is off");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, accept_loop(listener, tls, api, stop));
+}
+
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    api: Api,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let listener = match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "API: listener; the API is off");
+            return;
+        }
+    };
+    let api = Rc::new(RefCell::new(api));
+    let open = Rc::new(std::cell::Cell::new(0usize));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let mut last_error_log: Option<std::time::Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)) => continue,
         };
-        let _ = req.respond(resp);
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, or a connection reset before it
+                // was accepted: wait and accept again.
+                if last_error_log.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10)) {
+                    tracing::warn!(error = %e, "API: accept failed; retrying");
+                    last_error_log = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        if open.get() >= MAX_API_CONNECTIONS {
+            drop(stream); // closed: over the cap
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        open.set(open.get() + 1);
+        let (api, open, acceptor) = (api.clone(), open.clone(), acceptor.clone());
+        tokio::task::spawn_local(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let reply = api.borrow_mut().respond(req.method().as_str(), &req.uri().to_string());
+                let resp = hyper::Response::builder()
+                    .status(reply.status)
+                    .header("Content-Type", reply.content_type)
+                    .body(http_body_util::Full::new(bytes::Bytes::from(reply.body)));
+                async move { resp }
+            });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(API_HEADER_TIMEOUT);
+            match acceptor {
+                None => {
+                    let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                }
+                Some(acceptor) => {
+                    if let Ok(Ok(tls)) = tokio::time::timeout(API_HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        let _ = http.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await;
+                    }
+                }
+            }
+            open.set(open.get() - 1);
+        });
     }
 }

@@ -386,3 +386,54 @@ fn direct_connections_are_capped_and_a_closed_one_frees_its_slot() {
     }
     assert!(v.terminate().success());
 }
+
+/// Out of file descriptors (a flood of idle connections under a low fd
+/// limit), the API waits and accepts again: once the flood ends `/health`
+/// answers, and the validator kept committing throughout.
+#[test]
+fn the_api_survives_running_out_of_file_descriptors() {
+    let s = Setup::single("");
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg("--nofile=160:160")
+        .arg(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&s.config)
+        .env("ENABLE_API", "true")
+        .env("API_LISTEN_ADDR", "127.0.0.1:0");
+    let mut v = Validator::spawn(cmd);
+    let addr = api_addr(&v);
+    assert_eq!(http_get(&addr, "/health").0, 200);
+    let mut c = v.connect();
+    // More connections than the process has descriptors left.
+    let flood: Vec<std::net::TcpStream> = (0..400).filter_map(|_| std::net::TcpStream::connect(&addr).ok()).collect();
+    assert!(flood.len() > 160, "the kernel queues connections the process cannot accept");
+    wait_log(&v, "API: accept failed; retrying", std::time::Duration::from_secs(30));
+    assert!(v.child.try_wait().unwrap().is_none(), "the validator is still running");
+    drop(flood);
+    // The API serves again, and the core was never held up by it.
+    let evs: Vec<Event> = (0..5).map(|i| anomaly(&s.producer, i)).collect();
+    for e in &evs {
+        c.send_event(e);
+    }
+    c.wait_committed(&evs.iter().map(|e| e.nonce).collect::<Vec<_>>());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        // Connections the kernel had queued are accepted and closed first.
+        let health = || -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let mut t = std::net::TcpStream::connect(&addr)?;
+            t.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            write!(t, "GET /health HTTP/1.0\r\nHost: x\r\n\r\n")?;
+            let mut text = String::new();
+            t.read_to_string(&mut text)?;
+            Ok(text)
+        };
+        if health().is_ok_and(|t| t.starts_with("HTTP/1.0 200") || t.starts_with("HTTP/1.1 200")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the API never came back");
+        std::thread::sleep(std::time::Duration::from_millis(100)); // polling a server that recovers by itself
+    }
+    assert!(v.terminate().success());
+}

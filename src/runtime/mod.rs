@@ -480,31 +480,29 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let (state_tx, state_rx) = sync_channel::<crate::api::StateQuery>(64);
     // HTTP API and metrics (ENABLE_API): a thread reading published stats.
     if c.api.enabled {
-        let server = if c.api.tls_enabled {
+        let tls = if c.api.tls_enabled {
             let read = |p: &str, what: &str| {
                 std::fs::read(p)
                     .with_context(|| format!("reading the API {what} {p} (API_TLS_{})", what.to_uppercase()))
             };
-            let ssl = tiny_http::SslConfig {
-                certificate: read(&c.api.tls_cert, "cert")?,
-                private_key: read(&c.api.tls_key, "key")?,
-            };
-            tiny_http::Server::https(&c.api.listen, ssl)
+            let cfg = crate::api::tls_config(&read(&c.api.tls_cert, "cert")?, &read(&c.api.tls_key, "key")?)
+                .map_err(|e| anyhow::anyhow!("API TLS (API_TLS_CERT, API_TLS_KEY): {e}"))?;
+            Some(cfg)
         } else {
-            tiny_http::Server::http(&c.api.listen)
-        }
-        .map_err(|e| anyhow::anyhow!("starting the HTTP API on {} (API_LISTEN_ADDR, API_TLS_*): {e}", c.api.listen))?;
-        let addr = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_default();
+            None
+        };
+        let listener = std::net::TcpListener::bind(&c.api.listen)
+            .with_context(|| format!("starting the HTTP API on {} (API_LISTEN_ADDR)", c.api.listen))?;
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let info = crate::api::StaticInfo { validator: c.node.id, validators: n, quorum: params.q(), ids: ids.clone() };
         let (st, sp) = (stats.clone(), stop.clone());
         let lat = stats.latencies.clone();
         let reader = crate::store::BlockStoreReader::open(&c.node.data_dir, store.base_height(), limits)
             .context("opening the block store for the API")?;
-        let queries = state_tx.clone();
+        let api = crate::api::Api::new(info, st, &lat, Some(reader), state_tx.clone())
+            .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
         threads.push(
-            std::thread::Builder::new()
-                .name("api".into())
-                .spawn(move || crate::api::serve(server, info, st, lat, Some(reader), queries, sp))?,
+            std::thread::Builder::new().name("api".into()).spawn(move || crate::api::serve(listener, tls, api, sp))?,
         );
         tracing::info!(addr = %addr, "HTTP API listening");
     }
@@ -749,7 +747,15 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         if sh.stop.load(Ordering::Relaxed) {
             return;
         }
-        let Ok(conn) = conn else { continue };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors (EMFILE) repeats at once: wait rather than spin.
+                tracing::debug!(error = %e, "direct source: accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
         let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         if sh.conns.lock().unwrap().len() >= MAX_DIRECT_CONNECTIONS {
             tracing::warn!(peer, max = MAX_DIRECT_CONNECTIONS, "direct source: too many connections; closing this one");
