@@ -299,6 +299,34 @@ pub struct Api {
     state_queries: std::sync::mpsc::SyncSender<StateQuery>,
 }
 
+/// What the HTTP transport asks for an answer.
+pub trait Respond {
+    /// The answer to `method url` (url with its query string).
+    fn respond(&mut self, method: &str, url: &str) -> Reply;
+}
+
+impl Respond for Api {
+    fn respond(&mut self, method: &str, url: &str) -> Reply {
+        Api::respond(self, method, url)
+    }
+}
+
+/// The API of a validator that stopped and waits (a full data disk):
+/// `/health` and `/ready` answer 503 with the reason, as does every route.
+pub struct Stopped {
+    pub reason: String,
+}
+
+impl Respond for Stopped {
+    fn respond(&mut self, _method: &str, url: &str) -> Reply {
+        let body = match url.split('?').next().unwrap_or("") {
+            "/ready" => serde_json::json!({"ready": false, "why": [self.reason]}),
+            _ => serde_json::json!({"status": "stopped", "error": self.reason}),
+        };
+        json_response(503, body)
+    }
+}
+
 impl Api {
     pub fn new(
         info: StaticInfo,
@@ -493,10 +521,10 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerC
 }
 
 /// Serves `listener` (HTTPS if `tls`) until `stop` is raised.
-pub fn serve(
+pub fn serve<R: Respond + 'static>(
     listener: std::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    api: Api,
+    api: R,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
@@ -510,10 +538,10 @@ pub fn serve(
     local.block_on(&rt, accept_loop(listener, tls, api, stop));
 }
 
-async fn accept_loop(
+async fn accept_loop<R: Respond + 'static>(
     listener: std::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    api: Api,
+    api: R,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     use std::cell::RefCell;

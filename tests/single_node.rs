@@ -437,3 +437,85 @@ fn the_api_survives_running_out_of_file_descriptors() {
     }
     assert!(v.terminate().success());
 }
+
+/// Mounts a tmpfs of `mib` MiB at a fresh directory; unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+impl Tmpfs {
+    fn new(mib: u64) -> Tmpfs {
+        let d = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(d.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mounting a tmpfs needs root");
+        Tmpfs(d)
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// A data disk that fills: the validator stops appending with the path and
+/// the free space, keeps answering `/health` (503, with the reason), and
+/// starts again by itself once space is freed, with every block intact.
+#[test]
+fn a_full_data_disk_stops_the_validator_cleanly_and_it_resumes_once_space_is_freed() {
+    let disk = Tmpfs::new(8);
+    let data = disk.0.path().join("data");
+    let s = Setup::single("");
+    let filler = disk.0.path().join("filler");
+    std::fs::write(&filler, vec![7u8; 6 << 20]).unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&s.config)
+        .env("CYBERMESH_DATA_DIR", &data)
+        .env("ENABLE_API", "true")
+        .env("API_LISTEN_ADDR", "127.0.0.1:0");
+    let mut v = Validator::spawn(cmd);
+    let mut c = v.connect();
+    let first: Vec<Event> = (0..20).map(|i| anomaly(&s.producer, i)).collect();
+    for e in &first {
+        c.send_event(e);
+    }
+    c.wait_committed(&first.iter().map(|e| e.nonce).collect::<Vec<_>>());
+    // Fill the rest of the disk with big alerts.
+    let big: Vec<Event> =
+        (0..2000).map(|i| anomaly_with(&s.producer, cybermesh::event::sample_anomaly_payload(i, 3000))).collect();
+    for e in &big {
+        if c.try_send_raw(e.kind.tag(), &e.encode()).is_err() {
+            break; // the validator stopped reading: it stopped
+        }
+    }
+    let full = wait_log(
+        &v,
+        "the data disk is full: the validator stopped appending and starts again once space is freed",
+        std::time::Duration::from_secs(60),
+    );
+    assert!(full["fields"]["data_dir"].as_str().unwrap().contains("data"), "{full}");
+    assert!(full["fields"]["free_bytes"].as_u64().unwrap() < 1 << 20, "{full}");
+    let api = wait_log(&v, "HTTP API listening", std::time::Duration::from_secs(30));
+    let addr = api["fields"]["addr"].as_str().unwrap().to_string();
+    let (code, body) = http_get(&addr, "/health");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("the data disk is full") && body.contains(data.to_str().unwrap()), "{body}");
+    assert_eq!(http_get(&addr, "/ready").0, 503);
+    assert!(v.child.try_wait().unwrap().is_none(), "it waits; it does not exit");
+    // Space freed: it starts again on its own, and commits new alerts.
+    std::fs::remove_file(&filler).unwrap();
+    wait_log(&v, "disk space freed; starting again", std::time::Duration::from_secs(30));
+    let listening = wait_log(&v, "direct source listening", std::time::Duration::from_secs(60));
+    v.addr = listening["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    let mut c = v.connect();
+    let after: Vec<Event> = (5000..5010).map(|i| anomaly(&s.producer, i)).collect();
+    for e in &after {
+        c.send_event(e);
+    }
+    c.wait_committed(&after.iter().map(|e| e.nonce).collect::<Vec<_>>());
+    assert!(v.terminate().success());
+    let out = std::process::Command::new(BIN).args(["store", "check", "--data-dir"]).arg(&data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

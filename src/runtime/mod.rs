@@ -1768,13 +1768,109 @@ pub fn run_blocking(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     let cfg = crate::config::Config::load(config)?;
     init_logging(&cfg.log.level, cfg.log.format == "json");
     let v = cfg.validate()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    let signal = Arc::new(AtomicBool::new(false));
+    let signals = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+    for sig in signals {
+        signal_hook::flag::register(sig, signal.clone()).context("installing signal handlers")?;
     }
-    let running = start(v, stop)?;
-    running.wait()?;
-    tracing::info!("stopped");
+    loop {
+        // A stop flag per run: a run that ends on a full disk raises its own.
+        let stop = Arc::new(AtomicBool::new(false));
+        for sig in signals {
+            signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+        }
+        let result = start(v.clone(), stop).and_then(|running| running.wait());
+        match result {
+            Ok(()) => {
+                tracing::info!("stopped");
+                return Ok(());
+            }
+            Err(e) if is_disk_full(&e) && !signal.load(Ordering::Relaxed) => {
+                let reason = format!("{e:#}");
+                wait_for_disk_space(&v.config, &reason, &signal)?;
+                if signal.load(Ordering::Relaxed) {
+                    return Err(e);
+                }
+                tracing::info!(data_dir = %v.config.node.data_dir.display(), "disk space freed; starting again");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether `e` comes from a write that found the disk full (ENOSPC, or a
+/// quota: EDQUOT).
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let io = c.downcast_ref::<std::io::Error>().or_else(|| match c.downcast_ref::<crate::framed::FramedError>() {
+            Some(crate::framed::FramedError::Io { source, .. }) => Some(source),
+            _ => None,
+        });
+        io.is_some_and(|io| matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    })
+}
+
+/// Bytes free for this process on the file system holding `dir`.
+pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct it is given; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+/// Space freed on top of what was left when the disk filled before the
+/// validator starts again.
+const RESUME_FREE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The data disk is full: nothing more is appended (every durable record is
+/// intact: appends are all-or-nothing, see `crate::framed`). Until space is
+/// freed, the API (if enabled) answers `/health` and `/ready` with 503 and
+/// the reason; then the caller starts the validator again.
+fn wait_for_disk_space(c: &crate::config::Config, reason: &str, signal: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    let dir = &c.node.data_dir;
+    let free_at_stop = free_bytes(dir).unwrap_or(0);
+    let want = free_at_stop + RESUME_FREE_BYTES;
+    tracing::error!(
+        data_dir = %dir.display(),
+        free_bytes = free_at_stop,
+        resume_at_free_bytes = want,
+        error = reason,
+        "the data disk is full: the validator stopped appending and starts again once space is freed"
+    );
+    let api_stop = Arc::new(AtomicBool::new(false));
+    let api = if c.api.enabled {
+        let listener = std::net::TcpListener::bind(&c.api.listen)
+            .with_context(|| format!("starting the HTTP API on {} (API_LISTEN_ADDR)", c.api.listen))?;
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let tls = match c.api.tls_enabled {
+            true => Some(
+                crate::api::tls_config(&std::fs::read(&c.api.tls_cert)?, &std::fs::read(&c.api.tls_key)?)
+                    .map_err(|e| anyhow::anyhow!("API TLS: {e}"))?,
+            ),
+            false => None,
+        };
+        let stopped = crate::api::Stopped {
+            reason: format!("the data disk is full ({} bytes free in {}): {reason}", free_at_stop, dir.display()),
+        };
+        let sp = api_stop.clone();
+        let t = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || crate::api::serve(listener, tls, stopped, sp))?;
+        tracing::info!(addr = %addr, "HTTP API listening");
+        Some(t)
+    } else {
+        None
+    };
+    while !signal.load(Ordering::Relaxed) && free_bytes(dir).unwrap_or(0) < want {
+        std::thread::sleep(Duration::from_millis(500)); // a disk's free space has no event to wait on
+    }
+    api_stop.store(true, Ordering::Relaxed);
+    if let Some(t) = api {
+        let _ = t.join();
+    }
     Ok(())
 }
 
