@@ -1004,6 +1004,32 @@ impl<A: Auth + Clone> Node<A> {
     /// Proposes while leading and the builder says so, then turns the
     /// replica's actions into outputs (executing committed values).
     fn step(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        self.run_step(now_ms, out);
+        if cfg!(any(debug_assertions, test)) {
+            self.invariants();
+        }
+    }
+
+    /// What holds after every step (the replica checks its own): the
+    /// state machine is the replica's executed prefix less the committed
+    /// values waiting for bodies, and every queue is bounded.
+    pub fn invariants(&self) {
+        let window = self.replica.params().window as usize;
+        assert_eq!(
+            self.height() + self.exec_queue.len() as u64,
+            self.replica.executed(),
+            "executed blocks + values waiting for bodies = the replica's executed seq"
+        );
+        assert!(self.exec_queue.iter().zip(self.exec_queue.iter().skip(1)).all(|(a, b)| b.seq == a.seq + 1));
+        assert!(
+            self.exec_queue.front().is_none_or(|q| q.seq == self.height() + 1),
+            "the queue starts after the last block"
+        );
+        assert!(self.awaiting.len() <= window, "pre-prepares awaiting bodies: at most a window");
+        assert!(self.exec_queue.len() <= 3 * window, "committed values awaiting bodies: bounded");
+    }
+
+    fn run_step(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         // Deadlines set below count from now, even before the first tick.
         self.replica.set_time(now_ms);
         // Set once the pending txs were all in flight already: nothing to

@@ -719,6 +719,50 @@ impl<A: Auth + Clone> Replica<A> {
         }
     }
 
+    /// Checks `invariants` after each handler in debug builds and in tests
+    /// (the simulator's seeds run them on every step, even in release).
+    fn check_invariants(&self) {
+        if cfg!(any(debug_assertions, test)) {
+            self.invariants();
+        }
+    }
+
+    /// What holds between any two events (TigerBeetle's `invariants()`): the
+    /// window and the points in it, and a bound on every map a peer feeds.
+    pub fn invariants(&self) {
+        let (low, executed, window) = (self.low, self.executed, self.p.window);
+        assert!(low <= executed, "stable checkpoint {low} above executed {executed}");
+        if let Some((&first, _)) = self.log.iter().next() {
+            assert!(first > low, "log slot {first} at or below the stable checkpoint {low}");
+        }
+        if let Some((&last, _)) = self.log.iter().next_back() {
+            assert!(last <= low + window, "log slot {last} above the window ({low} + {window})");
+        }
+        for (seq, slot) in &self.log {
+            assert!(
+                slot.prepares.len() <= self.p.n && slot.commits.len() <= self.p.n,
+                "slot {seq}: a vote per replica"
+            );
+            if let Some(pp) = &slot.pre_prepare {
+                assert_eq!(pp.body.seq, *seq, "a slot holds its own seq's pre-prepare");
+            }
+        }
+        if let Some((&c, _)) = self.committed.iter().next_back() {
+            assert_eq!(c, executed, "the newest commit certificate is the last executed seq");
+        }
+        assert!(self.own_checkpoints.keys().all(|&s| s >= low && s <= executed), "own checkpoints in [low, executed]");
+        assert!(self.awaiting_app.keys().all(|&s| s > low && s <= executed), "app digests awaited in (low, executed]");
+        let max = self.max_checkpoints_per_replica();
+        assert!(self.checkpoints.keys().all(|&s| s > low), "checkpoints kept above the stable one");
+        assert!(self.checkpoints.values().all(|m| !m.is_empty() && m.len() <= self.p.n));
+        assert!(self.checkpoints.len() <= self.p.n * max, "checkpoints bounded by n × {max}");
+        let vcs: usize = self.view_changes.values().map(|m| m.len()).sum();
+        assert!(vcs <= self.p.n, "one view change kept per replica, {vcs} kept");
+        assert_eq!(self.new_view_sent_ms.len(), self.p.n);
+        assert!(self.excluded.len() <= self.p.f(), "at most f excluded from leading");
+        assert!(self.view_changes.keys().all(|&v| v >= self.view), "view changes kept only for this view or later");
+    }
+
     /// Whether this replica holds exactly this pre-prepare (e.g. from the
     /// new-view that started its view: a re-sent copy needs no new check).
     pub fn holds_pre_prepare(&self, view: View, seq: Seq, digest: &Hash32) -> bool {
@@ -785,6 +829,12 @@ impl<A: Auth + Clone> Replica<A> {
     /// their timer so a silent primary is replaced.
     /// Returns the value's digest.
     pub fn propose(&mut self, value: Value, out: &mut Vec<Action>) -> Hash32 {
+        let digest = self.add_value(value, out);
+        self.check_invariants();
+        digest
+    }
+
+    fn add_value(&mut self, value: Value, out: &mut Vec<Action>) -> Hash32 {
         let digest = sha256(&value);
         self.queue.push_back((digest, value));
         if self.deadline.is_none() {
@@ -832,6 +882,11 @@ impl<A: Auth + Clone> Replica<A> {
 
     /// Time passes.
     pub fn on_tick(&mut self, now: u64, out: &mut Vec<Action>) {
+        self.tick(now, out);
+        self.check_invariants();
+    }
+
+    fn tick(&mut self, now: u64, out: &mut Vec<Action>) {
         self.now = now;
         if let Some(d) = self.deadline {
             if now >= d {
@@ -906,6 +961,11 @@ impl<A: Auth + Clone> Replica<A> {
     }
 
     pub fn on_message(&mut self, msg: Message, out: &mut Vec<Action>) {
+        self.handle_message(msg, out);
+        self.check_invariants();
+    }
+
+    fn handle_message(&mut self, msg: Message, out: &mut Vec<Action>) {
         match msg {
             Message::PrePrepare(s) => {
                 if s.from == self.primary(s.body.view)
@@ -1238,7 +1298,6 @@ impl<A: Auth + Clone> Replica<A> {
         }
         out.push(Action::Persist(Record::Stable { seq, proof: proof.clone() }));
         self.make_stable(seq, proof);
-        self.checkpoints = self.checkpoints.split_off(&(seq + 1));
         // `committed` is kept for catch-up (the block store plays this role in
         // the validator).
         self.try_propose(out);
@@ -1256,6 +1315,7 @@ impl<A: Auth + Clone> Replica<A> {
         self.committed = self.committed.split_off(&seq.saturating_sub(self.p.keep_committed).max(1));
         self.own_checkpoints = self.own_checkpoints.split_off(&seq);
         self.awaiting_app = self.awaiting_app.split_off(&(seq + 1));
+        self.checkpoints = self.checkpoints.split_off(&(seq + 1));
     }
 
     // Certificates of past views do not check that the pre-prepare came from
@@ -1305,6 +1365,8 @@ impl<A: Auth + Clone> Replica<A> {
             return;
         }
         self.view_change_cause = cause;
+        // View changes for views below the new one can never form a new-view now.
+        self.view_changes = self.view_changes.split_off(&new_view);
         if let Some(e) = self.next_excluded.take() {
             self.excluded = e;
         }
