@@ -384,6 +384,20 @@ fn direct_connections_are_capped_and_a_closed_one_frees_its_slot() {
             Ok(Some(Err(e))) => panic!("bad frame: {e:?}"),
         }
     }
+    // Every connection closes: the validator gives back its threads and
+    // descriptors without waiting for a commit to notice.
+    let count = |what: &str| std::fs::read_dir(format!("/proc/{}/{what}", v.child.id())).unwrap().count();
+    drop(open);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while count("task") > 100 || count("fd") > 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} threads and {} descriptors left after every client left",
+            count("task"),
+            count("fd")
+        );
+        std::thread::sleep(Duration::from_millis(50)); // the kernel has no event for a thread's exit
+    }
     assert!(v.terminate().success());
 }
 

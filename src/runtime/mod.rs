@@ -103,7 +103,8 @@ pub struct RuntimeStats {
     pub validators_json: Mutex<Option<Arc<serde_json::Value>>>,
 }
 
-type CommitSubscribers = Mutex<Vec<SyncSender<Arc<Vec<u8>>>>>;
+/// Each direct connection's commit-notice queue, by connection id.
+type CommitSubscribers = Mutex<Vec<(u64, SyncSender<Arc<Vec<u8>>>)>>;
 
 struct Shared {
     stop: Arc<AtomicBool>,
@@ -770,7 +771,7 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         let id = next_id;
         sh.conns.lock().unwrap().push((id, kconn));
         let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(4096);
-        sh.subscribers.lock().unwrap().push(tx);
+        sh.subscribers.lock().unwrap().push((id, tx));
         let _ = std::thread::Builder::new().name("direct-write".into()).spawn(move || {
             let mut w = BufWriter::new(wconn);
             while let Ok(frame) = rx.recv() {
@@ -797,6 +798,11 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                 let (_, c) = conns.swap_remove(i);
                 let _ = c.shutdown(std::net::Shutdown::Both);
             }
+            drop(conns);
+            // Its writer thread ends now (its queue closes), not at the next
+            // commit: otherwise each closed connection held a thread and a
+            // descriptor until a block was committed.
+            sh2.subscribers.lock().unwrap().retain(|(c, _)| *c != id);
         });
     }
 }
@@ -1743,7 +1749,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             "committed"
         );
         let frame = commit_frame(block);
-        sh.subscribers.lock().unwrap().retain(|s| match s.try_send(frame.clone()) {
+        sh.subscribers.lock().unwrap().retain(|(_, s)| match s.try_send(frame.clone()) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 tracing::warn!("direct subscriber too slow; dropping it");
