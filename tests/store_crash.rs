@@ -6,18 +6,25 @@ use common::BIN;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+/// `cybermesh debug store-writer` appending blocks to `dir`, and its
+/// "durable H" lines.
+fn store_writer(dir: &std::path::Path) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut child = Command::new(BIN)
+        .args(["debug", "store-writer", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
 #[test]
 fn kill9_mid_append_loses_no_acknowledged_block() {
     let dir = tempfile::tempdir().unwrap();
     let mut acknowledged = 0u64;
     for round in 1..=3u64 {
-        let mut child = Command::new(BIN)
-            .args(["debug", "store-writer", "--data-dir"])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut child, mut lines) = store_writer(dir.path());
         let target = acknowledged + 20 * round;
         // Wait for the writer's own acknowledgements, then kill it while it
         // is busy appending the next block.
@@ -48,13 +55,7 @@ fn kill9_mid_append_loses_no_acknowledged_block() {
 #[test]
 fn store_check_tells_a_torn_tail_from_corruption_and_repairs_only_when_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["debug", "store-writer", "--data-dir"])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = store_writer(dir.path());
     while lines.next().expect("writer exited early").unwrap() != "durable 10" {}
     child.kill().unwrap();
     child.wait().unwrap();
