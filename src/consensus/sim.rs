@@ -641,7 +641,7 @@ mod tests {
     }
 
     /// Many seeds with random faults. `SIM_SEEDS` sets how many (default
-    /// 1000); `SIM_SEED` replays one.
+    /// 1000), `SIM_SEED_FROM` the first (default 0); `SIM_SEED` replays one.
     #[test]
     fn sim_random_faults_many_seeds() {
         if let Ok(one) = std::env::var("SIM_SEED") {
@@ -651,8 +651,9 @@ mod tests {
             return;
         }
         let seeds: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+        let from: u64 = std::env::var("SIM_SEED_FROM").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
         let (mut view_changes, mut snapshot_joins) = (0, 0);
-        for seed in 0..seeds {
+        for seed in from..from + seeds {
             let cfg = SimConfig::random(&mut StdRng::seed_from_u64(seed));
             let o = run(seed, &cfg);
             view_changes += o.views.iter().filter(|&&v| v > 0).count();
@@ -662,6 +663,6 @@ mod tests {
         // stable checkpoint, or the test proves little.
         assert!(view_changes > 0);
         assert!(seeds < 100 || snapshot_joins > 0, "no seed had a wiped replica join from a checkpoint");
-        eprintln!("{seeds} seeds: {view_changes} replicas ended in a later view, {snapshot_joins} snapshot joins");
+        eprintln!("{seeds} seeds from {from}: {view_changes} replicas ended in a later view, {snapshot_joins} snapshot joins");
     }
 }
