@@ -887,7 +887,10 @@ impl<A: Auth + Clone> Replica<A> {
     }
 
     fn tick(&mut self, now: u64, out: &mut Vec<Action>) {
-        self.now = now;
+        // Replica time never runs backwards, whatever the clock it is fed
+        // does (a wall clock stepped back would otherwise re-arm timers).
+        self.now = self.now.max(now);
+        let now = self.now;
         if let Some(d) = self.deadline {
             if now >= d {
                 self.start_view_change(self.view + 1, ViewChangeCause::Timeout, out);
@@ -1733,6 +1736,25 @@ mod tests {
         assert!(r.deadline.is_some());
         r.expect_nothing();
         assert!(r.deadline.is_some());
+    }
+
+    #[test]
+    fn replica_time_never_runs_backwards() {
+        let p = Params { heartbeat_ms: 100, retransmit_ms: 100, ..params() };
+        let mut r = Replica::new(0, p, NoAuth);
+        let beats =
+            |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Broadcast(Message::Heartbeat(_)))).count();
+        let mut out = vec![];
+        let t = 1_800_000_000_000; // a wall clock's milliseconds
+        r.on_tick(t, &mut out);
+        assert_eq!(beats(&out), 1, "the primary's first heartbeat");
+        // The clock steps back an hour: no timer re-fires for the old times.
+        out.clear();
+        r.on_tick(t - 3_600_000, &mut out);
+        assert_eq!(beats(&out), 0);
+        assert_eq!(r.now, t);
+        r.on_tick(t + 100, &mut out);
+        assert_eq!(beats(&out), 1, "the next heartbeat comes on the replica's own time");
     }
 
     #[test]

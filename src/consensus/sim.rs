@@ -663,6 +663,8 @@ mod tests {
         // stable checkpoint, or the test proves little.
         assert!(view_changes > 0);
         assert!(seeds < 100 || snapshot_joins > 0, "no seed had a wiped replica join from a checkpoint");
-        eprintln!("{seeds} seeds from {from}: {view_changes} replicas ended in a later view, {snapshot_joins} snapshot joins");
+        eprintln!(
+            "{seeds} seeds from {from}: {view_changes} replicas ended in a later view, {snapshot_joins} snapshot joins"
+        );
     }
 }
