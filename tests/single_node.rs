@@ -164,8 +164,22 @@ fn http_api_and_prometheus_metrics() {
     assert_eq!(st["height"], last.height);
     assert_eq!(st["committed_txs"], 25);
     assert_eq!(st["validator"], 1);
-    let (code, metrics) = http_get(&addr, "/metrics");
-    assert_eq!(code, 200);
+    // A block's commit is published before the core records how long it
+    // took to execute and build (the next pass of its loop): scrape until
+    // those histograms have caught up with the last commit.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let metrics = loop {
+        let (code, page) = http_get(&addr, "/metrics");
+        assert_eq!(code, 200);
+        let m = |name: &str| metric(&page, name);
+        if m("state_execution_latency_ms_count") == m("consensus_blocks_committed")
+            && m("block_build_latency_ms_count") == m("consensus_blocks_committed")
+        {
+            break page;
+        }
+        assert!(std::time::Instant::now() < deadline, "latency histograms never caught up: {page}");
+        std::thread::sleep(std::time::Duration::from_millis(20)); // the core's next loop pass
+    };
     let value = |name: &str| metric(&metrics, name);
     assert_eq!(value("consensus_height"), last.height as f64);
     assert_eq!(value("consensus_quorum_size"), 1.0);
