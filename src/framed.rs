@@ -535,13 +535,18 @@ pub(crate) mod tests {
         });
     }
 
-    #[test]
-    fn zeros_or_a_partial_record_after_the_last_are_a_torn_tail() {
+    /// A fresh framed file holding `records`.
+    fn file_with(records: &[&[u8]]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let (mut f, _) = FramedFile::open(&path, MAGIC, |_, _| Ok(())).unwrap();
-        f.append([&b"abc"[..], b"defg"]).unwrap();
-        drop(f);
+        f.append(records.iter().copied()).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn zeros_or_a_partial_record_after_the_last_are_a_torn_tail() {
+        let (_dir, path) = file_with(&[&b"abc"[..], b"defg"]);
         let good = std::fs::read(&path).unwrap();
         for tail in [vec![0u8; 100], vec![7, 0, 0], 9u32.to_le_bytes().into_iter().chain([1, 2, 3, 4, 5]).collect()] {
             let mut b = good.clone();
@@ -555,11 +560,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_record_its_reader_refuses_is_corruption_even_when_last() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let (mut f, _) = FramedFile::open(&path, MAGIC, |_, _| Ok(())).unwrap();
-        f.append([&b"ok"[..], b"bad"]).unwrap();
-        drop(f);
+        let (_dir, path) = file_with(&[&b"ok"[..], b"bad"]);
         let refuse = |_: u64, p: &[u8]| if p == b"bad" { Err("not a record".to_string()) } else { Ok(()) };
         let err = FramedFile::open(&path, MAGIC, refuse).err().expect("refused");
         assert!(matches!(err, FramedError::Corrupt { index: 1, following: 0, .. }), "{err}");

@@ -1060,6 +1060,13 @@ impl<A: Auth + Clone> Node<A> {
                 let txs = self.mempool.take_for_block(self.cfg.builder.max_txs, self.cfg.builder.max_bytes, |t| {
                     inflight.contains_key(&t.event.nonce) || inflight_tx.contains_key(&t.tx_hash)
                 });
+                if txs.is_empty() && !unproposed_proofs {
+                    // Every pending tx is in flight (after a view change:
+                    // re-proposed by the new-view): an empty proposal would
+                    // be refused by every backup as misbehaviour.
+                    nothing_to_propose = true;
+                    continue;
+                }
                 let ts = now_ms.max(self.last_proposal_ts).max(self.last.as_ref().map_or(0, |h| h.timestamp_ms));
                 self.last_proposal_ts = ts;
                 self.last_proposal_ms = now_ms;
@@ -1074,13 +1081,6 @@ impl<A: Auth + Clone> Node<A> {
                         *proposed = true;
                         evidence.push(p.clone());
                     }
-                }
-                if events.is_empty() && evidence.is_empty() {
-                    // Every pending tx is in flight (after a view change:
-                    // re-proposed by the new-view): an empty proposal would
-                    // be refused by every backup as misbehaviour.
-                    nothing_to_propose = true;
-                    continue;
                 }
                 let value = Arc::new(proposal::encode_with(ts, &events, &tx_hashes, &evidence));
                 // Its execution (queued in `actions`) finds it decoded here.

@@ -117,16 +117,23 @@ fn genesis_mismatch_aborts_naming_the_hash_and_the_validator() {
     assert!(!std::path::Path::new(&c.net.nodes[0].data_dir.join("genesis_state.json")).exists());
 }
 
-#[test]
-fn leader_killed_the_view_changes_and_progress_resumes() {
-    let c = Cluster::new(4, |_| {});
-    let mut vs: Vec<Option<Validator>> = (0..4).map(|i| Some(c.start(i))).collect();
+/// All four validators of `c` started, a client each, and `n` alerts
+/// committed everywhere.
+fn four_that_committed(c: &Cluster, n: u64) -> (Vec<Option<Validator>>, Vec<Client>) {
+    let vs: Vec<Option<Validator>> = (0..4).map(|i| Some(c.start(i))).collect();
     let mut clients: Vec<Client> = vs.iter().map(|v| v.as_ref().unwrap().connect()).collect();
-    let a: Vec<_> = (0..100).map(|i| anomaly(c.producer(), i)).collect();
+    let a: Vec<_> = (0..n).map(|i| anomaly(c.producer(), i)).collect();
     send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
     for cl in clients.iter_mut() {
         collect(cl, &nonces(&a));
     }
+    (vs, clients)
+}
+
+#[test]
+fn leader_killed_the_view_changes_and_progress_resumes() {
+    let c = Cluster::new(4, |_| {});
+    let (mut vs, mut clients) = four_that_committed(&c, 100);
     // Validator 1 leads view 0: kill it. The rest must elect a new primary.
     vs[0].take().unwrap().kill9();
     let b: Vec<_> = (100..300).map(|i| anomaly(c.producer(), i)).collect();
@@ -198,13 +205,7 @@ fn restarted_validator_catches_up_and_rejoins() {
 #[test]
 fn a_restarted_validator_joins_the_current_view_and_its_votes_count() {
     let c = Cluster::new(4, |_| {});
-    let mut vs: Vec<Option<Validator>> = (0..4).map(|i| Some(c.start(i))).collect();
-    let mut clients: Vec<Client> = vs.iter().map(|v| v.as_ref().unwrap().connect()).collect();
-    let a: Vec<_> = (0..50).map(|i| anomaly(c.producer(), i)).collect();
-    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
-    for cl in clients.iter_mut() {
-        collect(cl, &nonces(&a));
-    }
+    let (mut vs, mut clients) = four_that_committed(&c, 50);
     // The primary of view 0 goes; the others move to view 1 and commit.
     vs[0].take().unwrap().kill9();
     let b: Vec<_> = (50..100).map(|i| anomaly(c.producer(), i)).collect();

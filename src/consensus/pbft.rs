@@ -1278,8 +1278,6 @@ impl<A: Auth + Clone> Replica<A> {
                 self.checkpoints.remove(old);
             }
         }
-        debug_assert!(self.checkpoints.values().all(|m| !m.is_empty()));
-        debug_assert!(self.checkpoints.len() <= self.p.n * max, "bounded by n × max");
         let Some(all) = self.checkpoints.get(&seq) else { return }; // evicted at once: older than its newest
         let proof: Vec<Signed<Checkpoint>> = {
             let mut by_state: BTreeMap<(Hash32, Hash32), Vec<Signed<Checkpoint>>> = BTreeMap::new();
@@ -1462,7 +1460,6 @@ impl<A: Auth + Clone> Replica<A> {
         }
         self.view_changes.retain(|_, m| !m.is_empty());
         self.view_changes.entry(nv).or_default().insert(from, s);
-        debug_assert!(self.view_changes.values().map(|m| m.len()).sum::<usize>() <= self.p.n);
         // A view change for a higher view also abandons ours: count those too,
         // or a replica that raced ahead alone could leave the rest waiting.
         let asking = self.view_changes.range(self.view..).flat_map(|(_, m)| m.keys()).collect::<BTreeSet<_>>().len();
