@@ -25,10 +25,9 @@
 //! one also reads as corruption: refusing is the safe side of that
 //! ambiguity (`--repair` resolves it).
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use crate::storage::{Disk, DiskFile};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const HEADER: u64 = 8;
 /// Largest record accepted.
@@ -212,7 +211,8 @@ fn scan_records(
 
 pub struct FramedFile {
     path: PathBuf,
-    file: File,
+    disk: Arc<dyn Disk>,
+    file: Box<dyn DiskFile>,
     end: u64,
     /// The append buffer, kept between appends: a fresh one per append
     /// (records of a megabyte) cost page faults and page zeroing on every
@@ -243,34 +243,34 @@ impl FramedFile {
         mode: Mode,
         visit: impl FnMut(u64, &[u8]) -> Result<(), String>,
     ) -> Result<(FramedFile, Scan), FramedError> {
+        Self::open_on(crate::storage::os(), path, magic, mode, visit)
+    }
+
+    /// `open_with` on `disk` (the simulator's faulty disk, or the OS's).
+    pub fn open_on(
+        disk: Arc<dyn Disk>,
+        path: &Path,
+        magic: &[u8; 8],
+        mode: Mode,
+        visit: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<(FramedFile, Scan), FramedError> {
         let path = path.to_path_buf();
         let io = |source| FramedError::Io { path: path.clone(), source };
         let writable = mode != Mode::ReadOnly;
-        if writable {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(io)?;
-            }
-        }
-        let mut file =
-            OpenOptions::new().read(true).write(writable).create(writable).truncate(false).open(&path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let mut file = disk.open(&path, writable).map_err(io)?;
+        let len = file.len().map_err(io)?;
         if len < magic.len() as u64 {
             if !writable {
                 // A start would rewrite it as an empty file.
-                let f = FramedFile { path, file, end: len, buf: Vec::new() };
+                let f = FramedFile { path, disk, file, end: len, buf: Vec::new() };
                 return Ok((f, Scan { records: 0, truncated_bytes: len, dropped_records: 0 }));
             }
             // New, or crashed while writing the magic.
             file.set_len(0).map_err(io)?;
             file.write_all_at(magic, 0).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            if let Some(parent) = path.parent() {
-                File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
-            }
+            file.sync().map_err(io)?;
         }
-        let mut data = Vec::new();
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        file.read_to_end(&mut data).map_err(io)?;
+        let data = file.read_all().map_err(io)?;
         if &data[..8] != magic {
             return Err(FramedError::BadMagic { path });
         }
@@ -290,11 +290,12 @@ impl FramedFile {
             }
             if writable {
                 file.set_len(end as u64).map_err(io)?;
-                file.sync_all().map_err(io)?;
+                file.sync().map_err(io)?;
             }
         }
+        debug_assert!(end >= magic.len() && end <= data.len(), "the kept prefix lies inside the file");
         let scan = Scan { records, truncated_bytes: (data.len() - end) as u64, dropped_records };
-        Ok((FramedFile { path, file, end: end as u64, buf: Vec::new() }, scan))
+        Ok((FramedFile { path, disk, file, end: end as u64, buf: Vec::new() }, scan))
     }
 
     pub fn path(&self) -> &Path {
@@ -319,16 +320,10 @@ impl FramedFile {
     ) -> Result<(), FramedError> {
         let tmp = self.path.with_extension("compact");
         let io = |source| FramedError::Io { path: tmp.clone(), source };
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-            _ => {}
-        }
-        let (mut fresh, _) = FramedFile::open(&tmp, magic, |_, _| Ok(()))?;
+        self.disk.remove(&tmp).map_err(io)?;
+        let (mut fresh, _) = FramedFile::open_on(self.disk.clone(), &tmp, magic, Mode::Recover, |_, _| Ok(()))?;
         fresh.append(payloads)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
+        self.disk.rename(&tmp, &self.path).map_err(io)?;
         fresh.path = self.path.clone();
         *self = fresh;
         Ok(())
@@ -363,7 +358,7 @@ impl FramedFile {
             buf[start + 4..start + 8].copy_from_slice(&c.to_le_bytes());
         }
         let io = |source| FramedError::Io { path: self.path.clone(), source };
-        let written = self.file.write_all_at(&buf, self.end).and_then(|()| self.file.sync_data());
+        let written = self.file.write_all_at(&buf, self.end).and_then(|()| self.file.sync());
         let n = buf.len() as u64;
         if buf.capacity() <= KEEP_BUFFER {
             self.buf = buf;
@@ -397,17 +392,7 @@ impl FramedFile {
 /// (cursors, genesis certificates, snapshots): a temporary file, fsync,
 /// rename, fsync of the directory.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::storage::os().write_atomically(path, bytes)
 }
 
 #[cfg(test)]

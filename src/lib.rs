@@ -30,11 +30,13 @@ pub mod net;
 pub mod node;
 pub mod persist;
 pub mod proposal;
+pub mod recovery;
 pub mod reject;
 pub mod reputation;
 pub mod runtime;
 pub mod snapshot;
 pub mod state;
+pub mod storage;
 pub mod store;
 
 /// Generated protobuf types (`proto/cybermesh/v1/*.proto`).

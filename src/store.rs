@@ -89,10 +89,21 @@ impl BlockStore {
         base: Option<BlockHeader>,
         mode: Mode,
     ) -> Result<(BlockStore, Recovery), StoreError> {
+        Self::open_on(crate::storage::os(), dir, limits, base, mode)
+    }
+
+    /// `open_in` on `disk` (the simulator's, or the OS's).
+    pub fn open_on(
+        disk: std::sync::Arc<dyn crate::storage::Disk>,
+        dir: &Path,
+        limits: Limits,
+        base: Option<BlockHeader>,
+        mode: Mode,
+    ) -> Result<(BlockStore, Recovery), StoreError> {
         let mut index = Vec::new();
         let mut last: Option<BlockHeader> = base.clone();
         let base_height = base.as_ref().map_or(0, |b| b.height);
-        let (log, scan) = FramedFile::open_with(&dir.join("blocks.dat"), MAGIC, mode, |off, payload| {
+        let (log, scan) = FramedFile::open_on(disk, &dir.join("blocks.dat"), MAGIC, mode, |off, payload| {
             let h = HeaderOnly::decode(payload)
                 .ok()
                 .and_then(|h| h.header)

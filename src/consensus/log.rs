@@ -26,8 +26,18 @@ impl ConsensusLog {
         limits: &WireLimits,
         mode: Mode,
     ) -> Result<(ConsensusLog, Vec<Record>, Scan), FramedError> {
+        Self::open_on(crate::storage::os(), dir, limits, mode)
+    }
+
+    /// `open_in` on `disk` (the simulator's, or the OS's).
+    pub fn open_on(
+        disk: std::sync::Arc<dyn crate::storage::Disk>,
+        dir: &Path,
+        limits: &WireLimits,
+        mode: Mode,
+    ) -> Result<(ConsensusLog, Vec<Record>, Scan), FramedError> {
         let mut records = Vec::new();
-        let (file, scan) = FramedFile::open_with(&dir.join("consensus.log"), MAGIC, mode, |_, payload| {
+        let (file, scan) = FramedFile::open_on(disk, &dir.join("consensus.log"), MAGIC, mode, |_, payload| {
             records.push(decode_record(payload, limits).map_err(|e| e.to_string())?);
             Ok(())
         })?;

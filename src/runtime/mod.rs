@@ -24,7 +24,7 @@ use crate::block::Block;
 use crate::config::{IdlePolicy, Validated};
 use crate::consensus::genesis::{verify_certificate, Ceremony, GenesisCertificate, GenesisError, ReadyAttestation};
 use crate::consensus::log::ConsensusLog;
-use crate::consensus::pbft::{Checkpoint, CommitCert, Message, PrePrepare, Record, Replica, Rid, Seq, Signed};
+use crate::consensus::pbft::{Checkpoint, CommitCert, Message, Record, Rid, Seq, Signed};
 use crate::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
 use crate::dlq::{DlqFileSink, DlqKafkaSink, RejectCounters, RejectReason, Rejection};
 use crate::event::Limits;
@@ -35,10 +35,9 @@ use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
 use crate::ingest::Incoming;
 use crate::mempool::VerifiedTx;
 use crate::net::{Net, NetConfig, NetEvent, Peer};
-use crate::node::{self, Node, NodeConfig, Output, Stage};
+use crate::node::{Node, NodeConfig, Output, Stage};
 use crate::proposal;
 use crate::snapshot::{self, JoinStep};
-use crate::state::State;
 use crate::store::BlockStore;
 use crate::{crypto, proto};
 use anyhow::{bail, Context};
@@ -253,71 +252,26 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         window: params.window as usize,
     };
 
-    // Recover: start from the snapshot the store sits on (if this validator
-    // joined from one), re-execute the block store into the state, and
-    // rebuild the replica from the blocks' commit certificates plus its
-    // durable records.
+    // Recover (crate::recovery): the same function the simulator runs.
     let auth = Ed25519Auth::new(key.clone(), keys.clone());
     let rep_cfg = snapshot::ReputationConfig {
         floor: c.consensus.enable_reputation.then_some(c.consensus.min_leader_reputation),
         quarantine: c.consensus.enable_quarantine,
     };
     let base_path = c.node.data_dir.join(snapshot::BASE_FILE);
-    let base = match std::fs::read(&base_path) {
-        Ok(bytes) => {
-            let v = snapshot::verify(&bytes, me_rid, &params, auth.clone(), &wire, c.state_config(), rep_cfg)
-                .with_context(|| format!("{} (the snapshot this validator started from)", base_path.display()))?;
-            tracing::info!(height = v.header.height, "starting above the snapshot in blocks.base");
-            Some((v, bytes))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("reading {}", base_path.display())),
-    };
-    let (store, rec) = BlockStore::open_above(&c.node.data_dir, limits, base.as_ref().map(|(v, _)| v.header.clone()))?;
-    let (mut state, mut reputation, mut prev_view, base_replica, base_bytes) = match base {
-        Some((v, bytes)) => (v.state, v.reputation, v.header.view, Some(v.replica), Some(bytes)),
-        None => (
-            State::new(c.state_config()),
-            crate::reputation::Reputation::new(n, rep_cfg.floor, rep_cfg.quarantine),
-            0,
-            None,
-            None,
-        ),
-    };
-    let mut failed: Option<anyhow::Error> = None;
-    let certs = (store.base_height() + 1..=store.height()).map_while(|h| {
-        let r = store.read(h).map_err(anyhow::Error::from).and_then(|x| {
-            let (b, cert) = x.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
-            node::replay(&mut state, &b).map_err(anyhow::Error::msg)?;
-            let proposer = keys.iter().position(|k| *k == b.header.proposer);
-            let stored = cert.as_ref().and_then(|c| c.pre_prepare.as_ref()).map(|p| p.value.as_slice());
-            for e in proposal::stored_evidence(stored.unwrap_or_default()) {
-                reputation.quarantine(e.culprit());
-            }
-            reputation.on_block(prev_view, b.header.view, proposer);
-            prev_view = b.header.view;
-            Ok((stored_cert(&b, cert, &wire)?, snapshot::app_digest(&b.hash(), &reputation)))
-        });
-        r.map_err(|e| failed = Some(e)).ok()
-    });
-    let (clog, records) = if n > 1 {
-        let (log, records, scan) = ConsensusLog::open(&c.node.data_dir, &wire).context("opening the consensus log")?;
-        tracing::info!(records = records.len(), truncated_bytes = scan.truncated_bytes, "consensus log recovered");
-        (Some(log), records)
-    } else {
-        (None, vec![]) // one validator: nobody to vote twice to
-    };
-    // A validator with an empty store may still join from a snapshot: it
-    // needs its records again then.
-    let join_records = (store.height() == 0).then(|| records.clone());
-    let replica = match base_replica {
-        Some(r) => r.recover_onto(certs, records),
-        None => Replica::recover(me_rid, params.clone(), auth.clone(), certs, records),
-    };
-    if let Some(e) = failed {
-        return Err(e.context("recovering from the block store"));
-    }
-    tracing::info!(height = store.height(), view = replica.view(), truncated_bytes = rec.truncated_bytes, state_root = %hex::encode(state.root()), "block store recovered");
+    let crate::recovery::Recovered { store, log: clog, replica, state, reputation, base_bytes, join_records, .. } =
+        crate::recovery::recover(crate::recovery::Setup {
+            disk: crate::storage::os(),
+            dir: &c.node.data_dir,
+            me: me_rid,
+            params: params.clone(),
+            auth: auth.clone(),
+            keys: &keys,
+            wire: wire.clone(),
+            limits,
+            state: c.state_config(),
+            reputation: rep_cfg,
+        })?;
 
     let genesis = if n > 1 { Some(GenesisState::load(c, &v, key.clone())?) } else { None };
 
@@ -1171,47 +1125,18 @@ impl Joining {
     }
 }
 
-/// The commit certificate of a stored block, its value rebuilt from the
-/// block. Blocks stored without one (written by a single validator before
-/// certificates were kept) get an unsigned stand-in carrying the digest,
-/// which is all the replica's recovery reads.
-fn stored_cert(b: &Block, cert: Option<proto::PbftCommitCert>, wire: &WireLimits) -> anyhow::Result<CommitCert> {
-    let stored = cert.as_ref().and_then(|c| c.pre_prepare.as_ref()).map(|p| p.value.as_slice());
-    let value = Arc::new(proposal::value_of_block(b, stored));
-    let digest = crate::sha256(&value);
-    let h = b.header.height;
-    let Some(pc) = cert else {
-        let pp = PrePrepare { view: b.header.view, seq: h, digest, value };
-        return Ok(CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits: vec![] });
-    };
-    let mut c = wire::commit_cert_from(pc, wire).with_context(|| format!("block {h}: stored certificate"))?;
-    if c.pre_prepare.body.seq != h || c.pre_prepare.body.digest != digest {
-        bail!("block {h}: its certificate is for seq {} with another value", c.pre_prepare.body.seq);
-    }
-    c.pre_prepare.body.value = value;
-    Ok(c)
-}
+use crate::recovery::stored_cert;
 
 /// Answers a fetch with committed blocks from the store, each with its
-/// certificate (at most a window's worth per request).
+/// certificate (`recovery::committed_from`).
 fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> anyhow::Result<()> {
-    let end = store.height().min(from_seq.saturating_add(cons.wire.window as u64 - 1));
-    // Below the base (a snapshot this validator started from) it has no blocks.
-    for h in from_seq.max(store.base_height() + 1)..=end {
-        let (b, cert) = store.read(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
-        if cert.is_none() {
-            return Ok(()); // written before certificates were kept: nothing to prove it with
-        }
-        // Its value names the txs: the peer asks for the bodies it lacks
-        // (`TxFetch`; sending them all here multiplied the traffic of an
-        // overloaded cluster whose validators hold most of them already).
-        cons.send(to, &Message::Committed(stored_cert(&b, cert, &cons.wire)?));
+    for cert in crate::recovery::committed_from(store, &cons.wire, from_seq)? {
+        cons.send(to, &Message::Committed(cert));
     }
     Ok(())
 }
 
-/// Answers a tx fetch for a committed block from the store: the block's
-/// txs among `tx_hashes` (none if the block is below this store's base).
+/// Answers a tx fetch for a committed block from the store.
 fn serve_block_txs(
     store: &BlockStore,
     cons: &Consensus,
@@ -1219,14 +1144,7 @@ fn serve_block_txs(
     seq: Seq,
     tx_hashes: &[crate::Hash32],
 ) -> anyhow::Result<()> {
-    if seq <= store.base_height() || seq > store.height() {
-        return Ok(());
-    }
-    let Some((b, _)) = store.read(seq)? else { return Ok(()) };
-    let wanted: std::collections::HashSet<&crate::Hash32> = tx_hashes.iter().collect();
-    let txs: Vec<Arc<crate::event::Event>> =
-        b.txs.iter().zip(&b.tx_hashes).filter(|(_, h)| wanted.contains(h)).map(|(t, _)| t.clone()).collect();
-    cons.send_bodies(to, seq, &txs);
+    cons.send_bodies(to, seq, &crate::recovery::block_txs(store, seq, tx_hashes)?);
     Ok(())
 }
 
@@ -1692,17 +1610,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     if commits.is_empty() {
         return Ok(stable);
     }
-    let batch: Vec<(&Block, Option<proto::PbftCommitCert>, Option<proto::BlockOutcome>)> = commits
-        .iter()
-        .map(|(b, c, o)| {
-            let mut pc = wire::commit_cert_to(c);
-            if let Some(pp) = &mut pc.pre_prepare {
-                pp.value = proposal::stored_form(&pp.value); // the block holds the txs
-            }
-            (&**b, Some(pc), Some(o.clone()))
-        })
-        .collect();
-    store.append_with_outcomes(&batch).context("block store append failed; stopping (restart recovers the store)")?;
+    store.append_with_outcomes(&crate::recovery::stored_form(&commits)).context("block store append failed; stopping (restart recovers the store)")?;
     let durable_ms = now_ms().saturating_sub(executed_ms) as f64;
     let h = sh.stats.latencies.stage("durable");
     for (block, _, _) in &commits {
