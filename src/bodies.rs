@@ -141,7 +141,7 @@ mod tests {
         let k = crypto::generate_key();
         let txs: Vec<Arc<Event>> = (0..3).map(|i| ev(&k, i)).collect();
         let refs: Vec<TxRef> = txs.iter().map(|t| TxRef::of(t, t.tx_hash())).collect();
-        let named = Named { timestamp_ms: 1000, refs, evidence: vec![] };
+        let named = Named { origin: None, timestamp_ms: 1000, refs, evidence: vec![] };
         let held = txs[1].clone();
         let mut b =
             Bodies::new(named, |r| (r.tx_hash == held.tx_hash()).then(|| held.clone()), ask_order(4, 2, 1), 100);

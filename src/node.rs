@@ -251,6 +251,8 @@ pub struct Node<A: Auth + Clone> {
     /// Txs forwarded to the primary of the current view (cleared at a view
     /// change; pruned to the mempool's txs).
     forwarded: foldhash::HashSet<Hash32>,
+    /// When a backup alone in a view change forwards its txs again.
+    next_forward_retry_ms: u64,
     /// Forwarded txs verified per sender since the last order check (a
     /// faulty validator cannot make this one verify without a bound).
     forward_budget: Vec<usize>,
@@ -318,6 +320,7 @@ impl<A: Auth + Clone> Node<A> {
             newest_ordered_received_ms: 0,
             next_order_check_ms: 0,
             forwarded: Default::default(),
+            next_forward_retry_ms: 0,
             forward_budget: vec![0; cfg.validators.len()],
             serve_budget: vec![0; cfg.validators.len()],
             awaiting: BTreeMap::new(),
@@ -415,6 +418,12 @@ impl<A: Auth + Clone> Node<A> {
     pub fn reputation(&self) -> &Reputation {
         &self.reputation
     }
+    /// Whether `tx_hash` is pending here (the simulator's diagnosis).
+    #[cfg(test)]
+    pub(crate) fn holds(&self, tx_hash: &Hash32) -> bool {
+        self.mempool.contains(tx_hash)
+    }
+
     pub fn mempool_len(&self) -> usize {
         self.mempool.len()
     }
@@ -642,6 +651,7 @@ impl<A: Auth + Clone> Node<A> {
             return; // outside the window: the replica would drop it
         }
         let named = proposal::decode(&s.body.value, self.cfg.builder.max_txs)
+            .and_then(|n| proposal::check_origin(&n, s.body.view, s.from).map(|()| n))
             .and_then(|n| proposal::check_named(&n, &self.check_context(now_ms)).map(|()| n));
         match named {
             Ok(named) => {
@@ -899,11 +909,16 @@ impl<A: Auth + Clone> Node<A> {
         self.next_order_check_ms = now_ms + ORDER_CHECK_INTERVAL_MS;
         self.forward_budget.iter_mut().for_each(|b| *b = 0);
         self.serve_budget.iter_mut().for_each(|b| *b = 0);
-        if self.replica.is_primary() || self.replica.is_changing() || !self.exec_queue.is_empty() {
+        if self.replica.is_primary() || !self.exec_queue.is_empty() {
+            return;
+        }
+        if self.replica.is_changing() {
+            self.forward_while_changing(now_ms, out);
             return;
         }
         self.sync_inflight();
-        self.forward_passed_over(now_ms, out);
+        let to = self.replica.primary(self.replica.view());
+        self.forward_passed_over(now_ms, to, out);
         let timeout_ms = self.order_timeout_ms();
         let oldest = self
             .mempool
@@ -930,7 +945,7 @@ impl<A: Auth + Clone> Node<A> {
     /// a client that reached only some validators). A primary that has them
     /// queued behind load is never sent them: under load something is in
     /// flight and what it orders is not newer than them.
-    fn forward_passed_over(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+    fn forward_passed_over(&mut self, now_ms: u64, to: Rid, out: &mut Vec<Output>) {
         let idle = self.inflight.is_empty();
         let newest = self.newest_ordered_received_ms;
         let (hashes, txs): (Vec<Hash32>, Vec<Arc<Event>>) = self
@@ -959,8 +974,24 @@ impl<A: Auth + Clone> Node<A> {
         }
         self.forwarded.extend(hashes);
         self.stats.forwarded += txs.len() as u64;
-        let to = self.replica.primary(self.replica.view());
         out.push(Output::Forward { to, txs });
+    }
+
+    /// A backup alone in a view change (cut off while its peers went on in
+    /// a lower view, which PBFT's view-change promise forbids it to rejoin:
+    /// it waits for their next view change) would hold its txs until then.
+    /// It forwards them instead to the proposer of the newest block it
+    /// executed (it keeps executing through fetches): the cluster's primary
+    /// as far as it can tell. Again every `FORWARD_RETRY_MS` (forwards can
+    /// be lost; the primary drops repeats).
+    fn forward_while_changing(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let proposer = self.last.as_ref().and_then(|h| self.cfg.validators.iter().position(|k| *k == h.proposer));
+        let Some(to) = proposer.filter(|&p| p != self.replica.id) else { return };
+        if now_ms >= self.next_forward_retry_ms {
+            self.next_forward_retry_ms = now_ms + FORWARD_RETRY_MS;
+            self.forwarded.clear();
+        }
+        self.forward_passed_over(now_ms, to, out);
     }
 
     /// How long a tx may be passed over before the primary is suspected:
@@ -1082,10 +1113,12 @@ impl<A: Auth + Clone> Node<A> {
                         evidence.push(p.clone());
                     }
                 }
-                let value = Arc::new(proposal::encode_with(ts, &events, &tx_hashes, &evidence));
+                let origin = proposal::Origin { view: self.replica.view(), proposer: self.replica.id };
+                let value = Arc::new(proposal::encode_with(origin, ts, &events, &tx_hashes, &evidence));
                 // Its execution (queued in `actions`) finds it decoded here.
                 let digest = self.replica.propose(value, &mut self.actions);
-                self.remember_checked(digest, Proposal { timestamp_ms: ts, txs: events, tx_hashes, evidence });
+                let p = Proposal { origin: Some(origin), timestamp_ms: ts, txs: events, tx_hashes, evidence };
+                self.remember_checked(digest, p);
                 self.record_stage(Stage::BuildBlock, started);
             } else if !self.replica.is_primary() && (self.mempool.pending() > 0 || !self.awaiting.is_empty()) {
                 // Txs wait, or a proposal's bodies: the primary must get
@@ -1169,6 +1202,7 @@ impl<A: Auth + Clone> Node<A> {
                 Err(e) => {
                     tracing::error!(seq, error = %e, "committed value does not decode; executing it as an empty block");
                     QueuedBody::Ready(Proposal {
+                        origin: None,
                         timestamp_ms: last_ts,
                         txs: vec![],
                         tx_hashes: vec![],
@@ -1254,10 +1288,13 @@ impl<A: Auth + Clone> Node<A> {
                 }
             }
         }
-        let proposer_id = cert.pre_prepare.from;
+        // From the value, not the certificate (see `proposal::Origin`); a
+        // null block keeps the previous block's view and names nobody.
+        let prev_view = self.last.as_ref().map_or(0, |h| h.view);
+        let (view, proposer_id) = p.origin.map_or((prev_view, usize::MAX), |o| (o.view, o.proposer));
         let header = BlockHeader {
             height: seq,
-            view: cert.pre_prepare.body.view,
+            view,
             timestamp_ms,
             previous_hash: self.last.as_ref().map_or([0; 32], |h| h.hash()),
             tx_root: tx_root(&p.tx_hashes),
@@ -1270,7 +1307,6 @@ impl<A: Auth + Clone> Node<A> {
         if let Some(c) = self.conduct.get_mut(proposer_id) {
             c.blocks_proposed += 1;
         }
-        let prev_view = self.last.as_ref().map_or(0, |h| h.view);
         let mut changed = false;
         for e in &p.evidence {
             let culprit = e.culprit();
@@ -1326,6 +1362,8 @@ const ORDER_CHECK_INTERVAL_MS: u64 = 200;
 /// How long a backup holds a tx the primary passes over (or, idle, does
 /// not order) before forwarding it to the primary.
 const FORWARD_DELAY_MS: u64 = 1_000;
+/// How often a backup alone in a view change forwards its pending txs again.
+const FORWARD_RETRY_MS: u64 = 5_000;
 /// The shortest time a tx may be passed over before its holder suspects
 /// the primary.
 const ORDER_TIMEOUT_MIN_MS: u64 = 5_000;
@@ -1744,7 +1782,7 @@ mod tests {
         // Validator 0 leads view 0 and signs two different values for seq 1.
         let auth0 = Ed25519Auth::new(keys[0].clone(), nodes[0].cfg.validators.clone());
         let pp = |t: &VerifiedTx| {
-            let value: Value = Arc::new(proposal::encode(now, std::slice::from_ref(&t.event), &[t.tx_hash]));
+            let value: Value = Arc::new(proposal::encode(proposal::Origin::default(), now, std::slice::from_ref(&t.event), &[t.tx_hash]));
             let body = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
             Message::PrePrepare(Signed { sig: auth0.sign(&pp_bytes(&body)), body, from: 0 })
         };
@@ -2039,8 +2077,7 @@ mod tests {
         }
         for n in &nodes[1..] {
             assert!(n.replica().view() >= 1);
-            let h = n.last_header().unwrap();
-            assert_ne!(h.proposer, nodes[0].cfg.validators[0], "the faulty primary was replaced");
+            assert_ne!(n.replica().primary(n.replica().view()), 0, "the faulty primary was replaced");
             assert!(n.stats().view_changes >= 1);
         }
         assert!(nodes[1..].iter().all(|n| n.state().root() == nodes[1].state().root()));
@@ -2375,12 +2412,14 @@ mod tests {
             assert!(n.stats().fetch_asks >= 2, "asked the primary, then the others");
             assert!(n.conduct()[0].failed_views >= 1, "its view failed");
             assert!(n.replica().view() >= 1);
-            assert!(n.reputation().score(0) < n.reputation().score(2), "its reputation fell");
         }
-        assert!(blocks[1].iter().all(|b| b.header.view >= 1), "nothing committed in the withholding view");
+        // What committed in its view (by the new-view: prepared there) names
+        // it as proposer, but not the withheld tx.
+        let secret_in = |bs: &[Arc<Block>]| bs.iter().find(|b| b.tx_hashes.contains(&secret.tx_hash)).cloned();
+        assert!(secret_in(&blocks[1]).is_none(), "the withheld value did not commit");
         // Held by validator 0 alone, the withheld tx reaches the new primary
-        // as a forward and commits too.
-        run_until(
+        // as a forward and commits too, in a later view: view 0 counts as failed.
+        let (later, _) = run_until(
             &mut nodes,
             &mut outs,
             &mut now,
@@ -2388,8 +2427,10 @@ mod tests {
             |_, _, _| {},
             |n, _| n.iter().all(|n| n.state().is_committed(&secret.event.nonce, &secret.tx_hash)),
         );
+        assert!(secret_in(&later[1]).is_some_and(|b| b.header.view >= 1));
         for n in &nodes {
             assert_eq!(n.state().root(), nodes[0].state().root());
+            assert!(n.reputation().score(0) < n.reputation().score(2), "its reputation fell");
         }
     }
 
@@ -2558,7 +2599,7 @@ mod tests {
         let auth0 = Ed25519Auth::new(keys[0].clone(), nodes[0].cfg.validators.clone());
         let (a, b) = (vtx(&k, 1, 1000), vtx(&k, 2, 1000));
         let pp = |t: &VerifiedTx| {
-            let value: Value = Arc::new(proposal::encode(1000, std::slice::from_ref(&t.event), &[t.tx_hash]));
+            let value: Value = Arc::new(proposal::encode(proposal::Origin::default(), 1000, std::slice::from_ref(&t.event), &[t.tx_hash]));
             let body = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
             Message::PrePrepare(Signed { sig: auth0.sign(&pp_bytes(&body)), body, from: 0 })
         };

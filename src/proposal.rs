@@ -12,7 +12,7 @@
 //! becomes an empty block. A primary never proposes an empty tx list.
 
 use crate::block::{Block, BuilderConfig};
-use crate::consensus::pbft::Proof;
+use crate::consensus::pbft::{Proof, Rid, View};
 use crate::consensus::wire::{proof_from, proof_to, WireLimits};
 use crate::event::Event;
 use crate::ingest::verify::{verify_events, VerifyPolicy};
@@ -23,8 +23,20 @@ use foldhash::{HashSet, HashSetExt};
 use prost::Message;
 use std::sync::Arc;
 
+/// Who proposed a value and in which view. Part of the value, so that the
+/// block header (view, proposer) is the same on every validator: a value
+/// committed in view v at some replicas reaches the others re-proposed by
+/// the new-view of v+1, under a certificate of that later view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Origin {
+    pub view: View,
+    pub proposer: Rid,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Proposal {
+    /// None for PBFT's null value (an empty block).
+    pub origin: Option<Origin>,
     pub timestamp_ms: u64,
     pub txs: Vec<Arc<Event>>,
     pub tx_hashes: Vec<Hash32>,
@@ -58,6 +70,7 @@ impl TxRef {
 /// A decoded value, its txs not yet resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Named {
+    pub origin: Option<Origin>,
     pub timestamp_ms: u64,
     pub refs: Vec<TxRef>,
     pub evidence: Vec<Proof>,
@@ -69,7 +82,7 @@ impl Named {
     pub fn resolve(self, txs: Vec<Arc<Event>>) -> Proposal {
         assert_eq!(txs.len(), self.refs.len(), "one body per ref");
         let tx_hashes = self.refs.iter().map(|r| r.tx_hash).collect();
-        Proposal { timestamp_ms: self.timestamp_ms, txs, tx_hashes, evidence: self.evidence }
+        Proposal { origin: self.origin, timestamp_ms: self.timestamp_ms, txs, tx_hashes, evidence: self.evidence }
     }
 }
 
@@ -95,30 +108,45 @@ pub enum ProposalError {
     Duplicate(usize),
     #[error("timestamp {ts} is more than {skew_ms} ms ahead of this validator's clock ({now})")]
     TimeAhead { ts: u64, now: u64, skew_ms: u64 },
+    #[error("the value says view {claimed_view} by validator {claimed_proposer}, but validator {from} proposed it in view {view}")]
+    Origin { claimed_view: View, claimed_proposer: Rid, view: View, from: Rid },
     #[error("tx {index} fails verification ({reason}): {detail}")]
     Invalid { index: usize, reason: RejectReason, detail: String },
 }
 
 /// Canonical encoding of a proposal of `txs` (with their hashes).
-pub fn encode(timestamp_ms: u64, txs: &[Arc<Event>], tx_hashes: &[Hash32]) -> Vec<u8> {
-    encode_with(timestamp_ms, txs, tx_hashes, &[])
+pub fn encode(origin: Origin, timestamp_ms: u64, txs: &[Arc<Event>], tx_hashes: &[Hash32]) -> Vec<u8> {
+    encode_with(origin, timestamp_ms, txs, tx_hashes, &[])
 }
 
-pub fn encode_with(timestamp_ms: u64, txs: &[Arc<Event>], tx_hashes: &[Hash32], evidence: &[Proof]) -> Vec<u8> {
+pub fn encode_with(
+    origin: Origin,
+    timestamp_ms: u64,
+    txs: &[Arc<Event>],
+    tx_hashes: &[Hash32],
+    evidence: &[Proof],
+) -> Vec<u8> {
     assert_eq!(txs.len(), tx_hashes.len(), "one hash per tx");
     let refs: Vec<TxRef> = txs.iter().zip(tx_hashes).map(|(t, h)| TxRef::of(t, *h)).collect();
-    encode_refs(timestamp_ms, &refs, evidence)
+    encode_refs(origin, timestamp_ms, &refs, evidence)
 }
 
 /// The `proto::Proposal` encoding, byte for byte (values are hashed: it
 /// must be canonical).
-pub fn encode_refs(timestamp_ms: u64, refs: &[TxRef], evidence: &[Proof]) -> Vec<u8> {
+pub fn encode_refs(origin: Origin, timestamp_ms: u64, refs: &[TxRef], evidence: &[Proof]) -> Vec<u8> {
     let mut tx_refs = Vec::with_capacity(refs.len() * TX_REF_BYTES);
     for r in refs {
         tx_refs.extend_from_slice(&r.tx_hash);
         tx_refs.extend_from_slice(&r.sig_hash);
     }
-    proto::Proposal { timestamp_ms, evidence: evidence.iter().map(proof_to).collect(), tx_refs }.encode_to_vec()
+    proto::Proposal {
+        timestamp_ms,
+        evidence: evidence.iter().map(proof_to).collect(),
+        tx_refs,
+        view: origin.view,
+        proposer: origin.proposer as u32,
+    }
+    .encode_to_vec()
 }
 
 /// What the block store keeps of a committed value: the Proposal without
@@ -144,16 +172,21 @@ fn proofs(evidence: Vec<proto::PbftEvidence>) -> Vec<Proof> {
 /// The value a stored block was ordered as, from its txs and the stored
 /// form (blocks stored before it was kept: the header's timestamp).
 pub fn value_of_block(b: &Block, stored: Option<&[u8]>) -> Vec<u8> {
-    let (timestamp_ms, evidence) = match stored {
+    // Blocks stored without the stored form: one validator, proposer 0.
+    let legacy = Origin { view: b.header.view, proposer: 0 };
+    let (origin, timestamp_ms, evidence) = match stored {
         Some([]) => return vec![], // a null block
         Some(s) => match proto::ProposalStored::decode(s) {
-            Ok(p) => (p.timestamp_ms, proofs(p.evidence)),
-            Err(_) => (b.header.timestamp_ms, vec![]),
+            Ok(p) => {
+                let origin = Origin { view: p.view, proposer: p.proposer as Rid };
+                (origin, p.timestamp_ms, proofs(p.evidence))
+            }
+            Err(_) => (legacy, b.header.timestamp_ms, vec![]),
         },
         None if b.txs.is_empty() => return vec![],
-        None => (b.header.timestamp_ms, vec![]),
+        None => (legacy, b.header.timestamp_ms, vec![]),
     };
-    encode_with(timestamp_ms, &b.txs, &b.tx_hashes, &evidence)
+    encode_with(origin, timestamp_ms, &b.txs, &b.tx_hashes, &evidence)
 }
 
 /// Decodes a value; refuses any encoding other than the canonical one, so
@@ -188,10 +221,12 @@ pub fn decode(bytes: &[u8], max_txs: usize) -> Result<Named, ProposalError> {
         .map(|e| proof_from(e, &EVIDENCE_LIMITS))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ProposalError::Decode(format!("evidence: {e}")))?;
-    if encode_refs(p.timestamp_ms, &refs, &evidence) != bytes {
+    let origin = Origin { view: p.view, proposer: p.proposer as Rid };
+    if encode_refs(origin, p.timestamp_ms, &refs, &evidence) != bytes {
         return Err(ProposalError::NotCanonical);
     }
-    Ok(Named { timestamp_ms: p.timestamp_ms, refs, evidence })
+    let origin = (!bytes.is_empty()).then_some(origin);
+    Ok(Named { origin, timestamp_ms: p.timestamp_ms, refs, evidence })
 }
 
 /// What a backup checks a proposal against.
@@ -202,6 +237,16 @@ pub struct CheckContext<'a> {
     pub mempool: &'a Mempool,
     pub now_ms: u64,
     pub skew_ms: u64,
+}
+
+/// A fresh proposal names its own view and proposer (a value of an older
+/// view reaches a replica only inside a new-view, which the replica checks).
+pub fn check_origin(n: &Named, view: View, from: Rid) -> Result<(), ProposalError> {
+    match n.origin {
+        Some(o) if o == (Origin { view, proposer: from }) => Ok(()),
+        Some(o) => Err(ProposalError::Origin { claimed_view: o.view, claimed_proposer: o.proposer, view, from }),
+        None => Err(ProposalError::Empty),
+    }
 }
 
 /// The checks a backup makes before it has the bodies: not empty, within
@@ -286,11 +331,13 @@ mod tests {
     }
 
     fn proposal(ts: u64, txs: &[Arc<Event>]) -> Proposal {
-        Proposal { timestamp_ms: ts, txs: txs.to_vec(), tx_hashes: hashes(txs), evidence: vec![] }
+        Proposal { origin: Some(ORIGIN), timestamp_ms: ts, txs: txs.to_vec(), tx_hashes: hashes(txs), evidence: vec![] }
     }
 
+    const ORIGIN: Origin = Origin { view: 3, proposer: 2 };
+
     fn named(ts: u64, txs: &[Arc<Event>]) -> Named {
-        decode(&encode(ts, txs, &hashes(txs)), 1000).unwrap()
+        decode(&encode(ORIGIN, ts, txs, &hashes(txs)), 1000).unwrap()
     }
 
     struct Fixture {
@@ -318,10 +365,26 @@ mod tests {
     }
 
     #[test]
+    fn a_fresh_proposal_must_name_its_own_view_and_proposer() {
+        let k = crypto::generate_key();
+        let txs: Vec<_> = (0..2).map(|i| ev(&k, i, 1000)).collect();
+        let n = named(1000, &txs);
+        assert_eq!(n.origin, Some(ORIGIN), "carried through the encoding");
+        assert_eq!(check_origin(&n, ORIGIN.view, ORIGIN.proposer), Ok(()));
+        assert!(matches!(check_origin(&n, ORIGIN.view, 1), Err(ProposalError::Origin { .. })), "another proposer");
+        assert!(matches!(check_origin(&n, ORIGIN.view + 1, 2), Err(ProposalError::Origin { .. })), "an older view");
+        assert!(check_origin(&decode(&[], 10).unwrap(), 0, 0).is_err(), "the null value is never fresh");
+        // The stored form keeps the origin: the value rebuilt from a block is the one ordered.
+        let bytes = encode(ORIGIN, 1000, &txs, &hashes(&txs));
+        let stored = proto::ProposalStored::decode(&stored_form(&bytes)[..]).unwrap();
+        assert_eq!((stored.view, stored.proposer), (3, 2));
+    }
+
+    #[test]
     fn round_trip_is_canonical_names_each_tx_in_64_bytes_and_null_is_empty() {
         let k = crypto::generate_key();
         let txs: Vec<_> = (0..3).map(|i| ev(&k, i, 1000)).collect();
-        let bytes = encode(1000, &txs, &hashes(&txs));
+        let bytes = encode(ORIGIN, 1000, &txs, &hashes(&txs));
         let body_bytes: usize = txs.iter().map(|t| t.size()).sum();
         assert!(bytes.len() < 3 * TX_REF_BYTES + 16, "{} bytes for {body_bytes} of bodies", bytes.len());
         let n = decode(&bytes, 1000).unwrap();
@@ -331,7 +394,7 @@ mod tests {
         assert!(matches!(decode(&bytes, 2), Err(ProposalError::Decode(_))), "more refs than the block limit");
         assert!(decode(&[], 1000).unwrap().refs.is_empty(), "null value");
         // Refs that are not a whole number of 64 bytes.
-        let torn = proto::Proposal { timestamp_ms: 1, tx_refs: vec![0; 65], evidence: vec![] }.encode_to_vec();
+        let torn = proto::Proposal { timestamp_ms: 1, tx_refs: vec![0; 65], ..Default::default() }.encode_to_vec();
         assert!(matches!(decode(&torn, 1000), Err(ProposalError::Decode(_))));
         // What the store keeps, and the value rebuilt from it.
         let stored = stored_form(&bytes);
@@ -357,7 +420,7 @@ mod tests {
             sig: vec![d; 64],
         };
         let proof = Proof::Votes(vote(1), vote(2));
-        let with = encode_with(1000, &txs, &hashes(&txs), std::slice::from_ref(&proof));
+        let with = encode_with(ORIGIN, 1000, &txs, &hashes(&txs), std::slice::from_ref(&proof));
         let n = decode(&with, 1000).unwrap();
         assert_eq!(n.evidence, vec![proof.clone()]);
         let stored = stored_form(&with);
