@@ -35,6 +35,8 @@ pub mod reject;
 pub mod reputation;
 pub mod runtime;
 pub mod snapshot;
+#[cfg(test)]
+mod sim;
 pub mod state;
 pub mod storage;
 pub mod store;

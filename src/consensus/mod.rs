@@ -5,5 +5,5 @@ pub mod genesis;
 pub mod log;
 pub mod pbft;
 #[cfg(test)]
-mod sim;
+pub(crate) mod sim;
 pub mod wire;

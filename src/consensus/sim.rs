@@ -12,10 +12,21 @@ use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 
+/// Signatures for simulation: a keyed hash per replica (fast, and only a
+/// holder of the secret can make one).
 #[derive(Clone)]
-struct SimAuth {
+pub(crate) struct SimAuth {
     secrets: Arc<Vec<[u8; 32]>>,
     me: Rid,
+}
+
+impl SimAuth {
+    /// One signer per replica of an `n`-replica cluster made from `seed`.
+    pub(crate) fn cluster(n: usize, seed: u64) -> Vec<SimAuth> {
+        let secrets: Arc<Vec<[u8; 32]>> =
+            Arc::new((0..n).map(|i| sha256(format!("sim-secret-{seed}-{i}").as_bytes())).collect());
+        (0..n).map(|me| SimAuth { secrets: secrets.clone(), me }).collect()
+    }
 }
 
 impl Auth for SimAuth {
