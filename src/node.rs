@@ -1036,6 +1036,13 @@ impl<A: Auth + Clone> Node<A> {
     /// replica's actions into outputs (executing committed values).
     fn step(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         self.run_step(now_ms, out);
+        // Held pre-prepares whose slot committed meanwhile (another value,
+        // or fetched): their bodies may never come (a primary naming txs
+        // nobody has), and the window moves on without them.
+        let executed = self.replica.executed();
+        if self.awaiting.first_key_value().is_some_and(|(&s, _)| s <= executed) {
+            self.awaiting = self.awaiting.split_off(&(executed + 1));
+        }
         if cfg!(any(debug_assertions, test)) {
             self.invariants();
         }
@@ -1057,6 +1064,10 @@ impl<A: Auth + Clone> Node<A> {
             "the queue starts after the last block"
         );
         assert!(self.awaiting.len() <= window, "pre-prepares awaiting bodies: at most a window");
+        assert!(
+            self.awaiting.keys().all(|&s| s > self.replica.executed()),
+            "pre-prepares awaiting bodies are above the executed seq"
+        );
         assert!(self.exec_queue.len() <= 3 * window, "committed values awaiting bodies: bounded");
     }
 

@@ -411,6 +411,9 @@ pub struct Replica<A: Auth + Clone> {
     /// When (replica time) the new-view was last sent to each replica that
     /// asked for it: at most once per retransmit interval each.
     new_view_sent_ms: Vec<Option<u64>>,
+    /// Each replica's executed seq as its heartbeats last said, and since
+    /// when (`help_behind`).
+    peer_executed: Vec<Option<(Seq, u64)>>,
     /// None until the first tick (a new or recovered replica starts counting then).
     last_heartbeat: Option<u64>,
     next_heartbeat: u64,
@@ -456,6 +459,7 @@ impl<A: Auth + Clone> Replica<A> {
             next_view_ask_ms: 0,
             view_change_cause: ViewChangeCause::None,
             new_view_sent_ms: vec![None; n],
+            peer_executed: vec![None; n],
             last_heartbeat: None,
             next_heartbeat: 0,
             excluded: BTreeSet::new(),
@@ -770,6 +774,7 @@ impl<A: Auth + Clone> Replica<A> {
         let vcs: usize = self.view_changes.values().map(|m| m.len()).sum();
         assert!(vcs <= self.p.n, "one view change kept per replica, {vcs} kept");
         assert_eq!(self.new_view_sent_ms.len(), self.p.n);
+        assert_eq!(self.peer_executed.len(), self.p.n);
         assert!(self.excluded.len() <= self.p.f(), "at most f excluded from leading");
         assert!(self.view_changes.keys().all(|&v| v >= self.view), "view changes kept only for this view or later");
     }
@@ -1044,6 +1049,8 @@ impl<A: Auth + Clone> Replica<A> {
                     self.last_heartbeat = Some(self.now);
                     if s.body.executed > self.executed {
                         self.ask_to_catch_up(s.from, out);
+                    } else if s.body.executed < self.executed {
+                        self.help_behind(s.from, s.body.executed, out);
                     }
                 } else {
                     self.ask_for_view(s.body.view, s.from, out);
@@ -1083,6 +1090,32 @@ impl<A: Auth + Clone> Replica<A> {
         }
         self.next_view_ask_ms = self.now + self.p.retransmit_ms;
         out.push(Action::Send(primary, Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
+    }
+
+    /// The primary's heartbeats say it has executed only `executed`, below
+    /// this replica: once that has not moved for a retransmit interval (a
+    /// primary just behind under load catches up by itself), this replica
+    /// sends it the commit certificates it keeps from there (at most a
+    /// window; once per interval). A primary that restarted and lost the
+    /// commits of its last proposal in an idle cluster has no other way to
+    /// learn it committed: nobody sends it anything newer.
+    fn help_behind(&mut self, peer: Rid, executed: Seq, out: &mut Vec<Action>) {
+        let Some(seen) = self.peer_executed.get_mut(peer) else { return };
+        match *seen {
+            Some((seq, since_ms)) if seq == executed => {
+                if peer == self.id || self.now < since_ms + self.p.retransmit_ms {
+                    return;
+                }
+                *seen = Some((seq, self.now)); // once per interval
+            }
+            _ => {
+                *seen = Some((executed, self.now));
+                return;
+            }
+        }
+        for (_, c) in self.committed.range(executed + 1..).take(self.p.window as usize) {
+            out.push(Action::Send(peer, Message::Committed(c.clone())));
+        }
     }
 
     /// The new-view of this replica's view, for replica `to` that asked with
@@ -1726,6 +1759,38 @@ mod tests {
         r.set_time(600);
         r.on_message(hb(7), &mut out);
         assert_eq!(fetches(&out), 2);
+    }
+
+    #[test]
+    fn a_primary_whose_heartbeats_stall_behind_is_sent_the_certificates_it_lacks() {
+        let p = Params { retransmit_ms: 100, ..params() };
+        let mut r = Replica::new(3, p.clone(), NoAuth);
+        let value: Value = Arc::new(b"v".to_vec());
+        let pp = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
+        let commits = (0..p.q())
+            .map(|i| Signed { body: Vote { phase: Phase::Commit, view: 0, seq: 1, digest: pp.digest }, from: i, sig: vec![] })
+            .collect();
+        let mut out = vec![];
+        r.on_message(Message::Committed(CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits }), &mut out);
+        assert_eq!(r.executed(), 1);
+        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 0, sig: vec![] });
+        let sent = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Send(0, Message::Committed(_)))).count();
+        let mut out = vec![];
+        r.set_time(500);
+        r.on_message(hb(0), &mut out);
+        r.set_time(550);
+        r.on_message(hb(0), &mut out);
+        assert_eq!(sent(&out), 0, "behind for less than a retransmit interval: it may be catching up");
+        r.set_time(600);
+        r.on_message(hb(0), &mut out);
+        assert_eq!(sent(&out), 1, "stalled behind: the certificate it lacks");
+        r.on_message(hb(0), &mut out);
+        assert_eq!(sent(&out), 1, "once per interval");
+        r.set_time(700);
+        r.on_message(hb(1), &mut out);
+        r.set_time(900);
+        r.on_message(hb(1), &mut out);
+        assert_eq!(sent(&out), 1, "level: nothing to send");
     }
 
     #[test]

@@ -723,7 +723,8 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
     };
     let missing: Vec<usize> =
         (0..sim.txs.len()).filter(|&k| !sim.committed.contains_key(&(sim.txs[k].event.nonce, sim.txs[k].tx_hash))).collect();
-    if !missing.is_empty() {
+    if !missing.is_empty() || !sim.done() {
+        eprintln!("chain height {}, now {} ms", sim.chain.len(), sim.now_ms);
         for &k in &missing {
             let holders: Vec<Rid> = (0..cfg.n)
                 .filter(|&i| sim.vals[i].up.as_ref().is_some_and(|u| u.node.holds(&sim.txs[k].tx_hash)))
@@ -734,14 +735,19 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
             if let Some(u) = &v.up {
                 let r = u.node.replica();
                 eprintln!(
-                    "validator {i}: height {} view {} primary {} mempool {} inbox {} offset {} ms",
+                    "validator {i}: height {} executed {} low {} view {}{} primary {} mempool {} inbox {} offset {} ms",
                     u.node.height(),
+                    r.executed(),
+                    r.stable_checkpoint().0,
                     r.view(),
+                    if r.is_changing() { " (changing)" } else { "" },
                     r.primary(r.view()),
                     u.node.mempool_len(),
                     v.inbox.len(),
                     v.clock_offset_ms
                 );
+            } else {
+                eprintln!("validator {i}: down until {}", v.restart_at_ms);
             }
         }
     }
