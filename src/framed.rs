@@ -265,10 +265,18 @@ impl FramedFile {
                 let f = FramedFile { path, disk, file, end: len, buf: Vec::new() };
                 return Ok((f, Scan { records: 0, truncated_bytes: len, dropped_records: 0 }));
             }
-            // New, or crashed while writing the magic.
-            file.set_len(0).map_err(io)?;
-            file.write_all_at(magic, 0).map_err(io)?;
-            file.sync().map_err(io)?;
+            // New, or crashed while creating it: made whole elsewhere and
+            // renamed in, so a crash never leaves a partial magic here (a
+            // bad magic is then damage, never a torn creation).
+            drop(file);
+            let fresh = path.with_extension("new");
+            let mut f = disk.open(&fresh, true).map_err(io)?;
+            f.set_len(0).map_err(io)?;
+            f.write_all_at(magic, 0).map_err(io)?;
+            f.sync().map_err(io)?;
+            drop(f);
+            disk.rename(&fresh, &path).map_err(io)?;
+            file = disk.open(&path, true).map_err(io)?;
         }
         let data = file.read_all().map_err(io)?;
         if &data[..8] != magic {
