@@ -34,9 +34,9 @@ pub mod recovery;
 pub mod reject;
 pub mod reputation;
 pub mod runtime;
-pub mod snapshot;
 #[cfg(test)]
 mod sim;
+pub mod snapshot;
 pub mod state;
 pub mod storage;
 pub mod store;

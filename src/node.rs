@@ -985,8 +985,12 @@ impl<A: Auth + Clone> Node<A> {
     /// as far as it can tell. Again every `FORWARD_RETRY_MS` (forwards can
     /// be lost; the primary drops repeats).
     fn forward_while_changing(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        // Else (it proposed that block itself, or none yet) the primary of
+        // the view before the one it is changing to: where its peers stayed.
+        let me = self.replica.id;
         let proposer = self.last.as_ref().and_then(|h| self.cfg.validators.iter().position(|k| *k == h.proposer));
-        let Some(to) = proposer.filter(|&p| p != self.replica.id) else { return };
+        let before = self.replica.view().checked_sub(1).map(|v| self.replica.primary(v));
+        let Some(to) = proposer.filter(|&p| p != me).or(before.filter(|&p| p != me)) else { return };
         if now_ms >= self.next_forward_retry_ms {
             self.next_forward_retry_ms = now_ms + FORWARD_RETRY_MS;
             self.forwarded.clear();
@@ -1793,7 +1797,12 @@ mod tests {
         // Validator 0 leads view 0 and signs two different values for seq 1.
         let auth0 = Ed25519Auth::new(keys[0].clone(), nodes[0].cfg.validators.clone());
         let pp = |t: &VerifiedTx| {
-            let value: Value = Arc::new(proposal::encode(proposal::Origin::default(), now, std::slice::from_ref(&t.event), &[t.tx_hash]));
+            let value: Value = Arc::new(proposal::encode(
+                proposal::Origin::default(),
+                now,
+                std::slice::from_ref(&t.event),
+                &[t.tx_hash],
+            ));
             let body = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
             Message::PrePrepare(Signed { sig: auth0.sign(&pp_bytes(&body)), body, from: 0 })
         };
@@ -2610,7 +2619,12 @@ mod tests {
         let auth0 = Ed25519Auth::new(keys[0].clone(), nodes[0].cfg.validators.clone());
         let (a, b) = (vtx(&k, 1, 1000), vtx(&k, 2, 1000));
         let pp = |t: &VerifiedTx| {
-            let value: Value = Arc::new(proposal::encode(proposal::Origin::default(), 1000, std::slice::from_ref(&t.event), &[t.tx_hash]));
+            let value: Value = Arc::new(proposal::encode(
+                proposal::Origin::default(),
+                1000,
+                std::slice::from_ref(&t.event),
+                &[t.tx_hash],
+            ));
             let body = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
             Message::PrePrepare(Signed { sig: auth0.sign(&pp_bytes(&body)), body, from: 0 })
         };

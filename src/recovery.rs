@@ -97,8 +97,8 @@ pub fn recover<A: Auth + Clone>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>>
         r.map_err(|e| failed = Some(e)).ok()
     });
     let (log, records, log_scan) = if n > 1 {
-        let (log, records, scan) =
-            ConsensusLog::open_on(s.disk.clone(), s.dir, &s.wire, Mode::Recover).context("opening the consensus log")?;
+        let (log, records, scan) = ConsensusLog::open_on(s.disk.clone(), s.dir, &s.wire, Mode::Recover)
+            .context("opening the consensus log")?;
         tracing::info!(records = records.len(), truncated_bytes = scan.truncated_bytes, "consensus log recovered");
         (Some(log), records, Some(scan))
     } else {

@@ -1768,10 +1768,17 @@ mod tests {
         let value: Value = Arc::new(b"v".to_vec());
         let pp = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
         let commits = (0..p.q())
-            .map(|i| Signed { body: Vote { phase: Phase::Commit, view: 0, seq: 1, digest: pp.digest }, from: i, sig: vec![] })
+            .map(|i| Signed {
+                body: Vote { phase: Phase::Commit, view: 0, seq: 1, digest: pp.digest },
+                from: i,
+                sig: vec![],
+            })
             .collect();
         let mut out = vec![];
-        r.on_message(Message::Committed(CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits }), &mut out);
+        r.on_message(
+            Message::Committed(CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits }),
+            &mut out,
+        );
         assert_eq!(r.executed(), 1);
         let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 0, sig: vec![] });
         let sent = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Send(0, Message::Committed(_)))).count();

@@ -1610,7 +1610,9 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     if commits.is_empty() {
         return Ok(stable);
     }
-    store.append_with_outcomes(&crate::recovery::stored_form(&commits)).context("block store append failed; stopping (restart recovers the store)")?;
+    store
+        .append_with_outcomes(&crate::recovery::stored_form(&commits))
+        .context("block store append failed; stopping (restart recovers the store)")?;
     let durable_ms = now_ms().saturating_sub(executed_ms) as f64;
     let h = sh.stats.latencies.stage("durable");
     for (block, _, _) in &commits {

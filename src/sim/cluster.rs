@@ -201,6 +201,8 @@ struct Sim {
     stranger: crypto::SigningKey,
     /// The one validator whose disk bits flip at rest (`bit_flips`).
     flip_victim: Rid,
+    /// `SIM_DEBUG` set: crashes and commits printed.
+    debug: bool,
 }
 
 const STEP_MS: u64 = 10;
@@ -231,7 +233,12 @@ impl Sim {
         let producer = producer_key(seed);
         let validators: Vec<[u8; 32]> = (0..n).map(|i| [i as u8 + 1; 32]).collect();
         let ncfg = NodeConfig {
-            builder: BuilderConfig { max_txs: 4, max_bytes: 1 << 20, build_interval: Duration::from_millis(100), min_txs: 1 },
+            builder: BuilderConfig {
+                max_txs: 4,
+                max_bytes: 1 << 20,
+                build_interval: Duration::from_millis(100),
+                min_txs: 1,
+            },
             mempool: MempoolConfig { max_txs: 64, max_bytes: 1 << 20 },
             limits: Limits::default(),
             policy: Arc::new(VerifyPolicy {
@@ -316,6 +323,7 @@ impl Sim {
             trace: Vec::new(),
             stranger,
             flip_victim,
+            debug: std::env::var_os("SIM_DEBUG").is_some(),
         }
     }
 
@@ -383,7 +391,10 @@ impl Sim {
                 // the disk whole: a committed block all the same (the
                 // certificate proved it); the chain takes it from here.
                 None => {
-                    assert!(h == 1 || self.chain.contains_key(&(h - 1)), "validator {i}: recovered block {h} after a gap");
+                    assert!(
+                        h == 1 || self.chain.contains_key(&(h - 1)),
+                        "validator {i}: recovered block {h} after a gap"
+                    );
                     for (t, th) in b.txs.iter().zip(&b.tx_hashes) {
                         self.committed.entry((t.nonce, *th)).or_insert(h);
                     }
@@ -426,7 +437,7 @@ impl Sim {
             }
         }
         self.trace.extend_from_slice(format!("crash {i} {} {why}\n", self.now_ms).as_bytes());
-        if std::env::var("SIM_DEBUG").is_ok() {
+        if self.debug {
             eprintln!("{} crash {i}: {why}", self.now_ms);
         }
     }
@@ -477,19 +488,21 @@ impl Sim {
                 Output::SendTxs { to, seq, txs } => {
                     sends.push((Some(to), Msg::TxBodies { seq, txs: txs.iter().map(|t| t.to_tx_proto()).collect() }))
                 }
-                Output::ServeFetch { to, from_seq } => match recovery::committed_from(&up.store, &self.wire, from_seq) {
-                    Ok(certs) => sends.extend(certs.into_iter().map(|c| (Some(to), Msg::Pbft(Message::Committed(c))))),
-                    Err(e) => failed = Some(format!("serving a fetch: {e:#}")),
-                },
+                Output::ServeFetch { to, from_seq } => {
+                    match recovery::committed_from(&up.store, &self.wire, from_seq) {
+                        Ok(certs) => {
+                            sends.extend(certs.into_iter().map(|c| (Some(to), Msg::Pbft(Message::Committed(c)))))
+                        }
+                        Err(e) => failed = Some(format!("serving a fetch: {e:#}")),
+                    }
+                }
                 Output::ServeBlockTxs { to, seq, tx_hashes } => match recovery::block_txs(&up.store, seq, &tx_hashes) {
-                    Ok(txs) => sends.push((
-                        Some(to),
-                        Msg::TxBodies { seq, txs: txs.iter().map(|t| t.to_tx_proto()).collect() },
-                    )),
+                    Ok(txs) => sends
+                        .push((Some(to), Msg::TxBodies { seq, txs: txs.iter().map(|t| t.to_tx_proto()).collect() })),
                     Err(e) => failed = Some(format!("serving block txs: {e:#}")),
                 },
                 Output::Commit { block, cert, outcome, receipts } => {
-                    if std::env::var("SIM_DEBUG").is_ok() {
+                    if self.debug {
                         eprintln!(
                             "{} validator {i} commits {} ({} txs) cert view {} from {} value {} bytes",
                             self.now_ms,
@@ -555,7 +568,9 @@ impl Sim {
         match self.chain.get(&h) {
             Some(have) => {
                 if *have != hash {
-                    let first = self.blocks.get(&h).map(|b| format!("{:?} txs {:?}", b.header, b.tx_hashes.iter().map(hex::encode).collect::<Vec<_>>()));
+                    let first = self.blocks.get(&h).map(|b| {
+                        format!("{:?} txs {:?}", b.header, b.tx_hashes.iter().map(hex::encode).collect::<Vec<_>>())
+                    });
                     panic!(
                         "validator {i} committed another block at height {h}:\n{:?} txs {:?}\nfirst: {}",
                         b.header,
@@ -611,7 +626,11 @@ impl Sim {
                 (0..self.cfg.n)
                     .filter(|&j| j != i)
                     .map(|j| {
-                        let m = if j % 2 == 0 { Message::PrePrepare(forged.clone()) } else { Message::PrePrepare(p.clone()) };
+                        let m = if j % 2 == 0 {
+                            Message::PrePrepare(forged.clone())
+                        } else {
+                            Message::PrePrepare(p.clone())
+                        };
                         (Some(j), Msg::Pbft(m))
                     })
                     .collect()
@@ -635,7 +654,8 @@ impl Sim {
         let Some(up) = self.vals[b].up.as_ref() else { return };
         let (low, view) = (up.node.replica().stable_checkpoint().0, up.node.replica().view());
         for _ in 0..4 {
-            let cp = Checkpoint { seq: low + self.rng.gen_range(1..10_000), state: self.rng.gen(), app: self.rng.gen() };
+            let cp =
+                Checkpoint { seq: low + self.rng.gen_range(1..10_000), state: self.rng.gen(), app: self.rng.gen() };
             let m = Message::Checkpoint(Signed { sig: self.auths[b].sign(&ckpt_bytes(&cp)), body: cp, from: b });
             self.send(b, None, Msg::Pbft(m));
             let vc = ViewChange {
@@ -756,8 +776,9 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
             panic!("seed {seed} ({cfg:?}): {}; replay with SIM_SEED={seed}", msg.unwrap_or_default());
         }
     };
-    let missing: Vec<usize> =
-        (0..sim.txs.len()).filter(|&k| !sim.committed.contains_key(&(sim.txs[k].event.nonce, sim.txs[k].tx_hash))).collect();
+    let missing: Vec<usize> = (0..sim.txs.len())
+        .filter(|&k| !sim.committed.contains_key(&(sim.txs[k].event.nonce, sim.txs[k].tx_hash)))
+        .collect();
     if !missing.is_empty() || !sim.done() {
         eprintln!("chain height {}, now {} ms", sim.chain.len(), sim.now_ms);
         for &k in &missing {

@@ -109,7 +109,8 @@ impl SimDisk {
             inner.counts.lost_unsynced += 1;
             let mut kept = f.durable.clone();
             // An append after the synced prefix: part of it may have reached the platter.
-            if f.data.len() > f.durable.len() && f.data.starts_with(&f.durable) && inner.rng.gen_bool(faults.torn_tail) {
+            if f.data.len() > f.durable.len() && f.data.starts_with(&f.durable) && inner.rng.gen_bool(faults.torn_tail)
+            {
                 let extra = &f.data[f.durable.len()..];
                 let n = inner.rng.gen_range(1..=extra.len());
                 kept.extend_from_slice(&extra[..n]);
