@@ -67,6 +67,14 @@ impl Bodies {
         self.missing.len()
     }
 
+    /// The value's origin and the hashes still missing (diagnosis).
+    #[cfg(test)]
+    pub(crate) fn describe(&self) -> String {
+        let mut m: Vec<String> = self.missing.keys().map(|h| hex::encode(&h[..4])).collect();
+        m.sort();
+        format!("origin {:?} missing {m:?}", self.named.origin)
+    }
+
     /// Every tx hash the value names (found or not).
     pub fn tx_hashes(&self) -> impl Iterator<Item = &Hash32> {
         self.named.refs.iter().map(|r| &r.tx_hash)

@@ -86,11 +86,15 @@ pub enum Output {
         seq: Seq,
         txs: Vec<Arc<Event>>,
     },
-    /// `to` asks for txs of the committed block at `seq` that are no longer
-    /// in memory here: answer from the block store.
+    /// `to` asks for txs of the value at `seq` that are no longer in
+    /// memory here: answer (labelled `seq`) with those the committed block
+    /// at `height` holds, from the block store. `height` is `seq` itself,
+    /// or an earlier block that committed the same txs (a new-view may
+    /// re-propose a value whose txs committed meanwhile).
     ServeBlockTxs {
         to: Rid,
         seq: Seq,
+        height: u64,
         tx_hashes: Vec<Hash32>,
     },
     /// A committed block: make it durable with its certificate, then publish.
@@ -243,6 +247,13 @@ pub struct Node<A: Auth + Clone> {
     inflight_tx: HashMap<Hash32, Seq>,
     inflight_by_seq: BTreeMap<Seq, Vec<InflightTx>>,
     inflight_view: Option<View>,
+    /// The txs of the last `RECENT_WINDOWS` windows of executed blocks, by
+    /// tx hash: the height that committed each. A new-view may re-propose a
+    /// value prepared in an older view whose txs committed since (within a
+    /// window of it); their bodies are then in no mempool, only in that
+    /// block, and fetches are answered from it.
+    recent_tx: HashMap<Hash32, u64>,
+    recent_by_height: VecDeque<(u64, Vec<Hash32>)>,
     /// Admission time here of the newest tx the current view ordered: a
     /// pending tx admitted more than the order timeout before it was
     /// passed over (censorship check, `on_tick`).
@@ -317,6 +328,8 @@ impl<A: Auth + Clone> Node<A> {
             inflight_tx: HashMap::new(),
             inflight_by_seq: Default::default(),
             inflight_view: None,
+            recent_tx: HashMap::new(),
+            recent_by_height: VecDeque::new(),
             newest_ordered_received_ms: 0,
             next_order_check_ms: 0,
             forwarded: Default::default(),
@@ -422,6 +435,23 @@ impl<A: Auth + Clone> Node<A> {
     #[cfg(test)]
     pub(crate) fn holds(&self, tx_hash: &Hash32) -> bool {
         self.mempool.contains(tx_hash)
+    }
+
+    /// The committed values waiting to execute: seq, the certificate's
+    /// view and primary, and how many bodies each lacks (the simulator's
+    /// diagnosis).
+    #[cfg(test)]
+    pub(crate) fn exec_queue_summary(&self) -> Vec<(Seq, View, Rid, String)> {
+        self.exec_queue
+            .iter()
+            .map(|q| {
+                let missing = match &q.body {
+                    QueuedBody::Ready(p) => format!("ready origin {:?}", p.origin),
+                    QueuedBody::Missing(b) => b.describe(),
+                };
+                (q.seq, q.cert.pre_prepare.body.view, q.cert.pre_prepare.from, missing)
+            })
+            .collect()
     }
 
     pub fn mempool_len(&self) -> usize {
@@ -782,8 +812,45 @@ impl<A: Auth + Clone> Node<A> {
         if !txs.is_empty() {
             out.push(Output::SendTxs { to: from, seq, txs });
         }
-        if !rest.is_empty() && seq <= self.height() {
-            out.push(Output::ServeBlockTxs { to: from, seq, tx_hashes: rest.into_iter().collect() });
+        // The rest from the block store: the block that committed each, else
+        // the block at `seq` (committed before the window kept here).
+        let mut by_height: BTreeMap<u64, Vec<Hash32>> = BTreeMap::new();
+        for h in rest {
+            match self.recent_tx.get(&h) {
+                Some(&at) => by_height.entry(at).or_default().push(h),
+                None if seq <= self.height() => by_height.entry(seq).or_default().push(h),
+                None => {}
+            }
+        }
+        for (height, mut tx_hashes) in by_height {
+            tx_hashes.sort_unstable(); // deterministic outputs
+            out.push(Output::ServeBlockTxs { to: from, seq, height, tx_hashes });
+        }
+    }
+
+    /// How many of the newest blocks' txs are remembered (`recent_tx`).
+    pub fn recent_heights(&self) -> u64 {
+        RECENT_WINDOWS * self.replica.params().window
+    }
+
+    /// Remembers the txs `height` committed (see `recent_tx`); also called
+    /// at start for the blocks the store holds.
+    pub fn remember_committed(&mut self, height: u64, tx_hashes: &[Hash32]) {
+        let keep = self.recent_heights();
+        if self.recent_by_height.back().is_some_and(|(h, _)| *h >= height) {
+            return; // remembered already (start-up and execution overlap)
+        }
+        for h in tx_hashes {
+            self.recent_tx.insert(*h, height);
+        }
+        self.recent_by_height.push_back((height, tx_hashes.to_vec()));
+        while self.recent_by_height.front().is_some_and(|(h, _)| h + keep <= height) {
+            let (h, txs) = self.recent_by_height.pop_front().expect("front exists");
+            for t in txs {
+                if self.recent_tx.get(&t) == Some(&h) {
+                    self.recent_tx.remove(&t);
+                }
+            }
         }
     }
 
@@ -1073,6 +1140,11 @@ impl<A: Auth + Clone> Node<A> {
             "pre-prepares awaiting bodies are above the executed seq"
         );
         assert!(self.exec_queue.len() <= 3 * window, "committed values awaiting bodies: bounded");
+        assert!(
+            self.recent_by_height.len() as u64 <= RECENT_WINDOWS * window as u64,
+            "recently committed txs: bounded by windows"
+        );
+        assert!(self.recent_tx.len() <= self.recent_by_height.iter().map(|(_, t)| t.len()).sum::<usize>());
     }
 
     fn run_step(&mut self, now_ms: u64, out: &mut Vec<Output>) {
@@ -1318,6 +1390,7 @@ impl<A: Auth + Clone> Node<A> {
             tx_count: p.txs.len() as u32,
         };
         self.mempool.remove_committed(&p.tx_hashes);
+        self.remember_committed(seq, &p.tx_hashes);
         let block = Arc::new(Block { header: header.clone(), txs: p.txs, tx_hashes: p.tx_hashes });
         if let Some(c) = self.conduct.get_mut(proposer_id) {
             c.blocks_proposed += 1;
@@ -1379,6 +1452,10 @@ const ORDER_CHECK_INTERVAL_MS: u64 = 200;
 const FORWARD_DELAY_MS: u64 = 1_000;
 /// How often a backup alone in a view change forwards its pending txs again.
 const FORWARD_RETRY_MS: u64 = 5_000;
+/// Windows of executed blocks whose txs are remembered by hash (a value a
+/// new-view re-proposes was prepared within a window of the seq where its
+/// txs may have committed since; two for margin).
+const RECENT_WINDOWS: u64 = 2;
 /// The shortest time a tx may be passed over before its holder suspects
 /// the primary.
 const ORDER_TIMEOUT_MIN_MS: u64 = 5_000;
@@ -1556,9 +1633,9 @@ mod tests {
                         Output::Forward { to, txs } => forwards.push((i, to, txs)),
                         Output::FetchTxs { to, seq, tx_hashes } => fetches.push((i, to, seq, tx_hashes)),
                         Output::SendTxs { to, seq, txs } => bodies.push((i, to, seq, txs)),
-                        Output::ServeBlockTxs { to, seq, tx_hashes } => {
+                        Output::ServeBlockTxs { to, seq, height, tx_hashes } => {
                             // The block store: this node's committed block.
-                            let b = STORED.with_borrow(|s| s.get(&(i, seq)).cloned());
+                            let b = STORED.with_borrow(|s| s.get(&(i, height)).cloned());
                             if let Some(b) = b {
                                 let txs = b
                                     .txs
@@ -2545,6 +2622,39 @@ mod tests {
             })
             .sum();
         assert_eq!(served, MAX_SERVED_TXS, "at most MAX_SERVED_TXS per asker per order check");
+    }
+
+    /// A new-view may re-propose a value prepared in an older view whose
+    /// txs committed meanwhile (whole-node simulator, seed 9585): their
+    /// bodies are in no mempool, so a fetch for that value's seq is answered
+    /// from the block that committed them.
+    #[test]
+    fn bodies_of_txs_committed_at_another_height_are_served_from_that_block() {
+        let (mut nodes, mut outs, txs) = four_fed_ten_txs();
+        let mut now = 1000;
+        let mut blocks = vec![];
+        while nodes[0].mempool_len() > 0 {
+            now += 100;
+            assert!(now < 10_000, "no progress");
+            for (i, n) in nodes.iter_mut().enumerate() {
+                n.on_tick(now, &mut outs[i]);
+            }
+            blocks.extend(settle(&mut nodes, now, &mut outs, &[]).swap_remove(0));
+        }
+        let b = blocks.first().expect("a block");
+        let (h, tx) = (b.header.height, b.tx_hashes[0]);
+        assert!(txs.iter().any(|t| t.tx_hash == tx) && !nodes[0].holds(&tx), "committed, out of the mempool");
+        let later = nodes[0].height() + 3;
+        let mut out = vec![];
+        nodes[0].on_tx_fetch(3, later, vec![tx], &mut out);
+        let served: Vec<(Seq, u64, Vec<Hash32>)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::ServeBlockTxs { seq, height, tx_hashes, .. } => Some((*seq, *height, tx_hashes.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(served, vec![(later, h, vec![tx])], "read from block {h}, answered for seq {later}");
     }
 
     /// Txs reach random subsets of the validators at random times (as after

@@ -174,6 +174,23 @@ pub fn committed_from(store: &BlockStore, wire: &WireLimits, from_seq: u64) -> a
 
 /// The txs among `tx_hashes` of the committed block at `seq` (none if the
 /// block is below the store's base or above its height).
+/// Tells `node` the txs of the newest stored blocks (as many as it keeps:
+/// `Node::recent_heights`), so it can serve the bodies of txs a re-proposed
+/// value names after they committed, across a restart too.
+pub fn remember_recent<A: crate::consensus::pbft::Auth + Clone>(
+    node: &mut crate::node::Node<A>,
+    store: &BlockStore,
+) -> anyhow::Result<()> {
+    let top = store.height();
+    let from = (store.base_height() + 1).max((top + 1).saturating_sub(node.recent_heights()));
+    for h in from..=top {
+        if let Some((b, _)) = store.read(h)? {
+            node.remember_committed(h, &b.tx_hashes);
+        }
+    }
+    Ok(())
+}
+
 pub fn block_txs(
     store: &BlockStore,
     seq: u64,

@@ -811,6 +811,20 @@ impl<A: Auth + Clone> Replica<A> {
         self.view_change_cause
     }
 
+    /// The view-change state (the simulator's diagnosis).
+    #[cfg(test)]
+    pub(crate) fn describe_view_change(&self) -> String {
+        let vcs: Vec<(View, Vec<Rid>)> =
+            self.view_changes.iter().map(|(v, m)| (*v, m.keys().copied().collect())).collect();
+        format!(
+            "now {} deadline {:?} timeout {} ms view changes {vcs:?} new views {:?}",
+            self.now,
+            self.deadline,
+            self.timeout_ms,
+            self.last_new_view.as_ref().map(|nv| nv.body.view)
+        )
+    }
+
     /// True between sending a view change and accepting the new view.
     pub fn is_changing(&self) -> bool {
         self.changing
@@ -900,6 +914,7 @@ impl<A: Auth + Clone> Replica<A> {
     pub fn on_tick(&mut self, now: u64, out: &mut Vec<Action>) {
         self.tick(now, out);
         self.check_invariants();
+        assert!(!self.lacks_own_view_change(), "a replica changing view has sent its view change");
     }
 
     fn tick(&mut self, now: u64, out: &mut Vec<Action>) {
@@ -907,6 +922,9 @@ impl<A: Auth + Clone> Replica<A> {
         // does (a wall clock stepped back would otherwise re-arm timers).
         self.now = self.now.max(now);
         let now = self.now;
+        if self.lacks_own_view_change() {
+            self.send_view_change(out);
+        }
         if let Some(d) = self.deadline {
             if now >= d {
                 self.start_view_change(self.view + 1, ViewChangeCause::Timeout, out);
@@ -1423,6 +1441,14 @@ impl<A: Auth + Clone> Replica<A> {
         // The timer restarts only once a quorum asks for this view (PBFT):
         // a replica alone cannot race ahead through views.
         self.deadline = None;
+        self.send_view_change(out);
+    }
+
+    /// Signs, persists and sends this replica's view change for the view it
+    /// is changing to (PBFT §4.4: its stable checkpoint and prepared set).
+    fn send_view_change(&mut self, out: &mut Vec<Action>) {
+        debug_assert!(self.changing);
+        let new_view = self.view;
         let prepared: Vec<PreparedCert> = self
             .log
             .range(self.low + 1..=self.low + self.p.window)
@@ -1434,6 +1460,15 @@ impl<A: Auth + Clone> Replica<A> {
         out.push(Action::Persist(Record::ViewChange(s.clone())));
         out.push(Action::Broadcast(Message::ViewChange(s.clone())));
         self.on_view_change(s, out);
+    }
+
+    /// Changing view without a view change of its own: a crash tore the
+    /// log between the two records `send_view_change` appends (the view
+    /// change was never synced, so never sent). Nobody else retransmits it
+    /// and its timer waits for a quorum: without it, a cluster where this
+    /// happened to enough replicas never leaves the view.
+    fn lacks_own_view_change(&self) -> bool {
+        self.changing && !self.view_changes.get(&self.view).is_some_and(|m| m.contains_key(&self.id))
     }
 
     fn valid_prepared_cert(&self, c: &PreparedCert, new_view: View, stable: Seq) -> bool {
@@ -2013,6 +2048,34 @@ mod tests {
         let mut out = vec![];
         fresh.on_message(pp(b"y"), &mut out);
         assert!(out.iter().any(|a| matches!(a, Action::Broadcast(Message::Vote(_)))));
+    }
+
+    /// Found by the whole-node simulator (seed 21793): a crash tore the
+    /// log after the `View { changing }` record and before the view change
+    /// itself. Recovered, the replica changed view without a view change of
+    /// its own, so it never retransmitted one and, with others like it, the
+    /// quorum that starts the timer never formed.
+    #[test]
+    fn a_replica_recovered_mid_view_change_without_its_view_change_sends_one() {
+        let mut r = Replica::new(1, params(), NoAuth);
+        let mut out = vec![];
+        r.suspect_primary(&mut out);
+        let records: Vec<Record> =
+            out.iter().filter_map(|a| if let Action::Persist(r) = a { Some(r.clone()) } else { None }).collect();
+        assert!(matches!(records.as_slice(), [Record::View { view: 1, changing: true }, Record::ViewChange(_)]));
+        // The torn tail keeps the first record only.
+        let mut r = Replica::recover(1, params(), NoAuth, vec![], records[..1].to_vec());
+        assert!(r.is_changing() && r.view() == 1);
+        let mut out = vec![];
+        r.on_tick(1, &mut out);
+        let sent = out.iter().any(|a| matches!(a, Action::Broadcast(Message::ViewChange(v)) if v.body.new_view == 1));
+        let kept = out.iter().any(|a| matches!(a, Action::Persist(Record::ViewChange(_))));
+        assert!(sent && kept, "{out:?}");
+        // With both records it has one already: nothing new is signed.
+        let mut whole = Replica::recover(1, params(), NoAuth, vec![], records);
+        let mut out = vec![];
+        whole.on_tick(1, &mut out);
+        assert!(!out.iter().any(|a| matches!(a, Action::Persist(Record::ViewChange(_)))), "{out:?}");
     }
 
     #[test]

@@ -511,6 +511,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     }
     let mut node = Node::new(ncfg.clone(), replica, state, last, reputation, now_ms());
     node.set_stopwatch(monotonic_ns);
+    crate::recovery::remember_recent(&mut node, &store).context("reading the newest blocks' txs")?;
     // The snapshot this validator serves: its newest, else the one it started from.
     let served = match std::fs::read(c.node.data_dir.join(snapshot::SERVED_FILE)) {
         Ok(bytes) => match proto::ChainSnapshot::decode(&bytes[..]) {
@@ -1142,9 +1143,10 @@ fn serve_block_txs(
     cons: &Consensus,
     to: Rid,
     seq: Seq,
+    height: u64,
     tx_hashes: &[crate::Hash32],
 ) -> anyhow::Result<()> {
-    cons.send_bodies(to, seq, &crate::recovery::block_txs(store, seq, tx_hashes)?);
+    cons.send_bodies(to, seq, &crate::recovery::block_txs(store, height, tx_hashes)?);
     Ok(())
 }
 
@@ -1587,7 +1589,9 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                 }
             }
             Output::SendTxs { to, seq, txs } => cons.send_bodies(to, seq, &txs),
-            Output::ServeBlockTxs { to, seq, tx_hashes } => serve_block_txs(store, cons, to, seq, &tx_hashes)?,
+            Output::ServeBlockTxs { to, seq, height, tx_hashes } => {
+                serve_block_txs(store, cons, to, seq, height, &tx_hashes)?
+            }
             Output::Commit { block, cert, receipts: _, outcome } => commits.push((block, cert, outcome)),
             Output::Evidence { culprit, what } => {
                 sh.stats.evidence.fetch_add(1, Ordering::Relaxed);

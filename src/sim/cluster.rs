@@ -407,7 +407,8 @@ impl Sim {
         v.flipped = false;
         let last = store.last_header().cloned();
         let now = (self.now_ms as i64 + v.clock_offset_ms).max(0) as u64;
-        let node = Node::new(self.ncfg.clone(), replica, state, last, reputation, now);
+        let mut node = Node::new(self.ncfg.clone(), replica, state, last, reputation, now);
+        recovery::remember_recent(&mut node, &store).expect("blocks read at recovery read again");
         v.up = Some(Up { node, store, log: log.expect("n > 1"), out: Vec::new() });
         // The source redelivers what it sent before (Kafka resumes from its
         // committed offsets; the node drops repeats of committed txs).
@@ -496,11 +497,15 @@ impl Sim {
                         Err(e) => failed = Some(format!("serving a fetch: {e:#}")),
                     }
                 }
-                Output::ServeBlockTxs { to, seq, tx_hashes } => match recovery::block_txs(&up.store, seq, &tx_hashes) {
-                    Ok(txs) => sends
-                        .push((Some(to), Msg::TxBodies { seq, txs: txs.iter().map(|t| t.to_tx_proto()).collect() })),
-                    Err(e) => failed = Some(format!("serving block txs: {e:#}")),
-                },
+                Output::ServeBlockTxs { to, seq, height, tx_hashes } => {
+                    match recovery::block_txs(&up.store, height, &tx_hashes) {
+                        Ok(txs) => sends.push((
+                            Some(to),
+                            Msg::TxBodies { seq, txs: txs.iter().map(|t| t.to_tx_proto()).collect() },
+                        )),
+                        Err(e) => failed = Some(format!("serving block txs: {e:#}")),
+                    }
+                }
                 Output::Commit { block, cert, outcome, receipts } => {
                     if self.debug {
                         eprintln!(
@@ -781,17 +786,26 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
         .collect();
     if !missing.is_empty() || !sim.done() {
         eprintln!("chain height {}, now {} ms", sim.chain.len(), sim.now_ms);
+        for (h, b) in &sim.blocks {
+            let txs: Vec<String> = b.tx_hashes.iter().map(|t| hex::encode(&t[..4])).collect();
+            eprintln!("block {h}: view {} txs {txs:?}", b.header.view);
+        }
         for &k in &missing {
             let holders: Vec<Rid> = (0..cfg.n)
                 .filter(|&i| sim.vals[i].up.as_ref().is_some_and(|u| u.node.holds(&sim.txs[k].tx_hash)))
                 .collect();
-            eprintln!("tx {k}: sent at {} to {:?}; pending at {holders:?}", sim.plan[k].0, sim.plan[k].1);
+            eprintln!(
+                "tx {k} ({}): sent at {} to {:?}; pending at {holders:?}",
+                hex::encode(&sim.txs[k].tx_hash[..4]),
+                sim.plan[k].0,
+                sim.plan[k].1
+            );
         }
         for (i, v) in sim.vals.iter().enumerate() {
             if let Some(u) = &v.up {
                 let r = u.node.replica();
                 eprintln!(
-                    "validator {i}: height {} executed {} low {} view {}{} primary {} mempool {} inbox {} offset {} ms",
+                    "validator {i}: height {} executed {} low {} view {}{} primary {} mempool {} inbox {} offset {} ms disk {} B full {}",
                     u.node.height(),
                     r.executed(),
                     r.stable_checkpoint().0,
@@ -800,8 +814,12 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
                     r.primary(r.view()),
                     u.node.mempool_len(),
                     v.inbox.len(),
-                    v.clock_offset_ms
+                    v.clock_offset_ms,
+                    v.disk.used_bytes(),
+                    v.disk.counts().disk_full
                 );
+                eprintln!("  exec queue (seq, view, primary, missing): {:?}", u.node.exec_queue_summary());
+                eprintln!("  {}", r.describe_view_change());
             } else {
                 eprintln!("validator {i}: down until {}", v.restart_at_ms);
             }

@@ -87,6 +87,11 @@ impl SimDisk {
         })))
     }
 
+    /// Bytes held now (the larger of written and synced, per file).
+    pub fn used_bytes(&self) -> u64 {
+        self.0.lock().unwrap().used_bytes()
+    }
+
     pub fn counts(&self) -> FaultCounts {
         self.0.lock().unwrap().counts
     }
