@@ -20,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// A file opened on a [`Disk`].
+#[allow(clippy::len_without_is_empty)] // a file's length is an I/O call, not a collection's
 pub trait DiskFile: Send {
     /// Bytes in the file.
     fn len(&self) -> io::Result<u64>;

@@ -267,7 +267,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             params: params.clone(),
             auth: auth.clone(),
             keys: &keys,
-            wire: wire.clone(),
+            wire,
             limits,
             state: c.state_config(),
             reputation: rep_cfg,

@@ -228,7 +228,7 @@ fn producer_key(seed: u64) -> crypto::SigningKey {
 
 impl Sim {
     fn new(seed: u64, cfg: Config) -> Sim {
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f_a11);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x0005_eed0_fa11);
         let n = cfg.n;
         let producer = producer_key(seed);
         let validators: Vec<[u8; 32]> = (0..n).map(|i| [i as u8 + 1; 32]).collect();
@@ -345,7 +345,7 @@ impl Sim {
             params: self.params.clone(),
             auth: self.auths[i].clone(),
             keys: &self.ncfg.validators,
-            wire: self.wire.clone(),
+            wire: self.wire,
             limits: Limits::default(),
             state: StateConfig::default(),
             reputation: ReputationConfig { floor: Some(0.7), quarantine: true },
