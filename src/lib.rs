@@ -1,6 +1,6 @@
 //! CyberMesh validator: signed security alerts in, one BFT-agreed order out.
 //!
-//! One module per stage of the data flow (see README "Design"):
+//! One module per stage of the data flow (see docs/design.md):
 //! `ingest` (decode, verify, DLQ reasons) → `mempool` → `block` (builder) →
 //! `state` (deterministic state machine, Merkle root) → `store` (block store),
 //! wired on threads by `runtime`; `node` is the sans-I/O core that owns the
