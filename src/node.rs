@@ -308,7 +308,8 @@ impl<A: Auth + Clone> Node<A> {
     /// `state` must reflect every block up to `last`, and `replica` must have
     /// executed exactly as many values (see `runtime` recovery).
     /// `reputation` must have seen every block up to `last` (the runtime
-    /// replays them); its exclusions apply at once.
+    /// replays them); its exclusions apply at once, or from the next view
+    /// if the replica recorded who may lead its current view.
     pub fn new(
         cfg: NodeConfig,
         mut replica: Replica<A>,
@@ -318,7 +319,13 @@ impl<A: Auth + Clone> Node<A> {
         now_ms: u64,
     ) -> Self {
         let height = last.as_ref().map_or(0, |h| h.height);
-        replica.set_excluded(reputation.excluded().iter().copied());
+        if replica.excluded_recorded() {
+            // Who leads the current view was recorded when this validator
+            // entered it; what the chain says now applies from the next.
+            replica.exclude_from_next_view(reputation.excluded().iter().copied());
+        } else {
+            replica.set_excluded(reputation.excluded().iter().copied());
+        }
         assert_eq!(state.height(), height, "state and last block disagree");
         assert_eq!(replica.executed(), height, "replica and block store disagree");
         Node {

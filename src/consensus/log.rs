@@ -91,7 +91,7 @@ mod tests {
             sig: vec![2; 64],
         };
         let recs = vec![
-            Record::View { view: 2, changing: false },
+            Record::View { view: 2, changing: false, excluded: Some(vec![1]) },
             Record::PrePrepare(pp.clone()),
             Record::Vote(vote.clone()),
             Record::Prepared(PreparedCert { pre_prepare: pp, prepares: vec![vote] }),
@@ -126,7 +126,7 @@ mod tests {
     fn compaction_replaces_the_records_and_appends_continue() {
         let l = WireLimits { n: 4, max_value_bytes: 1 << 20, window: 16 };
         let dir = tempfile::tempdir().unwrap();
-        let view = |v| Record::View { view: v, changing: false };
+        let view = |v| Record::View { view: v, changing: false, excluded: None };
         let (mut log, _, _) = ConsensusLog::open(dir.path(), &l).unwrap();
         log.append(&(0..100).map(view).collect::<Vec<_>>()).unwrap();
         let before = log.len();
@@ -143,7 +143,8 @@ mod tests {
     fn every_damaged_field_of_every_record_is_refused_unless_it_is_the_last() {
         let l = WireLimits { n: 4, max_value_bytes: 1 << 20, window: 16 };
         let dir = tempfile::tempdir().unwrap();
-        let recs: Vec<Record> = (0..4).map(|v| Record::View { view: v * 1000, changing: v % 2 == 1 }).collect();
+        let recs: Vec<Record> =
+            (0..4).map(|v| Record::View { view: v * 1000, changing: v % 2 == 1, excluded: Some(vec![]) }).collect();
         {
             let (mut log, _, _) = ConsensusLog::open(dir.path(), &l).unwrap();
             log.append(&recs[..1]).unwrap();

@@ -139,6 +139,9 @@ pub enum Record {
     View {
         view: View,
         changing: bool,
+        /// Who may not lead this view (they decide its primary). None in
+        /// records from before it was kept.
+        excluded: Option<Vec<Rid>>,
     },
     PrePrepare(Signed<PrePrepare>),
     Vote(Signed<Vote>),
@@ -422,6 +425,8 @@ pub struct Replica<A: Auth + Clone> {
     excluded: BTreeSet<Rid>,
     /// Exclusions to apply at the next view change.
     next_excluded: Option<BTreeSet<Rid>>,
+    /// `excluded` came from a `Record::View` at recovery.
+    excluded_recorded: bool,
 }
 
 impl<A: Auth + Clone> Replica<A> {
@@ -464,6 +469,7 @@ impl<A: Auth + Clone> Replica<A> {
             next_heartbeat: 0,
             excluded: BTreeSet::new(),
             next_excluded: None,
+            excluded_recorded: false,
         }
     }
 
@@ -524,10 +530,14 @@ impl<A: Auth + Clone> Replica<A> {
         }
         for rec in records {
             match rec {
-                Record::View { view, changing } => {
+                Record::View { view, changing, excluded } => {
                     if view > r.view || (view == r.view && !changing) {
                         r.view = view;
                         r.changing = changing;
+                        r.excluded_recorded = excluded.is_some();
+                        if let Some(e) = excluded {
+                            r.excluded = r.cap_excluded(e);
+                        }
                     }
                 }
                 Record::PrePrepare(s) => {
@@ -592,7 +602,7 @@ impl<A: Auth + Clone> Replica<A> {
     /// state from (with the committed values): what a compacted log holds.
     /// Everything in it was persisted before; nothing else is needed.
     pub fn durable_records(&self) -> Vec<Record> {
-        let mut out = vec![Record::View { view: self.view, changing: self.changing }];
+        let mut out = vec![self.view_record(self.view, self.changing)];
         if self.low > 0 {
             out.push(Record::Stable { seq: self.low, proof: self.stable_proof.clone() });
         }
@@ -640,6 +650,20 @@ impl<A: Auth + Clone> Replica<A> {
     /// Callers apply it at the same executed height on every replica.
     pub fn set_excluded(&mut self, excluded: impl IntoIterator<Item = Rid>) {
         self.excluded = self.cap_excluded(excluded);
+    }
+
+    /// The durable record of entering `view` (with who may not lead it).
+    fn view_record(&self, view: View, changing: bool) -> Record {
+        Record::View { view, changing, excluded: Some(self.excluded.iter().copied().collect()) }
+    }
+
+    /// Whether the exclusions of the current view came from the durable
+    /// records (a restart): the caller's view of reputation, recomputed
+    /// from the chain, then applies from the next view on, as it did
+    /// before the restart, so this replica's primary of the current view
+    /// stays the one the others have.
+    pub fn excluded_recorded(&self) -> bool {
+        self.excluded_recorded
     }
 
     fn cap_excluded(&self, excluded: impl IntoIterator<Item = Rid>) -> BTreeSet<Rid> {
@@ -1038,13 +1062,21 @@ impl<A: Auth + Clone> Replica<A> {
                 }
             }
             Message::NewView(s) => {
-                if s.body.view > self.view {
-                    if let Some(e) = self.next_excluded.take() {
-                        self.excluded = e; // leaving our view: pending exclusions apply
-                    }
-                }
+                // Leaving our view, pending exclusions apply; but only once
+                // the new-view is accepted: a bogus one (a faulty replica's)
+                // must not change who leads our current view.
+                let view_before = self.view;
+                let pending = self.next_excluded.clone().filter(|_| s.body.view > view_before);
+                let before = pending.map(|e| std::mem::replace(&mut self.excluded, e));
                 if s.from == self.primary(s.body.view) && self.auth.verify(s.from, &nv_bytes(&s.body), &s.sig) {
                     self.on_new_view(s, out);
+                }
+                if let Some(before) = before {
+                    if self.view > view_before {
+                        self.next_excluded = None; // applied with the new view
+                    } else {
+                        self.excluded = before;
+                    }
                 }
             }
             Message::Fetch { from, from_seq } => {
@@ -1456,7 +1488,7 @@ impl<A: Auth + Clone> Replica<A> {
             .collect();
         let vc = ViewChange { new_view, stable_seq: self.low, stable_proof: self.stable_proof.clone(), prepared };
         let s = self.sign(vc.clone(), vc_bytes(&vc));
-        out.push(Action::Persist(Record::View { view: new_view, changing: true }));
+        out.push(Action::Persist(self.view_record(new_view, true)));
         out.push(Action::Persist(Record::ViewChange(s.clone())));
         out.push(Action::Broadcast(Message::ViewChange(s.clone())));
         self.on_view_change(s, out);
@@ -1642,7 +1674,7 @@ impl<A: Auth + Clone> Replica<A> {
     }
 
     fn enter_view(&mut self, nv: NewView, out: &mut Vec<Action>) {
-        out.push(Action::Persist(Record::View { view: nv.view, changing: false }));
+        out.push(Action::Persist(self.view_record(nv.view, false)));
         if self.primary(nv.view) == self.id {
             for pp in &nv.pre_prepares {
                 out.push(Action::Persist(Record::PrePrepare(pp.clone())));
@@ -2062,7 +2094,7 @@ mod tests {
         r.suspect_primary(&mut out);
         let records: Vec<Record> =
             out.iter().filter_map(|a| if let Action::Persist(r) = a { Some(r.clone()) } else { None }).collect();
-        assert!(matches!(records.as_slice(), [Record::View { view: 1, changing: true }, Record::ViewChange(_)]));
+        assert!(matches!(records.as_slice(), [Record::View { view: 1, changing: true, .. }, Record::ViewChange(_)]));
         // The torn tail keeps the first record only.
         let mut r = Replica::recover(1, params(), NoAuth, vec![], records[..1].to_vec());
         assert!(r.is_changing() && r.view() == 1);
@@ -2076,6 +2108,49 @@ mod tests {
         let mut out = vec![];
         whole.on_tick(1, &mut out);
         assert!(!out.iter().any(|a| matches!(a, Action::Persist(Record::ViewChange(_)))), "{out:?}");
+    }
+
+    /// Found by the whole-node simulator (seed 55348): a validator restarted
+    /// inside a view applied the exclusions its chain showed at once, so it
+    /// had another primary for the current view than the others (itself),
+    /// and waited as that view's primary for ever. Who may lead a view is
+    /// recorded on entering it; recovered, that set leads the current view.
+    #[test]
+    fn a_recovered_replica_keeps_the_primary_its_view_was_entered_with() {
+        let mut r = Replica::new(3, params(), NoAuth);
+        r.exclude_from_next_view([1]);
+        let mut out = vec![];
+        r.suspect_primary(&mut out);
+        assert_eq!((r.view(), r.primary(1)), (1, 2), "1 excluded: view 1 is led by 2");
+        let records: Vec<Record> =
+            out.iter().filter_map(|a| if let Action::Persist(r) = a { Some(r.clone()) } else { None }).collect();
+        let mut back = Replica::recover(3, params(), NoAuth, vec![], records.clone());
+        assert!(back.excluded_recorded());
+        // The chain, replayed, shows nobody excluded now: that waits for view 2.
+        back.exclude_from_next_view([]);
+        assert_eq!(back.primary(1), 2, "the same primary as before the restart");
+        // A record from before exclusions were kept: the caller's set applies.
+        let old: Vec<Record> = records
+            .into_iter()
+            .map(|rec| match rec {
+                Record::View { view, changing, .. } => Record::View { view, changing, excluded: None },
+                rec => rec,
+            })
+            .collect();
+        assert!(!Replica::recover(3, params(), NoAuth, vec![], old).excluded_recorded());
+    }
+
+    /// A new-view that is not accepted (here: without a quorum of view
+    /// changes) must not apply the pending exclusions: they would change
+    /// who leads the view this replica stays in.
+    #[test]
+    fn a_refused_new_view_leaves_the_current_primary_alone() {
+        let mut r = Replica::new(3, params(), NoAuth);
+        r.exclude_from_next_view([0]);
+        let body = NewView { view: 1, view_changes: vec![], pre_prepares: vec![] };
+        let mut out = vec![];
+        r.on_message(Message::NewView(Signed { body, from: 2, sig: vec![] }), &mut out);
+        assert_eq!((r.view(), r.primary(0)), (0, 0), "still view 0, still led by 0");
     }
 
     #[test]

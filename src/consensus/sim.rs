@@ -298,7 +298,12 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
                         durable[v].records.clone(),
                     );
                 }
-                replicas[v].set_excluded(cfg.excluded.iter().copied());
+                // As `Node::new` does: the recorded exclusions lead the current view.
+                if replicas[v].excluded_recorded() {
+                    replicas[v].exclude_from_next_view(cfg.excluded.iter().copied());
+                } else {
+                    replicas[v].set_excluded(cfg.excluded.iter().copied());
+                }
                 learned_exclusion[v] = false; // recomputed from its state, as the validator does
                                               // It reads the source again from its last committed offset, so
                                               // it learns the values it missed (Kafka redelivery).

@@ -199,7 +199,12 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
 pub fn encode_record_into(r: &Record, buf: &mut Vec<u8>) {
     use proto::pbft_record::Rec;
     let rec = match r {
-        Record::View { view, changing } => Rec::View(proto::PbftView { view: *view, changing: *changing }),
+        Record::View { view, changing, excluded } => Rec::View(proto::PbftView {
+            view: *view,
+            changing: *changing,
+            excluded: excluded.iter().flatten().map(|&r| r as u32).collect(),
+            excluded_known: excluded.is_some(),
+        }),
         Record::PrePrepare(p) => Rec::PrePrepare(pp_to(p)),
         Record::Vote(v) => Rec::Vote(vote_to(v)),
         Record::Prepared(c) => Rec::Prepared(cert_to(c)),
@@ -217,7 +222,15 @@ pub fn decode_record(bytes: &[u8], l: &WireLimits) -> Result<Record, WireError> 
     use proto::pbft_record::Rec;
     let r = proto::PbftRecord::decode(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
     Ok(match r.rec.ok_or(WireError::Missing("rec"))? {
-        Rec::View(v) => Record::View { view: v.view, changing: v.changing },
+        Rec::View(v) => Record::View {
+            view: v.view,
+            changing: v.changing,
+            excluded: if v.excluded_known {
+                Some(bounded(v.excluded, l.n, "excluded replicas")?.into_iter().map(|r| r as Rid).collect())
+            } else {
+                None
+            },
+        },
         Rec::PrePrepare(p) => Record::PrePrepare(pp_from(p, l)?),
         Rec::Vote(v) => Record::Vote(vote_from(v, l)?),
         Rec::Prepared(c) => Record::Prepared(cert_from(c, l)?),
