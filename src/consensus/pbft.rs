@@ -841,11 +841,14 @@ impl<A: Auth + Clone> Replica<A> {
         let vcs: Vec<(View, Vec<Rid>)> =
             self.view_changes.iter().map(|(v, m)| (*v, m.keys().copied().collect())).collect();
         format!(
-            "now {} deadline {:?} timeout {} ms view changes {vcs:?} new views {:?}",
+            "now {} deadline {:?} timeout {} ms view changes {vcs:?} new views {:?} excluded {:?} (recorded {}) next {:?}",
             self.now,
             self.deadline,
             self.timeout_ms,
-            self.last_new_view.as_ref().map(|nv| nv.body.view)
+            self.last_new_view.as_ref().map(|nv| nv.body.view),
+            self.excluded,
+            self.excluded_recorded,
+            self.next_excluded
         )
     }
 
@@ -1091,18 +1094,23 @@ impl<A: Auth + Clone> Replica<A> {
             }
             Message::Committed(c) => self.on_commit_cert(c, out),
             Message::Heartbeat(s) => {
-                if s.body.view == self.view
-                    && !self.changing
-                    && s.from == self.primary(s.body.view)
-                    && self.auth.verify(s.from, &hb_bytes(&s.body), &s.sig)
-                {
-                    self.last_heartbeat = Some(self.now);
+                let same_view = s.body.view == self.view;
+                if same_view && s.from < self.p.n && self.auth.verify(s.from, &hb_bytes(&s.body), &s.sig) {
+                    if !self.changing && s.from == self.primary(s.body.view) {
+                        self.last_heartbeat = Some(self.now);
+                    }
+                    // Whoever sends it: a validator that takes itself for
+                    // this view's primary (it entered the view before
+                    // executing the block that changed the exclusions, so
+                    // it has another primary) must still catch up with the
+                    // rest in an idle cluster, and learn the exclusions.
                     if s.body.executed > self.executed {
                         self.ask_to_catch_up(s.from, out);
                     } else if s.body.executed < self.executed {
                         self.help_behind(s.from, s.body.executed, out);
                     }
-                } else {
+                }
+                if !(same_view && !self.changing && s.from == self.primary(s.body.view)) {
                     self.ask_for_view(s.body.view, s.from, out);
                 }
             }
@@ -1865,6 +1873,47 @@ mod tests {
         r.set_time(900);
         r.on_message(hb(1), &mut out);
         assert_eq!(sent(&out), 1, "level: nothing to send");
+    }
+
+    /// Seed 74010 of the whole-node simulator: a validator entered view v
+    /// before executing the block that excluded a leader, so it takes
+    /// itself for v's primary and heartbeats as one, behind the others in
+    /// an idle cluster. It is not their primary, yet they send it the
+    /// certificates it lacks (and it fetches from them): executing them,
+    /// it learns the exclusion, which it applies at the next view change.
+    #[test]
+    fn heartbeats_from_a_validator_that_is_not_the_primary_still_catch_it_up() {
+        let p = Params { retransmit_ms: 100, ..params() };
+        let mut r = Replica::new(3, p.clone(), NoAuth);
+        let value: Value = Arc::new(b"v".to_vec());
+        let pp = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
+        let commits = (0..p.q())
+            .map(|i| Signed {
+                body: Vote { phase: Phase::Commit, view: 0, seq: 1, digest: pp.digest },
+                from: i,
+                sig: vec![],
+            })
+            .collect();
+        let mut out = vec![];
+        r.on_message(
+            Message::Committed(CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits }),
+            &mut out,
+        );
+        // Replica 2 heartbeats view 0 as if it led it, stalled at 0.
+        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 2, sig: vec![] });
+        let sent = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Send(2, Message::Committed(_)))).count();
+        let mut out = vec![];
+        r.set_time(500);
+        r.on_message(hb(0), &mut out);
+        r.set_time(600);
+        r.on_message(hb(0), &mut out);
+        assert_eq!(sent(&out), 1, "the certificate it lacks");
+        // And a replica behind such a validator fetches from it.
+        let mut behind = Replica::new(1, p, NoAuth);
+        let mut out = vec![];
+        behind.set_time(500);
+        behind.on_message(hb(4), &mut out);
+        assert!(out.iter().any(|a| matches!(a, Action::Send(2, Message::Fetch { from: 1, from_seq: 1 }))), "{out:?}");
     }
 
     #[test]
