@@ -26,6 +26,7 @@ pub mod event;
 pub mod framed;
 pub mod ingest;
 pub mod mempool;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod persist;

@@ -26,7 +26,7 @@ use crate::consensus::genesis::{verify_certificate, Ceremony, GenesisCertificate
 use crate::consensus::log::ConsensusLog;
 use crate::consensus::pbft::{Checkpoint, CommitCert, Message, Record, Rid, Seq, Signed};
 use crate::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
-use crate::dlq::{DlqFileSink, DlqKafkaSink, RejectCounters, RejectReason, Rejection};
+use crate::dlq::{DlqFileSink, DlqKafkaSink, RejectReason, Rejection};
 use crate::event::Limits;
 use crate::framed::write_atomically;
 use crate::ingest::direct;
@@ -34,6 +34,7 @@ use crate::ingest::kafka::OffsetTracker;
 use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
 use crate::ingest::Incoming;
 use crate::mempool::VerifiedTx;
+pub use crate::metrics::RuntimeStats;
 use crate::net::{Net, NetConfig, NetEvent, Peer};
 use crate::node::{Node, NodeConfig, Output, Stage};
 use crate::proposal;
@@ -45,7 +46,7 @@ use prost::Message as _;
 use ring::{idle_wait, Doorbell, Ring};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -60,46 +61,6 @@ pub fn now_ms() -> u64 {
 pub fn monotonic_ns() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
-}
-
-/// Counters published by the stages (lock-free), for logs and metrics.
-#[derive(Default)]
-pub struct RuntimeStats {
-    pub received: AtomicU64,
-    pub verified: AtomicU64,
-    pub rejected: RejectCounters,
-    pub duplicates: AtomicU64,
-    pub height: AtomicU64,
-    pub committed_txs: AtomicU64,
-    pub mempool_size: AtomicU64,
-    pub mempool_bytes: AtomicU64,
-    pub view: AtomicU64,
-    pub evidence: AtomicU64,
-    /// The database mirror's progress.
-    pub mirror: Arc<crate::persist::MirrorStats>,
-    pub genesis_done: AtomicBool,
-    /// Validators (others) heard from in the last 5 s.
-    pub peers_connected: AtomicU64,
-    /// Validator id leading the current view.
-    pub leader: AtomicU64,
-    pub view_changes: AtomicU64,
-    pub blocks_committed: AtomicU64,
-    /// PBFT messages received from other validators, by kind.
-    pub proposals_received: AtomicU64,
-    pub prepares_received: AtomicU64,
-    pub commits_received: AtomicU64,
-    /// Kafka messages consumed and not finished.
-    pub kafka_unfinished: AtomicU64,
-    /// Batches waiting in the verify shards' input rings.
-    pub ring_occupancy: AtomicU64,
-    /// Bytes sent to / received from the other validators (copied from the
-    /// transport's counters by the core loop).
-    pub p2p_bytes_sent: AtomicU64,
-    pub p2p_bytes_received: AtomicU64,
-    pub latencies: Arc<crate::api::Latencies>,
-    /// The validator set as `/validators` shows it (refreshed every second
-    /// by the core; the lock is taken once a second, not per tx).
-    pub validators_json: Mutex<Option<Arc<serde_json::Value>>>,
 }
 
 /// Each direct connection's commit-notice queue, by connection id.
