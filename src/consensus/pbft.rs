@@ -1836,10 +1836,9 @@ mod tests {
         assert_eq!(fetches(&out), 2);
     }
 
-    #[test]
-    fn a_primary_whose_heartbeats_stall_behind_is_sent_the_certificates_it_lacks() {
-        let p = Params { retransmit_ms: 100, ..params() };
-        let mut r = Replica::new(3, p.clone(), NoAuth);
+    /// Replica `id`, having executed seq 1 (view 0) from a certificate.
+    fn executed_one(id: Rid, p: &Params) -> Replica<NoAuth> {
+        let mut r = Replica::new(id, p.clone(), NoAuth);
         let value: Value = Arc::new(b"v".to_vec());
         let pp = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
         let commits = (0..p.q())
@@ -1849,11 +1848,15 @@ mod tests {
                 sig: vec![],
             })
             .collect();
-        let mut out = vec![];
-        r.on_message(
-            Message::Committed(CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits }),
-            &mut out,
-        );
+        let cert = CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits };
+        r.on_message(Message::Committed(cert), &mut vec![]);
+        r
+    }
+
+    #[test]
+    fn a_primary_whose_heartbeats_stall_behind_is_sent_the_certificates_it_lacks() {
+        let p = Params { retransmit_ms: 100, ..params() };
+        let mut r = executed_one(3, &p);
         assert_eq!(r.executed(), 1);
         let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 0, sig: vec![] });
         let sent = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Send(0, Message::Committed(_)))).count();
@@ -1884,21 +1887,7 @@ mod tests {
     #[test]
     fn heartbeats_from_a_validator_that_is_not_the_primary_still_catch_it_up() {
         let p = Params { retransmit_ms: 100, ..params() };
-        let mut r = Replica::new(3, p.clone(), NoAuth);
-        let value: Value = Arc::new(b"v".to_vec());
-        let pp = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
-        let commits = (0..p.q())
-            .map(|i| Signed {
-                body: Vote { phase: Phase::Commit, view: 0, seq: 1, digest: pp.digest },
-                from: i,
-                sig: vec![],
-            })
-            .collect();
-        let mut out = vec![];
-        r.on_message(
-            Message::Committed(CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits }),
-            &mut out,
-        );
+        let mut r = executed_one(3, &p);
         // Replica 2 heartbeats view 0 as if it led it, stalled at 0.
         let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 2, sig: vec![] });
         let sent = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Send(2, Message::Committed(_)))).count();
