@@ -754,9 +754,19 @@ impl Sim {
     }
 
     /// Every tx committed, and every honest validator at the chain's height.
+    /// Whether tx `k` must commit: it reached an honest validator (one
+    /// that only the Byzantine validator received may be dropped by it).
+    fn owed(&self, k: usize) -> bool {
+        self.plan[k].1.iter().any(|&i| Some(i) != self.cfg.byzantine)
+    }
+
+    fn is_committed(&self, k: usize) -> bool {
+        self.committed.contains_key(&(self.txs[k].event.nonce, self.txs[k].tx_hash))
+    }
+
     fn done(&self) -> bool {
         let top = self.chain.keys().next_back().copied().unwrap_or(0);
-        self.committed.len() == self.txs.len()
+        (0..self.txs.len()).all(|k| !self.owed(k) || self.is_committed(k))
             && self.honest().all(|i| self.vals[i].up.as_ref().is_some_and(|u| u.node.height() == top))
     }
 }
@@ -781,9 +791,7 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
             panic!("seed {seed} ({cfg:?}): {}; replay with SIM_SEED={seed}", msg.unwrap_or_default());
         }
     };
-    let missing: Vec<usize> = (0..sim.txs.len())
-        .filter(|&k| !sim.committed.contains_key(&(sim.txs[k].event.nonce, sim.txs[k].tx_hash)))
-        .collect();
+    let missing: Vec<usize> = (0..sim.txs.len()).filter(|&k| sim.owed(k) && !sim.is_committed(k)).collect();
     if !missing.is_empty() || !sim.done() {
         eprintln!("chain height {}, now {} ms", sim.chain.len(), sim.now_ms);
         for (h, b) in &sim.blocks {
