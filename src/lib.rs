@@ -16,6 +16,7 @@ pub mod api;
 pub mod audit;
 pub mod block;
 pub mod bodies;
+pub mod clock;
 pub mod config;
 pub mod consensus;
 pub mod crypto;

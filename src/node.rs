@@ -20,6 +20,7 @@
 
 use crate::block::{tx_root, Block, BlockHeader, BuilderConfig};
 use crate::bodies::{ask_order, Bodies};
+use crate::clock::Now;
 use crate::consensus::pbft::{
     without_value, Action, Auth, CommitCert, Message, PrePrepare, Proof, Record, Replica, Rid, Seq, Signed, View,
 };
@@ -264,11 +265,14 @@ pub struct Node<A: Auth + Clone> {
     forwarded: foldhash::HashSet<Hash32>,
     /// When a backup alone in a view change forwards its txs again.
     next_forward_retry_ms: u64,
-    /// Forwarded txs verified per sender since the last order check (a
-    /// faulty validator cannot make this one verify without a bound).
+    /// Forwarded txs verified per sender in this budget window (a faulty
+    /// validator cannot make this one verify without a bound).
     forward_budget: Vec<usize>,
-    /// Tx bodies served per sender since the last order check.
+    /// Tx bodies served per sender in this budget window.
     serve_budget: Vec<usize>,
+    /// When the budgets refill (a window of `BUDGET_WINDOW_MS`, counted
+    /// where they are spent, so it does not depend on how often ticks come).
+    budgets_refill_ms: u64,
     /// Pre-prepares of the current view (within the window) whose bodies
     /// are not all here yet, or that wait for execution to catch up.
     awaiting: BTreeMap<Seq, (Signed<PrePrepare>, Bodies)>,
@@ -280,6 +284,9 @@ pub struct Node<A: Auth + Clone> {
     view: View,
     last_proposal_ms: u64,
     last_proposal_ts: u64,
+    /// The host's wall clock at the latest input (block timestamps and the
+    /// skew checks); every other time field here is monotonic.
+    wall_ms: u64,
     /// Proposals made here or that passed `proposal::check`, decoded, by
     /// digest (bounded): checked once, and executed without decoding again.
     checked: HashMap<Hash32, Arc<Proposal>>,
@@ -316,7 +323,7 @@ impl<A: Auth + Clone> Node<A> {
         state: State,
         last: Option<BlockHeader>,
         reputation: Reputation,
-        now_ms: u64,
+        now: Now,
     ) -> Self {
         let height = last.as_ref().map_or(0, |h| h.height);
         if replica.excluded_recorded() {
@@ -343,6 +350,7 @@ impl<A: Auth + Clone> Node<A> {
             next_forward_retry_ms: 0,
             forward_budget: vec![0; cfg.validators.len()],
             serve_budget: vec![0; cfg.validators.len()],
+            budgets_refill_ms: 0,
             awaiting: BTreeMap::new(),
             exec_queue: VecDeque::new(),
             state,
@@ -350,7 +358,8 @@ impl<A: Auth + Clone> Node<A> {
             last,
             view: replica.view(),
             replica,
-            last_proposal_ms: now_ms,
+            last_proposal_ms: now.mono_ms,
+            wall_ms: now.wall_ms,
             checked: HashMap::new(),
             checked_order: VecDeque::new(),
             conduct: vec![Conduct::default(); cfg.validators.len()],
@@ -397,6 +406,21 @@ impl<A: Auth + Clone> Node<A> {
     }
 
     /// Notes the time a slot in the window reached a phase (first time only).
+    /// Every input starts here: the wall clock is kept for what needs it,
+    /// the monotonic time is returned for everything else.
+    fn enter(&mut self, now: Now) -> u64 {
+        self.wall_ms = now.wall_ms;
+        now.mono_ms
+    }
+
+    fn refill_budgets(&mut self, now_ms: u64) {
+        if now_ms >= self.budgets_refill_ms {
+            self.budgets_refill_ms = now_ms + BUDGET_WINDOW_MS;
+            self.forward_budget.iter_mut().for_each(|b| *b = 0);
+            self.serve_budget.iter_mut().for_each(|b| *b = 0);
+        }
+    }
+
     fn slot_time(&mut self, seq: Seq, now_ms: u64, phase: fn(&mut SlotTimes) -> &mut Option<u64>) {
         let window = self.replica.params().window;
         if seq <= self.height() || seq > self.height() + 2 * window {
@@ -480,7 +504,8 @@ impl<A: Auth + Clone> Node<A> {
     /// Txs admitted by the verify shards. No verdict is made here that
     /// another validator could make differently: the rate limit is the
     /// state machine's (receipts), and the backlog is backpressure only.
-    pub fn on_txs(&mut self, now_ms: u64, txs: Vec<VerifiedTx>, out: &mut Vec<Output>) {
+    pub fn on_txs(&mut self, now: Now, txs: Vec<VerifiedTx>, out: &mut Vec<Output>) {
+        let now_ms = self.enter(now);
         self.backlog.extend(txs);
         self.drain_backlog(out);
         self.drain_exec_queue(now_ms, out);
@@ -542,10 +567,12 @@ impl<A: Auth + Clone> Node<A> {
 
     /// Txs validator `from` forwarded (see `Output::Forward`): decoded with
     /// this validator's limits, deduplicated by tx hash, verified like any
-    /// ingest, admitted. At most `MAX_FORWARD_TXS` per sender per order
-    /// check are verified; the rest are dropped (the sender retries in a
+    /// ingest, admitted. At most `MAX_FORWARD_TXS` per sender per budget
+    /// window are verified; the rest are dropped (the sender retries in a
     /// later view if still needed).
-    pub fn on_forward(&mut self, now_ms: u64, from: Rid, txs: Vec<crate::proto::Transaction>, out: &mut Vec<Output>) {
+    pub fn on_forward(&mut self, now: Now, from: Rid, txs: Vec<crate::proto::Transaction>, out: &mut Vec<Output>) {
+        let now_ms = self.enter(now);
+        self.refill_budgets(now_ms);
         let Some(budget) = self.forward_budget.get_mut(from) else { return };
         let mut events = Vec::with_capacity(txs.len());
         for t in txs {
@@ -568,7 +595,7 @@ impl<A: Auth + Clone> Node<A> {
             return;
         }
         let refs: Vec<&Event> = events.iter().map(|(e, _)| e).collect();
-        let verdicts = crate::ingest::verify::verify_each(&self.cfg.policy, &refs, now_ms);
+        let verdicts = crate::ingest::verify::verify_each(&self.cfg.policy, &refs, now.wall_ms);
         let mut admitted = vec![];
         for ((event, tx_hash), v) in events.into_iter().zip(verdicts) {
             match v {
@@ -580,12 +607,13 @@ impl<A: Auth + Clone> Node<A> {
             }
         }
         self.stats.forwards_admitted += admitted.len() as u64;
-        self.on_txs(now_ms, admitted, out);
+        self.on_txs(now, admitted, out);
     }
 
     /// A consensus message from validator `from` (authenticated by the
     /// transport; the replica checks the signatures inside).
-    pub fn on_message(&mut self, now_ms: u64, from: Rid, msg: Message, out: &mut Vec<Output>) {
+    pub fn on_message(&mut self, now: Now, from: Rid, msg: Message, out: &mut Vec<Output>) {
+        let now_ms = self.enter(now);
         match msg {
             Message::Fetch { from: asker, from_seq } => {
                 if asker == from && asker != self.replica.id {
@@ -640,12 +668,12 @@ impl<A: Auth + Clone> Node<A> {
         self.step(now_ms, out);
     }
 
-    fn check_context(&self, now_ms: u64) -> CheckContext<'_> {
+    fn check_context(&self) -> CheckContext<'_> {
         CheckContext {
             builder: &self.cfg.builder,
             policy: &self.cfg.policy,
             mempool: &self.mempool,
-            now_ms,
+            wall_ms: self.wall_ms,
             skew_ms: self.cfg.skew_ms,
         }
     }
@@ -689,7 +717,7 @@ impl<A: Auth + Clone> Node<A> {
         }
         let named = proposal::decode(&s.body.value, self.cfg.builder.max_txs)
             .and_then(|n| proposal::check_origin(&n, s.body.view, s.from).map(|()| n))
-            .and_then(|n| proposal::check_named(&n, &self.check_context(now_ms)).map(|()| n));
+            .and_then(|n| proposal::check_named(&n, &self.check_context()).map(|()| n));
         match named {
             Ok(named) => {
                 let bodies = self.resolve(named, s.from, now_ms);
@@ -721,7 +749,7 @@ impl<A: Auth + Clone> Node<A> {
     fn check_pre_prepare(&mut self, now_ms: u64, s: Signed<PrePrepare>, p: Proposal, out: &mut Vec<Output>) {
         self.sync_inflight();
         let seq = s.body.seq;
-        let checked = proposal::check(&p, &self.check_context(now_ms)).and_then(|()| {
+        let checked = proposal::check(&p, &self.check_context()).and_then(|()| {
             match p.evidence.iter().position(|e| !self.replica.verify_proof(e)) {
                 Some(i) => Err(proposal::ProposalError::Decode(format!("proof {i} does not verify"))),
                 None => self.check_no_repeats(seq, &p),
@@ -756,12 +784,13 @@ impl<A: Auth + Clone> Node<A> {
     /// be (a quorum prepared exactly these bytes).
     pub fn on_bodies(
         &mut self,
-        now_ms: u64,
+        now: Now,
         from: Rid,
         seq: Seq,
         txs: Vec<crate::proto::Transaction>,
         out: &mut Vec<Output>,
     ) {
+        let now_ms = self.enter(now);
         if from >= self.cfg.validators.len() || !self.waits_for_bodies() {
             return;
         }
@@ -786,11 +815,13 @@ impl<A: Auth + Clone> Node<A> {
     /// Validator `from` asks for tx bodies of the value at `seq`: answered
     /// from the mempool and the proposals checked here, else (a committed
     /// block) from the block store. At most `MAX_SERVED_TXS` per sender per
-    /// order check.
-    pub fn on_tx_fetch(&mut self, from: Rid, seq: Seq, tx_hashes: Vec<Hash32>, out: &mut Vec<Output>) {
+    /// budget window.
+    pub fn on_tx_fetch(&mut self, now: Now, from: Rid, seq: Seq, tx_hashes: Vec<Hash32>, out: &mut Vec<Output>) {
+        let now_ms = self.enter(now);
         if from == self.replica.id {
             return;
         }
+        self.refill_budgets(now_ms);
         let Some(budget) = self.serve_budget.get_mut(from) else { return };
         if *budget + tx_hashes.len() > MAX_SERVED_TXS {
             return; // asked again after the retry interval
@@ -981,8 +1012,6 @@ impl<A: Auth + Clone> Node<A> {
             return;
         }
         self.next_order_check_ms = now_ms + ORDER_CHECK_INTERVAL_MS;
-        self.forward_budget.iter_mut().for_each(|b| *b = 0);
-        self.serve_budget.iter_mut().for_each(|b| *b = 0);
         if self.replica.is_primary() || !self.exec_queue.is_empty() {
             return;
         }
@@ -1103,7 +1132,8 @@ impl<A: Auth + Clone> Node<A> {
     }
 
     /// Time passes: timers, and a proposal if this validator leads.
-    pub fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+    pub fn on_tick(&mut self, now: Now, out: &mut Vec<Output>) {
+        let now_ms = self.enter(now);
         self.replica.on_tick(now_ms, &mut self.actions);
         self.check_order(now_ms, out);
         self.ask_for_bodies(now_ms, out);
@@ -1192,7 +1222,7 @@ impl<A: Auth + Clone> Node<A> {
                     nothing_to_propose = true;
                     continue;
                 }
-                let ts = now_ms.max(self.last_proposal_ts).max(self.last.as_ref().map_or(0, |h| h.timestamp_ms));
+                let ts = self.wall_ms.max(self.last_proposal_ts).max(self.last.as_ref().map_or(0, |h| h.timestamp_ms));
                 self.last_proposal_ts = ts;
                 self.last_proposal_ms = now_ms;
                 let tx_hashes: Vec<Hash32> = txs.iter().map(|t| t.tx_hash).collect();
@@ -1432,19 +1462,30 @@ impl<A: Auth + Clone> Node<A> {
         out.push(Output::Commit { block, cert, receipts, outcome });
     }
 
-    /// When `on_tick` next has something to do (ms).
-    pub fn next_deadline_ms(&self, now_ms: u64) -> u64 {
-        let next = if self.replica.can_propose() && self.mempool.pending() > 0 {
-            self.cfg.builder.next_deadline_ms(self.last_proposal_ms).max(now_ms)
-        } else {
-            now_ms + 50
-        };
+    /// When (monotonic ms) `on_tick` must next run, exactly: the replica's
+    /// earliest timer; the next block while leading with txs pending; the
+    /// order check while a backup holds pending txs; the next fetch of a
+    /// missing body; now (0) for a proof to propose. Ticking earlier does
+    /// nothing; later delays that work.
+    pub fn poll_timeout_ms(&self) -> u64 {
+        let mut at_ms = self.replica.poll_timeout_ms();
+        let unproposed_proofs = self.proofs.iter().any(|(_, proposed)| !proposed);
+        if unproposed_proofs && self.replica.can_propose() && self.exec_queue.is_empty() {
+            return 0; // due now
+        }
+        if self.mempool.pending() > 0 {
+            if self.replica.can_propose() && self.exec_queue.is_empty() {
+                at_ms = at_ms.min(self.cfg.builder.next_deadline_ms(self.last_proposal_ms));
+            } else if !self.replica.is_primary() && self.exec_queue.is_empty() {
+                at_ms = at_ms.min(self.next_order_check_ms);
+            }
+        }
         let asks = self.awaiting.values().filter_map(|(_, b)| b.next_ask_ms());
         let queued = self.exec_queue.iter().filter_map(|q| match &q.body {
             QueuedBody::Missing(b) => b.next_ask_ms(),
             QueuedBody::Ready(_) => None,
         });
-        asks.chain(queued).fold(next, u64::min).max(now_ms)
+        asks.chain(queued).fold(at_ms, u64::min)
     }
 }
 
@@ -1454,6 +1495,8 @@ const MAX_SERVED_TXS: usize = 4 * MAX_FETCH_TXS;
 
 /// How often a backup checks that the primary is not passing over its txs.
 const ORDER_CHECK_INTERVAL_MS: u64 = 200;
+/// The window of the per-sender budgets for forwarded and served txs.
+const BUDGET_WINDOW_MS: u64 = 200;
 /// How long a backup holds a tx the primary passes over (or, idle, does
 /// not order) before forwarding it to the primary.
 const FORWARD_DELAY_MS: u64 = 1_000;
@@ -1517,6 +1560,10 @@ pub fn replay(state: &mut State, block: &Block) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    /// One test clock: monotonic and wall the same.
+    fn at(ms: u64) -> Now {
+        Now { mono_ms: ms, wall_ms: ms }
+    }
     use super::*;
     use crate::consensus::pbft::Params;
     use crate::consensus::wire::Ed25519Auth;
@@ -1600,7 +1647,7 @@ mod tests {
         let nodes = (0..n)
             .map(|i| {
                 let r = Replica::new(i, params_for_tests(n), Ed25519Auth::new(keys[i].clone(), pks.clone()));
-                Node::new(cfg.clone(), r, State::new(state), None, Reputation::new(n, Some(0.7), true), 0)
+                Node::new(cfg.clone(), r, State::new(state), None, Reputation::new(n, Some(0.7), true), at(0))
             })
             .collect();
         (nodes, keys)
@@ -1671,13 +1718,13 @@ mod tests {
             }
             for (from, to, seq, hashes) in fetches {
                 if !mute.contains(&from) && !WITHHOLD_BODIES.get().contains(&to) {
-                    nodes[to].on_tx_fetch(from, seq, hashes, &mut outs[to]);
+                    nodes[to].on_tx_fetch(at(now), from, seq, hashes, &mut outs[to]);
                 }
             }
             for (from, to, seq, txs) in bodies {
                 if !mute.contains(&from) {
                     let txs = txs.iter().map(|t| t.to_tx_proto()).collect();
-                    nodes[to].on_bodies(now, from, seq, txs, &mut outs[to]);
+                    nodes[to].on_bodies(at(now), from, seq, txs, &mut outs[to]);
                 }
             }
             for (from, to, txs) in forwards {
@@ -1685,7 +1732,7 @@ mod tests {
                     continue;
                 }
                 let txs = txs.iter().map(|t| t.to_tx_proto()).collect();
-                nodes[to].on_forward(now, from, txs, &mut outs[to]);
+                nodes[to].on_forward(at(now), from, txs, &mut outs[to]);
             }
             for (from, to, m) in msgs {
                 if mute.contains(&from) {
@@ -1693,7 +1740,7 @@ mod tests {
                 }
                 for (j, node) in nodes.iter_mut().enumerate() {
                     if j != from && to.is_none_or(|t| t == j) {
-                        node.on_message(now, from, m.clone(), &mut outs[j]);
+                        node.on_message(at(now), from, m.clone(), &mut outs[j]);
                     }
                 }
             }
@@ -1705,7 +1752,7 @@ mod tests {
     fn fetch_bodies(nodes: &mut [Node<Ed25519Auth>], now: u64, outs: &mut [Vec<Output>]) {
         let later = now + crate::bodies::WAIT_FOR_SOURCE_MS;
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_tick(later, &mut outs[i]);
+            n.on_tick(at(later), &mut outs[i]);
         }
         settle(nodes, later, outs, &[]);
     }
@@ -1715,7 +1762,7 @@ mod tests {
         let k = crypto::generate_key();
         let mut n = cluster(1, &k, 6).pop().unwrap();
         let mut out = vec![];
-        n.on_txs(1000, (0..10).map(|i| vtx(&k, i, 1000)).collect(), &mut out);
+        n.on_txs(at(1000), (0..10).map(|i| vtx(&k, i, 1000)).collect(), &mut out);
         // Four are a full block: proposed and (N = 1) committed at once; the
         // backlog refills the pool, so a second full block follows, and the
         // last two go at once too (no block in flight: nothing to wait for).
@@ -1731,7 +1778,7 @@ mod tests {
         while n.mempool_len() > 0 || !n.backlog.is_empty() {
             now += 100;
             out.clear();
-            n.on_tick(now, &mut out);
+            n.on_tick(at(now), &mut out);
             for o in &out {
                 if let Output::Commit { block, receipts, .. } = o {
                     total += block.txs.len();
@@ -1760,15 +1807,15 @@ mod tests {
         let proposals =
             |out: &[Output]| out.iter().filter(|o| matches!(o, Output::Persist(Record::PrePrepare(_)))).count();
         let mut out = vec![];
-        primary.on_txs(10, txs, &mut out);
+        primary.on_txs(at(10), txs, &mut out);
         // Three txs' bytes fill a block: two are cut at once. The third
         // waits for the interval, though the pool (with the two in flight)
         // still holds more than a block's bytes.
         assert_eq!(proposals(&out), 1);
         out.clear();
-        primary.on_tick(50, &mut out);
+        primary.on_tick(at(50), &mut out);
         assert_eq!(proposals(&out), 0, "the in-flight block's bytes do not fill the next one");
-        primary.on_tick(110, &mut out);
+        primary.on_tick(at(110), &mut out);
         assert_eq!(proposals(&out), 1, "cut when the interval is over");
     }
 
@@ -1782,14 +1829,14 @@ mod tests {
         let k = crypto::generate_key();
         let mut plain = cluster(1, &k, 6).pop().unwrap();
         let mut out = vec![];
-        plain.on_txs(1000, (0..8).map(|i| vtx(&k, i, 1000)).collect(), &mut out);
+        plain.on_txs(at(1000), (0..8).map(|i| vtx(&k, i, 1000)).collect(), &mut out);
         assert_eq!(plain.stats().committed_blocks, 2);
         assert!(plain.take_stage_times().is_empty(), "no stopwatch, no readings");
 
         let mut timed = cluster(1, &k, 6).pop().unwrap();
         timed.set_stopwatch(fake_clock);
         out.clear();
-        timed.on_txs(1000, (0..8).map(|i| vtx(&k, i, 1000)).collect(), &mut out);
+        timed.on_txs(at(1000), (0..8).map(|i| vtx(&k, i, 1000)).collect(), &mut out);
         let times = timed.take_stage_times();
         let count = |s: Stage| times.iter().filter(|(t, _)| *t == s).count();
         assert_eq!(count(Stage::BuildBlock), 2, "{times:?}");
@@ -1810,12 +1857,12 @@ mod tests {
         let mut now = 1000;
         for chunk in txs.chunks(7) {
             now += 3;
-            n.on_txs(now, chunk.to_vec(), &mut out);
-            n.on_tick(now, &mut out);
+            n.on_txs(at(now), chunk.to_vec(), &mut out);
+            n.on_tick(at(now), &mut out);
         }
         for _ in 0..10 {
             now += 100;
-            n.on_tick(now, &mut out);
+            n.on_tick(at(now), &mut out);
         }
         let mut seen = HashSet::new();
         for o in &out {
@@ -1835,10 +1882,10 @@ mod tests {
         let mut nodes = cluster(4, &k, 100);
         let now = 1_800_000_000_000;
         let mut out = vec![];
-        nodes[1].on_txs(now, vec![vtx(&k, 1, now)], &mut out);
-        nodes[1].on_tick(now + 10, &mut out);
+        nodes[1].on_txs(at(now), vec![vtx(&k, 1, now)], &mut out);
+        nodes[1].on_tick(at(now + 10), &mut out);
         assert_eq!(nodes[1].replica().view(), 0, "{out:?}");
-        nodes[1].on_tick(now + 2_500, &mut out);
+        nodes[1].on_tick(at(now + 2_500), &mut out);
         assert_eq!(nodes[1].replica().view(), 1, "the primary ordered nothing within the timeout");
     }
 
@@ -1891,11 +1938,11 @@ mod tests {
             Message::PrePrepare(Signed { sig: auth0.sign(&pp_bytes(&body)), body, from: 0 })
         };
         for (i, n) in nodes.iter_mut().enumerate().skip(1) {
-            n.on_txs(now, vec![a.clone(), b.clone()], &mut outs[i]);
+            n.on_txs(at(now), vec![a.clone(), b.clone()], &mut outs[i]);
         }
         let (ppa, ppb) = (pp(&a), pp(&b));
-        nodes[1].on_message(now, 0, ppa, &mut outs[1]);
-        nodes[1].on_message(now, 0, ppb, &mut outs[1]);
+        nodes[1].on_message(at(now), 0, ppa, &mut outs[1]);
+        nodes[1].on_message(at(now), 0, ppb, &mut outs[1]);
         assert!(outs[1].iter().any(|o| matches!(o, Output::Evidence { culprit: 0, .. })), "equivocation seen");
         // Validator 0 goes silent; the others change view, and validator 1,
         // leading view 1, commits the proof with the txs.
@@ -1903,7 +1950,7 @@ mod tests {
             now += 100;
             assert!(now < 60_000, "the proof was never committed");
             for (i, n) in nodes.iter_mut().enumerate().skip(1) {
-                n.on_tick(now, &mut outs[i]);
+                n.on_tick(at(now), &mut outs[i]);
             }
             outs[0].clear();
             settle(&mut nodes, now, &mut outs, &[0]);
@@ -1920,10 +1967,10 @@ mod tests {
         let mut n = cluster(1, &k, 10).pop().unwrap();
         let mut out = vec![];
         let t = vtx(&k, 1, 1000);
-        n.on_txs(1000, vec![t.clone()], &mut out);
-        n.on_tick(1200, &mut out);
+        n.on_txs(at(1000), vec![t.clone()], &mut out);
+        n.on_tick(at(1200), &mut out);
         assert_eq!(n.height(), 1);
-        n.on_txs(1300, vec![t], &mut out);
+        n.on_txs(at(1300), vec![t], &mut out);
         assert_eq!(n.stats().duplicates, 1);
         assert_eq!(n.mempool_len(), 0);
     }
@@ -1935,7 +1982,7 @@ mod tests {
         let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
         let txs: Vec<_> = (0..10).map(|i| vtx(&k, i, 1000)).collect();
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(1000, txs.clone(), &mut outs[i]);
+            n.on_txs(at(1000), txs.clone(), &mut outs[i]);
         }
         (nodes, outs, txs)
     }
@@ -1946,7 +1993,7 @@ mod tests {
     #[test]
     fn a_new_primary_with_every_pending_tx_re_proposed_proposes_nothing_empty() {
         let (mut nodes, mut outs, txs) = four_fed_ten_txs();
-        nodes[0].on_tick(1100, &mut outs[0]);
+        nodes[0].on_tick(at(1100), &mut outs[0]);
         // Pre-prepares and prepares flow, commits are lost: every backup
         // holds a prepared certificate, nothing commits.
         loop {
@@ -1968,7 +2015,7 @@ mod tests {
             }
             for (from, m) in msgs {
                 for (j, n) in nodes.iter_mut().enumerate().filter(|(j, _)| *j != from) {
-                    n.on_message(1100, from, m.clone(), &mut outs[j]);
+                    n.on_message(at(1100), from, m.clone(), &mut outs[j]);
                 }
             }
         }
@@ -1985,7 +2032,7 @@ mod tests {
             now += 100;
             assert!(now < 120_000, "nothing committed after the view change");
             for (i, n) in nodes.iter_mut().enumerate().skip(1) {
-                n.on_tick(now, &mut outs[i]);
+                n.on_tick(at(now), &mut outs[i]);
             }
             outs[0].clear();
             let c = settle(&mut nodes, now, &mut outs, &[0]);
@@ -2010,7 +2057,7 @@ mod tests {
             now += 100;
             assert!(now < 10_000, "no progress");
             for (i, n) in nodes.iter_mut().enumerate() {
-                n.on_tick(now, &mut outs[i]);
+                n.on_tick(at(now), &mut outs[i]);
             }
             for (i, b) in settle(&mut nodes, now, &mut outs, &[]).into_iter().enumerate() {
                 blocks[i].extend(b);
@@ -2070,7 +2117,7 @@ mod tests {
             let heights: Vec<u64> = nodes.iter().map(|n| n.height()).collect();
             assert!(*now < 300_000, "no progress: heights {heights:?}");
             for (i, n) in nodes.iter_mut().enumerate() {
-                n.on_tick(*now, &mut outs[i]);
+                n.on_tick(at(*now), &mut outs[i]);
             }
             settle_with(nodes, *now, outs, &[], &mut |i, o| stores.handle(i, o));
         }
@@ -2089,7 +2136,7 @@ mod tests {
         let mut now = 1000;
         let txs: Vec<_> = (0..60).map(|i| vtx(&k, i, 1000)).collect();
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(now, txs[..40].to_vec(), &mut outs[i]);
+            n.on_txs(at(now), txs[..40].to_vec(), &mut outs[i]);
         }
         drive(&mut nodes, &mut outs, &mut stores, &mut now, |ns| ns.iter().all(|n| n.height() >= 10));
         let (seq, bytes) = stores.served.clone().expect("node 0 completed a snapshot at a stable checkpoint");
@@ -2122,13 +2169,13 @@ mod tests {
         assert_eq!(v.header.height, seq);
         let replica = v.replica.recover_onto(std::iter::empty(), std::iter::empty());
         let cfg = nodes[3].cfg.clone();
-        nodes[3] = Node::new(cfg, replica, v.state, Some(v.header), v.reputation, now);
+        nodes[3] = Node::new(cfg, replica, v.state, Some(v.header), v.reputation, at(now));
         stores.certs[3].clear();
 
         // New txs commit everywhere; the joined validator fetches the blocks
         // above the snapshot and ends with the same chain and state root.
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(now, txs[40..].to_vec(), &mut outs[i]);
+            n.on_txs(at(now), txs[40..].to_vec(), &mut outs[i]);
         }
         drive(&mut nodes, &mut outs, &mut stores, &mut now, |ns| {
             ns.iter().all(|n| n.mempool_len() == 0 && n.height() == ns[0].height())
@@ -2154,7 +2201,7 @@ mod tests {
         ev.signature[5] ^= 0xff;
         forged.event = Arc::new(ev);
         nodes[0].mempool.admit(forged);
-        nodes[0].on_tick(1200, &mut outs[0]);
+        nodes[0].on_tick(at(1200), &mut outs[0]);
         settle(&mut nodes, 1200, &mut outs, &[]);
         assert_eq!(nodes[1].stats().proposals_refused, 0, "it waits for its own source first");
         fetch_bodies(&mut nodes, 1200, &mut outs);
@@ -2168,14 +2215,14 @@ mod tests {
         // and elect validator 1, which commits the good tx.
         let good = vtx(&k, 2, 1000);
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(1300, vec![good.clone()], &mut outs[i]);
+            n.on_txs(at(1300), vec![good.clone()], &mut outs[i]);
         }
         let mut now = 1300;
         while nodes[1..].iter().any(|n| n.height() == 0) {
             now += 100;
             assert!(now < 60_000, "no view change");
             for (i, n) in nodes.iter_mut().enumerate() {
-                n.on_tick(now, &mut outs[i]);
+                n.on_tick(at(now), &mut outs[i]);
             }
             settle(&mut nodes, now, &mut outs, &[]);
         }
@@ -2214,7 +2261,7 @@ mod tests {
             );
             each_tick(*now, nodes, outs);
             for (i, n) in nodes.iter_mut().enumerate() {
-                n.on_tick(*now, &mut outs[i]);
+                n.on_tick(at(*now), &mut outs[i]);
             }
             let got = settle_with(nodes, *now, outs, &[], &mut |i, o| {
                 if let Output::Reject(r) = o {
@@ -2242,9 +2289,9 @@ mod tests {
         let payload = sample_anomaly_payload(42, 300);
         let txs: Vec<_> = (0..6).map(|i| vtx_with(&k, i, payload.clone(), 1000, i as u32)).collect();
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(1000, txs.clone(), &mut outs[i]);
+            n.on_txs(at(1000), txs.clone(), &mut outs[i]);
             // Resent at once (pending) ...
-            n.on_txs(1000, txs[..2].to_vec(), &mut outs[i]);
+            n.on_txs(at(1000), txs[..2].to_vec(), &mut outs[i]);
         }
         let mut now = 1000;
         let (mut blocks, rejects) = run_until(
@@ -2257,7 +2304,7 @@ mod tests {
         );
         // ... and again after commit (redelivery).
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(now, txs.clone(), &mut outs[i]);
+            n.on_txs(at(now), txs.clone(), &mut outs[i]);
         }
         let (more, more_rejects) = run_until(&mut nodes, &mut outs, &mut now, 30_000, |_, _, _| {}, |_, _| true);
         for (b, m) in blocks.iter_mut().zip(more) {
@@ -2281,13 +2328,13 @@ mod tests {
         let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
         let t = vtx(&k, 1, 1000);
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(1000, vec![t.clone()], &mut outs[i]);
+            n.on_txs(at(1000), vec![t.clone()], &mut outs[i]);
         }
         let mut now = 1000;
         run_until(&mut nodes, &mut outs, &mut now, 20_000, |_, _, _| {}, |n, _| n.iter().all(|n| n.height() == 1));
         // A faulty primary orders it again (into its pool past every check).
         assert_eq!(nodes[0].mempool.admit(t.clone()), Admit::Added);
-        nodes[0].on_tick(now + 200, &mut outs[0]);
+        nodes[0].on_tick(at(now + 200), &mut outs[0]);
         settle(&mut nodes, now + 200, &mut outs, &[]);
         fetch_bodies(&mut nodes, now + 200, &mut outs);
         for n in &nodes[1..] {
@@ -2305,7 +2352,7 @@ mod tests {
     ) -> Vec<Arc<Block>> {
         let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
         for (i, n) in nodes.iter_mut().enumerate().skip(1) {
-            n.on_txs(1000, vec![held.clone()], &mut outs[i]);
+            n.on_txs(at(1000), vec![held.clone()], &mut outs[i]);
         }
         let mut now = 1000;
         let mut next = 0u64;
@@ -2319,7 +2366,7 @@ mod tests {
                     next += 1;
                     let t = vtx(k, next, now);
                     for (i, n) in nodes.iter_mut().enumerate() {
-                        n.on_txs(now, vec![t.clone()], &mut outs[i]);
+                        n.on_txs(at(now), vec![t.clone()], &mut outs[i]);
                     }
                 }
             },
@@ -2368,7 +2415,7 @@ mod tests {
         forged.signature[3] ^= 1;
         let stranger = vtx(&crypto::generate_key(), 3, 1000);
         let txs = vec![good.event.to_tx_proto(), forged.to_tx_proto(), stranger.event.to_tx_proto()];
-        nodes[0].on_forward(1000, 1, txs, &mut out);
+        nodes[0].on_forward(at(1000), 1, txs, &mut out);
         assert_eq!((nodes[0].stats().forwards_admitted, nodes[0].stats().forwards_refused), (1, 2));
         assert!(nodes[0].mempool.contains(&good.tx_hash));
         assert!(!out.iter().any(|o| matches!(o, Output::Reject(_))), "a peer's forward is no producer's DLQ record");
@@ -2377,11 +2424,11 @@ mod tests {
             .map(|i| vtx(&k, i, 1000).event.to_tx_proto())
             .collect();
         let before = nodes[0].stats().forwards_admitted;
-        nodes[0].on_forward(1000, 2, flood.clone(), &mut out);
+        nodes[0].on_forward(at(1000), 2, flood.clone(), &mut out);
         let taken = nodes[0].stats().forwards_admitted - before;
         assert_eq!(taken, crate::consensus::wire::MAX_FORWARD_TXS as u64);
         // Known txs cost nothing and are not admitted twice.
-        nodes[0].on_forward(1000, 2, flood[..10].to_vec(), &mut out);
+        nodes[0].on_forward(at(1000), 2, flood[..10].to_vec(), &mut out);
         assert_eq!(nodes[0].stats().forwards_admitted - before, taken);
     }
 
@@ -2402,7 +2449,7 @@ mod tests {
         // 4 here) ever tells it it is behind; it must ask.
         let txs: Vec<_> = (0..6).map(|i| vtx(&k, i, 1000)).collect();
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(1000, txs.clone(), &mut outs[i]);
+            n.on_txs(at(1000), txs.clone(), &mut outs[i]);
         }
         outs[3].clear(); // its view-change messages are lost
         let mut stores = Stores { certs: vec![Default::default(); 4], ..Default::default() };
@@ -2426,7 +2473,7 @@ mod tests {
         for (i, n) in nodes.iter_mut().enumerate() {
             let mut mine = txs.clone();
             mine.rotate_left(i * 3);
-            n.on_txs(1000 + i as u64 * 30, mine, &mut outs[i]);
+            n.on_txs(at(1000 + i as u64 * 30), mine, &mut outs[i]);
         }
         let mut now = 1000;
         let (blocks, rejects) = run_until(
@@ -2459,8 +2506,8 @@ mod tests {
         let mut nodes = cluster(4, &k, 100);
         let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
         let t = vtx(&k, 1, 1000);
-        nodes[0].on_txs(1000, vec![t.clone()], &mut outs[0]);
-        nodes[0].on_tick(1200, &mut outs[0]);
+        nodes[0].on_txs(at(1000), vec![t.clone()], &mut outs[0]);
+        nodes[0].on_tick(at(1200), &mut outs[0]);
         (k, nodes, outs, t)
     }
 
@@ -2498,9 +2545,9 @@ mod tests {
         WITHHOLD_BODIES.set(&[0]);
         let secret = vtx(&k, 1, 1000);
         let public = vtx(&k, 2, 1000);
-        nodes[0].on_txs(1000, vec![secret.clone()], &mut outs[0]);
+        nodes[0].on_txs(at(1000), vec![secret.clone()], &mut outs[0]);
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(1000, vec![public.clone()], &mut outs[i]);
+            n.on_txs(at(1000), vec![public.clone()], &mut outs[i]);
         }
         let mut now = 1000;
         let (blocks, _) = run_until(
@@ -2548,7 +2595,7 @@ mod tests {
         // Validator 3 is cut off while the others commit 40 txs it never sees.
         let txs: Vec<_> = (0..40).map(|i| vtx(&k, i, 1000)).collect();
         for (i, n) in nodes.iter_mut().enumerate().take(3) {
-            n.on_txs(now, txs.clone(), &mut outs[i]);
+            n.on_txs(at(now), txs.clone(), &mut outs[i]);
         }
         drive(&mut nodes[..3], &mut outs[..3], &mut stores, &mut now, |ns| ns.iter().all(|n| n.mempool_len() == 0));
         let height = nodes[0].height();
@@ -2558,7 +2605,7 @@ mod tests {
         // and then the bodies, executing in order.
         let later: Vec<_> = (40..44).map(|i| vtx(&k, i, now)).collect();
         for (i, n) in nodes.iter_mut().enumerate() {
-            n.on_txs(now, later.clone(), &mut outs[i]);
+            n.on_txs(at(now), later.clone(), &mut outs[i]);
         }
         drive(&mut nodes, &mut outs, &mut stores, &mut now, |ns| {
             ns.iter().all(|n| n.mempool_len() == 0 && n.height() == ns[0].height())
@@ -2602,24 +2649,24 @@ mod tests {
         // Its shards still verify txs: the body is most likely among them.
         nodes[1].set_source_busy(true);
         let mut out = vec![];
-        nodes[1].on_tick(1300, &mut out);
+        nodes[1].on_tick(at(1300), &mut out);
         assert_eq!(asks(&out), 0);
-        nodes[1].on_txs(1300, vec![t.clone()], &mut out);
+        nodes[1].on_txs(at(1300), vec![t.clone()], &mut out);
         assert_eq!((nodes[1].stats().fetch_asks, nodes[1].stats().txs_fetched), (0, 0), "it came from its source");
         assert!(nodes[1].awaiting.is_empty(), "checked, prepared");
         // Another backup, not busy, asks once the wait is over.
         let mut out = vec![];
-        nodes[2].on_tick(1300, &mut out);
+        nodes[2].on_tick(at(1300), &mut out);
         assert_eq!(asks(&out), 1);
         // Bodies nobody waits for are dropped; answers are bounded per asker.
         let before = nodes[3].stats().txs_fetched;
         let stranger = vtx(&k, 9, 1000);
-        nodes[3].on_bodies(1300, 0, 1, vec![stranger.event.to_tx_proto()], &mut vec![]);
+        nodes[3].on_bodies(at(1300), 0, 1, vec![stranger.event.to_tx_proto()], &mut vec![]);
         assert_eq!(nodes[3].stats().txs_fetched, before);
         let mut out = vec![];
         let many: Vec<Hash32> = vec![t.tx_hash; MAX_FETCH_TXS];
         for _ in 0..(MAX_SERVED_TXS / MAX_FETCH_TXS + 2) {
-            nodes[0].on_tx_fetch(3, 1, many.clone(), &mut out);
+            nodes[0].on_tx_fetch(at(1300), 3, 1, many.clone(), &mut out);
         }
         let served: usize = out
             .iter()
@@ -2628,7 +2675,11 @@ mod tests {
                 _ => 0,
             })
             .sum();
-        assert_eq!(served, MAX_SERVED_TXS, "at most MAX_SERVED_TXS per asker per order check");
+        assert_eq!(served, MAX_SERVED_TXS, "at most MAX_SERVED_TXS per asker per budget window");
+        // The next window serves again.
+        out.clear();
+        nodes[0].on_tx_fetch(at(1300 + BUDGET_WINDOW_MS), 3, 1, many.clone(), &mut out);
+        assert!(out.iter().any(|o| matches!(o, Output::SendTxs { .. })), "{out:?}");
     }
 
     /// A new-view may re-propose a value prepared in an older view whose
@@ -2644,7 +2695,7 @@ mod tests {
             now += 100;
             assert!(now < 10_000, "no progress");
             for (i, n) in nodes.iter_mut().enumerate() {
-                n.on_tick(now, &mut outs[i]);
+                n.on_tick(at(now), &mut outs[i]);
             }
             blocks.extend(settle(&mut nodes, now, &mut outs, &[]).swap_remove(0));
         }
@@ -2653,7 +2704,7 @@ mod tests {
         assert!(txs.iter().any(|t| t.tx_hash == tx) && !nodes[0].holds(&tx), "committed, out of the mempool");
         let later = nodes[0].height() + 3;
         let mut out = vec![];
-        nodes[0].on_tx_fetch(3, later, vec![tx], &mut out);
+        nodes[0].on_tx_fetch(at(now), 3, later, vec![tx], &mut out);
         let served: Vec<(Seq, u64, Vec<Hash32>)> = out
             .iter()
             .filter_map(|o| match o {
@@ -2698,10 +2749,10 @@ mod tests {
                 &mut now,
                 120_000,
                 |now, nodes, outs| {
-                    for (t, (at, to)) in txs.iter().zip(&plan) {
-                        if *at == now {
+                    for (t, (at_ms, to)) in txs.iter().zip(&plan) {
+                        if *at_ms == now {
                             for &i in to {
-                                nodes[i].on_txs(now, vec![t.clone()], &mut outs[i]);
+                                nodes[i].on_txs(at(now), vec![t.clone()], &mut outs[i]);
                             }
                         }
                     }
@@ -2747,11 +2798,11 @@ mod tests {
         };
         // Backup 1 holds neither tx: both values wait for their bodies.
         let mut out = vec![];
-        nodes[1].on_message(1000, 0, pp(&a), &mut out);
+        nodes[1].on_message(at(1000), 0, pp(&a), &mut out);
         assert!(!out.iter().any(|o| matches!(o, Output::Evidence { .. })));
-        nodes[1].on_message(1000, 0, pp(&a), &mut out);
+        nodes[1].on_message(at(1000), 0, pp(&a), &mut out);
         assert!(!out.iter().any(|o| matches!(o, Output::Evidence { .. })), "a retransmission is not evidence");
-        nodes[1].on_message(1000, 0, pp(&b), &mut out);
+        nodes[1].on_message(at(1000), 0, pp(&b), &mut out);
         assert!(out.iter().any(|o| matches!(o, Output::Evidence { culprit: 0, .. })));
         assert_eq!(nodes[1].conduct()[0].equivocations, 1);
         assert_eq!(nodes[1].proofs.len(), 1, "kept to commit");

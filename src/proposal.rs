@@ -235,7 +235,8 @@ pub struct CheckContext<'a> {
     pub policy: &'a VerifyPolicy,
     /// Txs this validator verified itself (no second signature check).
     pub mempool: &'a Mempool,
-    pub now_ms: u64,
+    /// The checker's wall clock (the block timestamp's skew bound).
+    pub wall_ms: u64,
     pub skew_ms: u64,
 }
 
@@ -263,8 +264,8 @@ pub fn check_named(n: &Named, cx: &CheckContext) -> Result<(), ProposalError> {
             max_bytes: cx.builder.max_bytes,
         });
     }
-    if n.timestamp_ms > cx.now_ms + cx.skew_ms {
-        return Err(ProposalError::TimeAhead { ts: n.timestamp_ms, now: cx.now_ms, skew_ms: cx.skew_ms });
+    if n.timestamp_ms > cx.wall_ms + cx.skew_ms {
+        return Err(ProposalError::TimeAhead { ts: n.timestamp_ms, now: cx.wall_ms, skew_ms: cx.skew_ms });
     }
     let mut seen = HashSet::with_capacity(n.refs.len());
     for (i, r) in n.refs.iter().enumerate() {
@@ -355,7 +356,7 @@ mod tests {
     }
 
     fn cx(f: &Fixture, now: u64) -> CheckContext<'_> {
-        CheckContext { builder: &f.builder, policy: &f.policy, mempool: &f.mempool, now_ms: now, skew_ms: 60_000 }
+        CheckContext { builder: &f.builder, policy: &f.policy, mempool: &f.mempool, wall_ms: now, skew_ms: 60_000 }
     }
 
     fn bad_sig(e: &Event) -> Arc<Event> {

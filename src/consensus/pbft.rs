@@ -18,6 +18,7 @@
 //!
 //! Values are opaque bytes (blocks, in the validator); digest = SHA-256.
 
+use crate::clock::{TimerName, TimerTable};
 use crate::{sha256, Hash32};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -325,7 +326,7 @@ struct Slot {
     /// Retransmission skips slots that moved within the last interval: under
     /// load every slot in flight is young, and re-sending megabyte values
     /// that are on their way anyway swamped the links (see `retransmit`).
-    touched: u64,
+    touched_ms: u64,
 }
 
 /// Why a replica left its view.
@@ -358,8 +359,30 @@ impl ViewChangeCause {
     }
 }
 
-/// One replica. All fields but the retransmission clocks (`Slot::touched`,
-/// `executed_at`: zero after recovery, so a recovered replica re-sends at
+/// The replica's timers (deadlines in replica time, ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timer {
+    /// Work known but not executed: move to the next view when it fires
+    /// (`timeout_ms`, AIMD).
+    ViewChange,
+    /// Re-send what stalled (`retransmit_ms`).
+    Retransmit,
+    /// The primary's next heartbeat (`heartbeat_ms`).
+    Heartbeat,
+    /// A backup's limit on its primary's silence
+    /// (`heartbeat_ms × missed_heartbeats`).
+    PrimarySilent,
+}
+
+impl TimerName for Timer {
+    const ALL: &'static [Timer] = &[Timer::ViewChange, Timer::Retransmit, Timer::Heartbeat, Timer::PrimarySilent];
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One replica. All fields but the retransmission clocks (`Slot::touched_ms`,
+/// `executed_at_ms`: zero after recovery, so a recovered replica re-sends at
 /// once) are its durable state: the runtime persists the replica before
 /// sending what an event produced.
 #[derive(Debug, Clone)]
@@ -394,14 +417,15 @@ pub struct Replica<A: Auth + Clone> {
     queue: VecDeque<(Hash32, Value)>,
     /// Digests this replica proposed as primary in the current view.
     assigned: BTreeSet<Hash32>,
-    /// Work known but not executed: deadline for a view change.
-    deadline: Option<u64>,
+    /// The view-change deadline (work known but not executed), the
+    /// retransmit interval, the primary's heartbeats and a backup's limit
+    /// on its primary's silence.
+    timers: TimerTable<Timer, 4>,
     timeout_ms: u64,
-    next_retransmit: u64,
     /// When (replica time) the last value was executed: catch-up fetches and
     /// new-view retransmits go out only once execution has stalled.
-    executed_at: u64,
-    now: u64,
+    executed_at_ms: u64,
+    now_ms: u64,
     /// The new-view that started this replica's view (made as its primary,
     /// or received): retransmitted by the primary once execution stalls,
     /// and sent to a replica that asks from an older view.
@@ -417,9 +441,6 @@ pub struct Replica<A: Auth + Clone> {
     /// Each replica's executed seq as its heartbeats last said, and since
     /// when (`help_behind`).
     peer_executed: Vec<Option<(Seq, u64)>>,
-    /// None until the first tick (a new or recovered replica starts counting then).
-    last_heartbeat: Option<u64>,
-    next_heartbeat: u64,
     /// Replicas that may not lead (quarantined or under the reputation
     /// floor); set identically on every replica from committed state.
     excluded: BTreeSet<Rid>,
@@ -455,18 +476,15 @@ impl<A: Auth + Clone> Replica<A> {
             view_changes: BTreeMap::new(),
             queue: VecDeque::new(),
             assigned: BTreeSet::new(),
-            deadline: None,
+            timers: TimerTable::default(),
             timeout_ms,
-            next_retransmit: 0,
-            executed_at: 0,
-            now: 0,
+            executed_at_ms: 0,
+            now_ms: 0,
             last_new_view: None,
             next_view_ask_ms: 0,
             view_change_cause: ViewChangeCause::None,
             new_view_sent_ms: vec![None; n],
             peer_executed: vec![None; n],
-            last_heartbeat: None,
-            next_heartbeat: 0,
             excluded: BTreeSet::new(),
             next_excluded: None,
             excluded_recorded: false,
@@ -710,7 +728,7 @@ impl<A: Auth + Clone> Replica<A> {
     }
     pub fn debug_summary(&self) -> String {
         format!(
-            "replica {}: view {} changing {} low {} executed {} next_seq {} queue {} log {:?} deadline {:?} vcs {:?}",
+            "replica {}: view {} changing {} low {} executed {} next_seq {} queue {} log {:?} timers {:?} vcs {:?}",
             self.id,
             self.view,
             self.changing,
@@ -722,7 +740,7 @@ impl<A: Auth + Clone> Replica<A> {
                 .iter()
                 .map(|(s, sl)| (*s, sl.pre_prepare.as_ref().map(|p| p.body.view), sl.prepares.len(), sl.commits.len()))
                 .collect::<Vec<_>>(),
-            self.deadline,
+            self.timers,
             self.view_changes.iter().map(|(v, m)| (*v, m.keys().copied().collect::<Vec<_>>())).collect::<Vec<_>>()
         )
     }
@@ -749,8 +767,8 @@ impl<A: Auth + Clone> Replica<A> {
     /// this validator's mempool): start the view-change timer if idle, so a
     /// primary that heartbeats but censors is still replaced.
     pub fn expect_progress(&mut self) {
-        if self.deadline.is_none() && !self.changing {
-            self.deadline = Some(self.now + self.timeout_ms);
+        if !self.timers.is_set(Timer::ViewChange) && !self.changing {
+            self.timers.set(Timer::ViewChange, self.now_ms + self.timeout_ms);
         }
     }
 
@@ -817,12 +835,12 @@ impl<A: Auth + Clone> Replica<A> {
     /// left), so an idle view is not changed for a reason that is gone. A
     /// deadline for this replica's own unexecuted pre-prepares stays.
     pub fn expect_nothing(&mut self) {
-        if self.deadline.is_some()
+        if self.timers.is_set(Timer::ViewChange)
             && !self.changing
             && self.queue.is_empty()
             && !self.log.range(self.executed + 1..).any(|(_, s)| s.pre_prepare.is_some())
         {
-            self.deadline = None;
+            self.timers.stop(Timer::ViewChange);
         }
     }
 
@@ -841,9 +859,9 @@ impl<A: Auth + Clone> Replica<A> {
         let vcs: Vec<(View, Vec<Rid>)> =
             self.view_changes.iter().map(|(v, m)| (*v, m.keys().copied().collect())).collect();
         format!(
-            "now {} deadline {:?} timeout {} ms view changes {vcs:?} new views {:?} excluded {:?} (recorded {}) next {:?}",
-            self.now,
-            self.deadline,
+            "now {} timers {:?} timeout {} ms view changes {vcs:?} new views {:?} excluded {:?} (recorded {}) next {:?}",
+            self.now_ms,
+            self.timers,
             self.timeout_ms,
             self.last_new_view.as_ref().map(|nv| nv.body.view),
             self.excluded,
@@ -894,8 +912,8 @@ impl<A: Auth + Clone> Replica<A> {
     fn add_value(&mut self, value: Value, out: &mut Vec<Action>) -> Hash32 {
         let digest = sha256(&value);
         self.queue.push_back((digest, value));
-        if self.deadline.is_none() {
-            self.deadline = Some(self.now + self.timeout_ms);
+        if !self.timers.is_set(Timer::ViewChange) {
+            self.timers.set(Timer::ViewChange, self.now_ms + self.timeout_ms);
         }
         self.try_propose(out);
         digest
@@ -934,7 +952,7 @@ impl<A: Auth + Clone> Replica<A> {
     /// Time passes without firing timers (callers that feed messages or
     /// proposals before the first tick still get deadlines from `now`).
     pub fn set_time(&mut self, now: u64) {
-        self.now = self.now.max(now);
+        self.now_ms = self.now_ms.max(now);
     }
 
     /// Time passes.
@@ -944,38 +962,76 @@ impl<A: Auth + Clone> Replica<A> {
         assert!(!self.lacks_own_view_change(), "a replica changing view has sent its view change");
     }
 
-    fn tick(&mut self, now: u64, out: &mut Vec<Action>) {
+    fn tick(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         // Replica time never runs backwards, whatever the clock it is fed
-        // does (a wall clock stepped back would otherwise re-arm timers).
-        self.now = self.now.max(now);
-        let now = self.now;
+        // does (the host feeds a monotonic clock; this is the guard).
+        self.now_ms = self.now_ms.max(now_ms);
+        let now = self.now_ms;
         if self.lacks_own_view_change() {
             self.send_view_change(out);
         }
-        if let Some(d) = self.deadline {
-            if now >= d {
-                self.start_view_change(self.view + 1, ViewChangeCause::Timeout, out);
-            }
+        if self.timers.is_expired(Timer::ViewChange, now) {
+            self.start_view_change(self.view + 1, ViewChangeCause::Timeout, out);
         }
         if self.p.heartbeat_ms > 0 && !self.changing {
             if self.is_primary() {
-                if now >= self.next_heartbeat {
-                    self.next_heartbeat = now + self.p.heartbeat_ms;
+                if self.timers.get(Timer::Heartbeat).is_none_or(|at| now >= at) {
+                    self.timers.set(Timer::Heartbeat, now + self.p.heartbeat_ms);
                     let h = Heartbeat { view: self.view, executed: self.executed };
                     let bytes = hb_bytes(&h);
                     out.push(Action::Broadcast(Message::Heartbeat(self.sign(h, bytes))));
                 }
-            } else if now.saturating_sub(*self.last_heartbeat.get_or_insert(now))
-                > self.p.heartbeat_ms * self.p.missed_heartbeats
-            {
-                // A silent primary is replaced even when there is no work.
-                self.start_view_change(self.view + 1, ViewChangeCause::SilentPrimary, out);
+            } else {
+                // A new or recovered backup starts counting at its first tick.
+                if !self.timers.is_set(Timer::PrimarySilent) {
+                    self.heard_from_primary();
+                }
+                if self.timers.is_expired(Timer::PrimarySilent, now) {
+                    // A silent primary is replaced even when there is no work.
+                    self.start_view_change(self.view + 1, ViewChangeCause::SilentPrimary, out);
+                }
             }
         }
-        if now >= self.next_retransmit {
-            self.next_retransmit = now + self.p.retransmit_ms;
+        if self.timers.get(Timer::Retransmit).is_none_or(|at| now >= at) {
+            self.timers.set(Timer::Retransmit, now + self.p.retransmit_ms);
             self.retransmit(out);
         }
+    }
+
+    /// The primary of this view was heard from (a heartbeat, a proposal, the
+    /// new-view): it counts as silent after `missed_heartbeats` intervals.
+    fn heard_from_primary(&mut self) {
+        let silent_after_ms = self.p.heartbeat_ms * self.p.missed_heartbeats + 1;
+        self.timers.set(Timer::PrimarySilent, self.now_ms + silent_after_ms);
+    }
+
+    /// Whether `timer` acts in this replica's current state (a backup has
+    /// no heartbeat to send; nobody watches the primary during a change).
+    fn timer_applies(&self, timer: Timer) -> bool {
+        match timer {
+            Timer::ViewChange | Timer::Retransmit => true,
+            Timer::Heartbeat => self.p.heartbeat_ms > 0 && !self.changing && self.is_primary(),
+            Timer::PrimarySilent => self.p.heartbeat_ms > 0 && !self.changing && !self.is_primary(),
+        }
+    }
+
+    /// When (replica time, ms) `on_tick` must next run: the earliest timer
+    /// that applies. A timer that applies but is not armed yet (the first
+    /// tick, a new primary's first heartbeat) and a view change owed are due
+    /// now. Ticking earlier is harmless; later delays that timer.
+    pub fn poll_timeout_ms(&self) -> u64 {
+        if self.lacks_own_view_change() {
+            return self.now_ms;
+        }
+        Timer::ALL
+            .iter()
+            .filter(|&&t| self.timer_applies(t))
+            .filter_map(|&t| match (t, self.timers.get(t)) {
+                (Timer::ViewChange, at) => at,
+                (_, at) => Some(at.unwrap_or(self.now_ms)),
+            })
+            .min()
+            .expect("the retransmit timer always applies")
     }
 
     /// Re-sends what may have been lost, once progress has stalled for an
@@ -985,14 +1041,14 @@ impl<A: Auth + Clone> Replica<A> {
     /// twice (re-sending every unexecuted value each second cost a full
     /// window of megabyte proposals per replica per second).
     fn retransmit(&mut self, out: &mut Vec<Action>) {
-        let stalled = |since: u64| self.now.saturating_sub(since) >= self.p.retransmit_ms;
-        let exec_stalled = stalled(self.executed_at);
+        let stalled = |since: u64| self.now_ms.saturating_sub(since) >= self.p.retransmit_ms;
+        let exec_stalled = stalled(self.executed_at_ms);
         // Ask for what others committed if we have work outstanding: cheap,
         // and the way a replica that was cut off catches up, in any view.
         // A replica alone in a view change asks too (its timer is off until
         // a quorum joins): the others may be committing in the old view, and
         // what they commit it executes, so its pool drains while it waits.
-        if exec_stalled && (self.deadline.is_some() || !self.queue.is_empty() || self.changing) {
+        if exec_stalled && (self.timers.is_set(Timer::ViewChange) || !self.queue.is_empty() || self.changing) {
             out.push(Action::Broadcast(Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
         }
         if self.changing {
@@ -1006,7 +1062,7 @@ impl<A: Auth + Clone> Replica<A> {
                 out.push(Action::Broadcast(Message::NewView(nv.clone())));
             }
         }
-        for (_, slot) in self.log.range(self.executed + 1..).filter(|(_, s)| stalled(s.touched)) {
+        for (_, slot) in self.log.range(self.executed + 1..).filter(|(_, s)| stalled(s.touched_ms)) {
             if let Some(pp) = &slot.pre_prepare {
                 if pp.body.view == self.view {
                     out.push(Action::Broadcast(Message::PrePrepare(pp.clone())));
@@ -1040,7 +1096,7 @@ impl<A: Auth + Clone> Replica<A> {
                     // A signed proposal of this view shows its primary alive,
                     // as a heartbeat does (under load, heartbeats queue behind
                     // big proposals); lack of progress is the deadline's job.
-                    self.last_heartbeat = Some(self.now);
+                    self.heard_from_primary();
                     self.accept_pre_prepare(s, out);
                 } else {
                     self.ask_for_view(s.body.view, s.from, out);
@@ -1097,7 +1153,7 @@ impl<A: Auth + Clone> Replica<A> {
                 let same_view = s.body.view == self.view;
                 if same_view && s.from < self.p.n && self.auth.verify(s.from, &hb_bytes(&s.body), &s.sig) {
                     if !self.changing && s.from == self.primary(s.body.view) {
-                        self.last_heartbeat = Some(self.now);
+                        self.heard_from_primary();
                     }
                     // Whoever sends it: a validator that takes itself for
                     // this view's primary (it entered the view before
@@ -1130,11 +1186,11 @@ impl<A: Auth + Clone> Replica<A> {
             || from >= self.p.n
             || from == self.id
             || from != self.primary(view)
-            || self.now < self.next_view_ask_ms
+            || self.now_ms < self.next_view_ask_ms
         {
             return;
         }
-        self.next_view_ask_ms = self.now + self.p.retransmit_ms;
+        self.next_view_ask_ms = self.now_ms + self.p.retransmit_ms;
         out.push(Action::Send(from, Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
     }
 
@@ -1143,10 +1199,11 @@ impl<A: Auth + Clone> Replica<A> {
     /// not catching up already), it fetches from the primary; at most once
     /// per interval (shares `ask_for_view`'s timer).
     fn ask_to_catch_up(&mut self, primary: Rid, out: &mut Vec<Action>) {
-        if self.now.saturating_sub(self.executed_at) < self.p.retransmit_ms || self.now < self.next_view_ask_ms {
+        if self.now_ms.saturating_sub(self.executed_at_ms) < self.p.retransmit_ms || self.now_ms < self.next_view_ask_ms
+        {
             return;
         }
-        self.next_view_ask_ms = self.now + self.p.retransmit_ms;
+        self.next_view_ask_ms = self.now_ms + self.p.retransmit_ms;
         out.push(Action::Send(primary, Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
     }
 
@@ -1161,13 +1218,13 @@ impl<A: Auth + Clone> Replica<A> {
         let Some(seen) = self.peer_executed.get_mut(peer) else { return };
         match *seen {
             Some((seq, since_ms)) if seq == executed => {
-                if peer == self.id || self.now < since_ms + self.p.retransmit_ms {
+                if peer == self.id || self.now_ms < since_ms + self.p.retransmit_ms {
                     return;
                 }
-                *seen = Some((seq, self.now)); // once per interval
+                *seen = Some((seq, self.now_ms)); // once per interval
             }
             _ => {
-                *seen = Some((executed, self.now));
+                *seen = Some((executed, self.now_ms));
                 return;
             }
         }
@@ -1182,10 +1239,10 @@ impl<A: Auth + Clone> Replica<A> {
     pub fn new_view_for(&mut self, to: Rid) -> Option<Signed<NewView>> {
         let nv = self.last_new_view.as_ref().filter(|nv| nv.body.view == self.view && !self.changing)?;
         let sent = self.new_view_sent_ms.get_mut(to)?;
-        if sent.is_some_and(|at| self.now < at + self.p.retransmit_ms) {
+        if sent.is_some_and(|at| self.now_ms < at + self.p.retransmit_ms) {
             return None;
         }
-        *sent = Some(self.now);
+        *sent = Some(self.now_ms);
         Some(nv.clone())
     }
 
@@ -1227,9 +1284,9 @@ impl<A: Auth + Clone> Replica<A> {
             return;
         }
         slot.pre_prepare = Some(s.clone());
-        slot.touched = self.now;
-        if self.deadline.is_none() {
-            self.deadline = Some(self.now + self.timeout_ms);
+        slot.touched_ms = self.now_ms;
+        if !self.timers.is_set(Timer::ViewChange) {
+            self.timers.set(Timer::ViewChange, self.now_ms + self.timeout_ms);
         }
         if self.primary(view) != self.id {
             let v = Vote { phase: Phase::Prepare, view, seq: b.seq, digest: b.digest };
@@ -1269,7 +1326,7 @@ impl<A: Auth + Clone> Replica<A> {
             _ => {}
         }
         map.insert(s.from, s.clone());
-        slot.touched = self.now;
+        slot.touched_ms = self.now_ms;
         self.check_progress(b.seq, out);
     }
 
@@ -1327,7 +1384,7 @@ impl<A: Auth + Clone> Replica<A> {
         h.extend_from_slice(&cert.pre_prepare.body.digest);
         self.state = sha256(&h);
         self.executed = seq;
-        self.executed_at = self.now;
+        self.executed_at_ms = self.now_ms;
         // Progress: the view works (AIMD additive decrease).
         self.timeout_ms = self.timeout_ms.saturating_sub(self.p.timeout_decrease_ms).max(self.p.timeout_min_ms);
         self.queue.retain(|(d, _)| *d != cert.pre_prepare.body.digest);
@@ -1337,7 +1394,10 @@ impl<A: Auth + Clone> Replica<A> {
         // a quorum asks for the view): executing a fetched value must not
         // restart it, or a replica alone could race ahead through views.
         if !self.changing {
-            self.deadline = pending.then_some(self.now + self.timeout_ms);
+            match pending {
+                true => self.timers.set(Timer::ViewChange, self.now_ms + self.timeout_ms),
+                false => self.timers.stop(Timer::ViewChange),
+            }
         }
         self.committed.insert(seq, cert.clone());
         out.push(Action::Execute { seq, value, cert });
@@ -1480,7 +1540,7 @@ impl<A: Auth + Clone> Replica<A> {
             .clamp(self.p.timeout_min_ms, self.p.timeout_max_ms);
         // The timer restarts only once a quorum asks for this view (PBFT):
         // a replica alone cannot race ahead through views.
-        self.deadline = None;
+        self.timers.stop(Timer::ViewChange);
         self.send_view_change(out);
     }
 
@@ -1582,8 +1642,8 @@ impl<A: Auth + Clone> Replica<A> {
         // A view change for a higher view also abandons ours: count those too,
         // or a replica that raced ahead alone could leave the rest waiting.
         let asking = self.view_changes.range(self.view..).flat_map(|(_, m)| m.keys()).collect::<BTreeSet<_>>().len();
-        if self.changing && self.deadline.is_none() && asking >= self.p.q() {
-            self.deadline = Some(self.now + self.timeout_ms);
+        if self.changing && !self.timers.is_set(Timer::ViewChange) && asking >= self.p.q() {
+            self.timers.set(Timer::ViewChange, self.now_ms + self.timeout_ms);
         }
         // f + 1 replicas ask for views above ours: at least one is honest, so
         // move to the smallest of those views (PBFT's liveness rule).
@@ -1691,7 +1751,7 @@ impl<A: Auth + Clone> Replica<A> {
         self.view = nv.view;
         self.changing = false;
         self.assigned.clear();
-        self.last_heartbeat = Some(self.now);
+        self.heard_from_primary();
         self.view_changes = self.view_changes.split_off(&(nv.view + 1));
         let min_s = nv.view_changes.iter().map(|v| v.body.stable_seq).max().unwrap_or(0);
         let max_s = nv.pre_prepares.last().map_or(min_s, |p| p.body.seq);
@@ -1701,7 +1761,7 @@ impl<A: Auth + Clone> Replica<A> {
             slot.sent_prepare = false;
             slot.sent_commit = false;
         }
-        self.deadline = Some(self.now + self.timeout_ms);
+        self.timers.set(Timer::ViewChange, self.now_ms + self.timeout_ms);
         for pp in nv.pre_prepares {
             if pp.body.seq > self.executed {
                 if let Some(slot) = self.log.get_mut(&pp.body.seq) {
@@ -1910,17 +1970,45 @@ mod tests {
         let mut r = Replica::new(1, params(), NoAuth);
         r.set_time(100);
         r.expect_progress();
-        assert!(r.deadline.is_some());
+        assert!(r.timers.is_set(Timer::ViewChange));
         r.expect_nothing();
-        assert_eq!(r.deadline, None, "no work left: no view change for it");
+        assert!(!r.timers.is_set(Timer::ViewChange), "no work left: no view change for it");
         // A pre-prepare waiting to execute keeps its deadline.
         let value: Value = Arc::new(b"v".to_vec());
         let pp = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
         let mut out = vec![];
         r.on_message(Message::PrePrepare(Signed { body: pp, from: 0, sig: vec![] }), &mut out);
-        assert!(r.deadline.is_some());
+        assert!(r.timers.is_set(Timer::ViewChange));
         r.expect_nothing();
-        assert!(r.deadline.is_some());
+        assert!(r.timers.is_set(Timer::ViewChange));
+    }
+
+    #[test]
+    fn poll_timeout_is_the_earliest_timer_that_applies() {
+        let p = Params { heartbeat_ms: 100, retransmit_ms: 1_000, missed_heartbeats: 6, ..params() };
+        let (mut primary, mut backup) = (Replica::new(0, p.clone(), NoAuth), Replica::new(1, p.clone(), NoAuth));
+        let mut out = vec![];
+        assert_eq!(backup.poll_timeout_ms(), 0, "never ticked: due at once");
+        let t = 10_000;
+        primary.on_tick(t, &mut out);
+        backup.on_tick(t, &mut out);
+        assert_eq!(primary.poll_timeout_ms(), t + 100, "the primary's next heartbeat");
+        assert_eq!(backup.poll_timeout_ms(), t + 601, "silent after six missed heartbeats");
+        // Before it, a tick does nothing; at it, the backup changes view.
+        out.clear();
+        backup.on_tick(t + 600, &mut out);
+        assert!(out.is_empty() && !backup.is_changing(), "{out:?}");
+        backup.on_tick(t + 601, &mut out);
+        assert!(backup.is_changing());
+        // Changing: no heartbeat watch; the retransmit of its view change.
+        assert_eq!(backup.poll_timeout_ms(), t + 1_000);
+        // Work makes the view-change deadline apply when it is earliest.
+        let q = Params { heartbeat_ms: 0, timeout_ms: 500, timeout_min_ms: 500, ..p };
+        let mut r = Replica::new(1, q, NoAuth);
+        r.on_tick(t, &mut out);
+        assert_eq!(r.poll_timeout_ms(), t + 1_000, "only the retransmit timer");
+        r.propose(Arc::new(vec![1]), &mut out);
+        assert_eq!(r.poll_timeout_ms(), t + 500, "the view-change deadline");
     }
 
     #[test]
@@ -1937,7 +2025,7 @@ mod tests {
         out.clear();
         r.on_tick(t - 3_600_000, &mut out);
         assert_eq!(beats(&out), 0);
-        assert_eq!(r.now, t);
+        assert_eq!(r.now_ms, t);
         r.on_tick(t + 100, &mut out);
         assert_eq!(beats(&out), 1, "the next heartbeat comes on the replica's own time");
     }

@@ -56,12 +56,13 @@ impl Verifier {
         Verifier { policy }
     }
 
-    /// Verifies a batch at wall-clock time `now_ms`. Every input ends up in
-    /// exactly one of `admitted` or `rejected`.
+    /// Verifies a batch at wall-clock time `wall_ms` (the timestamp skew
+    /// check); admitted txs are stamped `received_ms` (the core's monotonic
+    /// clock). Every input ends up in exactly one of `admitted` or `rejected`.
     pub fn process(
         &mut self,
         batch: Vec<Incoming>,
-        now_ms: u64,
+        wall_ms: u64,
         received_ms: u64,
         admitted: &mut Vec<VerifiedTx>,
         rejected: &mut Vec<Rejection>,
@@ -70,7 +71,7 @@ impl Verifier {
         // Cheap checks first; keep survivors with their signed bytes.
         let mut cand: Vec<(Incoming, Vec<u8>)> = Vec::with_capacity(batch.len());
         for inc in batch {
-            if let Err((reason, detail)) = precheck(p, &inc.event, now_ms) {
+            if let Err((reason, detail)) = precheck(p, &inc.event, wall_ms) {
                 rejected.push(reject(&inc, reason, detail));
                 continue;
             }

@@ -96,7 +96,7 @@ pub(super) fn consumer_loop(consumer: BaseConsumer, tracker: Arc<OffsetTracker>,
                     consumed.push((pos.clone(), Some(event.nonce)));
                     let i = shard_of(&event.nonce, n);
                     // The origin names the topic; the position travels in `pos`.
-                    let received_ms = super::now_ms();
+                    let received_ms = super::mono_ms();
                     batches[i].push(Incoming { event, origin: topic, pos: Some(pos), received_ms });
                 }
                 Err((reason, detail)) => {

@@ -21,6 +21,7 @@ mod kafka;
 pub mod ring;
 
 use crate::block::Block;
+use crate::clock::Now;
 use crate::config::{IdlePolicy, Validated};
 use crate::consensus::genesis::{verify_certificate, Ceremony, GenesisCertificate, GenesisError, ReadyAttestation};
 use crate::consensus::log::ConsensusLog;
@@ -52,6 +53,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Wall-clock milliseconds since the Unix epoch (the runtime's only clock).
+/// The wall clock (Unix ms): block timestamps, skew checks, audit records.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -61,6 +63,16 @@ pub fn now_ms() -> u64 {
 pub fn monotonic_ns() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Monotonic ms since first use: the core's timers and every wait.
+pub fn mono_ms() -> u64 {
+    monotonic_ns() / 1_000_000
+}
+
+/// Both clocks, as the core takes them with each input.
+pub fn clocks() -> Now {
+    Now { mono_ms: mono_ms(), wall_ms: now_ms() }
 }
 
 /// Each direct connection's commit-notice queue, by connection id.
@@ -470,7 +482,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     if !reputation.excluded().is_empty() {
         tracing::info!(excluded = ?reputation.excluded(), "leaders excluded by reputation");
     }
-    let mut node = Node::new(ncfg.clone(), replica, state, last, reputation, now_ms());
+    let mut node = Node::new(ncfg.clone(), replica, state, last, reputation, clocks());
     node.set_stopwatch(monotonic_ns);
     crate::recovery::remember_recent(&mut node, &store).context("reading the newest blocks' txs")?;
     // The snapshot this validator serves: its newest, else the one it started from.
@@ -761,7 +773,7 @@ fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
         match direct::decode_frame(&body, &sh.limits) {
             Ok(event) => {
                 let i = shard_of(&event.nonce, n);
-                batches[i].push(Incoming { event, origin: origin.clone(), pos: None, received_ms: now_ms() });
+                batches[i].push(Incoming { event, origin: origin.clone(), pos: None, received_ms: mono_ms() });
                 if batches[i].len() >= sh.batch && !flush(&mut batches, i) {
                     return;
                 }
@@ -808,11 +820,10 @@ fn shard_loop(
         }
         let taken = batch.len();
         sh.verifying.fetch_add(taken, Ordering::Relaxed);
-        let now = now_ms();
         let waited: Vec<u64> = batch.iter().map(|i| i.received_ms).collect();
         let (mut ok, mut bad) = (Vec::with_capacity(batch.len()), Vec::new());
-        v.process(batch, now, now, &mut ok, &mut bad);
-        let verified_ms = now_ms();
+        v.process(batch, now_ms(), mono_ms(), &mut ok, &mut bad);
+        let verified_ms = mono_ms();
         let h = sh.stats.latencies.stage("verify");
         for received_ms in waited {
             h.observe(verified_ms.saturating_sub(received_ms) as f64);
@@ -1034,8 +1045,9 @@ impl Joining {
         node: &mut Node<Ed25519Auth>,
         store: &mut BlockStore,
         cons: &mut Consensus,
-        now: u64,
+        clock: Now,
     ) -> anyhow::Result<bool> {
+        let now = clock.wall_ms;
         match step {
             JoinStep::Request(to, r) => {
                 if let Some(net) = &cons.net {
@@ -1077,7 +1089,7 @@ impl Joining {
                     .with_context(|| format!("writing {}", self.base_path.display()))?;
                 store.set_base(v.header.clone());
                 let replica = v.replica.recover_onto(std::iter::empty(), std::mem::take(&mut self.records));
-                *node = Node::new(self.ncfg.clone(), replica, v.state, Some(v.header), v.reputation, now);
+                *node = Node::new(self.ncfg.clone(), replica, v.state, Some(v.header), v.reputation, clock);
                 node.set_stopwatch(monotonic_ns);
                 *cons.served.lock().unwrap() = Some((height, Arc::new(bytes)));
                 tracing::info!(height, peer, "joined from a snapshot; catching up with the blocks above it");
@@ -1243,14 +1255,15 @@ fn core_loop(
     // When this validator next tells its peers it is alive (idle or not).
     let mut next_alive_ms = 0u64;
     loop {
-        let now = now_ms();
+        let clock = clocks();
+        let now = clock.wall_ms;
         let mut worked = false;
         // Consensus starts once genesis (and a snapshot join) is done; until
         // then txs wait in the rings.
         let genesis_done = genesis.as_ref().is_none_or(|g| g.done);
         if let Some(j) = joining.as_mut().filter(|_| genesis_done) {
             if let Some(step) = j.join.tick(now) {
-                if j.step(step, &mut node, &mut store, &mut cons, now)? {
+                if j.step(step, &mut node, &mut store, &mut cons, clock)? {
                     joining = None;
                 }
             }
@@ -1259,7 +1272,7 @@ fn core_loop(
         for ring in inputs.iter().filter(|_| started) {
             while node.has_room() {
                 let Some(batch) = ring.pop() else { break };
-                node.on_txs(now, batch, &mut out);
+                node.on_txs(clock, batch, &mut out);
                 worked = true;
             }
         }
@@ -1307,23 +1320,23 @@ fn core_loop(
                         if let Some(c) = counter {
                             c.fetch_add(1, Ordering::Relaxed);
                         }
-                        node.on_message(now, rid, m, &mut out)
+                        node.on_message(clock, rid, m, &mut out)
                     }
                     Ok(Frame::Pbft(_)) => {} // before genesis: peers retransmit
                     Ok(Frame::Alive) => {}   // heard from: that is all
                     Ok(Frame::Forward(txs)) => {
                         if started {
-                            node.on_forward(now, rid, txs, &mut out);
+                            node.on_forward(clock, rid, txs, &mut out);
                         }
                     }
                     Ok(Frame::TxFetch { seq, tx_hashes }) => {
                         if started {
-                            node.on_tx_fetch(rid, seq, tx_hashes, &mut out);
+                            node.on_tx_fetch(clock, rid, seq, tx_hashes, &mut out);
                         }
                     }
                     Ok(Frame::TxBodies { seq, txs }) => {
                         if started {
-                            node.on_bodies(now, rid, seq, txs, &mut out);
+                            node.on_bodies(clock, rid, seq, txs, &mut out);
                         }
                     }
                     Ok(Frame::Genesis(a)) => {
@@ -1341,7 +1354,7 @@ fn core_loop(
                     Ok(Frame::SnapshotChunk(c)) => {
                         if let Some(j) = joining.as_mut() {
                             if let Some(step) = j.join.on_chunk(from, c, now) {
-                                if j.step(step, &mut node, &mut store, &mut cons, now)? {
+                                if j.step(step, &mut node, &mut store, &mut cons, clock)? {
                                     joining = None;
                                 }
                             }
@@ -1354,8 +1367,10 @@ fn core_loop(
         if let Some(g) = &mut genesis {
             g.tick(now, &cons);
         }
-        if started {
-            node.on_tick(now, &mut out);
+        // Timers only when one is due (`poll_timeout_ms` is exact; the
+        // simulator ticks the same way).
+        if started && clock.mono_ms >= node.poll_timeout_ms() {
+            node.on_tick(clock, &mut out);
         }
         if !out.is_empty() {
             worked = true;
@@ -1482,7 +1497,7 @@ fn core_loop(
             return Ok(());
         }
         if !worked {
-            let wait = node.next_deadline_ms(now).saturating_sub(now_ms()).clamp(1, 100);
+            let wait = node.poll_timeout_ms().saturating_sub(mono_ms()).clamp(1, 100);
             let room = node.has_room() && started;
             let net_ready = || cons.net.as_ref().is_some_and(|n| n.has_incoming());
             idle_wait(sh.idle, bell, Duration::from_millis(wait), || {

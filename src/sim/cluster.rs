@@ -21,6 +21,7 @@
 
 use super::disk::{DiskFaults, FaultCounts, SimDisk};
 use crate::block::{Block, BuilderConfig};
+use crate::clock::Now;
 use crate::consensus::log::ConsensusLog;
 use crate::consensus::pbft::{
     ckpt_bytes, pp_bytes, vc_bytes, Auth, Checkpoint, Message, Params, PrePrepare, Rid, Seq, Signed, ViewChange,
@@ -113,6 +114,8 @@ pub struct Report {
     pub disk: FaultCounts,
     pub view_changes: u64,
     pub clock_steps: u64,
+    /// Ticks delivered (each when the node's `poll_timeout_ms` came due).
+    pub ticks: u64,
     pub byzantine_msgs: u64,
     pub delivered: u64,
     /// Txs ordered a second time (executed as repeats).
@@ -165,7 +168,13 @@ struct Validator {
     dir: PathBuf,
     up: Option<Up>,
     restart_at_ms: u64,
+    /// Wall clock minus simulated time (ms): offsets between validators,
+    /// stepped backwards at times.
     clock_offset_ms: i64,
+    /// Simulated time at which this process's monotonic clock read zero
+    /// (a restart starts it again near zero), and its rate error (ppm).
+    mono_zero_ms: u64,
+    drift_ppm: i64,
     /// Blocks acknowledged durable: a restart must recover at least these.
     durable_height: u64,
     /// A bit flipped in `blocks.dat` since: blocks from there may be lost.
@@ -294,6 +303,9 @@ impl Sim {
                 } else {
                     0
                 },
+                mono_zero_ms: 0,
+                // Its own stream: the seeds' other draws stay as they were.
+                drift_ppm: StdRng::seed_from_u64(seed ^ 0xd81f7 ^ i as u64).gen_range(-5_000..=5_000),
                 durable_height: 0,
                 flipped: false,
                 inbox: VecDeque::new(),
@@ -327,8 +339,13 @@ impl Sim {
         }
     }
 
-    fn local_ms(&self, i: Rid) -> u64 {
-        (self.now_ms as i64 + self.vals[i].clock_offset_ms).max(0) as u64
+    /// Validator `i`'s clocks: a monotonic one since its process started,
+    /// running fast or slow by its drift, and a wall clock off by its offset.
+    fn local(&self, i: Rid) -> Now {
+        let v = &self.vals[i];
+        let since_ms = self.now_ms - v.mono_zero_ms;
+        let mono_ms = (since_ms as i64 + since_ms as i64 * v.drift_ppm / 1_000_000) as u64;
+        Now { mono_ms, wall_ms: (self.now_ms as i64 + v.clock_offset_ms).max(0) as u64 }
     }
 
     fn healed(&self) -> bool {
@@ -406,7 +423,11 @@ impl Sim {
         v.durable_height = store.height();
         v.flipped = false;
         let last = store.last_header().cloned();
-        let now = (self.now_ms as i64 + v.clock_offset_ms).max(0) as u64;
+        // A new process: its monotonic clock starts again (from a few
+        // seconds' boot; no draw from the seed's stream).
+        v.mono_zero_ms = self.now_ms.saturating_sub((self.now_ms ^ (i as u64 * 7_919)) % 3_000);
+        let now = self.local(i);
+        let v = &mut self.vals[i];
         let mut node = Node::new(self.ncfg.clone(), replica, state, last, reputation, now);
         recovery::remember_recent(&mut node, &store).expect("blocks read at recovery read again");
         v.up = Some(Up { node, store, log: log.expect("n > 1"), out: Vec::new() });
@@ -676,14 +697,14 @@ impl Sim {
     }
 
     fn deliver(&mut self, p: Packet) {
-        let now = self.local_ms(p.to);
+        let now = self.local(p.to);
         let Some(up) = self.vals[p.to].up.as_mut() else { return };
         self.report.delivered += 1;
         let out = &mut up.out;
         match p.msg {
             Msg::Pbft(m) => up.node.on_message(now, p.from, m, out),
             Msg::Forward(txs) => up.node.on_forward(now, p.from, txs, out),
-            Msg::TxFetch { seq, tx_hashes } => up.node.on_tx_fetch(p.from, seq, tx_hashes, out),
+            Msg::TxFetch { seq, tx_hashes } => up.node.on_tx_fetch(now, p.from, seq, tx_hashes, out),
             Msg::TxBodies { seq, txs } => up.node.on_bodies(now, p.from, seq, txs, out),
         }
         self.perform(p.to);
@@ -724,7 +745,7 @@ impl Sim {
             }
         }
         for i in 0..self.cfg.n {
-            let now = self.local_ms(i);
+            let now = self.local(i);
             let v = &mut self.vals[i];
             let Some(up) = v.up.as_mut() else { continue };
             let mut batch = vec![];
@@ -735,7 +756,12 @@ impl Sim {
             if !batch.is_empty() {
                 up.node.on_txs(now, batch, &mut up.out);
             }
-            up.node.on_tick(now, &mut up.out);
+            // Only when a timer is due: a timer the node does not declare in
+            // `poll_timeout_ms` never fires here, as in the runtime.
+            if now.mono_ms >= up.node.poll_timeout_ms() {
+                up.node.on_tick(now, &mut up.out);
+                self.report.ticks += 1;
+            }
             self.perform(i);
         }
         if let Some(b) = self.cfg.byzantine {
@@ -891,6 +917,7 @@ mod tests {
             total.refused_corrupt += r.refused_corrupt;
             total.view_changes += r.view_changes;
             total.clock_steps += r.clock_steps;
+            total.ticks += r.ticks;
             total.byzantine_msgs += r.byzantine_msgs;
             total.repeats += r.repeats;
             total.delivered += r.delivered;
