@@ -148,6 +148,10 @@ pub enum Record {
     Vote(Signed<Vote>),
     Prepared(PreparedCert),
     ViewChange(Signed<ViewChange>),
+    /// The new-view that started the view (made as its primary, or
+    /// accepted): after a restart it is still retransmitted and sent to a
+    /// replica that asks from an older view.
+    NewView(Signed<NewView>),
     /// A checkpoint became stable, with its `q` signatures.
     Stable {
         seq: Seq,
@@ -595,6 +599,11 @@ impl<A: Auth + Clone> Replica<A> {
                 Record::ViewChange(s) => {
                     r.view_changes.entry(s.body.new_view).or_default().insert(id, s);
                 }
+                Record::NewView(nv) => {
+                    if r.last_new_view.as_ref().is_none_or(|old| old.body.view <= nv.body.view) {
+                        r.last_new_view = Some(nv);
+                    }
+                }
                 Record::Stable { seq, proof } => {
                     if seq > r.low && seq <= r.executed {
                         r.make_stable(seq, proof);
@@ -621,6 +630,9 @@ impl<A: Auth + Clone> Replica<A> {
     /// Everything in it was persisted before; nothing else is needed.
     pub fn durable_records(&self) -> Vec<Record> {
         let mut out = vec![self.view_record(self.view, self.changing)];
+        if let Some(nv) = self.last_new_view.as_ref().filter(|nv| nv.body.view == self.view) {
+            out.push(Record::NewView(nv.clone()));
+        }
         if self.low > 0 {
             out.push(Record::Stable { seq: self.low, proof: self.stable_proof.clone() });
         }
@@ -1666,6 +1678,10 @@ impl<A: Auth + Clone> Replica<A> {
                     let pps = self.compute_new_view_pre_prepares(nv, &vcs);
                     let body = NewView { view: nv, view_changes: vcs, pre_prepares: pps };
                     let s = self.sign(body.clone(), nv_bytes(&body));
+                    // Durable before it is sent: a primary that restarted
+                    // after sending must not make a second new-view.
+                    out.push(Action::Persist(self.view_record(nv, false)));
+                    out.push(Action::Persist(Record::NewView(s.clone())));
                     out.push(Action::Broadcast(Message::NewView(s.clone())));
                     self.last_new_view = Some(s.clone());
                     self.enter_view(s.body, out);
@@ -1737,12 +1753,15 @@ impl<A: Auth + Clone> Replica<A> {
         if b.view > self.view {
             self.view_change_cause = ViewChangeCause::NewView; // joined without asking
         }
+        out.push(Action::Persist(self.view_record(b.view, false)));
+        out.push(Action::Persist(Record::NewView(s.clone())));
         self.last_new_view = Some(s.clone());
         self.enter_view(s.body, out);
     }
 
+    /// Enters the view `nv` starts (its view record and the new-view itself
+    /// already persisted by the caller).
     fn enter_view(&mut self, nv: NewView, out: &mut Vec<Action>) {
-        out.push(Action::Persist(self.view_record(nv.view, false)));
         if self.primary(nv.view) == self.id {
             for pp in &nv.pre_prepares {
                 out.push(Action::Persist(Record::PrePrepare(pp.clone())));
@@ -1802,27 +1821,79 @@ mod tests {
     /// Delivers every message `out` sends and what the replies send, until
     /// quiet; messages to replicas in `down` are lost.
     fn pump(rs: &mut [Replica<NoAuth>], down: &[Rid], from: Rid, out: Vec<Action>) {
+        pump_keeping(rs, down, from, out, &mut vec![vec![]; 4]);
+    }
+
+    /// `pump`, keeping each replica's persisted records in `kept`, and
+    /// checking that a replica persists before it sends anything after.
+    fn pump_keeping(rs: &mut [Replica<NoAuth>], down: &[Rid], from: Rid, out: Vec<Action>, kept: &mut [Vec<Record>]) {
         let mut queue: VecDeque<(Rid, Rid, Message)> = VecDeque::new();
-        let route = |queue: &mut VecDeque<_>, from: Rid, out: Vec<Action>| {
+        let route = |queue: &mut VecDeque<_>, kept: &mut [Vec<Record>], from: Rid, out: Vec<Action>| {
             for a in out {
                 match a {
                     Action::Broadcast(m) => {
                         (0..4).filter(|&to| to != from).for_each(|to| queue.push_back((from, to, m.clone())))
                     }
                     Action::Send(to, m) => queue.push_back((from, to, m)),
+                    Action::Persist(r) => kept[from].push(r),
                     _ => {}
                 }
             }
         };
-        route(&mut queue, from, out);
+        route(&mut queue, kept, from, out);
         while let Some((_, to, m)) = queue.pop_front() {
             if down.contains(&to) {
                 continue;
             }
             let mut out = vec![];
             rs[to].on_message(m, &mut out);
-            route(&mut queue, to, out);
+            route(&mut queue, kept, to, out);
         }
+    }
+
+    /// Found by the whole-node simulator (seed 228545): a primary that
+    /// restarted forgot the new-view that started its view, so a replica
+    /// still changing into that view could never get it. It is persisted
+    /// (before it is sent) and recovered.
+    #[test]
+    fn a_restarted_primary_still_gives_its_new_view_to_a_replica_changing_into_it() {
+        let p = Params { retransmit_ms: 100, ..params() };
+        let mut rs: Vec<Replica<NoAuth>> = (0..4).map(|i| Replica::new(i, p.clone(), NoAuth)).collect();
+        let mut kept = vec![vec![]; 4];
+        // Replica 3 is cut off; 0, 1 and 2 move to view 1, led by 1.
+        for r in 0..3 {
+            rs[r].set_time(10);
+            if rs[r].view() == 0 {
+                let mut out = vec![];
+                rs[r].start_view_change(1, ViewChangeCause::Suspected, &mut out);
+                pump_keeping(&mut rs, &[3], r, out, &mut kept);
+            }
+        }
+        assert!((0..3).all(|r| rs[r].view() == 1 && !rs[r].is_changing()));
+        for r in 0..3 {
+            assert!(kept[r].iter().any(|k| matches!(k, Record::NewView(nv) if nv.body.view == 1)), "replica {r}");
+        }
+        // The primary restarts from its log, then from its compacted log.
+        for records in [kept[1].clone(), rs[1].durable_records()] {
+            let mut back = Replica::recover(1, p.clone(), NoAuth, vec![], records);
+            back.set_time(20);
+            assert_eq!((back.view(), back.is_changing()), (1, false));
+            assert_eq!(back.new_view_for(3).map(|nv| nv.body.view), Some(1), "it still has the new-view");
+        }
+        rs[1] = Replica::recover(1, p.clone(), NoAuth, vec![], kept[1].clone());
+        // Replica 3 comes back changing into view 1 on its own. The restarted
+        // primary's next proposal reaches it; it asks, and the answer (the
+        // new-view) takes it into view 1.
+        let mut out = vec![];
+        rs[3].set_time(20);
+        rs[3].start_view_change(1, ViewChangeCause::Suspected, &mut out);
+        pump(&mut rs, &[0, 2], 3, out);
+        assert!(rs[3].is_changing());
+        let mut out = vec![];
+        rs[1].set_time(20);
+        rs[1].propose(Arc::new(vec![7; 8]), &mut out);
+        pump(&mut rs, &[], 1, out);
+        assert_eq!((rs[3].view(), rs[3].is_changing()), (1, false), "replica 3 entered view 1");
     }
 
     #[test]

@@ -209,6 +209,7 @@ pub fn encode_record_into(r: &Record, buf: &mut Vec<u8>) {
         Record::Vote(v) => Rec::Vote(vote_to(v)),
         Record::Prepared(c) => Rec::Prepared(cert_to(c)),
         Record::ViewChange(v) => Rec::ViewChange(vc_to(v)),
+        Record::NewView(n) => Rec::NewView(nv_to(n)),
         Record::Stable { seq, proof } => {
             Rec::Stable(proto::PbftStable { seq: *seq, proof: proof.iter().map(ck_to).collect() })
         }
@@ -235,6 +236,7 @@ pub fn decode_record(bytes: &[u8], l: &WireLimits) -> Result<Record, WireError> 
         Rec::Vote(v) => Record::Vote(vote_from(v, l)?),
         Rec::Prepared(c) => Record::Prepared(cert_from(c, l)?),
         Rec::ViewChange(v) => Record::ViewChange(vc_from(v, l)?),
+        Rec::NewView(n) => Record::NewView(nv_from(n, l)?),
         Rec::Stable(s) => Record::Stable {
             seq: s.seq,
             proof: bounded(s.proof, l.n, "stable proof")?
@@ -289,13 +291,7 @@ pub fn encode(m: &Message) -> Vec<u8> {
         Message::Vote(v) => Msg::Vote(vote_to(v)),
         Message::Checkpoint(c) => Msg::Checkpoint(ck_to(c)),
         Message::ViewChange(v) => Msg::ViewChange(vc_to(v)),
-        Message::NewView(n) => Msg::NewView(proto::PbftNewView {
-            view: n.body.view,
-            view_changes: n.body.view_changes.iter().map(vc_to).collect(),
-            pre_prepares: n.body.pre_prepares.iter().map(pp_to).collect(),
-            from: n.from as u32,
-            sig: n.sig.clone(),
-        }),
+        Message::NewView(n) => Msg::NewView(nv_to(n)),
         Message::Fetch { from, from_seq } => Msg::Fetch(proto::PbftFetch { from: *from as u32, from_seq: *from_seq }),
         Message::Committed(c) => Msg::Committed(commit_cert_to(c)),
         Message::Heartbeat(h) => Msg::Heartbeat(proto::PbftHeartbeat {
@@ -306,6 +302,34 @@ pub fn encode(m: &Message) -> Vec<u8> {
         }),
     };
     proto::PbftMessage { msg: Some(msg) }.encode_to_vec()
+}
+
+fn nv_to(n: &Signed<NewView>) -> proto::PbftNewView {
+    proto::PbftNewView {
+        view: n.body.view,
+        view_changes: n.body.view_changes.iter().map(vc_to).collect(),
+        pre_prepares: n.body.pre_prepares.iter().map(pp_to).collect(),
+        from: n.from as u32,
+        sig: n.sig.clone(),
+    }
+}
+
+fn nv_from(n: proto::PbftNewView, l: &WireLimits) -> Result<Signed<NewView>, WireError> {
+    Ok(Signed {
+        body: NewView {
+            view: n.view,
+            view_changes: bounded(n.view_changes, l.n, "view changes")?
+                .into_iter()
+                .map(|v| vc_from(v, l))
+                .collect::<Result<_, _>>()?,
+            pre_prepares: bounded(n.pre_prepares, l.window, "pre-prepares")?
+                .into_iter()
+                .map(|p| pp_from(p, l))
+                .collect::<Result<_, _>>()?,
+        },
+        from: rid(n.from, l)?,
+        sig: sig(n.sig)?,
+    })
 }
 
 /// Decodes and bounds a message from a peer.
@@ -320,21 +344,7 @@ fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireErro
         Msg::Vote(v) => Message::Vote(vote_from(v, l)?),
         Msg::Checkpoint(c) => Message::Checkpoint(ck_from(c, l)?),
         Msg::ViewChange(v) => Message::ViewChange(vc_from(v, l)?),
-        Msg::NewView(n) => Message::NewView(Signed {
-            body: NewView {
-                view: n.view,
-                view_changes: bounded(n.view_changes, l.n, "view changes")?
-                    .into_iter()
-                    .map(|v| vc_from(v, l))
-                    .collect::<Result<_, _>>()?,
-                pre_prepares: bounded(n.pre_prepares, l.window, "pre-prepares")?
-                    .into_iter()
-                    .map(|p| pp_from(p, l))
-                    .collect::<Result<_, _>>()?,
-            },
-            from: rid(n.from, l)?,
-            sig: sig(n.sig)?,
-        }),
+        Msg::NewView(n) => Message::NewView(nv_from(n, l)?),
         Msg::Fetch(f) => Message::Fetch { from: rid(f.from, l)?, from_seq: f.from_seq },
         Msg::Committed(c) => Message::Committed(commit_cert_from(c, l)?),
         Msg::Heartbeat(h) => Message::Heartbeat(Signed {
