@@ -21,9 +21,9 @@
 //!
 //! Errors are JSON `{"error": "..."}` with the status code.
 
-use crate::metrics::RuntimeStats;
+use crate::metrics::{Figures, RuntimeStats};
 pub use crate::metrics::{Latencies, TX_STAGES};
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Registry, TextEncoder};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -120,83 +120,22 @@ fn query_u64(url: &str, key: &str) -> Result<Option<u64>, String> {
     Ok(None)
 }
 
-struct Gauges {
+/// The latency histograms' registry; the counters and gauges come from
+/// `metrics::METRICS` at each scrape.
+struct Histograms {
     registry: Registry,
-    view: IntGauge,
-    height: IntGauge,
-    leader: IntGauge,
-    quorum: IntGauge,
-    validators: IntGauge,
-    view_changes: IntGauge,
-    blocks: IntGauge,
-    proposals: IntGauge,
-    prepares: IntGauge,
-    commits: IntGauge,
-    committed_txs: IntGauge,
-    mempool_size: IntGauge,
-    mempool_bytes: IntGauge,
-    peers: IntGauge,
-    db_connections: IntGauge,
-    mirror_height: IntGauge,
-    kafka_lag: IntGauge,
-    evidence: IntGauge,
-    received: IntGauge,
-    rejected: IntCounterVec,
-    rings: IntGauge,
-    bytes_sent: IntCounter,
-    bytes_received: IntCounter,
 }
 
-impl Gauges {
-    fn new(l: &Latencies) -> prometheus::Result<Gauges> {
+impl Histograms {
+    fn new(l: &Latencies) -> prometheus::Result<Histograms> {
         let registry = Registry::new();
-        let g = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
-            let g = IntGauge::new(name, help)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let rejected =
-            IntCounterVec::new(Opts::new("ingest_rejected_total", "Inputs sent to the DLQ, by reason"), &["reason"])?;
-        registry.register(Box::new(rejected.clone()))?;
         for h in
             [&l.consensus_round, &l.block_build, &l.state_execution, &l.persistence, &l.kafka_consume, &l.kafka_produce]
         {
             registry.register(Box::new(h.clone()))?;
         }
         registry.register(Box::new(l.tx_stage.clone()))?;
-        let c = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
-            let c = IntCounter::new(name, help)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let bytes_sent = c("p2p_bytes_sent_total", "Bytes of consensus frames sent to other validators")?;
-        let bytes_received = c("p2p_bytes_received_total", "Bytes of consensus frames received from other validators")?;
-        Ok(Gauges {
-            view: g("consensus_view", "Current view")?,
-            height: g("consensus_height", "Height of the last committed block")?,
-            leader: g("consensus_leader_id", "Validator id leading the current view")?,
-            quorum: g("consensus_quorum_size", "Votes needed (N - f)")?,
-            validators: g("consensus_validator_count", "Validators in the set")?,
-            view_changes: g("consensus_view_changes_total", "View changes seen by this validator")?,
-            blocks: g("consensus_blocks_committed", "Blocks committed since start")?,
-            proposals: g("consensus_proposals_total", "Pre-prepares received from other validators")?,
-            prepares: g("consensus_prepares_total", "Prepare votes received from other validators")?,
-            commits: g("consensus_commits_total", "Commit votes received from other validators")?,
-            committed_txs: g("consensus_committed_txs_total", "Transactions committed since start")?,
-            mempool_size: g("mempool_size", "Transactions in the mempool")?,
-            mempool_bytes: g("mempool_bytes", "Bytes in the mempool")?,
-            peers: g("p2p_peers_connected", "Validators heard from in the last 5 s")?,
-            db_connections: g("database_connections_active", "Open mirror connections")?,
-            mirror_height: g("persistence_height", "Highest height mirrored to the database")?,
-            kafka_lag: g("kafka_consumer_lag", "Kafka messages consumed and not yet finished")?,
-            evidence: g("consensus_misbehaviour_total", "Misbehaviour reports with proof")?,
-            received: g("ingest_received_total", "Inputs received from the sources")?,
-            rings: g("ring_occupancy_batches", "Batches waiting in the verify shards' input rings")?,
-            rejected,
-            bytes_sent,
-            bytes_received,
-            registry,
-        })
+        Ok(Histograms { registry })
     }
 }
 
@@ -217,7 +156,7 @@ fn json_response(status: u16, body: serde_json::Value) -> Reply {
 pub struct Api {
     info: StaticInfo,
     stats: Arc<RuntimeStats>,
-    gauges: Gauges,
+    histograms: Histograms,
     blocks: Option<crate::store::BlockStoreReader>,
     state_queries: std::sync::mpsc::SyncSender<StateQuery>,
 }
@@ -258,7 +197,7 @@ impl Api {
         blocks: Option<crate::store::BlockStoreReader>,
         state_queries: std::sync::mpsc::SyncSender<StateQuery>,
     ) -> prometheus::Result<Api> {
-        Ok(Api { info, stats, gauges: Gauges::new(latencies)?, blocks, state_queries })
+        Ok(Api { info, stats, histograms: Histograms::new(latencies)?, blocks, state_queries })
     }
 
     /// The answer to `method url` (url with its query string).
@@ -305,43 +244,12 @@ impl Api {
                 }),
             ),
             ("GET", "/metrics") => {
-                let g = &self.gauges;
-                let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
-                g.view.set(load(&s.view));
-                g.height.set(load(&s.height));
-                g.leader.set(load(&s.leader));
-                g.quorum.set(self.info.quorum as i64);
-                g.validators.set(self.info.validators as i64);
-                g.view_changes.set(load(&s.view_changes));
-                g.blocks.set(load(&s.blocks_committed));
-                g.proposals.set(load(&s.proposals_received));
-                g.prepares.set(load(&s.prepares_received));
-                g.commits.set(load(&s.commits_received));
-                g.committed_txs.set(load(&s.committed_txs));
-                g.mempool_size.set(load(&s.mempool_size));
-                g.mempool_bytes.set(load(&s.mempool_bytes));
-                g.peers.set(load(&s.peers_connected));
-                g.db_connections.set(s.mirror.connected.load(Ordering::Relaxed) as i64);
-                g.mirror_height.set(load(&s.mirror.height));
-                g.kafka_lag.set(load(&s.kafka_unfinished));
-                g.evidence.set(load(&s.evidence));
-                g.received.set(load(&s.received));
-                g.rings.set(load(&s.ring_occupancy));
-                for (c, a) in [(&g.bytes_sent, &s.p2p_bytes_sent), (&g.bytes_received, &s.p2p_bytes_received)] {
-                    let want = a.load(Ordering::Relaxed);
-                    if want > c.get() {
-                        c.inc_by(want - c.get());
-                    }
-                }
-                for r in crate::dlq::RejectReason::ALL {
-                    let c = g.rejected.with_label_values(&[r.as_str()]);
-                    let want = s.rejected.get(r);
-                    if want > c.get() {
-                        c.inc_by(want - c.get());
-                    }
-                }
+                let figures =
+                    Figures { stats: s, quorum: self.info.quorum as u64, validators: self.info.validators as u64 };
+                let mut families = crate::metrics::collect(&figures);
+                families.extend(self.histograms.registry.gather());
                 let mut buf = vec![];
-                let _ = TextEncoder::new().encode(&g.registry.gather(), &mut buf);
+                let _ = TextEncoder::new().encode(&families, &mut buf);
                 Reply { status: 200, content_type: "text/plain; version=0.0.4", body: buf }
             }
             ("GET", "/validators") => {

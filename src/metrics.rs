@@ -124,3 +124,188 @@ impl Default for Latencies {
         }
     }
 }
+
+/// What a figure is to Prometheus: a counter only ever grows (since the
+/// process started), a gauge is a level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+}
+
+/// What the figures are read from at a scrape: the stages' stats and the
+/// validator set's fixed sizes.
+pub struct Figures<'a> {
+    pub stats: &'a RuntimeStats,
+    pub quorum: u64,
+    pub validators: u64,
+}
+
+/// How a figure is read: one value, or one per label value.
+#[derive(Clone, Copy)]
+pub enum Read {
+    One(fn(&Figures) -> u64),
+    ByLabel(&'static str, fn(&Figures) -> Vec<(&'static str, u64)>),
+}
+
+/// One figure of `/metrics`, declared once (as Firedancer's metrics
+/// declarations): its name, kind, help and how it is read. The export (and
+/// its test) come from this table; nothing else registers these names.
+pub struct MetricDecl {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub help: &'static str,
+    pub read: Read,
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+const fn decl(name: &'static str, kind: MetricKind, help: &'static str, read: fn(&Figures) -> u64) -> MetricDecl {
+    MetricDecl { name, kind, help, read: Read::One(read) }
+}
+
+use MetricKind::{Counter, Gauge};
+
+/// Every counter and gauge of `/metrics` (the latency histograms are
+/// `Latencies`).
+pub const METRICS: &[MetricDecl] = &[
+    decl("consensus_view", Gauge, "Current view", |f| load(&f.stats.view)),
+    decl("consensus_height", Gauge, "Height of the last committed block", |f| load(&f.stats.height)),
+    decl("consensus_leader_id", Gauge, "Validator id leading the current view", |f| load(&f.stats.leader)),
+    decl("consensus_quorum_size", Gauge, "Votes needed (N - f)", |f| f.quorum),
+    decl("consensus_validator_count", Gauge, "Validators in the set", |f| f.validators),
+    decl("consensus_view_changes_total", Counter, "View changes seen by this validator", |f| {
+        load(&f.stats.view_changes)
+    }),
+    decl("consensus_blocks_committed", Counter, "Blocks committed since start", |f| load(&f.stats.blocks_committed)),
+    decl("consensus_proposals_total", Counter, "Pre-prepares received from other validators", |f| {
+        load(&f.stats.proposals_received)
+    }),
+    decl("consensus_prepares_total", Counter, "Prepare votes received from other validators", |f| {
+        load(&f.stats.prepares_received)
+    }),
+    decl("consensus_commits_total", Counter, "Commit votes received from other validators", |f| {
+        load(&f.stats.commits_received)
+    }),
+    decl("consensus_committed_txs_total", Counter, "Transactions committed since start", |f| {
+        load(&f.stats.committed_txs)
+    }),
+    decl("consensus_misbehaviour_total", Counter, "Misbehaviour reports with proof", |f| load(&f.stats.evidence)),
+    decl("mempool_size", Gauge, "Transactions in the mempool", |f| load(&f.stats.mempool_size)),
+    decl("mempool_bytes", Gauge, "Bytes in the mempool", |f| load(&f.stats.mempool_bytes)),
+    decl("p2p_peers_connected", Gauge, "Validators heard from in the last 5 s", |f| load(&f.stats.peers_connected)),
+    decl("p2p_bytes_sent_total", Counter, "Bytes of consensus frames sent to other validators", |f| {
+        load(&f.stats.p2p_bytes_sent)
+    }),
+    decl("p2p_bytes_received_total", Counter, "Bytes of consensus frames received from other validators", |f| {
+        load(&f.stats.p2p_bytes_received)
+    }),
+    decl("database_connections_active", Gauge, "Open mirror connections", |f| {
+        f.stats.mirror.connected.load(std::sync::atomic::Ordering::Relaxed) as u64
+    }),
+    decl("persistence_height", Gauge, "Highest height mirrored to the database", |f| load(&f.stats.mirror.height)),
+    decl("kafka_consumer_lag", Gauge, "Kafka messages consumed and not yet finished", |f| {
+        load(&f.stats.kafka_unfinished)
+    }),
+    decl("ingest_received_total", Counter, "Inputs received from the sources", |f| load(&f.stats.received)),
+    MetricDecl {
+        name: "ingest_rejected_total",
+        kind: Counter,
+        help: "Inputs sent to the DLQ, by reason",
+        read: Read::ByLabel("reason", |f| {
+            crate::dlq::RejectReason::ALL.iter().map(|&r| (r.as_str(), f.stats.rejected.get(r))).collect()
+        }),
+    },
+    decl("ring_occupancy_batches", Gauge, "Batches waiting in the verify shards' input rings", |f| {
+        load(&f.stats.ring_occupancy)
+    }),
+];
+
+/// `METRICS` read now, as Prometheus metric families.
+pub fn collect(f: &Figures) -> Vec<prometheus::proto::MetricFamily> {
+    use prometheus::proto::{self, LabelPair, Metric, MetricFamily, MetricType};
+    let metric = |kind: MetricKind, value: u64, label: Option<(&str, &str)>| {
+        let mut m = Metric::default();
+        match kind {
+            MetricKind::Counter => {
+                let mut c = proto::Counter::default();
+                c.set_value(value as f64);
+                m.set_counter(c);
+            }
+            MetricKind::Gauge => {
+                let mut g = proto::Gauge::default();
+                g.set_value(value as f64);
+                m.set_gauge(g);
+            }
+        }
+        if let Some((name, value)) = label {
+            let mut l = LabelPair::default();
+            l.set_name(name.to_string());
+            l.set_value(value.to_string());
+            m.set_label(vec![l]);
+        }
+        m
+    };
+    METRICS
+        .iter()
+        .map(|d| {
+            let mut fam = MetricFamily::default();
+            fam.set_name(d.name.to_string());
+            fam.set_help(d.help.to_string());
+            fam.set_field_type(match d.kind {
+                MetricKind::Counter => MetricType::COUNTER,
+                MetricKind::Gauge => MetricType::GAUGE,
+            });
+            fam.set_metric(match d.read {
+                Read::One(read) => vec![metric(d.kind, read(f), None)],
+                Read::ByLabel(label, read) => {
+                    read(f).into_iter().map(|(v, n)| metric(d.kind, n, Some((label, v)))).collect()
+                }
+            });
+            fam
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Encoder;
+
+    #[test]
+    fn each_metric_is_declared_once_exported_with_its_kind_and_documented() {
+        let mut names: Vec<&str> = METRICS.iter().map(|d| d.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), METRICS.len(), "a name declared twice");
+        for d in METRICS {
+            if d.name.ends_with("_total") {
+                assert_eq!(d.kind, MetricKind::Counter, "{} is named as a counter", d.name);
+            }
+        }
+        let stats = RuntimeStats::default();
+        stats.view_changes.store(3, std::sync::atomic::Ordering::Relaxed);
+        stats.rejected.add(crate::dlq::RejectReason::BadSignature);
+        let fams = collect(&Figures { stats: &stats, quorum: 3, validators: 4 });
+        let mut buf = vec![];
+        prometheus::TextEncoder::new().encode(&fams, &mut buf).unwrap();
+        let page = String::from_utf8(buf).unwrap();
+        for d in METRICS {
+            let kind = match d.kind {
+                MetricKind::Counter => "counter",
+                MetricKind::Gauge => "gauge",
+            };
+            assert!(page.contains(&format!("# TYPE {} {kind}\n", d.name)), "{}: {page}", d.name);
+        }
+        assert!(page.contains("consensus_view_changes_total 3\n"), "{page}");
+        assert!(page.contains("consensus_quorum_size 3\n") && page.contains("consensus_validator_count 4\n"));
+        assert!(page.contains("ingest_rejected_total{reason=\"bad_signature\"} 1\n"), "{page}");
+        // The operator's manual lists every one.
+        let readme = include_str!("../README.md");
+        for d in METRICS {
+            assert!(readme.contains(&format!("`{}", d.name)), "README does not list {}", d.name);
+        }
+    }
+}
