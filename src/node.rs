@@ -115,6 +115,20 @@ pub enum Output {
         culprit: Rid,
         what: String,
     },
+    /// This validator entered `view`, led by `primary` (for logs, the audit
+    /// log and metrics; counted in `NodeStats::view_changes`).
+    ViewChanged {
+        view: View,
+        primary: Rid,
+        cause: crate::consensus::pbft::ViewChangeCause,
+        /// The chain's height here then.
+        height: u64,
+    },
+    /// Committed proof of misbehaviour quarantined `validator` at `height`.
+    Quarantined {
+        validator: Rid,
+        height: u64,
+    },
 }
 
 /// Counters the runtime publishes as metrics.
@@ -1191,7 +1205,7 @@ impl<A: Auth + Clone> Node<A> {
         // propose until something changes (a later step).
         let mut nothing_to_propose = false;
         loop {
-            self.note_view();
+            self.note_view(out);
             let unproposed_proofs = self.proofs.iter().any(|(_, proposed)| !proposed);
             // A primary whose execution lags its replica (bodies missing)
             // does not propose: its mempool and state are not current.
@@ -1287,9 +1301,11 @@ impl<A: Auth + Clone> Node<A> {
     /// After a view change: proposals of this validator that were not
     /// committed go back to pending (what a quorum prepared returns through
     /// the new-view; duplicates are harmless, execution skips used nonces).
-    fn note_view(&mut self) {
+    fn note_view(&mut self, out: &mut Vec<Output>) {
         let v = self.replica.view();
         if v != self.view {
+            let (primary, cause) = (self.replica.primary(v), self.replica.view_change_cause());
+            out.push(Output::ViewChanged { view: v, primary, cause, height: self.height() });
             let old_primary = self.replica.primary(self.view);
             self.conduct[old_primary].failed_views += 1;
             self.stats.view_changes += 1;
@@ -1435,7 +1451,11 @@ impl<A: Auth + Clone> Node<A> {
         let mut changed = false;
         for e in &p.evidence {
             let culprit = e.culprit();
+            let was = self.reputation.is_quarantined(culprit);
             changed |= self.reputation.quarantine(culprit);
+            if !was && self.reputation.is_quarantined(culprit) {
+                out.push(Output::Quarantined { validator: culprit, height: seq });
+            }
             self.proofs.retain(|(q, _)| q.culprit() != culprit);
             tracing::warn!(height = seq, validator = culprit, "validator quarantined: committed proof of misbehaviour");
         }

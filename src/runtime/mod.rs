@@ -1247,8 +1247,6 @@ fn core_loop(
 ) -> anyhow::Result<()> {
     let mut out: Vec<Output> = Vec::new();
     let mut last_log = now_ms();
-    // Quarantined validators already in the audit log.
-    let mut quarantined: Vec<Rid> = node.reputation().quarantined().collect();
     let mut last_validators = 0u64;
     // When each peer was last heard from (p2p_peers_connected, /ready).
     let mut last_heard: std::collections::HashMap<u32, u64> = Default::default();
@@ -1374,6 +1372,13 @@ fn core_loop(
         }
         if !out.is_empty() {
             worked = true;
+            // Counted once, in the core (`NodeStats`); published before
+            // the commit notices go out, so a client that saw its commit
+            // sees it counted.
+            let s = node.stats();
+            sh.stats.view_changes.store(s.view_changes, Ordering::Relaxed);
+            sh.stats.blocks_committed.store(s.committed_blocks, Ordering::Relaxed);
+            sh.stats.committed_txs.store(s.committed_txs, Ordering::Relaxed);
             let stable = perform(&mut out, &mut store, &mut cons, sh)?;
             // At a stable checkpoint, once the log is big, keep only what
             // recovery needs (values below the checkpoint are in the store).
@@ -1427,25 +1432,10 @@ fn core_loop(
             }
         }
         sh.stats.ring_occupancy.store(sh.shard_in.iter().map(|r| r.len() as u64).sum(), Ordering::Relaxed);
-        if sh.stats.view.swap(view, Ordering::Relaxed) != view {
-            sh.stats.view_changes.fetch_add(1, Ordering::Relaxed);
-            let primary = cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0);
-            let cause = node.replica().view_change_cause().as_str();
-            tracing::info!(view, primary, height = node.height(), cause, "view changed");
-            cons.audit("view_change", serde_json::json!({"view": view, "primary": primary, "height": node.height()}))?;
-        }
-        if cons.audit.is_some() {
-            // Quarantine only grows: a new one shows as a longer set.
-            if node.reputation().quarantined().count() != quarantined.len() {
-                let q: Vec<Rid> = node.reputation().quarantined().collect();
-                for r in q.iter().filter(|r| !quarantined.contains(r)) {
-                    let validator = cons.ids.get(*r).copied().unwrap_or(0);
-                    cons.audit("quarantine", serde_json::json!({"validator": validator, "height": node.height()}))?;
-                }
-                quarantined = q;
-            }
-            if worked {
-                cons.audit.as_mut().expect("checked").flush()?;
+        sh.stats.view.store(view, Ordering::Relaxed);
+        if worked {
+            if let Some(a) = cons.audit.as_mut() {
+                a.flush()?;
             }
         }
         while let Ok(q) = cons.state_queries.try_recv() {
@@ -1569,6 +1559,15 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                 serve_block_txs(store, cons, to, seq, height, &tx_hashes)?
             }
             Output::Commit { block, cert, receipts: _, outcome } => commits.push((block, cert, outcome)),
+            Output::ViewChanged { view, primary, cause, height } => {
+                let primary = cons.ids.get(primary).copied().unwrap_or(0);
+                tracing::info!(view, primary, height, cause = cause.as_str(), "view changed");
+                cons.audit("view_change", serde_json::json!({"view": view, "primary": primary, "height": height}))?;
+            }
+            Output::Quarantined { validator, height } => {
+                let validator = cons.ids.get(validator).copied().unwrap_or(0);
+                cons.audit("quarantine", serde_json::json!({"validator": validator, "height": height}))?;
+            }
             Output::Evidence { culprit, what } => {
                 sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
                 let validator = cons.ids.get(culprit).copied().unwrap_or(0);
@@ -1614,7 +1613,6 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     }
     for (block, _, outcome) in &commits {
         let rejected = outcome.rejected.len();
-        sh.stats.blocks_committed.fetch_add(1, Ordering::Relaxed);
         sh.stats.latencies.consensus_round.observe(now_ms().saturating_sub(block.header.timestamp_ms) as f64);
         if cons.audit.is_some() {
             let h = &block.header;
@@ -1629,7 +1627,6 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             cons.audit("commit", fields)?;
         }
         sh.stats.height.store(block.header.height, Ordering::Relaxed);
-        sh.stats.committed_txs.fetch_add(block.txs.len() as u64, Ordering::Relaxed);
         tracing::debug!(
             height = block.header.height,
             view = block.header.view,

@@ -116,6 +116,10 @@ pub struct Report {
     pub clock_steps: u64,
     /// Ticks delivered (each when the node's `poll_timeout_ms` came due).
     pub ticks: u64,
+    /// Views entered (`Output::ViewChanged`) and validators quarantined,
+    /// summed over the validators.
+    pub views_entered: u64,
+    pub quarantines: u64,
     pub byzantine_msgs: u64,
     pub delivered: u64,
     /// Txs ordered a second time (executed as repeats).
@@ -543,6 +547,19 @@ impl Sim {
                     commits.push((block, cert, outcome))
                 }
                 Output::Reject(_) | Output::Snapshot(_) | Output::Evidence { .. } => {}
+                Output::ViewChanged { view, primary, .. } => {
+                    assert_eq!(primary, up.node.replica().primary(view), "validator {i}: the view's primary");
+                    self.report.views_entered += 1;
+                }
+                // Only a faulty validator's signatures can prove misbehaviour.
+                Output::Quarantined { validator, height } => {
+                    assert_eq!(
+                        Some(validator),
+                        self.cfg.byzantine,
+                        "validator {i} quarantined {validator} at {height}"
+                    );
+                    self.report.quarantines += 1;
+                }
             }
             if failed.is_some() {
                 break;
@@ -918,6 +935,8 @@ mod tests {
             total.view_changes += r.view_changes;
             total.clock_steps += r.clock_steps;
             total.ticks += r.ticks;
+            total.views_entered += r.views_entered;
+            total.quarantines += r.quarantines;
             total.byzantine_msgs += r.byzantine_msgs;
             total.repeats += r.repeats;
             total.delivered += r.delivered;
@@ -939,6 +958,7 @@ mod tests {
             assert!(d.bit_flips > 0 && total.refused_corrupt > 0, "{total:?}");
             assert!(d.disk_full > 0 && d.sync_failed > 0 && total.storage_errors > 0, "{total:?}");
             assert!(total.view_changes > 0 && total.clock_steps > 0 && total.byzantine_msgs > 0, "{total:?}");
+            assert!(total.views_entered > 0 && total.quarantines > 0, "{total:?}");
         }
     }
 
