@@ -437,6 +437,11 @@ fn the_api_survives_running_out_of_file_descriptors() {
     let addr = api_addr(&v);
     assert_eq!(http_get(&addr, "/health").0, 200);
     let mut c = v.connect();
+    // Accepted (a commit came back on it) before the descriptors run out:
+    // one still queued in the kernel then could not be set up.
+    let first = anomaly(&s.producer, 100);
+    c.send_event(&first);
+    c.wait_committed(&[first.nonce]);
     // More connections than the process has descriptors left.
     let flood: Vec<std::net::TcpStream> = (0..400).filter_map(|_| std::net::TcpStream::connect(&addr).ok()).collect();
     assert!(flood.len() > 160, "the kernel queues connections the process cannot accept");

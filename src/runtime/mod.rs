@@ -693,6 +693,8 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         }
         let _ = conn.set_nodelay(true);
         let (Ok(wconn), Ok(kconn)) = (conn.try_clone(), conn.try_clone()) else {
+            tracing::warn!(peer, "direct source: out of file descriptors; closing this connection");
+            let _ = conn.shutdown(std::net::Shutdown::Both);
             continue;
         };
         next_id += 1;
