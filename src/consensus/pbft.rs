@@ -1163,8 +1163,10 @@ impl<A: Auth + Clone> Replica<A> {
             Message::Committed(c) => self.on_commit_cert(c, out),
             Message::Heartbeat(s) => {
                 let same_view = s.body.view == self.view;
+                // From the primary of the view this replica is in (not changing).
+                let from_my_primary = same_view && !self.changing && s.from == self.primary(s.body.view);
                 if same_view && s.from < self.p.n && self.auth.verify(s.from, &hb_bytes(&s.body), &s.sig) {
-                    if !self.changing && s.from == self.primary(s.body.view) {
+                    if from_my_primary {
                         self.heard_from_primary();
                     }
                     // Whoever sends it: a validator that takes itself for
@@ -1178,7 +1180,7 @@ impl<A: Auth + Clone> Replica<A> {
                         self.help_behind(s.from, s.body.executed, out);
                     }
                 }
-                if !(same_view && !self.changing && s.from == self.primary(s.body.view)) {
+                if !from_my_primary {
                     self.ask_for_view(s.body.view, s.from, out);
                 }
             }
