@@ -312,127 +312,24 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         })?);
     }
 
-    // Kafka source: one consumer thread (its own group: every validator
-    // reads every message) feeding the shards like a direct connection.
     if let Some(tracker) = shared.tracker.clone() {
-        let group = crate::ingest::kafka::group_id(&c.kafka, c.node.id);
-        let consumer: rdkafka::consumer::BaseConsumer = crate::ingest::kafka::client_config(&c.kafka)
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "6000")
-            .set("enable.partition.eof", "false")
-            .set("queued.max.messages.kbytes", "65536")
-            // Topics created after the validator starts are picked up within seconds.
-            .set("topic.metadata.refresh.interval.ms", "2000")
-            .create()
-            .context("creating the Kafka consumer")?;
-        {
-            use rdkafka::consumer::Consumer;
-            consumer.fetch_metadata(None, Duration::from_secs(10)).with_context(|| {
-                format!(
-                    "cannot reach Kafka at KAFKA_BROKERS={} (check the address, TLS and SASL settings)",
-                    c.kafka.brokers
-                )
-            })?;
-            let missing = crate::ingest::kafka::ensure_topics(&c.kafka)?;
-            if !missing.is_empty() {
-                // Not fatal: the consumer picks topics up as they appear.
-                tracing::warn!(
-                    topics = ?missing,
-                    "Kafka topics missing; waiting for them (create them, or set KAFKA_CREATE_TOPICS=true on a broker that allows it)"
-                );
-            }
-            let topics: Vec<&str> = c.kafka.input_topics.iter().map(|t| t.as_str()).collect();
-            consumer.subscribe(&topics).context("subscribing to KAFKA_INPUT_TOPICS")?;
-        }
-        tracing::info!(group, topics = ?c.kafka.input_topics, "Kafka source subscribed");
-        let sh = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("kafka-consume".into())
-                .spawn(move || kafka::consumer_loop(consumer, tracker, &sh))?,
-        );
+        threads.push(start_kafka_source(c, tracker, &shared)?);
     }
-    // Egress (with Kafka): signed commit events from the block store, from
-    // a persisted cursor, on their own thread.
-    let (egress_feed, egress) = if from_kafka {
-        let cursor_path = c.node.data_dir.join("commits.cursor");
-        let cursor = crate::egress::read_cursor(&cursor_path)
-            .with_context(|| format!("reading the commit-event cursor {}", cursor_path.display()))?;
-        let (tx, rx) = sync_channel::<crate::egress::HeightEvents>(1024);
-        let (kc, st) = (c.kafka.clone(), stop.clone());
-        let lat = stats.latencies.kafka_produce.clone();
-        let handle = std::thread::Builder::new().name("egress".into()).spawn(move || {
-            if let Err(e) = crate::egress::publish_loop(&kc, rx, cursor_path, cursor, &st, lat) {
-                tracing::error!(error = %format!("{e:#}"), "commit-event publisher stopped");
-            }
-        })?;
-        tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
-        let next = (cursor + 1).max(store.base_height() + 1);
-        let events = crate::egress::EventMaker::new(key.clone(), keys.clone(), &c.kafka, c.node.id.to_string());
-        let make: MakeItem<_> = Box::new(move |b, cert, outcome| events.for_block(b, cert, outcome));
-        (Some(BlockFeed::new(tx, next, make)), Some(handle))
-    } else {
-        (None, None)
+    let (egress_feed, egress) = match from_kafka {
+        true => start_egress(c, &stop, &stats, &store, &key, &keys).map(|(f, h)| (Some(f), Some(h)))?,
+        false => (None, None),
     };
 
-    // Database mirror (ENABLE_PERSISTENCE): its own thread, fed from the
-    // block store from its persisted cursor.
-    let (mirror_feed, mirror) = if c.database.enabled {
-        let cursor_path = c.node.data_dir.join("mirror.cursor");
-        let cursor = crate::egress::read_cursor(&cursor_path)
-            .with_context(|| format!("reading the mirror cursor {}", cursor_path.display()))?;
-        let (tx, rx) = sync_channel::<crate::persist::MirrorBlock>(1024);
-        let mcfg = crate::persist::MirrorConfig {
-            dsn: c.database.dsn.clone(),
-            retry_min: c.database.retry_min,
-            retry_max: c.database.retry_max,
-            batch_blocks: 256,
-            copy: c.database.write_mode == "copy",
-            validators: v.validators.iter().map(|(id, k)| (*id, *k)).collect(),
-        };
-        let (st, ms, lat) = (stop.clone(), stats.mirror.clone(), stats.latencies.persistence.clone());
-        let handle = std::thread::Builder::new()
-            .name("persist".into())
-            .spawn(move || crate::persist::mirror_loop(mcfg, rx, cursor_path, st, ms, lat))?;
-        tracing::info!(cursor, "mirroring blocks to the database");
-        let next = (cursor + 1).max(store.base_height() + 1);
-        let make: MakeItem<_> = Box::new(|b, _, outcome| crate::persist::MirrorBlock::new(b.clone(), outcome));
-        (Some(BlockFeed::new(tx, next, make)), Some(handle))
-    } else {
-        (None, None)
+    let (mirror_feed, mirror) = match c.database.enabled {
+        true => start_mirror(&v, &stop, &stats, &store).map(|(f, h)| (Some(f), Some(h)))?,
+        false => (None, None),
     };
 
     // State lookups from the API, answered by the core between events.
     let (state_tx, state_rx) = sync_channel::<crate::api::StateQuery>(64);
-    // HTTP API and metrics (ENABLE_API): a thread reading published stats.
     if c.api.enabled {
-        let tls = if c.api.tls_enabled {
-            let read = |p: &str, what: &str| {
-                std::fs::read(p)
-                    .with_context(|| format!("reading the API {what} {p} (API_TLS_{})", what.to_uppercase()))
-            };
-            let cfg = crate::api::tls_config(&read(&c.api.tls_cert, "cert")?, &read(&c.api.tls_key, "key")?)
-                .map_err(|e| anyhow::anyhow!("API TLS (API_TLS_CERT, API_TLS_KEY): {e}"))?;
-            Some(cfg)
-        } else {
-            None
-        };
-        let listener = std::net::TcpListener::bind(&c.api.listen)
-            .with_context(|| format!("starting the HTTP API on {} (API_LISTEN_ADDR)", c.api.listen))?;
-        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let info = crate::api::StaticInfo { validator: c.node.id, validators: n, quorum: params.q(), ids: ids.clone() };
-        let (st, sp) = (stats.clone(), stop.clone());
-        let lat = stats.latencies.clone();
-        let reader = crate::store::BlockStoreReader::open(&c.node.data_dir, store.base_height(), limits)
-            .context("opening the block store for the API")?;
-        let api = crate::api::Api::new(info, st, &lat, Some(reader), state_tx.clone())
-            .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
-        threads.push(
-            std::thread::Builder::new().name("api".into()).spawn(move || crate::api::serve(listener, tls, api, sp))?,
-        );
-        tracing::info!(addr = %addr, "HTTP API listening");
+        threads.push(start_api(c, info, &stats, &stop, &store, state_tx.clone())?);
     }
 
     // Network (N > 1): QUIC to every other validator; incoming messages
@@ -669,6 +566,144 @@ fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqSink, stats: &RuntimeStats, d
 /// Most direct-source connections open at once (each costs two threads);
 /// one more is closed at once, with a warning.
 pub const MAX_DIRECT_CONNECTIONS: usize = 256;
+
+/// The Kafka source: one consumer thread (its own group: every validator
+/// reads every message) feeding the shards like a direct connection.
+fn start_kafka_source(
+    c: &crate::config::Config,
+    tracker: Arc<OffsetTracker>,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let group = crate::ingest::kafka::group_id(&c.kafka, c.node.id);
+    let consumer: rdkafka::consumer::BaseConsumer = crate::ingest::kafka::client_config(&c.kafka)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("enable.partition.eof", "false")
+        .set("queued.max.messages.kbytes", "65536")
+        // Topics created after the validator starts are picked up within seconds.
+        .set("topic.metadata.refresh.interval.ms", "2000")
+        .create()
+        .context("creating the Kafka consumer")?;
+    {
+        use rdkafka::consumer::Consumer;
+        consumer.fetch_metadata(None, Duration::from_secs(10)).with_context(|| {
+            format!(
+                "cannot reach Kafka at KAFKA_BROKERS={} (check the address, TLS and SASL settings)",
+                c.kafka.brokers
+            )
+        })?;
+        let missing = crate::ingest::kafka::ensure_topics(&c.kafka)?;
+        if !missing.is_empty() {
+            // Not fatal: the consumer picks topics up as they appear.
+            tracing::warn!(
+                topics = ?missing,
+                "Kafka topics missing; waiting for them (create them, or set KAFKA_CREATE_TOPICS=true on a broker that allows it)"
+            );
+        }
+        let topics: Vec<&str> = c.kafka.input_topics.iter().map(|t| t.as_str()).collect();
+        consumer.subscribe(&topics).context("subscribing to KAFKA_INPUT_TOPICS")?;
+    }
+    tracing::info!(group, topics = ?c.kafka.input_topics, "Kafka source subscribed");
+    let sh = shared.clone();
+    Ok(std::thread::Builder::new()
+        .name("kafka-consume".into())
+        .spawn(move || kafka::consumer_loop(consumer, tracker, &sh))?)
+}
+
+/// Egress (with Kafka): signed commit events from the block store, from a
+/// persisted cursor, on their own thread.
+fn start_egress(
+    c: &crate::config::Config,
+    stop: &Arc<AtomicBool>,
+    stats: &RuntimeStats,
+    store: &BlockStore,
+    key: &crypto::SigningKey,
+    keys: &[crypto::PublicKey],
+) -> anyhow::Result<(BlockFeed<crate::egress::HeightEvents>, std::thread::JoinHandle<()>)> {
+    let cursor_path = c.node.data_dir.join("commits.cursor");
+    let cursor = crate::egress::read_cursor(&cursor_path)
+        .with_context(|| format!("reading the commit-event cursor {}", cursor_path.display()))?;
+    let (tx, rx) = sync_channel::<crate::egress::HeightEvents>(1024);
+    let (kc, st) = (c.kafka.clone(), stop.clone());
+    let lat = stats.latencies.kafka_produce.clone();
+    let handle = std::thread::Builder::new().name("egress".into()).spawn(move || {
+        if let Err(e) = crate::egress::publish_loop(&kc, rx, cursor_path, cursor, &st, lat) {
+            tracing::error!(error = %format!("{e:#}"), "commit-event publisher stopped");
+        }
+    })?;
+    tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
+    let next = (cursor + 1).max(store.base_height() + 1);
+    let events = crate::egress::EventMaker::new(key.clone(), keys.to_vec(), &c.kafka, c.node.id.to_string());
+    let make: MakeItem<_> = Box::new(move |b, cert, outcome| events.for_block(b, cert, outcome));
+    Ok((BlockFeed::new(tx, next, make), handle))
+}
+
+/// The database mirror (ENABLE_PERSISTENCE): its own thread, fed from the
+/// block store from its persisted cursor.
+fn start_mirror(
+    v: &Validated,
+    stop: &Arc<AtomicBool>,
+    stats: &RuntimeStats,
+    store: &BlockStore,
+) -> anyhow::Result<(BlockFeed<crate::persist::MirrorBlock>, std::thread::JoinHandle<()>)> {
+    let c = &v.config;
+    let cursor_path = c.node.data_dir.join("mirror.cursor");
+    let cursor = crate::egress::read_cursor(&cursor_path)
+        .with_context(|| format!("reading the mirror cursor {}", cursor_path.display()))?;
+    let (tx, rx) = sync_channel::<crate::persist::MirrorBlock>(1024);
+    let mcfg = crate::persist::MirrorConfig {
+        dsn: c.database.dsn.clone(),
+        retry_min: c.database.retry_min,
+        retry_max: c.database.retry_max,
+        batch_blocks: 256,
+        copy: c.database.write_mode == "copy",
+        validators: v.validators.iter().map(|(id, k)| (*id, *k)).collect(),
+    };
+    let (st, ms, lat) = (stop.clone(), stats.mirror.clone(), stats.latencies.persistence.clone());
+    let handle = std::thread::Builder::new()
+        .name("persist".into())
+        .spawn(move || crate::persist::mirror_loop(mcfg, rx, cursor_path, st, ms, lat))?;
+    tracing::info!(cursor, "mirroring blocks to the database");
+    let next = (cursor + 1).max(store.base_height() + 1);
+    let make: MakeItem<_> = Box::new(|b, _, outcome| crate::persist::MirrorBlock::new(b.clone(), outcome));
+    Ok((BlockFeed::new(tx, next, make), handle))
+}
+
+/// The HTTP API and metrics (ENABLE_API): a thread reading published stats.
+fn start_api(
+    c: &crate::config::Config,
+    info: crate::api::StaticInfo,
+    stats: &Arc<RuntimeStats>,
+    stop: &Arc<AtomicBool>,
+    store: &BlockStore,
+    state_tx: SyncSender<crate::api::StateQuery>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let tls = if c.api.tls_enabled {
+        let read = |p: &str, what: &str| {
+            std::fs::read(p).with_context(|| format!("reading the API {what} {p} (API_TLS_{})", what.to_uppercase()))
+        };
+        let cfg = crate::api::tls_config(&read(&c.api.tls_cert, "cert")?, &read(&c.api.tls_key, "key")?)
+            .map_err(|e| anyhow::anyhow!("API TLS (API_TLS_CERT, API_TLS_KEY): {e}"))?;
+        Some(cfg)
+    } else {
+        None
+    };
+    let listener = std::net::TcpListener::bind(&c.api.listen)
+        .with_context(|| format!("starting the HTTP API on {} (API_LISTEN_ADDR)", c.api.listen))?;
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (st, sp) = (stats.clone(), stop.clone());
+    let lat = stats.latencies.clone();
+    let reader = crate::store::BlockStoreReader::open(&c.node.data_dir, store.base_height(), c.limits())
+        .context("opening the block store for the API")?;
+    let api = crate::api::Api::new(info, st, &lat, Some(reader), state_tx)
+        .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
+    let handle =
+        std::thread::Builder::new().name("api".into()).spawn(move || crate::api::serve(listener, tls, api, sp))?;
+    tracing::info!(addr = %addr, "HTTP API listening");
+    Ok(handle)
+}
 
 fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
     let mut next_id = 0u64;
