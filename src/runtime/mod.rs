@@ -1426,19 +1426,7 @@ fn core_loop(
                 tracing::info!(before, after = log.len(), next_at = cons.compact_at, "consensus log compacted");
             }
         }
-        for (stage, ms, txs) in node.take_latencies() {
-            let h = sh.stats.latencies.stage(stage.as_str());
-            for _ in 0..txs {
-                h.observe(ms as f64);
-            }
-        }
-        for (stage, ns) in node.take_stage_times() {
-            let h = match stage {
-                Stage::BuildBlock => &sh.stats.latencies.block_build,
-                Stage::Execute => &sh.stats.latencies.state_execution,
-            };
-            h.observe(ns as f64 / 1e6);
-        }
+        observe_latencies(&mut node, sh);
         if let Some(t) = &cons.tracker {
             for p in node.take_dropped() {
                 t.finish(&p);
@@ -1450,26 +1438,14 @@ fn core_loop(
         if let Some(m) = &mut cons.mirror {
             m.catch_up(&store, &cons.wire)?;
         }
-        let s = node.stats();
-        sh.stats.duplicates.store(s.duplicates, Ordering::Relaxed);
-        sh.stats.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
-        sh.stats.mempool_bytes.store(node.mempool_bytes() as u64, Ordering::Relaxed);
-        let view = node.replica().view();
-        sh.stats.genesis_done.store(started, Ordering::Relaxed);
-        sh.stats
-            .leader
-            .store(cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0) as u64, Ordering::Relaxed);
-        sh.stats
-            .peers_connected
-            .store(last_heard.values().filter(|&&t| now < t + 5000).count() as u64, Ordering::Relaxed);
+        let peers = last_heard.values().filter(|&&t| now < t + 5000).count() as u64;
+        publish_gauges(&node, &cons, sh, started, peers);
         if now >= next_alive_ms {
             next_alive_ms = now + ALIVE_INTERVAL_MS;
             if let Some(net) = &cons.net {
                 net.broadcast(Arc::new(wire::encode_alive()));
             }
         }
-        sh.stats.ring_occupancy.store(sh.shard_in.iter().map(|r| r.len() as u64).sum(), Ordering::Relaxed);
-        sh.stats.view.store(view, Ordering::Relaxed);
         if worked {
             if let Some(a) = cons.audit.as_mut() {
                 a.flush()?;
@@ -1478,47 +1454,13 @@ fn core_loop(
         while let Ok(q) = cons.state_queries.try_recv() {
             let _ = q.reply.try_send(crate::api::state_answer(node.state(), &q.key));
         }
-        if let Some(net) = &cons.net {
-            sh.stats.p2p_bytes_sent.store(net.stats.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
-            sh.stats.p2p_bytes_received.store(net.stats.bytes_received.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
         if now >= last_validators + 1000 {
             last_validators = now;
-            let rep = node.reputation();
-            let v: Vec<serde_json::Value> = cons
-                .ids
-                .iter()
-                .zip(&cons.keys)
-                .enumerate()
-                .map(|(r, (id, key))| {
-                    serde_json::json!({
-                        "id": id,
-                        "public_key": hex::encode(key),
-                        "reputation": rep.score(r),
-                        "excluded": rep.excluded().contains(&r),
-                        "quarantined": rep.is_quarantined(r),
-                        "leader": node.replica().primary(node.replica().view()) == r,
-                    })
-                })
-                .collect();
-            *sh.stats.validators_json.lock().unwrap() = Some(Arc::new(serde_json::Value::Array(v)));
+            publish_validators(&node, &cons, sh);
         }
         if now >= last_log + 5000 {
             last_log = now;
-            tracing::info!(
-                height = node.height(),
-                view = node.replica().view(),
-                committed_txs = s.committed_txs,
-                mempool = node.mempool_len(),
-                rejected = sh.stats.rejected.total(),
-                duplicates = s.duplicates,
-                rate_limited = s.rate_limited,
-                forwarded = s.forwarded,
-                forwards_admitted = s.forwards_admitted,
-                censorship_suspicions = s.censorship_suspicions,
-                proposals_refused = s.proposals_refused,
-                "progress"
-            );
+            log_progress(&node, sh);
         }
         if sh.stop.load(Ordering::Relaxed) && inputs.iter().all(|r| r.is_empty()) {
             return Ok(());
@@ -1532,6 +1474,83 @@ fn core_loop(
             });
         }
     }
+}
+
+/// The core's latency figures, handed to the histograms.
+fn observe_latencies(node: &mut Node<Ed25519Auth>, sh: &Shared) {
+    for (stage, ms, txs) in node.take_latencies() {
+        let h = sh.stats.latencies.stage(stage.as_str());
+        for _ in 0..txs {
+            h.observe(ms as f64);
+        }
+    }
+    for (stage, ns) in node.take_stage_times() {
+        let h = match stage {
+            Stage::BuildBlock => &sh.stats.latencies.block_build,
+            Stage::Execute => &sh.stats.latencies.state_execution,
+        };
+        h.observe(ns as f64 / 1e6);
+    }
+}
+
+/// The levels `/status` and `/metrics` read, published after each pass.
+fn publish_gauges(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, started: bool, peers_connected: u64) {
+    let st = &sh.stats;
+    st.duplicates.store(node.stats().duplicates, Ordering::Relaxed);
+    st.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
+    st.mempool_bytes.store(node.mempool_bytes() as u64, Ordering::Relaxed);
+    let view = node.replica().view();
+    st.genesis_done.store(started, Ordering::Relaxed);
+    st.leader.store(cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0) as u64, Ordering::Relaxed);
+    st.peers_connected.store(peers_connected, Ordering::Relaxed);
+    st.ring_occupancy.store(sh.shard_in.iter().map(|r| r.len() as u64).sum(), Ordering::Relaxed);
+    st.view.store(view, Ordering::Relaxed);
+    if let Some(net) = &cons.net {
+        st.p2p_bytes_sent.store(net.stats.bytes_sent.load(Ordering::Relaxed), Ordering::Relaxed);
+        st.p2p_bytes_received.store(net.stats.bytes_received.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// The validator set as `/validators` shows it.
+fn publish_validators(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared) {
+    let rep = node.reputation();
+    let leader = node.replica().primary(node.replica().view());
+    let v: Vec<serde_json::Value> = cons
+        .ids
+        .iter()
+        .zip(&cons.keys)
+        .enumerate()
+        .map(|(r, (id, key))| {
+            serde_json::json!({
+                "id": id,
+                "public_key": hex::encode(key),
+                "reputation": rep.score(r),
+                "excluded": rep.excluded().contains(&r),
+                "quarantined": rep.is_quarantined(r),
+                "leader": leader == r,
+            })
+        })
+        .collect();
+    *sh.stats.validators_json.lock().unwrap() = Some(Arc::new(serde_json::Value::Array(v)));
+}
+
+/// The operator's periodic progress line.
+fn log_progress(node: &Node<Ed25519Auth>, sh: &Shared) {
+    let s = node.stats();
+    tracing::info!(
+        height = node.height(),
+        view = node.replica().view(),
+        committed_txs = s.committed_txs,
+        mempool = node.mempool_len(),
+        rejected = sh.stats.rejected.total(),
+        duplicates = s.duplicates,
+        rate_limited = s.rate_limited,
+        forwarded = s.forwarded,
+        forwards_admitted = s.forwards_admitted,
+        censorship_suspicions = s.censorship_suspicions,
+        proposals_refused = s.proposals_refused,
+        "progress"
+    );
 }
 
 /// How often a validator tells every peer it is alive: well inside the 5 s
