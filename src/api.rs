@@ -203,47 +203,15 @@ impl Api {
     /// The answer to `method url` (url with its query string).
     pub fn respond(&mut self, method: &str, url: &str) -> Reply {
         let path = url.split('?').next().unwrap_or("");
-        let stats = self.stats.clone();
-        let s = &*stats;
-        let ready_problems = || {
-            let mut why = vec![];
-            if !s.genesis_done.load(Ordering::Relaxed) {
-                why.push("genesis not complete".to_string());
-            }
-            let heard = s.peers_connected.load(Ordering::Relaxed) as usize + 1;
-            if heard < self.info.quorum {
-                why.push(format!(
-                    "{heard} of {} validators reachable, quorum is {}",
-                    self.info.validators, self.info.quorum
-                ));
-            }
-            why
-        };
         match (method, path) {
             ("GET", "/health") => json_response(200, serde_json::json!({"status": "ok"})),
-            ("GET", "/ready") => match ready_problems() {
+            ("GET", "/ready") => match self.ready_problems() {
                 p if p.is_empty() => json_response(200, serde_json::json!({"ready": true})),
                 p => json_response(503, serde_json::json!({"ready": false, "why": p})),
             },
-            ("GET", "/status") => json_response(
-                200,
-                serde_json::json!({
-                    "validator": self.info.validator,
-                    "validators": self.info.validators,
-                    "quorum": self.info.quorum,
-                    "height": s.height.load(Ordering::Relaxed),
-                    "view": s.view.load(Ordering::Relaxed),
-                    "leader": s.leader.load(Ordering::Relaxed),
-                    "peers_connected": s.peers_connected.load(Ordering::Relaxed),
-                    "genesis_done": s.genesis_done.load(Ordering::Relaxed),
-                    "mempool": {"size": s.mempool_size.load(Ordering::Relaxed), "bytes": s.mempool_bytes.load(Ordering::Relaxed)},
-                    "committed_txs": s.committed_txs.load(Ordering::Relaxed),
-                    "rejected": s.rejected.total(),
-                    "mirror": {"height": s.mirror.height.load(Ordering::Relaxed), "connected": s.mirror.connected.load(Ordering::Relaxed)},
-                    "ready": ready_problems().is_empty(),
-                }),
-            ),
+            ("GET", "/status") => json_response(200, self.status()),
             ("GET", "/metrics") => {
+                let s = &*self.stats;
                 let figures =
                     Figures { stats: s, quorum: self.info.quorum as u64, validators: self.info.validators as u64 };
                 let mut families = crate::metrics::collect(&figures);
@@ -253,69 +221,116 @@ impl Api {
                 Reply { status: 200, content_type: "text/plain; version=0.0.4", body: buf }
             }
             ("GET", "/validators") => {
-                let v = s.validators_json.lock().expect("validators lock").clone();
+                let v = self.stats.validators_json.lock().expect("validators lock").clone();
                 json_response(200, v.map_or(serde_json::json!([]), |v| (*v).clone()))
             }
-            ("GET", "/blocks") => {
-                let top = s.height.load(Ordering::Relaxed);
-                match (query_u64(url, "from"), query_u64(url, "limit")) {
-                    (Err(e), _) | (_, Err(e)) => json_response(400, serde_json::json!({"error": e})),
-                    (Ok(from), Ok(limit)) => {
-                        let limit = limit.unwrap_or(20).clamp(1, MAX_PAGE);
-                        let from = from.unwrap_or_else(|| top.saturating_sub(limit - 1).max(1));
-                        let mut out = vec![];
-                        let mut err = None;
-                        for h in from..=top.min(from.saturating_add(limit - 1)) {
-                            match self.blocks.as_mut().map(|r| r.read(h)) {
-                                Some(Ok(Some((b, _)))) => out.push(header_json(&b)),
-                                Some(Ok(None)) | None => {}
-                                Some(Err(e)) => err = Some(e),
-                            }
-                        }
-                        match err {
-                            Some(e) => json_response(500, serde_json::json!({"error": e})),
-                            None => json_response(200, serde_json::json!({"blocks": out, "height": top})),
-                        }
+            ("GET", "/blocks") => self.blocks_page(url),
+            ("GET", p) if p.starts_with("/state/") => self.state_lookup(&p["/state/".len()..]),
+            ("GET", p) if p.starts_with("/blocks/") => self.block(&p["/blocks/".len()..]),
+            ("GET", _) => json_response(404, serde_json::json!({"error": format!("no route {path}")})),
+            _ => json_response(405, serde_json::json!({"error": "only GET is served"})),
+        }
+    }
+
+    /// Why this validator is not ready (empty: ready).
+    fn ready_problems(&self) -> Vec<String> {
+        let s = &*self.stats;
+        let mut why = vec![];
+        if !s.genesis_done.load(Ordering::Relaxed) {
+            why.push("genesis not complete".to_string());
+        }
+        let heard = s.peers_connected.load(Ordering::Relaxed) as usize + 1;
+        if heard < self.info.quorum {
+            why.push(format!(
+                "{heard} of {} validators reachable, quorum is {}",
+                self.info.validators, self.info.quorum
+            ));
+        }
+        why
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let s = &*self.stats;
+        serde_json::json!({
+            "validator": self.info.validator,
+            "validators": self.info.validators,
+            "quorum": self.info.quorum,
+            "height": s.height.load(Ordering::Relaxed),
+            "view": s.view.load(Ordering::Relaxed),
+            "leader": s.leader.load(Ordering::Relaxed),
+            "peers_connected": s.peers_connected.load(Ordering::Relaxed),
+            "genesis_done": s.genesis_done.load(Ordering::Relaxed),
+            "mempool": {"size": s.mempool_size.load(Ordering::Relaxed), "bytes": s.mempool_bytes.load(Ordering::Relaxed)},
+            "committed_txs": s.committed_txs.load(Ordering::Relaxed),
+            "rejected": s.rejected.total(),
+            "mirror": {"height": s.mirror.height.load(Ordering::Relaxed), "connected": s.mirror.connected.load(Ordering::Relaxed)},
+            "ready": self.ready_problems().is_empty(),
+        })
+    }
+
+    /// `GET /blocks?from=&limit=`: a page of headers.
+    fn blocks_page(&mut self, url: &str) -> Reply {
+        let s = &*self.stats;
+        let top = s.height.load(Ordering::Relaxed);
+        match (query_u64(url, "from"), query_u64(url, "limit")) {
+            (Err(e), _) | (_, Err(e)) => json_response(400, serde_json::json!({"error": e})),
+            (Ok(from), Ok(limit)) => {
+                let limit = limit.unwrap_or(20).clamp(1, MAX_PAGE);
+                let from = from.unwrap_or_else(|| top.saturating_sub(limit - 1).max(1));
+                let mut out = vec![];
+                let mut err = None;
+                for h in from..=top.min(from.saturating_add(limit - 1)) {
+                    match self.blocks.as_mut().map(|r| r.read(h)) {
+                        Some(Ok(Some((b, _)))) => out.push(header_json(&b)),
+                        Some(Ok(None)) | None => {}
+                        Some(Err(e)) => err = Some(e),
                     }
+                }
+                match err {
+                    Some(e) => json_response(500, serde_json::json!({"error": e})),
+                    None => json_response(200, serde_json::json!({"blocks": out, "height": top})),
                 }
             }
-            ("GET", p) if p.starts_with("/state/") => match hex::decode(&p["/state/".len()..]) {
-                Err(_) => json_response(400, serde_json::json!({"error": "the key must be hex"})),
-                Ok(key) if key.is_empty() || key.len() > 1024 => {
-                    json_response(400, serde_json::json!({"error": "the key must be 1 to 1024 bytes"}))
-                }
-                Ok(key) => {
-                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                    match self.state_queries.try_send(StateQuery { key, reply: tx }) {
-                        Err(_) => json_response(503, serde_json::json!({"error": "busy; retry"})),
-                        Ok(()) => match rx.recv_timeout(std::time::Duration::from_secs(5)) {
-                            Ok(v) => json_response(200, v),
-                            Err(_) => {
-                                json_response(504, serde_json::json!({"error": "the core did not answer in time"}))
-                            }
-                        },
-                    }
-                }
-            },
-            ("GET", p) if p.starts_with("/blocks/") => {
-                let top = s.height.load(Ordering::Relaxed);
-                match p["/blocks/".len()..].parse::<u64>() {
-                    Err(_) => json_response(400, serde_json::json!({"error": "the height must be a number"})),
-                    Ok(h) if h == 0 || h > top => {
-                        json_response(404, serde_json::json!({"error": format!("no block {h} (height is {top})")}))
-                    }
-                    Ok(h) => match self.blocks.as_mut().map(|r| r.read(h)) {
-                        Some(Ok(Some((b, cert)))) => json_response(200, block_json(&b, cert.as_ref(), &self.info.ids)),
-                        Some(Ok(None)) | None => json_response(
-                            404,
-                            serde_json::json!({"error": format!("block {h} is not stored here (below this validator's snapshot)")}),
-                        ),
-                        Some(Err(e)) => json_response(500, serde_json::json!({"error": e})),
+        }
+    }
+
+    /// `GET /state/{key hex}`: answered by the core, with its proof.
+    fn state_lookup(&mut self, key_hex: &str) -> Reply {
+        match hex::decode(key_hex) {
+            Err(_) => json_response(400, serde_json::json!({"error": "the key must be hex"})),
+            Ok(key) if key.is_empty() || key.len() > 1024 => {
+                json_response(400, serde_json::json!({"error": "the key must be 1 to 1024 bytes"}))
+            }
+            Ok(key) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                match self.state_queries.try_send(StateQuery { key, reply: tx }) {
+                    Err(_) => json_response(503, serde_json::json!({"error": "busy; retry"})),
+                    Ok(()) => match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+                        Ok(v) => json_response(200, v),
+                        Err(_) => json_response(504, serde_json::json!({"error": "the core did not answer in time"})),
                     },
                 }
             }
-            ("GET", _) => json_response(404, serde_json::json!({"error": format!("no route {path}")})),
-            _ => json_response(405, serde_json::json!({"error": "only GET is served"})),
+        }
+    }
+
+    /// `GET /blocks/{height}`: one block with its txs and certificate.
+    fn block(&mut self, height: &str) -> Reply {
+        let s = &*self.stats;
+        let top = s.height.load(Ordering::Relaxed);
+        match height.parse::<u64>() {
+            Err(_) => json_response(400, serde_json::json!({"error": "the height must be a number"})),
+            Ok(h) if h == 0 || h > top => {
+                json_response(404, serde_json::json!({"error": format!("no block {h} (height is {top})")}))
+            }
+            Ok(h) => match self.blocks.as_mut().map(|r| r.read(h)) {
+                Some(Ok(Some((b, cert)))) => json_response(200, block_json(&b, cert.as_ref(), &self.info.ids)),
+                Some(Ok(None)) | None => json_response(
+                    404,
+                    serde_json::json!({"error": format!("block {h} is not stored here (below this validator's snapshot)")}),
+                ),
+                Some(Err(e)) => json_response(500, serde_json::json!({"error": e})),
+            },
         }
     }
 }
