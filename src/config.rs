@@ -901,274 +901,14 @@ impl Config {
     pub fn validate(self) -> Result<Validated, ConfigErrors> {
         let mut e = vec![];
         let c = &self;
-        // Cluster membership and keys.
-        if c.cluster.nodes.is_empty() {
-            e.push(err(
-                "CONSENSUS_NODES (cluster.nodes)",
-                "no validators listed",
-                "list the validator ids, e.g. CONSENSUS_NODES=1,2,3,4",
-            ));
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for id in &c.cluster.nodes {
-            if !seen.insert(*id) {
-                e.push(err(
-                    "CONSENSUS_NODES (cluster.nodes)",
-                    format!("validator id {id} is listed twice"),
-                    "list each id once",
-                ));
-            }
-        }
-        if !c.cluster.nodes.is_empty() && !c.cluster.nodes.contains(&c.node.id) {
-            e.push(err(
-                "NODE_ID (node.id)",
-                format!("node id {} is not in CONSENSUS_NODES {:?}", c.node.id, c.cluster.nodes),
-                "set NODE_ID to one of the listed ids or add it to CONSENSUS_NODES",
-            ));
-        }
-        let mut validators = BTreeMap::new();
-        for id in &c.cluster.nodes {
-            let var = format!("VALIDATOR_{id}_PUBKEY_HEX");
-            match c.cluster.validators.get(&id.to_string()) {
-                None => e.push(err(
-                    &var,
-                    format!("missing public key for validator {id}"),
-                    format!("set {var} to the 64-hex-char key printed by `cybermesh keygen`"),
-                )),
-                Some(h) => match crypto::parse_public_key_hex(h) {
-                    Ok(k) => {
-                        validators.insert(*id, k);
-                    }
-                    Err(m) => e.push(err(&var, m, "use the public key printed by `cybermesh keygen`")),
-                },
-            }
-        }
-        let n = c.cluster.nodes.len();
-        let faults = n.saturating_sub(1) / 3;
-        let quorum = n - faults;
-        if c.cluster.quorum_size != 0 && c.cluster.quorum_size < quorum {
-            e.push(err(
-                "QUORUM_SIZE (cluster.quorum_size)",
-                format!("{} is below N − f = {quorum} for N = {n} (f = {faults}); two quorums could then disagree on a block", c.cluster.quorum_size),
-                format!("unset QUORUM_SIZE (it is derived) or set it to {quorum}"),
-            ));
-        }
-        if c.cluster.quorum_size > quorum {
-            e.push(err(
-                "QUORUM_SIZE (cluster.quorum_size)",
-                format!(
-                    "{} is above N − f = {quorum}: PBFT here always uses N − f (a larger quorum would stall with f validators down)",
-                    c.cluster.quorum_size
-                ),
-                format!("unset it or set it to {quorum}"),
-            ));
-        }
-        let mut producers = vec![];
-        for (i, h) in c.producers.keys.iter().enumerate() {
-            match crypto::parse_public_key_hex(h) {
-                Ok(k) => producers.push(k),
-                Err(m) => e.push(err(
-                    &format!("PRODUCER_PUBKEYS[{i}] (producers.keys)"),
-                    m,
-                    "use the producers' 32-byte Ed25519 public keys in hex",
-                )),
-            }
-        }
-        if producers.is_empty() {
-            e.push(err(
-                "PRODUCER_PUBKEYS (producers.keys)",
-                "no producer keys: every event would be rejected as unknown_producer",
-                "list the AI detectors' public keys",
-            ));
-        }
-        // Limits and sizes.
-        let positive = [
-            ("MEMPOOL_MAX_TXS (mempool.max_txs)", c.mempool.max_txs),
-            ("MEMPOOL_MAX_BYTES (mempool.max_bytes)", c.mempool.max_bytes),
-            ("BLOCK_MAX_TXS (block.max_txs)", c.block.max_txs),
-            ("BLOCK_MAX_BYTES (block.max_bytes)", c.block.max_bytes),
-            ("MAX_EVENT_BYTES (ingest.max_event_bytes)", c.ingest.max_event_bytes),
-            ("MAX_PAYLOAD_BYTES (ingest.max_payload_bytes)", c.ingest.max_payload_bytes),
-            ("RUNTIME_VERIFY_SHARDS (runtime.verify_shards)", c.runtime.verify_shards),
-            ("RUNTIME_VERIFY_BATCH (runtime.verify_batch)", c.runtime.verify_batch),
-            ("runtime.ring_capacity", c.runtime.ring_capacity),
-        ];
-        for (k, v) in positive {
-            if v == 0 {
-                e.push(err(k, "must be greater than 0", "set a positive value"));
-            }
-        }
-        if !(0..=19).contains(&c.runtime.verify_nice) {
-            e.push(err(
-                "RUNTIME_VERIFY_NICE (runtime.verify_nice)",
-                format!("{} is outside 0..=19", c.runtime.verify_nice),
-                "use 0 (same priority as the core thread) up to 19 (lowest)",
-            ));
-        }
-        if c.block.min_mempool_txs > c.block.max_txs {
-            e.push(err(
-                "BLOCK_MIN_MEMPOOL_TXS (block.min_mempool_txs)",
-                format!("{} exceeds BLOCK_MAX_TXS {}", c.block.min_mempool_txs, c.block.max_txs),
-                "lower it",
-            ));
-        }
-        if c.block.max_txs > c.mempool.max_txs {
-            e.push(err(
-                "BLOCK_MAX_TXS (block.max_txs)",
-                format!("{} exceeds MEMPOOL_MAX_TXS {}: blocks could never fill", c.block.max_txs, c.mempool.max_txs),
-                "raise MEMPOOL_MAX_TXS or lower BLOCK_MAX_TXS",
-            ));
-        }
-        if c.ingest.max_payload_bytes > c.ingest.max_event_bytes {
-            e.push(err(
-                "MAX_PAYLOAD_BYTES (ingest.max_payload_bytes)",
-                "exceeds MAX_EVENT_BYTES",
-                "keep the payload limit at or below the event limit",
-            ));
-        }
-        if c.block.build_interval.is_zero() {
-            e.push(err("BLOCK_BUILD_INTERVAL (block.build_interval)", "is zero", "set e.g. 500ms"));
-        }
-        if c.ingest.nonce_ttl < c.ingest.max_timestamp_skew {
-            e.push(err("MEMPOOL_NONCE_TTL (ingest.nonce_ttl)", "is shorter than the timestamp skew tolerance: a replay could arrive after its nonce is forgotten but before it is stale", "set MEMPOOL_NONCE_TTL >= KAFKA_MAX_TIMESTAMP_SKEW"));
-        }
-        let cs = &c.consensus;
-        if cs.min_timeout > cs.max_timeout {
-            e.push(err("CONSENSUS_MIN_TIMEOUT", "is above CONSENSUS_MAX_TIMEOUT", "make min <= max"));
-        }
-        if cs.timeout_increase_factor.is_nan() || cs.timeout_increase_factor < 1.0 {
-            e.push(err(
-                "CONSENSUS_TIMEOUT_INCREASE_FACTOR",
-                format!("{} is below 1.0", cs.timeout_increase_factor),
-                "use e.g. 1.5",
-            ));
-        }
-        if !(0.0..=1.0).contains(&cs.min_leader_reputation) {
-            e.push(err("CONSENSUS_MIN_LEADER_REPUTATION", "outside 0.0..=1.0", "use e.g. 0.7"));
-        }
-        if cs.missed_heartbeats == 0 {
-            e.push(err("CONSENSUS_MISSED_HEARTBEATS", "is 0", "use e.g. 6"));
-        }
-        if c.runtime.pin_cores {
-            let avail = core_affinity::get_core_ids().map(|v| v.len()).unwrap_or(0);
-            for core in c.runtime.verify_cores.iter().chain(c.runtime.core_core.iter()) {
-                if *core >= avail {
-                    e.push(err(
-                        "runtime.verify_cores / runtime.core_core",
-                        format!("core {core} does not exist (this machine has {avail})"),
-                        "use core numbers below the core count",
-                    ));
-                }
-            }
-        }
-        if c.ingest.source == SourceKind::Direct && c.ingest.direct_listen.parse::<std::net::SocketAddr>().is_err() {
-            e.push(err(
-                "DIRECT_LISTEN_ADDR (ingest.direct_listen)",
-                format!("{:?} is not host:port", c.ingest.direct_listen),
-                "use e.g. 127.0.0.1:7600",
-            ));
-        }
+        let (validators, quorum, faults) = validate_cluster(c, &mut e);
+        let producers = validate_producers(c, &mut e);
+        validate_limits(c, &mut e);
+        validate_timeouts(c, &mut e);
+        validate_runtime(c, &mut e);
         let (peers, allowed_ips) = validate_p2p(c, &mut e);
-        if c.consensus.window == 0 || c.consensus.window > 1024 {
-            e.push(err(
-                "CONSENSUS_WINDOW (consensus.window)",
-                format!("{} is out of range", c.consensus.window),
-                "use 1..=1024 (default 16)",
-            ));
-        }
-        if c.consensus.checkpoint_interval == 0 || c.consensus.checkpoint_interval > c.consensus.window {
-            e.push(err(
-                "CONSENSUS_CHECKPOINT_INTERVAL (consensus.checkpoint_interval)",
-                format!(
-                    "{} must be between 1 and the window ({})",
-                    c.consensus.checkpoint_interval, c.consensus.window
-                ),
-                "use half the window (default 8 of 16)",
-            ));
-        }
-        let ci = c.consensus.checkpoint_interval.max(1);
-        if c.consensus.snapshot_interval % ci != 0 {
-            e.push(err(
-                "CONSENSUS_SNAPSHOT_INTERVAL (consensus.snapshot_interval)",
-                format!(
-                    "{} is not a multiple of the checkpoint interval ({ci}): its checkpoint is what vouches for a snapshot",
-                    c.consensus.snapshot_interval
-                ),
-                "use a multiple of CONSENSUS_CHECKPOINT_INTERVAL (default 1024 with 8), or 0 to turn snapshots off",
-            ));
-        }
-        if !["trace", "debug", "info", "warn", "error"].contains(&c.log.level.as_str()) {
-            e.push(err(
-                "LOG_LEVEL (log.level)",
-                format!("unknown level {:?}", c.log.level),
-                "use debug, info, warn or error",
-            ));
-        }
-        if c.database.enabled && c.database.dsn.is_empty() {
-            e.push(err(
-                "DB_DSN (database.dsn)",
-                "persistence is enabled but no DSN is set",
-                "set DB_DSN=postgresql://user:pass@host:5432/cybermesh or ENABLE_PERSISTENCE=false",
-            ));
-        }
-        if c.api.enabled && c.api.tls_enabled && (c.api.tls_cert.is_empty() || c.api.tls_key.is_empty()) {
-            e.push(err(
-                "API_TLS_CERT / API_TLS_KEY",
-                "API_TLS_ENABLED=true needs a certificate and a key",
-                "set API_TLS_CERT=/path/cert.pem and API_TLS_KEY=/path/key.pem",
-            ));
-        }
-        if !["copy", "unnest"].contains(&c.database.write_mode.as_str()) {
-            e.push(err(
-                "DB_WRITE_MODE (database.write_mode)",
-                format!("{:?} is not a write mode", c.database.write_mode),
-                "use copy (default) or unnest",
-            ));
-        }
-        if c.database.enabled && !c.database.dsn.is_empty() {
-            match crate::persist::split_tls(&c.database.dsn) {
-                Err(why) => e.push(err("DB_DSN (database.dsn)", why, "see README \"Database mirror\"")),
-                Ok(t) if c.database.tls && t.verify_full_ca.is_none() => e.push(err(
-                    "DB_TLS / DB_DSN",
-                    "DB_TLS=true but DB_DSN does not ask for a verified TLS connection",
-                    "add sslmode=verify-full&sslrootcert=/path/to/ca.pem to DB_DSN",
-                )),
-                Ok(_) => {}
-            }
-        }
-        let mech = c.kafka.sasl_mechanism.to_ascii_uppercase();
-        if !["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&mech.as_str()) {
-            e.push(err(
-                "KAFKA_SASL_MECHANISM",
-                format!("unknown mechanism {:?}", c.kafka.sasl_mechanism),
-                "use SCRAM-SHA-256 or SCRAM-SHA-512",
-            ));
-        }
-        if c.ingest.source == SourceKind::Kafka {
-            for t in &c.kafka.input_topics {
-                if crate::event::TxKind::from_topic(t).is_none() {
-                    e.push(err(
-                        "KAFKA_INPUT_TOPICS (kafka.input_topics)",
-                        format!("topic {t:?} does not say which events it carries"),
-                        "name each input topic with anomal…, evidence or policy in it (default ai.anomalies.v1,ai.evidence.v1,ai.policy.v1)",
-                    ));
-                }
-            }
-            if c.kafka.topic_partitions < 1 || c.kafka.topic_replication < 1 {
-                e.push(err(
-                    "KAFKA_TOPIC_PARTITIONS / KAFKA_TOPIC_REPLICATION",
-                    "must be at least 1",
-                    "set KAFKA_TOPIC_PARTITIONS=4 and KAFKA_TOPIC_REPLICATION=1 (or your cluster's factor)",
-                ));
-            }
-            if c.kafka.input_topics.is_empty() || c.kafka.brokers.trim().is_empty() {
-                e.push(err(
-                    "KAFKA_BROKERS / KAFKA_INPUT_TOPICS",
-                    "INGEST_SOURCE=kafka needs brokers and input topics",
-                    "set KAFKA_BROKERS=host:9092 and KAFKA_INPUT_TOPICS (defaults: 127.0.0.1:9092; the ai.* topics)",
-                ));
-            }
-        }
+        validate_window(c, &mut e);
+        validate_edges(c, &mut e);
         if c.node.environment == Environment::Production {
             production_checklist(c, &mut e);
         }
@@ -1176,6 +916,301 @@ impl Config {
             Ok(Validated { producers, validators, quorum, faults, peers, allowed_ips, config: self })
         } else {
             Err(ConfigErrors(e))
+        }
+    }
+}
+
+/// Cluster membership, validator keys and the quorum: (keys by id, quorum, f).
+fn validate_cluster(c: &Config, e: &mut Vec<ConfigError>) -> (BTreeMap<u32, crypto::PublicKey>, usize, usize) {
+    if c.cluster.nodes.is_empty() {
+        e.push(err(
+            "CONSENSUS_NODES (cluster.nodes)",
+            "no validators listed",
+            "list the validator ids, e.g. CONSENSUS_NODES=1,2,3,4",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for id in &c.cluster.nodes {
+        if !seen.insert(*id) {
+            e.push(err(
+                "CONSENSUS_NODES (cluster.nodes)",
+                format!("validator id {id} is listed twice"),
+                "list each id once",
+            ));
+        }
+    }
+    if !c.cluster.nodes.is_empty() && !c.cluster.nodes.contains(&c.node.id) {
+        e.push(err(
+            "NODE_ID (node.id)",
+            format!("node id {} is not in CONSENSUS_NODES {:?}", c.node.id, c.cluster.nodes),
+            "set NODE_ID to one of the listed ids or add it to CONSENSUS_NODES",
+        ));
+    }
+    let mut validators = BTreeMap::new();
+    for id in &c.cluster.nodes {
+        let var = format!("VALIDATOR_{id}_PUBKEY_HEX");
+        match c.cluster.validators.get(&id.to_string()) {
+            None => e.push(err(
+                &var,
+                format!("missing public key for validator {id}"),
+                format!("set {var} to the 64-hex-char key printed by `cybermesh keygen`"),
+            )),
+            Some(h) => match crypto::parse_public_key_hex(h) {
+                Ok(k) => {
+                    validators.insert(*id, k);
+                }
+                Err(m) => e.push(err(&var, m, "use the public key printed by `cybermesh keygen`")),
+            },
+        }
+    }
+    let n = c.cluster.nodes.len();
+    let faults = n.saturating_sub(1) / 3;
+    let quorum = n - faults;
+    if c.cluster.quorum_size != 0 && c.cluster.quorum_size < quorum {
+        e.push(err(
+            "QUORUM_SIZE (cluster.quorum_size)",
+            format!(
+                "{} is below N − f = {quorum} for N = {n} (f = {faults}); two quorums could then disagree on a block",
+                c.cluster.quorum_size
+            ),
+            format!("unset QUORUM_SIZE (it is derived) or set it to {quorum}"),
+        ));
+    }
+    if c.cluster.quorum_size > quorum {
+        e.push(err(
+            "QUORUM_SIZE (cluster.quorum_size)",
+            format!(
+                "{} is above N − f = {quorum}: PBFT here always uses N − f (a larger quorum would stall with f validators down)",
+                c.cluster.quorum_size
+            ),
+            format!("unset it or set it to {quorum}"),
+        ));
+    }
+    (validators, quorum, faults)
+}
+
+/// The producers' keys (every event must be signed by one).
+fn validate_producers(c: &Config, e: &mut Vec<ConfigError>) -> Vec<crypto::PublicKey> {
+    let mut producers = vec![];
+    for (i, h) in c.producers.keys.iter().enumerate() {
+        match crypto::parse_public_key_hex(h) {
+            Ok(k) => producers.push(k),
+            Err(m) => e.push(err(
+                &format!("PRODUCER_PUBKEYS[{i}] (producers.keys)"),
+                m,
+                "use the producers' 32-byte Ed25519 public keys in hex",
+            )),
+        }
+    }
+    if producers.is_empty() {
+        e.push(err(
+            "PRODUCER_PUBKEYS (producers.keys)",
+            "no producer keys: every event would be rejected as unknown_producer",
+            "list the AI detectors' public keys",
+        ));
+    }
+    producers
+}
+
+/// Limits and sizes: positive, and consistent with each other.
+fn validate_limits(c: &Config, e: &mut Vec<ConfigError>) {
+    let positive = [
+        ("MEMPOOL_MAX_TXS (mempool.max_txs)", c.mempool.max_txs),
+        ("MEMPOOL_MAX_BYTES (mempool.max_bytes)", c.mempool.max_bytes),
+        ("BLOCK_MAX_TXS (block.max_txs)", c.block.max_txs),
+        ("BLOCK_MAX_BYTES (block.max_bytes)", c.block.max_bytes),
+        ("MAX_EVENT_BYTES (ingest.max_event_bytes)", c.ingest.max_event_bytes),
+        ("MAX_PAYLOAD_BYTES (ingest.max_payload_bytes)", c.ingest.max_payload_bytes),
+        ("RUNTIME_VERIFY_SHARDS (runtime.verify_shards)", c.runtime.verify_shards),
+        ("RUNTIME_VERIFY_BATCH (runtime.verify_batch)", c.runtime.verify_batch),
+        ("runtime.ring_capacity", c.runtime.ring_capacity),
+    ];
+    for (k, v) in positive {
+        if v == 0 {
+            e.push(err(k, "must be greater than 0", "set a positive value"));
+        }
+    }
+    if !(0..=19).contains(&c.runtime.verify_nice) {
+        e.push(err(
+            "RUNTIME_VERIFY_NICE (runtime.verify_nice)",
+            format!("{} is outside 0..=19", c.runtime.verify_nice),
+            "use 0 (same priority as the core thread) up to 19 (lowest)",
+        ));
+    }
+    if c.block.min_mempool_txs > c.block.max_txs {
+        e.push(err(
+            "BLOCK_MIN_MEMPOOL_TXS (block.min_mempool_txs)",
+            format!("{} exceeds BLOCK_MAX_TXS {}", c.block.min_mempool_txs, c.block.max_txs),
+            "lower it",
+        ));
+    }
+    if c.block.max_txs > c.mempool.max_txs {
+        e.push(err(
+            "BLOCK_MAX_TXS (block.max_txs)",
+            format!("{} exceeds MEMPOOL_MAX_TXS {}: blocks could never fill", c.block.max_txs, c.mempool.max_txs),
+            "raise MEMPOOL_MAX_TXS or lower BLOCK_MAX_TXS",
+        ));
+    }
+    if c.ingest.max_payload_bytes > c.ingest.max_event_bytes {
+        e.push(err(
+            "MAX_PAYLOAD_BYTES (ingest.max_payload_bytes)",
+            "exceeds MAX_EVENT_BYTES",
+            "keep the payload limit at or below the event limit",
+        ));
+    }
+    if c.block.build_interval.is_zero() {
+        e.push(err("BLOCK_BUILD_INTERVAL (block.build_interval)", "is zero", "set e.g. 500ms"));
+    }
+    if c.ingest.nonce_ttl < c.ingest.max_timestamp_skew {
+        e.push(err("MEMPOOL_NONCE_TTL (ingest.nonce_ttl)", "is shorter than the timestamp skew tolerance: a replay could arrive after its nonce is forgotten but before it is stale", "set MEMPOOL_NONCE_TTL >= KAFKA_MAX_TIMESTAMP_SKEW"));
+    }
+}
+
+/// The view-change timeouts and heartbeats.
+fn validate_timeouts(c: &Config, e: &mut Vec<ConfigError>) {
+    let cs = &c.consensus;
+    if cs.min_timeout > cs.max_timeout {
+        e.push(err("CONSENSUS_MIN_TIMEOUT", "is above CONSENSUS_MAX_TIMEOUT", "make min <= max"));
+    }
+    if cs.timeout_increase_factor.is_nan() || cs.timeout_increase_factor < 1.0 {
+        e.push(err(
+            "CONSENSUS_TIMEOUT_INCREASE_FACTOR",
+            format!("{} is below 1.0", cs.timeout_increase_factor),
+            "use e.g. 1.5",
+        ));
+    }
+    if !(0.0..=1.0).contains(&cs.min_leader_reputation) {
+        e.push(err("CONSENSUS_MIN_LEADER_REPUTATION", "outside 0.0..=1.0", "use e.g. 0.7"));
+    }
+    if cs.missed_heartbeats == 0 {
+        e.push(err("CONSENSUS_MISSED_HEARTBEATS", "is 0", "use e.g. 6"));
+    }
+}
+
+/// Pinned cores and the direct source's address.
+fn validate_runtime(c: &Config, e: &mut Vec<ConfigError>) {
+    if c.runtime.pin_cores {
+        let avail = core_affinity::get_core_ids().map(|v| v.len()).unwrap_or(0);
+        for core in c.runtime.verify_cores.iter().chain(c.runtime.core_core.iter()) {
+            if *core >= avail {
+                e.push(err(
+                    "runtime.verify_cores / runtime.core_core",
+                    format!("core {core} does not exist (this machine has {avail})"),
+                    "use core numbers below the core count",
+                ));
+            }
+        }
+    }
+    if c.ingest.source == SourceKind::Direct && c.ingest.direct_listen.parse::<std::net::SocketAddr>().is_err() {
+        e.push(err(
+            "DIRECT_LISTEN_ADDR (ingest.direct_listen)",
+            format!("{:?} is not host:port", c.ingest.direct_listen),
+            "use e.g. 127.0.0.1:7600",
+        ));
+    }
+}
+
+/// The PBFT window, checkpoint and snapshot intervals.
+fn validate_window(c: &Config, e: &mut Vec<ConfigError>) {
+    if c.consensus.window == 0 || c.consensus.window > 1024 {
+        e.push(err(
+            "CONSENSUS_WINDOW (consensus.window)",
+            format!("{} is out of range", c.consensus.window),
+            "use 1..=1024 (default 16)",
+        ));
+    }
+    if c.consensus.checkpoint_interval == 0 || c.consensus.checkpoint_interval > c.consensus.window {
+        e.push(err(
+            "CONSENSUS_CHECKPOINT_INTERVAL (consensus.checkpoint_interval)",
+            format!("{} must be between 1 and the window ({})", c.consensus.checkpoint_interval, c.consensus.window),
+            "use half the window (default 8 of 16)",
+        ));
+    }
+    let ci = c.consensus.checkpoint_interval.max(1);
+    if c.consensus.snapshot_interval % ci != 0 {
+        e.push(err(
+            "CONSENSUS_SNAPSHOT_INTERVAL (consensus.snapshot_interval)",
+            format!(
+                "{} is not a multiple of the checkpoint interval ({ci}): its checkpoint is what vouches for a snapshot",
+                c.consensus.snapshot_interval
+            ),
+            "use a multiple of CONSENSUS_CHECKPOINT_INTERVAL (default 1024 with 8), or 0 to turn snapshots off",
+        ));
+    }
+}
+
+/// Logging, the database mirror, the API's TLS and Kafka.
+fn validate_edges(c: &Config, e: &mut Vec<ConfigError>) {
+    if !["trace", "debug", "info", "warn", "error"].contains(&c.log.level.as_str()) {
+        e.push(err(
+            "LOG_LEVEL (log.level)",
+            format!("unknown level {:?}", c.log.level),
+            "use debug, info, warn or error",
+        ));
+    }
+    if c.database.enabled && c.database.dsn.is_empty() {
+        e.push(err(
+            "DB_DSN (database.dsn)",
+            "persistence is enabled but no DSN is set",
+            "set DB_DSN=postgresql://user:pass@host:5432/cybermesh or ENABLE_PERSISTENCE=false",
+        ));
+    }
+    if c.api.enabled && c.api.tls_enabled && (c.api.tls_cert.is_empty() || c.api.tls_key.is_empty()) {
+        e.push(err(
+            "API_TLS_CERT / API_TLS_KEY",
+            "API_TLS_ENABLED=true needs a certificate and a key",
+            "set API_TLS_CERT=/path/cert.pem and API_TLS_KEY=/path/key.pem",
+        ));
+    }
+    if !["copy", "unnest"].contains(&c.database.write_mode.as_str()) {
+        e.push(err(
+            "DB_WRITE_MODE (database.write_mode)",
+            format!("{:?} is not a write mode", c.database.write_mode),
+            "use copy (default) or unnest",
+        ));
+    }
+    if c.database.enabled && !c.database.dsn.is_empty() {
+        match crate::persist::split_tls(&c.database.dsn) {
+            Err(why) => e.push(err("DB_DSN (database.dsn)", why, "see README \"Database mirror\"")),
+            Ok(t) if c.database.tls && t.verify_full_ca.is_none() => e.push(err(
+                "DB_TLS / DB_DSN",
+                "DB_TLS=true but DB_DSN does not ask for a verified TLS connection",
+                "add sslmode=verify-full&sslrootcert=/path/to/ca.pem to DB_DSN",
+            )),
+            Ok(_) => {}
+        }
+    }
+    let mech = c.kafka.sasl_mechanism.to_ascii_uppercase();
+    if !["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&mech.as_str()) {
+        e.push(err(
+            "KAFKA_SASL_MECHANISM",
+            format!("unknown mechanism {:?}", c.kafka.sasl_mechanism),
+            "use SCRAM-SHA-256 or SCRAM-SHA-512",
+        ));
+    }
+    if c.ingest.source == SourceKind::Kafka {
+        for t in &c.kafka.input_topics {
+            if crate::event::TxKind::from_topic(t).is_none() {
+                e.push(err(
+                    "KAFKA_INPUT_TOPICS (kafka.input_topics)",
+                    format!("topic {t:?} does not say which events it carries"),
+                    "name each input topic with anomal…, evidence or policy in it (default ai.anomalies.v1,ai.evidence.v1,ai.policy.v1)",
+                ));
+            }
+        }
+        if c.kafka.topic_partitions < 1 || c.kafka.topic_replication < 1 {
+            e.push(err(
+                "KAFKA_TOPIC_PARTITIONS / KAFKA_TOPIC_REPLICATION",
+                "must be at least 1",
+                "set KAFKA_TOPIC_PARTITIONS=4 and KAFKA_TOPIC_REPLICATION=1 (or your cluster's factor)",
+            ));
+        }
+        if c.kafka.input_topics.is_empty() || c.kafka.brokers.trim().is_empty() {
+            e.push(err(
+                "KAFKA_BROKERS / KAFKA_INPUT_TOPICS",
+                "INGEST_SOURCE=kafka needs brokers and input topics",
+                "set KAFKA_BROKERS=host:9092 and KAFKA_INPUT_TOPICS (defaults: 127.0.0.1:9092; the ai.* topics)",
+            ));
         }
     }
 }
