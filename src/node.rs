@@ -22,7 +22,8 @@ use crate::block::{tx_root, Block, BlockHeader, BuilderConfig};
 use crate::bodies::{ask_order, Bodies};
 use crate::clock::Now;
 use crate::consensus::pbft::{
-    without_value, Action, Auth, CommitCert, Message, PrePrepare, Proof, Record, Replica, Rid, Seq, Signed, View,
+    without_value, Action, Auth, Checkpoint, CommitCert, Message, PrePrepare, Proof, Record, Replica, Rid, Seq, Signed,
+    View,
 };
 use crate::consensus::wire::MAX_FETCH_TXS;
 use crate::crypto::PublicKey;
@@ -106,8 +107,9 @@ pub enum Output {
         /// Kept with the block: what egress events are made from.
         outcome: crate::proto::BlockOutcome,
     },
-    /// The chain snapshot at a checkpoint height (without its proof yet):
-    /// keep it until the checkpoint there is stable (`Persist(Stable)`).
+    /// A complete chain snapshot (state, reputation, and the q-signed proof
+    /// of its stable checkpoint): write it and serve it to joining
+    /// validators from now on (it follows the `Persist(Stable)` it proves).
     Snapshot(Box<crate::proto::ChainSnapshot>),
     /// A validator misbehaved, with proof checked by the replica or proposal
     /// checks (for logs, metrics and reputation).
@@ -323,6 +325,9 @@ pub struct Node<A: Auth + Clone> {
     slot_times: BTreeMap<Seq, SlotTimes>,
     /// (stage, ms, txs): `txs` txs spent `ms` in `stage`.
     latencies: Vec<(TxStage, u64, u32)>,
+    /// The snapshot recorded at the newest snapshot height, waiting for
+    /// the checkpoint there to become stable (its proof).
+    pending_snapshot: Option<Box<crate::proto::ChainSnapshot>>,
 }
 
 impl<A: Auth + Clone> Node<A> {
@@ -387,6 +392,7 @@ impl<A: Auth + Clone> Node<A> {
             slot_times: BTreeMap::new(),
             latencies: Vec::new(),
             source_busy: false,
+            pending_snapshot: None,
             cfg,
         }
     }
@@ -480,6 +486,25 @@ impl<A: Auth + Clone> Node<A> {
     #[cfg(test)]
     pub(crate) fn holds(&self, tx_hash: &Hash32) -> bool {
         self.mempool.contains(tx_hash)
+    }
+
+    /// The checkpoint at `seq` became stable: if it is the pending
+    /// snapshot's, the snapshot is complete (proof attached).
+    fn complete_snapshot(&mut self, seq: Seq, proof: &[Signed<Checkpoint>], out: &mut Vec<Output>) {
+        let Some(height) = self.pending_snapshot.as_ref().and_then(|s| s.header.as_ref()).map(|h| h.height) else {
+            return;
+        };
+        if height > seq {
+            return;
+        }
+        let mut snap = self.pending_snapshot.take().expect("checked");
+        if height < seq {
+            // Its checkpoint was passed over (a later one became stable first).
+            tracing::debug!(height, stable = seq, "snapshot dropped: its checkpoint never became stable here");
+            return;
+        }
+        snap.proof = proof.iter().map(crate::consensus::wire::checkpoint_to).collect();
+        out.push(Output::Snapshot(snap));
     }
 
     /// The committed values waiting to execute: seq, the certificate's
@@ -1270,7 +1295,16 @@ impl<A: Auth + Clone> Node<A> {
             }
             for a in std::mem::take(&mut self.actions) {
                 match a {
-                    Action::Persist(r) => out.push(Output::Persist(r)),
+                    Action::Persist(r) => {
+                        let stable = match &r {
+                            Record::Stable { seq, proof } => Some((*seq, proof.clone())),
+                            _ => None,
+                        };
+                        out.push(Output::Persist(r));
+                        if let Some((seq, proof)) = stable {
+                            self.complete_snapshot(seq, &proof, out);
+                        }
+                    }
                     Action::Send(to, m) => out.push(Output::Send(to, m)),
                     Action::Broadcast(m) => {
                         match &m {
@@ -1468,7 +1502,7 @@ impl<A: Auth + Clone> Node<A> {
         let app = crate::snapshot::app_digest(&header.hash(), &self.reputation);
         self.replica.on_app_digest(seq, app, &mut self.actions);
         if self.cfg.snapshot_interval > 0 && seq % self.cfg.snapshot_interval == 0 {
-            out.push(Output::Snapshot(Box::new(crate::snapshot::record(&header, &self.state, &self.reputation))));
+            self.pending_snapshot = Some(Box::new(crate::snapshot::record(&header, &self.state, &self.reputation)));
         }
         self.last = Some(header);
         self.stats.committed_blocks += 1;
@@ -2097,7 +2131,6 @@ mod tests {
     #[derive(Default)]
     struct Stores {
         certs: Vec<std::collections::BTreeMap<Seq, CommitCert>>,
-        pending: Option<Box<crate::proto::ChainSnapshot>>,
         served: Option<(Seq, Vec<u8>)>,
     }
 
@@ -2111,12 +2144,9 @@ mod tests {
                     let ms = self.certs[i].range(from_seq..from_seq + 16).map(|(_, c)| Message::Committed(c.clone()));
                     return Some((to, ms.collect()));
                 }
-                Output::Snapshot(s) if i == 0 => self.pending = Some(s),
-                Output::Persist(Record::Stable { seq, proof }) if i == 0 => {
-                    if let Some(mut s) = self.pending.take_if(|s| s.header.as_ref().is_some_and(|h| h.height == seq)) {
-                        s.proof = proof.iter().map(crate::consensus::wire::checkpoint_to).collect();
-                        self.served = Some((seq, crate::snapshot::encode(*s)));
-                    }
+                Output::Snapshot(s) if i == 0 => {
+                    let seq = s.header.as_ref().expect("a snapshot has its header").height;
+                    self.served = Some((seq, crate::snapshot::encode(*s)));
                 }
                 _ => {}
             }

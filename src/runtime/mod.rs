@@ -25,7 +25,7 @@ use crate::clock::Now;
 use crate::config::{IdlePolicy, Validated};
 use crate::consensus::genesis::{verify_certificate, Ceremony, GenesisCertificate, GenesisError, ReadyAttestation};
 use crate::consensus::log::ConsensusLog;
-use crate::consensus::pbft::{Checkpoint, CommitCert, Message, Record, Rid, Seq, Signed};
+use crate::consensus::pbft::{CommitCert, Message, Record, Rid, Seq};
 use crate::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
 use crate::dlq::{DlqFileSink, DlqKafkaSink, RejectReason, Rejection};
 use crate::event::Limits;
@@ -472,7 +472,6 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         compact_at: c.runtime.consensus_log_compact_bytes,
         compact_min: c.runtime.consensus_log_compact_bytes,
         served,
-        pending_snapshot: None,
         snapshot_writer,
         egress: egress_feed,
         mirror: mirror_feed,
@@ -909,8 +908,6 @@ struct Consensus {
     compact_min: u64,
     /// The encoded chain snapshot served to joining validators, by height.
     served: Served,
-    /// The newest snapshot recorded at execution, until its checkpoint is stable.
-    pending_snapshot: Option<Box<proto::ChainSnapshot>>,
     /// To the thread that writes `snapshot.bin` (off the core thread).
     snapshot_writer: Option<SyncSender<Box<proto::ChainSnapshot>>>,
     /// Commit events to publish (Kafka).
@@ -1033,29 +1030,6 @@ impl Consensus {
     }
     fn rid_of(&self, id: u32) -> Option<Rid> {
         self.ids.iter().position(|&i| i == id)
-    }
-
-    /// A checkpoint became stable: if it is the recorded snapshot's, the
-    /// snapshot is complete (proof attached) and served from now on.
-    fn on_stable(&mut self, seq: Seq, proof: &[Signed<Checkpoint>]) {
-        let Some(height) = self.pending_snapshot.as_ref().and_then(|s| s.header.as_ref()).map(|h| h.height) else {
-            return;
-        };
-        if height > seq {
-            return;
-        }
-        let mut snap = self.pending_snapshot.take().expect("checked");
-        if height < seq {
-            // Its checkpoint was passed over (a later one became stable first).
-            tracing::debug!(height, stable = seq, "snapshot dropped: its checkpoint never became stable here");
-            return;
-        }
-        snap.proof = proof.iter().map(wire::checkpoint_to).collect();
-        if let Some(w) = &self.snapshot_writer {
-            if w.try_send(snap).is_err() {
-                tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
-            }
-        }
     }
 }
 
@@ -1581,13 +1555,17 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                 let _ = sh.dlq.send(r);
             }
             Output::Persist(r) => {
-                if let Record::Stable { seq, proof } = &r {
-                    stable = true;
-                    cons.on_stable(*seq, proof);
-                }
+                stable |= matches!(r, Record::Stable { .. });
                 cons.pending.push(r);
             }
-            Output::Snapshot(s) => cons.pending_snapshot = Some(s),
+            Output::Snapshot(snap) => {
+                if let Some(w) = &cons.snapshot_writer {
+                    let height = snap.header.as_ref().map_or(0, |h| h.height);
+                    if w.try_send(snap).is_err() {
+                        tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
+                    }
+                }
+            }
             Output::Send(to, m) => sends.push((Some(to), m)),
             Output::Broadcast(m) => {
                 if let Message::PrePrepare(p) = &m {
