@@ -8,6 +8,7 @@
 //! blocks' commit certificates plus its durable consensus records.
 
 use crate::block::Block;
+use crate::consensus::genesis::{verify_certificate, GenesisCertificate};
 use crate::consensus::log::ConsensusLog;
 use crate::consensus::pbft::{Auth, CommitCert, Params, PrePrepare, Record, Replica, Rid, Signed};
 use crate::consensus::wire::{self, WireLimits};
@@ -115,6 +116,31 @@ pub fn recover<A: Auth + Clone>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>>
     assert_eq!(replica.executed(), store.height(), "the replica resumes at the stored height");
     tracing::info!(height = store.height(), view = replica.view(), truncated_bytes = store_scan.truncated_bytes, state_root = %hex::encode(state.root()), "block store recovered");
     Ok(Recovered { store, log, replica, state, reputation, base_bytes, join_records, store_scan, log_scan })
+}
+
+/// The genesis certificate stored at `path`, checked against this
+/// configuration: `None` if there is none yet (the ceremony runs); an
+/// error naming the difference if it was made with another one.
+pub fn genesis_certificate(
+    disk: &dyn Disk,
+    path: &Path,
+    config_hash: &crate::Hash32,
+    validators: &std::collections::BTreeMap<u32, PublicKey>,
+) -> anyhow::Result<Option<GenesisCertificate>> {
+    let bytes = match disk.read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let cert: GenesisCertificate = serde_json::from_slice(&bytes)
+        .with_context(|| format!("reading the genesis certificate {} (GENESIS_STATE_PATH)", path.display()))?;
+    verify_certificate(&cert, config_hash, validators).map_err(anyhow::Error::msg).with_context(|| {
+        format!(
+            "the genesis certificate {} does not match this configuration; restore the configuration it was made with, or start a new chain with new data dirs",
+            path.display()
+        )
+    })?;
+    Ok(Some(cert))
 }
 
 /// The commit certificate of a stored block, its value rebuilt from the

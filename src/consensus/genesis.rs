@@ -12,6 +12,7 @@
 //!   every restart; a mismatch aborts with an error naming the hash and the
 //!   validator.
 
+use crate::clock::Now;
 use crate::crypto::{self, PublicKey, Signature, SigningKey};
 use crate::{sha256, Hash32};
 use std::collections::BTreeMap;
@@ -215,6 +216,134 @@ pub fn verify_certificate(
     Ok(())
 }
 
+/// A finished validator answers a late one's attestation with its own at
+/// most once per this gap (two finished validators answering each other
+/// stop at once: the answer to an answer arrives within the gap).
+pub const GENESIS_REPLY_GAP_MS: u64 = 1000;
+/// The first rebroadcast of our attestation; it doubles up to the refresh
+/// interval (a reply can be lost on a connection the peer is replacing).
+pub const GENESIS_FIRST_RETRY_MS: u64 = 1000;
+
+/// What the host must do for the genesis phase, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GenesisOutput {
+    /// Send our attestation to validator `to` (`None`: to every peer).
+    Attest { to: Option<u32>, attestation: ReadyAttestation },
+    /// The ceremony completed: write the certificate durably (consensus
+    /// starts now; a restart reuses it).
+    Complete(GenesisCertificate),
+    /// The ready timeout passed again with these validators still silent.
+    StillWaiting(Vec<u32>),
+}
+
+/// The genesis phase of a validator (sans-I/O): broadcasts its attestation
+/// with backoff until the ceremony completes, then answers late peers.
+/// Timers run on the monotonic clock, attestation times on the wall clock.
+pub struct Genesis {
+    ceremony: Ceremony,
+    key: SigningKey,
+    done: bool,
+    refresh_ms: u64,
+    timeout_ms: u64,
+    next_broadcast_ms: u64,
+    backoff_ms: u64,
+    next_warn_ms: u64,
+    /// Monotonic time of the last answer to each validator (bounded by the
+    /// validator set: attestations from others are refused before).
+    replied_ms: BTreeMap<u32, u64>,
+}
+
+impl Genesis {
+    /// `done`: a stored certificate matched this configuration (see
+    /// `recovery::genesis_certificate`); the phase then only answers.
+    pub fn new(ceremony: Ceremony, key: SigningKey, done: bool, refresh_ms: u64, timeout_ms: u64, now: Now) -> Self {
+        Genesis {
+            ceremony,
+            key,
+            done,
+            refresh_ms: refresh_ms.max(GENESIS_FIRST_RETRY_MS),
+            timeout_ms,
+            next_broadcast_ms: now.mono_ms,
+            backoff_ms: GENESIS_FIRST_RETRY_MS / 2,
+            next_warn_ms: now.mono_ms + timeout_ms,
+            replied_ms: BTreeMap::new(),
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// When `on_tick` next has work (`u64::MAX`: never again).
+    pub fn poll_timeout_ms(&self) -> u64 {
+        if self.done {
+            u64::MAX
+        } else {
+            self.next_broadcast_ms.min(self.next_warn_ms)
+        }
+    }
+
+    pub fn on_tick(&mut self, now: Now, out: &mut Vec<GenesisOutput>) {
+        if self.done {
+            return;
+        }
+        if now.mono_ms >= self.next_broadcast_ms {
+            self.backoff_ms = (self.backoff_ms * 2).clamp(GENESIS_FIRST_RETRY_MS, self.refresh_ms);
+            self.next_broadcast_ms = now.mono_ms + self.backoff_ms;
+            out.push(GenesisOutput::Attest { to: None, attestation: self.ceremony.attest(&self.key, now.wall_ms) });
+        }
+        if now.mono_ms >= self.next_warn_ms {
+            self.next_warn_ms = now.mono_ms + self.timeout_ms;
+            out.push(GenesisOutput::StillWaiting(self.ceremony.waiting_for()));
+        }
+        debug_assert!(self.poll_timeout_ms() > now.mono_ms, "every due timer was rearmed");
+    }
+
+    /// A peer (re)connected: it may have restarted, so answer it again.
+    pub fn on_peer_connected(&mut self, peer: u32) {
+        self.replied_ms.remove(&peer);
+    }
+
+    /// An attestation received from validator `from`. Only a mismatch
+    /// before the ceremony completed is returned (fatal: the
+    /// configurations differ); other refusals are logged and dropped.
+    pub fn on_attestation(
+        &mut self,
+        now: Now,
+        from: u32,
+        a: ReadyAttestation,
+        out: &mut Vec<GenesisOutput>,
+    ) -> Result<(), GenesisError> {
+        if a.validator != from {
+            tracing::warn!(
+                peer = from,
+                claimed = a.validator,
+                "genesis attestation relayed by another validator; ignored"
+            );
+            return Ok(());
+        }
+        match self.ceremony.on_attestation(a, now.wall_ms) {
+            Err(e @ GenesisError::Mismatch { .. }) if !self.done => return Err(e),
+            Err(e) => {
+                tracing::warn!(peer = from, error = %e, "genesis attestation refused");
+                return Ok(());
+            }
+            Ok(Some(cert)) if !self.done => {
+                self.done = true;
+                out.push(GenesisOutput::Complete(cert));
+            }
+            Ok(_) => {}
+        }
+        if self.done && self.replied_ms.get(&from).is_none_or(|&t| now.mono_ms >= t + GENESIS_REPLY_GAP_MS) {
+            self.replied_ms.insert(from, now.mono_ms);
+            let attestation = self.ceremony.attest(&self.key, now.wall_ms);
+            out.push(GenesisOutput::Attest { to: Some(from), attestation });
+        }
+        assert!(self.replied_ms.len() <= self.ceremony.validators.len(), "one answer time per validator");
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,5 +412,56 @@ mod tests {
         stranger.validator = 9;
         assert_eq!(mine.on_attestation(stranger, NOW), Err(GenesisError::UnknownValidator(9)));
         assert_eq!(mine.waiting_for(), vec![1, 2, 3, 4]);
+    }
+    #[test]
+    fn the_phase_backs_off_completes_once_and_answers_a_late_validator_once_per_gap() {
+        let (keys, set) = setup(3);
+        let ch = sha256(b"config");
+        let at = |mono_ms: u64| Now { mono_ms, wall_ms: NOW + mono_ms };
+        let mut gs: Vec<Genesis> = (1..=3u32)
+            .map(|i| {
+                let c = Ceremony::new(i, ch, set.clone(), SKEW);
+                Genesis::new(c, keys[i as usize - 1].clone(), false, 8_000, 60_000, at(0))
+            })
+            .collect();
+        // Validator 3 is silent: 1 and 2 broadcast at 0, 1 s, 3 s, 7 s, 15 s, 23 s (capped at the refresh).
+        let mut sent_at = vec![];
+        for t in (0..24_000).step_by(100) {
+            if t >= gs[0].poll_timeout_ms() {
+                let mut out = vec![];
+                gs[0].on_tick(at(t), &mut out);
+                if out.iter().any(|o| matches!(o, GenesisOutput::Attest { to: None, .. })) {
+                    sent_at.push(t);
+                }
+            }
+        }
+        assert_eq!(sent_at, vec![0, 1_000, 3_000, 7_000, 15_000, 23_000]);
+        // All three attest; each completes exactly once.
+        let atts: Vec<ReadyAttestation> = (0..3).map(|i| gs[i].ceremony.attest(&keys[i], NOW)).collect();
+        let mut certs = 0;
+        for (i, g) in gs.iter_mut().enumerate() {
+            for (j, a) in atts.iter().enumerate().filter(|(j, _)| *j != i) {
+                let mut out = vec![];
+                g.on_attestation(at(30_000), j as u32 + 1, a.clone(), &mut out).unwrap();
+                certs += out.iter().filter(|o| matches!(o, GenesisOutput::Complete(_))).count();
+            }
+            assert!(g.done() && g.poll_timeout_ms() == u64::MAX);
+        }
+        assert_eq!(certs, 3);
+        // A late (restarted) validator 3 is answered once per gap, and again at once after it reconnects.
+        let answers = |g: &mut Genesis, t: u64| {
+            let mut out = vec![];
+            g.on_attestation(at(t), 3, atts[2].clone(), &mut out).unwrap();
+            out.iter().filter(|o| matches!(o, GenesisOutput::Attest { to: Some(3), .. })).count()
+        };
+        assert_eq!(answers(&mut gs[0], 40_000), 1);
+        assert_eq!(answers(&mut gs[0], 40_500), 0, "within the gap");
+        gs[0].on_peer_connected(3);
+        assert_eq!(answers(&mut gs[0], 40_600), 1, "it reconnected");
+        assert_eq!(answers(&mut gs[0], 41_600), 1, "the gap passed");
+        // Relayed attestations are ignored.
+        let mut out = vec![];
+        gs[0].on_attestation(at(50_000), 2, atts[2].clone(), &mut out).unwrap();
+        assert!(out.is_empty());
     }
 }

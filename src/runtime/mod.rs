@@ -23,7 +23,7 @@ pub mod ring;
 use crate::block::Block;
 use crate::clock::Now;
 use crate::config::{IdlePolicy, Validated};
-use crate::consensus::genesis::{verify_certificate, Ceremony, GenesisCertificate, GenesisError, ReadyAttestation};
+use crate::consensus::genesis::{Ceremony, Genesis, GenesisOutput};
 use crate::consensus::log::ConsensusLog;
 use crate::consensus::pbft::{CommitCert, Message, Record, Rid, Seq};
 use crate::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
@@ -246,7 +246,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             reputation: rep_cfg,
         })?;
 
-    let genesis = if n > 1 { Some(GenesisState::load(c, &v, key.clone())?) } else { None };
+    let genesis = if n > 1 { Some(GenesisPhase::load(c, &v, key.clone())?) } else { None };
 
     let stats = Arc::new(RuntimeStats::default());
     stats.height.store(store.height(), Ordering::Relaxed);
@@ -1134,111 +1134,59 @@ fn serve_block_txs(
     Ok(())
 }
 
-const GENESIS_REPLY_GAP_MS: u64 = 1000;
-
-/// The genesis ceremony on the validators' channel: before consensus
-/// starts, every validator attests to the same config and validator set.
-struct GenesisState {
-    ceremony: Ceremony,
-    key: crypto::SigningKey,
-    done: bool,
+/// The genesis phase (`consensus::genesis::Genesis`, sans-I/O) and where
+/// its certificate is kept.
+struct GenesisPhase {
+    phase: Genesis,
     path: std::path::PathBuf,
-    refresh_ms: u64,
-    timeout_ms: u64,
-    next_broadcast: u64,
-    backoff_ms: u64,
-    next_warn: u64,
-    /// Last reply to each peer: a finished validator answers a late one's
-    /// attestation with its own, at most once per `GENESIS_REPLY_GAP_MS`
-    /// (two finished validators answering each other stop at once: the
-    /// answer to an answer arrives within the gap).
-    replied: std::collections::HashMap<u32, u64>,
 }
 
-impl GenesisState {
+impl GenesisPhase {
     /// Reuses a stored certificate if it matches this configuration (any
     /// difference is named and aborts the start); otherwise the ceremony runs.
-    fn load(c: &crate::config::Config, v: &Validated, key: crypto::SigningKey) -> anyhow::Result<GenesisState> {
+    fn load(c: &crate::config::Config, v: &Validated, key: crypto::SigningKey) -> anyhow::Result<GenesisPhase> {
         let path = c.genesis_path();
         let config_hash = c.consensus_fingerprint();
-        let done = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let cert: GenesisCertificate = serde_json::from_slice(&bytes).with_context(|| {
-                    format!("reading the genesis certificate {} (GENESIS_STATE_PATH)", path.display())
-                })?;
-                verify_certificate(&cert, &config_hash, &v.validators).map_err(anyhow::Error::msg).with_context(|| {
-                    format!(
-                        "the genesis certificate {} does not match this configuration; restore the configuration it was made with, or start a new chain with new data dirs",
-                        path.display()
-                    )
-                })?;
-                tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis certificate reused");
-                true
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
+        let cert = crate::recovery::genesis_certificate(&*crate::storage::os(), &path, &config_hash, &v.validators)?;
+        if let Some(cert) = &cert {
+            tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis certificate reused");
+        }
         let skew = c.genesis.clock_skew_tolerance.as_millis() as u64;
-        let now = now_ms();
-        Ok(GenesisState {
-            ceremony: Ceremony::new(c.node.id, config_hash, v.validators.clone(), skew),
+        let phase = Genesis::new(
+            Ceremony::new(c.node.id, config_hash, v.validators.clone(), skew),
             key,
-            done,
-            path,
-            refresh_ms: c.genesis.ready_refresh_interval.as_millis() as u64,
-            timeout_ms: c.genesis.ready_timeout.as_millis() as u64,
-            next_broadcast: now,
-            backoff_ms: 500,
-            next_warn: now + c.genesis.ready_timeout.as_millis() as u64,
-            replied: Default::default(),
-        })
+            cert.is_some(),
+            c.genesis.ready_refresh_interval.as_millis() as u64,
+            c.genesis.ready_timeout.as_millis() as u64,
+            clocks(),
+        );
+        Ok(GenesisPhase { phase, path })
     }
 
-    fn tick(&mut self, now: u64, cons: &Consensus) {
-        if self.done {
-            return;
-        }
-        if now >= self.next_broadcast {
-            // 1 s, 2 s, 4 s, … up to the refresh interval: a reply can be
-            // lost on a connection the peer is just replacing.
-            self.backoff_ms = (self.backoff_ms * 2).clamp(1000, self.refresh_ms.max(1000));
-            self.next_broadcast = now + self.backoff_ms;
-            if let Some(net) = &cons.net {
-                net.broadcast(Arc::new(wire::encode_genesis(&self.ceremony.attest(&self.key, now))));
-            }
-        }
-        if now >= self.next_warn {
-            self.next_warn = now + self.timeout_ms;
-            tracing::warn!(waiting_for = ?self.ceremony.waiting_for(), "genesis: still waiting for ready attestations (GENESIS_READY_TIMEOUT passed); start those validators or check P2P_BOOTSTRAP_PEERS");
-        }
-    }
-
-    fn on_attestation(&mut self, a: ReadyAttestation, from: u32, now: u64, cons: &Consensus) -> anyhow::Result<()> {
-        if a.validator != from {
-            tracing::warn!(
-                peer = from,
-                claimed = a.validator,
-                "genesis attestation relayed by another validator; ignored"
-            );
-            return Ok(());
-        }
-        match self.ceremony.on_attestation(a, now) {
-            Err(e @ GenesisError::Mismatch { .. }) if !self.done => {
-                return Err(anyhow::Error::msg(e).context("genesis ceremony failed"));
-            }
-            Err(e) => tracing::warn!(peer = from, error = %e, "genesis attestation refused"),
-            Ok(Some(cert)) if !self.done => {
-                write_atomically(&self.path, &serde_json::to_vec_pretty(&cert)?)
-                    .with_context(|| format!("writing the genesis certificate {}", self.path.display()))?;
-                self.done = true;
-                tracing::info!(path = %self.path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
-            }
-            Ok(_) => {}
-        }
-        if self.done && self.replied.get(&from).is_none_or(|&t| now >= t + GENESIS_REPLY_GAP_MS) {
-            self.replied.insert(from, now);
-            if let (Some(net), Some(_)) = (&cons.net, cons.rid_of(from)) {
-                net.send(from, Arc::new(wire::encode_genesis(&self.ceremony.attest(&self.key, now))));
+    /// Carries out the phase's outputs: the certificate durable before
+    /// anything after it (consensus starts once it is written).
+    fn perform(&self, out: &mut Vec<GenesisOutput>, cons: &Consensus) -> anyhow::Result<()> {
+        for o in out.drain(..) {
+            match o {
+                GenesisOutput::Attest { to, attestation } => {
+                    let Some(net) = &cons.net else { continue };
+                    let frame = Arc::new(wire::encode_genesis(&attestation));
+                    match to {
+                        Some(peer) => {
+                            net.send(peer, frame);
+                        }
+                        None => net.broadcast(frame),
+                    }
+                }
+                GenesisOutput::Complete(cert) => {
+                    crate::storage::os()
+                        .write_atomically(&self.path, &serde_json::to_vec_pretty(&cert)?)
+                        .with_context(|| format!("writing the genesis certificate {}", self.path.display()))?;
+                    tracing::info!(path = %self.path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
+                }
+                GenesisOutput::StillWaiting(waiting_for) => {
+                    tracing::warn!(?waiting_for, "genesis: still waiting for ready attestations (GENESIS_READY_TIMEOUT passed); start those validators or check P2P_BOOTSTRAP_PEERS");
+                }
             }
         }
         Ok(())
@@ -1250,13 +1198,14 @@ fn core_loop(
     mut node: Node<Ed25519Auth>,
     mut store: BlockStore,
     mut cons: Consensus,
-    mut genesis: Option<GenesisState>,
+    mut genesis: Option<GenesisPhase>,
     mut joining: Option<Joining>,
     inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
     bell: &Doorbell,
     sh: &Shared,
 ) -> anyhow::Result<()> {
     let mut out: Vec<Output> = Vec::new();
+    let mut genesis_out: Vec<GenesisOutput> = Vec::new();
     let mut last_log = now_ms();
     let mut last_validators = 0u64;
     // When each peer was last heard from (p2p_peers_connected, /ready).
@@ -1269,7 +1218,7 @@ fn core_loop(
         let mut worked = false;
         // Consensus starts once genesis (and a snapshot join) is done; until
         // then txs wait in the rings.
-        let genesis_done = genesis.as_ref().is_none_or(|g| g.done);
+        let genesis_done = genesis.as_ref().is_none_or(|g| g.phase.done());
         if let Some(j) = joining.as_mut().filter(|_| genesis_done) {
             if let Some(step) = j.join.tick(now) {
                 if j.step(step, &mut node, &mut store, &mut cons, clock)? {
@@ -1300,7 +1249,7 @@ fn core_loop(
                     NetEvent::Connected { peer, outgoing } => {
                         tracing::debug!(peer, outgoing, "peer connected");
                         if let (Some(g), false) = (&mut genesis, outgoing) {
-                            g.replied.remove(&peer); // it may have restarted: answer it again
+                            g.phase.on_peer_connected(peer);
                         }
                     }
                     NetEvent::Failed { addr, reason } => tracing::debug!(%addr, reason, "peer connection failed"),
@@ -1350,7 +1299,11 @@ fn core_loop(
                     }
                     Ok(Frame::Genesis(a)) => {
                         if let Some(g) = &mut genesis {
-                            g.on_attestation(a, from, now, &cons)?;
+                            g.phase
+                                .on_attestation(clock, from, a, &mut genesis_out)
+                                .map_err(anyhow::Error::msg)
+                                .context("genesis ceremony failed")?;
+                            g.perform(&mut genesis_out, &cons)?;
                         }
                     }
                     Ok(Frame::SnapshotRequest(r)) => {
@@ -1373,8 +1326,9 @@ fn core_loop(
                 }
             }
         }
-        if let Some(g) = &mut genesis {
-            g.tick(now, &cons);
+        if let Some(g) = genesis.as_mut().filter(|g| clock.mono_ms >= g.phase.poll_timeout_ms()) {
+            g.phase.on_tick(clock, &mut genesis_out);
+            g.perform(&mut genesis_out, &cons)?;
         }
         // Timers only when one is due (`poll_timeout_ms` is exact; the
         // simulator ticks the same way).

@@ -22,6 +22,7 @@
 use super::disk::{DiskFaults, FaultCounts, SimDisk};
 use crate::block::{Block, BuilderConfig};
 use crate::clock::Now;
+use crate::consensus::genesis::{Ceremony, Genesis, GenesisOutput, ReadyAttestation};
 use crate::consensus::log::ConsensusLog;
 use crate::consensus::pbft::{
     ckpt_bytes, pp_bytes, vc_bytes, Auth, Checkpoint, Message, Params, PrePrepare, Rid, Seq, Signed, ViewChange,
@@ -37,6 +38,7 @@ use crate::node::{Node, NodeConfig, Output};
 use crate::recovery::{self, Recovered, Setup};
 use crate::snapshot::ReputationConfig;
 use crate::state::StateConfig;
+use crate::storage::Disk;
 use crate::store::BlockStore;
 use crate::{proto, Hash32};
 use rand::rngs::StdRng;
@@ -124,6 +126,12 @@ pub struct Report {
     pub delivered: u64,
     /// Txs ordered a second time (executed as repeats).
     pub repeats: u64,
+    /// Genesis ceremonies completed, and restarts that found no
+    /// certificate after a start had run (a crash during the ceremony).
+    pub genesis_completed: u64,
+    pub genesis_reruns: u64,
+    /// Attestations a finished validator answered a late one with.
+    pub genesis_answers: u64,
     /// A digest of every commit everywhere, in order (replays must match).
     pub trace: Hash32,
 }
@@ -134,6 +142,7 @@ enum Msg {
     Forward(Vec<proto::Transaction>),
     TxFetch { seq: Seq, tx_hashes: Vec<Hash32> },
     TxBodies { seq: Seq, txs: Vec<proto::Transaction> },
+    Genesis(ReadyAttestation),
 }
 
 struct Packet {
@@ -161,6 +170,9 @@ impl PartialOrd for Packet {
 }
 
 struct Up {
+    /// The genesis ceremony: consensus inputs wait until it is done.
+    genesis: Genesis,
+    gout: Vec<GenesisOutput>,
     node: Node<SimAuth>,
     store: BlockStore,
     log: ConsensusLog,
@@ -185,6 +197,7 @@ struct Validator {
     flipped: bool,
     /// Txs from the source, waiting for room in the mempool (the ring).
     inbox: VecDeque<VerifiedTx>,
+    started_once: bool,
 }
 
 struct Sim {
@@ -216,7 +229,17 @@ struct Sim {
     flip_victim: Rid,
     /// `SIM_DEBUG` set: crashes and commits printed.
     debug: bool,
+    /// The genesis ceremony's keys (validator id = replica id + 1, so an
+    /// id used as a replica id shows) and the configuration it attests.
+    genesis_keys: Vec<crypto::SigningKey>,
+    genesis_set: BTreeMap<u32, crypto::PublicKey>,
+    /// Every validator finished genesis once: the partition starts then
+    /// (the ceremony needs all N; consensus under the partition is the test).
+    genesis_all_done: bool,
 }
+
+const GENESIS_FILE: &str = "genesis.json";
+const CONFIG_HASH: Hash32 = [7; 32];
 
 const STEP_MS: u64 = 10;
 const RUN_AFTER_HEAL_MS: u64 = 90_000;
@@ -313,11 +336,16 @@ impl Sim {
                 durable_height: 0,
                 flipped: false,
                 inbox: VecDeque::new(),
+                started_once: false,
             })
             .collect();
         let flip_victim = (seed % n as u64) as Rid;
         let isolated = if cfg.partition { vec![rng.gen_range(0..n)] } else { vec![] };
         let stranger = crypto::SigningKey::from_bytes(&crate::sha256(b"sim-stranger"));
+        let genesis_keys: Vec<crypto::SigningKey> = (0..n)
+            .map(|i| crypto::SigningKey::from_bytes(&crate::sha256(format!("sim-genesis-{seed}-{i}").as_bytes())))
+            .collect();
+        let genesis_set = genesis_keys.iter().enumerate().map(|(i, k)| (i as u32 + 1, crypto::public_key(k))).collect();
         Sim {
             auths: SimAuth::cluster(n, seed),
             cfg,
@@ -340,6 +368,9 @@ impl Sim {
             stranger,
             flip_victim,
             debug: std::env::var_os("SIM_DEBUG").is_some(),
+            genesis_keys,
+            genesis_set,
+            genesis_all_done: false,
         }
     }
 
@@ -426,6 +457,28 @@ impl Sim {
         }
         v.durable_height = store.height();
         v.flipped = false;
+        let cert_path = v.dir.join(GENESIS_FILE);
+        let cert = match recovery::genesis_certificate(&v.disk, &cert_path, &CONFIG_HASH, &self.genesis_set) {
+            Ok(c) => c,
+            Err(e) if io_error(&e) => {
+                self.report.storage_errors += 1;
+                v.disk.crash();
+                v.restart_at_ms = self.now_ms + 500;
+                return;
+            }
+            Err(e) => panic!("validator {i}: the genesis certificate: {e:#}"),
+        };
+        if cert.is_none() && v.started_once {
+            self.report.genesis_reruns += 1;
+        }
+        if self.debug {
+            eprintln!(
+                "{} start {i}: genesis certificate {}",
+                self.now_ms,
+                if cert.is_some() { "found" } else { "absent" }
+            );
+        }
+        v.started_once = true;
         let last = store.last_header().cloned();
         // A new process: its monotonic clock starts again (from a few
         // seconds' boot; no draw from the seed's stream).
@@ -434,7 +487,9 @@ impl Sim {
         let v = &mut self.vals[i];
         let mut node = Node::new(self.ncfg.clone(), replica, state, last, reputation, now);
         recovery::remember_recent(&mut node, &store).expect("blocks read at recovery read again");
-        v.up = Some(Up { node, store, log: log.expect("n > 1"), out: Vec::new() });
+        let ceremony = Ceremony::new(i as u32 + 1, CONFIG_HASH, self.genesis_set.clone(), 60_000);
+        let genesis = Genesis::new(ceremony, self.genesis_keys[i].clone(), cert.is_some(), 2_000, 10_000, now);
+        v.up = Some(Up { genesis, gout: Vec::new(), node, store, log: log.expect("n > 1"), out: Vec::new() });
         // The source redelivers what it sent before (Kafka resumes from its
         // committed offsets; the node drops repeats of committed txs).
         v.inbox.clear();
@@ -475,7 +530,8 @@ impl Sim {
         };
         for to in targets {
             let healed = self.healed();
-            if !healed && (self.isolated.contains(&from) != self.isolated.contains(&to)) {
+            let cut = self.isolated.contains(&from) != self.isolated.contains(&to);
+            if !healed && self.genesis_all_done && cut {
                 continue;
             }
             if !healed && self.rng.gen_bool(self.cfg.loss) {
@@ -486,6 +542,36 @@ impl Sim {
                 let at = self.now_ms + self.rng.gen_range(1..=self.cfg.max_delay_ms);
                 self.next_id += 1;
                 self.net.push(Packet { at, id: self.next_id, from, to, msg: msg.clone() });
+            }
+        }
+    }
+
+    /// Carries out validator `i`'s genesis outputs as the runtime does: the
+    /// certificate written atomically before anything after it.
+    fn perform_genesis(&mut self, i: Rid) {
+        let Some(up) = self.vals[i].up.as_mut() else { return };
+        for o in std::mem::take(&mut up.gout) {
+            match o {
+                GenesisOutput::Attest { to, attestation } => {
+                    if to.is_some() {
+                        self.report.genesis_answers += 1;
+                    }
+                    let to = to.map(|id| id as Rid - 1);
+                    self.send(i, to, Msg::Genesis(attestation));
+                }
+                GenesisOutput::Complete(cert) => {
+                    let v = &self.vals[i];
+                    let bytes = serde_json::to_vec(&cert).expect("a certificate encodes");
+                    if let Err(e) = v.disk.write_atomically(&v.dir.join(GENESIS_FILE), &bytes) {
+                        self.report.storage_errors += 1;
+                        return self.crash(i, &format!("genesis certificate: {e}"));
+                    }
+                    self.report.genesis_completed += 1;
+                    if self.debug {
+                        eprintln!("{} validator {i} completed genesis", self.now_ms);
+                    }
+                }
+                GenesisOutput::StillWaiting(_) => {}
             }
         }
     }
@@ -718,7 +804,16 @@ impl Sim {
         let Some(up) = self.vals[p.to].up.as_mut() else { return };
         self.report.delivered += 1;
         let out = &mut up.out;
+        if let Msg::Genesis(a) = p.msg {
+            let from = p.from as u32 + 1;
+            up.genesis.on_attestation(now, from, a, &mut up.gout).expect("one configuration everywhere");
+            return self.perform_genesis(p.to);
+        }
+        if !up.genesis.done() {
+            return; // before genesis: peers retransmit
+        }
         match p.msg {
+            Msg::Genesis(_) => unreachable!("handled above"),
             Msg::Pbft(m) => up.node.on_message(now, p.from, m, out),
             Msg::Forward(txs) => up.node.on_forward(now, p.from, txs, out),
             Msg::TxFetch { seq, tx_hashes } => up.node.on_tx_fetch(now, p.from, seq, tx_hashes, out),
@@ -765,6 +860,12 @@ impl Sim {
             let now = self.local(i);
             let v = &mut self.vals[i];
             let Some(up) = v.up.as_mut() else { continue };
+            if now.mono_ms >= up.genesis.poll_timeout_ms() {
+                up.genesis.on_tick(now, &mut up.gout);
+                self.perform_genesis(i);
+            }
+            let v = &mut self.vals[i];
+            let Some(up) = v.up.as_mut().filter(|u| u.genesis.done()) else { continue };
             let mut batch = vec![];
             while up.node.has_room() && batch.len() < 8 {
                 let Some(t) = v.inbox.pop_front() else { break };
@@ -781,8 +882,11 @@ impl Sim {
             }
             self.perform(i);
         }
+        if !self.genesis_all_done {
+            self.genesis_all_done = self.vals.iter().all(|v| v.up.as_ref().is_some_and(|u| u.genesis.done()));
+        }
         if let Some(b) = self.cfg.byzantine {
-            if self.now_ms % 200 == 0 {
+            if self.now_ms % 200 == 0 && self.genesis_all_done {
                 self.byzantine_flood(b);
             }
         }
@@ -881,6 +985,7 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
     for i in sim.honest().collect::<Vec<_>>() {
         let up = sim.vals[i].up.as_ref().expect("done: up");
         let top = *sim.chain.keys().next_back().unwrap_or(&0);
+        assert!(up.genesis.done(), "seed {seed}: validator {i} never finished genesis");
         assert_eq!(up.node.last_header().map(|h| h.hash()), sim.chain.get(&top).copied(), "seed {seed}: validator {i}");
     }
     let mut r = std::mem::take(&mut sim.report);
@@ -939,6 +1044,9 @@ mod tests {
             total.quarantines += r.quarantines;
             total.byzantine_msgs += r.byzantine_msgs;
             total.repeats += r.repeats;
+            total.genesis_completed += r.genesis_completed;
+            total.genesis_reruns += r.genesis_reruns;
+            total.genesis_answers += r.genesis_answers;
             total.delivered += r.delivered;
             total.disk.lost_unsynced += r.disk.lost_unsynced;
             total.disk.torn_tails += r.disk.torn_tails;
@@ -959,6 +1067,7 @@ mod tests {
             assert!(d.disk_full > 0 && d.sync_failed > 0 && total.storage_errors > 0, "{total:?}");
             assert!(total.view_changes > 0 && total.clock_steps > 0 && total.byzantine_msgs > 0, "{total:?}");
             assert!(total.views_entered > 0 && total.quarantines > 0, "{total:?}");
+            assert!(total.genesis_reruns > 0 && total.genesis_answers > 0, "{total:?}");
         }
     }
 
