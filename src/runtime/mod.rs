@@ -383,7 +383,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     node.set_stopwatch(monotonic_ns);
     crate::recovery::remember_recent(&mut node, &store).context("reading the newest blocks' txs")?;
     // The snapshot this validator serves: its newest, else the one it started from.
-    let served = match std::fs::read(c.node.data_dir.join(snapshot::SERVED_FILE)) {
+    let served = match crate::storage::os().read(&c.node.data_dir.join(snapshot::SERVED_FILE)) {
         Ok(bytes) => match proto::ChainSnapshot::decode(&bytes[..]) {
             Ok(s) => Some((s.header.map_or(0, |h| h.height), Arc::new(bytes))),
             Err(e) => {
