@@ -414,7 +414,12 @@ impl Sim {
                 r = repaired.map_err(anyhow::Error::from).and_then(|_| recovery::recover(setup(&v.disk)));
             }
         }
-        let r = match r {
+        // Then the genesis certificate, as the runtime reads it.
+        let cert_path = v.dir.join(GENESIS_FILE);
+        let r = r.and_then(|r| {
+            recovery::genesis_certificate(&v.disk, &cert_path, &CONFIG_HASH, &self.genesis_set).map(|c| (r, c))
+        });
+        let (r, cert) = match r {
             Ok(r) => r,
             // A failed sync or a full disk while recovering: the process
             // exits; its supervisor starts it again later.
@@ -457,17 +462,6 @@ impl Sim {
         }
         v.durable_height = store.height();
         v.flipped = false;
-        let cert_path = v.dir.join(GENESIS_FILE);
-        let cert = match recovery::genesis_certificate(&v.disk, &cert_path, &CONFIG_HASH, &self.genesis_set) {
-            Ok(c) => c,
-            Err(e) if io_error(&e) => {
-                self.report.storage_errors += 1;
-                v.disk.crash();
-                v.restart_at_ms = self.now_ms + 500;
-                return;
-            }
-            Err(e) => panic!("validator {i}: the genesis certificate: {e:#}"),
-        };
         if cert.is_none() && v.started_once {
             self.report.genesis_reruns += 1;
         }
