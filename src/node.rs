@@ -657,11 +657,16 @@ impl<A: Auth + Clone> Node<A> {
             Message::Fetch { from: asker, from_seq } => {
                 if asker == from && asker != self.replica.id {
                     out.push(Output::ServeFetch { to: asker, from_seq });
+                    for c in self.replica.stable_proof_for(from_seq) {
+                        self.actions.push(Action::Send(asker, Message::Checkpoint(c.clone())));
+                    }
                     // One asking from an older view needs this view's
                     // new-view to vote again (`Replica::ask_for_view`).
                     self.replica.set_time(now_ms);
                     if let Some(nv) = self.replica.new_view_for(asker) {
                         self.actions.push(Action::Send(asker, Message::NewView(nv)));
+                    }
+                    if !self.actions.is_empty() {
                         self.step(now_ms, out);
                     }
                 }

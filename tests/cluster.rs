@@ -203,7 +203,6 @@ fn restarted_validator_catches_up_and_rejoins() {
 /// primary for its new-view and votes in that view at once: with it, the
 /// cluster survives losing another backup without a further view change.
 #[test]
-#[ignore = "regression since ab681be: the cluster commits batch d only after views 2 and 3 (liveness, not safety); see the issue 17 note"]
 fn a_restarted_validator_joins_the_current_view_and_its_votes_count() {
     let c = Cluster::new(4, |_| {});
     let (mut vs, mut clients) = four_that_committed(&c, 50);

@@ -439,6 +439,14 @@ pub struct Replica<A: Auth + Clone> {
     /// Replica time before which this replica does not ask again for a
     /// later view's new-view (`ask_for_view`).
     next_view_ask_ms: u64,
+    /// The executed seq and replica time of this replica's last fetch for
+    /// a gap (`ask_to_catch_up`) or for a checkpoint ahead: its own
+    /// limiter, so that the new-view request a restarted replica just made
+    /// does not hold it back.
+    fetched: Option<(Seq, u64)>,
+    /// This replica's next seq and the replica time of the first primary
+    /// heartbeat that said the primary had executed it.
+    next_executed_by_primary: Option<(Seq, u64)>,
     /// When (replica time) the new-view was last sent to each replica that
     /// asked for it: at most once per retransmit interval each.
     new_view_sent_ms: Vec<Option<u64>>,
@@ -486,6 +494,8 @@ impl<A: Auth + Clone> Replica<A> {
             now_ms: 0,
             last_new_view: None,
             next_view_ask_ms: 0,
+            fetched: None,
+            next_executed_by_primary: None,
             view_change_cause: ViewChangeCause::None,
             new_view_sent_ms: vec![None; n],
             peer_executed: vec![None; n],
@@ -667,6 +677,19 @@ impl<A: Auth + Clone> Replica<A> {
     /// The newest stable checkpoint and its proof (`q` signatures).
     pub fn stable_checkpoint(&self) -> (Seq, &[Signed<Checkpoint>]) {
         (self.low, &self.stable_proof)
+    }
+    /// What a replica fetching from `from_seq` gets beside the committed
+    /// values: this replica's stable checkpoint proof if it lies at or above
+    /// `from_seq`. Without it a replica catching up executes past its own
+    /// window (fetched certificates need none) but cannot move the window
+    /// until the others re-send their checkpoints, a retransmit interval
+    /// later: meanwhile it drops the current view's pre-prepares and its
+    /// view-change timer may replace a primary that works.
+    pub fn stable_proof_for(&self, from_seq: Seq) -> &[Signed<Checkpoint>] {
+        match from_seq <= self.low {
+            true => &self.stable_proof,
+            false => &[],
+        }
     }
     /// Leader of `view`: round-robin over the replicas not excluded.
     pub fn primary(&self, view: View) -> Rid {
@@ -1155,6 +1178,9 @@ impl<A: Auth + Clone> Replica<A> {
                     for (_, c) in self.committed.range(from_seq..).take(self.p.window as usize) {
                         out.push(Action::Send(from, Message::Committed(c.clone())));
                     }
+                    for c in self.stable_proof_for(from_seq) {
+                        out.push(Action::Send(from, Message::Checkpoint(c.clone())));
+                    }
                     if let Some(nv) = self.new_view_for(from) {
                         out.push(Action::Send(from, Message::NewView(nv)));
                     }
@@ -1205,20 +1231,54 @@ impl<A: Auth + Clone> Replica<A> {
             return;
         }
         self.next_view_ask_ms = self.now_ms + self.p.retransmit_ms;
+        self.fetched = Some((self.executed, self.now_ms));
         out.push(Action::Send(from, Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
     }
 
-    /// The primary has executed more than this replica: once this
-    /// replica's own execution has stalled for a retransmit interval (it is
-    /// not catching up already), it fetches from the primary; at most once
-    /// per interval (shares `ask_for_view`'s timer).
+    /// The primary has executed more than this replica. If this replica
+    /// holds no pre-prepare for its next seq, it missed it (e.g. sent
+    /// before it entered the view); if an earlier heartbeat already said
+    /// the primary executed that seq, it missed the votes (sent before it
+    /// held the slot). Nobody re-sends an executed slot, so it fetches at
+    /// once; again as soon as that fetch moved execution (the gap may lie
+    /// past what it brought), else once per retransmit interval. Otherwise
+    /// it is just behind under load (the primary executed its next seq
+    /// less than a heartbeat ago) and fetches only once its own execution
+    /// has stalled for an interval (shares `ask_for_view`'s limiter).
+    /// Waiting a full interval lost the race with a view-change timeout as
+    /// short as that interval: a restarted replica left a working view,
+    /// which then lost its quorum with one more backup down.
     fn ask_to_catch_up(&mut self, primary: Rid, out: &mut Vec<Action>) {
-        if self.now_ms.saturating_sub(self.executed_at_ms) < self.p.retransmit_ms || self.now_ms < self.next_view_ask_ms
-        {
+        let next = self.executed + 1;
+        let since_ms = match self.next_executed_by_primary {
+            Some((seq, since_ms)) if seq == next => since_ms,
+            _ => {
+                self.next_executed_by_primary = Some((next, self.now_ms));
+                self.now_ms
+            }
+        };
+        let missed = since_ms < self.now_ms || self.log.get(&next).is_none_or(|s| s.pre_prepare.is_none());
+        let stalled = self.now_ms.saturating_sub(self.executed_at_ms) >= self.p.retransmit_ms;
+        let due = match missed {
+            true => self.fetch_due(),
+            false => stalled && self.now_ms >= self.next_view_ask_ms,
+        };
+        if !due {
             return;
         }
-        self.next_view_ask_ms = self.now_ms + self.p.retransmit_ms;
+        self.fetched = Some((self.executed, self.now_ms));
+        if !missed {
+            self.next_view_ask_ms = self.now_ms + self.p.retransmit_ms;
+        }
         out.push(Action::Send(primary, Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
+    }
+
+    /// Whether a fetch now is not a repeat: none was sent at this executed
+    /// seq within a retransmit interval (one that moved execution does not
+    /// count).
+    fn fetch_due(&self) -> bool {
+        self.fetched
+            .is_none_or(|(executed, at_ms)| executed != self.executed || self.now_ms >= at_ms + self.p.retransmit_ms)
     }
 
     /// The primary's heartbeats say it has executed only `executed`, below
@@ -1466,8 +1526,12 @@ impl<A: Auth + Clone> Replica<A> {
             }
         };
         if self.executed < seq {
-            // Others are ahead: fetch the committed values.
-            out.push(Action::Broadcast(Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
+            // Others are ahead: fetch the committed values (unless a fetch
+            // just went out: a proof usually comes with a fetch's answer).
+            if self.fetch_due() {
+                self.fetched = Some((self.executed, self.now_ms));
+                out.push(Action::Broadcast(Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
+            }
             return;
         }
         if self.own_checkpoints.get(&seq) != Some(&(proof[0].body.state, proof[0].body.app)) {
@@ -2036,6 +2100,63 @@ mod tests {
         behind.set_time(500);
         behind.on_message(hb(4), &mut out);
         assert!(out.iter().any(|a| matches!(a, Action::Send(2, Message::Fetch { from: 1, from_seq: 1 }))), "{out:?}");
+    }
+
+    /// A replica that just executed (so not stalled) but holds no
+    /// pre-prepare for its next seq, while the primary's heartbeat says
+    /// that seq executed, missed it for good: it fetches at once (once per
+    /// interval, or again once execution moved), not after a stall as long
+    /// as a short view-change timeout. One that holds the pre-prepare is
+    /// just behind and waits, until the next heartbeat says the same.
+    #[test]
+    fn a_replica_missing_its_next_pre_prepare_fetches_at_the_primarys_next_heartbeat() {
+        let p = Params { retransmit_ms: 1000, ..params() };
+        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 0, sig: vec![] });
+        let fetches = |out: &[Action], from_seq| {
+            out.iter()
+                .filter(|a| matches!(a, Action::Send(0, Message::Fetch { from: 3, from_seq: s }) if *s == from_seq))
+                .count()
+        };
+        let mut gap = executed_one(3, &p);
+        let mut out = vec![];
+        gap.set_time(200);
+        gap.on_message(hb(5), &mut out);
+        assert_eq!(fetches(&out, 2), 1, "{out:?}");
+        gap.set_time(400);
+        gap.on_message(hb(5), &mut out);
+        assert_eq!(fetches(&out, 2), 1, "once per interval");
+        gap.set_time(1200);
+        gap.on_message(hb(5), &mut out);
+        assert_eq!(fetches(&out, 2), 2, "again after an interval");
+        // The fetch brings seq 2 only (the primary had executed no more when
+        // it answered): the gap at 3 is fetched at the next heartbeat.
+        let value: Value = Arc::new(b"w".to_vec());
+        let pp = PrePrepare { view: 0, seq: 2, digest: crate::sha256(&value), value };
+        let commits = (0..p.q())
+            .map(|i| Signed {
+                body: Vote { phase: Phase::Commit, view: 0, seq: 2, digest: pp.digest },
+                from: i,
+                sig: vec![],
+            })
+            .collect();
+        let cert = CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits };
+        gap.on_message(Message::Committed(cert), &mut out);
+        assert_eq!(gap.executed(), 2);
+        gap.set_time(1400);
+        gap.on_message(hb(5), &mut out);
+        assert_eq!(fetches(&out, 3), 1, "execution moved: fetch again at once: {out:?}");
+
+        let mut behind = executed_one(3, &p);
+        let value: Value = Arc::new(b"w".to_vec());
+        let pp = PrePrepare { view: 0, seq: 2, digest: crate::sha256(&value), value };
+        let mut out = vec![];
+        behind.set_time(200);
+        behind.on_message(Message::PrePrepare(Signed { body: pp, from: 0, sig: vec![] }), &mut out);
+        behind.on_message(hb(5), &mut out);
+        assert_eq!(fetches(&out, 2), 0, "it holds seq 2 and waits for its votes: {out:?}");
+        behind.set_time(400);
+        behind.on_message(hb(5), &mut out);
+        assert_eq!(fetches(&out, 2), 1, "a heartbeat later, the votes went by: fetch");
     }
 
     #[test]

@@ -70,10 +70,16 @@ pub struct Validator {
     pub startup_events: Vec<serde_json::Value>,
 }
 
-fn spawn_log_reader(stderr: ChildStderr) -> Receiver<serde_json::Value> {
+/// With `CM_TEST_LOGS=1` every validator's log lines are echoed to the
+/// test's stderr, prefixed by its pid (for debugging a failing test).
+fn spawn_log_reader(stderr: ChildStderr, pid: u32) -> Receiver<serde_json::Value> {
     let (tx, rx) = channel();
+    let echo = std::env::var_os("CM_TEST_LOGS").is_some();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if echo {
+                eprintln!("[{pid}] {line}");
+            }
             match serde_json::from_str::<serde_json::Value>(&line) {
                 Ok(v) => {
                     if tx.send(v).is_err() {
@@ -101,7 +107,7 @@ impl Validator {
     #[allow(clippy::zombie_processes)]
     pub fn spawn(mut cmd: Command) -> Validator {
         let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let logs = spawn_log_reader(child.stderr.take().unwrap());
+        let logs = spawn_log_reader(child.stderr.take().unwrap(), child.id());
         let mut recovered_height = 0;
         let mut startup = vec![];
         let mut startup_events = vec![];
