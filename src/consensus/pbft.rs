@@ -572,18 +572,7 @@ impl<A: Auth + Clone> Replica<A> {
                         }
                     }
                 }
-                Record::PrePrepare(s) => {
-                    let seq = s.body.seq;
-                    if s.from == id {
-                        r.next_seq = r.next_seq.max(seq + 1);
-                        if s.body.view == r.view {
-                            r.assigned.insert(s.body.digest);
-                        }
-                    }
-                    if seq > r.executed {
-                        r.log.entry(seq).or_default().pre_prepare = Some(s);
-                    }
-                }
+                Record::PrePrepare(s) => r.recover_pre_prepare(s),
                 Record::Vote(v) => {
                     if v.body.seq > r.executed {
                         let slot = r.log.entry(v.body.seq).or_default();
@@ -610,6 +599,14 @@ impl<A: Auth + Clone> Replica<A> {
                     r.view_changes.entry(s.body.new_view).or_default().insert(id, s);
                 }
                 Record::NewView(nv) => {
+                    // Its pre-prepares count as recorded, whatever became of
+                    // the records written after it: a failed sync can keep
+                    // the new-view and lose them, and a primary that then
+                    // re-sent this new-view and proposed afresh at the same
+                    // seqs signed two values for one (view, seq).
+                    for pp in &nv.body.pre_prepares {
+                        r.recover_pre_prepare(pp.clone());
+                    }
                     if r.last_new_view.as_ref().is_none_or(|old| old.body.view <= nv.body.view) {
                         r.last_new_view = Some(nv);
                     }
@@ -633,6 +630,25 @@ impl<A: Auth + Clone> Replica<A> {
         r.view_changes = r.view_changes.split_off(&r.view);
         r.recovered_top_seq = r.log.keys().next_back().copied().unwrap_or(0);
         r
+    }
+
+    /// A recorded pre-prepare (its own record or in a recorded new-view):
+    /// an own one's seq is never assigned again; one above what executed
+    /// fills its slot unless the slot holds one of a later view.
+    fn recover_pre_prepare(&mut self, s: Signed<PrePrepare>) {
+        let seq = s.body.seq;
+        if s.from == self.id {
+            self.next_seq = self.next_seq.max(seq + 1);
+            if s.body.view == self.view {
+                self.assigned.insert(s.body.digest);
+            }
+        }
+        if seq > self.executed {
+            let slot = self.log.entry(seq).or_default();
+            if slot.pre_prepare.as_ref().is_none_or(|old| old.body.view <= s.body.view) {
+                slot.pre_prepare = Some(s);
+            }
+        }
     }
 
     /// The smallest record list `recover` rebuilds this replica's durable
@@ -2400,6 +2416,36 @@ mod tests {
         let mut out = vec![];
         fresh.on_message(pp(b"y"), &mut out);
         assert!(out.iter().any(|a| matches!(a, Action::Broadcast(Message::Vote(_)))));
+    }
+
+    /// Found by the whole-node simulator (seed 146565): a failed sync kept
+    /// a new primary's `NewView` record and lost the pre-prepare records
+    /// after it. Recovered, the primary re-sent that new-view and proposed
+    /// afresh at one of its seqs: two pre-prepares for one (view, seq), and
+    /// an honest validator quarantined.
+    #[test]
+    fn a_primary_recovered_from_its_new_view_alone_never_reuses_its_seqs() {
+        let value: Value = Arc::new(b"re-proposed".to_vec());
+        let pp = PrePrepare { view: 1, seq: 1, digest: crate::sha256(&value), value };
+        let nv =
+            NewView { view: 1, view_changes: vec![], pre_prepares: vec![Signed { body: pp, from: 1, sig: vec![] }] };
+        let records = vec![
+            Record::View { view: 1, changing: false, excluded: None },
+            Record::NewView(Signed { body: nv, from: 1, sig: vec![] }),
+        ];
+        let mut r = Replica::recover(1, params(), NoAuth, vec![], records);
+        assert!(r.is_primary());
+        assert!(r.log.get(&1).and_then(|s| s.pre_prepare.as_ref()).is_some(), "the new-view's slot is filled");
+        let mut out = vec![];
+        r.propose(Arc::new(b"fresh".to_vec()), &mut out);
+        let seqs: Vec<Seq> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Broadcast(Message::PrePrepare(s)) => Some(s.body.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![2], "{out:?}");
     }
 
     /// Found by the whole-node simulator (seed 21793): a crash tore the
