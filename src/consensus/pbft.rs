@@ -2052,18 +2052,23 @@ mod tests {
     /// Replica `id`, having executed seq 1 (view 0) from a certificate.
     fn executed_one(id: Rid, p: &Params) -> Replica<NoAuth> {
         let mut r = Replica::new(id, p.clone(), NoAuth);
-        let value: Value = Arc::new(b"v".to_vec());
-        let pp = PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value };
+        r.on_message(Message::Committed(commit_cert(p, 1, b"v")), &mut vec![]);
+        r
+    }
+
+    /// A view-0 certificate for `value` at `seq`: primary 0's pre-prepare
+    /// and a quorum of commits.
+    fn commit_cert(p: &Params, seq: Seq, value: &[u8]) -> CommitCert {
+        let value: Value = Arc::new(value.to_vec());
+        let pp = PrePrepare { view: 0, seq, digest: crate::sha256(&value), value };
         let commits = (0..p.q())
             .map(|i| Signed {
-                body: Vote { phase: Phase::Commit, view: 0, seq: 1, digest: pp.digest },
+                body: Vote { phase: Phase::Commit, view: 0, seq, digest: pp.digest },
                 from: i,
                 sig: vec![],
             })
             .collect();
-        let cert = CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits };
-        r.on_message(Message::Committed(cert), &mut vec![]);
-        r
+        CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits }
     }
 
     #[test]
@@ -2146,17 +2151,7 @@ mod tests {
         assert_eq!(fetches(&out, 2), 2, "again after an interval");
         // The fetch brings seq 2 only (the primary had executed no more when
         // it answered): the gap at 3 is fetched at the next heartbeat.
-        let value: Value = Arc::new(b"w".to_vec());
-        let pp = PrePrepare { view: 0, seq: 2, digest: crate::sha256(&value), value };
-        let commits = (0..p.q())
-            .map(|i| Signed {
-                body: Vote { phase: Phase::Commit, view: 0, seq: 2, digest: pp.digest },
-                from: i,
-                sig: vec![],
-            })
-            .collect();
-        let cert = CommitCert { pre_prepare: Signed { body: pp, from: 0, sig: vec![] }, commits };
-        gap.on_message(Message::Committed(cert), &mut out);
+        gap.on_message(Message::Committed(commit_cert(&p, 2, b"w")), &mut out);
         assert_eq!(gap.executed(), 2);
         gap.set_time(1400);
         gap.on_message(hb(5), &mut out);
