@@ -34,6 +34,7 @@ use crate::mempool::{Admit, Mempool, MempoolConfig, VerifiedTx};
 use crate::proposal::{self, CheckContext, Named, Proposal};
 /// Leader reputation lives in its own module; re-exported where it was.
 pub use crate::reputation::Reputation;
+use crate::snapshot::{self, JoinStep};
 use crate::state::{Executed, Receipt, State};
 use crate::Hash32;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -131,6 +132,24 @@ pub enum Output {
         validator: Rid,
         height: u64,
     },
+    /// Joining: ask `to` (with `None`, every peer) for a snapshot chunk.
+    SnapshotRequest {
+        to: Option<Rid>,
+        request: crate::proto::SnapshotRequest,
+    },
+    /// `to` asks for a chunk of the snapshot this validator serves: answer
+    /// with `snapshot::answer` (a chunk saying "none" if there is none).
+    ServeSnapshot {
+        to: Rid,
+        request: crate::proto::SnapshotRequest,
+    },
+    /// Joined from this verified snapshot: write `bytes` as `blocks.base`
+    /// (durable before any later output), start the block store above
+    /// `header`, and serve the snapshot from now on.
+    Joined {
+        header: BlockHeader,
+        bytes: Arc<Vec<u8>>,
+    },
 }
 
 /// Counters the runtime publishes as metrics.
@@ -161,6 +180,10 @@ pub struct NodeStats {
     pub committed_blocks: u64,
     pub proposals_refused: u64,
     pub view_changes: u64,
+    /// Chain snapshots that failed verification while joining, and joins
+    /// completed from one.
+    pub snapshots_refused: u64,
+    pub joined_from_snapshot: u64,
 }
 
 /// What this validator observed of each validator (reputation inputs).
@@ -328,6 +351,15 @@ pub struct Node<A: Auth + Clone> {
     /// The snapshot recorded at the newest snapshot height, waiting for
     /// the checkpoint there to become stable (its proof).
     pending_snapshot: Option<Box<crate::proto::ChainSnapshot>>,
+    /// Some while this validator, with an empty store, looks for a chain
+    /// snapshot to start from: consensus waits (see `start_joining`).
+    joining: Option<Box<Joining<A>>>,
+}
+
+/// The snapshot join: the transfer, and what the snapshot is verified with.
+struct Joining<A> {
+    join: snapshot::Join,
+    setup: snapshot::JoinSetup<A>,
 }
 
 impl<A: Auth + Clone> Node<A> {
@@ -393,7 +425,86 @@ impl<A: Auth + Clone> Node<A> {
             latencies: Vec::new(),
             source_busy: false,
             pending_snapshot: None,
+            joining: None,
             cfg,
+        }
+    }
+
+    /// Looks for a chain snapshot before taking part in consensus: a
+    /// validator whose block store is empty (fresh, or its disk replaced).
+    /// It asks every peer at the next tick; once a verified snapshot
+    /// arrives it rebuilds itself on it (`Output::Joined`), and if none is
+    /// to be had it starts from height 1.
+    pub fn start_joining(&mut self, now: Now, setup: snapshot::JoinSetup<A>) {
+        assert_eq!(self.height(), 0, "only an empty validator joins");
+        let me = self.replica.id;
+        let peers = (0..self.cfg.validators.len()).filter(|&r| r != me).map(|r| r as u32);
+        let join = snapshot::Join::new(peers, now.mono_ms, setup.timeout_ms);
+        self.joining = Some(Box::new(Joining { join, setup }));
+    }
+
+    /// Whether consensus runs here (not joining).
+    pub fn started(&self) -> bool {
+        self.joining.is_none()
+    }
+
+    /// A peer asks for a chunk of the snapshot this validator serves
+    /// (answered in any phase: "none" tells a joiner not to wait).
+    pub fn on_snapshot_request(&mut self, from: Rid, request: crate::proto::SnapshotRequest, out: &mut Vec<Output>) {
+        if from != self.replica.id && from < self.cfg.validators.len() {
+            out.push(Output::ServeSnapshot { to: from, request });
+        }
+    }
+
+    /// A chunk of a snapshot (ignored unless joining).
+    pub fn on_snapshot_chunk(
+        &mut self,
+        now: Now,
+        from: Rid,
+        chunk: crate::proto::SnapshotChunk,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(j) = self.joining.as_mut() else { return };
+        if let Some(step) = j.join.on_chunk(from as u32, chunk, now.mono_ms) {
+            self.join_step(now, step, out);
+        }
+    }
+
+    fn join_step(&mut self, now: Now, step: JoinStep, out: &mut Vec<Output>) {
+        let j = self.joining.as_mut().expect("joining");
+        match step {
+            JoinStep::Request(to, request) => {
+                out.push(Output::SnapshotRequest { to: to.map(|r| r as Rid), request });
+            }
+            JoinStep::GiveUp => {
+                tracing::info!("no peer offered a snapshot; catching up from height 1");
+                self.joining = None;
+            }
+            JoinStep::Complete { peer, bytes } => {
+                let s = &j.setup;
+                let verified =
+                    snapshot::verify(&bytes, s.me, &s.params, s.auth.clone(), &s.wire, s.state, s.reputation);
+                let v = match verified {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(peer, error = %e, "snapshot refused; asking the other validators");
+                        j.join.refuse(peer, now.mono_ms);
+                        self.stats.snapshots_refused += 1;
+                        return;
+                    }
+                };
+                let j = self.joining.take().expect("joining");
+                let height = v.header.height;
+                let replica = v.replica.recover_onto(std::iter::empty(), j.setup.records);
+                let mut node = Node::new(self.cfg.clone(), replica, v.state, Some(v.header.clone()), v.reputation, now);
+                node.stopwatch = self.stopwatch;
+                node.stats = self.stats;
+                node.stats.joined_from_snapshot += 1;
+                node.backlog = std::mem::take(&mut self.backlog);
+                *self = node;
+                out.push(Output::Joined { header: v.header, bytes: Arc::new(bytes) });
+                tracing::info!(height, peer, "joined from a snapshot; catching up with the blocks above it");
+            }
         }
     }
 
@@ -537,7 +648,7 @@ impl<A: Auth + Clone> Node<A> {
 
     /// False while admitted txs wait for room: stop pulling from the shards.
     pub fn has_room(&self) -> bool {
-        self.backlog.is_empty() && self.mempool.has_room()
+        self.joining.is_none() && self.backlog.is_empty() && self.mempool.has_room()
     }
 
     /// Txs admitted by the verify shards. No verdict is made here that
@@ -546,6 +657,9 @@ impl<A: Auth + Clone> Node<A> {
     pub fn on_txs(&mut self, now: Now, txs: Vec<VerifiedTx>, out: &mut Vec<Output>) {
         let now_ms = self.enter(now);
         self.backlog.extend(txs);
+        if self.joining.is_some() {
+            return; // admitted once joined (`has_room` said no meanwhile)
+        }
         self.drain_backlog(out);
         self.drain_exec_queue(now_ms, out);
         self.step(now_ms, out);
@@ -610,6 +724,9 @@ impl<A: Auth + Clone> Node<A> {
     /// window are verified; the rest are dropped (the sender retries in a
     /// later view if still needed).
     pub fn on_forward(&mut self, now: Now, from: Rid, txs: Vec<crate::proto::Transaction>, out: &mut Vec<Output>) {
+        if self.joining.is_some() {
+            return; // consensus waits for the join; peers retransmit
+        }
         let now_ms = self.enter(now);
         self.refill_budgets(now_ms);
         let Some(budget) = self.forward_budget.get_mut(from) else { return };
@@ -652,6 +769,9 @@ impl<A: Auth + Clone> Node<A> {
     /// A consensus message from validator `from` (authenticated by the
     /// transport; the replica checks the signatures inside).
     pub fn on_message(&mut self, now: Now, from: Rid, msg: Message, out: &mut Vec<Output>) {
+        if self.joining.is_some() {
+            return; // consensus waits for the join; peers retransmit
+        }
         let now_ms = self.enter(now);
         match msg {
             Message::Fetch { from: asker, from_seq } => {
@@ -835,7 +955,7 @@ impl<A: Auth + Clone> Node<A> {
         out: &mut Vec<Output>,
     ) {
         let now_ms = self.enter(now);
-        if from >= self.cfg.validators.len() || !self.waits_for_bodies() {
+        if self.joining.is_some() || from >= self.cfg.validators.len() || !self.waits_for_bodies() {
             return;
         }
         for t in txs {
@@ -861,6 +981,9 @@ impl<A: Auth + Clone> Node<A> {
     /// block) from the block store. At most `MAX_SERVED_TXS` per sender per
     /// budget window.
     pub fn on_tx_fetch(&mut self, now: Now, from: Rid, seq: Seq, tx_hashes: Vec<Hash32>, out: &mut Vec<Output>) {
+        if self.joining.is_some() {
+            return; // consensus waits for the join; peers retransmit
+        }
         let now_ms = self.enter(now);
         if from == self.replica.id {
             return;
@@ -1177,6 +1300,12 @@ impl<A: Auth + Clone> Node<A> {
 
     /// Time passes: timers, and a proposal if this validator leads.
     pub fn on_tick(&mut self, now: Now, out: &mut Vec<Output>) {
+        if let Some(j) = self.joining.as_mut() {
+            if let Some(step) = j.join.tick(now.mono_ms) {
+                self.join_step(now, step, out);
+            }
+            return;
+        }
         let now_ms = self.enter(now);
         self.replica.on_tick(now_ms, &mut self.actions);
         self.check_order(now_ms, out);
@@ -1527,6 +1656,9 @@ impl<A: Auth + Clone> Node<A> {
     /// missing body; now (0) for a proof to propose. Ticking earlier does
     /// nothing; later delays that work.
     pub fn poll_timeout_ms(&self) -> u64 {
+        if let Some(j) = &self.joining {
+            return j.join.poll_timeout_ms();
+        }
         let mut at_ms = self.replica.poll_timeout_ms();
         let unproposed_proofs = self.proofs.iter().any(|(_, proposed)| !proposed);
         if unproposed_proofs && self.replica.can_propose() && self.exec_queue.is_empty() {
@@ -2215,16 +2347,66 @@ mod tests {
         let mut other_header = good.clone();
         other_header.header.as_mut().unwrap().timestamp_ms += 1;
         for (what, b) in
-            [("state", bad_state), ("reputation", bad_rep), ("signatures", few_sigs), ("header", other_header)]
+            [("state", bad_state.clone()), ("reputation", bad_rep), ("signatures", few_sigs), ("header", other_header)]
         {
             assert!(verify(&b.encode_to_vec()).is_err(), "a snapshot with a changed {what} was accepted");
         }
-        let v = snapshot::verify(&bytes, 3, &params_for_tests(4), auth(3), &limits, StateConfig::default(), rep)
-            .expect("an honest snapshot verifies");
-        assert_eq!(v.header.height, seq);
-        let replica = v.replica.recover_onto(std::iter::empty(), std::iter::empty());
+        // It joins through the node's own join phase: a forged offer is
+        // refused, a peer without one is passed over, node 0's is taken.
         let cfg = nodes[3].cfg.clone();
-        nodes[3] = Node::new(cfg, replica, v.state, Some(v.header), v.reputation, at(now));
+        let empty = Replica::new(3, params_for_tests(4), auth(3));
+        let mut fresh = Node::new(
+            cfg,
+            empty,
+            State::new(StateConfig::default()),
+            None,
+            Reputation::new(4, Some(0.7), true),
+            at(now),
+        );
+        let setup = snapshot::JoinSetup {
+            me: 3,
+            params: params_for_tests(4),
+            auth: auth(3),
+            wire: limits,
+            state: StateConfig::default(),
+            reputation: rep,
+            records: vec![],
+            timeout_ms: 10_000,
+        };
+        fresh.start_joining(at(now), setup);
+        assert!(!fresh.started() && !fresh.has_room(), "consensus waits for the join");
+        assert_eq!(fresh.poll_timeout_ms(), now, "it asks at once");
+        let mut out = vec![];
+        let ask = |fresh: &mut Node<Ed25519Auth>, out: &mut Vec<Output>, now: u64| {
+            fresh.on_tick(at(now), out);
+            match out.pop() {
+                Some(Output::SnapshotRequest { to: None, request }) => request,
+                o => panic!("expected a request to every peer, got {o:?}"),
+            }
+        };
+        let req = ask(&mut fresh, &mut out, now);
+        fresh.on_snapshot_chunk(at(now), 1, snapshot::answer(None, &req), &mut out);
+        let forged = bad_state.encode_to_vec();
+        fresh.on_snapshot_chunk(at(now), 2, snapshot::answer(Some((seq, &forged)), &req), &mut out);
+        assert!(out.is_empty() && !fresh.started(), "{out:?}");
+        assert_eq!(fresh.stats().snapshots_refused, 1);
+        let retry_ms = fresh.poll_timeout_ms();
+        assert_eq!(retry_ms, now, "after a refusal it asks the others at once");
+        let req = ask(&mut fresh, &mut out, retry_ms);
+        // A message before the join is over changes nothing.
+        fresh.on_message(at(now), 0, Message::Fetch { from: 0, from_seq: 1 }, &mut out);
+        assert!(out.is_empty());
+        fresh.on_snapshot_chunk(at(now), 0, snapshot::answer(Some((seq, &bytes)), &req), &mut out);
+        match out.as_slice() {
+            [Output::Joined { header, bytes: b }] => {
+                assert_eq!((header.height, b.as_slice()), (seq, bytes.as_slice()));
+            }
+            o => panic!("expected Joined, got {o:?}"),
+        }
+        out.clear();
+        assert!(fresh.started() && fresh.height() == seq && fresh.stats().joined_from_snapshot == 1);
+        assert_eq!(Some(fresh.state().root()), fresh.last_header().map(|h| h.state_root));
+        nodes[3] = fresh;
         stores.certs[3].clear();
 
         // New txs commit everywhere; the joined validator fetches the blocks

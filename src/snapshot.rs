@@ -170,6 +170,23 @@ pub fn verify<A: Auth + Clone>(
     Ok(Verified { header, state, reputation, replica })
 }
 
+/// What a joining validator verifies a snapshot with and rebuilds its
+/// replica from (see `Node::start_joining`).
+#[derive(Clone)]
+pub struct JoinSetup<A> {
+    pub me: Rid,
+    pub params: Params,
+    pub auth: A,
+    pub wire: WireLimits,
+    pub state: StateConfig,
+    pub reputation: ReputationConfig,
+    /// The consensus records recovered from its log: what it promised
+    /// before (the snapshot's replica is recovered onto them).
+    pub records: Vec<crate::consensus::pbft::Record>,
+    /// How long to wait for any peer to offer a snapshot.
+    pub timeout_ms: u64,
+}
+
 /// What the joining validator does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JoinStep {
@@ -214,6 +231,14 @@ impl Join {
             retry_ms: 1000,
             next_retry: now,
             give_up_at: now + timeout_ms,
+        }
+    }
+
+    /// When `tick` next has something to do (monotonic ms).
+    pub fn poll_timeout_ms(&self) -> u64 {
+        match &self.source {
+            Some(s) => self.next_retry.min(s.last_progress + 5 * self.retry_ms),
+            None => self.next_retry.min(self.give_up_at),
         }
     }
 

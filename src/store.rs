@@ -148,6 +148,11 @@ impl BlockStore {
         self.base = Some(base);
     }
 
+    /// The header of the block the store starts above, if it joined from a snapshot.
+    pub fn base(&self) -> Option<&BlockHeader> {
+        self.base.as_ref()
+    }
+
     pub fn last_header(&self) -> Option<&BlockHeader> {
         self.last.as_ref()
     }

@@ -39,7 +39,7 @@ pub use crate::metrics::RuntimeStats;
 use crate::net::{Net, NetConfig, NetEvent, Peer};
 use crate::node::{Node, NodeConfig, Output, Stage};
 use crate::proposal;
-use crate::snapshot::{self, JoinStep};
+use crate::snapshot;
 use crate::store::BlockStore;
 use crate::{crypto, proto};
 use anyhow::{bail, Context};
@@ -423,24 +423,23 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     } else {
         None
     };
-    let join = match join_records {
-        Some(records) if n > 1 && c.consensus.snapshot_interval > 0 => Some(Joining {
-            join: snapshot::Join::new(
-                ids.iter().copied().filter(|&i| i != c.node.id),
-                now_ms(),
-                c.consensus.snapshot_join_timeout.as_millis() as u64,
-            ),
-            records,
-            ncfg,
-            me_rid,
-            params: params.clone(),
-            auth: auth.clone(),
-            state_cfg: c.state_config(),
-            rep_cfg,
-            base_path,
-        }),
-        _ => None,
-    };
+    // An empty store may start from a peer's snapshot (the node joins
+    // after genesis; a young chain has none and it starts from height 1).
+    if let Some(records) = join_records.filter(|_| n > 1 && c.consensus.snapshot_interval > 0) {
+        node.start_joining(
+            clocks(),
+            snapshot::JoinSetup {
+                me: me_rid,
+                params: params.clone(),
+                auth: auth.clone(),
+                wire,
+                state: c.state_config(),
+                reputation: rep_cfg,
+                records,
+                timeout_ms: c.consensus.snapshot_join_timeout.as_millis() as u64,
+            },
+        );
+    }
     let mut audit = if c.secrets.audit_signing_key.is_empty() {
         None
     } else {
@@ -472,6 +471,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         compact_at: c.runtime.consensus_log_compact_bytes,
         compact_min: c.runtime.consensus_log_compact_bytes,
         served,
+        base_path,
         snapshot_writer,
         egress: egress_feed,
         mirror: mirror_feed,
@@ -485,7 +485,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
     let core = std::thread::Builder::new().name("core".into()).spawn(move || {
         pin(core_pin, "core");
-        let r = core_loop(node, store, cons, genesis, join, &outs, &bell, &sh);
+        let r = core_loop(node, store, cons, genesis, &outs, &bell, &sh);
         if let Err(e) = &r {
             tracing::error!(error = %format!("{e:#}"), "core stopped");
             sh.stop.store(true, Ordering::SeqCst);
@@ -908,6 +908,8 @@ struct Consensus {
     compact_min: u64,
     /// The encoded chain snapshot served to joining validators, by height.
     served: Served,
+    /// Where a joined snapshot is kept (`blocks.base`).
+    base_path: std::path::PathBuf,
     /// To the thread that writes `snapshot.bin` (off the core thread).
     snapshot_writer: Option<SyncSender<Box<proto::ChainSnapshot>>>,
     /// Commit events to publish (Kafka).
@@ -1033,83 +1035,6 @@ impl Consensus {
     }
 }
 
-/// A validator with an empty block store, looking for a snapshot to start
-/// from (see `crate::snapshot`); consensus waits until it is done.
-struct Joining {
-    join: snapshot::Join,
-    records: Vec<Record>,
-    ncfg: NodeConfig,
-    me_rid: Rid,
-    params: crate::consensus::pbft::Params,
-    auth: Ed25519Auth,
-    state_cfg: crate::state::StateConfig,
-    rep_cfg: snapshot::ReputationConfig,
-    base_path: std::path::PathBuf,
-}
-
-impl Joining {
-    /// Carries out a join step. Returns true when the join is over (the
-    /// node then runs from the snapshot, or from height 1).
-    fn step(
-        &mut self,
-        step: JoinStep,
-        node: &mut Node<Ed25519Auth>,
-        store: &mut BlockStore,
-        cons: &mut Consensus,
-        clock: Now,
-    ) -> anyhow::Result<bool> {
-        let now = clock.wall_ms;
-        match step {
-            JoinStep::Request(to, r) => {
-                if let Some(net) = &cons.net {
-                    let frame = Arc::new(wire::encode_snapshot_request(r));
-                    match to {
-                        Some(peer) => {
-                            net.send(peer, frame);
-                        }
-                        None => net.broadcast(frame),
-                    }
-                }
-                Ok(false)
-            }
-            JoinStep::GiveUp => {
-                tracing::info!("no peer offered a snapshot; catching up from height 1");
-                Ok(true)
-            }
-            JoinStep::Complete { peer, bytes } => {
-                let verified = snapshot::verify(
-                    &bytes,
-                    self.me_rid,
-                    &self.params,
-                    self.auth.clone(),
-                    &cons.wire,
-                    self.state_cfg,
-                    self.rep_cfg,
-                );
-                let v = match verified {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::warn!(peer, error = %e, "snapshot refused; asking the other validators");
-                        self.join.refuse(peer, now);
-                        return Ok(false);
-                    }
-                };
-                let height = v.header.height;
-                // Durable before the store starts above it.
-                write_atomically(&self.base_path, &bytes)
-                    .with_context(|| format!("writing {}", self.base_path.display()))?;
-                store.set_base(v.header.clone());
-                let replica = v.replica.recover_onto(std::iter::empty(), std::mem::take(&mut self.records));
-                *node = Node::new(self.ncfg.clone(), replica, v.state, Some(v.header), v.reputation, clock);
-                node.set_stopwatch(monotonic_ns);
-                *cons.served.lock().unwrap() = Some((height, Arc::new(bytes)));
-                tracing::info!(height, peer, "joined from a snapshot; catching up with the blocks above it");
-                Ok(true)
-            }
-        }
-    }
-}
-
 use crate::recovery::stored_cert;
 
 /// Answers a fetch with committed blocks from the store, each with its
@@ -1199,7 +1124,6 @@ fn core_loop(
     mut store: BlockStore,
     mut cons: Consensus,
     mut genesis: Option<GenesisPhase>,
-    mut joining: Option<Joining>,
     inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
     bell: &Doorbell,
     sh: &Shared,
@@ -1217,16 +1141,8 @@ fn core_loop(
         let now = clock.wall_ms;
         let mut worked = false;
         // Consensus starts once genesis (and a snapshot join) is done; until
-        // then txs wait in the rings.
-        let genesis_done = genesis.as_ref().is_none_or(|g| g.phase.done());
-        if let Some(j) = joining.as_mut().filter(|_| genesis_done) {
-            if let Some(step) = j.join.tick(now) {
-                if j.step(step, &mut node, &mut store, &mut cons, clock)? {
-                    joining = None;
-                }
-            }
-        }
-        let started = genesis_done && joining.is_none();
+        // then txs wait in the rings (`has_room` is false while joining).
+        let started = genesis.as_ref().is_none_or(|g| g.phase.done());
         for ring in inputs.iter().filter(|_| started) {
             while node.has_room() {
                 let Some(batch) = ring.pop() else { break };
@@ -1306,20 +1222,10 @@ fn core_loop(
                             g.perform(&mut genesis_out, &cons)?;
                         }
                     }
-                    Ok(Frame::SnapshotRequest(r)) => {
-                        let served = cons.served.lock().unwrap().clone();
-                        let chunk = snapshot::answer(served.as_ref().map(|(s, b)| (*s, b.as_slice())), &r);
-                        if let Some(net) = &cons.net {
-                            net.send(from, Arc::new(wire::encode_snapshot_chunk(chunk)));
-                        }
-                    }
+                    Ok(Frame::SnapshotRequest(r)) => node.on_snapshot_request(rid, r, &mut out),
                     Ok(Frame::SnapshotChunk(c)) => {
-                        if let Some(j) = joining.as_mut() {
-                            if let Some(step) = j.join.on_chunk(from, c, now) {
-                                if j.step(step, &mut node, &mut store, &mut cons, clock)? {
-                                    joining = None;
-                                }
-                            }
+                        if started {
+                            node.on_snapshot_chunk(clock, rid, c, &mut out);
                         }
                     }
                     Err(e) => tracing::debug!(peer = from, error = %e, "undecodable consensus message"),
@@ -1511,6 +1417,32 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             Output::Persist(r) => {
                 stable |= matches!(r, Record::Stable { .. });
                 cons.pending.push(r);
+            }
+            Output::SnapshotRequest { to, request } => {
+                if let Some(net) = &cons.net {
+                    let frame = Arc::new(wire::encode_snapshot_request(request));
+                    match to {
+                        Some(peer) => {
+                            net.send(cons.ids[peer], frame);
+                        }
+                        None => net.broadcast(frame),
+                    }
+                }
+            }
+            Output::ServeSnapshot { to, request } => {
+                let served = cons.served.lock().unwrap().clone();
+                let chunk = snapshot::answer(served.as_ref().map(|(s, b)| (*s, b.as_slice())), &request);
+                if let Some(net) = &cons.net {
+                    net.send(cons.ids[to], Arc::new(wire::encode_snapshot_chunk(chunk)));
+                }
+            }
+            Output::Joined { header, bytes } => {
+                // Durable before the store starts above it.
+                write_atomically(&cons.base_path, &bytes)
+                    .with_context(|| format!("writing {}", cons.base_path.display()))?;
+                let height = header.height;
+                store.set_base(header);
+                *cons.served.lock().unwrap() = Some((height, bytes));
             }
             Output::Snapshot(snap) => {
                 if let Some(w) = &cons.snapshot_writer {

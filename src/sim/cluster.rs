@@ -61,8 +61,11 @@ pub struct Config {
     pub crashes: bool,
     pub disk: DiskFaults,
     /// Bit flips at rest in one validator's `blocks.dat` (then repaired:
-    /// it counts towards f, so never beside a Byzantine one).
+    /// it counts towards f: beside a Byzantine one only with 7 validators).
     pub bit_flips: bool,
+    /// The same validator's disk wiped at a crash (it rejoins through a
+    /// snapshot or from height 1; a faulty one too: its promises are gone).
+    pub wipes: bool,
     /// Largest clock offset between validators (ms), and steps backwards.
     pub clock_offset_ms: u64,
     pub clock_steps: bool,
@@ -91,16 +94,20 @@ impl Config {
                 capacity_bytes: (crashes && rng.gen_bool(0.15)).then(|| rng.gen_range(4_000..40_000)),
             },
             bit_flips: crashes && rng.gen_bool(0.2),
+            wipes: false,
             clock_offset_ms: if rng.gen_bool(0.6) { rng.gen_range(0..2_000) } else { 0 },
             clock_steps: rng.gen_bool(0.3),
             partition: rng.gen_bool(0.4),
             byzantine: rng.gen_bool(0.4).then(|| rng.gen_range(0..n)),
             heal_at_ms: rng.gen_range(3_000..15_000),
         };
-        // A disk damaged at rest and repaired loses durable state: that
-        // validator is one of the f faulty ones (as a wiped one is).
-        if c.byzantine.is_some() {
+        // Drawn last: the other fields stay what they were for each seed.
+        c.wipes = crashes && rng.gen_bool(0.25);
+        // A disk damaged at rest and repaired, or wiped, loses durable
+        // state: that validator is one of the f faulty ones (f = 2 of 7).
+        if c.byzantine.is_some() && n < 7 {
             c.bit_flips = false;
+            c.wipes = false;
         }
         c
     }
@@ -132,6 +139,13 @@ pub struct Report {
     pub genesis_reruns: u64,
     /// Attestations a finished validator answered a late one with.
     pub genesis_answers: u64,
+    /// Validators that started joining (an empty store), joined from a
+    /// verified snapshot, and snapshots refused (a forged one).
+    pub joins: u64,
+    pub joined_from_snapshot: u64,
+    pub snapshots_refused: u64,
+    /// Snapshot chunks served.
+    pub snapshot_chunks: u64,
     /// A digest of every commit everywhere, in order (replays must match).
     pub trace: Hash32,
 }
@@ -143,6 +157,8 @@ enum Msg {
     TxFetch { seq: Seq, tx_hashes: Vec<Hash32> },
     TxBodies { seq: Seq, txs: Vec<proto::Transaction> },
     Genesis(ReadyAttestation),
+    SnapshotRequest(proto::SnapshotRequest),
+    SnapshotChunk(proto::SnapshotChunk),
 }
 
 struct Packet {
@@ -198,6 +214,8 @@ struct Validator {
     /// Txs from the source, waiting for room in the mempool (the ring).
     inbox: VecDeque<VerifiedTx>,
     started_once: bool,
+    /// The encoded snapshot served to joiners (as the runtime's `served`).
+    served: Option<(Seq, Arc<Vec<u8>>)>,
 }
 
 struct Sim {
@@ -239,6 +257,7 @@ struct Sim {
 }
 
 const GENESIS_FILE: &str = "genesis.json";
+const REPUTATION: ReputationConfig = ReputationConfig { floor: Some(0.7), quarantine: true };
 const CONFIG_HASH: Hash32 = [7; 32];
 
 const STEP_MS: u64 = 10;
@@ -283,7 +302,7 @@ impl Sim {
             }),
             skew_ms: 60_000,
             validators,
-            snapshot_interval: 0,
+            snapshot_interval: 8,
         };
         let params = params(n);
         let wire = WireLimits { n, max_value_bytes: 1 << 20, window: params.window as usize };
@@ -337,6 +356,7 @@ impl Sim {
                 flipped: false,
                 inbox: VecDeque::new(),
                 started_once: false,
+                served: None,
             })
             .collect();
         let flip_victim = (seed % n as u64) as Rid;
@@ -400,7 +420,7 @@ impl Sim {
             wire: self.wire,
             limits: Limits::default(),
             state: StateConfig::default(),
-            reputation: ReputationConfig { floor: Some(0.7), quarantine: true },
+            reputation: REPUTATION,
         };
         let io_error = |e: &anyhow::Error| e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some());
         let mut r = recovery::recover(setup(&v.disk));
@@ -431,7 +451,7 @@ impl Sim {
             }
             Err(e) => panic!("validator {i} cannot recover: {e:#}"),
         };
-        let Recovered { store, log, replica, state, reputation, .. } = r;
+        let Recovered { store, log, replica, state, reputation, base_bytes, join_records, .. } = r;
         if !v.flipped {
             assert!(
                 store.height() >= v.durable_height,
@@ -440,7 +460,16 @@ impl Sim {
                 v.durable_height
             );
         }
-        for h in 1..=store.height() {
+        if store.base_height() > 0 {
+            let base = store.base_height();
+            let hash = store.base().map(|h| h.hash());
+            assert_eq!(
+                hash,
+                self.chain.get(&base).copied(),
+                "validator {i}: the snapshot it sits on is not the chain's"
+            );
+        }
+        for h in store.base_height() + 1..=store.height() {
             let (b, _) = store.read(h).unwrap().expect("indexed");
             match self.chain.get(&h) {
                 Some(have) => assert_eq!(*have, b.hash(), "validator {i}: recovered block {h} is not the chain's"),
@@ -451,6 +480,11 @@ impl Sim {
                     assert!(
                         h == 1 || self.chain.contains_key(&(h - 1)),
                         "validator {i}: recovered block {h} after a gap"
+                    );
+                    assert_eq!(
+                        self.chain.get(&(h - 1)).copied().unwrap_or_default(),
+                        b.header.previous_hash,
+                        "validator {i}: recovered block {h} does not follow the chain"
                     );
                     for (t, th) in b.txs.iter().zip(&b.tx_hashes) {
                         self.committed.entry((t.nonce, *th)).or_insert(h);
@@ -481,6 +515,32 @@ impl Sim {
         let v = &mut self.vals[i];
         let mut node = Node::new(self.ncfg.clone(), replica, state, last, reputation, now);
         recovery::remember_recent(&mut node, &store).expect("blocks read at recovery read again");
+        if let Some(records) = join_records {
+            self.report.joins += 1;
+            node.start_joining(
+                now,
+                crate::snapshot::JoinSetup {
+                    me: i,
+                    params: self.params.clone(),
+                    auth: self.auths[i].clone(),
+                    wire: self.wire,
+                    state: StateConfig::default(),
+                    reputation: REPUTATION,
+                    records,
+                    timeout_ms: 3_000,
+                },
+            );
+        }
+        // What it serves: its newest snapshot, else the one it sits on (as
+        // the runtime reads them at start).
+        v.served = match v.disk.read(&v.dir.join(crate::snapshot::SERVED_FILE)) {
+            Ok(bytes) => {
+                let s = <proto::ChainSnapshot as prost::Message>::decode(&bytes[..]).expect("written whole");
+                Some((s.header.map_or(0, |h| h.height), Arc::new(bytes)))
+            }
+            Err(_) => None,
+        }
+        .or_else(|| base_bytes.map(|b| (store.base_height(), Arc::new(b))));
         let ceremony = Ceremony::new(i as u32 + 1, CONFIG_HASH, self.genesis_set.clone(), 60_000);
         let genesis = Genesis::new(ceremony, self.genesis_keys[i].clone(), cert.is_some(), 2_000, 10_000, now);
         v.up = Some(Up { genesis, gout: Vec::new(), node, store, log: log.expect("n > 1"), out: Vec::new() });
@@ -496,15 +556,25 @@ impl Sim {
 
     fn crash(&mut self, i: Rid, why: &str) {
         let v = &mut self.vals[i];
-        if v.up.take().is_none() {
-            return;
-        }
+        let Some(up) = v.up.take() else { return };
+        self.report.snapshots_refused += up.node.stats().snapshots_refused;
         v.disk.crash();
         self.report.crashes += 1;
         let back_ms = self.rng.gen_range(50..3_000);
         v.restart_at_ms = self.now_ms + back_ms;
         let flip = self.cfg.bit_flips && i == self.flip_victim && !self.healed() && self.rng.gen_bool(0.3);
+        let wipe = self.cfg.wipes && i == self.flip_victim && !self.healed() && self.rng.gen_bool(0.3);
         let v = &mut self.vals[i];
+        if wipe {
+            v.disk.wipe();
+            v.durable_height = 0;
+            v.flipped = false;
+            if self.debug {
+                eprintln!("{} wipe {i}", self.now_ms);
+            }
+            self.trace.extend_from_slice(format!("wipe {i}\n").as_bytes());
+            return;
+        }
         if flip {
             // Skip the magic: a flipped magic is "not a block store", refused at once.
             if v.disk.flip_bit(&v.dir.join("blocks.dat"), 8) {
@@ -573,7 +643,8 @@ impl Sim {
     /// Carries out validator `i`'s outputs as the runtime does. A storage
     /// error stops it (the runtime's core stops; a restart recovers).
     fn perform(&mut self, i: Rid) {
-        let Some(up) = self.vals[i].up.as_mut() else { return };
+        let v = &mut self.vals[i];
+        let Some(up) = v.up.as_mut() else { return };
         let out = std::mem::take(&mut up.out);
         let (mut records, mut sends, mut commits) = (vec![], vec![], vec![]);
         let mut repeats: Vec<Vec<bool>> = vec![];
@@ -626,16 +697,50 @@ impl Sim {
                     repeats.push(receipts.iter().map(|r| r.status == crate::state::TxStatus::Repeat).collect());
                     commits.push((block, cert, outcome))
                 }
-                Output::Reject(_) | Output::Snapshot(_) | Output::Evidence { .. } => {}
+                Output::SnapshotRequest { to, request } => sends.push((to, Msg::SnapshotRequest(request))),
+                Output::ServeSnapshot { to, request } => {
+                    let served = v.served.as_ref().map(|(s, b)| (*s, b.as_slice()));
+                    let chunk = crate::snapshot::answer(served, &request);
+                    self.report.snapshot_chunks += u64::from(chunk.chunks > 0);
+                    sends.push((Some(to), Msg::SnapshotChunk(chunk)));
+                }
+                Output::Joined { header, bytes } => {
+                    let h = header.height;
+                    // Agreement reaches snapshots: a stable checkpoint vouches for the chain's block.
+                    assert_eq!(
+                        self.chain.get(&h).copied(),
+                        Some(header.hash()),
+                        "validator {i} joined from a snapshot of another block {h}"
+                    );
+                    self.report.joined_from_snapshot += 1;
+                    if self.debug {
+                        eprintln!("{} validator {i} joined from the snapshot at {h}", self.now_ms);
+                    }
+                    if let Err(e) = v.disk.write_atomically(&v.dir.join(crate::snapshot::BASE_FILE), &bytes) {
+                        failed = Some(format!("writing blocks.base: {e}"));
+                        break;
+                    }
+                    up.store.set_base(header);
+                    v.durable_height = h;
+                    v.served = Some((h, bytes));
+                }
+                Output::Snapshot(snap) => {
+                    let h = snap.header.as_ref().map_or(0, |h| h.height);
+                    let bytes = Arc::new(crate::snapshot::encode(*snap));
+                    // As the runtime's writer: a failed write keeps the older file.
+                    let _ = v.disk.write_atomically(&v.dir.join(crate::snapshot::SERVED_FILE), &bytes);
+                    v.served = Some((h, bytes));
+                }
+                Output::Reject(_) | Output::Evidence { .. } => {}
                 Output::ViewChanged { view, primary, .. } => {
                     assert_eq!(primary, up.node.replica().primary(view), "validator {i}: the view's primary");
                     self.report.views_entered += 1;
                 }
                 // Only a faulty validator's signatures can prove misbehaviour.
+                // A wiped one forgot what it signed: it may sign again.
                 Output::Quarantined { validator, height } => {
-                    assert_eq!(
-                        Some(validator),
-                        self.cfg.byzantine,
+                    assert!(
+                        Some(validator) == self.cfg.byzantine || (self.cfg.wipes && validator == self.flip_victim),
                         "validator {i} quarantined {validator} at {height}"
                     );
                     self.report.quarantines += 1;
@@ -758,6 +863,23 @@ impl Sim {
                     })
                     .collect()
             }
+            // Snapshots: withheld, or with a byte changed (fails verification).
+            Msg::SnapshotChunk(mut c) if c.chunks > 0 => match self.rng.gen_range(0..3) {
+                0 => vec![],
+                1 => {
+                    let k = self.rng.gen_range(0..c.data.len().max(1));
+                    if let Some(b) = c.data.get_mut(k) {
+                        *b ^= 1 << self.rng.gen_range(0..8);
+                    }
+                    vec![(to, Msg::SnapshotChunk(c))]
+                }
+                _ => vec![(to, Msg::SnapshotChunk(c))],
+            },
+            // Having none, it offers one anyway (garbage).
+            Msg::SnapshotChunk(c) if self.rng.gen_bool(0.5) => {
+                let data: Vec<u8> = (0..64).map(|_| self.rng.gen()).collect();
+                vec![(to, Msg::SnapshotChunk(proto::SnapshotChunk { seq: c.seq + 8, chunk: 0, chunks: 1, data }))]
+            }
             // Fetch replies: withheld, or bodies that are not the ones named.
             Msg::TxBodies { seq, txs } => match self.rng.gen_range(0..3) {
                 0 => vec![],
@@ -798,16 +920,25 @@ impl Sim {
         let Some(up) = self.vals[p.to].up.as_mut() else { return };
         self.report.delivered += 1;
         let out = &mut up.out;
-        if let Msg::Genesis(a) = p.msg {
-            let from = p.from as u32 + 1;
-            up.genesis.on_attestation(now, from, a, &mut up.gout).expect("one configuration everywhere");
-            return self.perform_genesis(p.to);
+        match p.msg {
+            Msg::Genesis(a) => {
+                let from = p.from as u32 + 1;
+                up.genesis.on_attestation(now, from, a, &mut up.gout).expect("one configuration everywhere");
+                return self.perform_genesis(p.to);
+            }
+            // Answered in any phase (as the runtime does).
+            Msg::SnapshotRequest(r) => {
+                up.node.on_snapshot_request(p.from, r, out);
+                return self.perform(p.to);
+            }
+            _ => {}
         }
         if !up.genesis.done() {
             return; // before genesis: peers retransmit
         }
         match p.msg {
-            Msg::Genesis(_) => unreachable!("handled above"),
+            Msg::Genesis(_) | Msg::SnapshotRequest(_) => unreachable!("handled above"),
+            Msg::SnapshotChunk(c) => up.node.on_snapshot_chunk(now, p.from, c, out),
             Msg::Pbft(m) => up.node.on_message(now, p.from, m, out),
             Msg::Forward(txs) => up.node.on_forward(now, p.from, txs, out),
             Msg::TxFetch { seq, tx_hashes } => up.node.on_tx_fetch(now, p.from, seq, tx_hashes, out),
@@ -992,9 +1123,13 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
         r.disk.bit_flips += c.bit_flips;
         r.disk.disk_full += c.disk_full;
         r.disk.sync_failed += c.sync_failed;
+        r.disk.wipes += c.wipes;
         if let Some(up) = &v.up {
             r.view_changes += up.node.replica().view();
         }
+    }
+    for v in sim.vals.iter().filter_map(|v| v.up.as_ref()) {
+        r.snapshots_refused += v.node.stats().snapshots_refused;
     }
     r.trace = crate::sha256(&sim.trace);
     r
@@ -1042,6 +1177,11 @@ mod tests {
             total.genesis_reruns += r.genesis_reruns;
             total.genesis_answers += r.genesis_answers;
             total.delivered += r.delivered;
+            total.joins += r.joins;
+            total.joined_from_snapshot += r.joined_from_snapshot;
+            total.snapshots_refused += r.snapshots_refused;
+            total.snapshot_chunks += r.snapshot_chunks;
+            total.disk.wipes += r.disk.wipes;
             total.disk.lost_unsynced += r.disk.lost_unsynced;
             total.disk.torn_tails += r.disk.torn_tails;
             total.disk.torn_garbage += r.disk.torn_garbage;
@@ -1062,6 +1202,8 @@ mod tests {
             assert!(total.view_changes > 0 && total.clock_steps > 0 && total.byzantine_msgs > 0, "{total:?}");
             assert!(total.views_entered > 0 && total.quarantines > 0, "{total:?}");
             assert!(total.genesis_reruns > 0 && total.genesis_answers > 0, "{total:?}");
+            assert!(d.wipes > 0 && total.joined_from_snapshot > 0 && total.snapshot_chunks > 0, "{total:?}");
+            assert!(total.snapshots_refused > 0, "{total:?}");
         }
     }
 

@@ -36,6 +36,7 @@ pub struct FaultCounts {
     pub bit_flips: u64,
     pub disk_full: u64,
     pub sync_failed: u64,
+    pub wipes: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -131,6 +132,16 @@ impl SimDisk {
             f.durable = kept.clone();
             f.data = kept;
         }
+    }
+
+    /// The disk is replaced by an empty one (a dead drive swapped, or a
+    /// data dir deleted): every file is gone; its fault counts stay.
+    pub fn wipe(&self) {
+        let mut g = self.0.lock().unwrap();
+        g.epoch += 1;
+        g.files.clear();
+        g.names.clear();
+        g.counts.wipes += 1;
     }
 
     /// Flips one bit of `path` at rest (synced data, past its first
