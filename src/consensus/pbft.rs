@@ -1085,15 +1085,20 @@ impl<A: Auth + Clone> Replica<A> {
             .expect("the retransmit timer always applies")
     }
 
-    /// Re-sends what may have been lost, once progress has stalled for an
-    /// interval: a slot's pre-prepare and own votes if nothing entered it
-    /// since; a fetch and the new-view if nothing executed since. Under
+    /// Re-sends what may have been lost, once progress has stalled: a
+    /// slot's pre-prepare and own votes if nothing entered it for half an
+    /// interval; a fetch and the new-view if nothing executed for one. Under
     /// load every slot in flight is younger than that, so nothing goes out
     /// twice (re-sending every unexecuted value each second cost a full
     /// window of megabyte proposals per replica per second).
     fn retransmit(&mut self, out: &mut Vec<Action>) {
         let stalled = |since: u64| self.now_ms.saturating_sub(since) >= self.p.retransmit_ms;
         let exec_stalled = stalled(self.executed_at_ms);
+        // A slot counts as stalled after half an interval: one touched just
+        // after this timer fired is then re-sent at the next firing, not the
+        // one after (two intervals: the view-change timeout, so a primary's
+        // first pre-prepare lost to backups still starting cost a view).
+        let slot_stalled = |since: u64| self.now_ms.saturating_sub(since) >= self.p.retransmit_ms / 2;
         // Ask for what others committed if we have work outstanding: cheap,
         // and the way a replica that was cut off catches up, in any view.
         // A replica alone in a view change asks too (its timer is off until
@@ -1113,7 +1118,7 @@ impl<A: Auth + Clone> Replica<A> {
                 out.push(Action::Broadcast(Message::NewView(nv.clone())));
             }
         }
-        for (_, slot) in self.log.range(self.executed + 1..).filter(|(_, s)| stalled(s.touched_ms)) {
+        for (_, slot) in self.log.range(self.executed + 1..).filter(|(_, s)| slot_stalled(s.touched_ms)) {
             if let Some(pp) = &slot.pre_prepare {
                 if pp.body.view == self.view {
                     out.push(Action::Broadcast(Message::PrePrepare(pp.clone())));
@@ -1931,6 +1936,26 @@ mod tests {
             rs[to].on_message(m, &mut out);
             route(&mut queue, kept, to, out);
         }
+    }
+
+    /// Found by a cluster test under load: a primary's first pre-prepare,
+    /// made just after its retransmit timer fired, reached backups still
+    /// starting and was dropped. Re-sent only when a whole interval had
+    /// passed at a firing, it went out two intervals later: with the view
+    /// timeout, too late, and the view changed at height 0.
+    #[test]
+    fn a_lost_pre_prepare_is_resent_at_the_next_retransmit_firing() {
+        let p = Params { retransmit_ms: 1000, timeout_ms: 2000, ..params() };
+        let mut primary = Replica::new(0, p, NoAuth);
+        let mut out = vec![];
+        primary.on_tick(10_000, &mut out); // the retransmit timer: next at 11_000
+        out.clear();
+        primary.set_time(10_005);
+        primary.propose(Arc::new(vec![1; 8]), &mut out); // lost
+        out.clear();
+        primary.on_tick(11_000, &mut out);
+        let resent = out.iter().any(|a| matches!(a, Action::Broadcast(Message::PrePrepare(pp)) if pp.body.seq == 1));
+        assert!(resent, "re-sent at the first firing after it, before the 2 s view timeout: {out:?}");
     }
 
     /// Found by the whole-node simulator (seed 228545): a primary that

@@ -1273,7 +1273,7 @@ fn core_loop(
             m.catch_up(&store, &cons.wire)?;
         }
         let peers = last_heard.values().filter(|&&t| now < t + 5000).count() as u64;
-        publish_gauges(&node, &cons, sh, started, peers);
+        publish_gauges(&node, &cons, sh, started && node.started(), peers);
         if now >= next_alive_ms {
             next_alive_ms = now + ALIVE_INTERVAL_MS;
             if let Some(net) = &cons.net {

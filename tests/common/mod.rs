@@ -219,7 +219,7 @@ impl Cluster {
             build_interval: Duration::from_millis(20),
             heartbeat: Duration::from_millis(200),
             base_timeout: Duration::from_secs(2),
-            log_level: "info".into(),
+            log_level: std::env::var("CM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             log_json: true,
             ..Default::default()
         };
