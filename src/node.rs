@@ -21,6 +21,7 @@
 use crate::block::{tx_root, Block, BlockHeader, BuilderConfig};
 use crate::bodies::{ask_order, Bodies};
 use crate::clock::Now;
+use crate::consensus::genesis::{Genesis, GenesisError, GenesisOutput, ReadyAttestation};
 use crate::consensus::pbft::{
     without_value, Action, Auth, Checkpoint, CommitCert, Message, PrePrepare, Proof, Record, Replica, Rid, Seq, Signed,
     View,
@@ -132,6 +133,10 @@ pub enum Output {
         validator: Rid,
         height: u64,
     },
+    /// The genesis ceremony's: send an attestation, write the certificate
+    /// (durable before any later output: consensus starts on it), or warn
+    /// that validators are still silent.
+    Genesis(GenesisOutput),
     /// Joining: ask `to` (with `None`, every peer) for a snapshot chunk.
     SnapshotRequest {
         to: Option<Rid>,
@@ -351,14 +356,18 @@ pub struct Node<A: Auth + Clone> {
     /// The snapshot recorded at the newest snapshot height, waiting for
     /// the checkpoint there to become stable (its proof).
     pending_snapshot: Option<Box<crate::proto::ChainSnapshot>>,
+    /// The genesis ceremony (None with one validator): everything else
+    /// waits until it is done; then it only answers late peers.
+    genesis: Option<Box<Genesis>>,
     /// Some while this validator, with an empty store, looks for a chain
     /// snapshot to start from: consensus waits (see `start_joining`).
     joining: Option<Box<Joining<A>>>,
 }
 
-/// The snapshot join: the transfer, and what the snapshot is verified with.
+/// The snapshot join: the transfer (from the end of genesis), and what the
+/// snapshot is verified with.
 struct Joining<A> {
-    join: snapshot::Join,
+    join: Option<snapshot::Join>,
     setup: snapshot::JoinSetup<A>,
 }
 
@@ -425,6 +434,7 @@ impl<A: Auth + Clone> Node<A> {
             latencies: Vec::new(),
             source_busy: false,
             pending_snapshot: None,
+            genesis: None,
             joining: None,
             cfg,
         }
@@ -435,17 +445,48 @@ impl<A: Auth + Clone> Node<A> {
     /// It asks every peer at the next tick; once a verified snapshot
     /// arrives it rebuilds itself on it (`Output::Joined`), and if none is
     /// to be had it starts from height 1.
-    pub fn start_joining(&mut self, now: Now, setup: snapshot::JoinSetup<A>) {
+    pub fn start_joining(&mut self, setup: snapshot::JoinSetup<A>) {
         assert_eq!(self.height(), 0, "only an empty validator joins");
-        let me = self.replica.id;
-        let peers = (0..self.cfg.validators.len()).filter(|&r| r != me).map(|r| r as u32);
-        let join = snapshot::Join::new(peers, now.mono_ms, setup.timeout_ms);
-        self.joining = Some(Box::new(Joining { join, setup }));
+        self.joining = Some(Box::new(Joining { join: None, setup }));
     }
 
-    /// Whether consensus runs here (not joining).
+    /// Takes part in the genesis ceremony first (`done`: a stored
+    /// certificate matched; it then only answers late peers).
+    pub fn start_genesis(&mut self, genesis: Genesis) {
+        self.genesis = Some(Box::new(genesis));
+    }
+
+    pub fn genesis_done(&self) -> bool {
+        self.genesis.as_ref().is_none_or(|g| g.done())
+    }
+
+    /// Whether consensus runs here (genesis done, not joining).
     pub fn started(&self) -> bool {
-        self.joining.is_none()
+        self.genesis_done() && self.joining.is_none()
+    }
+
+    /// Validator `peer` (its id) connected to this one: it may have
+    /// restarted, so genesis answers it again.
+    pub fn on_peer_connected(&mut self, peer: u32) {
+        if let Some(g) = self.genesis.as_mut() {
+            g.on_peer_connected(peer);
+        }
+    }
+
+    /// A genesis attestation from validator `from` (its id). An error is
+    /// fatal: the validators' configurations differ.
+    pub fn on_genesis_attestation(
+        &mut self,
+        now: Now,
+        from: u32,
+        a: ReadyAttestation,
+        out: &mut Vec<Output>,
+    ) -> Result<(), GenesisError> {
+        let Some(g) = self.genesis.as_mut() else { return Ok(()) };
+        let mut gout = vec![];
+        let r = g.on_attestation(now, from, a, &mut gout);
+        out.extend(gout.into_iter().map(Output::Genesis));
+        r
     }
 
     /// A peer asks for a chunk of the snapshot this validator serves
@@ -464,8 +505,8 @@ impl<A: Auth + Clone> Node<A> {
         chunk: crate::proto::SnapshotChunk,
         out: &mut Vec<Output>,
     ) {
-        let Some(j) = self.joining.as_mut() else { return };
-        if let Some(step) = j.join.on_chunk(from as u32, chunk, now.mono_ms) {
+        let Some(join) = self.joining.as_mut().and_then(|j| j.join.as_mut()) else { return };
+        if let Some(step) = join.on_chunk(from as u32, chunk, now.mono_ms) {
             self.join_step(now, step, out);
         }
     }
@@ -488,7 +529,7 @@ impl<A: Auth + Clone> Node<A> {
                     Ok(v) => v,
                     Err(e) => {
                         tracing::warn!(peer, error = %e, "snapshot refused; asking the other validators");
-                        j.join.refuse(peer, now.mono_ms);
+                        j.join.as_mut().expect("a transfer completed").refuse(peer, now.mono_ms);
                         self.stats.snapshots_refused += 1;
                         return;
                     }
@@ -501,6 +542,7 @@ impl<A: Auth + Clone> Node<A> {
                 node.stats = self.stats;
                 node.stats.joined_from_snapshot += 1;
                 node.backlog = std::mem::take(&mut self.backlog);
+                node.genesis = self.genesis.take();
                 *self = node;
                 out.push(Output::Joined { header: v.header, bytes: Arc::new(bytes) });
                 tracing::info!(height, peer, "joined from a snapshot; catching up with the blocks above it");
@@ -648,7 +690,7 @@ impl<A: Auth + Clone> Node<A> {
 
     /// False while admitted txs wait for room: stop pulling from the shards.
     pub fn has_room(&self) -> bool {
-        self.joining.is_none() && self.backlog.is_empty() && self.mempool.has_room()
+        self.started() && self.backlog.is_empty() && self.mempool.has_room()
     }
 
     /// Txs admitted by the verify shards. No verdict is made here that
@@ -657,8 +699,8 @@ impl<A: Auth + Clone> Node<A> {
     pub fn on_txs(&mut self, now: Now, txs: Vec<VerifiedTx>, out: &mut Vec<Output>) {
         let now_ms = self.enter(now);
         self.backlog.extend(txs);
-        if self.joining.is_some() {
-            return; // admitted once joined (`has_room` said no meanwhile)
+        if !self.started() {
+            return; // admitted once started (`has_room` said no meanwhile)
         }
         self.drain_backlog(out);
         self.drain_exec_queue(now_ms, out);
@@ -724,8 +766,8 @@ impl<A: Auth + Clone> Node<A> {
     /// window are verified; the rest are dropped (the sender retries in a
     /// later view if still needed).
     pub fn on_forward(&mut self, now: Now, from: Rid, txs: Vec<crate::proto::Transaction>, out: &mut Vec<Output>) {
-        if self.joining.is_some() {
-            return; // consensus waits for the join; peers retransmit
+        if !self.started() {
+            return; // consensus waits for genesis and the join; peers retransmit
         }
         let now_ms = self.enter(now);
         self.refill_budgets(now_ms);
@@ -769,8 +811,8 @@ impl<A: Auth + Clone> Node<A> {
     /// A consensus message from validator `from` (authenticated by the
     /// transport; the replica checks the signatures inside).
     pub fn on_message(&mut self, now: Now, from: Rid, msg: Message, out: &mut Vec<Output>) {
-        if self.joining.is_some() {
-            return; // consensus waits for the join; peers retransmit
+        if !self.started() {
+            return; // consensus waits for genesis and the join; peers retransmit
         }
         let now_ms = self.enter(now);
         match msg {
@@ -955,7 +997,7 @@ impl<A: Auth + Clone> Node<A> {
         out: &mut Vec<Output>,
     ) {
         let now_ms = self.enter(now);
-        if self.joining.is_some() || from >= self.cfg.validators.len() || !self.waits_for_bodies() {
+        if !self.started() || from >= self.cfg.validators.len() || !self.waits_for_bodies() {
             return;
         }
         for t in txs {
@@ -981,8 +1023,8 @@ impl<A: Auth + Clone> Node<A> {
     /// block) from the block store. At most `MAX_SERVED_TXS` per sender per
     /// budget window.
     pub fn on_tx_fetch(&mut self, now: Now, from: Rid, seq: Seq, tx_hashes: Vec<Hash32>, out: &mut Vec<Output>) {
-        if self.joining.is_some() {
-            return; // consensus waits for the join; peers retransmit
+        if !self.started() {
+            return; // consensus waits for genesis and the join; peers retransmit
         }
         let now_ms = self.enter(now);
         if from == self.replica.id {
@@ -1300,8 +1342,24 @@ impl<A: Auth + Clone> Node<A> {
 
     /// Time passes: timers, and a proposal if this validator leads.
     pub fn on_tick(&mut self, now: Now, out: &mut Vec<Output>) {
+        if let Some(g) = self.genesis.as_mut() {
+            if now.mono_ms >= g.poll_timeout_ms() {
+                let mut gout = vec![];
+                g.on_tick(now, &mut gout);
+                out.extend(gout.into_iter().map(Output::Genesis));
+            }
+            if !g.done() {
+                return;
+            }
+        }
         if let Some(j) = self.joining.as_mut() {
-            if let Some(step) = j.join.tick(now.mono_ms) {
+            let (me, n) = (self.replica.id, self.cfg.validators.len());
+            // The join's timeout runs from the end of genesis, however long that took.
+            let join = j.join.get_or_insert_with(|| {
+                let peers = (0..n).filter(|&r| r != me).map(|r| r as u32);
+                snapshot::Join::new(peers, now.mono_ms, j.setup.timeout_ms)
+            });
+            if let Some(step) = join.tick(now.mono_ms) {
                 self.join_step(now, step, out);
             }
             return;
@@ -1656,8 +1714,11 @@ impl<A: Auth + Clone> Node<A> {
     /// missing body; now (0) for a proof to propose. Ticking earlier does
     /// nothing; later delays that work.
     pub fn poll_timeout_ms(&self) -> u64 {
+        if let Some(g) = self.genesis.as_ref().filter(|g| !g.done()) {
+            return g.poll_timeout_ms();
+        }
         if let Some(j) = &self.joining {
-            return j.join.poll_timeout_ms();
+            return j.join.as_ref().map_or(0, |join| join.poll_timeout_ms());
         }
         let mut at_ms = self.replica.poll_timeout_ms();
         let unproposed_proofs = self.proofs.iter().any(|(_, proposed)| !proposed);
@@ -2373,9 +2434,9 @@ mod tests {
             records: vec![],
             timeout_ms: 10_000,
         };
-        fresh.start_joining(at(now), setup);
+        fresh.start_joining(setup);
         assert!(!fresh.started() && !fresh.has_room(), "consensus waits for the join");
-        assert_eq!(fresh.poll_timeout_ms(), now, "it asks at once");
+        assert!(fresh.poll_timeout_ms() <= now, "it asks at once");
         let mut out = vec![];
         let ask = |fresh: &mut Node<Ed25519Auth>, out: &mut Vec<Output>, now: u64| {
             fresh.on_tick(at(now), out);

@@ -246,7 +246,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             reputation: rep_cfg,
         })?;
 
-    let genesis = if n > 1 { Some(GenesisPhase::load(c, &v, key.clone())?) } else { None };
+    let genesis = if n > 1 { Some(load_genesis(c, &v, key.clone())?) } else { None };
 
     let stats = Arc::new(RuntimeStats::default());
     stats.height.store(store.height(), Ordering::Relaxed);
@@ -423,22 +423,22 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     } else {
         None
     };
+    if let Some(g) = genesis {
+        node.start_genesis(g);
+    }
     // An empty store may start from a peer's snapshot (the node joins
     // after genesis; a young chain has none and it starts from height 1).
     if let Some(records) = join_records.filter(|_| n > 1 && c.consensus.snapshot_interval > 0) {
-        node.start_joining(
-            clocks(),
-            snapshot::JoinSetup {
-                me: me_rid,
-                params: params.clone(),
-                auth: auth.clone(),
-                wire,
-                state: c.state_config(),
-                reputation: rep_cfg,
-                records,
-                timeout_ms: c.consensus.snapshot_join_timeout.as_millis() as u64,
-            },
-        );
+        node.start_joining(snapshot::JoinSetup {
+            me: me_rid,
+            params: params.clone(),
+            auth: auth.clone(),
+            wire,
+            state: c.state_config(),
+            reputation: rep_cfg,
+            records,
+            timeout_ms: c.consensus.snapshot_join_timeout.as_millis() as u64,
+        });
     }
     let mut audit = if c.secrets.audit_signing_key.is_empty() {
         None
@@ -472,6 +472,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         compact_min: c.runtime.consensus_log_compact_bytes,
         served,
         base_path,
+        genesis_path: c.genesis_path(),
         snapshot_writer,
         egress: egress_feed,
         mirror: mirror_feed,
@@ -485,7 +486,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
     let core = std::thread::Builder::new().name("core".into()).spawn(move || {
         pin(core_pin, "core");
-        let r = core_loop(node, store, cons, genesis, &outs, &bell, &sh);
+        let r = core_loop(node, store, cons, &outs, &bell, &sh);
         if let Err(e) = &r {
             tracing::error!(error = %format!("{e:#}"), "core stopped");
             sh.stop.store(true, Ordering::SeqCst);
@@ -910,6 +911,8 @@ struct Consensus {
     served: Served,
     /// Where a joined snapshot is kept (`blocks.base`).
     base_path: std::path::PathBuf,
+    /// Where the genesis certificate is kept.
+    genesis_path: std::path::PathBuf,
     /// To the thread that writes `snapshot.bin` (off the core thread).
     snapshot_writer: Option<SyncSender<Box<proto::ChainSnapshot>>>,
     /// Commit events to publish (Kafka).
@@ -1059,63 +1062,24 @@ fn serve_block_txs(
     Ok(())
 }
 
-/// The genesis phase (`consensus::genesis::Genesis`, sans-I/O) and where
-/// its certificate is kept.
-struct GenesisPhase {
-    phase: Genesis,
-    path: std::path::PathBuf,
-}
-
-impl GenesisPhase {
-    /// Reuses a stored certificate if it matches this configuration (any
-    /// difference is named and aborts the start); otherwise the ceremony runs.
-    fn load(c: &crate::config::Config, v: &Validated, key: crypto::SigningKey) -> anyhow::Result<GenesisPhase> {
-        let path = c.genesis_path();
-        let config_hash = c.consensus_fingerprint();
-        let cert = crate::recovery::genesis_certificate(&*crate::storage::os(), &path, &config_hash, &v.validators)?;
-        if let Some(cert) = &cert {
-            tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis certificate reused");
-        }
-        let skew = c.genesis.clock_skew_tolerance.as_millis() as u64;
-        let phase = Genesis::new(
-            Ceremony::new(c.node.id, config_hash, v.validators.clone(), skew),
-            key,
-            cert.is_some(),
-            c.genesis.ready_refresh_interval.as_millis() as u64,
-            c.genesis.ready_timeout.as_millis() as u64,
-            clocks(),
-        );
-        Ok(GenesisPhase { phase, path })
+/// Reuses a stored certificate if it matches this configuration (any
+/// difference is named and aborts the start); otherwise the ceremony runs.
+fn load_genesis(c: &crate::config::Config, v: &Validated, key: crypto::SigningKey) -> anyhow::Result<Genesis> {
+    let path = c.genesis_path();
+    let config_hash = c.consensus_fingerprint();
+    let cert = crate::recovery::genesis_certificate(&*crate::storage::os(), &path, &config_hash, &v.validators)?;
+    if let Some(cert) = &cert {
+        tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis certificate reused");
     }
-
-    /// Carries out the phase's outputs: the certificate durable before
-    /// anything after it (consensus starts once it is written).
-    fn perform(&self, out: &mut Vec<GenesisOutput>, cons: &Consensus) -> anyhow::Result<()> {
-        for o in out.drain(..) {
-            match o {
-                GenesisOutput::Attest { to, attestation } => {
-                    let Some(net) = &cons.net else { continue };
-                    let frame = Arc::new(wire::encode_genesis(&attestation));
-                    match to {
-                        Some(peer) => {
-                            net.send(peer, frame);
-                        }
-                        None => net.broadcast(frame),
-                    }
-                }
-                GenesisOutput::Complete(cert) => {
-                    crate::storage::os()
-                        .write_atomically(&self.path, &serde_json::to_vec_pretty(&cert)?)
-                        .with_context(|| format!("writing the genesis certificate {}", self.path.display()))?;
-                    tracing::info!(path = %self.path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
-                }
-                GenesisOutput::StillWaiting(waiting_for) => {
-                    tracing::warn!(?waiting_for, "genesis: still waiting for ready attestations (GENESIS_READY_TIMEOUT passed); start those validators or check P2P_BOOTSTRAP_PEERS");
-                }
-            }
-        }
-        Ok(())
-    }
+    let skew = c.genesis.clock_skew_tolerance.as_millis() as u64;
+    Ok(Genesis::new(
+        Ceremony::new(c.node.id, config_hash, v.validators.clone(), skew),
+        key,
+        cert.is_some(),
+        c.genesis.ready_refresh_interval.as_millis() as u64,
+        c.genesis.ready_timeout.as_millis() as u64,
+        clocks(),
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1123,13 +1087,11 @@ fn core_loop(
     mut node: Node<Ed25519Auth>,
     mut store: BlockStore,
     mut cons: Consensus,
-    mut genesis: Option<GenesisPhase>,
     inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
     bell: &Doorbell,
     sh: &Shared,
 ) -> anyhow::Result<()> {
     let mut out: Vec<Output> = Vec::new();
-    let mut genesis_out: Vec<GenesisOutput> = Vec::new();
     let mut last_log = now_ms();
     let mut last_validators = 0u64;
     // When each peer was last heard from (p2p_peers_connected, /ready).
@@ -1141,9 +1103,9 @@ fn core_loop(
         let now = clock.wall_ms;
         let mut worked = false;
         // Consensus starts once genesis (and a snapshot join) is done; until
-        // then txs wait in the rings (`has_room` is false while joining).
-        let started = genesis.as_ref().is_none_or(|g| g.phase.done());
-        for ring in inputs.iter().filter(|_| started) {
+        // then txs wait in the rings (`has_room` says no) and the node
+        // drops consensus messages (peers retransmit).
+        for ring in inputs.iter() {
             while node.has_room() {
                 let Some(batch) = ring.pop() else { break };
                 node.on_txs(clock, batch, &mut out);
@@ -1164,8 +1126,8 @@ fn core_loop(
                 match e {
                     NetEvent::Connected { peer, outgoing } => {
                         tracing::debug!(peer, outgoing, "peer connected");
-                        if let (Some(g), false) = (&mut genesis, outgoing) {
-                            g.phase.on_peer_connected(peer);
+                        if !outgoing {
+                            node.on_peer_connected(peer);
                         }
                     }
                     NetEvent::Failed { addr, reason } => tracing::debug!(%addr, reason, "peer connection failed"),
@@ -1182,8 +1144,9 @@ fn core_loop(
                 last_heard.insert(from, now);
                 let Some(rid) = cons.rid_of(from) else { continue };
                 match wire::decode_frame(&bytes, &cons.wire) {
-                    Ok(Frame::Pbft(m)) if started => {
+                    Ok(Frame::Pbft(m)) => {
                         let counter = match &m {
+                            _ if !node.started() => None, // dropped: peers retransmit
                             Message::PrePrepare(_) => Some(&sh.stats.proposals_received),
                             Message::Vote(v) if v.body.phase == crate::consensus::pbft::Phase::Prepare => {
                                 Some(&sh.stats.prepares_received)
@@ -1196,49 +1159,22 @@ fn core_loop(
                         }
                         node.on_message(clock, rid, m, &mut out)
                     }
-                    Ok(Frame::Pbft(_)) => {} // before genesis: peers retransmit
-                    Ok(Frame::Alive) => {}   // heard from: that is all
-                    Ok(Frame::Forward(txs)) => {
-                        if started {
-                            node.on_forward(clock, rid, txs, &mut out);
-                        }
-                    }
-                    Ok(Frame::TxFetch { seq, tx_hashes }) => {
-                        if started {
-                            node.on_tx_fetch(clock, rid, seq, tx_hashes, &mut out);
-                        }
-                    }
-                    Ok(Frame::TxBodies { seq, txs }) => {
-                        if started {
-                            node.on_bodies(clock, rid, seq, txs, &mut out);
-                        }
-                    }
+                    Ok(Frame::Alive) => {} // heard from: that is all
+                    Ok(Frame::Forward(txs)) => node.on_forward(clock, rid, txs, &mut out),
+                    Ok(Frame::TxFetch { seq, tx_hashes }) => node.on_tx_fetch(clock, rid, seq, tx_hashes, &mut out),
+                    Ok(Frame::TxBodies { seq, txs }) => node.on_bodies(clock, rid, seq, txs, &mut out),
                     Ok(Frame::Genesis(a)) => {
-                        if let Some(g) = &mut genesis {
-                            g.phase
-                                .on_attestation(clock, from, a, &mut genesis_out)
-                                .map_err(anyhow::Error::msg)
-                                .context("genesis ceremony failed")?;
-                            g.perform(&mut genesis_out, &cons)?;
-                        }
+                        node.on_genesis_attestation(clock, from, a, &mut out).context("genesis ceremony failed")?
                     }
                     Ok(Frame::SnapshotRequest(r)) => node.on_snapshot_request(rid, r, &mut out),
-                    Ok(Frame::SnapshotChunk(c)) => {
-                        if started {
-                            node.on_snapshot_chunk(clock, rid, c, &mut out);
-                        }
-                    }
+                    Ok(Frame::SnapshotChunk(c)) => node.on_snapshot_chunk(clock, rid, c, &mut out),
                     Err(e) => tracing::debug!(peer = from, error = %e, "undecodable consensus message"),
                 }
             }
         }
-        if let Some(g) = genesis.as_mut().filter(|g| clock.mono_ms >= g.phase.poll_timeout_ms()) {
-            g.phase.on_tick(clock, &mut genesis_out);
-            g.perform(&mut genesis_out, &cons)?;
-        }
-        // Timers only when one is due (`poll_timeout_ms` is exact; the
-        // simulator ticks the same way).
-        if started && clock.mono_ms >= node.poll_timeout_ms() {
+        // Timers only when one is due (`poll_timeout_ms` is exact, genesis
+        // and the join included; the simulator ticks the same way).
+        if clock.mono_ms >= node.poll_timeout_ms() {
             node.on_tick(clock, &mut out);
         }
         if !out.is_empty() {
@@ -1273,7 +1209,7 @@ fn core_loop(
             m.catch_up(&store, &cons.wire)?;
         }
         let peers = last_heard.values().filter(|&&t| now < t + 5000).count() as u64;
-        publish_gauges(&node, &cons, sh, started && node.started(), peers);
+        publish_gauges(&node, &cons, sh, peers);
         if now >= next_alive_ms {
             next_alive_ms = now + ALIVE_INTERVAL_MS;
             if let Some(net) = &cons.net {
@@ -1301,7 +1237,7 @@ fn core_loop(
         }
         if !worked {
             let wait = node.poll_timeout_ms().saturating_sub(mono_ms()).clamp(1, 100);
-            let room = node.has_room() && started;
+            let room = node.has_room();
             let net_ready = || cons.net.as_ref().is_some_and(|n| n.has_incoming());
             idle_wait(sh.idle, bell, Duration::from_millis(wait), || {
                 (room && inputs.iter().any(|r| !r.is_empty())) || net_ready()
@@ -1328,13 +1264,13 @@ fn observe_latencies(node: &mut Node<Ed25519Auth>, sh: &Shared) {
 }
 
 /// The levels `/status` and `/metrics` read, published after each pass.
-fn publish_gauges(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, started: bool, peers_connected: u64) {
+fn publish_gauges(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, peers_connected: u64) {
     let st = &sh.stats;
     st.duplicates.store(node.stats().duplicates, Ordering::Relaxed);
     st.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
     st.mempool_bytes.store(node.mempool_bytes() as u64, Ordering::Relaxed);
     let view = node.replica().view();
-    st.genesis_done.store(started, Ordering::Relaxed);
+    st.genesis_done.store(node.started(), Ordering::Relaxed);
     st.leader.store(cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0) as u64, Ordering::Relaxed);
     st.peers_connected.store(peers_connected, Ordering::Relaxed);
     st.ring_occupancy.store(sh.shard_in.iter().map(|r| r.len() as u64).sum(), Ordering::Relaxed);
@@ -1417,6 +1353,27 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             Output::Persist(r) => {
                 stable |= matches!(r, Record::Stable { .. });
                 cons.pending.push(r);
+            }
+            Output::Genesis(GenesisOutput::Attest { to, attestation }) => {
+                if let Some(net) = &cons.net {
+                    let frame = Arc::new(wire::encode_genesis(&attestation));
+                    match to {
+                        Some(peer) => {
+                            net.send(peer, frame);
+                        }
+                        None => net.broadcast(frame),
+                    }
+                }
+            }
+            Output::Genesis(GenesisOutput::Complete(cert)) => {
+                let path = &cons.genesis_path;
+                crate::storage::os()
+                    .write_atomically(path, &serde_json::to_vec_pretty(&cert)?)
+                    .with_context(|| format!("writing the genesis certificate {}", path.display()))?;
+                tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
+            }
+            Output::Genesis(GenesisOutput::StillWaiting(waiting_for)) => {
+                tracing::warn!(?waiting_for, "genesis: still waiting for ready attestations (GENESIS_READY_TIMEOUT passed); start those validators or check P2P_BOOTSTRAP_PEERS");
             }
             Output::SnapshotRequest { to, request } => {
                 if let Some(net) = &cons.net {

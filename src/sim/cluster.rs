@@ -186,9 +186,6 @@ impl PartialOrd for Packet {
 }
 
 struct Up {
-    /// The genesis ceremony: consensus inputs wait until it is done.
-    genesis: Genesis,
-    gout: Vec<GenesisOutput>,
     node: Node<SimAuth>,
     store: BlockStore,
     log: ConsensusLog,
@@ -517,19 +514,16 @@ impl Sim {
         recovery::remember_recent(&mut node, &store).expect("blocks read at recovery read again");
         if let Some(records) = join_records {
             self.report.joins += 1;
-            node.start_joining(
-                now,
-                crate::snapshot::JoinSetup {
-                    me: i,
-                    params: self.params.clone(),
-                    auth: self.auths[i].clone(),
-                    wire: self.wire,
-                    state: StateConfig::default(),
-                    reputation: REPUTATION,
-                    records,
-                    timeout_ms: 3_000,
-                },
-            );
+            node.start_joining(crate::snapshot::JoinSetup {
+                me: i,
+                params: self.params.clone(),
+                auth: self.auths[i].clone(),
+                wire: self.wire,
+                state: StateConfig::default(),
+                reputation: REPUTATION,
+                records,
+                timeout_ms: 3_000,
+            });
         }
         // What it serves: its newest snapshot, else the one it sits on (as
         // the runtime reads them at start).
@@ -542,8 +536,8 @@ impl Sim {
         }
         .or_else(|| base_bytes.map(|b| (store.base_height(), Arc::new(b))));
         let ceremony = Ceremony::new(i as u32 + 1, CONFIG_HASH, self.genesis_set.clone(), 60_000);
-        let genesis = Genesis::new(ceremony, self.genesis_keys[i].clone(), cert.is_some(), 2_000, 10_000, now);
-        v.up = Some(Up { genesis, gout: Vec::new(), node, store, log: log.expect("n > 1"), out: Vec::new() });
+        node.start_genesis(Genesis::new(ceremony, self.genesis_keys[i].clone(), cert.is_some(), 2_000, 10_000, now));
+        v.up = Some(Up { node, store, log: log.expect("n > 1"), out: Vec::new() });
         // The source redelivers what it sent before (Kafka resumes from its
         // committed offsets; the node drops repeats of committed txs).
         v.inbox.clear();
@@ -610,36 +604,6 @@ impl Sim {
         }
     }
 
-    /// Carries out validator `i`'s genesis outputs as the runtime does: the
-    /// certificate written atomically before anything after it.
-    fn perform_genesis(&mut self, i: Rid) {
-        let Some(up) = self.vals[i].up.as_mut() else { return };
-        for o in std::mem::take(&mut up.gout) {
-            match o {
-                GenesisOutput::Attest { to, attestation } => {
-                    if to.is_some() {
-                        self.report.genesis_answers += 1;
-                    }
-                    let to = to.map(|id| id as Rid - 1);
-                    self.send(i, to, Msg::Genesis(attestation));
-                }
-                GenesisOutput::Complete(cert) => {
-                    let v = &self.vals[i];
-                    let bytes = serde_json::to_vec(&cert).expect("a certificate encodes");
-                    if let Err(e) = v.disk.write_atomically(&v.dir.join(GENESIS_FILE), &bytes) {
-                        self.report.storage_errors += 1;
-                        return self.crash(i, &format!("genesis certificate: {e}"));
-                    }
-                    self.report.genesis_completed += 1;
-                    if self.debug {
-                        eprintln!("{} validator {i} completed genesis", self.now_ms);
-                    }
-                }
-                GenesisOutput::StillWaiting(_) => {}
-            }
-        }
-    }
-
     /// Carries out validator `i`'s outputs as the runtime does. A storage
     /// error stops it (the runtime's core stops; a restart recovers).
     fn perform(&mut self, i: Rid) {
@@ -697,6 +661,25 @@ impl Sim {
                     repeats.push(receipts.iter().map(|r| r.status == crate::state::TxStatus::Repeat).collect());
                     commits.push((block, cert, outcome))
                 }
+                Output::Genesis(GenesisOutput::Attest { to, attestation }) => {
+                    if to.is_some() {
+                        self.report.genesis_answers += 1;
+                    }
+                    sends.push((to.map(|id| id as Rid - 1), Msg::Genesis(attestation)));
+                }
+                // Written atomically before anything after it, as the runtime does.
+                Output::Genesis(GenesisOutput::Complete(cert)) => {
+                    let bytes = serde_json::to_vec(&cert).expect("a certificate encodes");
+                    if let Err(e) = v.disk.write_atomically(&v.dir.join(GENESIS_FILE), &bytes) {
+                        failed = Some(format!("genesis certificate: {e}"));
+                        break;
+                    }
+                    self.report.genesis_completed += 1;
+                    if self.debug {
+                        eprintln!("{} validator {i} completed genesis", self.now_ms);
+                    }
+                }
+                Output::Genesis(GenesisOutput::StillWaiting(_)) => {}
                 Output::SnapshotRequest { to, request } => sends.push((to, Msg::SnapshotRequest(request))),
                 Output::ServeSnapshot { to, request } => {
                     let served = v.served.as_ref().map(|(s, b)| (*s, b.as_slice()));
@@ -920,24 +903,14 @@ impl Sim {
         let Some(up) = self.vals[p.to].up.as_mut() else { return };
         self.report.delivered += 1;
         let out = &mut up.out;
+        // Each phase's inputs go to the node in any phase: it drops what its
+        // phase does not take (peers retransmit), as in the runtime.
         match p.msg {
             Msg::Genesis(a) => {
                 let from = p.from as u32 + 1;
-                up.genesis.on_attestation(now, from, a, &mut up.gout).expect("one configuration everywhere");
-                return self.perform_genesis(p.to);
+                up.node.on_genesis_attestation(now, from, a, out).expect("one configuration everywhere");
             }
-            // Answered in any phase (as the runtime does).
-            Msg::SnapshotRequest(r) => {
-                up.node.on_snapshot_request(p.from, r, out);
-                return self.perform(p.to);
-            }
-            _ => {}
-        }
-        if !up.genesis.done() {
-            return; // before genesis: peers retransmit
-        }
-        match p.msg {
-            Msg::Genesis(_) | Msg::SnapshotRequest(_) => unreachable!("handled above"),
+            Msg::SnapshotRequest(r) => up.node.on_snapshot_request(p.from, r, out),
             Msg::SnapshotChunk(c) => up.node.on_snapshot_chunk(now, p.from, c, out),
             Msg::Pbft(m) => up.node.on_message(now, p.from, m, out),
             Msg::Forward(txs) => up.node.on_forward(now, p.from, txs, out),
@@ -985,12 +958,6 @@ impl Sim {
             let now = self.local(i);
             let v = &mut self.vals[i];
             let Some(up) = v.up.as_mut() else { continue };
-            if now.mono_ms >= up.genesis.poll_timeout_ms() {
-                up.genesis.on_tick(now, &mut up.gout);
-                self.perform_genesis(i);
-            }
-            let v = &mut self.vals[i];
-            let Some(up) = v.up.as_mut().filter(|u| u.genesis.done()) else { continue };
             let mut batch = vec![];
             while up.node.has_room() && batch.len() < 8 {
                 let Some(t) = v.inbox.pop_front() else { break };
@@ -1008,7 +975,7 @@ impl Sim {
             self.perform(i);
         }
         if !self.genesis_all_done {
-            self.genesis_all_done = self.vals.iter().all(|v| v.up.as_ref().is_some_and(|u| u.genesis.done()));
+            self.genesis_all_done = self.vals.iter().all(|v| v.up.as_ref().is_some_and(|u| u.node.genesis_done()));
         }
         if let Some(b) = self.cfg.byzantine {
             if self.now_ms % 200 == 0 && self.genesis_all_done {
@@ -1110,7 +1077,7 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
     for i in sim.honest().collect::<Vec<_>>() {
         let up = sim.vals[i].up.as_ref().expect("done: up");
         let top = *sim.chain.keys().next_back().unwrap_or(&0);
-        assert!(up.genesis.done(), "seed {seed}: validator {i} never finished genesis");
+        assert!(up.node.started(), "seed {seed}: validator {i} never finished genesis");
         assert_eq!(up.node.last_header().map(|h| h.hash()), sim.chain.get(&top).copied(), "seed {seed}: validator {i}");
     }
     let mut r = std::mem::take(&mut sim.report);
