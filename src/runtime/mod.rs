@@ -7,7 +7,7 @@
 //! verify shard × N (pinned when configured): checks → batched Ed25519 → nonces
 //!        │  Ring<Vec<VerifiedTx>> per shard            rejections ─► DLQ thread
 //!        ▼
-//! core thread (single owner): genesis, then Node (mempool, PBFT replica, state)
+//! core thread (single owner): Node (genesis → snapshot join → mempool, PBFT replica, state)
 //!        │   ▲ consensus frames (bounded queue, rings the core's doorbell)
 //!        │   └── net thread (tokio + quinn QUIC to the other validators)
 //!        │  consensus.log (fsync before sends) · block store (fsync) · committed blocks
