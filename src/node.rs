@@ -1307,7 +1307,14 @@ impl<A: Auth + Clone> Node<A> {
             self.next_forward_retry_ms = now_ms + FORWARD_RETRY_MS;
             self.forwarded.clear();
         }
+        // What counts as in flight is the view it is changing to (nothing
+        // yet): a value of a view it left may never commit, and its txs
+        // must not be held back for it (found by the whole-node simulator,
+        // seed 222126145517: a tx a dead view had pre-prepared stayed here).
+        self.sync_inflight();
         self.forward_passed_over(now_ms, to, out);
+        // Rebuilt again once the view is entered (its new-view brings pre-prepares).
+        self.inflight_view = None;
     }
 
     /// How long a tx may be passed over before the primary is suspected:

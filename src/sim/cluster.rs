@@ -1174,6 +1174,16 @@ mod tests {
         }
     }
 
+    /// Seeds that once found a bug (in the simulator as it was then; they
+    /// still run a fault mix of their own).
+    #[test]
+    fn seeds_that_found_bugs_pass() {
+        for seed in [146_565, 228_545, 222_126_145_517] {
+            let cfg = Config::random(&mut StdRng::seed_from_u64(seed));
+            run(seed, &cfg);
+        }
+    }
+
     #[test]
     fn a_seed_replays_exactly() {
         for seed in [3, 17] {
