@@ -1103,7 +1103,7 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
 }
 
 fn seeds_from_env() -> (u64, u64) {
-    let n = std::env::var("SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n = std::env::var("SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
     let from = std::env::var("SIM_SEED_FROM").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     (from, n)
 }
