@@ -961,6 +961,12 @@ impl<M> BlockFeed<M> {
         BlockFeed { tx, next, held: None, make }
     }
 
+    /// The store now starts above `base` (a snapshot join): the blocks
+    /// below it are not here to feed (peers published and mirrored them).
+    fn start_above(&mut self, base: u64) {
+        self.next = self.next.max(base + 1);
+    }
+
     fn offer(&mut self, item: M) -> bool {
         match self.tx.try_send(item) {
             Ok(()) => true,
@@ -1400,6 +1406,13 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                 let height = header.height;
                 store.set_base(header);
                 *cons.served.lock().unwrap() = Some((height, bytes));
+                // Else they would read block 1 of a store that starts above the snapshot.
+                if let Some(e) = cons.egress.as_mut() {
+                    e.start_above(height);
+                }
+                if let Some(m) = cons.mirror.as_mut() {
+                    m.start_above(height);
+                }
             }
             Output::Snapshot(snap) => {
                 if let Some(w) = &cons.snapshot_writer {
