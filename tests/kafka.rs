@@ -864,3 +864,53 @@ fn cluster_commits_each_alert_once_with_the_same_verdicts_everywhere_across_lead
     assert_eq!(applied[0].len() + dead[0].len(), all.len(), "every alert applied or dead-lettered");
     drop(vs);
 }
+
+/// A validator whose disk was replaced joins from a snapshot while the
+/// cluster runs on Kafka: its commit-event feed starts above the snapshot
+/// (it used to read block 1 of a store that starts above it, and the core
+/// stopped), so it publishes signed events for the new blocks and runs on.
+#[test]
+fn a_validator_joined_from_a_snapshot_publishes_commit_events_above_it() {
+    let t = Topics::new();
+    let c = Cluster::new(4, |cfg| {
+        cfg.ingest.source = cybermesh::config::SourceKind::Kafka;
+        cfg.kafka.brokers = brokers();
+        cfg.kafka.input_topics = vec![t.anomalies.clone()];
+        cfg.kafka.consumer_group_id = t.group.clone();
+        cfg.kafka.dlq_topic = t.dlq.clone();
+        cfg.kafka.commits_topic = t.commits.clone();
+        cfg.kafka.reputation_topic = t.reputation.clone();
+        cfg.kafka.policy_topic = t.policy_out.clone();
+        cfg.kafka.evidence_topic = t.evidence_out.clone();
+        cfg.block.max_txs = 10;
+        cfg.consensus.snapshot_interval = 8;
+    });
+    let mut vs: Vec<Option<Validator>> = (0..4).map(|i| Some(c.start(i))).collect();
+    let (k, p) = (c.producer(), producer());
+    produce(&p, &t.anomalies, &(0..200).map(|i| anomaly(k, i).encode()).collect::<Vec<_>>());
+    wait_log(vs[0].as_ref().unwrap(), "chain snapshot ready", Duration::from_secs(60));
+    vs[3].take().unwrap().kill9();
+    std::fs::remove_dir_all(&c.net.nodes[3].data_dir).unwrap();
+    let v3 = c.start(3);
+    let joined = wait_log(&v3, "joined from a snapshot; catching up with the blocks above it", Duration::from_secs(60));
+    let base = joined["fields"]["height"].as_u64().unwrap();
+    let more: Vec<Event> = (1000..1040).map(|i| anomaly(k, i)).collect();
+    produce(&p, &t.anomalies, &more.iter().map(|e| e.encode()).collect::<Vec<_>>());
+    let setup = cybermesh::config::Config::load(Some(&c.net.nodes[0].config)).unwrap().validate().unwrap();
+    let keys: Vec<[u8; 32]> = setup.validators.values().copied().collect();
+    let key3 = keys[3];
+    let want: BTreeSet<[u8; 16]> = more.iter().map(|e| e.id).collect();
+    let (mut seen, mut lowest) = (BTreeSet::new(), u64::MAX);
+    read_until(&t.commits, |m| {
+        let e = proto::CommitEvent::decode(m.payload().unwrap_or_default()).expect("a CommitEvent");
+        if e.public_key != key3 {
+            return false;
+        }
+        cybermesh::egress::verify_commit_event(&e, &keys, 3).expect("commit event verifies");
+        lowest = lowest.min(e.height);
+        seen.extend(e.anomaly_ids.iter().map(|id| <[u8; 16]>::try_from(&id[..]).unwrap()));
+        want.is_subset(&seen)
+    });
+    assert!(lowest > base, "validator 4 published height {lowest}, at or below its snapshot at {base}");
+    assert!(v3.terminate().success(), "validator 4 kept running after the join");
+}
