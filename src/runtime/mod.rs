@@ -1470,18 +1470,27 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     // depend on any record before it; none on a record after it). Flushing
     // before each send instead cost one fsync per message.
     cons.flush()?;
-    for (to, m) in &sends {
-        match to {
-            Some(to) => cons.send(*to, m),
-            None => cons.broadcast(m),
+    // A checkpoint vouches for executed blocks: it goes out once they are
+    // durable here, so a stable checkpoint (and a snapshot it proves) never
+    // sits over a block that q validators might all lose in a crash.
+    let (held, sends): (Vec<_>, Vec<_>) =
+        sends.into_iter().partition(|(_, m)| !commits.is_empty() && matches!(m, Message::Checkpoint(_)));
+    let send_all = |cons: &Consensus, sends: &[(Option<Rid>, Message)]| {
+        for (to, m) in sends {
+            match to {
+                Some(to) => cons.send(*to, m),
+                None => cons.broadcast(m),
+            }
         }
-    }
+    };
+    send_all(cons, &sends);
     if commits.is_empty() {
         return Ok(stable);
     }
     store
         .append_with_outcomes(&crate::recovery::stored_form(&commits))
         .context("block store append failed; stopping (restart recovers the store)")?;
+    send_all(cons, &held);
     let durable_ms = now_ms().saturating_sub(executed_ms) as f64;
     let h = sh.stats.latencies.stage("durable");
     for (block, _, _) in &commits {
