@@ -71,6 +71,19 @@ fn start(s: &Setup, t: &Topics, extra_env: &[(&str, &str)]) -> Validator {
     Validator::spawn(cmd)
 }
 
+/// A cluster validator's Kafka settings: these input topics, the test's own for the rest.
+fn on_kafka(cfg: &mut cybermesh::config::Config, t: &Topics, inputs: Vec<String>) {
+    cfg.ingest.source = cybermesh::config::SourceKind::Kafka;
+    cfg.kafka.brokers = brokers();
+    cfg.kafka.input_topics = inputs;
+    cfg.kafka.consumer_group_id = t.group.clone();
+    cfg.kafka.dlq_topic = t.dlq.clone();
+    cfg.kafka.commits_topic = t.commits.clone();
+    cfg.kafka.reputation_topic = t.reputation.clone();
+    cfg.kafka.policy_topic = t.policy_out.clone();
+    cfg.kafka.evidence_topic = t.evidence_out.clone();
+}
+
 fn producer() -> ThreadedProducer<DefaultProducerContext> {
     ClientConfig::new().set("bootstrap.servers", brokers()).set("acks", "all").create().expect("producer")
 }
@@ -749,15 +762,7 @@ struct Published {
 fn cluster_commits_each_alert_once_with_the_same_verdicts_everywhere_across_leader_and_backup_kill9() {
     let t = Topics::new();
     let c = Cluster::new(4, |cfg| {
-        cfg.ingest.source = cybermesh::config::SourceKind::Kafka;
-        cfg.kafka.brokers = brokers();
-        cfg.kafka.input_topics = vec![t.anomalies.clone(), t.evidence.clone(), t.policy.clone()];
-        cfg.kafka.consumer_group_id = t.group.clone();
-        cfg.kafka.dlq_topic = t.dlq.clone();
-        cfg.kafka.commits_topic = t.commits.clone();
-        cfg.kafka.reputation_topic = t.reputation.clone();
-        cfg.kafka.policy_topic = t.policy_out.clone();
-        cfg.kafka.evidence_topic = t.evidence_out.clone();
+        on_kafka(cfg, &t, vec![t.anomalies.clone(), t.evidence.clone(), t.policy.clone()]);
         // A rate the first burst exceeds (verdicts charged at block time).
         cfg.mempool.rate_per_second = 40;
         cfg.mempool.rate_burst = 60;
@@ -873,15 +878,7 @@ fn cluster_commits_each_alert_once_with_the_same_verdicts_everywhere_across_lead
 fn a_validator_joined_from_a_snapshot_publishes_commit_events_above_it() {
     let t = Topics::new();
     let c = Cluster::new(4, |cfg| {
-        cfg.ingest.source = cybermesh::config::SourceKind::Kafka;
-        cfg.kafka.brokers = brokers();
-        cfg.kafka.input_topics = vec![t.anomalies.clone()];
-        cfg.kafka.consumer_group_id = t.group.clone();
-        cfg.kafka.dlq_topic = t.dlq.clone();
-        cfg.kafka.commits_topic = t.commits.clone();
-        cfg.kafka.reputation_topic = t.reputation.clone();
-        cfg.kafka.policy_topic = t.policy_out.clone();
-        cfg.kafka.evidence_topic = t.evidence_out.clone();
+        on_kafka(cfg, &t, vec![t.anomalies.clone()]);
         cfg.block.max_txs = 10;
         cfg.consensus.snapshot_interval = 8;
     });
