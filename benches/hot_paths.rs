@@ -2,14 +2,14 @@
 //! figures are recorded in the README's performance section.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use cybermesh::block::{tx_root, Block, BlockHeader};
-use cybermesh::crypto::{self, BatchItem};
-use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
-use cybermesh::ingest::verify::{Verifier, VerifyPolicy};
-use cybermesh::ingest::Incoming;
-use cybermesh::mempool::{Mempool, MempoolConfig, VerifiedTx};
-use cybermesh::state::{State, StateConfig};
-use cybermesh::store::BlockStore;
+use cybermesh::edges::store::BlockStore;
+use cybermesh::protocol::block::{tx_root, Block, BlockHeader};
+use cybermesh::protocol::crypto::{self, BatchItem};
+use cybermesh::protocol::event::{sample_anomaly_payload, Event, TxKind};
+use cybermesh::protocol::mempool::{Mempool, MempoolConfig, VerifiedTx};
+use cybermesh::protocol::state::{State, StateConfig};
+use cybermesh::protocol::verify::Incoming;
+use cybermesh::protocol::verify::{Verifier, VerifyPolicy};
 use cybermesh::Hash32;
 use std::sync::Arc;
 
@@ -138,7 +138,7 @@ fn state(c: &mut Criterion) {
 }
 
 fn merkle(c: &mut Criterion) {
-    use cybermesh::state::merkle::{SparseMerkleTree, Update};
+    use cybermesh::protocol::state::merkle::{SparseMerkleTree, Update};
     let k = |i: u32| cybermesh::sha256(&i.to_le_bytes());
     let mut base = SparseMerkleTree::new();
     base.apply((0..100_000).map(|i| (k(i), Some(k(i + 1)))).collect());

@@ -13,4 +13,7 @@ source target/test-env.sh
 # baseline printed (a warning past the threshold, never a failure: CI
 # machines differ in CPU kind; see README "Criterion baseline").
 scripts/bench-compare.sh
+# The fuzz targets are run by hand (nightly, cargo-fuzz); checking them on
+# stable here keeps them compiling against today's decoders.
+cargo check --quiet --manifest-path fuzz/Cargo.toml --bins
 cargo nextest run --workspace --no-fail-fast "$@"

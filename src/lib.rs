@@ -1,10 +1,10 @@
 //! CyberMesh validator: signed security alerts in, one BFT-agreed order out.
 //!
-//! One module per stage of the data flow (see docs/design.md):
-//! `ingest` (decode, verify, DLQ reasons) → `mempool` → `block` (builder) →
-//! `state` (deterministic state machine, Merkle root) → `store` (block store),
-//! wired on threads by `runtime`; `node` is the sans-I/O core that owns the
-//! mempool, the builder and the state machine.
+//! Three folders, each a layer of the data flow (see docs/design.md):
+//! `protocol` is the pure, deterministic core (decode → verify → mempool →
+//! proposal → PBFT → block → state, owned by the sans-I/O `node`); `edges`
+//! are the I/O (disk, QUIC, TCP, Kafka, PostgreSQL, HTTP); `runtime` wires
+//! them on threads. No folder imports one above it (`tests/layout.rs`).
 
 /// mimalloc for every binary that links the validator: the core thread
 /// allocates per tx (decoded events, Merkle nodes) and glibc malloc took ~13%
@@ -12,36 +12,11 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-pub mod api;
-pub mod audit;
-pub mod block;
-pub mod bodies;
-pub mod clock;
-pub mod config;
-pub mod consensus;
-pub mod crypto;
-pub mod devnet;
-pub mod dlq;
-pub mod egress;
-pub mod event;
-pub mod framed;
-pub mod ingest;
-pub mod mempool;
-pub mod metrics;
-pub mod net;
-pub mod node;
-pub mod persist;
-pub mod proposal;
-pub mod recovery;
-pub mod reject;
-pub mod reputation;
+pub mod edges;
+pub mod protocol;
 pub mod runtime;
 #[cfg(test)]
 mod sim;
-pub mod snapshot;
-pub mod state;
-pub mod storage;
-pub mod store;
 
 /// Generated protobuf types (`proto/cybermesh/v1/*.proto`).
 pub mod proto {

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::collections::{BTreeMap, HashSet};
 
-fn nonces(evs: &[cybermesh::event::Event]) -> Vec<[u8; 16]> {
+fn nonces(evs: &[cybermesh::protocol::event::Event]) -> Vec<[u8; 16]> {
     evs.iter().map(|e| e.nonce).collect()
 }
 

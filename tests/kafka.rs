@@ -5,9 +5,9 @@
 
 mod common;
 use common::*;
-use cybermesh::crypto;
-use cybermesh::event::{Event, TxKind};
 use cybermesh::proto;
+use cybermesh::protocol::crypto;
+use cybermesh::protocol::event::{Event, TxKind};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
@@ -72,8 +72,8 @@ fn start(s: &Setup, t: &Topics, extra_env: &[(&str, &str)]) -> Validator {
 }
 
 /// A cluster validator's Kafka settings: these input topics, the test's own for the rest.
-fn on_kafka(cfg: &mut cybermesh::config::Config, t: &Topics, inputs: Vec<String>) {
-    cfg.ingest.source = cybermesh::config::SourceKind::Kafka;
+fn on_kafka(cfg: &mut cybermesh::runtime::config::Config, t: &Topics, inputs: Vec<String>) {
+    cfg.ingest.source = cybermesh::runtime::config::SourceKind::Kafka;
     cfg.kafka.brokers = brokers();
     cfg.kafka.input_topics = inputs;
     cfg.kafka.consumer_group_id = t.group.clone();
@@ -153,7 +153,7 @@ fn read_commits(topic: &str, validator: &[u8; 32], want: &BTreeSet<[u8; 16]>) ->
     read_until(topic, |m| {
         let e = proto::CommitEvent::decode(m.payload().unwrap_or_default()).expect("a CommitEvent");
         assert_eq!(m.key(), Some(e.height.to_string().as_bytes()), "keyed by height");
-        cybermesh::egress::verify_commit_event(&e, &[*validator], 1).expect("commit event verifies");
+        cybermesh::edges::egress::verify_commit_event(&e, &[*validator], 1).expect("commit event verifies");
         if let Some(old) = by_height.get(&e.height) {
             assert_eq!(old.block_hash, e.block_hash, "two blocks at height {}", e.height);
         }
@@ -245,7 +245,7 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_event
         let e = proto::PolicyUpdateEvent::decode(m.payload().unwrap()).unwrap();
         assert_eq!((e.policy_id.as_str(), e.tx_id.as_slice()), ("block-10.0.0.1", &policy.id[..]));
         let sig: [u8; 64] = e.signature[..].try_into().unwrap();
-        crypto::verify_one(&key, &cybermesh::egress::policy_signed_bytes(&e), &sig).expect("signed");
+        crypto::verify_one(&key, &cybermesh::edges::egress::policy_signed_bytes(&e), &sig).expect("signed");
         true
     });
     let flagged: BTreeSet<Vec<u8>> = good
@@ -261,7 +261,7 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_event
     read_until(&t.evidence_out, |m| {
         let e = proto::EvidenceRequestEvent::decode(m.payload().unwrap()).unwrap();
         let sig: [u8; 64] = e.signature[..].try_into().unwrap();
-        crypto::verify_one(&key, &cybermesh::egress::evidence_request_signed_bytes(&e), &sig).expect("signed");
+        crypto::verify_one(&key, &cybermesh::edges::egress::evidence_request_signed_bytes(&e), &sig).expect("signed");
         requested.insert(e.anomaly_id);
         requested.len() == flagged.len()
     });
@@ -270,7 +270,7 @@ fn kafka_source_commits_dead_letters_each_bad_message_and_publishes_signed_event
         let e = proto::ReputationEvent::decode(m.payload().unwrap()).unwrap();
         assert_eq!(e.producer_pubkey, crypto::public_key(k).to_vec());
         let sig: [u8; 64] = e.signature[..].try_into().unwrap();
-        crypto::verify_one(&key, &cybermesh::egress::reputation_signed_bytes(&e), &sig).expect("signed");
+        crypto::verify_one(&key, &cybermesh::edges::egress::reputation_signed_bytes(&e), &sig).expect("signed");
         e.accepted == all_txs as u64
     });
     assert_eq!(all_txs, 42, "40 anomalies, the evidence and the policy");
@@ -387,7 +387,7 @@ fn kill9_mid_stream_then_restart_processes_every_message_and_commits_none_twice(
 fn cluster_python_producer_and_commit_consumer_interoperate() {
     let t = Topics::new();
     let c = Cluster::new(4, |cfg| {
-        cfg.ingest.source = cybermesh::config::SourceKind::Kafka;
+        cfg.ingest.source = cybermesh::runtime::config::SourceKind::Kafka;
         cfg.kafka.brokers = brokers();
         cfg.kafka.input_topics = vec![t.anomalies.clone(), t.evidence.clone(), t.policy.clone()];
         cfg.kafka.consumer_group_id = t.group.clone();
@@ -415,7 +415,7 @@ fn cluster_python_producer_and_commit_consumer_interoperate() {
     assert_eq!(ids.lines().count(), 60);
     let ids_file = c.dir.path().join("ids.txt");
     std::fs::write(&ids_file, &ids).unwrap();
-    let v = cybermesh::config::Config::load(Some(&c.net.nodes[0].config)).unwrap().validate().unwrap();
+    let v = cybermesh::runtime::config::Config::load(Some(&c.net.nodes[0].config)).unwrap().validate().unwrap();
     let keys: Vec<String> = v.validators.values().map(hex::encode).collect();
     let out = Command::new("python3")
         .arg(py.join("commit_consumer.py"))
@@ -584,7 +584,7 @@ fn kafka_over_tls_with_scram_sha_512() {
         assert!(Instant::now() < deadline, "commit events did not arrive over TLS");
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
             let e = proto::CommitEvent::decode(m.payload().unwrap()).unwrap();
-            cybermesh::egress::verify_commit_event(&e, &[key], 1).unwrap();
+            cybermesh::edges::egress::verify_commit_event(&e, &[key], 1).unwrap();
             seen.extend(e.anomaly_ids.iter().map(|i| <[u8; 16]>::try_from(&i[..]).unwrap()));
         }
     }
@@ -685,7 +685,7 @@ fn identical_payloads_commit_once_each_and_resends_are_duplicates_across_a_kill9
     let s = Setup::single("");
     let t = Topics::new();
     let k = &s.producer;
-    let payload = cybermesh::event::sample_anomaly_payload(7, 300);
+    let payload = cybermesh::protocol::event::sample_anomaly_payload(7, 300);
     let same: Vec<Event> = (0..30).map(|_| anomaly_with(k, payload.clone())).collect();
     let bytes: Vec<Vec<u8>> = same.iter().map(|e| e.encode()).collect();
     let p = producer();
@@ -772,9 +772,9 @@ fn cluster_commits_each_alert_once_with_the_same_verdicts_everywhere_across_lead
         wait_log(v, "genesis complete", Duration::from_secs(60));
     }
     let k = c.producer();
-    let payload = cybermesh::event::sample_anomaly_payload(3, 300);
+    let payload = cybermesh::protocol::event::sample_anomaly_payload(3, 300);
     let alert = |same: bool, i: u64| {
-        anomaly_with(k, if same { payload.clone() } else { cybermesh::event::sample_anomaly_payload(i, 300) })
+        anomaly_with(k, if same { payload.clone() } else { cybermesh::protocol::event::sample_anomaly_payload(i, 300) })
     };
     let p = producer();
     // Phase 1: 120 alerts, half of them with one payload, each sent twice.
@@ -796,7 +796,7 @@ fn cluster_commits_each_alert_once_with_the_same_verdicts_everywhere_across_lead
     vs[2] = Some(c.start(2));
 
     let all: BTreeSet<[u8; 16]> = first.iter().chain(&second).chain(&third).map(|e| e.id).collect();
-    let setup = cybermesh::config::Config::load(Some(&c.net.nodes[0].config)).unwrap().validate().unwrap();
+    let setup = cybermesh::runtime::config::Config::load(Some(&c.net.nodes[0].config)).unwrap().validate().unwrap();
     let keys: Vec<[u8; 32]> = setup.validators.values().copied().collect();
     let mut by_key: HashMap<Vec<u8>, Published> = HashMap::new();
     let mut dead_by_validator: HashMap<String, BTreeMap<[u8; 16], String>> = HashMap::new();
@@ -821,7 +821,7 @@ fn cluster_commits_each_alert_once_with_the_same_verdicts_everywhere_across_lead
         let bytes = m.payload().unwrap_or_default();
         if m.topic() == t.commits {
             let e = proto::CommitEvent::decode(bytes).expect("a CommitEvent");
-            cybermesh::egress::verify_commit_event(&e, &keys, 3).expect("commit event verifies");
+            cybermesh::edges::egress::verify_commit_event(&e, &keys, 3).expect("commit event verifies");
             let p = by_key.entry(e.public_key.clone()).or_default();
             // A height published again after a restart is the same block,
             // with the same ids: count each height once.
@@ -893,7 +893,7 @@ fn a_validator_joined_from_a_snapshot_publishes_commit_events_above_it() {
     let base = joined["fields"]["height"].as_u64().unwrap();
     let more: Vec<Event> = (1000..1040).map(|i| anomaly(k, i)).collect();
     produce(&p, &t.anomalies, &more.iter().map(|e| e.encode()).collect::<Vec<_>>());
-    let setup = cybermesh::config::Config::load(Some(&c.net.nodes[0].config)).unwrap().validate().unwrap();
+    let setup = cybermesh::runtime::config::Config::load(Some(&c.net.nodes[0].config)).unwrap().validate().unwrap();
     let keys: Vec<[u8; 32]> = setup.validators.values().copied().collect();
     let key3 = keys[3];
     let want: BTreeSet<[u8; 16]> = more.iter().map(|e| e.id).collect();
@@ -903,7 +903,7 @@ fn a_validator_joined_from_a_snapshot_publishes_commit_events_above_it() {
         if e.public_key != key3 {
             return false;
         }
-        cybermesh::egress::verify_commit_event(&e, &keys, 3).expect("commit event verifies");
+        cybermesh::edges::egress::verify_commit_event(&e, &keys, 3).expect("commit event verifies");
         // (Events of its first life, before the kill, are on the topic too.)
         let ids: Vec<[u8; 16]> = e.anomaly_ids.iter().map(|id| <[u8; 16]>::try_from(&id[..]).unwrap()).collect();
         if ids.iter().any(|id| want.contains(id)) {

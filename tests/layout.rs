@@ -17,7 +17,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// `src/consensus/pbft.rs` → `consensus::pbft`; `src/net/mod.rs` → `net`.
+/// `src/protocol/consensus/pbft.rs` → `consensus::pbft`; `src/edges/net.rs` → `net`.
 fn module_of(src: &Path, file: &Path) -> Option<String> {
     let rel = file.strip_prefix(src).ok()?.with_extension("");
     let mut parts: Vec<String> = rel.iter().map(|c| c.to_string_lossy().into_owned()).collect();
@@ -169,7 +169,7 @@ fn import_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         let text = std::fs::read_to_string(f).expect("readable");
         let deps = graph.entry(m.clone()).or_default();
         for path in crate_paths(non_test(&text)) {
-            // The longest prefix that is a module: `crate::node::Output` → `node`.
+            // The longest prefix that is a module: `crate::protocol::node::Output` → `node`.
             let target = (1..=path.len()).rev().map(|k| path[..k].join("::")).find(|p| modules.contains(p));
             if let Some(t) = target.filter(|t| *t != m && !is_test(t)) {
                 deps.insert(t);
@@ -183,10 +183,34 @@ fn import_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
 fn no_module_imports_one_that_imports_it_back() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let graph = import_graph(&src);
-    assert!(graph.len() > 20 && graph.contains_key("consensus::pbft"), "modules found: {:?}", graph.keys());
-    assert!(graph["node"].contains("consensus::pbft") && graph["runtime"].contains("node"), "edges found");
+    assert!(graph.len() > 20 && graph.contains_key("protocol::consensus::pbft"), "modules found: {:?}", graph.keys());
+    assert!(
+        graph["protocol::node"].contains("protocol::consensus::pbft") && graph["runtime"].contains("protocol::node"),
+        "edges found"
+    );
     let found = cycles(&graph);
     assert!(found.is_empty(), "import cycles between modules (each set imports itself through the others): {found:?}");
+}
+
+/// The three folders are layers: the pure core (`protocol`) imports neither
+/// the I/O edges nor the runtime, and the edges do not import the runtime.
+#[test]
+fn no_folder_imports_one_above_it() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let graph = import_graph(&src);
+    let layer =
+        |m: &str| ["protocol", "edges", "runtime"].iter().position(|l| m == *l || m.starts_with(&format!("{l}::")));
+    let mut upward = vec![];
+    for (from, deps) in &graph {
+        let Some(lf) = layer(from) else { continue };
+        for to in deps {
+            if layer(to).is_some_and(|lt| lt > lf) {
+                upward.push(format!("{from} → {to}"));
+            }
+        }
+    }
+    assert!(graph.keys().all(|m| layer(m).is_some()), "a module outside the three folders: {:?}", graph.keys());
+    assert!(upward.is_empty(), "imports of a folder above (protocol < edges < runtime): {upward:?}");
 }
 
 /// The checker itself finds a cycle when there is one.
@@ -195,6 +219,7 @@ fn the_checker_reports_a_cycle() {
     let edge = |a: &str, b: &str| (a.to_string(), BTreeSet::from([b.to_string()]));
     let g = BTreeMap::from([edge("a", "b"), edge("b", "c"), edge("c", "a"), edge("d", "a")]);
     assert_eq!(cycles(&g), vec![vec!["a".to_string(), "b".to_string(), "c".to_string()]]);
-    let paths = crate_paths("use crate::{node::Output, consensus::pbft::{Rid, Seq}};\nlet x = crate::api::serve;");
-    assert_eq!(paths, vec![vec!["node", "Output"], vec!["consensus", "pbft"], vec!["api", "serve"]]);
+    let paths =
+        crate_paths("use crate::{node::Output, consensus::pbft::{Rid, Seq}};\nlet x = crate::edges::api::serve;");
+    assert_eq!(paths, vec![vec!["node", "Output"], vec!["consensus", "pbft"], vec!["edges", "api", "serve"]]);
 }

@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use cybermesh::event::Event;
+use cybermesh::protocol::event::Event;
 use std::collections::BTreeSet;
 
 #[test]
@@ -224,7 +224,7 @@ fn http_api_and_prometheus_metrics() {
         assert_eq!(code, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let h32 = |s: &serde_json::Value| -> [u8; 32] { hex::decode(s.as_str().unwrap()).unwrap().try_into().unwrap() };
-        let proof = cybermesh::state::merkle::Proof {
+        let proof = cybermesh::protocol::state::merkle::Proof {
             siblings: v["proof"]["siblings"].as_array().unwrap().iter().map(h32).collect(),
             leaf: v["proof"]["leaf"].as_object().map(|l| (h32(&l["key_hash"]), h32(&l["value_hash"]))),
         };
@@ -369,7 +369,7 @@ fn http_api_over_tls() {
 /// frees its slot.
 #[test]
 fn direct_connections_are_capped_and_a_closed_one_frees_its_slot() {
-    use cybermesh::ingest::direct;
+    use cybermesh::edges::direct;
     use cybermesh::runtime::MAX_DIRECT_CONNECTIONS;
     use std::time::Duration;
     let s = Setup::single("");
@@ -520,8 +520,9 @@ fn a_full_data_disk_stops_the_validator_cleanly_and_it_resumes_once_space_is_fre
     }
     c.wait_committed(&first.iter().map(|e| e.nonce).collect::<Vec<_>>());
     // Fill the rest of the disk with big alerts.
-    let big: Vec<Event> =
-        (0..2000).map(|i| anomaly_with(&s.producer, cybermesh::event::sample_anomaly_payload(i, 3000))).collect();
+    let big: Vec<Event> = (0..2000)
+        .map(|i| anomaly_with(&s.producer, cybermesh::protocol::event::sample_anomaly_payload(i, 3000)))
+        .collect();
     for e in &big {
         if c.try_send_raw(e.kind.tag(), &e.encode()).is_err() {
             break; // the validator stopped reading: it stopped

@@ -1,9 +1,9 @@
 //! The README's wire-contract test vector: a producer in another language
 //! must reproduce these bytes exactly.
 
-use cybermesh::crypto;
-use cybermesh::event::{Event, TxKind};
 use cybermesh::proto;
+use cybermesh::protocol::crypto;
+use cybermesh::protocol::event::{Event, TxKind};
 use prost::Message;
 
 fn vector() -> (crypto::SigningKey, Event) {

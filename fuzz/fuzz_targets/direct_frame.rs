@@ -3,11 +3,11 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let limits = cybermesh::event::Limits::default();
+    let limits = cybermesh::protocol::event::Limits::default();
     let mut r = data;
-    while let Ok(Some(frame)) = cybermesh::ingest::direct::read_frame(&mut r, limits.max_event_bytes + 1) {
+    while let Ok(Some(frame)) = cybermesh::edges::direct::read_frame(&mut r, limits.max_event_bytes + 1) {
         if let Ok(body) = frame {
-            let _ = cybermesh::ingest::direct::decode_frame(&body, &limits);
+            let _ = cybermesh::edges::direct::decode_frame(&body, &limits);
         }
     }
 });

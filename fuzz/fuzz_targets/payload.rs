@@ -3,7 +3,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    for k in cybermesh::event::TxKind::ALL {
-        let _ = cybermesh::event::parse_payload(k, data);
+    for k in cybermesh::protocol::event::TxKind::ALL {
+        let _ = cybermesh::protocol::event::parse_payload(k, data);
     }
 });

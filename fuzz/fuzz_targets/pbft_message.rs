@@ -1,7 +1,7 @@
 //! Frames from peers (PBFT messages, genesis attestations, tx fetches and
 //! bodies): decoding with bounds, and round trip.
 #![no_main]
-use cybermesh::consensus::wire::{
+use cybermesh::protocol::consensus::wire::{
     decode, decode_frame, encode, encode_genesis, encode_tx_fetch, Frame, WireLimits, MAX_FETCH_TXS,
 };
 use libfuzzer_sys::fuzz_target;

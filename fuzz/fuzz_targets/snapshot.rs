@@ -2,9 +2,9 @@
 //! accepted here (a permissive `Auth`) so the input reaches the reputation,
 //! header and state checks behind them.
 #![no_main]
-use cybermesh::consensus::pbft::{Auth, Params, Rid};
-use cybermesh::consensus::wire::WireLimits;
-use cybermesh::snapshot::{verify, ReputationConfig};
+use cybermesh::protocol::consensus::pbft::{Auth, Params, Rid};
+use cybermesh::protocol::consensus::wire::WireLimits;
+use cybermesh::protocol::snapshot::{verify, ReputationConfig};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Clone)]

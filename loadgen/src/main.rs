@@ -8,8 +8,8 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use cybermesh::crypto;
-use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
+use cybermesh::protocol::crypto;
+use cybermesh::protocol::event::{sample_anomaly_payload, Event, TxKind};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use prost::Message;
@@ -361,7 +361,7 @@ fn presign(key: &crypto::SigningKey, n: usize, payload: usize) -> (Vec<Vec<u8>>,
                 (i as u32).to_be_bytes(),
             );
             let mut f = Vec::with_capacity(payload + 220);
-            cybermesh::ingest::direct::push_event_frame(&mut f, TxKind::Anomaly, &ev.encode());
+            cybermesh::edges::direct::push_event_frame(&mut f, TxKind::Anomaly, &ev.encode());
             (f, ev.nonce)
         })
         .collect();
@@ -488,7 +488,7 @@ fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(
     let api_ports: Vec<u16> = (0..validators).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
     let mirror_dsn = db_dsn.as_deref().map(fresh_database).transpose()?;
     let dir = tempfile::Builder::new().prefix("cybermesh-devnet-").tempdir()?;
-    let opts = cybermesh::devnet::DevnetOptions {
+    let opts = cybermesh::runtime::devnet::DevnetOptions {
         validators,
         verify_shards: shards,
         block_max_txs,
@@ -496,7 +496,7 @@ fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(
         mempool_max_txs: block_max_txs * 10,
         ..Default::default()
     };
-    let net = cybermesh::devnet::create(dir.path(), &opts, |cfg| {
+    let net = cybermesh::runtime::devnet::create(dir.path(), &opts, |cfg| {
         // The API, for the stage latencies and byte counters.
         cfg.api.enabled = true;
         cfg.api.listen = format!("127.0.0.1:{}", api_ports[cfg.node.id as usize - 1]);
@@ -674,7 +674,7 @@ fn breakdown(ids: &[u32], before: &[Scrape], after: &[Scrape], committed: u64) -
             }
         }
     }
-    let stages = cybermesh::api::TX_STAGES
+    let stages = cybermesh::edges::api::TX_STAGES
         .iter()
         .filter_map(|s| {
             let b = merged.get(*s)?;
@@ -735,7 +735,7 @@ fn drive(
             let r = s.try_clone()?;
             drains.push(std::thread::spawn(move || {
                 let mut r = BufReader::with_capacity(1 << 20, r);
-                while let Ok(Some(_)) = cybermesh::ingest::direct::read_frame(&mut r, 64 << 20) {}
+                while let Ok(Some(_)) = cybermesh::edges::direct::read_frame(&mut r, 64 << 20) {}
             }));
         }
     }
@@ -753,7 +753,7 @@ fn drive(
         let mut r = BufReader::with_capacity(1 << 20, r_stream);
         let mut seen = vec![false; index.len()];
         let mut repeats = 0u64;
-        while let Ok(Some(frame)) = cybermesh::ingest::direct::read_frame(&mut r, 64 << 20) {
+        while let Ok(Some(frame)) = cybermesh::edges::direct::read_frame(&mut r, 64 << 20) {
             let body = frame.map_err(|len| anyhow::anyhow!("commit frame of {len} bytes"))?;
             let c = cybermesh::proto::DirectCommit::decode(&body[..])?;
             let now = start.elapsed().as_nanos() as u64;
@@ -1018,7 +1018,7 @@ fn kafka(brokers: &str, count: usize, payload: usize, shards: usize, block_max_t
     let bar = ProgressBar::new(count as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} committed {per_sec}")?);
     while committed < count {
-        let frame = match cybermesh::ingest::direct::read_frame(&mut r, 64 << 20)? {
+        let frame = match cybermesh::edges::direct::read_frame(&mut r, 64 << 20)? {
             Some(Ok(f)) => f,
             _ => bail!("the validator closed its commit stream; see {}", log_path.display()),
         };
@@ -1047,7 +1047,7 @@ fn fresh_database(admin: &str) -> anyhow::Result<String> {
     let db = format!("loadgen_{}", uuid::Uuid::new_v4().simple());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let c = cybermesh::persist::connect(admin).await.context("connecting with --db-dsn")?;
+        let c = cybermesh::edges::persist::connect(admin).await.context("connecting with --db-dsn")?;
         c.batch_execute(&format!("CREATE DATABASE {db}")).await.context("creating the mirror database")
     })?;
     let (base, _) = admin.rsplit_once('/').context("--db-dsn must end with /<database>")?;
@@ -1060,7 +1060,7 @@ fn wait_mirror(dsn: &str, height: u64) -> anyhow::Result<(u64, Duration)> {
     let t = Instant::now();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let c = cybermesh::persist::connect(dsn).await?;
+        let c = cybermesh::edges::persist::connect(dsn).await?;
         loop {
             let h: i64 = c.query_one("SELECT height FROM mirror_cursor WHERE id = 1", &[]).await?.get(0);
             if h as u64 >= height {
@@ -1087,15 +1087,17 @@ fn drop_database(admin: &str, dsn: &str) {
     let Some((_, db)) = dsn.rsplit_once('/') else { return };
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
     let _ = rt.block_on(async {
-        let c = cybermesh::persist::connect(admin).await?;
-        c.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await.map_err(cybermesh::persist::DbError::from)
+        let c = cybermesh::edges::persist::connect(admin).await?;
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+            .await
+            .map_err(cybermesh::edges::persist::DbError::from)
     });
 }
 
 /// `loadgen mirror-bench`: rows/s of each mirror write path on identical blocks.
 fn mirror_bench(admin: &str, blocks: u64, txs: usize, batch: usize) -> anyhow::Result<()> {
-    use cybermesh::block::{tx_root, Block, BlockHeader};
-    use cybermesh::persist::MirrorBlock;
+    use cybermesh::edges::persist::MirrorBlock;
+    use cybermesh::protocol::block::{tx_root, Block, BlockHeader};
     let key = crypto::generate_key();
     let ts = cybermesh::runtime::now_ms();
     println!("building {blocks} blocks of {txs} txs...");
@@ -1136,14 +1138,14 @@ fn mirror_bench(admin: &str, blocks: u64, txs: usize, batch: usize) -> anyhow::R
     for copy in [false, true] {
         let dsn = fresh_database(admin)?;
         let took = rt.block_on(async {
-            let mut c = cybermesh::persist::connect(&dsn).await?;
-            cybermesh::persist::migrate(&mut c).await?;
+            let mut c = cybermesh::edges::persist::connect(&dsn).await?;
+            cybermesh::edges::persist::migrate(&mut c).await?;
             let t = Instant::now();
             for part in chain.chunks(batch) {
                 if copy {
-                    cybermesh::persist::write_batch_copy(&mut c, part).await?;
+                    cybermesh::edges::persist::write_batch_copy(&mut c, part).await?;
                 } else {
-                    cybermesh::persist::write_batch(&mut c, part).await?;
+                    cybermesh::edges::persist::write_batch(&mut c, part).await?;
                 }
             }
             anyhow::Ok(t.elapsed())

@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cybermesh::{config::Config, crypto, store::BlockStore};
+use cybermesh::edges::store::BlockStore;
+use cybermesh::protocol::crypto;
+use cybermesh::runtime::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -131,7 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Run { config } => cybermesh::runtime::run_blocking(config.as_deref()),
         Cmd::Audit { cmd: AuditCmd::Verify { file, key } } => {
-            let (n, _) = cybermesh::audit::verify(&file, &cybermesh::audit::key_from(&key))?;
+            let (n, _) = cybermesh::edges::audit::verify(&file, &cybermesh::edges::audit::key_from(&key))?;
             println!("audit log OK: {n} records, chain and MACs verified");
             Ok(())
         }
@@ -142,12 +144,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let applied = rt.block_on(async {
-                let mut client = cybermesh::persist::connect(&c.database.dsn)
+                let mut client = cybermesh::edges::persist::connect(&c.database.dsn)
                     .await
                     .with_context(|| "connecting to the database (DB_DSN)".to_string())?;
-                cybermesh::persist::migrate(&mut client).await.context("applying migrations")
+                cybermesh::edges::persist::migrate(&mut client).await.context("applying migrations")
             })?;
-            let latest = cybermesh::persist::MIGRATIONS.last().map_or(0, |m| m.0);
+            let latest = cybermesh::edges::persist::MIGRATIONS.last().map_or(0, |m| m.0);
             match applied.as_slice() {
                 [] => println!("schema up to date (version {latest})"),
                 v => println!("applied migrations {v:?}; schema at version {latest}"),
@@ -179,24 +181,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn store_check(data_dir: &std::path::Path, repair: bool) -> anyhow::Result<()> {
-    use cybermesh::framed::Mode;
+    use cybermesh::edges::framed::Mode;
     let mode = if repair { Mode::Repair } else { Mode::ReadOnly };
     let tail = |bytes: u64| match (bytes, repair) {
         (0, _) => String::new(),
         (b, false) => format!(", torn tail of {b} bytes (the validator's next start truncates it)"),
         (b, true) => format!(", {b} bytes cut"),
     };
-    let base = cybermesh::snapshot::read_base_header(data_dir)?;
+    let base = cybermesh::protocol::snapshot::read_base_header(data_dir)?;
     let (store, rec) = BlockStore::open_in(data_dir, Default::default(), base.clone(), mode)?;
     let mut txs = 0usize;
     let mut repeats = 0usize;
     let mut nonces = std::collections::HashSet::new();
-    let mut prev: Option<cybermesh::block::BlockHeader> = base;
+    let mut prev: Option<cybermesh::protocol::block::BlockHeader> = base;
     for h in store.base_height() + 1..=store.height() {
         let (b, _) = store.read(h)?.context("indexed block missing")?;
         b.validate(
             prev.as_ref(),
-            &cybermesh::block::BuilderConfig { max_txs: usize::MAX, max_bytes: usize::MAX, ..Default::default() },
+            &cybermesh::protocol::block::BuilderConfig {
+                max_txs: usize::MAX,
+                max_bytes: usize::MAX,
+                ..Default::default()
+            },
         )
         .with_context(|| format!("block {h}"))?;
         txs += b.txs.len();
@@ -223,12 +229,12 @@ fn store_check(data_dir: &std::path::Path, repair: bool) -> anyhow::Result<()> {
     if data_dir.join("consensus.log").exists() {
         // Limits as wide as the format allows: this reads a log, it does not
         // admit messages.
-        let wide = cybermesh::consensus::wire::WireLimits {
+        let wide = cybermesh::protocol::consensus::wire::WireLimits {
             n: 1 << 16,
-            max_value_bytes: cybermesh::framed::MAX_RECORD as usize,
+            max_value_bytes: cybermesh::edges::framed::MAX_RECORD as usize,
             window: 1 << 20,
         };
-        let (_, records, scan) = cybermesh::consensus::log::ConsensusLog::open_in(data_dir, &wide, mode)?;
+        let (_, records, scan) = cybermesh::edges::consensus_log::ConsensusLog::open_in(data_dir, &wide, mode)?;
         println!(
             "consensus log OK: {} records{}{}",
             records.len(),
@@ -243,8 +249,8 @@ fn store_check(data_dir: &std::path::Path, repair: bool) -> anyhow::Result<()> {
 }
 
 fn store_writer(dir: &std::path::Path) -> anyhow::Result<()> {
-    use cybermesh::block::{tx_root, Block, BlockHeader};
-    use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
+    use cybermesh::protocol::block::{tx_root, Block, BlockHeader};
+    use cybermesh::protocol::event::{sample_anomaly_payload, Event, TxKind};
     use std::io::Write;
     use std::sync::Arc;
     let (mut store, _) = BlockStore::open(dir, Default::default())?;

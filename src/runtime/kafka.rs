@@ -3,12 +3,13 @@
 //! the [`OffsetTracker`] and partitions paused while the shards are full.
 
 use super::Shared;
-use crate::dlq::{RejectReason, Rejection};
-use crate::event::Event;
-use crate::event::TxKind;
-use crate::ingest::kafka::OffsetTracker;
-use crate::ingest::verify::shard_of;
-use crate::ingest::{Incoming, SourcePos};
+use crate::edges::kafka::OffsetTracker;
+use crate::protocol::event::Event;
+use crate::protocol::event::TxKind;
+use crate::protocol::reject::{RejectReason, Rejection};
+use crate::protocol::source::SourcePos;
+use crate::protocol::verify::shard_of;
+use crate::protocol::verify::Incoming;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};

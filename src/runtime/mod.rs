@@ -17,31 +17,36 @@
 //! Each stage owns its data; queues are bounded, so a slow stage stops the
 //! one before it and, finally, the TCP reader: backpressure, never growth.
 
+pub mod config;
+pub mod devnet;
 mod kafka;
+pub mod recovery;
 pub mod ring;
 
-use crate::block::Block;
-use crate::clock::Now;
-use crate::config::{IdlePolicy, Validated};
-use crate::consensus::genesis::{Ceremony, Genesis, GenesisOutput};
-use crate::consensus::log::ConsensusLog;
-use crate::consensus::pbft::{CommitCert, Message, Record, Rid, Seq};
-use crate::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
-use crate::dlq::{DlqFileSink, DlqKafkaSink, RejectReason, Rejection};
-use crate::event::Limits;
-use crate::framed::write_atomically;
-use crate::ingest::direct;
-use crate::ingest::kafka::OffsetTracker;
-use crate::ingest::verify::{shard_of, Verifier, VerifyPolicy};
-use crate::ingest::Incoming;
-use crate::mempool::VerifiedTx;
-pub use crate::metrics::RuntimeStats;
-use crate::net::{Net, NetConfig, NetEvent, Peer};
-use crate::node::{Node, NodeConfig, Output, Stage};
-use crate::proposal;
-use crate::snapshot;
-use crate::store::BlockStore;
-use crate::{crypto, proto};
+use crate::edges::consensus_log::ConsensusLog;
+use crate::edges::direct;
+use crate::edges::dlq::{DlqFileSink, DlqKafkaSink};
+use crate::edges::framed::write_atomically;
+use crate::edges::kafka::OffsetTracker;
+pub use crate::edges::metrics::RuntimeStats;
+use crate::edges::net::{Net, NetConfig, NetEvent, Peer};
+use crate::edges::store::BlockStore;
+use crate::proto;
+use crate::protocol::block::Block;
+use crate::protocol::clock::Now;
+use crate::protocol::consensus::genesis::{Ceremony, Genesis, GenesisOutput};
+use crate::protocol::consensus::pbft::{CommitCert, Message, Record, Rid, Seq};
+use crate::protocol::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
+use crate::protocol::crypto;
+use crate::protocol::event::Limits;
+use crate::protocol::mempool::VerifiedTx;
+use crate::protocol::node::{Node, NodeConfig, Output, Stage};
+use crate::protocol::proposal;
+use crate::protocol::reject::{RejectReason, Rejection};
+use crate::protocol::snapshot;
+use crate::protocol::verify::Incoming;
+use crate::protocol::verify::{shard_of, Verifier, VerifyPolicy};
+use crate::runtime::config::{IdlePolicy, Validated};
 use anyhow::{bail, Context};
 use prost::Message as _;
 use ring::{idle_wait, Doorbell, Ring};
@@ -190,7 +195,7 @@ fn set_nice(what: &str, nice: i32) {
 /// Starts a validator from a validated config. Returns once it listens.
 pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let c = &v.config;
-    let strict_key_mode = c.node.environment == crate::config::Environment::Production;
+    let strict_key_mode = c.node.environment == crate::runtime::config::Environment::Production;
     let key = crypto::read_key_file(&c.node.key_file, strict_key_mode).with_context(|| {
         format!("loading the validator key (node.key_file / CONTROL_SIGNING_KEY_PATH = {})", c.node.key_file.display())
     })?;
@@ -207,7 +212,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         ),
         None => bail!("validator {} has no public key configured", c.node.id),
     }
-    let from_kafka = c.ingest.source == crate::config::SourceKind::Kafka;
+    let from_kafka = c.ingest.source == crate::runtime::config::SourceKind::Kafka;
     let limits = c.limits();
     std::fs::create_dir_all(&c.node.data_dir)
         .with_context(|| format!("creating data dir {}", c.node.data_dir.display()))?;
@@ -225,26 +230,34 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         window: params.window as usize,
     };
 
-    // Recover (crate::recovery): the same function the simulator runs.
+    // Recover (crate::runtime::recovery): the same function the simulator runs.
     let auth = Ed25519Auth::new(key.clone(), keys.clone());
     let rep_cfg = snapshot::ReputationConfig {
         floor: c.consensus.enable_reputation.then_some(c.consensus.min_leader_reputation),
         quarantine: c.consensus.enable_quarantine,
     };
     let base_path = c.node.data_dir.join(snapshot::BASE_FILE);
-    let crate::recovery::Recovered { store, log: clog, replica, state, reputation, base_bytes, join_records, .. } =
-        crate::recovery::recover(crate::recovery::Setup {
-            disk: crate::storage::os(),
-            dir: &c.node.data_dir,
-            me: me_rid,
-            params: params.clone(),
-            auth: auth.clone(),
-            keys: &keys,
-            wire,
-            limits,
-            state: c.state_config(),
-            reputation: rep_cfg,
-        })?;
+    let crate::runtime::recovery::Recovered {
+        store,
+        log: clog,
+        replica,
+        state,
+        reputation,
+        base_bytes,
+        join_records,
+        ..
+    } = crate::runtime::recovery::recover(crate::runtime::recovery::Setup {
+        disk: crate::edges::storage::os(),
+        dir: &c.node.data_dir,
+        me: me_rid,
+        params: params.clone(),
+        auth: auth.clone(),
+        keys: &keys,
+        wire,
+        limits,
+        state: c.state_config(),
+        reputation: rep_cfg,
+    })?;
 
     let genesis = if n > 1 { Some(load_genesis(c, &v, key.clone())?) } else { None };
 
@@ -293,7 +306,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let dlq = std::thread::Builder::new().name("dlq".into()).spawn(move || dlq_loop(dlq_rx, &mut sink, &st, &dd))?;
 
     // Verify shards.
-    tracing::info!(shards, curve_backend = crate::crypto::curve_backend(), "starting signature verification");
+    tracing::info!(shards, curve_backend = crate::protocol::crypto::curve_backend(), "starting signature verification");
     let policy = Arc::new(VerifyPolicy {
         producers: v.producers.iter().copied().collect(),
         skew_ms: c.ingest.max_timestamp_skew.as_millis() as u64,
@@ -326,9 +339,10 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     };
 
     // State lookups from the API, answered by the core between events.
-    let (state_tx, state_rx) = sync_channel::<crate::api::StateQuery>(64);
+    let (state_tx, state_rx) = sync_channel::<crate::edges::api::StateQuery>(64);
     if c.api.enabled {
-        let info = crate::api::StaticInfo { validator: c.node.id, validators: n, quorum: params.q(), ids: ids.clone() };
+        let info =
+            crate::edges::api::StaticInfo { validator: c.node.id, validators: n, quorum: params.q(), ids: ids.clone() };
         threads.push(start_api(c, info, &stats, &stop, &store, state_tx.clone())?);
     }
 
@@ -381,9 +395,9 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     }
     let mut node = Node::new(ncfg.clone(), replica, state, last, reputation, clocks());
     node.set_stopwatch(monotonic_ns);
-    crate::recovery::remember_recent(&mut node, &store).context("reading the newest blocks' txs")?;
+    crate::runtime::recovery::remember_recent(&mut node, &store).context("reading the newest blocks' txs")?;
     // The snapshot this validator serves: its newest, else the one it started from.
-    let served = match crate::storage::os().read(&c.node.data_dir.join(snapshot::SERVED_FILE)) {
+    let served = match crate::edges::storage::os().read(&c.node.data_dir.join(snapshot::SERVED_FILE)) {
         Ok(bytes) => match proto::ChainSnapshot::decode(&bytes[..]) {
             Ok(s) => Some((s.header.map_or(0, |h| h.height), Arc::new(bytes))),
             Err(e) => {
@@ -447,7 +461,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             "" => c.node.data_dir.join("audit.jsonl"),
             p => std::path::PathBuf::from(p),
         };
-        let log = crate::audit::AuditLog::open(&path, crate::audit::key_from(&c.secrets.audit_signing_key))
+        let log = crate::edges::audit::AuditLog::open(&path, crate::edges::audit::key_from(&c.secrets.audit_signing_key))
             .context("opening the audit log (a log that does not verify is not extended; `cybermesh audit verify` names the bad line)")?;
         tracing::info!(path = %path.display(), "audit log");
         Some(log)
@@ -570,12 +584,12 @@ pub const MAX_DIRECT_CONNECTIONS: usize = 256;
 /// The Kafka source: one consumer thread (its own group: every validator
 /// reads every message) feeding the shards like a direct connection.
 fn start_kafka_source(
-    c: &crate::config::Config,
+    c: &crate::runtime::config::Config,
     tracker: Arc<OffsetTracker>,
     shared: &Arc<Shared>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let group = crate::ingest::kafka::group_id(&c.kafka, c.node.id);
-    let consumer: rdkafka::consumer::BaseConsumer = crate::ingest::kafka::client_config(&c.kafka)
+    let group = crate::edges::kafka::group_id(&c.kafka, c.node.id);
+    let consumer: rdkafka::consumer::BaseConsumer = crate::edges::kafka::client_config(&c.kafka)
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -594,7 +608,7 @@ fn start_kafka_source(
                 c.kafka.brokers
             )
         })?;
-        let missing = crate::ingest::kafka::ensure_topics(&c.kafka)?;
+        let missing = crate::edges::kafka::ensure_topics(&c.kafka)?;
         if !missing.is_empty() {
             // Not fatal: the consumer picks topics up as they appear.
             tracing::warn!(
@@ -615,27 +629,27 @@ fn start_kafka_source(
 /// Egress (with Kafka): signed commit events from the block store, from a
 /// persisted cursor, on their own thread.
 fn start_egress(
-    c: &crate::config::Config,
+    c: &crate::runtime::config::Config,
     stop: &Arc<AtomicBool>,
     stats: &RuntimeStats,
     store: &BlockStore,
     key: &crypto::SigningKey,
     keys: &[crypto::PublicKey],
-) -> anyhow::Result<(BlockFeed<crate::egress::HeightEvents>, std::thread::JoinHandle<()>)> {
+) -> anyhow::Result<(BlockFeed<crate::edges::egress::HeightEvents>, std::thread::JoinHandle<()>)> {
     let cursor_path = c.node.data_dir.join("commits.cursor");
-    let cursor = crate::egress::read_cursor(&cursor_path)
+    let cursor = crate::edges::egress::read_cursor(&cursor_path)
         .with_context(|| format!("reading the commit-event cursor {}", cursor_path.display()))?;
-    let (tx, rx) = sync_channel::<crate::egress::HeightEvents>(1024);
+    let (tx, rx) = sync_channel::<crate::edges::egress::HeightEvents>(1024);
     let (kc, st) = (c.kafka.clone(), stop.clone());
     let lat = stats.latencies.kafka_produce.clone();
     let handle = std::thread::Builder::new().name("egress".into()).spawn(move || {
-        if let Err(e) = crate::egress::publish_loop(&kc, rx, cursor_path, cursor, &st, lat) {
+        if let Err(e) = crate::edges::egress::publish_loop(&kc, rx, cursor_path, cursor, &st, lat) {
             tracing::error!(error = %format!("{e:#}"), "commit-event publisher stopped");
         }
     })?;
     tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
     let next = (cursor + 1).max(store.base_height() + 1);
-    let events = crate::egress::EventMaker::new(key.clone(), keys.to_vec(), &c.kafka, c.node.id.to_string());
+    let events = crate::edges::egress::EventMaker::new(key.clone(), keys.to_vec(), &c.kafka, c.node.id.to_string());
     let make: MakeItem<_> = Box::new(move |b, cert, outcome| events.for_block(b, cert, outcome));
     Ok((BlockFeed::new(tx, next, make), handle))
 }
@@ -647,13 +661,13 @@ fn start_mirror(
     stop: &Arc<AtomicBool>,
     stats: &RuntimeStats,
     store: &BlockStore,
-) -> anyhow::Result<(BlockFeed<crate::persist::MirrorBlock>, std::thread::JoinHandle<()>)> {
+) -> anyhow::Result<(BlockFeed<crate::edges::persist::MirrorBlock>, std::thread::JoinHandle<()>)> {
     let c = &v.config;
     let cursor_path = c.node.data_dir.join("mirror.cursor");
-    let cursor = crate::egress::read_cursor(&cursor_path)
+    let cursor = crate::edges::egress::read_cursor(&cursor_path)
         .with_context(|| format!("reading the mirror cursor {}", cursor_path.display()))?;
-    let (tx, rx) = sync_channel::<crate::persist::MirrorBlock>(1024);
-    let mcfg = crate::persist::MirrorConfig {
+    let (tx, rx) = sync_channel::<crate::edges::persist::MirrorBlock>(1024);
+    let mcfg = crate::edges::persist::MirrorConfig {
         dsn: c.database.dsn.clone(),
         retry_min: c.database.retry_min,
         retry_max: c.database.retry_max,
@@ -664,27 +678,27 @@ fn start_mirror(
     let (st, ms, lat) = (stop.clone(), stats.mirror.clone(), stats.latencies.persistence.clone());
     let handle = std::thread::Builder::new()
         .name("persist".into())
-        .spawn(move || crate::persist::mirror_loop(mcfg, rx, cursor_path, st, ms, lat))?;
+        .spawn(move || crate::edges::persist::mirror_loop(mcfg, rx, cursor_path, st, ms, lat))?;
     tracing::info!(cursor, "mirroring blocks to the database");
     let next = (cursor + 1).max(store.base_height() + 1);
-    let make: MakeItem<_> = Box::new(|b, _, outcome| crate::persist::MirrorBlock::new(b.clone(), outcome));
+    let make: MakeItem<_> = Box::new(|b, _, outcome| crate::edges::persist::MirrorBlock::new(b.clone(), outcome));
     Ok((BlockFeed::new(tx, next, make), handle))
 }
 
 /// The HTTP API and metrics (ENABLE_API): a thread reading published stats.
 fn start_api(
-    c: &crate::config::Config,
-    info: crate::api::StaticInfo,
+    c: &crate::runtime::config::Config,
+    info: crate::edges::api::StaticInfo,
     stats: &Arc<RuntimeStats>,
     stop: &Arc<AtomicBool>,
     store: &BlockStore,
-    state_tx: SyncSender<crate::api::StateQuery>,
+    state_tx: SyncSender<crate::edges::api::StateQuery>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let tls = if c.api.tls_enabled {
         let read = |p: &str, what: &str| {
             std::fs::read(p).with_context(|| format!("reading the API {what} {p} (API_TLS_{})", what.to_uppercase()))
         };
-        let cfg = crate::api::tls_config(&read(&c.api.tls_cert, "cert")?, &read(&c.api.tls_key, "key")?)
+        let cfg = crate::edges::api::tls_config(&read(&c.api.tls_cert, "cert")?, &read(&c.api.tls_key, "key")?)
             .map_err(|e| anyhow::anyhow!("API TLS (API_TLS_CERT, API_TLS_KEY): {e}"))?;
         Some(cfg)
     } else {
@@ -695,12 +709,13 @@ fn start_api(
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let (st, sp) = (stats.clone(), stop.clone());
     let lat = stats.latencies.clone();
-    let reader = crate::store::BlockStoreReader::open(&c.node.data_dir, store.base_height(), c.limits())
+    let reader = crate::edges::store::BlockStoreReader::open(&c.node.data_dir, store.base_height(), c.limits())
         .context("opening the block store for the API")?;
-    let api = crate::api::Api::new(info, st, &lat, Some(reader), state_tx)
+    let api = crate::edges::api::Api::new(info, st, &lat, Some(reader), state_tx)
         .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
-    let handle =
-        std::thread::Builder::new().name("api".into()).spawn(move || crate::api::serve(listener, tls, api, sp))?;
+    let handle = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || crate::edges::api::serve(listener, tls, api, sp))?;
     tracing::info!(addr = %addr, "HTTP API listening");
     Ok(handle)
 }
@@ -916,19 +931,19 @@ struct Consensus {
     /// To the thread that writes `snapshot.bin` (off the core thread).
     snapshot_writer: Option<SyncSender<Box<proto::ChainSnapshot>>>,
     /// Commit events to publish (Kafka).
-    egress: Option<BlockFeed<crate::egress::HeightEvents>>,
+    egress: Option<BlockFeed<crate::edges::egress::HeightEvents>>,
     /// Blocks to mirror into the database.
-    mirror: Option<BlockFeed<crate::persist::MirrorBlock>>,
+    mirror: Option<BlockFeed<crate::edges::persist::MirrorBlock>>,
     /// Kafka source: committed txs finish their messages.
     tracker: Option<Arc<OffsetTracker>>,
     /// The HMAC-chained audit log (AUDIT_SIGNING_KEY set).
-    audit: Option<crate::audit::AuditLog>,
+    audit: Option<crate::edges::audit::AuditLog>,
     /// This validator's replica id (to recognise its own proposals).
     me: Rid,
     /// Validator keys in replica order.
     keys: Vec<crypto::PublicKey>,
     /// `/state/{key}` lookups from the API thread.
-    state_queries: Receiver<crate::api::StateQuery>,
+    state_queries: Receiver<crate::edges::api::StateQuery>,
 }
 
 impl Consensus {
@@ -1027,7 +1042,7 @@ impl Consensus {
             net.send(self.ids[to], Arc::new(wire::encode(m)));
         }
     }
-    fn send_bodies(&self, to: Rid, seq: Seq, txs: &[Arc<crate::event::Event>]) {
+    fn send_bodies(&self, to: Rid, seq: Seq, txs: &[Arc<crate::protocol::event::Event>]) {
         if let Some(net) = &self.net {
             for frame in wire::encode_tx_bodies(seq, txs) {
                 net.send(self.ids[to], Arc::new(frame));
@@ -1044,12 +1059,12 @@ impl Consensus {
     }
 }
 
-use crate::recovery::stored_cert;
+use crate::runtime::recovery::stored_cert;
 
 /// Answers a fetch with committed blocks from the store, each with its
 /// certificate (`recovery::committed_from`).
 fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> anyhow::Result<()> {
-    for cert in crate::recovery::committed_from(store, &cons.wire, from_seq)? {
+    for cert in crate::runtime::recovery::committed_from(store, &cons.wire, from_seq)? {
         cons.send(to, &Message::Committed(cert));
     }
     Ok(())
@@ -1064,16 +1079,21 @@ fn serve_block_txs(
     height: u64,
     tx_hashes: &[crate::Hash32],
 ) -> anyhow::Result<()> {
-    cons.send_bodies(to, seq, &crate::recovery::block_txs(store, height, tx_hashes)?);
+    cons.send_bodies(to, seq, &crate::runtime::recovery::block_txs(store, height, tx_hashes)?);
     Ok(())
 }
 
 /// Reuses a stored certificate if it matches this configuration (any
 /// difference is named and aborts the start); otherwise the ceremony runs.
-fn load_genesis(c: &crate::config::Config, v: &Validated, key: crypto::SigningKey) -> anyhow::Result<Genesis> {
+fn load_genesis(c: &crate::runtime::config::Config, v: &Validated, key: crypto::SigningKey) -> anyhow::Result<Genesis> {
     let path = c.genesis_path();
     let config_hash = c.consensus_fingerprint();
-    let cert = crate::recovery::genesis_certificate(&*crate::storage::os(), &path, &config_hash, &v.validators)?;
+    let cert = crate::runtime::recovery::genesis_certificate(
+        &*crate::edges::storage::os(),
+        &path,
+        &config_hash,
+        &v.validators,
+    )?;
     if let Some(cert) = &cert {
         tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis certificate reused");
     }
@@ -1154,7 +1174,7 @@ fn core_loop(
                         let counter = match &m {
                             _ if !node.started() => None, // dropped: peers retransmit
                             Message::PrePrepare(_) => Some(&sh.stats.proposals_received),
-                            Message::Vote(v) if v.body.phase == crate::consensus::pbft::Phase::Prepare => {
+                            Message::Vote(v) if v.body.phase == crate::protocol::consensus::pbft::Phase::Prepare => {
                                 Some(&sh.stats.prepares_received)
                             }
                             Message::Vote(_) => Some(&sh.stats.commits_received),
@@ -1228,7 +1248,7 @@ fn core_loop(
             }
         }
         while let Ok(q) = cons.state_queries.try_recv() {
-            let _ = q.reply.try_send(crate::api::state_answer(node.state(), &q.key));
+            let _ = q.reply.try_send(crate::edges::api::state_answer(node.state(), &q.key));
         }
         if now >= last_validators + 1000 {
             last_validators = now;
@@ -1373,7 +1393,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             }
             Output::Genesis(GenesisOutput::Complete(cert)) => {
                 let path = &cons.genesis_path;
-                crate::storage::os()
+                crate::edges::storage::os()
                     .write_atomically(path, &serde_json::to_vec_pretty(&cert)?)
                     .with_context(|| format!("writing the genesis certificate {}", path.display()))?;
                 tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
@@ -1488,7 +1508,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
         return Ok(stable);
     }
     store
-        .append_with_outcomes(&crate::recovery::stored_form(&commits))
+        .append_with_outcomes(&crate::runtime::recovery::stored_form(&commits))
         .context("block store append failed; stopping (restart recovers the store)")?;
     send_all(cons, &held);
     let durable_ms = now_ms().saturating_sub(executed_ms) as f64;
@@ -1557,7 +1577,7 @@ pub fn init_logging(level: &str, json: bool) {
 
 /// `cybermesh run`: load and validate the config, start, run until SIGINT/SIGTERM.
 pub fn run_blocking(config: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let cfg = crate::config::Config::load(config)?;
+    let cfg = crate::runtime::config::Config::load(config)?;
     init_logging(&cfg.log.level, cfg.log.format == "json");
     let v = cfg.validate()?;
     let signal = Arc::new(AtomicBool::new(false));
@@ -1594,9 +1614,11 @@ pub fn run_blocking(config: Option<&std::path::Path>) -> anyhow::Result<()> {
 /// quota: EDQUOT).
 fn is_disk_full(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        let io = c.downcast_ref::<std::io::Error>().or_else(|| match c.downcast_ref::<crate::framed::FramedError>() {
-            Some(crate::framed::FramedError::Io { source, .. }) => Some(source),
-            _ => None,
+        let io = c.downcast_ref::<std::io::Error>().or_else(|| {
+            match c.downcast_ref::<crate::edges::framed::FramedError>() {
+                Some(crate::edges::framed::FramedError::Io { source, .. }) => Some(source),
+                _ => None,
+            }
         });
         io.is_some_and(|io| matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
     })
@@ -1618,10 +1640,14 @@ pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
 const RESUME_FREE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The data disk is full: nothing more is appended (every durable record is
-/// intact: appends are all-or-nothing, see `crate::framed`). Until space is
+/// intact: appends are all-or-nothing, see `crate::edges::framed`). Until space is
 /// freed, the API (if enabled) answers `/health` and `/ready` with 503 and
 /// the reason; then the caller starts the validator again.
-fn wait_for_disk_space(c: &crate::config::Config, reason: &str, signal: &Arc<AtomicBool>) -> anyhow::Result<()> {
+fn wait_for_disk_space(
+    c: &crate::runtime::config::Config,
+    reason: &str,
+    signal: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let dir = &c.node.data_dir;
     let free_at_stop = free_bytes(dir).unwrap_or(0);
     let want = free_at_stop + RESUME_FREE_BYTES;
@@ -1639,18 +1665,18 @@ fn wait_for_disk_space(c: &crate::config::Config, reason: &str, signal: &Arc<Ato
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let tls = match c.api.tls_enabled {
             true => Some(
-                crate::api::tls_config(&std::fs::read(&c.api.tls_cert)?, &std::fs::read(&c.api.tls_key)?)
+                crate::edges::api::tls_config(&std::fs::read(&c.api.tls_cert)?, &std::fs::read(&c.api.tls_key)?)
                     .map_err(|e| anyhow::anyhow!("API TLS: {e}"))?,
             ),
             false => None,
         };
-        let stopped = crate::api::Stopped {
+        let stopped = crate::edges::api::Stopped {
             reason: format!("the data disk is full ({} bytes free in {}): {reason}", free_at_stop, dir.display()),
         };
         let sp = api_stop.clone();
         let t = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || crate::api::serve(listener, tls, stopped, sp))?;
+            .spawn(move || crate::edges::api::serve(listener, tls, stopped, sp))?;
         tracing::info!(addr = %addr, "HTTP API listening");
         Some(t)
     } else {

@@ -6,8 +6,8 @@
 //! doorbell after a push only when someone is waiting on it (one atomic load
 //! otherwise). A full ring makes the producer wait: that is the backpressure.
 
-use crate::config::IdlePolicy;
 use crossbeam_queue::ArrayQueue;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -115,6 +115,16 @@ impl<T> Ring<T> {
     pub fn capacity(&self) -> usize {
         self.q.capacity()
     }
+}
+
+/// What a thread with nothing to do does (RUNTIME_IDLE).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IdlePolicy {
+    /// Sleep when there is no work (default; many validators share a machine).
+    Park,
+    /// Busy-poll (bare metal with isolated cores).
+    Spin,
 }
 
 #[cfg(test)]

@@ -20,26 +20,26 @@
 //! `SIM_SEED=n` replays one run exactly.
 
 use super::disk::{DiskFaults, FaultCounts, SimDisk};
-use crate::block::{Block, BuilderConfig};
-use crate::clock::Now;
-use crate::consensus::genesis::{Ceremony, Genesis, GenesisOutput, ReadyAttestation};
-use crate::consensus::log::ConsensusLog;
-use crate::consensus::pbft::{
+use crate::edges::consensus_log::ConsensusLog;
+use crate::edges::framed::Mode;
+use crate::edges::storage::Disk;
+use crate::edges::store::BlockStore;
+use crate::protocol::block::{Block, BuilderConfig};
+use crate::protocol::clock::Now;
+use crate::protocol::consensus::genesis::{Ceremony, Genesis, GenesisOutput, ReadyAttestation};
+use crate::protocol::consensus::pbft::{
     ckpt_bytes, pp_bytes, vc_bytes, Auth, Checkpoint, Message, Params, PrePrepare, Rid, Seq, Signed, ViewChange,
 };
-use crate::consensus::sim::SimAuth;
-use crate::consensus::wire::WireLimits;
-use crate::crypto;
-use crate::event::{sample_anomaly_payload, Event, Limits, TxKind};
-use crate::framed::Mode;
-use crate::ingest::verify::VerifyPolicy;
-use crate::mempool::{MempoolConfig, VerifiedTx};
-use crate::node::{Node, NodeConfig, Output};
-use crate::recovery::{self, Recovered, Setup};
-use crate::snapshot::ReputationConfig;
-use crate::state::StateConfig;
-use crate::storage::Disk;
-use crate::store::BlockStore;
+use crate::protocol::consensus::sim::SimAuth;
+use crate::protocol::consensus::wire::WireLimits;
+use crate::protocol::crypto;
+use crate::protocol::event::{sample_anomaly_payload, Event, Limits, TxKind};
+use crate::protocol::mempool::{MempoolConfig, VerifiedTx};
+use crate::protocol::node::{Node, NodeConfig, Output};
+use crate::protocol::snapshot::ReputationConfig;
+use crate::protocol::state::StateConfig;
+use crate::protocol::verify::VerifyPolicy;
+use crate::runtime::recovery::{self, Recovered, Setup};
 use crate::{proto, Hash32};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -514,7 +514,7 @@ impl Sim {
         recovery::remember_recent(&mut node, &store).expect("blocks read at recovery read again");
         if let Some(records) = join_records {
             self.report.joins += 1;
-            node.start_joining(crate::snapshot::JoinSetup {
+            node.start_joining(crate::protocol::snapshot::JoinSetup {
                 me: i,
                 params: self.params.clone(),
                 auth: self.auths[i].clone(),
@@ -527,7 +527,7 @@ impl Sim {
         }
         // What it serves: its newest snapshot, else the one it sits on (as
         // the runtime reads them at start).
-        v.served = match v.disk.read(&v.dir.join(crate::snapshot::SERVED_FILE)) {
+        v.served = match v.disk.read(&v.dir.join(crate::protocol::snapshot::SERVED_FILE)) {
             Ok(bytes) => {
                 let s = <proto::ChainSnapshot as prost::Message>::decode(&bytes[..]).expect("written whole");
                 Some((s.header.map_or(0, |h| h.height), Arc::new(bytes)))
@@ -617,7 +617,7 @@ impl Sim {
         for o in out {
             match o {
                 Output::Persist(r) => {
-                    stable |= matches!(r, crate::consensus::pbft::Record::Stable { .. });
+                    stable |= matches!(r, crate::protocol::consensus::pbft::Record::Stable { .. });
                     records.push(r);
                 }
                 Output::Send(to, m) => sends.push((Some(to), Msg::Pbft(m))),
@@ -658,7 +658,8 @@ impl Sim {
                             cert.pre_prepare.body.value.len()
                         );
                     }
-                    repeats.push(receipts.iter().map(|r| r.status == crate::state::TxStatus::Repeat).collect());
+                    repeats
+                        .push(receipts.iter().map(|r| r.status == crate::protocol::state::TxStatus::Repeat).collect());
                     commits.push((block, cert, outcome))
                 }
                 Output::Genesis(GenesisOutput::Attest { to, attestation }) => {
@@ -683,7 +684,7 @@ impl Sim {
                 Output::SnapshotRequest { to, request } => sends.push((to, Msg::SnapshotRequest(request))),
                 Output::ServeSnapshot { to, request } => {
                     let served = v.served.as_ref().map(|(s, b)| (*s, b.as_slice()));
-                    let chunk = crate::snapshot::answer(served, &request);
+                    let chunk = crate::protocol::snapshot::answer(served, &request);
                     self.report.snapshot_chunks += u64::from(chunk.chunks > 0);
                     sends.push((Some(to), Msg::SnapshotChunk(chunk)));
                 }
@@ -699,7 +700,7 @@ impl Sim {
                     if self.debug {
                         eprintln!("{} validator {i} joined from the snapshot at {h}", self.now_ms);
                     }
-                    if let Err(e) = v.disk.write_atomically(&v.dir.join(crate::snapshot::BASE_FILE), &bytes) {
+                    if let Err(e) = v.disk.write_atomically(&v.dir.join(crate::protocol::snapshot::BASE_FILE), &bytes) {
                         failed = Some(format!("writing blocks.base: {e}"));
                         break;
                     }
@@ -709,9 +710,9 @@ impl Sim {
                 }
                 Output::Snapshot(snap) => {
                     let h = snap.header.as_ref().map_or(0, |h| h.height);
-                    let bytes = Arc::new(crate::snapshot::encode(*snap));
+                    let bytes = Arc::new(crate::protocol::snapshot::encode(*snap));
                     // As the runtime's writer: a failed write keeps the older file.
-                    let _ = v.disk.write_atomically(&v.dir.join(crate::snapshot::SERVED_FILE), &bytes);
+                    let _ = v.disk.write_atomically(&v.dir.join(crate::protocol::snapshot::SERVED_FILE), &bytes);
                     v.served = Some((h, bytes));
                 }
                 Output::Reject(_) | Output::Evidence { .. } => {}
@@ -832,11 +833,11 @@ impl Sim {
             // Its own proposal: to some peers, another value for the slot
             // naming txs nobody has.
             Msg::Pbft(Message::PrePrepare(p)) if p.from == i && to.is_none() && self.rng.gen_bool(0.5) => {
-                let refs: Vec<crate::proposal::TxRef> = (0..self.rng.gen_range(1..4))
-                    .map(|_| crate::proposal::TxRef { tx_hash: self.rng.gen(), sig_hash: self.rng.gen() })
+                let refs: Vec<crate::protocol::proposal::TxRef> = (0..self.rng.gen_range(1..4))
+                    .map(|_| crate::protocol::proposal::TxRef { tx_hash: self.rng.gen(), sig_hash: self.rng.gen() })
                     .collect();
-                let value = Arc::new(crate::proposal::encode_refs(
-                    crate::proposal::Origin { view: p.body.view, proposer: i },
+                let value = Arc::new(crate::protocol::proposal::encode_refs(
+                    crate::protocol::proposal::Origin { view: p.body.view, proposer: i },
                     p.body.seq * 1000 + 10_000,
                     &refs,
                     &[],

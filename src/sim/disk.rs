@@ -5,7 +5,7 @@
 //! nothing since the last good sync is durable). Every fault is counted, so
 //! a test can show each class did happen over the seeds run.
 
-use crate::storage::{Disk, DiskFile};
+use crate::edges::storage::{Disk, DiskFile};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -276,7 +276,7 @@ impl Disk for SimDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::framed::{FramedFile, Mode};
+    use crate::edges::framed::{FramedFile, Mode};
 
     const MAGIC: &[u8; 8] = b"SIMTEST1";
 
@@ -337,7 +337,7 @@ mod tests {
                 Ok(())
             });
             match r {
-                Err(crate::framed::FramedError::Corrupt { .. }) => {}
+                Err(crate::edges::framed::FramedError::Corrupt { .. }) => {}
                 Ok(_) => assert_eq!(n, 2, "seed {seed}: only damage in the last record reads as torn"),
                 Err(e) => panic!("seed {seed}: {e}"),
             }

@@ -1,9 +1,9 @@
 //! Helpers for integration tests: real validator processes on loopback.
 #![allow(dead_code)]
 
-use cybermesh::crypto::{self, SigningKey};
-use cybermesh::event::{sample_anomaly_payload, Event, TxKind};
-use cybermesh::ingest::direct;
+use cybermesh::edges::direct;
+use cybermesh::protocol::crypto::{self, SigningKey};
+use cybermesh::protocol::event::{sample_anomaly_payload, Event, TxKind};
 use prost::Message;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -205,16 +205,16 @@ impl Client {
     }
 }
 
-/// A local cluster's files (see `cybermesh::devnet`), with short timeouts.
+/// A local cluster's files (see `cybermesh::runtime::devnet`), with short timeouts.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
-    pub net: cybermesh::devnet::Devnet,
+    pub net: cybermesh::runtime::devnet::Devnet,
 }
 
 impl Cluster {
-    pub fn new(validators: usize, tweak: impl Fn(&mut cybermesh::config::Config)) -> Cluster {
+    pub fn new(validators: usize, tweak: impl Fn(&mut cybermesh::runtime::config::Config)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let opts = cybermesh::devnet::DevnetOptions {
+        let opts = cybermesh::runtime::devnet::DevnetOptions {
             validators,
             build_interval: Duration::from_millis(20),
             heartbeat: Duration::from_millis(200),
@@ -223,7 +223,7 @@ impl Cluster {
             log_json: true,
             ..Default::default()
         };
-        let net = cybermesh::devnet::create(dir.path(), &opts, tweak).unwrap();
+        let net = cybermesh::runtime::devnet::create(dir.path(), &opts, tweak).unwrap();
         Cluster { dir, net }
     }
     /// Starts validator `i` (0-based index; validator id i + 1).

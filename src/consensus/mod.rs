@@ -1,9 +1,0 @@
-//! Consensus: the sans-I/O PBFT replica (`pbft`) and its deterministic
-//! simulator (`sim`, test-only).
-
-pub mod genesis;
-pub mod log;
-pub mod pbft;
-#[cfg(test)]
-pub(crate) mod sim;
-pub mod wire;

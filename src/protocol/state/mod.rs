@@ -1,0 +1,731 @@
+//! Deterministic state machine: executes committed transactions and keeps a
+//! Merkle state root.
+//!
+//! No clocks, I/O or randomness here: the block timestamp is passed in, and
+//! every validator that executes the same blocks reaches the same root.
+//! Signatures are not checked again (the verify shards did, once).
+//!
+//! State keys (first byte is the table):
+//! * `a` + anomaly id (16)   → `u64 BE height || tx_hash || AnomalyPayload`
+//! * `e` + evidence id (16)  → `u64 BE height || tx_hash || EvidencePayload`
+//! * `p` + policy_id (UTF-8) → `u64 BE height || tx_hash || PolicyPayload` (latest wins)
+//! * `n` + u64 BE height     → the nonces consumed by that block,
+//!   `(nonce (16) || u64 BE timestamp_ms || tx_hash (32))*` in tx order
+//!   (replay protection and tx identity; deleted once all are past the TTL)
+//! * `r` + producer key (32) → `u64 BE accepted || u64 BE rejected ||
+//!   u64 BE tokens (thousandths) || u64 BE block timestamp_ms they were counted at`
+//!
+//! # Identity and verdicts
+//! A tx is its hash (of the signed bytes: domain, timestamp, nonce, id,
+//! content hash), never its payload. A tx ordered again after it committed
+//! (a Byzantine primary, or a race across a view change) executes once: the
+//! repeat gets [`TxStatus::Repeat`], changes nothing and counts against no
+//! one. Every refusal here is a receipt every validator computes alike,
+//! including the per-producer rate limit: a token bucket charged against
+//! block timestamps, so it does not depend on when a validator saw the tx.
+
+pub mod merkle;
+
+use crate::protocol::event::{parse_payload, Event, TxKind};
+use crate::protocol::reject::RejectReason;
+use crate::{proto, sha256, Hash32};
+use foldhash::{HashMap, HashMapExt};
+use merkle::SparseMerkleTree;
+use std::collections::BTreeSet;
+
+/// One consumed nonce in a block's `n` entry: nonce (16) || u64 BE
+/// timestamp || tx hash (32).
+const NONCE_ENTRY: usize = 56;
+/// A producer's `r` record: accepted, rejected, tokens, counted-at.
+const PRODUCER_RECORD: usize = 32;
+/// Token-bucket units per tx (integer arithmetic: every validator agrees).
+const MILLI: u64 = 1000;
+
+#[derive(Debug, Clone, Copy)]
+pub struct StateConfig {
+    /// A tx this much older than its block is expired. Its nonce is remembered
+    /// at least this long after its timestamp (until every nonce its block
+    /// consumed is past it), so a replay within the TTL is always refused.
+    pub nonce_ttl_ms: u64,
+    /// A tx may be at most this far ahead of the block timestamp.
+    pub future_skew_ms: u64,
+    /// Per-producer token bucket (MEMPOOL_RATE_PER_SECOND): tokens added
+    /// per second of block time; 0 disables the limit.
+    pub rate_per_second: u32,
+    /// Bucket size (MEMPOOL_RATE_BURST); 0 means one second's worth.
+    pub rate_burst: u32,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig { nonce_ttl_ms: 15 * 60_000, future_skew_ms: 5 * 60_000, rate_per_second: 0, rate_burst: 0 }
+    }
+}
+
+impl StateConfig {
+    fn bucket_milli(&self) -> u64 {
+        let burst = if self.rate_burst == 0 { self.rate_per_second } else { self.rate_burst };
+        burst as u64 * MILLI
+    }
+}
+
+/// The `reason` of a block outcome's `TxRejection` for a [`TxStatus::Repeat`]:
+/// not applied again, not counted against its producer, no DLQ record.
+pub const REPEAT_REASON: &str = "repeat";
+
+/// Result of one transaction. Rejected transactions stay in the block (the
+/// block is valid) and count against their producer; those refused for
+/// their content (not replayed or expired) consume their nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    Applied,
+    Rejected(RejectReason),
+    /// This very tx (same hash) is already committed: executed once, the
+    /// repeat changes nothing and is not counted against its producer.
+    Repeat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub tx_hash: Hash32,
+    pub status: TxStatus,
+}
+
+/// What executing a block did; `undo` rolls it back.
+#[derive(Debug)]
+pub struct Executed {
+    pub state_root: Hash32,
+    pub receipts: Vec<Receipt>,
+    pub undo: Undo,
+}
+
+/// Previous values of the keys a block changed, plus the height before it.
+#[derive(Debug, Default)]
+pub struct Undo {
+    prev: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    height: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("snapshot root mismatch: snapshot says {expected}, its entries hash to {actual}")]
+    RootMismatch { expected: String, actual: String },
+    #[error("snapshot is malformed: {0}")]
+    Malformed(String),
+}
+
+pub struct State {
+    cfg: StateConfig,
+    /// Hashed, not ordered: execution only looks keys up (a B-tree of
+    /// ~10^6 keys cost a few hundred ns of key comparisons per look-up);
+    /// the one ordered walk, the snapshot, sorts. SipHash with a random key:
+    /// producers choose the keys.
+    kv: HashMap<Vec<u8>, Vec<u8>>,
+    tree: SparseMerkleTree,
+    nonces: NonceIndex,
+    height: u64,
+}
+
+/// The `n` entries, indexed (rebuilt from them on restore).
+#[derive(Default)]
+struct NonceIndex {
+    /// Nonces remembered (replay protection) → the height that consumed
+    /// them and the tx that did. Membership only, so iteration order
+    /// (HashMap's is random) never matters.
+    by_nonce: HashMap<[u8; 16], (u64, Hash32)>,
+    /// `n` entries by (newest timestamp in it, height): pruned in this order.
+    blocks: BTreeSet<(u64, u64)>,
+}
+
+impl NonceIndex {
+    fn contains(&self, nonce: &[u8; 16]) -> bool {
+        self.by_nonce.contains_key(nonce)
+    }
+
+    fn owner(&self, nonce: &[u8; 16]) -> Option<&Hash32> {
+        self.by_nonce.get(nonce).map(|(_, h)| h)
+    }
+
+    /// Adds block `height`'s `n` entry.
+    fn add_block(&mut self, height: u64, value: &[u8]) {
+        let mut newest = 0;
+        for (n, ts, tx) in nonce_entries(value) {
+            self.by_nonce.insert(n, (height, tx));
+            newest = newest.max(ts);
+        }
+        self.blocks.insert((newest, height));
+    }
+
+    /// Removes block `height`'s `n` entry.
+    fn remove_block(&mut self, height: u64, value: &[u8]) {
+        let mut newest = 0;
+        for (n, ts, _) in nonce_entries(value) {
+            if self.by_nonce.get(&n).is_some_and(|(h, _)| *h == height) {
+                self.by_nonce.remove(&n);
+            }
+            newest = newest.max(ts);
+        }
+        self.blocks.remove(&(newest, height));
+    }
+
+    /// The oldest block whose nonces are all older than `horizon`, if any.
+    fn expired(&self, horizon: u64) -> Option<u64> {
+        self.blocks.first().filter(|(newest, _)| *newest < horizon).map(|(_, h)| *h)
+    }
+}
+
+/// Nonces live one state entry per block, not one per tx: a tx then costs
+/// one Merkle update (its record) instead of three (record, nonce, and the
+/// nonce's deletion after the TTL), and Merkle hashing is most of execution.
+fn nonce_block_key(height: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(b'n');
+    k.extend_from_slice(&height.to_be_bytes());
+    k
+}
+
+fn nonce_entries(value: &[u8]) -> impl Iterator<Item = ([u8; 16], u64, Hash32)> + '_ {
+    value.chunks_exact(NONCE_ENTRY).map(|e| {
+        (
+            e[..16].try_into().expect("16 bytes"),
+            u64::from_be_bytes(e[16..24].try_into().expect("8 bytes")),
+            e[24..].try_into().expect("32 bytes"),
+        )
+    })
+}
+
+fn producer_key(producer: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(b'r');
+    k.extend_from_slice(producer);
+    k
+}
+
+fn be(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().expect("8 bytes"))
+}
+
+/// One producer's `r` record, as a block's execution updates it.
+#[derive(Debug, Clone, Copy)]
+struct ProducerRecord {
+    accepted: u64,
+    rejected: u64,
+    tokens_milli: u64,
+    counted_at_ms: u64,
+}
+
+impl ProducerRecord {
+    fn parse(v: Option<&Vec<u8>>, cfg: &StateConfig, now_ms: u64) -> Self {
+        match v {
+            Some(v) if v.len() >= PRODUCER_RECORD => ProducerRecord {
+                accepted: be(&v[..8]),
+                rejected: be(&v[8..16]),
+                tokens_milli: be(&v[16..24]),
+                counted_at_ms: be(&v[24..32]),
+            },
+            // A producer not seen yet starts with a full bucket.
+            _ => ProducerRecord { accepted: 0, rejected: 0, tokens_milli: cfg.bucket_milli(), counted_at_ms: now_ms },
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(PRODUCER_RECORD);
+        for x in [self.accepted, self.rejected, self.tokens_milli, self.counted_at_ms] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        v
+    }
+
+    /// Takes one token at block time `now_ms` (refilled since the last
+    /// count); false when the bucket is empty. Always true with no limit.
+    fn take_token(&mut self, cfg: &StateConfig, now_ms: u64) -> bool {
+        if cfg.rate_per_second == 0 {
+            return true;
+        }
+        let elapsed_ms = now_ms.saturating_sub(self.counted_at_ms);
+        // tokens/s × ms = thousandths of a token.
+        let refill = elapsed_ms.saturating_mul(cfg.rate_per_second as u64);
+        self.tokens_milli = self.tokens_milli.saturating_add(refill).min(cfg.bucket_milli());
+        self.counted_at_ms = self.counted_at_ms.max(now_ms);
+        if self.tokens_milli >= MILLI {
+            self.tokens_milli -= MILLI;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn record(height: u64, tx_hash: &Hash32, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(40 + payload.len());
+    v.extend_from_slice(&height.to_be_bytes());
+    v.extend_from_slice(tx_hash);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Per key a block wrote: its value before the block, and the hash of its
+/// newest value (`None`: deleted), hashed as it is written so the tree
+/// update needs no second look-up.
+type Written = HashMap<Vec<u8>, (Option<Vec<u8>>, Option<Hash32>)>;
+
+/// Writes of one block, applied to `kv` as they happen and to the tree once.
+struct Batch<'a> {
+    kv: &'a mut HashMap<Vec<u8>, Vec<u8>>,
+    undo: Written,
+}
+
+impl Batch<'_> {
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        let h = sha256(&v);
+        let old = self.kv.insert(k.clone(), v);
+        self.undo.entry(k).or_insert((old, None)).1 = Some(h);
+    }
+    fn delete(&mut self, k: &[u8]) {
+        if let Some(old) = self.kv.remove(k) {
+            self.undo.entry(k.to_vec()).or_insert((Some(old), None)).1 = None;
+        }
+    }
+    fn get(&self, k: &[u8]) -> Option<&Vec<u8>> {
+        self.kv.get(k)
+    }
+}
+
+impl State {
+    pub fn new(cfg: StateConfig) -> Self {
+        State { cfg, kv: HashMap::new(), tree: SparseMerkleTree::new(), nonces: NonceIndex::default(), height: 0 }
+    }
+
+    pub fn root(&self) -> Hash32 {
+        self.tree.root()
+    }
+    pub fn height(&self) -> u64 {
+        self.height
+    }
+    pub fn len(&self) -> usize {
+        self.kv.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.kv.is_empty()
+    }
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.kv.get(key).map(|v| v.as_slice())
+    }
+    pub fn has_nonce(&self, nonce: &[u8; 16]) -> bool {
+        self.nonces.contains(nonce)
+    }
+    /// The committed tx that consumed `nonce`, while it is remembered (its
+    /// TTL): the same hash means this tx is committed; another, that the
+    /// nonce is used.
+    pub fn nonce_owner(&self, nonce: &[u8; 16]) -> Option<&Hash32> {
+        self.nonces.owner(nonce)
+    }
+    /// Whether this very tx is committed (within the nonce TTL; older txs
+    /// are refused as expired anyway).
+    pub fn is_committed(&self, nonce: &[u8; 16], tx_hash: &Hash32) -> bool {
+        self.nonce_owner(nonce) == Some(tx_hash)
+    }
+    /// A producer's accepted and rejected txs so far (the `r` table).
+    pub fn producer_totals(&self, producer: &[u8; 32]) -> (u64, u64) {
+        self.kv.get(&producer_key(producer)).map_or((0, 0), |v| (be(&v[..8]), be(&v[8..16])))
+    }
+
+    /// Merkle proof for `key` against `root()`.
+    pub fn prove(&self, key: &[u8]) -> merkle::Proof {
+        self.tree.prove(&sha256(key))
+    }
+
+    /// Executes block `height` with timestamp `timestamp_ms`. `txs` carry
+    /// their tx hashes (computed once upstream).
+    pub fn execute_block(&mut self, height: u64, timestamp_ms: u64, txs: &[(&Event, Hash32)]) -> Executed {
+        assert_eq!(height, self.height + 1, "blocks execute in height order");
+        // Forget nonces past their TTL, a block's worth at a time once all
+        // of its are: a tx that old is refused as expired anyway (that check
+        // comes first), so when a nonce is forgotten changes no outcome.
+        let horizon = timestamp_ms.saturating_sub(self.cfg.nonce_ttl_ms);
+        let mut b = Batch { kv: &mut self.kv, undo: HashMap::with_capacity(txs.len() + 8) };
+        while let Some(h) = self.nonces.expired(horizon) {
+            let key = nonce_block_key(h);
+            let value = b.kv.get(&key).map(Vec::as_slice).unwrap_or_default();
+            self.nonces.remove_block(h, value);
+            b.delete(&key);
+        }
+        let mut consumed = Vec::with_capacity(txs.len() * NONCE_ENTRY);
+        let mut newest = 0;
+        let mut receipts = Vec::with_capacity(txs.len());
+        // Per-producer records, read once and written once per block (the
+        // batch and the tree do not depend on the order of writes).
+        let mut producers: HashMap<[u8; 32], ProducerRecord> = HashMap::new();
+        for (ev, tx_hash) in txs {
+            let rec = producers
+                .entry(ev.producer)
+                .or_insert_with(|| ProducerRecord::parse(b.get(&producer_key(&ev.producer)), &self.cfg, timestamp_ms));
+            let status = Self::apply_tx(&mut b, &self.nonces, &self.cfg, rec, height, timestamp_ms, ev, tx_hash);
+            let consumes = !matches!(
+                status,
+                TxStatus::Repeat | TxStatus::Rejected(RejectReason::ReplayedNonce | RejectReason::Expired)
+            );
+            if consumes {
+                self.nonces.by_nonce.insert(ev.nonce, (height, *tx_hash));
+                newest = newest.max(ev.timestamp_ms);
+                consumed.extend_from_slice(&ev.nonce);
+                consumed.extend_from_slice(&ev.timestamp_ms.to_be_bytes());
+                consumed.extend_from_slice(tx_hash);
+            }
+            match status {
+                TxStatus::Applied => rec.accepted += 1,
+                TxStatus::Rejected(_) => rec.rejected += 1,
+                TxStatus::Repeat => {}
+            }
+            receipts.push(Receipt { tx_hash: *tx_hash, status });
+        }
+        for (p, rec) in producers {
+            b.put(producer_key(&p), rec.encode());
+        }
+        if !consumed.is_empty() {
+            // Its nonces are indexed already (tx by tx); now its pruning order.
+            self.nonces.blocks.insert((newest, height));
+            b.put(nonce_block_key(height), consumed);
+        }
+        let undo_map = std::mem::take(&mut b.undo);
+        let updates: Vec<merkle::Update> = undo_map.iter().map(|(k, (_, h))| (sha256(k), *h)).collect();
+        self.tree.apply(updates);
+        let undo = Undo { prev: undo_map.into_iter().map(|(k, (old, _))| (k, old)).collect(), height: self.height };
+        self.height = height;
+        Executed { state_root: self.tree.root(), receipts, undo }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_tx(
+        b: &mut Batch<'_>,
+        nonces: &NonceIndex,
+        cfg: &StateConfig,
+        producer: &mut ProducerRecord,
+        height: u64,
+        now: u64,
+        ev: &Event,
+        tx_hash: &Hash32,
+    ) -> TxStatus {
+        let owner = nonces.owner(&ev.nonce);
+        if owner == Some(tx_hash) {
+            return TxStatus::Repeat;
+        }
+        if ev.timestamp_ms.saturating_add(cfg.nonce_ttl_ms) <= now {
+            return TxStatus::Rejected(RejectReason::Expired);
+        }
+        if ev.timestamp_ms > now.saturating_add(cfg.future_skew_ms) {
+            return TxStatus::Rejected(RejectReason::Future);
+        }
+        if owner.is_some() {
+            return TxStatus::Rejected(RejectReason::ReplayedNonce);
+        }
+        if !producer.take_token(cfg, now) {
+            return TxStatus::Rejected(RejectReason::RateLimited);
+        }
+        let payload = match parse_payload(ev.kind, &ev.payload) {
+            Ok(p) => p,
+            Err(_) => return TxStatus::Rejected(RejectReason::InvalidPayload),
+        };
+        let key = match (ev.kind, &payload) {
+            (TxKind::Anomaly, _) => [&[b'a'][..], &ev.id].concat(),
+            (TxKind::Evidence, _) => [&[b'e'][..], &ev.id].concat(),
+            (TxKind::Policy, crate::protocol::event::Payload::Policy(p)) => {
+                [&[b'p'][..], p.policy_id.as_bytes()].concat()
+            }
+            (TxKind::Policy, _) => unreachable!("parse_payload returns the kind's payload"),
+        };
+        if ev.kind != TxKind::Policy && b.get(&key).is_some() {
+            return TxStatus::Rejected(RejectReason::DuplicateId);
+        }
+        b.put(key, record(height, tx_hash, &ev.payload));
+        TxStatus::Applied
+    }
+
+    /// Rolls back the last executed block (its proposal was abandoned).
+    pub fn rollback(&mut self, undo: Undo) {
+        let mut updates = Vec::with_capacity(undo.prev.len());
+        for (k, old) in undo.prev {
+            if k.first() == Some(&b'n') {
+                let h = u64::from_be_bytes(k[1..].try_into().expect("nonce block key"));
+                if let Some(v) = self.kv.get(&k) {
+                    self.nonces.remove_block(h, v);
+                }
+                if let Some(v) = &old {
+                    self.nonces.add_block(h, v);
+                }
+            }
+            updates.push((sha256(&k), old.as_ref().map(|v| sha256(v))));
+            match old {
+                Some(v) => self.kv.insert(k, v),
+                None => self.kv.remove(&k),
+            };
+        }
+        self.tree.apply(updates);
+        self.height = undo.height;
+    }
+
+    /// The state as a snapshot, entries in key order: every validator's
+    /// snapshot of a height is byte-identical (joiners fetch chunks of it
+    /// from several peers).
+    pub fn snapshot(&self, block_hash: Hash32) -> proto::StateSnapshot {
+        let mut s = self.snapshot_unordered(block_hash);
+        sort_snapshot(&mut s);
+        s
+    }
+
+    /// `snapshot` without the sort, for a caller that sorts elsewhere (the
+    /// runtime, off its core thread: [`sort_snapshot`]).
+    pub fn snapshot_unordered(&self, block_hash: Hash32) -> proto::StateSnapshot {
+        proto::StateSnapshot {
+            height: self.height,
+            state_root: self.root().to_vec(),
+            block_hash: block_hash.to_vec(),
+            entries: self.kv.iter().map(|(k, v)| proto::StateEntry { key: k.clone(), value: v.clone() }).collect(),
+        }
+    }
+
+    /// Restores a snapshot and re-verifies its root.
+    pub fn restore(snap: &proto::StateSnapshot, cfg: StateConfig) -> Result<State, StateError> {
+        let mut s = State::new(cfg);
+        let mut updates = Vec::with_capacity(snap.entries.len());
+        for e in &snap.entries {
+            if e.key.first() == Some(&b'n') {
+                let h: [u8; 8] =
+                    e.key[1..].try_into().map_err(|_| StateError::Malformed("nonce block key length".into()))?;
+                if e.value.is_empty() || e.value.len() % NONCE_ENTRY != 0 {
+                    return Err(StateError::Malformed(format!("nonce block value of {} bytes", e.value.len())));
+                }
+                s.nonces.add_block(u64::from_be_bytes(h), &e.value);
+            }
+            updates.push((sha256(&e.key), Some(sha256(&e.value))));
+            s.kv.insert(e.key.clone(), e.value.clone());
+        }
+        s.tree.apply(updates);
+        if s.root().as_slice() != snap.state_root.as_slice() {
+            return Err(StateError::RootMismatch {
+                expected: hex::encode(&snap.state_root),
+                actual: hex::encode(s.root()),
+            });
+        }
+        s.height = snap.height;
+        Ok(s)
+    }
+}
+
+/// Puts a snapshot's entries in key order (see [`State::snapshot`]).
+pub fn sort_snapshot(s: &mut proto::StateSnapshot) {
+    s.entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::crypto;
+    use crate::protocol::event::sample_anomaly_payload;
+    use prost::Message;
+
+    fn ev(k: &crypto::SigningKey, kind: TxKind, i: u64, ts: u64, payload: Vec<u8>) -> Event {
+        Event::sign(kind, k, (i as u128).to_be_bytes(), payload, ts, (i as u32).to_be_bytes())
+    }
+
+    fn run(s: &mut State, h: u64, ts: u64, evs: &[Event]) -> Executed {
+        let txs: Vec<(&Event, Hash32)> = evs.iter().map(|e| (e, e.tx_hash())).collect();
+        s.execute_block(h, ts, &txs)
+    }
+
+    #[test]
+    fn deterministic_root_receipts_replay_and_ttl() {
+        let k = crypto::generate_key();
+        let t0 = 1_700_000_000_000u64;
+        let a = ev(&k, TxKind::Anomaly, 1, t0, sample_anomaly_payload(1, 300));
+        let b = ev(&k, TxKind::Anomaly, 2, t0, sample_anomaly_payload(2, 300));
+        let bad = ev(&k, TxKind::Anomaly, 3, t0, vec![0xff, 0xff]);
+        let pol = ev(
+            &k,
+            TxKind::Policy,
+            4,
+            t0,
+            proto::PolicyPayload { policy_id: "p".into(), action: "block".into(), ..Default::default() }
+                .encode_to_vec(),
+        );
+        let mut s1 = State::new(StateConfig::default());
+        let mut s2 = State::new(StateConfig::default());
+        let e1 = run(&mut s1, 1, t0 + 10, &[a.clone(), b.clone(), bad.clone(), pol.clone()]);
+        let e2 = run(&mut s2, 1, t0 + 10, &[a.clone(), b.clone(), bad.clone(), pol.clone()]);
+        assert_eq!(e1.state_root, e2.state_root);
+        let st: Vec<_> = e1.receipts.iter().map(|r| r.status).collect();
+        assert_eq!(
+            st,
+            vec![
+                TxStatus::Applied,
+                TxStatus::Applied,
+                TxStatus::Rejected(RejectReason::InvalidPayload),
+                TxStatus::Applied
+            ]
+        );
+        // The same tx ordered again executes once: a repeat, not counted.
+        let before = s1.producer_totals(&a.producer);
+        let e = run(&mut s1, 2, t0 + 20, std::slice::from_ref(&a));
+        assert_eq!(e.receipts[0].status, TxStatus::Repeat);
+        assert_eq!(s1.producer_totals(&a.producer), before, "a repeat counts against no one");
+        assert!(s1.is_committed(&a.nonce, &a.tx_hash()));
+        // Another tx reusing the nonce is refused (and counted).
+        let reuse =
+            Event::sign(TxKind::Anomaly, &k, [0x55; 16], sample_anomaly_payload(5, 300), t0, 1u32.to_be_bytes());
+        assert_eq!(reuse.nonce, a.nonce);
+        let e = run(&mut s1, 3, t0 + 25, std::slice::from_ref(&reuse));
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::ReplayedNonce));
+        assert_eq!(s1.producer_totals(&a.producer), (before.0, before.1 + 1));
+        // Same id, fresh nonce: duplicate id.
+        let a2 = Event::sign(TxKind::Anomaly, &k, a.id, sample_anomaly_payload(9, 300), t0 + 5, [9; 4]);
+        let e = run(&mut s1, 4, t0 + 30, &[a2]);
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::DuplicateId));
+        // After the TTL the nonce is pruned and an old tx is expired, not replayed.
+        let late = t0 + StateConfig::default().nonce_ttl_ms + 1;
+        assert!(s1.has_nonce(&a.nonce));
+        let e = run(&mut s1, 5, late, &[]);
+        assert!(!s1.has_nonce(&a.nonce));
+        assert!(e.receipts.is_empty());
+        let e = run(&mut s1, 6, late + 1, std::slice::from_ref(&a));
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::Expired));
+        let fut = ev(&k, TxKind::Anomaly, 77, late + 10 * 60_000, sample_anomaly_payload(77, 100));
+        assert_eq!(run(&mut s1, 7, late + 2, &[fut]).receipts[0].status, TxStatus::Rejected(RejectReason::Future));
+    }
+
+    #[test]
+    fn nonces_are_one_entry_per_block_and_forgotten_once_all_expire() {
+        let k = crypto::generate_key();
+        let t0 = 1_700_000_000_000u64;
+        let ttl = StateConfig::default().nonce_ttl_ms;
+        let mut s = State::new(StateConfig::default());
+        let txs: Vec<Event> =
+            (0..10).map(|i| ev(&k, TxKind::Anomaly, i, t0 + i * 10, sample_anomaly_payload(i, 100))).collect();
+        run(&mut s, 1, t0 + 100, &txs);
+        // 10 records + one nonce entry for the block + the producer's totals.
+        assert_eq!(s.len(), 12);
+        let entry = s.get(&nonce_block_key(1)).expect("the block's nonce entry");
+        assert_eq!(entry.len(), 10 * NONCE_ENTRY);
+        // The oldest nonce is past the TTL, the newest is not: all remembered.
+        run(&mut s, 2, t0 + ttl + 1, &[]);
+        assert!(txs.iter().all(|t| s.has_nonce(&t.nonce)));
+        assert!(s.get(&nonce_block_key(1)).is_some());
+        // Every one past it: the entry goes, in one Merkle update.
+        let root_before = s.root();
+        let pruning = run(&mut s, 3, t0 + 90 + ttl + 1, &[]);
+        assert!(txs.iter().all(|t| !s.has_nonce(&t.nonce)));
+        assert!(s.get(&nonce_block_key(1)).is_none());
+        assert_eq!(s.len(), 11);
+        // Rolling the pruning block back remembers them again.
+        s.rollback(pruning.undo);
+        assert_eq!(s.root(), root_before);
+        assert!(txs.iter().all(|t| s.has_nonce(&t.nonce)));
+        // A restored snapshot remembers exactly the same nonces.
+        let r = State::restore(&s.snapshot([0; 32]), StateConfig::default()).unwrap();
+        assert!(txs.iter().all(|t| r.has_nonce(&t.nonce)));
+        assert_eq!(r.nonces.blocks, s.nonces.blocks);
+        let mut bad = s.snapshot([0; 32]);
+        let i = bad.entries.iter().position(|e| e.key.first() == Some(&b'n')).unwrap();
+        bad.entries[i].value.pop();
+        assert!(matches!(State::restore(&bad, StateConfig::default()), Err(StateError::Malformed(_))));
+    }
+
+    #[test]
+    fn rollback_restores_root_and_nonces() {
+        let k = crypto::generate_key();
+        let t0 = 1_000_000u64;
+        let mut s = State::new(StateConfig::default());
+        run(&mut s, 1, t0, &[ev(&k, TxKind::Anomaly, 1, t0, sample_anomaly_payload(1, 100))]);
+        let root1 = s.root();
+        let x = ev(&k, TxKind::Anomaly, 2, t0, sample_anomaly_payload(2, 100));
+        let e = run(&mut s, 2, t0 + 1, std::slice::from_ref(&x));
+        assert_ne!(e.state_root, root1);
+        s.rollback(e.undo);
+        assert_eq!(s.root(), root1);
+        assert_eq!(s.height(), 1);
+        assert!(!s.has_nonce(&x.nonce));
+        let again = run(&mut s, 2, t0 + 1, &[x]);
+        assert_eq!(again.receipts[0].status, TxStatus::Applied);
+        assert_eq!(again.state_root, e.state_root);
+    }
+
+    #[test]
+    fn snapshot_restores_and_rejects_tampering() {
+        let k = crypto::generate_key();
+        let mut s = State::new(StateConfig::default());
+        let evs: Vec<_> = (0..50).map(|i| ev(&k, TxKind::Anomaly, i, 5000, sample_anomaly_payload(i, 100))).collect();
+        run(&mut s, 1, 5000, &evs);
+        let snap = s.snapshot([7; 32]);
+        let bytes = snap.encode_to_vec();
+        let back = State::restore(&proto::StateSnapshot::decode(&bytes[..]).unwrap(), StateConfig::default()).unwrap();
+        assert_eq!(back.root(), s.root());
+        assert_eq!(back.height(), 1);
+        assert!(back.has_nonce(&evs[3].nonce));
+        // Equal states snapshot to equal bytes (peers serve chunks of them),
+        // whatever order their hash maps (each randomly keyed) hold the
+        // keys in: the restored copy and a second execution.
+        assert!(back.snapshot([7; 32]).encode_to_vec() == bytes, "restored state snapshots differently");
+        let mut again = State::new(StateConfig::default());
+        run(&mut again, 1, 5000, &evs);
+        assert!(again.snapshot([7; 32]).encode_to_vec() == bytes, "equal state snapshots differently");
+        assert!(snap.entries.windows(2).all(|w| w[0].key < w[1].key), "entries in key order");
+        let mut later = s.snapshot_unordered([7; 32]);
+        sort_snapshot(&mut later);
+        assert!(later == snap, "sorting an unordered snapshot gives the snapshot");
+        let mut bad = snap.clone();
+        bad.entries[5].value.push(0);
+        assert!(matches!(State::restore(&bad, StateConfig::default()), Err(StateError::RootMismatch { .. })));
+        // Proof of a key against the root.
+        let key = [&[b'a'][..], &evs[0].id].concat();
+        let v = sha256(s.get(&key).unwrap());
+        assert!(s.prove(&key).verify(&s.root(), &sha256(&key), Some(&v)));
+    }
+
+    #[test]
+    fn identical_payloads_are_distinct_txs_and_a_repeat_in_one_block_executes_once() {
+        let k = crypto::generate_key();
+        let t0 = 1_700_000_000_000u64;
+        let p = sample_anomaly_payload(1, 300);
+        let (x, y) = (ev(&k, TxKind::Anomaly, 1, t0, p.clone()), ev(&k, TxKind::Anomaly, 2, t0, p));
+        let mut s = State::new(StateConfig::default());
+        let e = run(&mut s, 1, t0, &[x.clone(), y.clone(), x.clone()]);
+        let st: Vec<_> = e.receipts.iter().map(|r| r.status).collect();
+        assert_eq!(st, vec![TxStatus::Applied, TxStatus::Applied, TxStatus::Repeat]);
+        assert_eq!(s.producer_totals(&x.producer), (2, 0));
+        // The nonce entry names each tx once; a restored state knows them.
+        assert_eq!(s.get(&nonce_block_key(1)).unwrap().len(), 2 * NONCE_ENTRY);
+        let r = State::restore(&s.snapshot([0; 32]), StateConfig::default()).unwrap();
+        assert!(r.is_committed(&x.nonce, &x.tx_hash()) && r.is_committed(&y.nonce, &y.tx_hash()));
+        assert!(!r.is_committed(&x.nonce, &y.tx_hash()));
+    }
+
+    #[test]
+    fn the_rate_limit_is_charged_against_block_time_alike_everywhere() {
+        let k = crypto::generate_key();
+        let t0 = 1_700_000_000_000u64;
+        let cfg = StateConfig { rate_per_second: 10, rate_burst: 2, ..StateConfig::default() };
+        let evs: Vec<_> = (0..6).map(|i| ev(&k, TxKind::Anomaly, i, t0, sample_anomaly_payload(i, 50))).collect();
+        let mut a = State::new(cfg);
+        let mut b = State::new(cfg);
+        let rl = TxStatus::Rejected(RejectReason::RateLimited);
+        // Burst of two, then empty at the same block time.
+        let e = run(&mut a, 1, t0, &evs[..3]);
+        assert_eq!(
+            e.receipts.iter().map(|r| r.status).collect::<Vec<_>>(),
+            vec![TxStatus::Applied, TxStatus::Applied, rl]
+        );
+        // 100 ms of block time at 10/s refills one token.
+        let e = run(&mut a, 2, t0 + 100, &evs[3..5]);
+        assert_eq!(e.receipts.iter().map(|r| r.status).collect::<Vec<_>>(), vec![TxStatus::Applied, rl]);
+        assert_eq!(a.producer_totals(&evs[0].producer), (3, 2));
+        // The same blocks elsewhere: the same receipts and root, whenever run.
+        run(&mut b, 1, t0, &evs[..3]);
+        let e = run(&mut b, 2, t0 + 100, &evs[3..5]);
+        assert_eq!(e.state_root, a.root());
+        // A rate-limited tx consumed its nonce: resending it is a repeat.
+        let e = run(&mut a, 3, t0 + 10_000, std::slice::from_ref(&evs[2]));
+        assert_eq!(e.receipts[0].status, TxStatus::Repeat);
+        // No limit configured: nothing is refused.
+        let mut free = State::new(StateConfig::default());
+        assert!(run(&mut free, 1, t0, &evs).receipts.iter().all(|r| r.status == TxStatus::Applied));
+    }
+}
