@@ -195,23 +195,7 @@ fn set_nice(what: &str, nice: i32) {
 /// Starts a validator from a validated config. Returns once it listens.
 pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let c = &v.config;
-    let strict_key_mode = c.node.environment == crate::runtime::config::Environment::Production;
-    let key = crypto::read_key_file(&c.node.key_file, strict_key_mode).with_context(|| {
-        format!("loading the validator key (node.key_file / CONTROL_SIGNING_KEY_PATH = {})", c.node.key_file.display())
-    })?;
-    let me = crypto::public_key(&key);
-    match v.validators.get(&c.node.id) {
-        Some(k) if *k == me => {}
-        Some(k) => bail!(
-            "the key in {} has public key {}, but VALIDATOR_{}_PUBKEY_HEX is {}: point node.key_file at validator {}'s key or fix the public key",
-            c.node.key_file.display(),
-            hex::encode(me),
-            c.node.id,
-            hex::encode(k),
-            c.node.id
-        ),
-        None => bail!("validator {} has no public key configured", c.node.id),
-    }
+    let key = load_key(&v)?;
     let from_kafka = c.ingest.source == crate::runtime::config::SourceKind::Kafka;
     let limits = c.limits();
     std::fs::create_dir_all(&c.node.data_dir)
@@ -290,40 +274,14 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     });
     let mut threads = vec![];
 
-    // DLQ writer.
-    let mut sink = if from_kafka {
-        DlqSink::Kafka(DlqKafkaSink::new(&c.kafka, c.node.id.to_string(), shared.tracker.clone()).with_context(
-            || format!("creating the DLQ producer for {} (KAFKA_BROKERS={})", c.kafka.dlq_topic, c.kafka.brokers),
-        )?)
-    } else {
-        DlqSink::File(
-            DlqFileSink::open(&c.node.data_dir.join("dlq.jsonl"), c.node.id.to_string())
-                .context("opening the DLQ file")?,
-        )
-    };
-    let (st, dlq_done) = (stats.clone(), Arc::new(AtomicBool::new(false)));
-    let dd = dlq_done.clone();
-    let dlq = std::thread::Builder::new().name("dlq".into()).spawn(move || dlq_loop(dlq_rx, &mut sink, &st, &dd))?;
+    let (dlq, dlq_done) = start_dlq(c, &shared, dlq_rx)?;
 
-    // Verify shards.
-    tracing::info!(shards, curve_backend = crate::protocol::crypto::curve_backend(), "starting signature verification");
     let policy = Arc::new(VerifyPolicy {
         producers: v.producers.iter().copied().collect(),
         skew_ms: c.ingest.max_timestamp_skew.as_millis() as u64,
     });
-    for i in 0..shards {
-        let (input, output, bell, sh, pol) =
-            (shard_in[i].clone(), shard_out[i].clone(), shard_bells[i].clone(), shared.clone(), policy.clone());
-        let core = c.runtime.pin_cores.then(|| c.runtime.verify_cores.get(i).copied()).flatten();
-        let nice = c.runtime.verify_nice;
-        threads.push(std::thread::Builder::new().name(format!("verify-{i}")).spawn(move || {
-            pin(core, "verify");
-            if nice > 0 {
-                set_nice("verify", nice); // runtime.verify_nice
-            }
-            shard_loop(Verifier::new(pol), &input, &output, &bell, &sh)
-        })?);
-    }
+    tracing::info!(shards, curve_backend = crate::protocol::crypto::curve_backend(), "starting signature verification");
+    threads.extend(start_shards(c, &policy, &shard_in, &shard_out, &shard_bells, &shared)?);
 
     if let Some(tracker) = shared.tracker.clone() {
         threads.push(start_kafka_source(c, tracker, &shared)?);
@@ -348,35 +306,9 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
 
     // Network (N > 1): QUIC to every other validator; incoming messages
     // ring the core's doorbell.
-    let net = if n > 1 {
-        let sock = std::net::UdpSocket::bind(&c.cluster.listen)
-            .with_context(|| format!("binding QUIC on {} (P2P_LISTEN_ADDR)", c.cluster.listen))?;
-        let p2p = sock.local_addr()?;
-        let peers = ids
-            .iter()
-            .zip(&keys)
-            .filter(|(id, _)| **id != c.node.id)
-            .map(|(id, key)| Peer { id: *id, addr: v.peers[id], key: *key })
-            .collect();
-        let bell = core_bell.clone();
-        let max_frame = wire::max_frame(&wire, params.q());
-        let net = Net::start(NetConfig {
-            me: c.node.id,
-            key: key.clone(),
-            socket: sock,
-            peers,
-            max_frame,
-            // One largest frame besides the usual traffic.
-            max_queued_bytes: max_frame.saturating_add(128 << 20),
-            queue: 8192,
-            allowed_ips: v.allowed_ips.clone(),
-            wake: Some(Arc::new(move || bell.ring())),
-        })
-        .context("starting the QUIC transport")?;
-        tracing::info!(addr = %p2p, validators = n, quorum = params.q(), "p2p listening");
-        Some(net)
-    } else {
-        None
+    let net = match n > 1 {
+        true => Some(start_net(&v, &ids, &keys, &key, &wire, &params, &core_bell)?),
+        false => None,
     };
 
     // Core.
@@ -396,46 +328,10 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let mut node = Node::new(ncfg.clone(), replica, state, last, reputation, clocks());
     node.set_stopwatch(monotonic_ns);
     crate::runtime::recovery::remember_recent(&mut node, &store).context("reading the newest blocks' txs")?;
-    // The snapshot this validator serves: its newest, else the one it started from.
-    let served = match crate::edges::storage::os().read(&c.node.data_dir.join(snapshot::SERVED_FILE)) {
-        Ok(bytes) => match proto::ChainSnapshot::decode(&bytes[..]) {
-            Ok(s) => Some((s.header.map_or(0, |h| h.height), Arc::new(bytes))),
-            Err(e) => {
-                tracing::warn!(error = %e, "snapshot.bin does not decode; not serving it");
-                None
-            }
-        },
-        Err(_) => None,
-    }
-    .or_else(|| base_bytes.map(|b| (store.base_height(), Arc::new(b))));
-    let served: Served = Arc::new(Mutex::new(served));
-    let snapshot_writer = if n > 1 && c.consensus.snapshot_interval > 0 {
-        // Encoding a snapshot (tens of MB at 10^5 records) took the core
-        // thread hundreds of ms: a commit-latency spike at every snapshot.
-        // This thread encodes, writes, then serves it.
-        let (tx, rx) = sync_channel::<Box<proto::ChainSnapshot>>(2);
-        let path = c.node.data_dir.join(snapshot::SERVED_FILE);
-        let served = served.clone();
-        std::thread::Builder::new().name("snapshot-writer".into()).spawn(move || {
-            // Background work: all validators snapshot the same height at
-            // once, and tens of MB sorted, encoded and written at normal
-            // priority slowed every commit for a second or so.
-            lower_priority("snapshot-writer");
-            for snap in rx {
-                let height = snap.header.as_ref().map_or(0, |h| h.height);
-                let bytes = Arc::new(snapshot::encode(*snap));
-                match write_atomically(&path, &bytes) {
-                    Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
-                    Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the snapshot failed"),
-                }
-                let len = bytes.len();
-                *served.lock().unwrap() = Some((height, bytes));
-                tracing::info!(height, bytes = len, "chain snapshot ready");
-            }
-        })?;
-        Some(tx)
-    } else {
-        None
+    let served = served_snapshot(c, &store, base_bytes);
+    let snapshot_writer = match n > 1 && c.consensus.snapshot_interval > 0 {
+        true => Some(start_snapshot_writer(c, &served)?),
+        false => None,
     };
     if let Some(g) = genesis {
         node.start_genesis(g);
@@ -454,28 +350,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             timeout_ms: c.consensus.snapshot_join_timeout.as_millis() as u64,
         });
     }
-    let mut audit = if c.secrets.audit_signing_key.is_empty() {
-        None
-    } else {
-        let path = match c.secrets.audit_log_path.as_str() {
-            "" => c.node.data_dir.join("audit.jsonl"),
-            p => std::path::PathBuf::from(p),
-        };
-        let log = crate::edges::audit::AuditLog::open(&path, crate::edges::audit::key_from(&c.secrets.audit_signing_key))
-            .context("opening the audit log (a log that does not verify is not extended; `cybermesh audit verify` names the bad line)")?;
-        tracing::info!(path = %path.display(), "audit log");
-        Some(log)
-    };
-    if let Some(a) = &mut audit {
-        let fields = serde_json::json!({
-            "validator": c.node.id,
-            "config_hash": hex::encode(c.consensus_fingerprint()),
-            "height": store.height(),
-            "validators": n,
-        });
-        a.record(now_ms(), "start", fields)?;
-        a.flush()?;
-    }
+    let audit = open_audit(c, &store, n)?;
     let cons = Consensus {
         log: clog,
         net,
@@ -513,6 +388,197 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     threads.push(std::thread::Builder::new().name("direct-accept".into()).spawn(move || accept_loop(listener, sh))?);
     tracing::info!(addr = %listen, shards, "direct source listening");
     Ok(Running { shared, threads, core: Some(core), dlq: Some(dlq), dlq_done, egress, mirror, listen, stats })
+}
+
+/// The validator's signing key, checked against its configured public key.
+fn load_key(v: &Validated) -> anyhow::Result<crypto::SigningKey> {
+    let c = &v.config;
+    let strict_key_mode = c.node.environment == crate::runtime::config::Environment::Production;
+    let key = crypto::read_key_file(&c.node.key_file, strict_key_mode).with_context(|| {
+        format!("loading the validator key (node.key_file / CONTROL_SIGNING_KEY_PATH = {})", c.node.key_file.display())
+    })?;
+    let me = crypto::public_key(&key);
+    match v.validators.get(&c.node.id) {
+        Some(k) if *k == me => {}
+        Some(k) => bail!(
+            "the key in {} has public key {}, but VALIDATOR_{}_PUBKEY_HEX is {}: point node.key_file at validator {}'s key or fix the public key",
+            c.node.key_file.display(),
+            hex::encode(me),
+            c.node.id,
+            hex::encode(k),
+            c.node.id
+        ),
+        None => bail!("validator {} has no public key configured", c.node.id),
+    }
+    Ok(key)
+}
+
+/// The DLQ writer thread: the Kafka DLQ topic, or `dlq.jsonl` for the
+/// direct source. The flag tells it to drain and stop.
+fn start_dlq(
+    c: &crate::runtime::config::Config,
+    shared: &Shared,
+    dlq_rx: Receiver<Rejection>,
+) -> anyhow::Result<(std::thread::JoinHandle<()>, Arc<AtomicBool>)> {
+    let from_kafka = shared.tracker.is_some();
+    let mut sink = if from_kafka {
+        DlqSink::Kafka(DlqKafkaSink::new(&c.kafka, c.node.id.to_string(), shared.tracker.clone()).with_context(
+            || format!("creating the DLQ producer for {} (KAFKA_BROKERS={})", c.kafka.dlq_topic, c.kafka.brokers),
+        )?)
+    } else {
+        DlqSink::File(
+            DlqFileSink::open(&c.node.data_dir.join("dlq.jsonl"), c.node.id.to_string())
+                .context("opening the DLQ file")?,
+        )
+    };
+    let (st, dlq_done) = (shared.stats.clone(), Arc::new(AtomicBool::new(false)));
+    let dd = dlq_done.clone();
+    let dlq = std::thread::Builder::new().name("dlq".into()).spawn(move || dlq_loop(dlq_rx, &mut sink, &st, &dd))?;
+    Ok((dlq, dlq_done))
+}
+
+/// The verify shards, one thread each (pinned and niced as configured).
+fn start_shards(
+    c: &crate::runtime::config::Config,
+    policy: &Arc<VerifyPolicy>,
+    shard_in: &[Arc<Ring<Vec<Incoming>>>],
+    shard_out: &[Arc<Ring<Vec<VerifiedTx>>>],
+    shard_bells: &[Arc<Doorbell>],
+    shared: &Arc<Shared>,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = vec![];
+    for i in 0..shard_in.len() {
+        let (input, output, bell, sh, pol) =
+            (shard_in[i].clone(), shard_out[i].clone(), shard_bells[i].clone(), shared.clone(), policy.clone());
+        let core = c.runtime.pin_cores.then(|| c.runtime.verify_cores.get(i).copied()).flatten();
+        let nice = c.runtime.verify_nice;
+        threads.push(std::thread::Builder::new().name(format!("verify-{i}")).spawn(move || {
+            pin(core, "verify");
+            if nice > 0 {
+                set_nice("verify", nice); // runtime.verify_nice
+            }
+            shard_loop(Verifier::new(pol), &input, &output, &bell, &sh)
+        })?);
+    }
+    Ok(threads)
+}
+
+/// QUIC to every other validator; each incoming message rings `bell`.
+fn start_net(
+    v: &Validated,
+    ids: &[u32],
+    keys: &[crypto::PublicKey],
+    key: &crypto::SigningKey,
+    wire: &WireLimits,
+    params: &crate::protocol::consensus::pbft::Params,
+    bell: &Arc<Doorbell>,
+) -> anyhow::Result<Net> {
+    let c = &v.config;
+    let sock = std::net::UdpSocket::bind(&c.cluster.listen)
+        .with_context(|| format!("binding QUIC on {} (P2P_LISTEN_ADDR)", c.cluster.listen))?;
+    let p2p = sock.local_addr()?;
+    let peers = ids
+        .iter()
+        .zip(keys)
+        .filter(|(id, _)| **id != c.node.id)
+        .map(|(id, key)| Peer { id: *id, addr: v.peers[id], key: *key })
+        .collect();
+    let bell = bell.clone();
+    let max_frame = wire::max_frame(wire, params.q());
+    let net = Net::start(NetConfig {
+        me: c.node.id,
+        key: key.clone(),
+        socket: sock,
+        peers,
+        max_frame,
+        // One largest frame besides the usual traffic.
+        max_queued_bytes: max_frame.saturating_add(128 << 20),
+        queue: 8192,
+        allowed_ips: v.allowed_ips.clone(),
+        wake: Some(Arc::new(move || bell.ring())),
+    })
+    .context("starting the QUIC transport")?;
+    tracing::info!(addr = %p2p, validators = ids.len(), quorum = params.q(), "p2p listening");
+    Ok(net)
+}
+
+/// The snapshot this validator serves: its newest (`snapshot.bin`), else
+/// the one it started from (`blocks.base`).
+fn served_snapshot(c: &crate::runtime::config::Config, store: &BlockStore, base_bytes: Option<Vec<u8>>) -> Served {
+    let served = match crate::edges::storage::os().read(&c.node.data_dir.join(snapshot::SERVED_FILE)) {
+        Ok(bytes) => match proto::ChainSnapshot::decode(&bytes[..]) {
+            Ok(s) => Some((s.header.map_or(0, |h| h.height), Arc::new(bytes))),
+            Err(e) => {
+                tracing::warn!(error = %e, "snapshot.bin does not decode; not serving it");
+                None
+            }
+        },
+        Err(_) => None,
+    }
+    .or_else(|| base_bytes.map(|b| (store.base_height(), Arc::new(b))));
+    Arc::new(Mutex::new(served))
+}
+
+/// The thread that encodes, writes and then serves each new snapshot.
+fn start_snapshot_writer(
+    c: &crate::runtime::config::Config,
+    served: &Served,
+) -> anyhow::Result<SyncSender<Box<proto::ChainSnapshot>>> {
+    // Encoding a snapshot (tens of MB at 10^5 records) took the core
+    // thread hundreds of ms: a commit-latency spike at every snapshot.
+    // This thread encodes, writes, then serves it.
+    let (tx, rx) = sync_channel::<Box<proto::ChainSnapshot>>(2);
+    let path = c.node.data_dir.join(snapshot::SERVED_FILE);
+    let served = served.clone();
+    std::thread::Builder::new().name("snapshot-writer".into()).spawn(move || {
+        // Background work: all validators snapshot the same height at
+        // once, and tens of MB sorted, encoded and written at normal
+        // priority slowed every commit for a second or so.
+        lower_priority("snapshot-writer");
+        for snap in rx {
+            let height = snap.header.as_ref().map_or(0, |h| h.height);
+            let bytes = Arc::new(snapshot::encode(*snap));
+            match write_atomically(&path, &bytes) {
+                Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
+                Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the snapshot failed"),
+            }
+            let len = bytes.len();
+            *served.lock().unwrap() = Some((height, bytes));
+            tracing::info!(height, bytes = len, "chain snapshot ready");
+        }
+    })?;
+    Ok(tx)
+}
+
+/// The audit log (when `AUDIT_SIGNING_KEY` is set), with its `start` record.
+fn open_audit(
+    c: &crate::runtime::config::Config,
+    store: &BlockStore,
+    n: usize,
+) -> anyhow::Result<Option<crate::edges::audit::AuditLog>> {
+    let mut audit = if c.secrets.audit_signing_key.is_empty() {
+        None
+    } else {
+        let path = match c.secrets.audit_log_path.as_str() {
+            "" => c.node.data_dir.join("audit.jsonl"),
+            p => std::path::PathBuf::from(p),
+        };
+        let log = crate::edges::audit::AuditLog::open(&path, crate::edges::audit::key_from(&c.secrets.audit_signing_key))
+            .context("opening the audit log (a log that does not verify is not extended; `cybermesh audit verify` names the bad line)")?;
+        tracing::info!(path = %path.display(), "audit log");
+        Some(log)
+    };
+    if let Some(a) = &mut audit {
+        let fields = serde_json::json!({
+            "validator": c.node.id,
+            "config_hash": hex::encode(c.consensus_fingerprint()),
+            "height": store.height(),
+            "validators": n,
+        });
+        a.record(now_ms(), "start", fields)?;
+        a.flush()?;
+    }
+    Ok(audit)
 }
 
 /// Where rejections go: the Kafka DLQ topic, or a file for the direct source.
@@ -1148,55 +1214,13 @@ fn core_loop(
         if let Some(net) = &cons.net {
             // Connection events first: a peer's new connection precedes its
             // messages on it.
-            for e in net.events.try_iter() {
-                match e {
-                    NetEvent::Connected { peer, outgoing } => {
-                        tracing::debug!(peer, outgoing, "peer connected");
-                        if !outgoing {
-                            node.on_peer_connected(peer);
-                        }
-                    }
-                    NetEvent::Failed { addr, reason } => tracing::debug!(%addr, reason, "peer connection failed"),
-                    NetEvent::Oversized { peer, len } => {
-                        tracing::warn!(peer, len, "peer sent an oversized frame; connection closed")
-                    }
-                }
-            }
+            on_net_events(&mut node, net);
         }
         let msgs = cons.net.as_ref().map(|net| net.take_incoming(4096)).unwrap_or_default();
-        {
-            for (from, bytes) in msgs {
-                worked = true;
-                last_heard.insert(from, now);
-                let Some(rid) = cons.rid_of(from) else { continue };
-                match wire::decode_frame(&bytes, &cons.wire) {
-                    Ok(Frame::Pbft(m)) => {
-                        let counter = match &m {
-                            _ if !node.started() => None, // dropped: peers retransmit
-                            Message::PrePrepare(_) => Some(&sh.stats.proposals_received),
-                            Message::Vote(v) if v.body.phase == crate::protocol::consensus::pbft::Phase::Prepare => {
-                                Some(&sh.stats.prepares_received)
-                            }
-                            Message::Vote(_) => Some(&sh.stats.commits_received),
-                            _ => None,
-                        };
-                        if let Some(c) = counter {
-                            c.fetch_add(1, Ordering::Relaxed);
-                        }
-                        node.on_message(clock, rid, m, &mut out)
-                    }
-                    Ok(Frame::Alive) => {} // heard from: that is all
-                    Ok(Frame::Forward(txs)) => node.on_forward(clock, rid, txs, &mut out),
-                    Ok(Frame::TxFetch { seq, tx_hashes }) => node.on_tx_fetch(clock, rid, seq, tx_hashes, &mut out),
-                    Ok(Frame::TxBodies { seq, txs }) => node.on_bodies(clock, rid, seq, txs, &mut out),
-                    Ok(Frame::Genesis(a)) => {
-                        node.on_genesis_attestation(clock, from, a, &mut out).context("genesis ceremony failed")?
-                    }
-                    Ok(Frame::SnapshotRequest(r)) => node.on_snapshot_request(rid, r, &mut out),
-                    Ok(Frame::SnapshotChunk(c)) => node.on_snapshot_chunk(clock, rid, c, &mut out),
-                    Err(e) => tracing::debug!(peer = from, error = %e, "undecodable consensus message"),
-                }
-            }
+        for (from, bytes) in msgs {
+            worked = true;
+            last_heard.insert(from, now);
+            on_frame(&mut node, &cons, sh, clock, from, &bytes, &mut out)?;
         }
         // Timers only when one is due (`poll_timeout_ms` is exact, genesis
         // and the join included; the simulator ticks the same way).
@@ -1205,22 +1229,7 @@ fn core_loop(
         }
         if !out.is_empty() {
             worked = true;
-            // Counted once, in the core (`NodeStats`); published before
-            // the commit notices go out, so a client that saw its commit
-            // sees it counted.
-            let s = node.stats();
-            sh.stats.view_changes.store(s.view_changes, Ordering::Relaxed);
-            sh.stats.blocks_committed.store(s.committed_blocks, Ordering::Relaxed);
-            sh.stats.committed_txs.store(s.committed_txs, Ordering::Relaxed);
-            let stable = perform(&mut out, &mut store, &mut cons, sh)?;
-            // At a stable checkpoint, once the log is big, keep only what
-            // recovery needs (values below the checkpoint are in the store).
-            if let Some(log) = cons.log.as_mut().filter(|l| stable && l.len() > cons.compact_at) {
-                let before = log.len();
-                log.compact(&node.replica().durable_records()).context("compacting the consensus log")?;
-                cons.compact_at = next_compaction_at(cons.compact_min, log.len());
-                tracing::info!(before, after = log.len(), next_at = cons.compact_at, "consensus log compacted");
-            }
+            execute(&node, &mut out, &mut store, &mut cons, sh)?;
         }
         observe_latencies(&mut node, sh);
         if let Some(t) = &cons.tracker {
@@ -1270,6 +1279,91 @@ fn core_loop(
             });
         }
     }
+}
+/// Connections opened and failed (a peer's inbound connection may restart
+/// a genesis exchange with it).
+fn on_net_events(node: &mut Node<Ed25519Auth>, net: &Net) {
+    for e in net.events.try_iter() {
+        match e {
+            NetEvent::Connected { peer, outgoing } => {
+                tracing::debug!(peer, outgoing, "peer connected");
+                if !outgoing {
+                    node.on_peer_connected(peer);
+                }
+            }
+            NetEvent::Failed { addr, reason } => tracing::debug!(%addr, reason, "peer connection failed"),
+            NetEvent::Oversized { peer, len } => {
+                tracing::warn!(peer, len, "peer sent an oversized frame; connection closed")
+            }
+        }
+    }
+}
+
+/// One frame from a peer, decoded and handed to the node.
+fn on_frame(
+    node: &mut Node<Ed25519Auth>,
+    cons: &Consensus,
+    sh: &Shared,
+    clock: Now,
+    from: u32,
+    bytes: &[u8],
+    out: &mut Vec<Output>,
+) -> anyhow::Result<()> {
+    let Some(rid) = cons.rid_of(from) else { return Ok(()) };
+    match wire::decode_frame(bytes, &cons.wire) {
+        Ok(Frame::Pbft(m)) => {
+            let counter = match &m {
+                _ if !node.started() => None, // dropped: peers retransmit
+                Message::PrePrepare(_) => Some(&sh.stats.proposals_received),
+                Message::Vote(v) if v.body.phase == crate::protocol::consensus::pbft::Phase::Prepare => {
+                    Some(&sh.stats.prepares_received)
+                }
+                Message::Vote(_) => Some(&sh.stats.commits_received),
+                _ => None,
+            };
+            if let Some(c) = counter {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            node.on_message(clock, rid, m, out)
+        }
+        Ok(Frame::Alive) => {} // heard from: that is all
+        Ok(Frame::Forward(txs)) => node.on_forward(clock, rid, txs, out),
+        Ok(Frame::TxFetch { seq, tx_hashes }) => node.on_tx_fetch(clock, rid, seq, tx_hashes, out),
+        Ok(Frame::TxBodies { seq, txs }) => node.on_bodies(clock, rid, seq, txs, out),
+        Ok(Frame::Genesis(a)) => node.on_genesis_attestation(clock, from, a, out).context("genesis ceremony failed")?,
+        Ok(Frame::SnapshotRequest(r)) => node.on_snapshot_request(rid, r, out),
+        Ok(Frame::SnapshotChunk(c)) => node.on_snapshot_chunk(clock, rid, c, out),
+        Err(e) => tracing::debug!(peer = from, error = %e, "undecodable consensus message"),
+    }
+    Ok(())
+}
+
+/// Carries out the node's outputs (`perform`), after publishing the
+/// counts they change; compacts the consensus log at a stable checkpoint.
+fn execute(
+    node: &Node<Ed25519Auth>,
+    out: &mut Vec<Output>,
+    store: &mut BlockStore,
+    cons: &mut Consensus,
+    sh: &Shared,
+) -> anyhow::Result<()> {
+    // Counted once, in the core (`NodeStats`); published before
+    // the commit notices go out, so a client that saw its commit
+    // sees it counted.
+    let s = node.stats();
+    sh.stats.view_changes.store(s.view_changes, Ordering::Relaxed);
+    sh.stats.blocks_committed.store(s.committed_blocks, Ordering::Relaxed);
+    sh.stats.committed_txs.store(s.committed_txs, Ordering::Relaxed);
+    let stable = perform(out, store, cons, sh)?;
+    // At a stable checkpoint, once the log is big, keep only what
+    // recovery needs (values below the checkpoint are in the store).
+    if let Some(log) = cons.log.as_mut().filter(|l| stable && l.len() > cons.compact_at) {
+        let before = log.len();
+        log.compact(&node.replica().durable_records()).context("compacting the consensus log")?;
+        cons.compact_at = next_compaction_at(cons.compact_min, log.len());
+        tracing::info!(before, after = log.len(), next_at = cons.compact_at, "consensus log compacted");
+    }
+    Ok(())
 }
 
 /// The core's latency figures, handed to the histograms.
