@@ -46,6 +46,33 @@ pub fn read_frame(r: &mut impl Read, max_len: usize) -> io::Result<Option<Result
     Ok(Some(Ok(buf)))
 }
 
+/// What the bytes at the front of a stream's buffer hold (a source reading
+/// many connections on one thread splits each buffer as bytes arrive,
+/// instead of blocking a thread per connection in [`read_frame`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// A whole frame: its body is `buf[4..4 + len]`.
+    Frame { len: usize },
+    /// A frame longer than the limit announced: the stream can no longer
+    /// be trusted to be framed.
+    Oversized { len: usize },
+    /// Not a whole frame yet: read more.
+    Incomplete,
+}
+
+/// Splits the next frame off the front of `buf`.
+pub fn split_frame(buf: &[u8], max_len: usize) -> Split {
+    let Some(head) = buf.first_chunk::<4>() else { return Split::Incomplete };
+    let len = u32::from_be_bytes(*head) as usize;
+    if len > max_len {
+        Split::Oversized { len }
+    } else if buf.len() - 4 < len {
+        Split::Incomplete
+    } else {
+        Split::Frame { len }
+    }
+}
+
 /// Writes one frame: `u32 BE len | body`.
 pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
     w.write_all(&(body.len() as u32).to_be_bytes())?;
@@ -72,6 +99,10 @@ mod tests {
             let _ = decode_frame(&bytes, &limits);
             let mut r = &bytes[..];
             while let Ok(Some(_)) = read_frame(&mut r, 300) {}
+            let mut rest = &bytes[..];
+            while let Split::Frame { len } = split_frame(rest, 300) {
+                rest = &rest[4 + len..];
+            }
             let _ = crate::protocol::block::Block::decode(&bytes, &limits);
             for k in TxKind::ALL {
                 let _ = crate::protocol::event::parse_payload(k, &bytes);
@@ -106,5 +137,45 @@ mod tests {
         assert!(read_frame(&mut r, 100).unwrap().is_none());
         let mut r = &buf[..6];
         assert!(read_frame(&mut r, 100).is_err(), "truncated body is an error");
+    }
+
+    proptest! {
+        /// Splitting a buffer and reading it as a stream see the same frames,
+        /// however the bytes are cut into arrivals.
+        #[test]
+        fn splitting_agrees_with_reading(bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..8), cut in 0usize..400, max in 0usize..50) {
+            let mut stream = vec![];
+            for b in &bodies {
+                write_frame(&mut stream, b).unwrap();
+            }
+            let mut r = &stream[..];
+            let mut read = vec![];
+            loop {
+                match read_frame(&mut r, max) {
+                    Ok(Some(Ok(b))) => read.push(Ok(b)),
+                    Ok(Some(Err(len))) => { read.push(Err(len)); break }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            // The same bytes arriving in two parts, split after each arrival.
+            let cut = cut.min(stream.len());
+            let (mut buf, mut split) = (stream[..cut].to_vec(), vec![]);
+            let mut pending = &stream[cut..];
+            loop {
+                match split_frame(&buf, max) {
+                    Split::Frame { len } => {
+                        split.push(Ok(buf[4..4 + len].to_vec()));
+                        buf.drain(..4 + len);
+                    }
+                    Split::Oversized { len } => { split.push(Err(len)); break }
+                    Split::Incomplete if !pending.is_empty() => {
+                        buf.extend_from_slice(pending);
+                        pending = &[];
+                    }
+                    Split::Incomplete => break,
+                }
+            }
+            prop_assert_eq!(split, read);
+        }
     }
 }

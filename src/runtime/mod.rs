@@ -1,7 +1,7 @@
 //! Runtime: the validator's threads and the queues between them.
 //!
 //! ```text
-//! direct source ─ one reader thread per connection: frame → decode → route by hash(nonce)
+//! direct source ─ one thread (event loop) for every connection: frame → decode → route by hash(nonce)
 //!        │  Ring<Vec<Incoming>> per shard
 //!        ▼
 //! verify shard × N (pinned when configured): checks → batched Ed25519 → nonces
@@ -12,19 +12,19 @@
 //!        │   └── net thread (tokio + quinn QUIC to the other validators)
 //!        │  consensus.log (fsync before sends) · block store (fsync) · committed blocks
 //!        ▼
-//! subscribers (direct clients' writer threads)
+//! subscribers (each direct connection's notice queue, written by the direct thread)
 //! ```
 //! Each stage owns its data; queues are bounded, so a slow stage stops the
 //! one before it and, finally, the TCP reader: backpressure, never growth.
 
 pub mod config;
 pub mod devnet;
+mod direct;
 mod kafka;
 pub mod recovery;
 pub mod ring;
 
 use crate::edges::consensus_log::ConsensusLog;
-use crate::edges::direct;
 use crate::edges::dlq::{DlqFileSink, DlqKafkaSink};
 use crate::edges::framed::write_atomically;
 use crate::edges::kafka::OffsetTracker;
@@ -45,13 +45,12 @@ use crate::protocol::proposal;
 use crate::protocol::reject::{RejectReason, Rejection};
 use crate::protocol::snapshot;
 use crate::protocol::verify::Incoming;
-use crate::protocol::verify::{shard_of, Verifier, VerifyPolicy};
+use crate::protocol::verify::{Verifier, VerifyPolicy};
 use crate::runtime::config::{IdlePolicy, Validated};
 use anyhow::{bail, Context};
 use prost::Message as _;
 use ring::{idle_wait, Doorbell, Ring};
-use std::io::{BufReader, BufWriter, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -80,9 +79,6 @@ pub fn clocks() -> Now {
     Now { mono_ms: mono_ms(), wall_ms: now_ms() }
 }
 
-/// Each direct connection's commit-notice queue, by connection id.
-type CommitSubscribers = Mutex<Vec<(u64, SyncSender<Arc<Vec<u8>>>)>>;
-
 struct Shared {
     stop: Arc<AtomicBool>,
     idle: IdlePolicy,
@@ -91,10 +87,7 @@ struct Shared {
     shard_in: Vec<Arc<Ring<Vec<Incoming>>>>,
     dlq: SyncSender<Rejection>,
     stats: Arc<RuntimeStats>,
-    subscribers: CommitSubscribers,
-    /// Open direct-source connections, by a number of their own (closed
-    /// at shutdown; each removes itself when its reader ends).
-    conns: Mutex<Vec<(u64, TcpStream)>>,
+    subscribers: direct::CommitSubscribers,
     /// Kafka source: which messages are finished (offsets to commit).
     tracker: Option<Arc<OffsetTracker>>,
     /// Txs a verify shard has taken from its ring and not yet handed on.
@@ -136,10 +129,6 @@ impl Running {
     /// Stops every thread: sources first, then shards drain, then the core.
     pub fn shutdown(&mut self) -> anyhow::Result<()> {
         self.shared.stop.store(true, Ordering::SeqCst);
-        for (_, c) in self.shared.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
-        let _ = TcpStream::connect(self.listen); // wake the acceptor
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -268,7 +257,6 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         dlq: dlq_tx.clone(),
         stats: stats.clone(),
         subscribers: Mutex::new(vec![]),
-        conns: Mutex::new(vec![]),
         tracker: from_kafka.then(|| Arc::new(OffsetTracker::default())),
         verifying: AtomicUsize::new(0),
     });
@@ -385,7 +373,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
 
     // Direct source acceptor.
     let sh = shared.clone();
-    threads.push(std::thread::Builder::new().name("direct-accept".into()).spawn(move || accept_loop(listener, sh))?);
+    threads.push(std::thread::Builder::new().name("direct".into()).spawn(move || direct::serve(listener, sh))?);
     tracing::info!(addr = %listen, shards, "direct source listening");
     Ok(Running { shared, threads, core: Some(core), dlq: Some(dlq), dlq_done, egress, mirror, listen, stats })
 }
@@ -643,9 +631,7 @@ fn dlq_loop(rx: Receiver<Rejection>, sink: &mut DlqSink, stats: &RuntimeStats, d
     }
 }
 
-/// Most direct-source connections open at once (each costs two threads);
-/// one more is closed at once, with a warning.
-pub const MAX_DIRECT_CONNECTIONS: usize = 256;
+pub use direct::MAX_DIRECT_CONNECTIONS;
 
 /// The Kafka source: one consumer thread (its own group: every validator
 /// reads every message) feeding the shards like a direct connection.
@@ -786,73 +772,6 @@ fn start_api(
     Ok(handle)
 }
 
-fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
-    let mut next_id = 0u64;
-    for conn in listener.incoming() {
-        if sh.stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of descriptors (EMFILE) repeats at once: wait rather than spin.
-                tracing::debug!(error = %e, "direct source: accept failed");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
-        };
-        let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        if sh.conns.lock().unwrap().len() >= MAX_DIRECT_CONNECTIONS {
-            tracing::warn!(peer, max = MAX_DIRECT_CONNECTIONS, "direct source: too many connections; closing this one");
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-            continue;
-        }
-        let _ = conn.set_nodelay(true);
-        let (Ok(wconn), Ok(kconn)) = (conn.try_clone(), conn.try_clone()) else {
-            tracing::warn!(peer, "direct source: out of file descriptors; closing this connection");
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-            continue;
-        };
-        next_id += 1;
-        let id = next_id;
-        sh.conns.lock().unwrap().push((id, kconn));
-        let (tx, rx) = sync_channel::<Arc<Vec<u8>>>(4096);
-        sh.subscribers.lock().unwrap().push((id, tx));
-        let _ = std::thread::Builder::new().name("direct-write".into()).spawn(move || {
-            let mut w = BufWriter::new(wconn);
-            while let Ok(frame) = rx.recv() {
-                if w.write_all(&frame).is_err() {
-                    return;
-                }
-                while let Ok(f) = rx.try_recv() {
-                    if w.write_all(&f).is_err() {
-                        return;
-                    }
-                }
-                if w.flush().is_err() {
-                    return;
-                }
-            }
-        });
-        let sh2 = sh.clone();
-        let _ = std::thread::Builder::new().name("direct-read".into()).spawn(move || {
-            read_loop(conn, format!("direct:{peer}").into(), &sh2);
-            // Closed: its writer ends with it (the write side errors or its
-            // subscription is dropped), and its slot is free again.
-            let mut conns = sh2.conns.lock().unwrap();
-            if let Some(i) = conns.iter().position(|(c, _)| *c == id) {
-                let (_, c) = conns.swap_remove(i);
-                let _ = c.shutdown(std::net::Shutdown::Both);
-            }
-            drop(conns);
-            // Its writer thread ends now (its queue closes), not at the next
-            // commit: otherwise each closed connection held a thread and a
-            // descriptor until a block was committed.
-            sh2.subscribers.lock().unwrap().retain(|(c, _)| *c != id);
-        });
-    }
-}
-
 fn send_reject(sh: &Shared, reason: RejectReason, detail: String, origin: &str, original: &[u8]) {
     let _ = sh.dlq.send(Rejection {
         reason,
@@ -862,56 +781,6 @@ fn send_reject(sh: &Shared, reason: RejectReason, detail: String, origin: &str, 
         pos: None,
         height: None,
     });
-}
-
-/// One connection: frames → decoded events → per-shard batches.
-fn read_loop(conn: TcpStream, origin: Arc<str>, sh: &Shared) {
-    let mut r = BufReader::with_capacity(256 * 1024, conn);
-    let n = sh.shard_in.len();
-    let mut batches: Vec<Vec<Incoming>> = (0..n).map(|_| Vec::with_capacity(sh.batch)).collect();
-    let flush = |batches: &mut Vec<Vec<Incoming>>, i: usize| -> bool {
-        let b = std::mem::replace(&mut batches[i], Vec::with_capacity(sh.batch));
-        sh.shard_in[i].push(b, sh.idle, &sh.stop).is_ok()
-    };
-    while let Ok(Some(frame)) = direct::read_frame(&mut r, sh.limits.max_event_bytes + 1) {
-        sh.stats.received.fetch_add(1, Ordering::Relaxed);
-        let body = match frame {
-            Ok(b) => b,
-            Err(len) => {
-                send_reject(
-                    sh,
-                    RejectReason::Oversized,
-                    format!("frame of {len} bytes exceeds {}; connection closed", sh.limits.max_event_bytes + 1),
-                    &origin,
-                    &[],
-                );
-                break;
-            }
-        };
-        match direct::decode_frame(&body, &sh.limits) {
-            Ok(event) => {
-                let i = shard_of(&event.nonce, n);
-                batches[i].push(Incoming { event, origin: origin.clone(), pos: None, received_ms: mono_ms() });
-                if batches[i].len() >= sh.batch && !flush(&mut batches, i) {
-                    return;
-                }
-            }
-            Err((reason, detail, original)) => send_reject(sh, reason, detail, &origin, original),
-        }
-        // Nothing more buffered: hand partial batches on rather than wait.
-        if r.buffer().is_empty() {
-            for i in 0..n {
-                if !batches[i].is_empty() && !flush(&mut batches, i) {
-                    return;
-                }
-            }
-        }
-    }
-    for i in 0..n {
-        if !batches[i].is_empty() {
-            let _ = flush(&mut batches, i);
-        }
-    }
 }
 
 fn shard_loop(
@@ -966,7 +835,7 @@ fn commit_frame(block: &Block) -> Arc<Vec<u8>> {
         nonces: block.txs.iter().map(|t| t.nonce.to_vec()).collect(),
     };
     let mut buf = Vec::with_capacity(m.encoded_len() + 4);
-    direct::write_frame(&mut buf, &m.encode_to_vec()).expect("vec write");
+    crate::edges::direct::write_frame(&mut buf, &m.encode_to_vec()).expect("vec write");
     Arc::new(buf)
 }
 
@@ -1651,11 +1520,11 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
         let frame = commit_frame(block);
         sh.subscribers.lock().unwrap().retain(|(_, s)| match s.try_send(frame.clone()) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("direct subscriber too slow; dropping it");
                 false
             }
-            Err(TrySendError::Disconnected(_)) => false,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
         });
     }
     Ok(stable)
