@@ -134,6 +134,27 @@ fn state(c: &mut Criterion) {
             base.rollback(ex.undo);
         })
     });
+    // What a snapshot costs the core thread (it takes one reference per
+    // `kv` shard), and the copy the snapshot writer makes of it.
+    g.throughput(Throughput::Elements(base.len() as u64));
+    g.bench_function("snapshot_taken_on_100k_keys", |b| b.iter(|| black_box(base.snapshot_pending([0; 32]))));
+    g.bench_function("snapshot_copied_on_100k_keys", |b| b.iter(|| black_box(base.snapshot_unordered([0; 32]))));
+    // The first block after a snapshot copies the shards it writes.
+    g.throughput(Throughput::Elements(500));
+    g.bench_function("execute_500_txs_after_a_snapshot", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let held = base.snapshot_pending([0; 32]);
+                let t = std::time::Instant::now();
+                let ex = base.execute_block(h + 1, NOW + 100, &pairs);
+                base.rollback(ex.undo);
+                spent += t.elapsed();
+                drop(held);
+            }
+            spent
+        })
+    });
     g.finish();
 }
 

@@ -112,7 +112,7 @@ pub enum Output {
     /// A complete chain snapshot (state, reputation, and the q-signed proof
     /// of its stable checkpoint): write it and serve it to joining
     /// validators from now on (it follows the `Persist(Stable)` it proves).
-    Snapshot(Box<crate::proto::ChainSnapshot>),
+    Snapshot(Box<crate::protocol::snapshot::Recorded>),
     /// A validator misbehaved, with proof checked by the replica or proposal
     /// checks (for logs, metrics and reputation).
     Evidence {
@@ -355,7 +355,7 @@ pub struct Node<A: Auth + Clone> {
     latencies: Vec<(TxStage, u64, u32)>,
     /// The snapshot recorded at the newest snapshot height, waiting for
     /// the checkpoint there to become stable (its proof).
-    pending_snapshot: Option<Box<crate::proto::ChainSnapshot>>,
+    pending_snapshot: Option<Box<crate::protocol::snapshot::Recorded>>,
     /// The genesis ceremony (None with one validator): everything else
     /// waits until it is done; then it only answers late peers.
     genesis: Option<Box<Genesis>>,
@@ -644,7 +644,7 @@ impl<A: Auth + Clone> Node<A> {
     /// The checkpoint at `seq` became stable: if it is the pending
     /// snapshot's, the snapshot is complete (proof attached).
     fn complete_snapshot(&mut self, seq: Seq, proof: &[Signed<Checkpoint>], out: &mut Vec<Output>) {
-        let Some(height) = self.pending_snapshot.as_ref().and_then(|s| s.header.as_ref()).map(|h| h.height) else {
+        let Some(height) = self.pending_snapshot.as_ref().map(|s| s.height()) else {
             return;
         };
         if height > seq {
@@ -656,7 +656,7 @@ impl<A: Auth + Clone> Node<A> {
             tracing::debug!(height, stable = seq, "snapshot dropped: its checkpoint never became stable here");
             return;
         }
-        snap.proof = proof.iter().map(crate::protocol::consensus::wire::checkpoint_to).collect();
+        snap.chain.proof = proof.iter().map(crate::protocol::consensus::wire::checkpoint_to).collect();
         out.push(Output::Snapshot(snap));
     }
 
@@ -2352,7 +2352,7 @@ mod tests {
                     return Some((to, ms.collect()));
                 }
                 Output::Snapshot(s) if i == 0 => {
-                    let seq = s.header.as_ref().expect("a snapshot has its header").height;
+                    let seq = s.height();
                     self.served = Some((seq, crate::protocol::snapshot::encode(*s)));
                 }
                 _ => {}

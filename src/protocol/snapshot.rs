@@ -76,24 +76,39 @@ pub fn app_digest(block_hash: &Hash32, rep: &Reputation) -> Hash32 {
     sha256(&v)
 }
 
-/// A snapshot taken at execution, waiting for its checkpoint's proof. Its
-/// state entries are unordered (copying is all the core thread does):
-/// [`encode`] sorts them.
-pub fn record(header: &BlockHeader, state: &State, rep: &Reputation) -> proto::ChainSnapshot {
-    proto::ChainSnapshot {
-        header: Some(crate::protocol::block::header_to_proto(header)),
-        state: Some(state.snapshot_unordered(header.hash())),
-        reputation: rep.scores().to_vec(),
-        quarantined: rep.quarantined().map(|r| r as u32).collect(),
-        proof: vec![],
+/// A snapshot taken at execution, waiting for its checkpoint's proof: the
+/// chain part (`chain.state` empty) and the state's entries, still shared
+/// with the live state (taking it costs the core thread no copy; see
+/// `state::kv`). [`encode`] copies and sorts them, on the snapshot writer.
+#[derive(Debug)]
+pub struct Recorded {
+    pub chain: proto::ChainSnapshot,
+    pub state: crate::protocol::state::Pending,
+}
+
+impl Recorded {
+    pub fn height(&self) -> u64 {
+        self.chain.header.as_ref().map_or(0, |h| h.height)
+    }
+}
+
+pub fn record(header: &BlockHeader, state: &State, rep: &Reputation) -> Recorded {
+    Recorded {
+        chain: proto::ChainSnapshot {
+            header: Some(crate::protocol::block::header_to_proto(header)),
+            state: None,
+            reputation: rep.scores().to_vec(),
+            quarantined: rep.quarantined().map(|r| r as u32).collect(),
+            proof: vec![],
+        },
+        state: state.snapshot_pending(header.hash()),
     }
 }
 
 /// The canonical bytes of a recorded snapshot (state entries in key order).
-pub fn encode(mut snap: proto::ChainSnapshot) -> Vec<u8> {
-    if let Some(s) = snap.state.as_mut() {
-        crate::protocol::state::sort_snapshot(s);
-    }
+pub fn encode(rec: Recorded) -> Vec<u8> {
+    let mut snap = rec.chain;
+    snap.state = Some(rec.state.into_proto());
     snap.encode_to_vec()
 }
 

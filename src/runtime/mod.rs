@@ -511,11 +511,11 @@ fn served_snapshot(c: &crate::runtime::config::Config, store: &BlockStore, base_
 fn start_snapshot_writer(
     c: &crate::runtime::config::Config,
     served: &Served,
-) -> anyhow::Result<SyncSender<Box<proto::ChainSnapshot>>> {
+) -> anyhow::Result<SyncSender<Box<snapshot::Recorded>>> {
     // Encoding a snapshot (tens of MB at 10^5 records) took the core
     // thread hundreds of ms: a commit-latency spike at every snapshot.
     // This thread encodes, writes, then serves it.
-    let (tx, rx) = sync_channel::<Box<proto::ChainSnapshot>>(2);
+    let (tx, rx) = sync_channel::<Box<snapshot::Recorded>>(2);
     let path = c.node.data_dir.join(snapshot::SERVED_FILE);
     let served = served.clone();
     std::thread::Builder::new().name("snapshot-writer".into()).spawn(move || {
@@ -524,7 +524,7 @@ fn start_snapshot_writer(
         // priority slowed every commit for a second or so.
         lower_priority("snapshot-writer");
         for snap in rx {
-            let height = snap.header.as_ref().map_or(0, |h| h.height);
+            let height = snap.height();
             let bytes = Arc::new(snapshot::encode(*snap));
             match write_atomically(&path, &bytes) {
                 Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
@@ -864,7 +864,7 @@ struct Consensus {
     /// Where the genesis certificate is kept.
     genesis_path: std::path::PathBuf,
     /// To the thread that writes `snapshot.bin` (off the core thread).
-    snapshot_writer: Option<SyncSender<Box<proto::ChainSnapshot>>>,
+    snapshot_writer: Option<SyncSender<Box<snapshot::Recorded>>>,
     /// Commit events to publish (Kafka).
     egress: Option<BlockFeed<crate::edges::egress::HeightEvents>>,
     /// Blocks to mirror into the database.
@@ -1399,7 +1399,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             }
             Output::Snapshot(snap) => {
                 if let Some(w) = &cons.snapshot_writer {
-                    let height = snap.header.as_ref().map_or(0, |h| h.height);
+                    let height = snap.height();
                     if w.try_send(snap).is_err() {
                         tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
                     }

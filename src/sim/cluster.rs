@@ -709,7 +709,7 @@ impl Sim {
                     v.served = Some((h, bytes));
                 }
                 Output::Snapshot(snap) => {
-                    let h = snap.header.as_ref().map_or(0, |h| h.height);
+                    let h = snap.height();
                     let bytes = Arc::new(crate::protocol::snapshot::encode(*snap));
                     // As the runtime's writer: a failed write keeps the older file.
                     let _ = v.disk.write_atomically(&v.dir.join(crate::protocol::snapshot::SERVED_FILE), &bytes);

@@ -24,12 +24,14 @@
 //! including the per-producer rate limit: a token bucket charged against
 //! block timestamps, so it does not depend on when a validator saw the tx.
 
+pub mod kv;
 pub mod merkle;
 
 use crate::protocol::event::{parse_payload, Event, TxKind};
 use crate::protocol::reject::RejectReason;
 use crate::{proto, sha256, Hash32};
 use foldhash::{HashMap, HashMapExt};
+use kv::Kv;
 use merkle::SparseMerkleTree;
 use std::collections::BTreeSet;
 
@@ -118,9 +120,9 @@ pub struct State {
     cfg: StateConfig,
     /// Hashed, not ordered: execution only looks keys up (a B-tree of
     /// ~10^6 keys cost a few hundred ns of key comparisons per look-up);
-    /// the one ordered walk, the snapshot, sorts. SipHash with a random key:
-    /// producers choose the keys.
-    kv: HashMap<Vec<u8>, Vec<u8>>,
+    /// the one ordered walk, the snapshot, sorts. Randomly keyed hashes:
+    /// producers choose the keys. Sharded, copy-on-write (`kv`).
+    kv: Kv,
     tree: SparseMerkleTree,
     nonces: NonceIndex,
     height: u64,
@@ -271,7 +273,7 @@ type Written = HashMap<Vec<u8>, (Option<Vec<u8>>, Option<Hash32>)>;
 
 /// Writes of one block, applied to `kv` as they happen and to the tree once.
 struct Batch<'a> {
-    kv: &'a mut HashMap<Vec<u8>, Vec<u8>>,
+    kv: &'a mut Kv,
     undo: Written,
 }
 
@@ -293,7 +295,7 @@ impl Batch<'_> {
 
 impl State {
     pub fn new(cfg: StateConfig) -> Self {
-        State { cfg, kv: HashMap::new(), tree: SparseMerkleTree::new(), nonces: NonceIndex::default(), height: 0 }
+        State { cfg, kv: Kv::default(), tree: SparseMerkleTree::new(), nonces: NonceIndex::default(), height: 0 }
     }
 
     pub fn root(&self) -> Hash32 {
@@ -476,12 +478,14 @@ impl State {
     /// `snapshot` without the sort, for a caller that sorts elsewhere (the
     /// runtime, off its core thread: [`sort_snapshot`]).
     pub fn snapshot_unordered(&self, block_hash: Hash32) -> proto::StateSnapshot {
-        proto::StateSnapshot {
-            height: self.height,
-            state_root: self.root().to_vec(),
-            block_hash: block_hash.to_vec(),
-            entries: self.kv.iter().map(|(k, v)| proto::StateEntry { key: k.clone(), value: v.clone() }).collect(),
-        }
+        self.snapshot_pending(block_hash).into_unordered()
+    }
+
+    /// A snapshot whose entries are still shared with this state: what the
+    /// core thread takes (one reference per `kv` shard, no copy); the copy
+    /// and the sort happen where [`Pending::into_proto`] is called.
+    pub fn snapshot_pending(&self, block_hash: Hash32) -> Pending {
+        Pending { height: self.height, state_root: self.root(), block_hash, entries: self.kv.freeze() }
     }
 
     /// Restores a snapshot and re-verifies its root.
@@ -513,6 +517,33 @@ impl State {
 }
 
 /// Puts a snapshot's entries in key order (see [`State::snapshot`]).
+/// A state snapshot taken by [`State::snapshot_pending`].
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub height: u64,
+    pub state_root: Hash32,
+    pub block_hash: Hash32,
+    pub entries: kv::Frozen,
+}
+
+impl Pending {
+    /// The snapshot, entries in key order (as [`State::snapshot`]).
+    pub fn into_proto(self) -> proto::StateSnapshot {
+        let mut s = self.into_unordered();
+        sort_snapshot(&mut s);
+        s
+    }
+
+    fn into_unordered(self) -> proto::StateSnapshot {
+        proto::StateSnapshot {
+            height: self.height,
+            state_root: self.state_root.to_vec(),
+            block_hash: self.block_hash.to_vec(),
+            entries: self.entries.iter().map(|(k, v)| proto::StateEntry { key: k.clone(), value: v.clone() }).collect(),
+        }
+    }
+}
+
 pub fn sort_snapshot(s: &mut proto::StateSnapshot) {
     s.entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
 }
