@@ -582,9 +582,14 @@ impl<A: Auth + Clone> Replica<A> {
                         };
                     }
                 }
+                // Kept even when the store already executed it: a view
+                // change reports every value prepared above the stable
+                // checkpoint (PBFT §4.4), executed or not. Dropping those
+                // let a new primary fill committed seqs with null values
+                // (whole-node sim seed 694698751374).
                 Record::Prepared(c) => {
                     let seq = c.pre_prepare.body.seq;
-                    if seq > r.executed {
+                    if seq > r.low {
                         let slot = r.log.entry(seq).or_default();
                         if slot
                             .prepared_cert
@@ -2466,6 +2471,39 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, vec![2], "{out:?}");
+    }
+
+    /// Found by the whole-node simulator (seed 694698751374): recovery
+    /// dropped the prepared certificates of seqs the block store had
+    /// already executed, so the replica's next view change left them out
+    /// and a new primary could fill those committed seqs with null values.
+    /// PBFT §4.4: a view change carries every value prepared above the
+    /// stable checkpoint, executed or not.
+    #[test]
+    fn a_recovered_replica_reports_executed_prepared_values_in_its_view_change() {
+        let value: Value = Arc::new(b"committed".to_vec());
+        let pp =
+            Signed { body: PrePrepare { view: 0, seq: 1, digest: crate::sha256(&value), value }, from: 0, sig: vec![] };
+        let vote =
+            |phase, from| Signed { body: Vote { phase, view: 0, seq: 1, digest: pp.body.digest }, from, sig: vec![] };
+        let prepared =
+            PreparedCert { pre_prepare: pp.clone(), prepares: vec![vote(Phase::Prepare, 2), vote(Phase::Prepare, 3)] };
+        let commit = CommitCert { pre_prepare: pp.clone(), commits: (1..4).map(|f| vote(Phase::Commit, f)).collect() };
+        // Executed (the block store holds seq 1), no stable checkpoint yet.
+        let mut r = Replica::recover(1, params(), NoAuth, vec![(commit, [7; 32])], vec![Record::Prepared(prepared)]);
+        assert_eq!(r.executed(), 1);
+        let mut out = vec![];
+        r.suspect_primary(&mut out);
+        let reported: Vec<Seq> = out
+            .iter()
+            .find_map(|a| match a {
+                Action::Broadcast(Message::ViewChange(v)) => {
+                    Some(v.body.prepared.iter().map(|c| c.pre_prepare.body.seq).collect())
+                }
+                _ => None,
+            })
+            .expect("a view change was sent");
+        assert_eq!(reported, vec![1], "{out:?}");
     }
 
     /// Found by the whole-node simulator (seed 21793): a crash tore the
