@@ -57,7 +57,8 @@ pub struct NodeConfig {
     pub snapshot_interval: u64,
 }
 
-/// What the runtime must do, in order.
+/// What the runtime must do. Executors take a step's outputs as a
+/// [`Ready`], which puts them in the order durability asks for.
 #[derive(Debug)]
 pub enum Output {
     /// Send to the DLQ.
@@ -155,6 +156,71 @@ pub enum Output {
         header: BlockHeader,
         bytes: Arc<Vec<u8>>,
     },
+}
+
+/// A committed block as [`Ready`] hands it on: make it durable with its
+/// certificate, then publish.
+#[derive(Debug)]
+pub struct Committed {
+    pub block: Arc<Block>,
+    pub cert: CommitCert,
+    pub receipts: Vec<Receipt>,
+    pub outcome: crate::proto::BlockOutcome,
+}
+
+/// One step's outputs sorted by what must be durable before what (as
+/// raft-rs's `Ready` with its `must_sync`). The executor, the runtime's or
+/// the simulator's, does exactly this, in this order:
+/// 1. every output of `effects`, in order (DLQ records, tx forwards and
+///    fetches, files written atomically: the genesis certificate and
+///    `blocks.base` are durable before anything after them);
+/// 2. append `records` to the consensus log and sync (one sync for all);
+/// 3. send `sends` (each may depend on any record of step 2);
+/// 4. append `commits` to the block store and sync;
+/// 5. send `after_commits`: the checkpoints, which vouch for executed
+///    blocks, go out only once those are durable here, so a stable
+///    checkpoint (and a snapshot it proves) never sits over a block that a
+///    quorum might all lose in a crash (sim seed 747687819569);
+/// 6. publish the commits.
+#[derive(Debug, Default)]
+pub struct Ready {
+    pub effects: Vec<Output>,
+    pub records: Vec<Record>,
+    /// A `Record::Stable` is among `records`: the log may be compacted.
+    pub stable: bool,
+    /// Protocol messages, to one validator or (`None`) to every other one.
+    pub sends: Vec<(Option<Rid>, Message)>,
+    pub commits: Vec<Committed>,
+    pub after_commits: Vec<(Option<Rid>, Message)>,
+}
+
+impl Ready {
+    pub fn from_outputs(out: impl IntoIterator<Item = Output>) -> Ready {
+        let mut r = Ready::default();
+        let mut sends = vec![];
+        for o in out {
+            match o {
+                Output::Persist(rec) => {
+                    r.stable |= matches!(rec, Record::Stable { .. });
+                    r.records.push(rec);
+                }
+                Output::Send(to, m) => sends.push((Some(to), m)),
+                Output::Broadcast(m) => sends.push((None, m)),
+                Output::Commit { block, cert, receipts, outcome } => {
+                    r.commits.push(Committed { block, cert, receipts, outcome })
+                }
+                other => r.effects.push(other),
+            }
+        }
+        let commits = !r.commits.is_empty();
+        for (to, m) in sends {
+            match m {
+                Message::Checkpoint(_) if commits => r.after_commits.push((to, m)),
+                m => r.sends.push((to, m)),
+            }
+        }
+        r
+    }
 }
 
 /// Counters the runtime publishes as metrics.
@@ -1850,6 +1916,8 @@ mod tests {
         /// Validators that answer no tx fetch (a primary naming txs it
         /// keeps to itself).
         static WITHHOLD_BODIES: std::cell::Cell<&'static [Rid]> = const { std::cell::Cell::new(&[]) };
+        /// Steps whose checkpoints `Ready` held until their blocks were durable.
+        static HELD_CHECKPOINTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
         /// Each node's committed blocks by height (its block store).
         static STORED: std::cell::RefCell<HashMap<(usize, Seq), Arc<Block>>> = std::cell::RefCell::new(HashMap::new());
     }
@@ -1914,6 +1982,42 @@ mod tests {
         (nodes, keys)
     }
 
+    /// A `Ready` checked against its rules and flattened back in its order.
+    fn in_ready_order(r: Ready) -> Vec<Output> {
+        for o in &r.effects {
+            assert!(
+                !matches!(o, Output::Persist(_) | Output::Send(..) | Output::Broadcast(_) | Output::Commit { .. }),
+                "{o:?} among the effects"
+            );
+        }
+        assert_eq!(r.stable, r.records.iter().any(|x| matches!(x, Record::Stable { .. })));
+        assert!(r.after_commits.iter().all(|(_, m)| matches!(m, Message::Checkpoint(_))));
+        if !r.commits.is_empty() {
+            assert!(
+                r.sends.iter().all(|(_, m)| !matches!(m, Message::Checkpoint(_))),
+                "a checkpoint before its blocks"
+            );
+        }
+        if !r.after_commits.is_empty() {
+            HELD_CHECKPOINTS.set(HELD_CHECKPOINTS.get() + 1);
+        }
+        let to_output = |(to, m): (Option<Rid>, Message)| match to {
+            Some(to) => Output::Send(to, m),
+            None => Output::Broadcast(m),
+        };
+        let mut out = r.effects;
+        out.extend(r.records.into_iter().map(Output::Persist));
+        out.extend(r.sends.into_iter().map(to_output));
+        out.extend(r.commits.into_iter().map(|c| Output::Commit {
+            block: c.block,
+            cert: c.cert,
+            receipts: c.receipts,
+            outcome: c.outcome,
+        }));
+        out.extend(r.after_commits.into_iter().map(to_output));
+        out
+    }
+
     /// Delivers every message (lossless, in order) until quiet; returns the
     /// committed blocks per node.
     fn settle(
@@ -1941,7 +2045,8 @@ mod tests {
             let mut fetches = vec![];
             let mut bodies = vec![];
             for (i, out) in outs.iter_mut().enumerate() {
-                for o in out.drain(..) {
+                // Every step's outputs go through `Ready`, in its order.
+                for o in in_ready_order(Ready::from_outputs(out.drain(..))) {
                     match o {
                         Output::Send(to, m) => msgs.push((i, Some(to), m)),
                         Output::Broadcast(m) => msgs.push((i, None, m)),
@@ -2330,6 +2435,34 @@ mod tests {
         assert_eq!(txs_committed, 10);
         assert!(nodes.iter().all(|n| n.state().root() == nodes[0].state().root()));
         assert_eq!(blocks[0][0].header.proposer, nodes[0].cfg.validators[0], "validator 0 leads view 0");
+    }
+
+    /// A checkpoint a step makes beside the commit of the block it vouches
+    /// for waits in `Ready::after_commits` (sent once the block is durable);
+    /// `settle` checks every step's `Ready` against its rules.
+    #[test]
+    fn ready_holds_a_checkpoint_until_its_blocks_are_durable() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        HELD_CHECKPOINTS.set(0);
+        let mut now = 1000;
+        for i in 0..8 {
+            for (r, n) in nodes.iter_mut().enumerate() {
+                n.on_txs(at(now), vec![vtx(&k, i, 1000)], &mut outs[r]);
+            }
+            now += 100;
+            for (r, n) in nodes.iter_mut().enumerate() {
+                n.on_tick(at(now), &mut outs[r]);
+            }
+            settle(&mut nodes, now, &mut outs, &[]);
+        }
+        assert!(
+            nodes.iter().all(|n| n.height() >= 4),
+            "heights {:?}",
+            nodes.iter().map(|n| n.height()).collect::<Vec<_>>()
+        );
+        assert!(HELD_CHECKPOINTS.get() > 0, "no checkpoint went out with its block's commit");
     }
 
     /// What the runtime keeps per node in these tests: committed

@@ -40,7 +40,7 @@ use crate::protocol::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
 use crate::protocol::crypto;
 use crate::protocol::event::Limits;
 use crate::protocol::mempool::VerifiedTx;
-use crate::protocol::node::{Node, NodeConfig, Output, Stage};
+use crate::protocol::node::{Node, NodeConfig, Output, Ready, Stage};
 use crate::protocol::proposal;
 use crate::protocol::reject::{RejectReason, Rejection};
 use crate::protocol::snapshot;
@@ -1328,10 +1328,8 @@ fn next_compaction_at(configured: u64, live: u64) -> u64 {
 /// later send; committed blocks appended with one fsync, then published.
 fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<bool> {
     let executed_ms = now_ms();
-    let mut stable = false;
-    let mut commits: Vec<(Arc<Block>, CommitCert, proto::BlockOutcome)> = Vec::new();
-    let mut sends: Vec<(Option<Rid>, Message)> = Vec::new();
-    for o in out.drain(..) {
+    let ready = Ready::from_outputs(out.drain(..));
+    for o in ready.effects {
         match o {
             // Verdicts of committed state go out with their block's events
             // when those are published (Kafka); else to the DLQ file now.
@@ -1339,9 +1337,8 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             Output::Reject(r) => {
                 let _ = sh.dlq.send(r);
             }
-            Output::Persist(r) => {
-                stable |= matches!(r, Record::Stable { .. });
-                cons.pending.push(r);
+            Output::Persist(_) | Output::Send(..) | Output::Broadcast(_) | Output::Commit { .. } => {
+                unreachable!("Ready::from_outputs sorts records, sends and commits out of its effects")
             }
             Output::Genesis(GenesisOutput::Attest { to, attestation }) => {
                 if let Some(net) = &cons.net {
@@ -1405,17 +1402,6 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
                     }
                 }
             }
-            Output::Send(to, m) => sends.push((Some(to), m)),
-            Output::Broadcast(m) => {
-                if let Message::PrePrepare(p) = &m {
-                    if p.from == cons.me && cons.audit.is_some() {
-                        let b = &p.body;
-                        let fields = serde_json::json!({"view": b.view, "seq": b.seq, "digest": hex::encode(b.digest)});
-                        cons.audit("proposal", fields)?;
-                    }
-                }
-                sends.push((None, m));
-            }
             Output::ServeFetch { to, from_seq } => serve_fetch(store, cons, to, from_seq)?,
             Output::Forward { to, txs } => {
                 if let Some(net) = &cons.net {
@@ -1431,7 +1417,6 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             Output::ServeBlockTxs { to, seq, height, tx_hashes } => {
                 serve_block_txs(store, cons, to, seq, height, &tx_hashes)?
             }
-            Output::Commit { block, cert, receipts: _, outcome } => commits.push((block, cert, outcome)),
             Output::ViewChanged { view, primary, cause, height } => {
                 let primary = cons.ids.get(primary).copied().unwrap_or(0);
                 tracing::info!(view, primary, height, cause = cause.as_str(), "view changed");
@@ -1449,15 +1434,19 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             }
         }
     }
-    // One fdatasync for all the records above, then every send (each may
-    // depend on any record before it; none on a record after it). Flushing
-    // before each send instead cost one fsync per message.
+    // One fdatasync for all the records (flushing before each send
+    // instead cost one fsync per message), then the sends.
+    cons.pending.extend(ready.records);
     cons.flush()?;
-    // A checkpoint vouches for executed blocks: it goes out once they are
-    // durable here, so a stable checkpoint (and a snapshot it proves) never
-    // sits over a block that q validators might all lose in a crash.
-    let (held, sends): (Vec<_>, Vec<_>) =
-        sends.into_iter().partition(|(_, m)| !commits.is_empty() && matches!(m, Message::Checkpoint(_)));
+    for (_, m) in &ready.sends {
+        if let Message::PrePrepare(p) = m {
+            if p.from == cons.me && cons.audit.is_some() {
+                let b = &p.body;
+                let fields = serde_json::json!({"view": b.view, "seq": b.seq, "digest": hex::encode(b.digest)});
+                cons.audit("proposal", fields)?;
+            }
+        }
+    }
     let send_all = |cons: &Consensus, sends: &[(Option<Rid>, Message)]| {
         for (to, m) in sends {
             match to {
@@ -1466,14 +1455,17 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             }
         }
     };
-    send_all(cons, &sends);
-    if commits.is_empty() {
+    send_all(cons, &ready.sends);
+    let stable = ready.stable;
+    if ready.commits.is_empty() {
         return Ok(stable);
     }
+    let commits: Vec<(Arc<Block>, CommitCert, proto::BlockOutcome)> =
+        ready.commits.into_iter().map(|c| (c.block, c.cert, c.outcome)).collect();
     store
         .append_with_outcomes(&crate::runtime::recovery::stored_form(&commits))
         .context("block store append failed; stopping (restart recovers the store)")?;
-    send_all(cons, &held);
+    send_all(cons, &ready.after_commits);
     let durable_ms = now_ms().saturating_sub(executed_ms) as f64;
     let h = sh.stats.latencies.stage("durable");
     for (block, _, _) in &commits {

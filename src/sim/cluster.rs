@@ -35,7 +35,7 @@ use crate::protocol::consensus::wire::WireLimits;
 use crate::protocol::crypto;
 use crate::protocol::event::{sample_anomaly_payload, Event, Limits, TxKind};
 use crate::protocol::mempool::{MempoolConfig, VerifiedTx};
-use crate::protocol::node::{Node, NodeConfig, Output};
+use crate::protocol::node::{Node, NodeConfig, Output, Ready};
 use crate::protocol::snapshot::ReputationConfig;
 use crate::protocol::state::StateConfig;
 use crate::protocol::verify::VerifyPolicy;
@@ -609,19 +609,17 @@ impl Sim {
     fn perform(&mut self, i: Rid) {
         let v = &mut self.vals[i];
         let Some(up) = v.up.as_mut() else { return };
-        let out = std::mem::take(&mut up.out);
-        let (mut records, mut sends, mut commits) = (vec![], vec![], vec![]);
-        let mut repeats: Vec<Vec<bool>> = vec![];
-        let mut stable = false;
+        // In the order `Ready` sets, as the runtime does.
+        let ready = Ready::from_outputs(std::mem::take(&mut up.out));
+        let (records, stable) = (ready.records, ready.stable);
+        // Other validators hear of this step only after its records are durable.
+        let mut sends = vec![];
         let mut failed: Option<String> = None;
-        for o in out {
+        for o in ready.effects {
             match o {
-                Output::Persist(r) => {
-                    stable |= matches!(r, crate::protocol::consensus::pbft::Record::Stable { .. });
-                    records.push(r);
+                Output::Persist(_) | Output::Send(..) | Output::Broadcast(_) | Output::Commit { .. } => {
+                    unreachable!("Ready::from_outputs sorts records, sends and commits out of its effects")
                 }
-                Output::Send(to, m) => sends.push((Some(to), Msg::Pbft(m))),
-                Output::Broadcast(m) => sends.push((None, Msg::Pbft(m))),
                 Output::Forward { to, txs } => {
                     sends.push((Some(to), Msg::Forward(txs.iter().map(|t| t.to_tx_proto()).collect())))
                 }
@@ -645,22 +643,6 @@ impl Sim {
                         )),
                         Err(e) => failed = Some(format!("serving block txs: {e:#}")),
                     }
-                }
-                Output::Commit { block, cert, outcome, receipts } => {
-                    if self.debug {
-                        eprintln!(
-                            "{} validator {i} commits {} ({} txs) cert view {} from {} value {} bytes",
-                            self.now_ms,
-                            block.header.height,
-                            block.txs.len(),
-                            cert.pre_prepare.body.view,
-                            cert.pre_prepare.from,
-                            cert.pre_prepare.body.value.len()
-                        );
-                    }
-                    repeats
-                        .push(receipts.iter().map(|r| r.status == crate::protocol::state::TxStatus::Repeat).collect());
-                    commits.push((block, cert, outcome))
                 }
                 Output::Genesis(GenesisOutput::Attest { to, attestation }) => {
                     if to.is_some() {
@@ -743,9 +725,7 @@ impl Sim {
             self.report.storage_errors += 1;
             return self.crash(i, &why);
         }
-        // Checkpoints after the blocks they vouch for are durable (as the runtime).
-        let (held, sends): (Vec<_>, Vec<_>) =
-            sends.into_iter().partition(|(_, m)| !commits.is_empty() && matches!(m, Msg::Pbft(Message::Checkpoint(_))));
+        sends.extend(ready.sends.into_iter().map(|(to, m)| (to, Msg::Pbft(m))));
         for (to, m) in sends {
             let m = self.byzantine_rewrite(i, to, m);
             for (to, m) in m {
@@ -753,7 +733,26 @@ impl Sim {
             }
         }
         let up = self.vals[i].up.as_mut().expect("up");
-        if !commits.is_empty() {
+        if !ready.commits.is_empty() {
+            if self.debug {
+                for c in &ready.commits {
+                    eprintln!(
+                        "{} validator {i} commits {} ({} txs) cert view {} from {} value {} bytes",
+                        self.now_ms,
+                        c.block.header.height,
+                        c.block.txs.len(),
+                        c.cert.pre_prepare.body.view,
+                        c.cert.pre_prepare.from,
+                        c.cert.pre_prepare.body.value.len()
+                    );
+                }
+            }
+            let repeats: Vec<Vec<bool>> = ready
+                .commits
+                .iter()
+                .map(|c| c.receipts.iter().map(|r| r.status == crate::protocol::state::TxStatus::Repeat).collect())
+                .collect();
+            let commits: Vec<_> = ready.commits.into_iter().map(|c| (c.block, c.cert, c.outcome)).collect();
             if let Err(e) = up.store.append_with_outcomes(&recovery::stored_form(&commits)) {
                 self.report.storage_errors += 1;
                 return self.crash(i, &format!("block store: {e}"));
@@ -762,8 +761,9 @@ impl Sim {
             for ((b, _, _), repeats) in commits.iter().zip(&repeats) {
                 self.on_commit(i, b, repeats);
             }
-            for (to, m) in held {
-                let m = self.byzantine_rewrite(i, to, m);
+            // Checkpoints once the blocks they vouch for are durable.
+            for (to, m) in ready.after_commits {
+                let m = self.byzantine_rewrite(i, to, Msg::Pbft(m));
                 for (to, m) in m {
                     self.send(i, to, m);
                 }
@@ -922,7 +922,41 @@ impl Sim {
             }
             Msg::SnapshotRequest(r) => up.node.on_snapshot_request(p.from, r, out),
             Msg::SnapshotChunk(c) => up.node.on_snapshot_chunk(now, p.from, c, out),
-            Msg::Pbft(m) => up.node.on_message(now, p.from, m, out),
+            Msg::Pbft(m) => {
+                if self.debug {
+                    use crate::protocol::consensus::pbft::Message as M;
+                    match &m {
+                        M::ViewChange(v) => eprintln!(
+                            "{} view-change {} -> {}: view {} stable {} prepared {:?}",
+                            self.now_ms,
+                            p.from,
+                            p.to,
+                            v.body.new_view,
+                            v.body.stable_seq,
+                            v.body.prepared.iter().map(|c| c.pre_prepare.body.seq).collect::<Vec<_>>()
+                        ),
+                        M::NewView(v) => eprintln!(
+                            "{} new-view {} -> {}: view {} from {:?} proposing {:?}",
+                            self.now_ms,
+                            p.from,
+                            p.to,
+                            v.body.view,
+                            v.body
+                                .view_changes
+                                .iter()
+                                .map(|c| (
+                                    c.from,
+                                    c.body.stable_seq,
+                                    c.body.prepared.iter().map(|x| x.pre_prepare.body.seq).collect::<Vec<_>>()
+                                ))
+                                .collect::<Vec<_>>(),
+                            v.body.pre_prepares.iter().map(|c| (c.body.seq, c.body.value.len())).collect::<Vec<_>>()
+                        ),
+                        _ => {}
+                    }
+                }
+                up.node.on_message(now, p.from, m, out)
+            }
             Msg::Forward(txs) => up.node.on_forward(now, p.from, txs, out),
             Msg::TxFetch { seq, tx_hashes } => up.node.on_tx_fetch(now, p.from, seq, tx_hashes, out),
             Msg::TxBodies { seq, txs } => up.node.on_bodies(now, p.from, seq, txs, out),
