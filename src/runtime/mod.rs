@@ -1330,109 +1330,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     let executed_ms = now_ms();
     let ready = Ready::from_outputs(out.drain(..));
     for o in ready.effects {
-        match o {
-            // Verdicts of committed state go out with their block's events
-            // when those are published (Kafka); else to the DLQ file now.
-            Output::Reject(r) if r.height.is_some() && cons.egress.is_some() => {}
-            Output::Reject(r) => {
-                let _ = sh.dlq.send(r);
-            }
-            Output::Persist(_) | Output::Send(..) | Output::Broadcast(_) | Output::Commit { .. } => {
-                unreachable!("Ready::from_outputs sorts records, sends and commits out of its effects")
-            }
-            Output::Genesis(GenesisOutput::Attest { to, attestation }) => {
-                if let Some(net) = &cons.net {
-                    let frame = Arc::new(wire::encode_genesis(&attestation));
-                    match to {
-                        Some(peer) => {
-                            net.send(peer, frame);
-                        }
-                        None => net.broadcast(frame),
-                    }
-                }
-            }
-            Output::Genesis(GenesisOutput::Complete(cert)) => {
-                let path = &cons.genesis_path;
-                crate::edges::storage::os()
-                    .write_atomically(path, &serde_json::to_vec_pretty(&cert)?)
-                    .with_context(|| format!("writing the genesis certificate {}", path.display()))?;
-                tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
-            }
-            Output::Genesis(GenesisOutput::StillWaiting(waiting_for)) => {
-                tracing::warn!(?waiting_for, "genesis: still waiting for ready attestations (GENESIS_READY_TIMEOUT passed); start those validators or check P2P_BOOTSTRAP_PEERS");
-            }
-            Output::SnapshotRequest { to, request } => {
-                if let Some(net) = &cons.net {
-                    let frame = Arc::new(wire::encode_snapshot_request(request));
-                    match to {
-                        Some(peer) => {
-                            net.send(cons.ids[peer], frame);
-                        }
-                        None => net.broadcast(frame),
-                    }
-                }
-            }
-            Output::ServeSnapshot { to, request } => {
-                let served = cons.served.lock().unwrap().clone();
-                let chunk = snapshot::answer(served.as_ref().map(|(s, b)| (*s, b.as_slice())), &request);
-                if let Some(net) = &cons.net {
-                    net.send(cons.ids[to], Arc::new(wire::encode_snapshot_chunk(chunk)));
-                }
-            }
-            Output::Joined { header, bytes } => {
-                // Durable before the store starts above it.
-                write_atomically(&cons.base_path, &bytes)
-                    .with_context(|| format!("writing {}", cons.base_path.display()))?;
-                let height = header.height;
-                store.set_base(header);
-                *cons.served.lock().unwrap() = Some((height, bytes));
-                // Else they would read block 1 of a store that starts above the snapshot.
-                if let Some(e) = cons.egress.as_mut() {
-                    e.start_above(height);
-                }
-                if let Some(m) = cons.mirror.as_mut() {
-                    m.start_above(height);
-                }
-            }
-            Output::Snapshot(snap) => {
-                if let Some(w) = &cons.snapshot_writer {
-                    let height = snap.height();
-                    if w.try_send(snap).is_err() {
-                        tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
-                    }
-                }
-            }
-            Output::ServeFetch { to, from_seq } => serve_fetch(store, cons, to, from_seq)?,
-            Output::Forward { to, txs } => {
-                if let Some(net) = &cons.net {
-                    net.send(cons.ids[to], Arc::new(wire::encode_forward(&txs)));
-                }
-            }
-            Output::FetchTxs { to, seq, tx_hashes } => {
-                if let Some(net) = &cons.net {
-                    net.send(cons.ids[to], Arc::new(wire::encode_tx_fetch(seq, &tx_hashes)));
-                }
-            }
-            Output::SendTxs { to, seq, txs } => cons.send_bodies(to, seq, &txs),
-            Output::ServeBlockTxs { to, seq, height, tx_hashes } => {
-                serve_block_txs(store, cons, to, seq, height, &tx_hashes)?
-            }
-            Output::ViewChanged { view, primary, cause, height } => {
-                let primary = cons.ids.get(primary).copied().unwrap_or(0);
-                tracing::info!(view, primary, height, cause = cause.as_str(), "view changed");
-                cons.audit("view_change", serde_json::json!({"view": view, "primary": primary, "height": height}))?;
-            }
-            Output::Quarantined { validator, height } => {
-                let validator = cons.ids.get(validator).copied().unwrap_or(0);
-                cons.audit("quarantine", serde_json::json!({"validator": validator, "height": height}))?;
-            }
-            Output::Evidence { culprit, what } => {
-                sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
-                let validator = cons.ids.get(culprit).copied().unwrap_or(0);
-                tracing::warn!(validator, what, "validator misbehaviour");
-                cons.audit("misbehaviour", serde_json::json!({"validator": validator, "what": what}))?;
-            }
-        }
+        perform_effect(o, store, cons, sh)?;
     }
     // One fdatasync for all the records (flushing before each send
     // instead cost one fsync per message), then the sends.
@@ -1473,7 +1371,126 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             h.observe(durable_ms);
         }
     }
-    for (block, cert, outcome) in &commits {
+    publish_commits(&commits, cons, sh)?;
+    Ok(stable)
+}
+
+/// One output that is neither a record, a send nor a commit (`Ready::effects`).
+fn perform_effect(o: Output, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<()> {
+    match o {
+        // Verdicts of committed state go out with their block's events
+        // when those are published (Kafka); else to the DLQ file now.
+        Output::Reject(r) if r.height.is_some() && cons.egress.is_some() => {}
+        Output::Reject(r) => {
+            let _ = sh.dlq.send(r);
+        }
+        Output::Persist(_) | Output::Send(..) | Output::Broadcast(_) | Output::Commit { .. } => {
+            unreachable!("Ready::from_outputs sorts records, sends and commits out of its effects")
+        }
+        Output::Genesis(GenesisOutput::Attest { to, attestation }) => {
+            if let Some(net) = &cons.net {
+                let frame = Arc::new(wire::encode_genesis(&attestation));
+                match to {
+                    Some(peer) => {
+                        net.send(peer, frame);
+                    }
+                    None => net.broadcast(frame),
+                }
+            }
+        }
+        Output::Genesis(GenesisOutput::Complete(cert)) => {
+            let path = &cons.genesis_path;
+            crate::edges::storage::os()
+                .write_atomically(path, &serde_json::to_vec_pretty(&cert)?)
+                .with_context(|| format!("writing the genesis certificate {}", path.display()))?;
+            tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
+        }
+        Output::Genesis(GenesisOutput::StillWaiting(waiting_for)) => {
+            tracing::warn!(?waiting_for, "genesis: still waiting for ready attestations (GENESIS_READY_TIMEOUT passed); start those validators or check P2P_BOOTSTRAP_PEERS");
+        }
+        Output::SnapshotRequest { to, request } => {
+            if let Some(net) = &cons.net {
+                let frame = Arc::new(wire::encode_snapshot_request(request));
+                match to {
+                    Some(peer) => {
+                        net.send(cons.ids[peer], frame);
+                    }
+                    None => net.broadcast(frame),
+                }
+            }
+        }
+        Output::ServeSnapshot { to, request } => {
+            let served = cons.served.lock().unwrap().clone();
+            let chunk = snapshot::answer(served.as_ref().map(|(s, b)| (*s, b.as_slice())), &request);
+            if let Some(net) = &cons.net {
+                net.send(cons.ids[to], Arc::new(wire::encode_snapshot_chunk(chunk)));
+            }
+        }
+        Output::Joined { header, bytes } => {
+            // Durable before the store starts above it.
+            write_atomically(&cons.base_path, &bytes)
+                .with_context(|| format!("writing {}", cons.base_path.display()))?;
+            let height = header.height;
+            store.set_base(header);
+            *cons.served.lock().unwrap() = Some((height, bytes));
+            // Else they would read block 1 of a store that starts above the snapshot.
+            if let Some(e) = cons.egress.as_mut() {
+                e.start_above(height);
+            }
+            if let Some(m) = cons.mirror.as_mut() {
+                m.start_above(height);
+            }
+        }
+        Output::Snapshot(snap) => {
+            if let Some(w) = &cons.snapshot_writer {
+                let height = snap.height();
+                if w.try_send(snap).is_err() {
+                    tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
+                }
+            }
+        }
+        Output::ServeFetch { to, from_seq } => serve_fetch(store, cons, to, from_seq)?,
+        Output::Forward { to, txs } => {
+            if let Some(net) = &cons.net {
+                net.send(cons.ids[to], Arc::new(wire::encode_forward(&txs)));
+            }
+        }
+        Output::FetchTxs { to, seq, tx_hashes } => {
+            if let Some(net) = &cons.net {
+                net.send(cons.ids[to], Arc::new(wire::encode_tx_fetch(seq, &tx_hashes)));
+            }
+        }
+        Output::SendTxs { to, seq, txs } => cons.send_bodies(to, seq, &txs),
+        Output::ServeBlockTxs { to, seq, height, tx_hashes } => {
+            serve_block_txs(store, cons, to, seq, height, &tx_hashes)?
+        }
+        Output::ViewChanged { view, primary, cause, height } => {
+            let primary = cons.ids.get(primary).copied().unwrap_or(0);
+            tracing::info!(view, primary, height, cause = cause.as_str(), "view changed");
+            cons.audit("view_change", serde_json::json!({"view": view, "primary": primary, "height": height}))?;
+        }
+        Output::Quarantined { validator, height } => {
+            let validator = cons.ids.get(validator).copied().unwrap_or(0);
+            cons.audit("quarantine", serde_json::json!({"validator": validator, "height": height}))?;
+        }
+        Output::Evidence { culprit, what } => {
+            sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
+            let validator = cons.ids.get(culprit).copied().unwrap_or(0);
+            tracing::warn!(validator, what, "validator misbehaviour");
+            cons.audit("misbehaviour", serde_json::json!({"validator": validator, "what": what}))?;
+        }
+    }
+    Ok(())
+}
+
+/// Publishes blocks made durable: their Kafka offsets, commit events,
+/// database rows, audit records and direct-source commit notices.
+fn publish_commits(
+    commits: &[(Arc<Block>, CommitCert, proto::BlockOutcome)],
+    cons: &mut Consensus,
+    sh: &Shared,
+) -> anyhow::Result<()> {
+    for (block, cert, outcome) in commits {
         // Durable: their Kafka messages are finished; their events may go out.
         if let Some(t) = &cons.tracker {
             t.finish_nonces(block.txs.iter().map(|t| &t.nonce));
@@ -1485,7 +1502,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             m.on_commit(block, cert, outcome);
         }
     }
-    for (block, _, outcome) in &commits {
+    for (block, _, outcome) in commits {
         let rejected = outcome.rejected.len();
         sh.stats.latencies.consensus_round.observe(now_ms().saturating_sub(block.header.timestamp_ms) as f64);
         if cons.audit.is_some() {
@@ -1519,7 +1536,7 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
         });
     }
-    Ok(stable)
+    Ok(())
 }
 
 /// Sets up logging per the config (idempotent).
