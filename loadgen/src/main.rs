@@ -281,7 +281,10 @@ fn print_table(label: &str, rows: &[(String, Results, f64)]) {
 
 /// Throughput (x) against p50 (dashed) and p99 (solid) latency (y, log
 /// scale), one curve per run, as SVG.
-fn plot_sweep(path: &Path, validators: usize, curves: &[(String, Vec<(String, Results, f64)>)]) -> anyhow::Result<()> {
+/// One curve of a sweep: its label and, per offered rate, (label, results, raw verify/s).
+type SweepCurve = (String, Vec<(String, Results, f64)>);
+
+fn plot_sweep(path: &Path, validators: usize, curves: &[SweepCurve]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let points = |rows: &[(String, Results, f64)], q: f64| -> Vec<(f64, f64)> {
         let mut p: Vec<(f64, f64)> = rows
