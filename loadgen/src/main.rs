@@ -64,6 +64,10 @@ struct ClusterArgs {
     /// Block build interval.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     build_interval: Duration,
+    /// The shortest gap between two blocks while none is in flight
+    /// (BLOCK_MIN_INTERVAL; 0 = a block as soon as the last one committed).
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    min_block_interval: Duration,
     /// Mirror validator 1's blocks into a fresh database on this PostgreSQL
     /// (an admin DSN: a database is created per run) and report the
     /// mirror's rows/s and lag.
@@ -487,7 +491,7 @@ fn single(load: LoadArgs, shards: usize, block_max_txs: usize, build_interval: &
 }
 
 fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(Results, f64)> {
-    let ClusterArgs { validators, shards, block_max_txs, build_interval, ref db_dsn } = *cluster;
+    let ClusterArgs { validators, shards, block_max_txs, build_interval, min_block_interval, ref db_dsn } = *cluster;
     let api_ports: Vec<u16> = (0..validators).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
     let mirror_dsn = db_dsn.as_deref().map(fresh_database).transpose()?;
     let dir = tempfile::Builder::new().prefix("cybermesh-devnet-").tempdir()?;
@@ -496,6 +500,7 @@ fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(
         verify_shards: shards,
         block_max_txs,
         build_interval,
+        min_block_interval,
         mempool_max_txs: block_max_txs * 10,
         ..Default::default()
     };

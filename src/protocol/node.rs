@@ -1801,7 +1801,7 @@ impl<A: Auth + Clone> Node<A> {
         }
         if self.mempool.pending() > 0 {
             if self.replica.can_propose() && self.exec_queue.is_empty() {
-                at_ms = at_ms.min(self.cfg.builder.next_deadline_ms(self.last_proposal_ms));
+                at_ms = at_ms.min(self.cfg.builder.next_deadline_ms(self.last_proposal_ms, self.replica.queued() == 0));
             } else if !self.replica.is_primary() && self.exec_queue.is_empty() {
                 at_ms = at_ms.min(self.next_order_check_ms);
             }
@@ -1962,6 +1962,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 build_interval: Duration::from_millis(100),
                 min_txs: 1,
+                min_interval: Duration::ZERO,
             },
             mempool: MempoolConfig { max_txs: max_mempool, max_bytes: 1 << 20 },
             limits: Limits::default(),
@@ -2169,6 +2170,7 @@ mod tests {
             max_bytes: sz * 5 / 2,
             build_interval: Duration::from_millis(100),
             min_txs: 1,
+            min_interval: Duration::ZERO,
         };
         let proposals =
             |out: &[Output]| out.iter().filter(|o| matches!(o, Output::Persist(Record::PrePrepare(_)))).count();
@@ -2435,6 +2437,53 @@ mod tests {
         assert_eq!(txs_committed, 10);
         assert!(nodes.iter().all(|n| n.state().root() == nodes[0].state().root()));
         assert_eq!(blocks[0][0].header.proposer, nodes[0].cfg.validators[0], "validator 0 leads view 0");
+    }
+
+    /// With `min_interval`, a primary whose pipeline is idle waits out the
+    /// floor since its last block (its `poll_timeout_ms` says exactly when),
+    /// then proposes; a full block does not wait.
+    #[test]
+    fn an_idle_primary_waits_out_the_block_floor_and_polls_for_it() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        for n in nodes.iter_mut() {
+            n.cfg.builder.min_interval = Duration::from_millis(30);
+        }
+        let mut outs: Vec<Vec<Output>> = (0..4).map(|_| vec![]).collect();
+        let proposed = |out: &[Output]| out.iter().any(|o| matches!(o, Output::Broadcast(Message::PrePrepare(_))));
+        // Every validator gets every tx (as from Kafka).
+        let give = |nodes: &mut [Node<Ed25519Auth>], outs: &mut [Vec<Output>], now: u64, txs: Vec<VerifiedTx>| {
+            for (r, n) in nodes.iter_mut().enumerate() {
+                n.on_txs(at(now), txs.clone(), &mut outs[r]);
+            }
+        };
+        // First block at 1000: the last block was "never".
+        give(&mut nodes, &mut outs, 1000, vec![vtx(&k, 0, 1000)]);
+        assert!(proposed(&outs[0]), "{:?}", outs[0]);
+        settle(&mut nodes, 1000, &mut outs, &[]);
+        assert!(nodes.iter().all(|n| n.height() == 1));
+        // Committed at once; one tx at 1010 waits for 1030.
+        give(&mut nodes, &mut outs, 1010, vec![vtx(&k, 1, 1010)]);
+        assert!(!proposed(&outs[0]), "proposed inside the floor: {:?}", outs[0]);
+        // Woken when it asks (never later than the floor), it holds the tx
+        // until 1030.
+        let mut now = 1010;
+        while now < 1030 {
+            let due = nodes[0].poll_timeout_ms();
+            assert!(due <= 1030, "polls at {due}, after the floor");
+            now = due.max(now + 1).min(1030);
+            if now < 1030 {
+                nodes[0].on_tick(at(now), &mut outs[0]);
+                assert!(!proposed(&outs[0]), "proposed at {now}: {:?}", outs[0]);
+            }
+        }
+        nodes[0].on_tick(at(1030), &mut outs[0]);
+        assert!(proposed(&outs[0]), "{:?}", outs[0]);
+        settle(&mut nodes, 1030, &mut outs, &[]);
+        assert!(nodes.iter().all(|n| n.height() == 2));
+        // A full block (max_txs 4) is cut at once, floor or not.
+        give(&mut nodes, &mut outs, 1031, (2..6).map(|i| vtx(&k, i, 1031)).collect());
+        assert!(proposed(&outs[0]), "a full block waited: {:?}", outs[0]);
     }
 
     /// A checkpoint a step makes beside the commit of the block it vouches

@@ -161,6 +161,11 @@ pub struct BlockSection {
     #[serde(with = "dur")]
     pub build_interval: Duration,
     pub min_mempool_txs: usize,
+    /// The shortest gap between two blocks while none is in flight (see
+    /// `BuilderConfig::min_interval`); 0 cuts a block as soon as the last
+    /// one committed.
+    #[serde(with = "dur")]
+    pub min_interval: Duration,
 }
 
 impl Default for BlockSection {
@@ -171,6 +176,7 @@ impl Default for BlockSection {
             max_bytes: b.max_bytes,
             build_interval: b.build_interval,
             min_mempool_txs: b.min_txs,
+            min_interval: b.min_interval,
         }
     }
 }
@@ -545,6 +551,7 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("BLOCK_MAX_TXS", |c, v| Ok(c.block.max_txs = parse_num(v)?)),
     ("BLOCK_MAX_BYTES", |c, v| Ok(c.block.max_bytes = parse_num(v)?)),
     ("BLOCK_BUILD_INTERVAL", |c, v| Ok(c.block.build_interval = parse_dur(v)?)),
+    ("BLOCK_MIN_INTERVAL", |c, v| Ok(c.block.min_interval = parse_dur(v)?)),
     ("BLOCK_MIN_MEMPOOL_TXS", |c, v| Ok(c.block.min_mempool_txs = parse_num(v)?)),
     ("CONSENSUS_BLOCK_TIMEOUT", |c, v| Ok(c.consensus.block_timeout = parse_dur(v)?)),
     ("CONSENSUS_BASE_TIMEOUT", |c, v| Ok(c.consensus.base_timeout = parse_dur(v)?)),
@@ -760,6 +767,7 @@ impl Config {
             max_bytes: self.block.max_bytes,
             build_interval: self.block.build_interval,
             min_txs: self.block.min_mempool_txs,
+            min_interval: self.block.min_interval,
         }
     }
     pub fn mempool_config(&self) -> MempoolConfig {
@@ -1003,6 +1011,13 @@ fn validate_limits(c: &Config, e: &mut Vec<ConfigError>) {
     }
     if c.block.build_interval.is_zero() {
         e.push(err("BLOCK_BUILD_INTERVAL (block.build_interval)", "is zero", "set e.g. 500ms"));
+    }
+    if c.block.min_interval > c.block.build_interval {
+        e.push(err(
+            "BLOCK_MIN_INTERVAL (block.min_interval)",
+            "exceeds BLOCK_BUILD_INTERVAL",
+            "keep the idle pipeline's floor at or below the build interval (e.g. 10ms)",
+        ));
     }
     if c.ingest.nonce_ttl < c.ingest.max_timestamp_skew {
         e.push(err("MEMPOOL_NONCE_TTL (ingest.nonce_ttl)", "is shorter than the timestamp skew tolerance: a replay could arrive after its nonce is forgotten but before it is stale", "set MEMPOOL_NONCE_TTL >= KAFKA_MAX_TIMESTAMP_SKEW"));

@@ -15,6 +15,8 @@ pub struct DevnetOptions {
     pub verify_shards: usize,
     pub block_max_txs: usize,
     pub build_interval: Duration,
+    /// The floor between blocks of an idle pipeline (BLOCK_MIN_INTERVAL).
+    pub min_block_interval: Duration,
     pub mempool_max_txs: usize,
     /// Heartbeat period; backups change view after 6 missed heartbeats.
     pub heartbeat: Duration,
@@ -31,6 +33,7 @@ impl Default for DevnetOptions {
             verify_shards: 1,
             block_max_txs: 2000,
             build_interval: Duration::from_millis(50),
+            min_block_interval: crate::protocol::block::BuilderConfig::default().min_interval,
             mempool_max_txs: 20_000,
             heartbeat: Duration::from_millis(500),
             base_timeout: Duration::from_secs(10),
@@ -102,6 +105,7 @@ pub fn create(root: &Path, opts: &DevnetOptions, tweak: impl Fn(&mut Config)) ->
         c.mempool.rate_per_second = 0;
         c.block.max_txs = opts.block_max_txs;
         c.block.build_interval = opts.build_interval;
+        c.block.min_interval = opts.min_block_interval;
         c.consensus.heartbeat_interval = opts.heartbeat;
         c.consensus.base_timeout = opts.base_timeout;
         c.consensus.min_timeout = opts.base_timeout / 2;

@@ -73,6 +73,9 @@ pub struct Config {
     pub byzantine: Option<Rid>,
     /// Faults stop here (restarts, partitions healed, disks whole).
     pub heal_at_ms: u64,
+    /// The primaries' floor between blocks of an idle pipeline
+    /// (`BuilderConfig::min_interval`; 0: a block as soon as one commits).
+    pub min_block_interval_ms: u64,
 }
 
 impl Config {
@@ -100,9 +103,11 @@ impl Config {
             partition: rng.gen_bool(0.4),
             byzantine: rng.gen_bool(0.4).then(|| rng.gen_range(0..n)),
             heal_at_ms: rng.gen_range(3_000..15_000),
+            min_block_interval_ms: 0,
         };
         // Drawn last: the other fields stay what they were for each seed.
         c.wipes = crashes && rng.gen_bool(0.25);
+        c.min_block_interval_ms = if rng.gen_bool(0.5) { rng.gen_range(1..=60) } else { 0 };
         // A disk damaged at rest and repaired, or wiped, loses durable
         // state: that validator is one of the f faulty ones (f = 2 of 7).
         if c.byzantine.is_some() && n < 7 {
@@ -290,6 +295,7 @@ impl Sim {
                 max_bytes: 1 << 20,
                 build_interval: Duration::from_millis(100),
                 min_txs: 1,
+                min_interval: Duration::from_millis(cfg.min_block_interval_ms),
             },
             mempool: MempoolConfig { max_txs: 64, max_bytes: 1 << 20 },
             limits: Limits::default(),
