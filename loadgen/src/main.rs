@@ -47,6 +47,13 @@ struct LoadArgs {
     /// Print the summary as JSON too.
     #[arg(long)]
     json: bool,
+    /// The first part of the run: its txs are sent and committed like the
+    /// rest but left out of the latency percentiles (and of the devnet's
+    /// stage figures), and reported on a line of their own. A fresh
+    /// cluster's first blocks pay first-touch costs (new files, page
+    /// faults, cold caches) that a running validator has paid long ago.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
 }
 
 /// The local cluster `devnet` and `sweep` start.
@@ -480,7 +487,7 @@ fn single(load: LoadArgs, shards: usize, block_max_txs: usize, build_interval: &
             .context("starting the validator process")?,
     );
     let stream = connect(addr, Duration::from_secs(30), &root.join("validator-1.log"))?;
-    let res = drive(vec![stream], frames, &nonces, &load)?;
+    let res = drive(vec![stream], frames, &nonces, &load, || Ok(()))?;
     drop(child);
     report(&load, &res, raw, sign_rate, shards, "single validator (N = 1)");
     if keep {
@@ -548,10 +555,20 @@ fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(
         std::thread::sleep(Duration::from_millis(20));
     }
     let ids: Vec<u32> = net.nodes.iter().map(|n| n.id).collect();
-    let before: Vec<Scrape> = api_ports.iter().map(|p| scrape(*p)).collect::<anyhow::Result<_>>()?;
-    let mut res = drive(streams, frames, &nonces, &load)?;
-    let after: Vec<Scrape> = api_ports.iter().map(|p| scrape(*p)).collect::<anyhow::Result<_>>()?;
-    (res.stages, res.bytes_per_tx) = breakdown(&ids, &before, &after, res.committed);
+    // The validators' figures count from the end of the warm-up, like the
+    // latency percentiles.
+    let scrape_all = || api_ports.iter().map(|p| scrape(*p)).collect::<anyhow::Result<Vec<Scrape>>>();
+    let mut before = vec![];
+    let mut res = drive(streams, frames, &nonces, &load, || {
+        before = scrape_all()?;
+        Ok(())
+    })?;
+    if before.is_empty() {
+        before = scrape_all()?; // a run shorter than its warm-up
+    }
+    let after = scrape_all()?;
+    let measured = res.committed.saturating_sub(res.warm_hist.len()).max(1);
+    (res.stages, res.bytes_per_tx) = breakdown(&ids, &before, &after, measured);
     let mirror = match &mirror_dsn {
         Some(dsn) => Some(wait_mirror(dsn, res.top_height)?),
         None => None,
@@ -598,6 +615,8 @@ struct Results {
     committed: u64,
     elapsed: Duration,
     hist: Histogram<u64>,
+    /// Latencies of the txs sent during the warm-up (`--warmup`).
+    warm_hist: Histogram<u64>,
     blocks: u64,
     /// Txs committed a second time (a no-op; happens around view changes).
     repeats: u64,
@@ -702,11 +721,14 @@ type Results2 = (Vec<(String, f64, f64)>, Vec<(u32, bool, f64)>);
 /// Sends every frame to every stream (one writer thread each, as Kafka
 /// delivers every tx to every validator); latency and throughput are
 /// measured on the first stream's commit notices.
+/// Sends `frames` to every stream and reads the first one's commit notices;
+/// `on_warm` runs once the warm-up (`--warmup`) has passed.
 fn drive(
     streams: Vec<TcpStream>,
     frames: Vec<Vec<u8>>,
     nonces: &[[u8; 16]],
     load: &LoadArgs,
+    on_warm: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<Results> {
     let stream = streams[0].try_clone()?;
     let index: HashMap<[u8; 16], u32> = nonces.iter().enumerate().map(|(i, n)| (*n, i as u32)).collect();
@@ -756,8 +778,10 @@ fn drive(
     let top = Arc::new(AtomicU64::new(0));
     let r_stream = stream.try_clone()?;
     let (c2, b2, l2, t2) = (committed.clone(), blocks.clone(), last_commit_ns.clone(), top.clone());
-    let reader = std::thread::spawn(move || -> anyhow::Result<(Histogram<u64>, u64)> {
+    let warmup_ns = load.warmup.as_nanos() as u64;
+    let reader = std::thread::spawn(move || -> anyhow::Result<(Histogram<u64>, Histogram<u64>, u64)> {
         let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+        let mut warm_hist = hist.clone();
         let mut r = BufReader::with_capacity(1 << 20, r_stream);
         let mut seen = vec![false; index.len()];
         let mut repeats = 0u64;
@@ -774,8 +798,12 @@ fn drive(
                         repeats += 1;
                         continue;
                     }
-                    let lat_us = now.saturating_sub(sent_at[i as usize].load(Ordering::Relaxed)) / 1000;
-                    hist.record(lat_us.max(1))?;
+                    let sent_ns = sent_at[i as usize].load(Ordering::Relaxed);
+                    let lat_us = now.saturating_sub(sent_ns) / 1000;
+                    match sent_ns < warmup_ns {
+                        true => warm_hist.record(lat_us.max(1))?,
+                        false => hist.record(lat_us.max(1))?,
+                    }
                     n_ok += 1;
                 }
             }
@@ -784,13 +812,19 @@ fn drive(
             t2.fetch_max(c.height, Ordering::Relaxed);
             l2.store(now, Ordering::Relaxed);
         }
-        Ok((hist, repeats))
+        Ok((hist, warm_hist, repeats))
     });
 
     let pb = ProgressBar::new(load.duration.as_secs());
     pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len}s {msg}").unwrap());
     let mut stalled_since: Option<(Instant, u64)> = None;
+    let mut on_warm = Some(on_warm);
     loop {
+        if start.elapsed() >= load.warmup {
+            if let Some(f) = on_warm.take() {
+                f()?;
+            }
+        }
         let (sent_now, done, got) =
             (sent.load(Ordering::Relaxed), done_sending.load(Ordering::SeqCst), committed.load(Ordering::Relaxed));
         if done && got >= sent_now {
@@ -828,12 +862,13 @@ fn drive(
     for d in drains {
         let _ = d.join();
     }
-    let (hist, repeats) = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let (hist, warm_hist, repeats) = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
     Ok(Results {
         sent: sent.load(Ordering::Relaxed),
         committed: committed.load(Ordering::Relaxed),
         elapsed: Duration::from_nanos(last_commit_ns.load(Ordering::Relaxed)),
         hist,
+        warm_hist,
         blocks: blocks.load(Ordering::Relaxed),
         repeats,
         top_height: top.load(Ordering::Relaxed),
@@ -908,6 +943,17 @@ fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards:
         ms(0.99),
         r.hist.max() as f64 / 1000.0
     );
+    if !r.warm_hist.is_empty() {
+        let w = |q: f64| r.warm_hist.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "warm-up latency  : p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms ({} txs sent in the first {}, left out above)",
+            w(0.5),
+            w(0.99),
+            r.warm_hist.max() as f64 / 1000.0,
+            r.warm_hist.len(),
+            humantime::format_duration(load.warmup)
+        );
+    }
     if !r.stages.is_empty() {
         let parts: Vec<String> = r.stages.iter().map(|(s, p50, p99)| format!("{s} {p50:.1}/{p99:.1}")).collect();
         println!("stage p50/p99 ms : {} (every validator's tx_stage_latency_ms)", parts.join("  "));
@@ -927,7 +973,14 @@ fn report(load: &LoadArgs, r: &Results, raw_verify: f64, sign_rate: f64, shards:
                 "what": what, "rate": load.rate(), "payload": load.payload, "shards": shards,
                 "sent": r.sent, "committed": r.committed, "blocks": r.blocks, "repeats": r.repeats, "seconds": r.elapsed.as_secs_f64(),
                 "tx_per_s": tps, "raw_verify_per_s": raw_verify, "sign_per_s": sign_rate,
-                "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": r.hist.max() as f64 / 1000.0}
+                "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": r.hist.max() as f64 / 1000.0},
+                "warmup_s": load.warmup.as_secs_f64(),
+                "warmup_latency_ms": {
+                    "p50": r.warm_hist.value_at_quantile(0.5) as f64 / 1000.0,
+                    "p99": r.warm_hist.value_at_quantile(0.99) as f64 / 1000.0,
+                    "max": r.warm_hist.max() as f64 / 1000.0,
+                    "txs": r.warm_hist.len()
+                }
             })
         );
     }
@@ -1205,6 +1258,7 @@ mod tests {
                 committed: tps,
                 elapsed: Duration::from_secs(1),
                 hist,
+                warm_hist: Histogram::<u64>::new(3).unwrap(),
                 blocks: 1,
                 repeats: 0,
                 top_height: 1,
