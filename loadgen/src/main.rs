@@ -720,9 +720,8 @@ type Results2 = (Vec<(String, f64, f64)>, Vec<(u32, bool, f64)>);
 
 /// Sends every frame to every stream (one writer thread each, as Kafka
 /// delivers every tx to every validator); latency and throughput are
-/// measured on the first stream's commit notices.
-/// Sends `frames` to every stream and reads the first one's commit notices;
-/// `on_warm` runs once the warm-up (`--warmup`) has passed.
+/// measured on the first stream's commit notices. `on_warm` runs once the
+/// warm-up (`--warmup`) has passed.
 fn drive(
     streams: Vec<TcpStream>,
     frames: Vec<Vec<u8>>,

@@ -15,11 +15,18 @@
 pub struct Spread {
     /// `bounds[i]`: the first hash value past shard `i`.
     bounds: Box<[u64]>,
+    /// `first[b]`: the shard holding the first hash of bucket `b` (the top
+    /// `BUCKET_BITS` bits). Every share is at least 1/(2n) of the hashes,
+    /// so with at least `n` buckets a bucket meets at most three shards:
+    /// a lookup is on the hot path of every state read, and this makes it
+    /// a table read and a step or two, not a binary search.
+    first: Box<[u32]>,
+    bucket_shift: u32,
 }
 
 impl Spread {
     pub fn new(n: usize) -> Spread {
-        assert!(n > 0, "a spread needs at least one shard");
+        assert!(n > 0 && n <= u32::MAX as usize, "a spread needs 1..=u32::MAX shards");
         let weights: Vec<f64> = (0..n).map(|i| (i as f64 / n as f64).exp2()).collect();
         let total: f64 = weights.iter().sum();
         let mut cum = 0.0;
@@ -32,12 +39,25 @@ impl Spread {
             })
             .collect();
         *bounds.last_mut().expect("n > 0") = u64::MAX;
-        Spread { bounds: bounds.into_boxed_slice() }
+        let bucket_bits = n.next_power_of_two().trailing_zeros();
+        let bucket_shift = 64 - bucket_bits;
+        let first = (0..1u64 << bucket_bits)
+            .map(|b| {
+                let lowest = b.checked_shl(bucket_shift).unwrap_or(0);
+                bounds.partition_point(|&x| x <= lowest).min(n - 1) as u32
+            })
+            .collect();
+        Spread { bounds: bounds.into_boxed_slice(), first, bucket_shift }
     }
 
     /// The shard of a uniformly distributed `hash`.
     pub fn shard(&self, hash: u64) -> usize {
-        self.bounds.partition_point(|&b| b <= hash).min(self.bounds.len() - 1)
+        let bucket = hash.checked_shr(self.bucket_shift).unwrap_or(0) as usize;
+        let mut i = self.first[bucket] as usize;
+        while self.bounds[i] <= hash && i + 1 < self.bounds.len() {
+            i += 1;
+        }
+        i
     }
 
     pub fn len(&self) -> usize {
@@ -81,8 +101,19 @@ mod tests {
         assert_eq!((s.shard(0), s.shard(u64::MAX)), (0, 255));
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let mut count = vec![0u32; 256];
+        // The bucket table finds the shard a search of the bounds finds.
+        let searched = |s: &Spread, h: u64| s.bounds.partition_point(|&b| b <= h).min(s.len() - 1);
         for _ in 0..2_000_000 {
-            count[s.shard(rng.gen())] += 1;
+            let h = rng.gen();
+            let i = s.shard(h);
+            assert_eq!(i, searched(&s, h), "hash {h:#x}");
+            count[i] += 1;
+        }
+        for n in [1, 3, 4096] {
+            let s = Spread::new(n);
+            for h in (0..10_000).map(|_| rng.gen()).chain(s.bounds.iter().flat_map(|&b| [b.wrapping_sub(1), b])) {
+                assert_eq!(s.shard(h), searched(&s, h), "{n} shards, hash {h:#x}");
+            }
         }
         let (first, last) = (count[..16].iter().sum::<u32>() as f64, count[240..].iter().sum::<u32>() as f64);
         let ratio = last / first;
