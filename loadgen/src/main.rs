@@ -199,6 +199,9 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The driver holds every pre-signed tx and encodes its sends: the same
+    // huge-page zeroing the validators refuse would be charged to them.
+    cybermesh::runtime::refuse_huge_pages();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Validator { config } => cybermesh::runtime::run_blocking(Some(&config)),

@@ -181,8 +181,25 @@ fn set_nice(what: &str, nice: i32) {
     }
 }
 
+/// Opts the process out of transparent huge pages. mimalloc asks for them
+/// (`MADV_HUGEPAGE`), and then every fresh 2 MiB of the blocks being
+/// encoded, the txs being executed and the state being grown is a fault
+/// that zeroes a whole huge page on the core thread: `clear_page_erms` was
+/// 42% of one validator's samples at 4 KB payloads. Without them the
+/// devnet's maximum rose 40% at 4 KB and 12% at 300 B (docs/performance.md,
+/// 2026-12-07 b). `PR_SET_THP_DISABLE` also holds where the host's THP
+/// setting is `always`.
+pub fn refuse_huge_pages() {
+    // SAFETY: a prctl that sets a flag of the calling process; no pointers.
+    let ok = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 };
+    if !ok {
+        tracing::warn!("could not opt out of transparent huge pages (prctl PR_SET_THP_DISABLE)");
+    }
+}
+
 /// Starts a validator from a validated config. Returns once it listens.
 pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
+    refuse_huge_pages();
     let c = &v.config;
     let key = load_key(&v)?;
     let from_kafka = c.ingest.source == crate::runtime::config::SourceKind::Kafka;
