@@ -218,6 +218,8 @@ pub struct FramedFile {
     /// (records of a megabyte) cost page faults and page zeroing on every
     /// block (~5% of a backup's core thread in a max-rate profile).
     buf: Vec<u8>,
+    /// Drop what each append wrote from the page cache once it is synced.
+    drop_cached: bool,
 }
 
 /// Largest append buffer kept for the next append (bounds the memory a
@@ -266,7 +268,7 @@ impl FramedFile {
         if len < magic.len() as u64 {
             if !writable {
                 // A start would rewrite it as an empty file.
-                let f = FramedFile { path, disk, file, end: len, buf: Vec::new() };
+                let f = FramedFile { path, disk, file, end: len, buf: Vec::new(), drop_cached: false };
                 return Ok((f, Scan { records: 0, truncated_bytes: len, dropped_records: 0 }));
             }
             // New, or crashed while creating it: made whole elsewhere and
@@ -307,7 +309,7 @@ impl FramedFile {
         }
         debug_assert!(end >= magic.len() && end <= data.len(), "the kept prefix lies inside the file");
         let scan = Scan { records, truncated_bytes: (data.len() - end) as u64, dropped_records };
-        Ok((FramedFile { path, disk, file, end: end as u64, buf: Vec::new() }, scan))
+        Ok((FramedFile { path, disk, file, end: end as u64, buf: Vec::new(), drop_cached: false }, scan))
     }
 
     pub fn path(&self) -> &Path {
@@ -391,8 +393,18 @@ impl FramedFile {
             self.buf = buf;
         }
         written.map_err(io)?;
+        if self.drop_cached {
+            self.file.drop_cached(self.end, at - self.end);
+        }
         self.end = at;
         Ok(offsets)
+    }
+
+    /// Each append's bytes leave the page cache once they are durable: for a
+    /// file written far more than it is read (the block store), so that its
+    /// writes reuse the pages just freed instead of taking fresh memory.
+    pub fn drop_cached_after_sync(&mut self) {
+        self.drop_cached = true;
     }
 
     /// The record at `offset`, checksum verified.

@@ -32,6 +32,9 @@ pub trait DiskFile: Send {
     fn sync(&mut self) -> io::Result<()>;
     /// Cuts or extends the file; durable after `sync`.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// A hint: the synced bytes `[offset, offset + len)` will not be read
+    /// soon, so their cached pages may go (a no-op where there is no cache).
+    fn drop_cached(&self, _offset: u64, _len: u64) {}
     /// The whole file.
     fn read_all(&self) -> io::Result<Vec<u8>> {
         let mut data = vec![0u8; self.len()? as usize];
@@ -97,6 +100,14 @@ impl DiskFile for std::fs::File {
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         std::fs::File::set_len(self, len)
+    }
+    fn drop_cached(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an advice call on an open descriptor; no pointers. Its
+        // result is ignored: the pages stay cached if the kernel says no.
+        unsafe {
+            libc::posix_fadvise(self.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_DONTNEED);
+        }
     }
 }
 

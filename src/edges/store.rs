@@ -103,7 +103,7 @@ impl BlockStore {
         let mut index = Vec::new();
         let mut last: Option<BlockHeader> = base.clone();
         let base_height = base.as_ref().map_or(0, |b| b.height);
-        let (log, scan) = FramedFile::open_on(disk, &dir.join("blocks.dat"), MAGIC, mode, |off, payload| {
+        let (mut log, scan) = FramedFile::open_on(disk, &dir.join("blocks.dat"), MAGIC, mode, |off, payload| {
             let h = HeaderOnly::decode(payload)
                 .ok()
                 .and_then(|h| h.header)
@@ -120,6 +120,7 @@ impl BlockStore {
             last = Some(h);
             Ok(())
         })?;
+        log.drop_cached_after_sync();
         let rec = Recovery {
             blocks: index.len() as u64,
             truncated_bytes: scan.truncated_bytes,
