@@ -5,6 +5,7 @@
 #   - PostgreSQL 15 from Debian, started, with role/database `cybermesh`
 #   - the `nisshi` Kafka-protocol broker from crates.io, started on 127.0.0.1:9092
 #   - rdkafka's C build dependencies (Debian) and the Python example clients' packages (PyPI)
+#   - Prometheus and promtool (Debian), for the shipped alert rules' tests
 # Environment written for the tests: target/test-env.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,12 @@ fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   log "installing systemd (for systemd-analyze) from Debian"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
+
+# --- Prometheus and promtool (tests/prometheus.rs: the shipped rules, a real scrape)
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  log "installing prometheus (with promtool) from Debian"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 # --- C build dependencies of rdkafka (bundled librdkafka with OpenSSL) -------

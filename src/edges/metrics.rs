@@ -39,6 +39,19 @@ pub struct RuntimeStats {
     pub kafka_unfinished: AtomicU64,
     /// Batches waiting in the verify shards' input rings.
     pub ring_occupancy: AtomicU64,
+    /// Verify shards running, and the microseconds they spent verifying
+    /// (all shards summed): their busy share is its rate ÷ 10⁶ ÷ shards.
+    pub verify_shards: AtomicU64,
+    pub verify_busy_us: AtomicU64,
+    /// The mempool's configured limits (MEMPOOL_MAX_TXS, MEMPOOL_MAX_BYTES).
+    pub mempool_max_txs: AtomicU64,
+    pub mempool_max_bytes: AtomicU64,
+    /// A database mirror is configured (DB_MIRROR_ENABLED): 0 or 1.
+    pub mirror_enabled: AtomicU64,
+    /// The data directory's file system: bytes free to the validator and in
+    /// all (refreshed by the core once a second).
+    pub storage_free_bytes: AtomicU64,
+    pub storage_size_bytes: AtomicU64,
     /// Bytes sent to / received from the other validators (copied from the
     /// transport's counters by the core loop).
     pub p2p_bytes_sent: AtomicU64,
@@ -220,6 +233,23 @@ pub const METRICS: &[MetricDecl] = &[
     },
     decl("ring_occupancy_batches", Gauge, "Batches waiting in the verify shards' input rings", |f| {
         load(&f.stats.ring_occupancy)
+    }),
+    decl("verify_shards", Gauge, "Signature verification shards running", |f| load(&f.stats.verify_shards)),
+    decl("verify_busy_us_total", Counter, "Microseconds the verify shards spent verifying (all shards)", |f| {
+        load(&f.stats.verify_busy_us)
+    }),
+    decl("mempool_max_txs", Gauge, "The mempool's limit in transactions (MEMPOOL_MAX_TXS)", |f| {
+        load(&f.stats.mempool_max_txs)
+    }),
+    decl("mempool_max_bytes", Gauge, "The mempool's limit in bytes (MEMPOOL_MAX_BYTES)", |f| {
+        load(&f.stats.mempool_max_bytes)
+    }),
+    decl("persistence_enabled", Gauge, "1 if blocks are mirrored to a database", |f| load(&f.stats.mirror_enabled)),
+    decl("storage_free_bytes", Gauge, "Bytes free to the validator on its data directory's file system", |f| {
+        load(&f.stats.storage_free_bytes)
+    }),
+    decl("storage_size_bytes", Gauge, "Size of the data directory's file system", |f| {
+        load(&f.stats.storage_size_bytes)
     }),
 ];
 

@@ -253,6 +253,11 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
 
     let stats = Arc::new(RuntimeStats::default());
     stats.height.store(store.height(), Ordering::Relaxed);
+    stats.verify_shards.store(c.runtime.verify_shards as u64, Ordering::Relaxed);
+    stats.mempool_max_txs.store(c.mempool.max_txs as u64, Ordering::Relaxed);
+    stats.mempool_max_bytes.store(c.mempool.max_bytes as u64, Ordering::Relaxed);
+    stats.mirror_enabled.store(c.database.enabled as u64, Ordering::Relaxed);
+    publish_disk_space(&c.node.data_dir, &stats);
     let (dlq_tx, dlq_rx) = sync_channel::<Rejection>(8192);
     let core_bell = Arc::new(Doorbell::default());
     let shards = c.runtime.verify_shards;
@@ -367,6 +372,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         served,
         base_path,
         genesis_path: c.genesis_path(),
+        data_dir: c.node.data_dir.clone(),
         snapshot_writer,
         egress: egress_feed,
         mirror: mirror_feed,
@@ -826,7 +832,9 @@ fn shard_loop(
         sh.verifying.fetch_add(taken, Ordering::Relaxed);
         let waited: Vec<u64> = batch.iter().map(|i| i.received_ms).collect();
         let (mut ok, mut bad) = (Vec::with_capacity(batch.len()), Vec::new());
+        let started = std::time::Instant::now();
         v.process(batch, now_ms(), mono_ms(), &mut ok, &mut bad);
+        sh.stats.verify_busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         let verified_ms = mono_ms();
         let h = sh.stats.latencies.stage("verify");
         for received_ms in waited {
@@ -880,6 +888,8 @@ struct Consensus {
     base_path: std::path::PathBuf,
     /// Where the genesis certificate is kept.
     genesis_path: std::path::PathBuf,
+    /// The data directory (its file system's free space is a metric).
+    data_dir: std::path::PathBuf,
     /// To the thread that writes `snapshot.bin` (off the core thread).
     snapshot_writer: Option<SyncSender<Box<snapshot::Recorded>>>,
     /// Commit events to publish (Kafka).
@@ -1148,6 +1158,7 @@ fn core_loop(
         if now >= last_validators + 1000 {
             last_validators = now;
             publish_validators(&node, &cons, sh);
+            publish_disk_space(&cons.data_dir, &sh.stats);
         }
         if now >= last_log + 5000 {
             last_log = now;
@@ -1615,12 +1626,27 @@ fn is_disk_full(e: &anyhow::Error) -> bool {
 
 /// Bytes free for this process on the file system holding `dir`.
 pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    disk_space(dir).map(|(free, _)| free)
+}
+
+/// Bytes free to an unprivileged writer and in all, of `dir`'s file system.
+fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs fills the struct it is given; `c` is a valid C string.
     unsafe {
         let mut st: libc::statvfs = std::mem::zeroed();
-        (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+        (libc::statvfs(c.as_ptr(), &mut st) == 0)
+            .then(|| (st.f_bavail as u64 * st.f_frsize as u64, st.f_blocks as u64 * st.f_frsize as u64))
+    }
+}
+
+/// `storage_free_bytes` / `storage_size_bytes` (left as they were if
+/// statvfs fails).
+fn publish_disk_space(dir: &std::path::Path, stats: &RuntimeStats) {
+    if let Some((free, size)) = disk_space(dir) {
+        stats.storage_free_bytes.store(free, Ordering::Relaxed);
+        stats.storage_size_bytes.store(size, Ordering::Relaxed);
     }
 }
 
