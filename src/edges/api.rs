@@ -6,8 +6,10 @@
 //! lock-free histograms, never a lock the hot path takes.
 //!
 //! * `GET /health`: the process is up (200).
-//! * `GET /ready`: 200 once genesis is done and a quorum of validators
-//!   (this one included) was heard from in the last 5 s; else 503 with why.
+//! * `GET /ready`: 200 once genesis is done, the validator is not joining
+//!   from a snapshot nor more than a window of blocks behind what f + 1
+//!   others executed, and a quorum of validators (this one included) was
+//!   heard from in the last 5 s; else 503 with why (and the lag).
 //! * `GET /status`: height, view, leader, peers, mempool, mirror (JSON).
 //! * `GET /metrics`: Prometheus text format (names in the manual's style).
 //! * `GET /blocks?from=H&limit=N`: headers from H (default: the newest N),
@@ -35,6 +37,9 @@ pub struct StaticInfo {
     pub quorum: usize,
     /// Validator ids in replica order (certificate signers are replica indexes).
     pub ids: Vec<u32>,
+    /// More blocks behind the cluster than this (the PBFT window: beyond
+    /// it a validator cannot vote in the current rounds) is not ready.
+    pub ready_lag_blocks: u64,
 }
 
 /// A state lookup for the core: it answers on `reply`.
@@ -209,10 +214,13 @@ impl Api {
         let path = url.split('?').next().unwrap_or("");
         match (method, path) {
             ("GET", "/health") => json_response(200, serde_json::json!({"status": "ok"})),
-            ("GET", "/ready") => match self.ready_problems() {
-                p if p.is_empty() => json_response(200, serde_json::json!({"ready": true})),
-                p => json_response(503, serde_json::json!({"ready": false, "why": p})),
-            },
+            ("GET", "/ready") => {
+                let lag = self.stats.lag_blocks.load(Ordering::Relaxed);
+                match self.ready_problems() {
+                    p if p.is_empty() => json_response(200, serde_json::json!({"ready": true, "lag_blocks": lag})),
+                    p => json_response(503, serde_json::json!({"ready": false, "why": p, "lag_blocks": lag})),
+                }
+            }
             ("GET", "/status") => json_response(200, self.status()),
             ("GET", "/metrics") => {
                 let s = &*self.stats;
@@ -243,6 +251,16 @@ impl Api {
         if !s.genesis_done.load(Ordering::Relaxed) {
             why.push("genesis not complete".to_string());
         }
+        if s.joining.load(Ordering::Relaxed) {
+            why.push("joining: waiting for or loading a chain snapshot".to_string());
+        }
+        let lag = s.lag_blocks.load(Ordering::Relaxed);
+        if lag > self.info.ready_lag_blocks {
+            why.push(format!(
+                "catching up: {lag} blocks behind the cluster (ready within {})",
+                self.info.ready_lag_blocks
+            ));
+        }
         let heard = s.peers_connected.load(Ordering::Relaxed) as usize + 1;
         if heard < self.info.quorum {
             why.push(format!(
@@ -264,6 +282,8 @@ impl Api {
             "leader": s.leader.load(Ordering::Relaxed),
             "peers_connected": s.peers_connected.load(Ordering::Relaxed),
             "genesis_done": s.genesis_done.load(Ordering::Relaxed),
+            "joining": s.joining.load(Ordering::Relaxed),
+            "lag_blocks": s.lag_blocks.load(Ordering::Relaxed),
             "mempool": {"size": s.mempool_size.load(Ordering::Relaxed), "bytes": s.mempool_bytes.load(Ordering::Relaxed)},
             "committed_txs": s.committed_txs.load(Ordering::Relaxed),
             "rejected": s.rejected.total(),
@@ -455,5 +475,51 @@ async fn accept_loop<R: Respond + 'static>(
             }
             open.set(open.get() - 1);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(stats: Arc<RuntimeStats>) -> Api {
+        let info = StaticInfo { validator: 1, validators: 4, quorum: 3, ids: vec![1, 2, 3, 4], ready_lag_blocks: 8 };
+        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+        let latencies = Latencies::default();
+        Api::new(info, stats, &latencies, None, tx).unwrap()
+    }
+
+    fn ready(api: &mut Api) -> (u16, serde_json::Value) {
+        let r = api.respond("GET", "/ready");
+        (r.status, serde_json::from_slice(&r.body).unwrap())
+    }
+
+    #[test]
+    fn ready_waits_for_the_join_and_the_catch_up_and_tells_the_lag() {
+        let stats = Arc::new(RuntimeStats::default());
+        stats.genesis_done.store(true, Ordering::Relaxed);
+        stats.peers_connected.store(3, Ordering::Relaxed);
+        let mut api = api(stats.clone());
+        assert_eq!(ready(&mut api), (200, serde_json::json!({"ready": true, "lag_blocks": 0})));
+        // Within the window: still voting in the current rounds.
+        stats.lag_blocks.store(8, Ordering::Relaxed);
+        assert_eq!(ready(&mut api).0, 200);
+        stats.lag_blocks.store(9, Ordering::Relaxed);
+        let (code, body) = ready(&mut api);
+        assert_eq!(code, 503);
+        assert_eq!(body["lag_blocks"], 9);
+        assert_eq!(body["why"][0], "catching up: 9 blocks behind the cluster (ready within 8)");
+        stats.lag_blocks.store(0, Ordering::Relaxed);
+        stats.joining.store(true, Ordering::Relaxed);
+        let (code, body) = ready(&mut api);
+        assert_eq!(code, 503);
+        assert_eq!(body["why"][0], "joining: waiting for or loading a chain snapshot");
+        let status: serde_json::Value = serde_json::from_slice(&api.respond("GET", "/status").body).unwrap();
+        assert_eq!((status["joining"].clone(), status["ready"].clone()), (true.into(), false.into()));
+        stats.joining.store(false, Ordering::Relaxed);
+        stats.peers_connected.store(1, Ordering::Relaxed);
+        let (code, body) = ready(&mut api);
+        assert_eq!(code, 503);
+        assert_eq!(body["why"][0], "2 of 4 validators reachable, quorum is 3");
     }
 }

@@ -25,6 +25,10 @@ pub struct RuntimeStats {
     /// The database mirror's progress.
     pub mirror: Arc<crate::edges::persist::MirrorStats>,
     pub genesis_done: AtomicBool,
+    /// Waiting for or loading a chain snapshot (the join).
+    pub joining: AtomicBool,
+    /// Blocks behind what f + 1 other validators say they executed.
+    pub lag_blocks: AtomicU64,
     /// Validators (others) heard from in the last 5 s.
     pub peers_connected: AtomicU64,
     /// Validator id leading the current view.
@@ -186,6 +190,9 @@ use MetricKind::{Counter, Gauge};
 pub const METRICS: &[MetricDecl] = &[
     decl("consensus_view", Gauge, "Current view", |f| load(&f.stats.view)),
     decl("consensus_height", Gauge, "Height of the last committed block", |f| load(&f.stats.height)),
+    decl("consensus_lag_blocks", Gauge, "Blocks behind what f + 1 other validators executed", |f| {
+        load(&f.stats.lag_blocks)
+    }),
     decl("consensus_leader_id", Gauge, "Validator id leading the current view", |f| load(&f.stats.leader)),
     decl("consensus_quorum_size", Gauge, "Votes needed (N - f)", |f| f.quorum),
     decl("consensus_validator_count", Gauge, "Validators in the set", |f| f.validators),

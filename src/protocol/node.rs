@@ -531,6 +531,18 @@ impl<A: Auth + Clone> Node<A> {
         self.genesis_done() && self.joining.is_none()
     }
 
+    /// Waiting for or loading a chain snapshot to start from.
+    pub fn joining(&self) -> bool {
+        self.joining.is_some()
+    }
+
+    /// Blocks this validator is behind what f + 1 others say they executed
+    /// (0 when it is level with them or ahead: see
+    /// `Replica::cluster_executed`).
+    pub fn lag_blocks(&self) -> u64 {
+        self.replica.cluster_executed().saturating_sub(self.replica.executed())
+    }
+
     /// Validator `peer` (its id) connected to this one: it may have
     /// restarted, so genesis answers it again.
     pub fn on_peer_connected(&mut self, peer: u32) {
@@ -3101,6 +3113,7 @@ mod tests {
         });
         assert_eq!(nodes[3].last_header().map(|h| h.hash()), nodes[0].last_header().map(|h| h.hash()));
         assert_eq!(nodes[3].state().root(), nodes[0].state().root());
+        assert!(nodes.iter().all(|n| n.lag_blocks() == 0), "level with the cluster again");
         assert!(nodes[3].stats().txs_fetched >= 40, "fetched {}", nodes[3].stats().txs_fetched);
         assert!(txs.iter().all(|t| nodes[3].state().is_committed(&t.event.nonce, &t.tx_hash)));
         assert!(nodes[3].exec_queue.is_empty() && nodes[3].awaiting.is_empty());

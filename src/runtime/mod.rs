@@ -310,7 +310,13 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let (state_tx, state_rx) = sync_channel::<crate::edges::api::StateQuery>(64);
     if c.api.enabled {
         let info =
-            crate::edges::api::StaticInfo { validator: c.node.id, validators: n, quorum: params.q(), ids: ids.clone() };
+            crate::edges::api::StaticInfo {
+            validator: c.node.id,
+            validators: n,
+            quorum: params.q(),
+            ids: ids.clone(),
+            ready_lag_blocks: params.window,
+        };
         threads.push(start_api(c, info, &stats, &stop, &store, state_tx.clone())?);
     }
 
@@ -1287,7 +1293,9 @@ fn publish_gauges(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, peers
     st.mempool_size.store(node.mempool_len() as u64, Ordering::Relaxed);
     st.mempool_bytes.store(node.mempool_bytes() as u64, Ordering::Relaxed);
     let view = node.replica().view();
-    st.genesis_done.store(node.started(), Ordering::Relaxed);
+    st.genesis_done.store(node.genesis_done(), Ordering::Relaxed);
+    st.joining.store(node.joining(), Ordering::Relaxed);
+    st.lag_blocks.store(node.lag_blocks(), Ordering::Relaxed);
     st.leader.store(cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0) as u64, Ordering::Relaxed);
     st.peers_connected.store(peers_connected, Ordering::Relaxed);
     st.ring_occupancy.store(sh.shard_in.iter().map(|r| r.len() as u64).sum(), Ordering::Relaxed);

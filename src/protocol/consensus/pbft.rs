@@ -695,6 +695,18 @@ impl<A: Auth + Clone> Replica<A> {
     pub fn state_digest(&self) -> Hash32 {
         self.state
     }
+    /// The highest seq that f + 1 other replicas say they executed (their
+    /// checkpoints; at least one of them honest), or the stable checkpoint:
+    /// how far the cluster is known to be, for a replica that may be behind.
+    /// A faulty replica alone cannot raise it.
+    pub fn cluster_executed(&self) -> Seq {
+        let need = self.p.f() + 1;
+        self.checkpoints
+            .iter()
+            .rev()
+            .find(|(_, by)| by.keys().filter(|&&r| r != self.id).count() >= need)
+            .map_or(self.low, |(&seq, _)| seq.max(self.low))
+    }
     /// The newest stable checkpoint and its proof (`q` signatures).
     pub fn stable_checkpoint(&self) -> (Seq, &[Signed<Checkpoint>]) {
         (self.low, &self.stable_proof)
@@ -2263,6 +2275,30 @@ mod tests {
         assert_eq!(r.now_ms, t);
         r.on_tick(t + 100, &mut out);
         assert_eq!(beats(&out), 1, "the next heartbeat comes on the replica's own time");
+    }
+
+    #[test]
+    fn how_far_the_cluster_is_takes_f_plus_one_others_and_no_faulty_one_alone() {
+        let mut r = Replica::new(0, params(), NoAuth);
+        let mut out = vec![];
+        let interval = r.p.checkpoint_interval;
+        let checkpoint = |r: &mut Replica<NoAuth>, out: &mut Vec<Action>, from: Rid, seq: Seq| {
+            let c = Checkpoint { seq, state: [seq as u8; 32], app: [0; 32] };
+            r.on_message(Message::Checkpoint(Signed { body: c, from, sig: vec![] }), out);
+        };
+        assert_eq!(r.cluster_executed(), 0);
+        // One replica (possibly faulty) claims it is far ahead: not enough.
+        checkpoint(&mut r, &mut out, 3, 50 * interval);
+        assert_eq!(r.cluster_executed(), 0);
+        // f + 1 = 2 others at 3 intervals: one of them is honest.
+        checkpoint(&mut r, &mut out, 1, 3 * interval);
+        checkpoint(&mut r, &mut out, 2, 3 * interval);
+        assert_eq!(r.cluster_executed(), 3 * interval);
+        // The newest seq two others vouch for counts, not the oldest.
+        checkpoint(&mut r, &mut out, 1, 5 * interval);
+        checkpoint(&mut r, &mut out, 3, 5 * interval);
+        assert_eq!(r.cluster_executed(), 5 * interval);
+        assert_eq!(r.executed(), 0, "this replica executed nothing: it is that far behind");
     }
 
     #[test]
