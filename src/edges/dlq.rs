@@ -13,18 +13,32 @@ use crate::protocol::reject::{Rejection, MAX_VALUE_BYTES};
 /// Writes DLQ records as JSON lines: `{"reason","detail","origin","validator",
 /// "original_hex","original_length","original_sha256"}`. Flushes per batch so
 /// nothing rejected is lost on exit.
+///
+/// Bounded: once the file reaches `max_bytes` it becomes `dlq.jsonl.1` (the
+/// older ones `.2` … `.keep`, the oldest beyond that deleted) and a new file
+/// starts, so the DLQ never takes more than about `max_bytes × (keep + 1)`.
+/// A record is never split between files.
 pub struct DlqFileSink {
     out: std::io::BufWriter<std::fs::File>,
+    path: std::path::PathBuf,
     validator: String,
+    /// Bytes in the current file.
+    len: u64,
+    max_bytes: u64,
+    keep: u32,
 }
 
 impl DlqFileSink {
-    pub fn open(path: &std::path::Path, validator: String) -> std::io::Result<Self> {
+    pub fn open(path: &std::path::Path, validator: String, max_bytes: u64, keep: u32) -> std::io::Result<Self> {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(DlqFileSink { out: std::io::BufWriter::new(f), validator })
+        let len = f.metadata()?.len();
+        Ok(DlqFileSink { out: std::io::BufWriter::new(f), path: path.to_path_buf(), validator, len, max_bytes, keep })
     }
 
     pub fn write(&mut self, r: &Rejection) -> std::io::Result<()> {
+        if self.len >= self.max_bytes {
+            self.rotate()?;
+        }
         let rec = serde_json::json!({
             "reason": r.reason.as_str(),
             "detail": r.detail,
@@ -34,8 +48,42 @@ impl DlqFileSink {
             "original_length": r.original.len(),
             "original_sha256": r.original_sha256_hex(),
         });
-        serde_json::to_writer(&mut self.out, &rec)?;
-        self.out.write_all(b"\n")
+        let mut line = serde_json::to_vec(&rec)?;
+        line.push(b'\n');
+        self.out.write_all(&line)?;
+        self.len += line.len() as u64;
+        Ok(())
+    }
+
+    /// The path of the `i`-th older file (`dlq.jsonl.i`).
+    pub fn rotated(path: &std::path::Path, i: u32) -> std::path::PathBuf {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{i}"));
+        p.into()
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.out.flush()?;
+        self.out.get_ref().sync_data()?;
+        match std::fs::remove_file(Self::rotated(&self.path, self.keep)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        for i in (1..self.keep).rev() {
+            match std::fs::rename(Self::rotated(&self.path, i), Self::rotated(&self.path, i + 1)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        if self.keep > 0 {
+            std::fs::rename(&self.path, Self::rotated(&self.path, 1))?;
+        } else {
+            std::fs::remove_file(&self.path)?;
+        }
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.out = std::io::BufWriter::new(f);
+        self.len = 0;
+        Ok(())
     }
 
     pub fn flush(&mut self) -> std::io::Result<()> {
@@ -134,5 +182,56 @@ impl DlqKafkaSink {
         if let Err(e) = self.producer.flush(timeout) {
             tracing::warn!(error = %e, "DLQ flush did not complete");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::reject::RejectReason;
+
+    #[test]
+    fn the_dlq_file_rotates_at_its_size_and_keeps_a_bounded_number_of_older_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        let (max, keep) = (4_000u64, 2u32);
+        let mut sink = DlqFileSink::open(&path, "1".into(), max, keep).unwrap();
+        let n = 200;
+        for i in 0..n {
+            let r = Rejection {
+                reason: RejectReason::BadSignature,
+                detail: format!("record {i}"),
+                origin: "direct".into(),
+                original: vec![i as u8; 100],
+                pos: None,
+                height: None,
+            };
+            sink.write(&r).unwrap();
+        }
+        sink.flush().unwrap();
+        let files = [path.clone(), DlqFileSink::rotated(&path, 1), DlqFileSink::rotated(&path, 2)];
+        let mut total = 0;
+        let mut details = vec![];
+        // Oldest first: .2, .1, then the current file.
+        for f in files.iter().rev() {
+            let text = std::fs::read_to_string(f).unwrap();
+            total += text.len() as u64;
+            for l in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(l).expect("whole records only");
+                details.push(v["detail"].as_str().unwrap().to_string());
+            }
+        }
+        assert!(!DlqFileSink::rotated(&path, 3).exists(), "at most {keep} older files");
+        let line = total / details.len() as u64;
+        assert!(total <= max * (keep as u64 + 1) + line, "{total} bytes on disk");
+        // The newest records, in order, with none missing among them.
+        let first: usize = details[0].trim_start_matches("record ").parse().unwrap();
+        let want: Vec<String> = (first..n).map(|i| format!("record {i}")).collect();
+        assert_eq!(details, want);
+        assert!(first > 0, "older records were rotated away");
+        // A reopened sink continues the current file's size.
+        let len = std::fs::metadata(&path).unwrap().len();
+        let reopened = DlqFileSink::open(&path, "1".into(), max, keep).unwrap();
+        assert_eq!(reopened.len, len);
     }
 }

@@ -121,6 +121,11 @@ pub struct IngestConfig {
     pub max_event_bytes: usize,
     /// MAX_PAYLOAD_BYTES.
     pub max_payload_bytes: usize,
+    /// DLQ_FILE_MAX_BYTES: the direct source's DLQ file (`dlq.jsonl`) is
+    /// rotated at this size.
+    pub dlq_file_max_bytes: u64,
+    /// DLQ_FILE_KEEP: rotated DLQ files kept (`dlq.jsonl.1` … `.N`).
+    pub dlq_file_keep: u32,
 }
 
 impl Default for IngestConfig {
@@ -132,6 +137,8 @@ impl Default for IngestConfig {
             nonce_ttl: Duration::from_secs(900),
             max_event_bytes: Limits::default().max_event_bytes,
             max_payload_bytes: Limits::default().max_payload_bytes,
+            dlq_file_max_bytes: 64 * 1024 * 1024,
+            dlq_file_keep: 4,
         }
     }
 }
@@ -523,6 +530,8 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("DIRECT_LISTEN_ADDR", |c, v| Ok(c.ingest.direct_listen = v.trim().into())),
+    ("DLQ_FILE_MAX_BYTES", |c, v| Ok(c.ingest.dlq_file_max_bytes = parse_num(v)?)),
+    ("DLQ_FILE_KEEP", |c, v| Ok(c.ingest.dlq_file_keep = parse_num(v)?)),
     ("KAFKA_MAX_TIMESTAMP_SKEW", |c, v| Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)),
     ("MEMPOOL_SKEW_TOLERANCE", |c, v| Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)),
     ("MEMPOOL_NONCE_TTL", |c, v| Ok(c.ingest.nonce_ttl = parse_dur(v)?)),
@@ -980,6 +989,13 @@ fn validate_limits(c: &Config, e: &mut Vec<ConfigError>) {
         if v == 0 {
             e.push(err(k, "must be greater than 0", "set a positive value"));
         }
+    }
+    if c.ingest.dlq_file_max_bytes < 64 * 1024 {
+        e.push(err(
+            "DLQ_FILE_MAX_BYTES (ingest.dlq_file_max_bytes)",
+            format!("{} bytes would rotate the DLQ file every few records", c.ingest.dlq_file_max_bytes),
+            "use at least 65536 (default 67108864, 64 MiB)",
+        ));
     }
     if !(0..=19).contains(&c.runtime.verify_nice) {
         e.push(err(

@@ -444,8 +444,13 @@ fn start_dlq(
         )?)
     } else {
         DlqSink::File(
-            DlqFileSink::open(&c.node.data_dir.join("dlq.jsonl"), c.node.id.to_string())
-                .context("opening the DLQ file")?,
+            DlqFileSink::open(
+                &c.node.data_dir.join("dlq.jsonl"),
+                c.node.id.to_string(),
+                c.ingest.dlq_file_max_bytes,
+                c.ingest.dlq_file_keep,
+            )
+            .context("opening the DLQ file")?,
         )
     };
     let (st, dlq_done) = (shared.stats.clone(), Arc::new(AtomicBool::new(false)));
