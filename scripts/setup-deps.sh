@@ -6,6 +6,7 @@
 #   - the `nisshi` Kafka-protocol broker from crates.io, started on 127.0.0.1:9092
 #   - rdkafka's C build dependencies (Debian) and the Python example clients' packages (PyPI)
 #   - Prometheus and promtool (Debian), for the shipped alert rules' tests
+#   - tmux (Debian), for the monitor's terminal test
 # Environment written for the tests: target/test-env.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,12 @@ fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   log "installing systemd (for systemd-analyze) from Debian"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
+
+# --- tmux (tests/monitor.rs: `cybermesh monitor` in a real terminal) ------
+if ! command -v tmux >/dev/null 2>&1; then
+  log "installing tmux from Debian"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null
 fi
 
 # --- Prometheus and promtool (tests/prometheus.rs: the shipped rules, a real scrape)

@@ -43,6 +43,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DbCmd,
     },
+    /// A live terminal view of validators (their HTTP API: ENABLE_API,
+    /// API_LISTEN_ADDR): height, view, leader, peers, lag, committed /
+    /// received / rejected per second, mempool, verify rings and busy share,
+    /// Kafka and mirror lag, rejections by reason.
+    Monitor {
+        /// API addresses (host:port), one per validator.
+        #[arg(required = true)]
+        apis: Vec<String>,
+        /// Refresh period.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Draw this many times, then exit (default: until Ctrl-C).
+        #[arg(long)]
+        rounds: Option<u64>,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -132,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { config } => cybermesh::runtime::run_blocking(config.as_deref()),
+        Cmd::Monitor { apis, interval, rounds } => cybermesh::runtime::monitor::run(&apis, interval, rounds),
         Cmd::Audit { cmd: AuditCmd::Verify { file, key } } => {
             let (n, _) = cybermesh::edges::audit::verify(&file, &cybermesh::edges::audit::key_from(&key))?;
             println!("audit log OK: {n} records, chain and MACs verified");

@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod devnet;
+pub mod monitor;
 mod direct;
 mod kafka;
 pub mod recovery;

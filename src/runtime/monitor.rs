@@ -1,0 +1,196 @@
+//! `cybermesh monitor`: a live terminal view of one or more validators, read
+//! from their HTTP API (`/status` and `/metrics`, plain HTTP), redrawn every
+//! interval. Rates are the change of a counter between two reads.
+
+use anyhow::Context;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+/// One read of a validator's API.
+struct Sample {
+    status: serde_json::Value,
+    /// Series (`name` or `name{labels}`) → value.
+    metrics: BTreeMap<String, f64>,
+    at: Instant,
+}
+
+/// GET `path` from `addr` over HTTP/1.0, within `timeout`.
+fn get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<String> {
+    let sock = addr.parse::<std::net::SocketAddr>().with_context(|| format!("{addr} is not host:port"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.take(16 << 20).read_to_string(&mut text).with_context(|| format!("reading {path} from {addr}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split_whitespace().nth(1).unwrap_or("?");
+    // /status answers 200; a stopped validator answers 503 with a reason.
+    anyhow::ensure!(code == "200" || code == "503", "{addr}{path}: HTTP {code}");
+    Ok(body.to_string())
+}
+
+/// Prometheus text → series values (comments and malformed lines skipped).
+fn parse_metrics(page: &str) -> BTreeMap<String, f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+fn read(addr: &str, timeout: Duration) -> anyhow::Result<Sample> {
+    let status = serde_json::from_str(&get(addr, "/status", timeout)?).context("/status is not JSON")?;
+    let metrics = parse_metrics(&get(addr, "/metrics", timeout)?);
+    Ok(Sample { status, metrics, at: Instant::now() })
+}
+
+impl Sample {
+    fn m(&self, name: &str) -> f64 {
+        self.metrics.get(name).copied().unwrap_or(0.0)
+    }
+    /// Per second between `prev` and this read.
+    fn rate(&self, prev: Option<&Sample>, name: &str) -> Option<f64> {
+        let p = prev?;
+        let dt = self.at.duration_since(p.at).as_secs_f64();
+        (dt > 0.0).then(|| (self.m(name) - p.m(name)).max(0.0) / dt)
+    }
+    /// Rejected inputs per second, by reason.
+    fn rejections(&self, prev: Option<&Sample>) -> Vec<(String, f64)> {
+        let reason = |k: &str| k.strip_prefix("ingest_rejected_total{reason=\"")?.strip_suffix("\"}").map(String::from);
+        self.metrics
+            .keys()
+            .filter_map(|k| Some((reason(k)?, self.rate(prev, k)?)))
+            .filter(|(_, r)| *r > 0.0)
+            .collect()
+    }
+}
+
+fn rate_text(r: Option<f64>) -> String {
+    r.map_or("-".into(), |r| format!("{r:.0}"))
+}
+
+/// The screen for one round of reads.
+fn render(rows: &[(String, Option<Sample>, anyhow::Result<Sample>)], interval: Duration) -> String {
+    let mut out = format!(
+        "cybermesh monitor: {} validator(s), every {:?} (Ctrl-C to quit)\n\n",
+        rows.len(),
+        interval
+    );
+    out.push_str(&format!(
+        "{:<22} {:>3} {:>5} {:>8} {:>5} {:>4} {:>5} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>7} {:>7}\n",
+        "api", "id", "ready", "height", "view", "lead", "peers", "lag", "commit/s", "in/s", "reject/s", "mempool",
+        "ring", "verify", "kafka", "mirror"
+    ));
+    let mut reasons: BTreeMap<String, f64> = BTreeMap::new();
+    for (addr, prev, now) in rows {
+        let s = match now {
+            Ok(s) => s,
+            Err(e) => {
+                out.push_str(&format!("{addr:<22} unreachable: {e:#}\n"));
+                continue;
+            }
+        };
+        let st = &s.status;
+        let busy = s.rate(prev.as_ref(), "verify_busy_us_total").map(|us| us / 1e6 / s.m("verify_shards").max(1.0));
+        let mirror = match s.m("persistence_enabled") > 0.0 {
+            true => format!("{:.0}", s.m("consensus_height") - s.m("persistence_height")),
+            false => "off".into(),
+        };
+        out.push_str(&format!(
+            "{:<22} {:>3} {:>5} {:>8} {:>5} {:>4} {:>5} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>7} {:>7}\n",
+            addr,
+            st["validator"],
+            if st["ready"] == true { "yes" } else { "NO" },
+            st["height"],
+            st["view"],
+            st["leader"],
+            format!("{}/{}", st["peers_connected"].as_u64().unwrap_or(0) + 1, st["validators"]),
+            st["lag_blocks"],
+            rate_text(s.rate(prev.as_ref(), "consensus_committed_txs_total")),
+            rate_text(s.rate(prev.as_ref(), "ingest_received_total")),
+            rate_text(prev.as_ref().map(|p| s.rejections(Some(p)).iter().map(|(_, r)| r).sum::<f64>())),
+            st["mempool"]["size"],
+            s.m("ring_occupancy_batches"),
+            busy.map_or("-".into(), |b| format!("{:.0}%", b * 100.0)),
+            s.m("kafka_consumer_lag"),
+            mirror,
+        ));
+        for (reason, r) in s.rejections(prev.as_ref()) {
+            *reasons.entry(reason).or_default() += r;
+        }
+    }
+    out.push_str("\nrejected/s by reason (all validators): ");
+    match reasons.is_empty() {
+        true => out.push_str("none"),
+        false => {
+            let parts: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+            out.push_str(&parts.join(", "))
+        }
+    }
+    out.push('\n');
+    out
+}
+
+/// Redraws the view every `interval` until interrupted (or `rounds` times).
+pub fn run(addrs: &[String], interval: Duration, rounds: Option<u64>) -> anyhow::Result<()> {
+    anyhow::ensure!(!addrs.is_empty(), "name at least one validator API address (host:port, API_LISTEN_ADDR)");
+    let timeout = interval.max(Duration::from_millis(500));
+    let mut prev: Vec<Option<Sample>> = addrs.iter().map(|_| None).collect();
+    let mut round = 0u64;
+    let stdout = std::io::stdout();
+    loop {
+        let rows: Vec<(String, Option<Sample>, anyhow::Result<Sample>)> = addrs
+            .iter()
+            .zip(prev.iter_mut())
+            .map(|(a, p)| (a.clone(), p.take(), read(a, timeout)))
+            .collect();
+        let screen = render(&rows, interval);
+        {
+            let mut out = stdout.lock();
+            // Clear and home, then the screen.
+            write!(out, "\x1b[2J\x1b[H{screen}")?;
+            out.flush()?;
+        }
+        for ((_, _, now), p) in rows.into_iter().zip(prev.iter_mut()) {
+            *p = now.ok();
+        }
+        round += 1;
+        if rounds.is_some_and(|r| round >= r) {
+            return Ok(());
+        }
+        std::thread::sleep(interval); // the refresh period the operator asked for
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_come_from_two_reads_and_rejections_are_summed_by_reason() {
+        let page = |committed: u64, bad: u64| {
+            format!(
+                "# TYPE x counter\nconsensus_committed_txs_total {committed}\ningest_received_total {committed}\n\
+                 ingest_rejected_total{{reason=\"bad_signature\"}} {bad}\ningest_rejected_total{{reason=\"expired\"}} 0\n\
+                 verify_shards 2\nverify_busy_us_total {}\n",
+                committed * 100
+            )
+        };
+        let status = serde_json::json!({"validator": 3, "ready": true, "height": 9, "view": 0, "leader": 1,
+            "peers_connected": 3, "validators": 4, "lag_blocks": 0, "mempool": {"size": 5}});
+        let t0 = Instant::now();
+        let a = Sample { status: status.clone(), metrics: parse_metrics(&page(1000, 10)), at: t0 };
+        let b = Sample { status, metrics: parse_metrics(&page(3000, 30)), at: t0 + Duration::from_secs(2) };
+        assert_eq!(b.rate(Some(&a), "consensus_committed_txs_total"), Some(1000.0));
+        assert_eq!(b.rate(None, "consensus_committed_txs_total"), None);
+        assert_eq!(b.rejections(Some(&a)), vec![("bad_signature".to_string(), 10.0)]);
+        let screen = render(&[("127.0.0.1:1".into(), Some(a), Ok(b))], Duration::from_secs(1));
+        let row = screen.lines().find(|l| l.starts_with("127.0.0.1:1")).unwrap();
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cols[..9], ["127.0.0.1:1", "3", "yes", "9", "0", "1", "4/4", "0", "1000"], "{screen}");
+        assert_eq!(cols[10], "10", "reject/s: {screen}");
+        assert_eq!(cols[13], "5%", "verify busy: 100 ms per 2 s on 2 shards: {screen}");
+        assert!(screen.contains("by reason (all validators): bad_signature 10"), "{screen}");
+    }
+}
