@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 fn tmux(socket: &str) -> Command {
     let mut c = Command::new("tmux");
@@ -19,10 +18,7 @@ fn monitor_shows_a_running_validator_in_a_terminal() {
         "tmux missing: scripts/setup-deps.sh installs it"
     );
     let s = Setup::single("");
-    let mut cmd = Command::new(BIN);
-    cmd.arg("run").arg("--config").arg(&s.config).env("ENABLE_API", "true").env("API_LISTEN_ADDR", "127.0.0.1:0");
-    let v = Validator::spawn(cmd);
-    let addr = api_addr(&v);
+    let (v, addr) = s.start_with_api();
     let mut c = v.connect();
     let evs: Vec<_> = (0..12).map(|i| anomaly(&s.producer, i)).collect();
     for e in &evs {
@@ -42,28 +38,19 @@ fn monitor_shows_a_running_validator_in_a_terminal() {
         }
     }
     let _session = Session(socket.clone());
-    let st = tmux(&socket)
-        .args(["new-session", "-d", "-s", "mon", "-x", "200", "-y", "30"])
-        .arg(format!("{BIN} monitor --interval 300ms {addr}"))
-        .status()
-        .unwrap();
+    // Two rounds (levels, then rates), then the pane signals `drawn` and
+    // stays open on `end` so its screen can be read: no timing guesses.
+    let tmux_cmd = format!("tmux -L {socket}");
+    let script = format!(
+        "{BIN} monitor --rounds 2 --interval 300ms {addr}; {tmux_cmd} wait-for -S drawn; {tmux_cmd} wait-for end"
+    );
+    let st = tmux(&socket).args(["new-session", "-d", "-s", "mon", "-x", "200", "-y", "30", &script]).status().unwrap();
     assert!(st.success());
-    let screen = || {
-        let out = tmux(&socket).args(["capture-pane", "-p", "-t", "mon"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    // The first screen has levels; from the second on, rates.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let row = loop {
-        let text = screen();
-        let row = text.lines().find(|l| l.starts_with(&addr)).map(str::to_string);
-        if let Some(r) = row.filter(|r| r.split_whitespace().nth(8).is_some_and(|c| c != "-")) {
-            assert!(text.contains("cybermesh monitor: 1 validator(s)"), "{text}");
-            break r;
-        }
-        assert!(Instant::now() < deadline, "no rates on the screen within 30 s:\n{text}");
-        std::thread::sleep(Duration::from_millis(100)); // the monitor's next redraw
-    };
+    assert!(tmux(&socket).args(["wait-for", "drawn"]).status().unwrap().success());
+    let out = tmux(&socket).args(["capture-pane", "-p", "-t", "mon"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("cybermesh monitor: 1 validator(s)"), "{text}");
+    let row = text.lines().find(|l| l.starts_with(&addr)).unwrap_or_else(|| panic!("no row for {addr}:\n{text}"));
     let cols: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(cols[1], "1", "validator id: {row}");
     assert_eq!(cols[2], "yes", "ready: {row}");

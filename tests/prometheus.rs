@@ -47,8 +47,29 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
 
 /// PromQL words that are not metric names.
 const PROMQL: &[&str] = &[
-    "sum", "by", "rate", "increase", "changes", "deriv", "histogram_quantile", "and", "or", "unless", "on", "max",
-    "min", "avg", "count", "offset", "bool", "ignoring", "without", "group_left", "group_right", "e6", "e9",
+    "sum",
+    "by",
+    "rate",
+    "increase",
+    "changes",
+    "deriv",
+    "histogram_quantile",
+    "and",
+    "or",
+    "unless",
+    "on",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "offset",
+    "bool",
+    "ignoring",
+    "without",
+    "group_left",
+    "group_right",
+    "e6",
+    "e9",
 ];
 
 /// Metric names in a PromQL expression: identifiers outside label matchers,
@@ -127,10 +148,7 @@ fn shipped_exprs() -> Vec<(String, String)> {
 /// A single validator with its API on, having committed a few txs.
 fn running_validator() -> (Setup, Validator, String) {
     let s = Setup::single("\n[runtime]\nverify_shards = 2\n");
-    let mut cmd = Command::new(BIN);
-    cmd.arg("run").arg("--config").arg(&s.config).env("ENABLE_API", "true").env("API_LISTEN_ADDR", "127.0.0.1:0");
-    let v = Validator::spawn(cmd);
-    let addr = api_addr(&v);
+    let (v, addr) = s.start_with_api();
     let mut c = v.connect();
     let evs: Vec<_> = (0..10).map(|i| anomaly(&s.producer, i)).collect();
     for e in &evs {
@@ -168,7 +186,9 @@ fn every_metric_the_rules_and_dashboard_name_is_exported() {
     assert_eq!(value("persistence_enabled"), 0.0);
     let (free, size) = (value("storage_free_bytes"), value("storage_size_bytes"));
     assert!(0.0 < free && free <= size, "free {free} of {size}");
-    for must in ["consensus_height", "consensus_committed_txs_total", "tx_stage_latency_ms_bucket", "storage_free_bytes"] {
+    for must in
+        ["consensus_height", "consensus_committed_txs_total", "tx_stage_latency_ms_bucket", "storage_free_bytes"]
+    {
         assert!(used.contains(must), "nothing shipped reads {must}");
     }
 }

@@ -140,10 +140,7 @@ fn audit_log_records_consensus_events_and_verify_names_an_edited_line() {
 #[test]
 fn http_api_and_prometheus_metrics() {
     let s = Setup::single("");
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.arg("run").arg("--config").arg(&s.config).env("ENABLE_API", "true").env("API_LISTEN_ADDR", "127.0.0.1:0");
-    let v = Validator::spawn(cmd);
-    let addr = api_addr(&v);
+    let (v, addr) = s.start_with_api();
     let mut c = v.connect();
     let evs: Vec<Event> = (0..25).map(|i| anomaly(&s.producer, i)).collect();
     for e in &evs {

@@ -19,9 +19,9 @@
 
 pub mod config;
 pub mod devnet;
-pub mod monitor;
 mod direct;
 mod kafka;
+pub mod monitor;
 pub mod recovery;
 pub mod ring;
 
@@ -310,8 +310,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     // State lookups from the API, answered by the core between events.
     let (state_tx, state_rx) = sync_channel::<crate::edges::api::StateQuery>(64);
     if c.api.enabled {
-        let info =
-            crate::edges::api::StaticInfo {
+        let info = crate::edges::api::StaticInfo {
             validator: c.node.id,
             validators: n,
             quorum: params.q(),
@@ -1171,6 +1170,8 @@ fn core_loop(
             last_validators = now;
             publish_validators(&node, &cons, sh);
             publish_disk_space(&cons.data_dir, &sh.stats);
+            // Once a second: it walks the peers' checkpoints.
+            sh.stats.lag_blocks.store(node.lag_blocks(), Ordering::Relaxed);
         }
         if now >= last_log + 5000 {
             last_log = now;
@@ -1301,7 +1302,6 @@ fn publish_gauges(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, peers
     let view = node.replica().view();
     st.genesis_done.store(node.genesis_done(), Ordering::Relaxed);
     st.joining.store(node.joining(), Ordering::Relaxed);
-    st.lag_blocks.store(node.lag_blocks(), Ordering::Relaxed);
     st.leader.store(cons.ids.get(node.replica().primary(view)).copied().unwrap_or(0) as u64, Ordering::Relaxed);
     st.peers_connected.store(peers_connected, Ordering::Relaxed);
     st.ring_occupancy.store(sh.shard_in.iter().map(|r| r.len() as u64).sum(), Ordering::Relaxed);

@@ -17,8 +17,14 @@ struct Sample {
 
 /// GET `path` from `addr` over HTTP/1.0, within `timeout`.
 fn get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<String> {
-    let sock = addr.parse::<std::net::SocketAddr>().with_context(|| format!("{addr} is not host:port"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout).with_context(|| format!("connecting to {addr}"))?;
+    use std::net::ToSocketAddrs;
+    let sock = addr
+        .to_socket_addrs()
+        .with_context(|| format!("{addr} is not host:port"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&sock, timeout).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut text = String::new();
@@ -58,11 +64,7 @@ impl Sample {
     /// Rejected inputs per second, by reason.
     fn rejections(&self, prev: Option<&Sample>) -> Vec<(String, f64)> {
         let reason = |k: &str| k.strip_prefix("ingest_rejected_total{reason=\"")?.strip_suffix("\"}").map(String::from);
-        self.metrics
-            .keys()
-            .filter_map(|k| Some((reason(k)?, self.rate(prev, k)?)))
-            .filter(|(_, r)| *r > 0.0)
-            .collect()
+        self.metrics.keys().filter_map(|k| Some((reason(k)?, self.rate(prev, k)?))).filter(|(_, r)| *r > 0.0).collect()
     }
 }
 
@@ -72,15 +74,25 @@ fn rate_text(r: Option<f64>) -> String {
 
 /// The screen for one round of reads.
 fn render(rows: &[(String, Option<Sample>, anyhow::Result<Sample>)], interval: Duration) -> String {
-    let mut out = format!(
-        "cybermesh monitor: {} validator(s), every {:?} (Ctrl-C to quit)\n\n",
-        rows.len(),
-        interval
-    );
+    let mut out = format!("cybermesh monitor: {} validator(s), every {:?} (Ctrl-C to quit)\n\n", rows.len(), interval);
     out.push_str(&format!(
         "{:<22} {:>3} {:>5} {:>8} {:>5} {:>4} {:>5} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>7} {:>7}\n",
-        "api", "id", "ready", "height", "view", "lead", "peers", "lag", "commit/s", "in/s", "reject/s", "mempool",
-        "ring", "verify", "kafka", "mirror"
+        "api",
+        "id",
+        "ready",
+        "height",
+        "view",
+        "lead",
+        "peers",
+        "lag",
+        "commit/s",
+        "in/s",
+        "reject/s",
+        "mempool",
+        "ring",
+        "verify",
+        "kafka",
+        "mirror"
     ));
     let mut reasons: BTreeMap<String, f64> = BTreeMap::new();
     for (addr, prev, now) in rows {
@@ -93,6 +105,7 @@ fn render(rows: &[(String, Option<Sample>, anyhow::Result<Sample>)], interval: D
         };
         let st = &s.status;
         let busy = s.rate(prev.as_ref(), "verify_busy_us_total").map(|us| us / 1e6 / s.m("verify_shards").max(1.0));
+        let rejections = s.rejections(prev.as_ref());
         let mirror = match s.m("persistence_enabled") > 0.0 {
             true => format!("{:.0}", s.m("consensus_height") - s.m("persistence_height")),
             false => "off".into(),
@@ -109,14 +122,14 @@ fn render(rows: &[(String, Option<Sample>, anyhow::Result<Sample>)], interval: D
             st["lag_blocks"],
             rate_text(s.rate(prev.as_ref(), "consensus_committed_txs_total")),
             rate_text(s.rate(prev.as_ref(), "ingest_received_total")),
-            rate_text(prev.as_ref().map(|p| s.rejections(Some(p)).iter().map(|(_, r)| r).sum::<f64>())),
+            rate_text(prev.as_ref().map(|_| rejections.iter().map(|(_, r)| r).sum::<f64>())),
             st["mempool"]["size"],
             s.m("ring_occupancy_batches"),
             busy.map_or("-".into(), |b| format!("{:.0}%", b * 100.0)),
             s.m("kafka_consumer_lag"),
             mirror,
         ));
-        for (reason, r) in s.rejections(prev.as_ref()) {
+        for (reason, r) in rejections {
             *reasons.entry(reason).or_default() += r;
         }
     }
@@ -140,11 +153,8 @@ pub fn run(addrs: &[String], interval: Duration, rounds: Option<u64>) -> anyhow:
     let mut round = 0u64;
     let stdout = std::io::stdout();
     loop {
-        let rows: Vec<(String, Option<Sample>, anyhow::Result<Sample>)> = addrs
-            .iter()
-            .zip(prev.iter_mut())
-            .map(|(a, p)| (a.clone(), p.take(), read(a, timeout)))
-            .collect();
+        let rows: Vec<(String, Option<Sample>, anyhow::Result<Sample>)> =
+            addrs.iter().zip(prev.iter_mut()).map(|(a, p)| (a.clone(), p.take(), read(a, timeout))).collect();
         let screen = render(&rows, interval);
         {
             let mut out = stdout.lock();

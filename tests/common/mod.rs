@@ -54,6 +54,20 @@ impl Setup {
     pub fn start(&self) -> Validator {
         Validator::start(&self.config)
     }
+
+    /// Starts it with its HTTP API on a free loopback port; returns the
+    /// process and the API's address.
+    pub fn start_with_api(&self) -> (Validator, String) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("ENABLE_API", "true")
+            .env("API_LISTEN_ADDR", "127.0.0.1:0");
+        let v = Validator::spawn(cmd);
+        let addr = api_addr(&v);
+        (v, addr)
+    }
 }
 
 /// A running `cybermesh run` process; killed on drop.
