@@ -72,7 +72,7 @@ fn store_check_tells_a_torn_tail_from_corruption_and_repairs_only_when_asked() {
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
-    let path = dir.path().join("blocks.dat");
+    let path = cybermesh::edges::store::segment_path(dir.path(), 1);
     // Recover once (the kill may have left a torn tail), then add one.
     let (ok, _, err) = check(true);
     assert!(ok, "{err}");

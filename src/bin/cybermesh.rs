@@ -209,9 +209,19 @@ fn store_check(data_dir: &std::path::Path, repair: bool) -> anyhow::Result<()> {
     let mut txs = 0usize;
     let mut repeats = 0usize;
     let mut nonces = std::collections::HashSet::new();
-    let mut prev: Option<cybermesh::protocol::block::BlockHeader> = base;
-    for h in store.base_height() + 1..=store.height() {
+    // Blocks below the lowest stored one were pruned: the chain check
+    // starts at the first block kept (the base vouches for the rest).
+    let mut prev: Option<cybermesh::protocol::block::BlockHeader> =
+        if store.lowest() == store.base_height() + 1 { base } else { None };
+    for h in store.lowest()..=store.height() {
         let (b, _) = store.read(h)?.context("indexed block missing")?;
+        if prev.is_none() && h > 1 {
+            // The first block kept after pruning: its parent is gone (the
+            // store checked its hashes link on from here).
+            txs += b.txs.len();
+            prev = Some(b.header);
+            continue;
+        }
         b.validate(
             prev.as_ref(),
             &cybermesh::protocol::block::BuilderConfig {
@@ -230,9 +240,10 @@ fn store_check(data_dir: &std::path::Path, repair: bool) -> anyhow::Result<()> {
     println!(
         "block store OK: {} blocks{}, {txs} txs ({repeats} repeated), last view {}, last hash {}{}{}",
         store.height(),
-        match store.base_height() {
-            0 => String::new(),
-            b => format!(" (from a snapshot at height {b})"),
+        match (store.base_height(), store.lowest()) {
+            (0, _) => String::new(),
+            (b, 1) => format!(" (on a snapshot at height {b})"),
+            (b, l) => format!(" (on a snapshot at height {b}; {} stored from height {l}, those below pruned)", store.stored_blocks()),
         },
         prev.as_ref().map_or(0, |h| h.view),
         hex::encode(store.last_hash()),

@@ -14,8 +14,10 @@
 //! * `GET /metrics`: Prometheus text format (names in the manual's style).
 //! * `GET /blocks?from=H&limit=N`: headers from H (default: the newest N),
 //!   N ≤ 100 (default 20); `GET /blocks/{height}`: one block with its txs
-//!   and commit certificate (read from the block store file by a read-only
-//!   reader of this thread's own).
+//!   and commit certificate (read from the block store's segment files by a
+//!   read-only reader of this thread's own). A height below the lowest
+//!   stored (pruned, or below the snapshot this validator joined from) is
+//!   410 Gone with `lowest_retained`; pages start at the lowest stored.
 //! * `GET /validators`: ids, keys, reputation, exclusion and quarantine.
 //! * `GET /state/{key hex}`: the value under a state key with a Merkle proof
 //!   against the current state root (answered by the core between events:
@@ -300,7 +302,12 @@ impl Api {
             (Err(e), _) | (_, Err(e)) => json_response(400, serde_json::json!({"error": e})),
             (Ok(from), Ok(limit)) => {
                 let limit = limit.unwrap_or(20).clamp(1, MAX_PAGE);
-                let from = from.unwrap_or_else(|| top.saturating_sub(limit - 1).max(1));
+                let lowest = s.lowest_stored.load(Ordering::Acquire).max(1);
+                // Pruned heights are skipped: the page starts at the lowest stored.
+                let from = from.unwrap_or_else(|| top.saturating_sub(limit - 1)).max(lowest);
+                if let Some(r) = self.blocks.as_mut() {
+                    r.forget_below(lowest);
+                }
                 let mut out = vec![];
                 let mut err = None;
                 for h in from..=top.min(from.saturating_add(limit - 1)) {
@@ -312,7 +319,7 @@ impl Api {
                 }
                 match err {
                     Some(e) => json_response(500, serde_json::json!({"error": e})),
-                    None => json_response(200, serde_json::json!({"blocks": out, "height": top})),
+                    None => json_response(200, serde_json::json!({"blocks": out, "height": top, "lowest_retained": lowest})),
                 }
             }
         }
@@ -347,12 +354,27 @@ impl Api {
             Ok(h) if h == 0 || h > top => {
                 json_response(404, serde_json::json!({"error": format!("no block {h} (height is {top})")}))
             }
-            Ok(h) => match self.blocks.as_mut().map(|r| r.read(h)) {
+            Ok(h) if h < s.lowest_stored.load(Ordering::Acquire) => {
+                let lowest = s.lowest_stored.load(Ordering::Acquire);
+                json_response(
+                    410,
+                    serde_json::json!({
+                        "error": format!(
+                            "block {h} is not stored here: pruned (STORAGE_RETAIN_BLOCKS) or below the snapshot this \
+                             validator joined from; the lowest stored is {lowest}"
+                        ),
+                        "lowest_retained": lowest,
+                    }),
+                )
+            }
+            Ok(h) => match self.blocks.as_mut().map(|r| {
+                r.forget_below(s.lowest_stored.load(Ordering::Acquire));
+                r.read(h)
+            }) {
                 Some(Ok(Some((b, cert)))) => json_response(200, block_json(&b, cert.as_ref(), &self.info.ids)),
-                Some(Ok(None)) | None => json_response(
-                    404,
-                    serde_json::json!({"error": format!("block {h} is not stored here (below this validator's snapshot)")}),
-                ),
+                Some(Ok(None)) | None => {
+                    json_response(404, serde_json::json!({"error": format!("block {h} is not stored here")}))
+                }
                 Some(Err(e)) => json_response(500, serde_json::json!({"error": e})),
             },
         }
@@ -521,5 +543,41 @@ mod tests {
         let (code, body) = ready(&mut api);
         assert_eq!(code, 503);
         assert_eq!(body["why"][0], "2 of 4 validators reachable, quorum is 3");
+    }
+
+    #[test]
+    fn a_pruned_height_is_gone_with_the_lowest_stored_and_pages_start_there() {
+        use crate::edges::store::{BlockStore, BlockStoreReader};
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = crate::edges::store::tests::chain(9);
+        let (mut store, _) = BlockStore::open(dir.path(), Default::default()).unwrap();
+        store.set_segment_bytes(1);
+        for g in blocks.chunks(3) {
+            store.append(&g.iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
+        }
+        let reader = BlockStoreReader::open(dir.path(), Default::default()).unwrap();
+        store.rebase(blocks[6].header.clone());
+        store.prune_through(5).unwrap();
+        assert_eq!(store.lowest(), 4);
+        let stats = Arc::new(RuntimeStats::default());
+        stats.height.store(9, Ordering::Relaxed);
+        stats.lowest_stored.store(store.lowest(), Ordering::Relaxed);
+        let info = StaticInfo { validator: 1, validators: 4, quorum: 3, ids: vec![1, 2, 3, 4], ready_lag_blocks: 8 };
+        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+        let mut api = Api::new(info, stats, &Latencies::default(), Some(reader), tx).unwrap();
+        let get = |api: &mut Api, path: &str| {
+            let r = api.respond("GET", path);
+            (r.status, serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
+        };
+        let (code, body) = get(&mut api, "/blocks/3");
+        assert_eq!((code, body["lowest_retained"].clone()), (410, 4.into()), "{body}");
+        assert!(body["error"].as_str().unwrap().contains("the lowest stored is 4"), "{body}");
+        let (code, body) = get(&mut api, "/blocks/4");
+        assert_eq!((code, body["height"].clone()), (200, 4.into()), "{body}");
+        assert_eq!(get(&mut api, "/blocks/10").0, 404);
+        let (code, body) = get(&mut api, "/blocks?from=1&limit=3");
+        assert_eq!(code, 200);
+        let heights: Vec<u64> = body["blocks"].as_array().unwrap().iter().map(|b| b["height"].as_u64().unwrap()).collect();
+        assert_eq!((heights, body["lowest_retained"].clone()), (vec![4, 5, 6], 4.into()));
     }
 }

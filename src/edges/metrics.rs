@@ -56,6 +56,11 @@ pub struct RuntimeStats {
     /// all (refreshed by the core once a second).
     pub storage_free_bytes: AtomicU64,
     pub storage_size_bytes: AtomicU64,
+    /// The lowest block height stored (those below were pruned), the
+    /// blocks pruned since the start, and the block store's bytes.
+    pub lowest_stored: AtomicU64,
+    pub pruned_blocks: AtomicU64,
+    pub block_store_bytes: AtomicU64,
     /// Bytes sent to / received from the other validators (copied from the
     /// transport's counters by the core loop).
     pub p2p_bytes_sent: AtomicU64,
@@ -257,6 +262,15 @@ pub const METRICS: &[MetricDecl] = &[
     }),
     decl("storage_size_bytes", Gauge, "Size of the data directory's file system", |f| {
         load(&f.stats.storage_size_bytes)
+    }),
+    decl("storage_lowest_block_height", Gauge, "The lowest block height stored; those below were pruned", |f| {
+        load(&f.stats.lowest_stored)
+    }),
+    decl("storage_pruned_blocks_total", Counter, "Blocks pruned (STORAGE_RETAIN_BLOCKS) since the start", |f| {
+        load(&f.stats.pruned_blocks)
+    }),
+    decl("storage_block_store_bytes", Gauge, "Bytes in the block store's segment files", |f| {
+        load(&f.stats.block_store_bytes)
     }),
 ];
 

@@ -51,6 +51,8 @@ pub trait Disk: Send + Sync {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes `path`; a missing file is not an error.
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// The files directly in `dir` (`NotFound` if it does not exist).
+    fn list(&self, dir: &Path) -> io::Result<Vec<std::path::PathBuf>>;
     /// Writes `bytes` to `path` so that a crash leaves the old or the new
     /// file (a temporary sibling, synced, renamed over it).
     fn write_atomically(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -134,5 +136,15 @@ impl Disk for OsDisk {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                out.push(e.path());
+            }
+        }
+        Ok(out)
     }
 }

@@ -1,40 +1,95 @@
 //! Block store: the local source of truth for committed blocks.
 //!
-//! # Format (`blocks.dat`)
-//! An 8-byte magic `CMBLKS01`, then one record per block, in height order
-//! starting at 1 — or, for a validator that joined from a snapshot, right
-//! above the snapshot's block (its header is the store's *base*, kept with
-//! the snapshot in `blocks.base`; see `crate::protocol::snapshot`):
+//! # Format (segment files `blocks-<first height, 12 digits>.dat`)
+//! The chain is cut into segment files so that pruning deletes whole files.
+//! Each is an 8-byte magic `CMBLKS01`, then one record per block, in height
+//! order starting at the height in its name:
 //! ```text
 //! u32 LE len | u32 LE crc32c(len LE bytes || payload) | payload (len bytes: protobuf `Block`)
 //! ```
 //! (the framing of `crate::edges::framed`). Appends are written with one `write` per
 //! group and made durable with one `fdatasync` (group commit); a block is
-//! committed only after that returns.
+//! committed only after that returns. A group goes whole into one segment;
+//! a new segment starts once the last one holds `segment_bytes`. A store of
+//! an older version (one `blocks.dat`) is renamed to its first segment.
+//!
+//! # Base and retained range
+//! The store sits on a *base*: the header of a chain snapshot kept in
+//! `blocks.base` (see `crate::protocol::snapshot`) — the one a validator
+//! joined from, or a newer one it moved to before pruning. Recovery starts
+//! from the base and replays the blocks above it. Blocks at or below the
+//! base may be kept too (the segment holding the base's block, or blocks not
+//! pruned yet): the stored block at the base's height must hash to it.
+//! Pruning ([`BlockStore::prune_through`]) deletes whole segments at or below
+//! the base, never the last one; what is left starts at [`BlockStore::lowest`].
 //!
 //! # Recovery
 //! `crate::edges::framed` truncates a torn tail (never acknowledged, so nothing
 //! committed is lost) and refuses corruption; on top, the store checks that
-//! the blocks form one chain (heights from 1, previous hashes linking). The
-//! height index lives in memory.
+//! the blocks form one chain (heights continue across segments, previous
+//! hashes link, the first stored block sits at or below the base's next
+//! height). The height index lives in memory.
 
 use crate::edges::framed::{FramedError, FramedFile, Mode};
+use crate::edges::storage::Disk;
 use crate::protocol::block::{header_from_proto, Block, BlockHeader};
 use crate::protocol::event::Limits;
 use crate::{proto, Hash32};
 use prost::Message;
-use std::path::Path;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"CMBLKS01";
+/// The single file of stores written before segments.
+const LEGACY_FILE: &str = "blocks.dat";
+/// Default size at which a new segment starts.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+
+/// The path of the segment whose first block is `first`.
+pub fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("blocks-{first:012}.dat"))
+}
+
+/// The first height of a segment file name (`None`: not a segment).
+fn segment_first(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("blocks-")?.strip_suffix(".dat")?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+/// The segment files in `dir` by first height (a legacy `blocks.dat` counts
+/// as the segment right above `base_height`).
+pub fn segment_files(disk: &dyn Disk, dir: &Path, base_height: u64) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out: Vec<(u64, PathBuf)> = disk
+        .list(dir)?
+        .into_iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?;
+            match name {
+                LEGACY_FILE => Some((base_height + 1, p.clone())),
+                _ => segment_first(name).map(|f| (f, p.clone())),
+            }
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("block store: {0}")]
     Log(#[from] FramedError),
+    #[error("block store: {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
     #[error("block store: append of height {got} after {have}")]
     OutOfOrder { got: u64, have: u64 },
     #[error("block store: block {height} does not link to the stored block {prev}")]
     BadLink { height: u64, prev: u64 },
+    #[error(
+        "block store: {detail}. The stored chain has a hole or does not match blocks.base; restore this validator \
+         from its peers (move its data directory away and start it again)"
+    )]
+    Shape { detail: String },
 }
 
 /// What opening the store found.
@@ -48,11 +103,27 @@ pub struct Recovery {
     pub dropped_blocks: u64,
 }
 
-pub struct BlockStore {
+/// One segment file: blocks `first ..= first + offsets.len() - 1`.
+struct Segment {
+    first: u64,
     log: FramedFile,
-    /// Offset of the record of height base+i+1 at index i.
-    index: Vec<u64>,
-    /// Header of the block the store starts above (a snapshot's), if any.
+    /// Offset of the record of height first+i at index i.
+    offsets: Vec<u64>,
+}
+
+impl Segment {
+    fn end(&self) -> u64 {
+        self.first + self.offsets.len() as u64
+    }
+}
+
+pub struct BlockStore {
+    disk: Arc<dyn Disk>,
+    dir: PathBuf,
+    /// By first height, contiguous; never empty (the last one takes appends).
+    segments: VecDeque<Segment>,
+    segment_bytes: u64,
+    /// Header of the block the store sits on (a snapshot's), if any.
     base: Option<BlockHeader>,
     last: Option<BlockHeader>,
     limits: Limits,
@@ -65,14 +136,14 @@ struct HeaderOnly {
 }
 
 impl BlockStore {
-    /// Opens (or creates) `dir/blocks.dat`, recovering from a torn tail and
+    /// Opens (or creates) the store in `dir`, recovering from a torn tail and
     /// checking that the stored blocks form one chain.
     pub fn open(dir: &Path, limits: Limits) -> Result<(BlockStore, Recovery), StoreError> {
         Self::open_above(dir, limits, None)
     }
 
-    /// Like `open`, for a store whose first block sits on `base` (the header
-    /// of the snapshot the validator started from).
+    /// Like `open`, for a store that sits on `base` (the header of the
+    /// snapshot in `blocks.base`).
     pub fn open_above(
         dir: &Path,
         limits: Limits,
@@ -94,62 +165,206 @@ impl BlockStore {
 
     /// `open_in` on `disk` (the simulator's, or the OS's).
     pub fn open_on(
-        disk: std::sync::Arc<dyn crate::edges::storage::Disk>,
+        disk: Arc<dyn Disk>,
         dir: &Path,
         limits: Limits,
         base: Option<BlockHeader>,
         mode: Mode,
     ) -> Result<(BlockStore, Recovery), StoreError> {
-        let mut index = Vec::new();
-        let mut last: Option<BlockHeader> = base.clone();
         let base_height = base.as_ref().map_or(0, |b| b.height);
-        let (mut log, scan) = FramedFile::open_on(disk, &dir.join("blocks.dat"), MAGIC, mode, |off, payload| {
-            let h = HeaderOnly::decode(payload)
-                .ok()
-                .and_then(|h| h.header)
-                .and_then(header_from_proto)
-                .ok_or("record does not decode as a block")?;
-            let want = base_height + index.len() as u64 + 1;
-            if h.height != want {
-                return Err(format!("height {} where {want} was expected", h.height));
-            }
-            if h.previous_hash != last.as_ref().map_or([0u8; 32], |p| p.hash()) {
-                return Err("previous_hash does not link".into());
-            }
-            index.push(off);
-            last = Some(h);
-            Ok(())
-        })?;
-        log.drop_cached_after_sync();
-        let rec = Recovery {
-            blocks: index.len() as u64,
-            truncated_bytes: scan.truncated_bytes,
-            dropped_blocks: scan.dropped_records as u64,
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
         };
-        Ok((BlockStore { log, index, base, last, limits }, rec))
+        let mut files = match disk.list(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+            _ => segment_files(&*disk, dir, base_height).map_err(io(dir))?,
+        };
+        let shape = |detail: String| StoreError::Shape { detail };
+        if files.iter().any(|(_, p)| p.ends_with(LEGACY_FILE)) {
+            if files.len() > 1 {
+                return Err(shape(format!("{} beside segment files", dir.join(LEGACY_FILE).display())));
+            }
+            if mode != Mode::ReadOnly {
+                let to = segment_path(dir, base_height + 1);
+                disk.rename(&files[0].1, &to).map_err(io(&to))?;
+                tracing::info!(to = %to.display(), "block store: blocks.dat renamed to its first segment");
+                files[0].1 = to;
+            }
+        }
+        if files.is_empty() {
+            files.push((base_height + 1, segment_path(dir, base_height + 1)));
+        }
+        if files[0].0 > base_height + 1 {
+            return Err(shape(format!(
+                "the first stored block is {} but the store sits on height {base_height}: blocks {}..{} are missing",
+                files[0].0,
+                base_height + 1,
+                files[0].0 - 1
+            )));
+        }
+        let mut segments = VecDeque::new();
+        let mut rec = Recovery { blocks: 0, truncated_bytes: 0, dropped_blocks: 0 };
+        // The header below the next record, when it is known.
+        let mut last: Option<BlockHeader> = match files[0].0 {
+            1 => None,
+            f if f == base_height + 1 => base.clone(),
+            _ => None,
+        };
+        let mut files = files.into_iter();
+        while let Some((first, path)) = files.next() {
+            let want_first = segments.back().map_or(first, |s: &Segment| s.end());
+            if first != want_first {
+                let detail = format!(
+                    "{} starts at height {first} but the blocks before it end at {}",
+                    path.display(),
+                    want_first - 1
+                );
+                if mode != Mode::Repair {
+                    return Err(shape(detail));
+                }
+                // Repair cut an earlier segment: what follows it goes too.
+                tracing::warn!(%detail, "repair: dropping the segments after the cut");
+                for (_, p) in std::iter::once((first, path)).chain(files.by_ref()) {
+                    let (_, scan) = FramedFile::open_on(disk.clone(), &p, MAGIC, Mode::ReadOnly, |_, _| Ok(()))?;
+                    rec.dropped_blocks += scan.records as u64;
+                    disk.remove(&p).map_err(io(&p))?;
+                }
+                break;
+            }
+            let mut offsets = Vec::new();
+            let (mut log, scan) = FramedFile::open_on(disk.clone(), &path, MAGIC, mode, |off, payload| {
+                let h = HeaderOnly::decode(payload)
+                    .ok()
+                    .and_then(|h| h.header)
+                    .and_then(header_from_proto)
+                    .ok_or("record does not decode as a block")?;
+                let want = first + offsets.len() as u64;
+                if h.height != want {
+                    return Err(format!("height {} where {want} was expected", h.height));
+                }
+                let linked = match &last {
+                    Some(p) => h.previous_hash == p.hash(),
+                    None => h.height != 1 || h.previous_hash == [0u8; 32],
+                };
+                if !linked {
+                    return Err("previous_hash does not link".into());
+                }
+                if base.as_ref().is_some_and(|b| b.height == h.height && b.hash() != h.hash()) {
+                    return Err("the block at the base's height is not the base's block".into());
+                }
+                offsets.push(off);
+                last = Some(h);
+                Ok(())
+            })?;
+            log.drop_cached_after_sync();
+            rec.blocks += scan.records as u64;
+            rec.truncated_bytes += scan.truncated_bytes;
+            rec.dropped_blocks += scan.dropped_records as u64;
+            segments.push_back(Segment { first, log, offsets });
+        }
+        let stored_end = segments.back().map_or(base_height + 1, |s| s.end());
+        if stored_end <= base_height && !(mode == Mode::Repair && rec.dropped_blocks > 0) {
+            return Err(shape(format!(
+                "the stored blocks end at {} below the store's base {base_height}",
+                stored_end - 1
+            )));
+        }
+        if stored_end <= base_height {
+            // Repaired below the base: only blocks above the base count.
+            last = base.clone();
+        }
+        let store = BlockStore {
+            disk,
+            dir: dir.to_path_buf(),
+            segments,
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            base,
+            last,
+            limits,
+        };
+        Ok((store, rec))
+    }
+
+    /// A new segment starts once the last one holds this many bytes.
+    pub fn set_segment_bytes(&mut self, bytes: u64) {
+        self.segment_bytes = bytes.max(1);
     }
 
     /// Height of the last durable block (0: empty; the base's height if
     /// nothing is stored above it).
     pub fn height(&self) -> u64 {
-        self.base_height() + self.index.len() as u64
+        self.last.as_ref().map_or(0, |h| h.height)
     }
 
-    /// Height of the block the store starts above (0: from genesis).
+    /// Height of the block the store sits on (0: from genesis).
     pub fn base_height(&self) -> u64 {
         self.base.as_ref().map_or(0, |b| b.height)
+    }
+
+    /// The lowest height stored (`height() + 1` if none is).
+    pub fn lowest(&self) -> u64 {
+        self.segments.front().map_or(self.height() + 1, |s| s.first).min(self.height() + 1)
+    }
+
+    /// Blocks stored (retained).
+    pub fn stored_blocks(&self) -> u64 {
+        self.height() + 1 - self.lowest()
+    }
+
+    /// Segment files and their bytes on disk.
+    pub fn segments(&self) -> (usize, u64) {
+        (self.segments.len(), self.segments.iter().map(|s| s.log.len()).sum())
     }
 
     /// Starts an empty store above `base` (a snapshot's block), so the next
     /// append is `base.height + 1`. The caller keeps the base durable
     /// (`blocks.base`) before it appends.
-    pub fn set_base(&mut self, base: BlockHeader) {
-        assert!(self.index.is_empty() && self.base.is_none(), "a base is only set on an empty store");
+    pub fn set_base(&mut self, base: BlockHeader) -> Result<(), StoreError> {
+        assert!(self.stored_blocks() == 0 && self.base.is_none(), "a base is only set on an empty store");
+        // The empty segment was named for height 1: start it over.
+        let path = segment_path(&self.dir, base.height + 1);
+        for s in self.segments.drain(..) {
+            let p = s.log.path().to_path_buf();
+            drop(s);
+            self.disk.remove(&p).map_err(|source| StoreError::Io { path: p.clone(), source })?;
+        }
+        let (mut log, _) = FramedFile::open_on(self.disk.clone(), &path, MAGIC, Mode::Recover, |_, _| Ok(()))?;
+        log.drop_cached_after_sync();
+        self.segments.push_back(Segment { first: base.height + 1, log, offsets: vec![] });
         self.last = Some(base.clone());
+        self.base = Some(base);
+        Ok(())
+    }
+
+    /// Moves the store's base up to `base`, a newer snapshot the caller has
+    /// already made durable as `blocks.base`: recovery then starts there and
+    /// the blocks at or below it may be pruned.
+    pub fn rebase(&mut self, base: BlockHeader) {
+        assert!(base.height >= self.base_height() && base.height <= self.height(), "a base moves up within the store");
+        if let Ok(Some(stored)) = self.read_header(base.height) {
+            assert_eq!(stored.hash(), base.hash(), "the new base is the stored block at its height");
+        }
         self.base = Some(base);
     }
 
-    /// The header of the block the store starts above, if it joined from a snapshot.
+    /// Deletes the segments whose every block is at or below `height`
+    /// (which must not be above the base), never the last one. Returns the
+    /// number of blocks deleted.
+    pub fn prune_through(&mut self, height: u64) -> Result<u64, StoreError> {
+        assert!(height <= self.base_height(), "pruning only below a base that a snapshot vouches for");
+        let mut pruned = 0;
+        while self.segments.len() > 1 && self.segments[0].end() <= height + 1 {
+            let s = self.segments.pop_front().expect("more than one segment");
+            let path = s.log.path().to_path_buf();
+            pruned += s.offsets.len() as u64;
+            drop(s);
+            self.disk.remove(&path).map_err(|source| StoreError::Io { path, source })?;
+        }
+        Ok(pruned)
+    }
+
+    /// The header of the block the store sits on, if any.
     pub fn base(&self) -> Option<&BlockHeader> {
         self.base.as_ref()
     }
@@ -185,21 +400,50 @@ impl BlockStore {
             }
             prev = Some(b.header.clone());
         }
-        let offsets = self.log.append_encoded(blocks, |(b, cert, outcome), buf| {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let tail = self.segments.back().expect("a store has a segment");
+        if tail.log.len() >= self.segment_bytes && !tail.offsets.is_empty() {
+            let first = self.height() + 1;
+            let (mut log, _) =
+                FramedFile::open_on(self.disk.clone(), &segment_path(&self.dir, first), MAGIC, Mode::Recover, |_, _| {
+                    Ok(())
+                })?;
+            log.drop_cached_after_sync();
+            self.segments.push_back(Segment { first, log, offsets: vec![] });
+        }
+        let seg = self.segments.back_mut().expect("a store has a segment");
+        debug_assert_eq!(seg.end(), self.last.as_ref().map_or(1, |h| h.height + 1), "appends continue the last segment");
+        let offsets = seg.log.append_encoded(blocks, |(b, cert, outcome), buf| {
             b.encode_with_into(cert.as_ref(), outcome.as_ref(), buf)
         })?;
-        self.index.extend(offsets);
+        seg.offsets.extend(offsets);
         self.last = prev;
         Ok(())
     }
 
+    /// The segment and index within it of a stored height.
+    fn locate(&self, height: u64) -> Option<(&Segment, usize)> {
+        if height < self.lowest() || height > self.height() {
+            return None;
+        }
+        let i = self.segments.partition_point(|s| s.first <= height).checked_sub(1)?;
+        let s = &self.segments[i];
+        let at = (height - s.first) as usize;
+        (at < s.offsets.len()).then_some((s, at))
+    }
+
     /// Raw protobuf bytes of block `height`.
     pub fn read_raw(&self, height: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        if height <= self.base_height() || height > self.height() {
-            return Ok(None);
-        }
-        let i = (height - self.base_height() - 1) as usize;
-        Ok(Some(self.log.read_at(self.index[i], i)?))
+        let Some((s, i)) = self.locate(height) else { return Ok(None) };
+        Ok(Some(s.log.read_at(s.offsets[i], i)?))
+    }
+
+    /// The header of stored block `height`.
+    pub fn read_header(&self, height: u64) -> Result<Option<BlockHeader>, StoreError> {
+        let Some(raw) = self.read_raw(height)? else { return Ok(None) };
+        Ok(HeaderOnly::decode(&raw[..]).ok().and_then(|h| h.header).and_then(header_from_proto))
     }
 
     /// Block `height` with its PBFT commit certificate (value left out), if stored.
@@ -213,13 +457,11 @@ impl BlockStore {
         &self,
         height: u64,
     ) -> Result<Option<(Block, Option<proto::PbftCommitCert>, Option<proto::BlockOutcome>)>, StoreError> {
-        let Some(raw) = self.read_raw(height)? else {
-            return Ok(None);
-        };
-        let i = (height - self.base_height() - 1) as usize;
+        let Some((s, i)) = self.locate(height) else { return Ok(None) };
+        let raw = s.log.read_at(s.offsets[i], i)?;
         let corrupt = |detail: String| FramedError::BadRead {
-            path: self.log.path().to_path_buf(),
-            offset: self.index[i],
+            path: s.log.path().to_path_buf(),
+            offset: s.offsets[i],
             index: i,
             detail,
         };
@@ -231,24 +473,29 @@ impl BlockStore {
     }
 }
 
-/// A read-only view of `blocks.dat` for other threads (the HTTP API): it
-/// indexes the file itself, never writes, and stops at the first record
-/// not complete yet (one being appended). Callers ask only for heights the
-/// core has published as durable.
+/// A read-only view of the block store for other threads (the HTTP API):
+/// it indexes the segment files itself, never writes, and stops at the
+/// first record not complete yet (one being appended). Callers ask only for
+/// heights the core has published as durable and not pruned.
 pub struct BlockStoreReader {
-    file: std::fs::File,
-    path: std::path::PathBuf,
-    index: Vec<u64>,
-    scanned: u64,
-    base: u64,
+    dir: PathBuf,
+    /// By first height.
+    segments: Vec<ReaderSegment>,
     limits: Limits,
 }
 
-impl BlockStoreReader {
-    pub fn open(dir: &Path, base: u64, limits: Limits) -> std::io::Result<BlockStoreReader> {
-        let path = dir.join("blocks.dat");
+struct ReaderSegment {
+    first: u64,
+    file: std::fs::File,
+    path: PathBuf,
+    index: Vec<u64>,
+    scanned: u64,
+}
+
+impl ReaderSegment {
+    fn open(first: u64, path: PathBuf) -> std::io::Result<ReaderSegment> {
         let file = std::fs::File::open(&path)?;
-        Ok(BlockStoreReader { file, path, index: vec![], scanned: MAGIC.len() as u64, base, limits })
+        Ok(ReaderSegment { first, file, path, index: vec![], scanned: MAGIC.len() as u64 })
     }
 
     fn refresh(&mut self) {
@@ -265,23 +512,61 @@ impl BlockStoreReader {
             self.scanned = end;
         }
     }
+}
+
+impl BlockStoreReader {
+    pub fn open(dir: &Path, limits: Limits) -> std::io::Result<BlockStoreReader> {
+        let mut r = BlockStoreReader { dir: dir.to_path_buf(), segments: vec![], limits };
+        r.find_segments()?;
+        Ok(r)
+    }
+
+    /// Picks up segments started since (and a legacy file renamed).
+    fn find_segments(&mut self) -> std::io::Result<()> {
+        let known = self.segments.last().map(|s| s.first);
+        for (first, path) in segment_files(&*crate::edges::storage::os(), &self.dir, 0)? {
+            if known.is_none_or(|k| first > k) && segment_first(&path.file_name().unwrap_or_default().to_string_lossy()).is_some() {
+                self.segments.push(ReaderSegment::open(first, path)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the segments wholly below `lowest` (pruned by the store).
+    pub fn forget_below(&mut self, lowest: u64) {
+        let keep = self.segments.partition_point(|s| s.first <= lowest).saturating_sub(1);
+        self.segments.drain(..keep);
+    }
 
     /// Block `height` with its stored commit certificate, if stored.
     pub fn read(&mut self, height: u64) -> Result<Option<(Block, Option<proto::PbftCommitCert>)>, String> {
-        if height <= self.base {
-            return Ok(None);
-        }
-        let i = (height - self.base - 1) as usize;
-        if i >= self.index.len() {
-            self.refresh();
-        }
-        let Some(&off) = self.index.get(i) else { return Ok(None) };
+        let locate = |segs: &mut Vec<ReaderSegment>| -> Option<usize> {
+            let i = segs.partition_point(|s| s.first <= height).checked_sub(1)?;
+            let at = (height - segs[i].first) as usize;
+            if at >= segs[i].index.len() {
+                segs[i].refresh();
+            }
+            (at < segs[i].index.len()).then_some(i)
+        };
+        let i = match locate(&mut self.segments) {
+            Some(i) => i,
+            None if self.segments.last().is_none_or(|s| height >= s.first + s.index.len() as u64) => {
+                self.find_segments().map_err(|e| format!("{}: {e}", self.dir.display()))?;
+                match locate(&mut self.segments) {
+                    Some(i) => i,
+                    None => return Ok(None),
+                }
+            }
+            None => return Ok(None),
+        };
+        let s = &self.segments[i];
+        let off = s.index[(height - s.first) as usize];
         use std::os::unix::fs::FileExt;
         let mut hdr = [0u8; 8];
-        self.file.read_exact_at(&mut hdr, off).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        s.file.read_exact_at(&mut hdr, off).map_err(|e| format!("{}: {e}", s.path.display()))?;
         let len = u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes")) as usize;
         let mut payload = vec![0u8; len];
-        self.file.read_exact_at(&mut payload, off + 8).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        s.file.read_exact_at(&mut payload, off + 8).map_err(|e| format!("{}: {e}", s.path.display()))?;
         let want = u32::from_le_bytes(hdr[4..].try_into().expect("4 bytes"));
         if crc32c::crc32c_append(crc32c::crc32c(&hdr[..4]), &payload) != want {
             return Err(format!("block {height}: checksum mismatch"));
@@ -294,14 +579,14 @@ impl BlockStoreReader {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::protocol::block::{tx_root, BlockHeader};
     use crate::protocol::crypto;
     use crate::protocol::event::{sample_anomaly_payload, Event, TxKind};
     use std::sync::Arc;
 
-    fn chain(n: u64) -> Vec<Block> {
+    pub(crate) fn chain(n: u64) -> Vec<Block> {
         let k = crypto::generate_key();
         let mut out: Vec<Block> = vec![];
         for h in 1..=n {
@@ -360,7 +645,7 @@ mod tests {
         let base = blocks[2].header.clone();
         {
             let (mut s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
-            s.set_base(base.clone());
+            s.set_base(base.clone()).unwrap();
             assert_eq!((s.base_height(), s.height()), (3, 3));
             assert!(matches!(s.append(&[(&blocks[0], None)]), Err(StoreError::OutOfOrder { .. })));
             s.append(&blocks[3..].iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
@@ -380,12 +665,119 @@ mod tests {
         let blocks = chain(4);
         let (mut s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
         s.append(&[(&blocks[0], None), (&blocks[1], None)]).unwrap();
-        let mut r = BlockStoreReader::open(dir.path(), 0, Limits::default()).unwrap();
+        let mut r = BlockStoreReader::open(dir.path(), Limits::default()).unwrap();
         assert_eq!(r.read(2).unwrap().unwrap().0, blocks[1]);
         assert!(r.read(3).unwrap().is_none());
         s.append(&[(&blocks[2], None), (&blocks[3], None)]).unwrap();
         assert_eq!(r.read(4).unwrap().unwrap().0, blocks[3]);
         assert!(r.read(0).unwrap().is_none());
+    }
+
+    /// A store of `groups` appends of `per` blocks, a new segment per group.
+    fn segmented(dir: &Path, blocks: &[Block], per: usize) -> BlockStore {
+        let (mut s, _) = BlockStore::open(dir, Limits::default()).unwrap();
+        s.set_segment_bytes(1);
+        for g in blocks.chunks(per) {
+            s.append(&g.iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
+        }
+        s
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn groups_go_whole_into_segments_and_reads_cross_them_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = chain(10);
+        let s = segmented(dir.path(), &blocks, 3);
+        assert_eq!(s.segments().0, 4);
+        drop(s);
+        assert_eq!(
+            files(dir.path()),
+            ["blocks-000000000001.dat", "blocks-000000000004.dat", "blocks-000000000007.dat", "blocks-000000000010.dat"]
+        );
+        let (s, r) = BlockStore::open(dir.path(), Limits::default()).unwrap();
+        assert_eq!((r.blocks, s.height(), s.lowest()), (10, 10, 1));
+        let mut reader = BlockStoreReader::open(dir.path(), Limits::default()).unwrap();
+        for b in &blocks {
+            assert_eq!(&s.read(b.header.height).unwrap().unwrap().0, b);
+            assert_eq!(&reader.read(b.header.height).unwrap().unwrap().0, b);
+        }
+        assert!(s.read(11).unwrap().is_none());
+        assert!(reader.read(11).unwrap().is_none());
+        assert_eq!(s.last_hash(), blocks[9].hash());
+    }
+
+    #[test]
+    fn pruning_deletes_whole_segments_below_the_base_and_the_store_reopens_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = chain(12);
+        let mut s = segmented(dir.path(), &blocks, 3);
+        let mut reader = BlockStoreReader::open(dir.path(), Limits::default()).unwrap();
+        assert!(reader.read(2).unwrap().is_some());
+        // Segments 1-3, 4-6, 7-9, 10-12; the base moves to 8.
+        s.rebase(blocks[7].header.clone());
+        assert_eq!(s.prune_through(8).unwrap(), 6, "1-6 go; 7-9 holds the base");
+        assert_eq!((s.lowest(), s.height(), s.stored_blocks(), s.segments().0), (7, 12, 6, 2));
+        assert!(s.read(6).unwrap().is_none());
+        assert_eq!(&s.read(7).unwrap().unwrap().0, &blocks[6]);
+        reader.forget_below(s.lowest());
+        assert_eq!(&reader.read(12).unwrap().unwrap().0, &blocks[11]);
+        drop(s);
+        assert_eq!(files(dir.path()), ["blocks-000000000007.dat", "blocks-000000000010.dat"]);
+        // Reopened on its base, the store keeps what is left, and appends go on.
+        let (mut s, r) = BlockStore::open_above(dir.path(), Limits::default(), Some(blocks[7].header.clone())).unwrap();
+        assert_eq!((r.blocks, s.lowest(), s.height(), s.base_height()), (6, 7, 12, 8));
+        assert_eq!(&s.read(9).unwrap().unwrap().0, &blocks[8]);
+        let other = chain(13);
+        assert!(matches!(s.append(&[(&other[12], None)]), Err(StoreError::BadLink { .. })), "another chain's block 13");
+        // The last segment is never deleted, even when all of it is below.
+        s.rebase(blocks[11].header.clone());
+        s.prune_through(12).unwrap();
+        assert_eq!((s.lowest(), s.height()), (10, 12));
+        drop(s);
+        // Without a base, or on another block, the pruned store is refused.
+        let refused = |base: Option<BlockHeader>| match BlockStore::open_above(dir.path(), Limits::default(), base) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("opened"),
+        };
+        assert!(refused(None).contains("blocks 1..9 are missing"), "{}", refused(None));
+        assert!(refused(Some(other[10].header.clone())).contains("not the base's block"));
+    }
+
+    #[test]
+    fn a_missing_middle_segment_is_refused_and_repair_drops_what_follows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = chain(9);
+        drop(segmented(dir.path(), &blocks, 3));
+        std::fs::remove_file(segment_path(dir.path(), 4)).unwrap();
+        let e = BlockStore::open(dir.path(), Limits::default()).err().unwrap().to_string();
+        assert!(e.contains("starts at height 7 but the blocks before it end at 3"), "{e}");
+        assert!(e.contains("restore this validator"), "{e}");
+        let (s, r) = BlockStore::open_in(dir.path(), Limits::default(), None, Mode::Repair).unwrap();
+        assert_eq!((s.height(), r.dropped_blocks), (3, 3));
+        drop(s);
+        assert_eq!(files(dir.path()), ["blocks-000000000001.dat"]);
+    }
+
+    #[test]
+    fn a_single_file_store_of_an_older_version_becomes_its_first_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = chain(4);
+        drop(segmented(dir.path(), &blocks, 4));
+        std::fs::rename(segment_path(dir.path(), 1), dir.path().join("blocks.dat")).unwrap();
+        let (s, _) = BlockStore::open_in(dir.path(), Limits::default(), None, Mode::ReadOnly).unwrap();
+        assert_eq!(s.height(), 4);
+        assert_eq!(files(dir.path()), ["blocks.dat"], "read-only renames nothing");
+        drop(s);
+        let (s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
+        assert_eq!(&s.read(4).unwrap().unwrap().0, &blocks[3]);
+        assert_eq!(files(dir.path()), ["blocks-000000000001.dat"]);
     }
 
     #[test]
@@ -396,13 +788,13 @@ mod tests {
             let (mut s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
             s.append(&blocks.iter().map(|b| (b, None)).collect::<Vec<_>>()).unwrap();
         }
-        let full = std::fs::read(dir.path().join("blocks.dat")).unwrap();
+        let full = std::fs::read(segment_path(dir.path(), 1)).unwrap();
         let (s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
-        let ends: Vec<u64> = (1..=3).map(|h| if h < 3 { s.index[h] } else { full.len() as u64 }).collect();
+        let ends: Vec<u64> = (1..=3).map(|h| if h < 3 { s.segments[0].offsets[h] } else { full.len() as u64 }).collect();
         drop(s);
         for cut in 0..full.len() {
             let d2 = tempfile::tempdir().unwrap();
-            std::fs::write(d2.path().join("blocks.dat"), &full[..cut]).unwrap();
+            std::fs::write(segment_path(d2.path(), 1), &full[..cut]).unwrap();
             let (s, r) = BlockStore::open(d2.path(), Limits::default()).unwrap();
             let expect = ends.iter().filter(|&&e| e <= cut as u64).count() as u64;
             assert_eq!(r.blocks, expect, "cut at {cut}");
@@ -414,7 +806,7 @@ mod tests {
         let d3 = tempfile::tempdir().unwrap();
         let mut z = full.clone();
         z.extend_from_slice(&[0u8; 100]);
-        std::fs::write(d3.path().join("blocks.dat"), &z).unwrap();
+        std::fs::write(segment_path(d3.path(), 1), &z).unwrap();
         let (_, r) = BlockStore::open(d3.path(), Limits::default()).unwrap();
         assert_eq!(r, Recovery { blocks: 3, truncated_bytes: 100, dropped_blocks: 0 });
     }
@@ -427,11 +819,11 @@ mod tests {
             let (mut s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
             s.append(&[(&blocks[0], None), (&blocks[1], None)]).unwrap();
             s.append(&[(&blocks[2], None), (&blocks[3], None)]).unwrap();
-            let offsets: Vec<usize> = s.index.iter().map(|&o| o as usize).collect();
+            let offsets: Vec<usize> = s.segments[0].offsets.iter().map(|&o| o as usize).collect();
             let lens = (1..=4).map(|h| s.read_raw(h).unwrap().unwrap().len()).collect::<Vec<_>>();
             (offsets, lens)
         };
-        let path = dir.path().join("blocks.dat");
+        let path = segment_path(dir.path(), 1);
         let file = std::fs::read(&path).unwrap();
         crate::edges::framed::tests::check_every_damage(
             &path,

@@ -106,6 +106,25 @@ pub enum SourceKind {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// STORAGE_RETAIN_BLOCKS: blocks kept below the newest; older ones are
+    /// pruned, whole segments at a time, once a chain snapshot vouches for
+    /// them and the event publisher and database mirror are past them.
+    /// 0 keeps every block.
+    pub retain_blocks: u64,
+    /// STORAGE_SEGMENT_BYTES: size at which the block store starts a new
+    /// segment file (the unit pruning deletes).
+    pub segment_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { retain_blocks: 0, segment_bytes: crate::edges::store::SEGMENT_BYTES_DEFAULT }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// INGEST_SOURCE: direct | kafka.
     pub source: SourceKind,
@@ -439,6 +458,7 @@ pub struct Config {
     pub mempool: MempoolSection,
     pub block: BlockSection,
     pub consensus: ConsensusSection,
+    pub storage: StorageConfig,
     pub runtime: RuntimeConfig,
     pub database: DatabaseConfig,
     pub api: ApiConfig,
@@ -532,6 +552,8 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("DIRECT_LISTEN_ADDR", |c, v| Ok(c.ingest.direct_listen = v.trim().into())),
     ("DLQ_FILE_MAX_BYTES", |c, v| Ok(c.ingest.dlq_file_max_bytes = parse_num(v)?)),
     ("DLQ_FILE_KEEP", |c, v| Ok(c.ingest.dlq_file_keep = parse_num(v)?)),
+    ("STORAGE_RETAIN_BLOCKS", |c, v| Ok(c.storage.retain_blocks = parse_num(v)?)),
+    ("STORAGE_SEGMENT_BYTES", |c, v| Ok(c.storage.segment_bytes = parse_num(v)?)),
     ("KAFKA_MAX_TIMESTAMP_SKEW", |c, v| Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)),
     ("MEMPOOL_SKEW_TOLERANCE", |c, v| Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)),
     ("MEMPOOL_NONCE_TTL", |c, v| Ok(c.ingest.nonce_ttl = parse_dur(v)?)),
@@ -1099,6 +1121,32 @@ fn validate_window(c: &Config, e: &mut Vec<ConfigError>) {
             format!("{} must be between 1 and the window ({})", c.consensus.checkpoint_interval, c.consensus.window),
             "use half the window (default 8 of 16)",
         ));
+    }
+    if c.storage.segment_bytes < 64 * 1024 {
+        e.push(err(
+            "STORAGE_SEGMENT_BYTES (storage.segment_bytes)",
+            format!("{} bytes would start a segment file every few blocks", c.storage.segment_bytes),
+            "use at least 65536 (default 268435456, 256 MiB)",
+        ));
+    }
+    if c.storage.retain_blocks > 0 {
+        if c.consensus.snapshot_interval == 0 || c.cluster.validators.len() < 2 {
+            e.push(err(
+                "STORAGE_RETAIN_BLOCKS (storage.retain_blocks)",
+                "pruning needs chain snapshots to restart from and serve joins, and a single validator (or \
+                 CONSENSUS_SNAPSHOT_INTERVAL=0) makes none",
+                "set 0 to keep every block, or run several validators with CONSENSUS_SNAPSHOT_INTERVAL > 0",
+            ));
+        } else if c.storage.retain_blocks < c.consensus.window {
+            e.push(err(
+                "STORAGE_RETAIN_BLOCKS (storage.retain_blocks)",
+                format!(
+                    "{} is below the PBFT window ({}): a peer a window behind could not catch up from this validator",
+                    c.storage.retain_blocks, c.consensus.window
+                ),
+                format!("use at least {} (or 0 to keep every block)", c.consensus.window),
+            ));
+        }
     }
     let ci = c.consensus.checkpoint_interval.max(1);
     if c.consensus.snapshot_interval % ci != 0 {

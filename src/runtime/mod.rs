@@ -52,7 +52,7 @@ use anyhow::{bail, Context};
 use prost::Message as _;
 use ring::{idle_wait, Doorbell, Ring};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -229,7 +229,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     };
     let base_path = c.node.data_dir.join(snapshot::BASE_FILE);
     let crate::runtime::recovery::Recovered {
-        store,
+        mut store,
         log: clog,
         replica,
         state,
@@ -250,10 +250,13 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         reputation: rep_cfg,
     })?;
 
+    store.set_segment_bytes(c.storage.segment_bytes);
+
     let genesis = if n > 1 { Some(load_genesis(c, &v, key.clone())?) } else { None };
 
     let stats = Arc::new(RuntimeStats::default());
     stats.height.store(store.height(), Ordering::Relaxed);
+    publish_store(&store, &stats);
     stats.verify_shards.store(c.runtime.verify_shards as u64, Ordering::Relaxed);
     stats.mempool_max_txs.store(c.mempool.max_txs as u64, Ordering::Relaxed);
     stats.mempool_max_bytes.store(c.mempool.max_bytes as u64, Ordering::Relaxed);
@@ -317,7 +320,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             ids: ids.clone(),
             ready_lag_blocks: params.window,
         };
-        threads.push(start_api(c, info, &stats, &stop, &store, state_tx.clone())?);
+        threads.push(start_api(c, info, &stats, &stop, state_tx.clone())?);
     }
 
     // Network (N > 1): QUIC to every other validator; incoming messages
@@ -345,10 +348,20 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     node.set_stopwatch(monotonic_ns);
     crate::runtime::recovery::remember_recent(&mut node, &store).context("reading the newest blocks' txs")?;
     let served = served_snapshot(c, &store, base_bytes);
+    let base_kept = Arc::new(AtomicU64::new(store.base_height()));
     let snapshot_writer = match n > 1 && c.consensus.snapshot_interval > 0 {
-        true => Some(start_snapshot_writer(c, &served)?),
+        true => Some(start_snapshot_writer(c, &served, &base_kept)?),
         false => None,
     };
+    // What pruning must not pass: the heights the publisher and the mirror
+    // resume from after a restart (their cursor files).
+    let mut feed_cursors = vec![];
+    if from_kafka {
+        feed_cursors.push(c.node.data_dir.join("commits.cursor"));
+    }
+    if c.database.enabled {
+        feed_cursors.push(c.node.data_dir.join("mirror.cursor"));
+    }
     if let Some(g) = genesis {
         node.start_genesis(g);
     }
@@ -380,6 +393,9 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         genesis_path: c.genesis_path(),
         data_dir: c.node.data_dir.clone(),
         snapshot_writer,
+        retain_blocks: c.storage.retain_blocks,
+        base_kept,
+        feed_cursors,
         egress: egress_feed,
         mirror: mirror_feed,
         tracker: shared.tracker.clone(),
@@ -545,24 +561,35 @@ fn served_snapshot(c: &crate::runtime::config::Config, store: &BlockStore, base_
 fn start_snapshot_writer(
     c: &crate::runtime::config::Config,
     served: &Served,
-) -> anyhow::Result<SyncSender<Box<snapshot::Recorded>>> {
+    base_kept: &Arc<AtomicU64>,
+) -> anyhow::Result<SyncSender<(Box<snapshot::Recorded>, bool)>> {
     // Encoding a snapshot (tens of MB at 10^5 records) took the core
     // thread hundreds of ms: a commit-latency spike at every snapshot.
     // This thread encodes, writes, then serves it.
-    let (tx, rx) = sync_channel::<Box<snapshot::Recorded>>(2);
+    let (tx, rx) = sync_channel::<(Box<snapshot::Recorded>, bool)>(2);
     let path = c.node.data_dir.join(snapshot::SERVED_FILE);
-    let served = served.clone();
+    let base_path = c.node.data_dir.join(snapshot::BASE_FILE);
+    let (served, base_kept) = (served.clone(), base_kept.clone());
     std::thread::Builder::new().name("snapshot-writer".into()).spawn(move || {
         // Background work: all validators snapshot the same height at
         // once, and tens of MB sorted, encoded and written at normal
         // priority slowed every commit for a second or so.
         lower_priority("snapshot-writer");
-        for snap in rx {
+        for (snap, keep_as_base) in rx {
             let height = snap.height();
             let bytes = Arc::new(snapshot::encode(*snap));
             match write_atomically(&path, &bytes) {
                 Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
                 Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the snapshot failed"),
+            }
+            // The store's blocks up to `height` are durable (the core asked
+            // only then): a restart may start from here, and pruning may
+            // delete what is below.
+            if keep_as_base {
+                match write_atomically(&base_path, &bytes) {
+                    Ok(()) => base_kept.store(height, Ordering::Release),
+                    Err(e) => tracing::error!(error = %e, path = %base_path.display(), "keeping the snapshot as the store's base failed; nothing is pruned"),
+                }
             }
             let len = bytes.len();
             *served.lock().unwrap() = Some((height, bytes));
@@ -734,7 +761,7 @@ fn start_egress(
         }
     })?;
     tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
-    let next = (cursor + 1).max(store.base_height() + 1);
+    let next = (cursor + 1).max(store.lowest());
     let events = crate::edges::egress::EventMaker::new(key.clone(), keys.to_vec(), &c.kafka, c.node.id.to_string());
     let make: MakeItem<_> = Box::new(move |b, cert, outcome| events.for_block(b, cert, outcome));
     Ok((BlockFeed::new(tx, next, make), handle))
@@ -766,7 +793,7 @@ fn start_mirror(
         .name("persist".into())
         .spawn(move || crate::edges::persist::mirror_loop(mcfg, rx, cursor_path, st, ms, lat))?;
     tracing::info!(cursor, "mirroring blocks to the database");
-    let next = (cursor + 1).max(store.base_height() + 1);
+    let next = (cursor + 1).max(store.lowest());
     let make: MakeItem<_> = Box::new(|b, _, outcome| crate::edges::persist::MirrorBlock::new(b.clone(), outcome));
     Ok((BlockFeed::new(tx, next, make), handle))
 }
@@ -777,7 +804,6 @@ fn start_api(
     info: crate::edges::api::StaticInfo,
     stats: &Arc<RuntimeStats>,
     stop: &Arc<AtomicBool>,
-    store: &BlockStore,
     state_tx: SyncSender<crate::edges::api::StateQuery>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let tls = if c.api.tls_enabled {
@@ -795,7 +821,7 @@ fn start_api(
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let (st, sp) = (stats.clone(), stop.clone());
     let lat = stats.latencies.clone();
-    let reader = crate::edges::store::BlockStoreReader::open(&c.node.data_dir, store.base_height(), c.limits())
+    let reader = crate::edges::store::BlockStoreReader::open(&c.node.data_dir, c.limits())
         .context("opening the block store for the API")?;
     let api = crate::edges::api::Api::new(info, st, &lat, Some(reader), state_tx)
         .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
@@ -901,8 +927,15 @@ struct Consensus {
     genesis_path: std::path::PathBuf,
     /// The data directory (its file system's free space is a metric).
     data_dir: std::path::PathBuf,
-    /// To the thread that writes `snapshot.bin` (off the core thread).
-    snapshot_writer: Option<SyncSender<Box<snapshot::Recorded>>>,
+    /// To the thread that writes `snapshot.bin` (off the core thread), and
+    /// whether to keep it as `blocks.base` too (pruning moves the base up).
+    snapshot_writer: Option<SyncSender<(Box<snapshot::Recorded>, bool)>>,
+    /// STORAGE_RETAIN_BLOCKS (0: keep every block).
+    retain_blocks: u64,
+    /// The height of the snapshot last kept as `blocks.base` by the writer.
+    base_kept: Arc<AtomicU64>,
+    /// Cursor files of the downstream feeds (pruning stays below them).
+    feed_cursors: Vec<std::path::PathBuf>,
     /// Commit events to publish (Kafka).
     egress: Option<BlockFeed<crate::edges::egress::HeightEvents>>,
     /// Blocks to mirror into the database.
@@ -1170,6 +1203,7 @@ fn core_loop(
             last_validators = now;
             publish_validators(&node, &cons, sh);
             publish_disk_space(&cons.data_dir, &sh.stats);
+            prune(&mut store, &cons, &sh.stats)?;
             // Once a second: it walks the peers' checkpoints.
             sh.stats.lag_blocks.store(node.lag_blocks(), Ordering::Relaxed);
         }
@@ -1473,7 +1507,7 @@ fn perform_effect(o: Output, store: &mut BlockStore, cons: &mut Consensus, sh: &
             write_atomically(&cons.base_path, &bytes)
                 .with_context(|| format!("writing {}", cons.base_path.display()))?;
             let height = header.height;
-            store.set_base(header);
+            store.set_base(header)?;
             *cons.served.lock().unwrap() = Some((height, bytes));
             // Else they would read block 1 of a store that starts above the snapshot.
             if let Some(e) = cons.egress.as_mut() {
@@ -1486,7 +1520,8 @@ fn perform_effect(o: Output, store: &mut BlockStore, cons: &mut Consensus, sh: &
         Output::Snapshot(snap) => {
             if let Some(w) = &cons.snapshot_writer {
                 let height = snap.height();
-                if w.try_send(snap).is_err() {
+                let keep_as_base = cons.retain_blocks > 0 && store.height() >= height;
+                if w.try_send((snap, keep_as_base)).is_err() {
                     tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
                 }
             }
@@ -1653,6 +1688,40 @@ fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
         (libc::statvfs(c.as_ptr(), &mut st) == 0)
             .then(|| (st.f_bavail as u64 * st.f_frsize as u64, st.f_blocks as u64 * st.f_frsize as u64))
     }
+}
+
+/// Retention (STORAGE_RETAIN_BLOCKS): moves the store's base up to the
+/// snapshot the writer last kept as `blocks.base`, then deletes the
+/// segments wholly below min(base, newest − retain, every feed's cursor).
+/// Nothing a restart, a join or a downstream consumer needs goes.
+fn prune(store: &mut BlockStore, cons: &Consensus, stats: &RuntimeStats) -> anyhow::Result<()> {
+    if cons.retain_blocks == 0 {
+        return Ok(());
+    }
+    let kept = cons.base_kept.load(Ordering::Acquire);
+    if kept > store.base_height() && kept <= store.height() {
+        let header = store.read_header(kept)?.with_context(|| format!("block {kept} (the new base) is not stored"))?;
+        store.rebase(header);
+        tracing::debug!(height = kept, "the block store sits on a newer snapshot");
+    }
+    let mut limit = store.base_height().min(store.height().saturating_sub(cons.retain_blocks));
+    for path in &cons.feed_cursors {
+        let cursor = crate::edges::egress::read_cursor(path).with_context(|| format!("reading {}", path.display()))?;
+        limit = limit.min(cursor);
+    }
+    let pruned = store.prune_through(limit)?;
+    if pruned > 0 {
+        tracing::info!(blocks = pruned, lowest = store.lowest(), "pruned block segments");
+        stats.pruned_blocks.fetch_add(pruned, Ordering::Relaxed);
+    }
+    publish_store(store, stats);
+    Ok(())
+}
+
+/// The retained range and the block store's bytes.
+fn publish_store(store: &BlockStore, stats: &RuntimeStats) {
+    stats.lowest_stored.store(store.lowest(), Ordering::Release);
+    stats.block_store_bytes.store(store.segments().1, Ordering::Relaxed);
 }
 
 /// `storage_free_bytes` / `storage_size_bytes` (left as they were if

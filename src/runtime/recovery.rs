@@ -189,7 +189,7 @@ pub fn stored_form(
 pub fn committed_from(store: &BlockStore, wire: &WireLimits, from_seq: u64) -> anyhow::Result<Vec<CommitCert>> {
     let end = store.height().min(from_seq.saturating_add(wire.window as u64 - 1));
     let mut out = Vec::new();
-    for h in from_seq.max(store.base_height() + 1)..=end {
+    for h in from_seq.max(store.lowest())..=end {
         let (b, cert) = store.read(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
         if cert.is_none() {
             break;
@@ -209,7 +209,7 @@ pub fn remember_recent<A: crate::protocol::consensus::pbft::Auth + Clone>(
     store: &BlockStore,
 ) -> anyhow::Result<()> {
     let top = store.height();
-    let from = (store.base_height() + 1).max((top + 1).saturating_sub(node.recent_heights()));
+    let from = store.lowest().max((top + 1).saturating_sub(node.recent_heights()));
     for h in from..=top {
         if let Some((b, _)) = store.read(h)? {
             node.remember_committed(h, &b.tx_hashes);
@@ -223,7 +223,7 @@ pub fn block_txs(
     seq: u64,
     tx_hashes: &[crate::Hash32],
 ) -> anyhow::Result<Vec<Arc<crate::protocol::event::Event>>> {
-    if seq <= store.base_height() || seq > store.height() {
+    if seq < store.lowest() || seq > store.height() {
         return Ok(vec![]);
     }
     let Some((b, _)) = store.read(seq)? else { return Ok(vec![]) };

@@ -60,7 +60,7 @@ pub struct Config {
     pub kafka: bool,
     pub crashes: bool,
     pub disk: DiskFaults,
-    /// Bit flips at rest in one validator's `blocks.dat` (then repaired:
+    /// Bit flips at rest in one validator's first block segment (then repaired:
     /// it counts towards f: beside a Byzantine one only with 7 validators).
     pub bit_flips: bool,
     /// The same validator's disk wiped at a crash (it rejoins through a
@@ -211,7 +211,7 @@ struct Validator {
     drift_ppm: i64,
     /// Blocks acknowledged durable: a restart must recover at least these.
     durable_height: u64,
-    /// A bit flipped in `blocks.dat` since: blocks from there may be lost.
+    /// A bit flipped in the block store since: blocks from there may be lost.
     flipped: bool,
     /// Txs from the source, waiting for room in the mempool (the ring).
     inbox: VecDeque<VerifiedTx>,
@@ -577,7 +577,8 @@ impl Sim {
         }
         if flip {
             // Skip the magic: a flipped magic is "not a block store", refused at once.
-            if v.disk.flip_bit(&v.dir.join("blocks.dat"), 8) {
+            let segments = crate::edges::store::segment_files(&v.disk, &v.dir, 0).unwrap_or_default();
+            if segments.first().is_some_and(|(_, path)| v.disk.flip_bit(path, 8)) {
                 v.flipped = true;
             }
         }
@@ -692,7 +693,10 @@ impl Sim {
                         failed = Some(format!("writing blocks.base: {e}"));
                         break;
                     }
-                    up.store.set_base(header);
+                    if let Err(e) = up.store.set_base(header) {
+                        failed = Some(format!("starting the store above the snapshot: {e}"));
+                        break;
+                    }
                     v.durable_height = h;
                     v.served = Some((h, bytes));
                 }

@@ -271,6 +271,9 @@ impl Disk for SimDisk {
         self.0.lock().unwrap().names.remove(path);
         Ok(())
     }
+    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        Ok(self.0.lock().unwrap().names.keys().filter(|p| p.parent() == Some(dir)).cloned().collect())
+    }
 }
 
 #[cfg(test)]
