@@ -466,6 +466,121 @@ fn fresh_validator_joins_from_a_snapshot_plus_later_blocks() {
     drop(v3);
 }
 
+/// The block segment files in `dir` by first height, with their sizes.
+fn segments(dir: &std::path::Path) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let first = name.strip_prefix("blocks-")?.strip_suffix(".dat")?.parse().ok()?;
+            Some((first, e.metadata().unwrap().len()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn retention_keeps_the_store_bounded_restarts_on_its_snapshot_and_a_wiped_validator_joins() {
+    // Small blocks and segments (~13 blocks each), a snapshot every 8
+    // blocks, 16 blocks retained.
+    const RETAIN: u64 = 16;
+    const SNAPSHOT: u64 = 8;
+    let c = Cluster::new(4, |cfg| {
+        cfg.block.max_txs = 10;
+        cfg.consensus.snapshot_interval = SNAPSHOT;
+        cfg.storage.retain_blocks = RETAIN;
+        cfg.storage.segment_bytes = 64 * 1024;
+        cfg.api.enabled = true;
+        cfg.api.listen = "127.0.0.1:0".into();
+    });
+    let mut vs: Vec<Option<Validator>> = (0..4).map(|i| Some(c.start(i))).collect();
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.as_ref().unwrap().connect()).collect();
+    let a: Vec<_> = (0..1500).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
+    let mut chain0 = collect(&mut clients[0], &nonces(&a));
+    for cl in clients[1..].iter_mut() {
+        collect(cl, &nonces(&a));
+    }
+    let top = *chain0.keys().next_back().unwrap();
+    assert!(top >= 150, "{top} blocks");
+    // Pruned once a snapshot at or above top - RETAIN is kept as the base.
+    let v1 = vs[1].as_ref().unwrap();
+    let addr = api_addr(v1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let lowest = loop {
+        let (code, body) = http_get(&addr, "/blocks/1");
+        if code == 410 {
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let lowest = body["lowest_retained"].as_u64().unwrap();
+            if lowest + RETAIN + SNAPSHOT + 2 * 13 >= top {
+                break lowest;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "not pruned: /blocks/1 is {code} {body}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let dir1 = &c.net.nodes[1].data_dir;
+    let segs = segments(dir1);
+    assert_eq!(segs[0].0, lowest, "the lowest stored is the first segment's first block");
+    let per_segment = segs.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap();
+    assert!(per_segment >= 5, "{segs:?}");
+    let bytes: u64 = segs.iter().map(|s| s.1).sum();
+    // What is kept: the retained blocks, up to a snapshot interval more, and
+    // the partial segments at both ends.
+    assert!(top - lowest < RETAIN + SNAPSHOT + 2 * per_segment, "kept {lowest}..{top} with {per_segment} per segment");
+    assert!(segs.len() as u64 <= (RETAIN + SNAPSHOT) / per_segment + 3, "{segs:?}");
+    let (code, _) = http_get(&addr, &format!("/blocks/{lowest}"));
+    assert_eq!(code, 200);
+    let page = http_get(&addr, "/metrics").1;
+    assert_eq!(metric(&page, "storage_lowest_block_height") as u64, lowest);
+    assert!(metric(&page, "storage_pruned_blocks_total") as u64 >= lowest - 1);
+    assert!(metric(&page, "storage_block_store_bytes") as u64 <= bytes + 64 * 1024 * 2);
+    eprintln!("pruned store after {top} blocks: {} segments, {bytes} bytes from height {lowest}", segs.len());
+
+    // A restart starts on the kept snapshot and catches up.
+    vs[1].take().unwrap().kill9();
+    let text = store_check(dir1);
+    assert!(text.contains("block store OK") && text.contains("those below pruned"), "{text}");
+    let b: Vec<_> = (1500..1600).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().enumerate().filter(|(i, _)| *i != 1).map(|(_, c)| c).collect::<Vec<_>>(), &b);
+    merge(&mut chain0, collect(&mut clients[0], &nonces(&b)));
+    let v1 = c.start(1);
+    assert!(v1.startup.iter().any(|m| m == "starting above the snapshot in blocks.base"), "{:?}", v1.startup);
+    assert!(v1.recovered_height >= top, "recovered {} of {top}", v1.recovered_height);
+    let mut c1 = v1.connect();
+    let top = *chain0.keys().next_back().unwrap();
+    let mut chain1 = collect_to_height(&mut c1, top);
+    clients[1] = c1;
+    vs[1] = Some(v1);
+    {
+        let others: Vec<&Validator> = vs.iter().flatten().collect();
+        commits_everywhere(&c, &mut clients, 1, (&mut chain0, &mut chain1), 1600..1640, &others);
+    }
+
+    // A wiped validator joins the pruned cluster from a snapshot (blocks
+    // from height 1 are gone everywhere) and takes part again.
+    vs[3].take().unwrap().kill9();
+    std::fs::remove_dir_all(&c.net.nodes[3].data_dir).unwrap();
+    let v3 = c.start(3);
+    let mut c3 = v3.connect();
+    let joined = wait_log(
+        &v3,
+        "joined from a snapshot; catching up with the blocks above it",
+        std::time::Duration::from_secs(60),
+    );
+    let base = joined["fields"]["height"].as_u64().unwrap();
+    assert!(base >= lowest, "joined at {base}, below the retained range from {lowest}");
+    let top = *chain0.keys().next_back().unwrap();
+    let mut chain3 = collect_to_height(&mut c3, top.max(base + 1));
+    assert_same_blocks(&chain0, &chain3);
+    clients[3] = c3;
+    let others: Vec<&Validator> = vs.iter().flatten().collect();
+    commits_everywhere(&c, &mut clients, 3, (&mut chain0, &mut chain3), 1640..1700, &others);
+    drop(v3);
+}
+
 /// A cluster with nothing to do stays whole: for a minute, sampled each
 /// second, every validator hears all three peers, is ready, and no view
 /// changes (the primary's heartbeats and every validator's liveness

@@ -242,8 +242,11 @@ fn store_check(data_dir: &std::path::Path, repair: bool) -> anyhow::Result<()> {
         store.height(),
         match (store.base_height(), store.lowest()) {
             (0, _) => String::new(),
-            (b, 1) => format!(" (on a snapshot at height {b})"),
-            (b, l) => format!(" (on a snapshot at height {b}; {} stored from height {l}, those below pruned)", store.stored_blocks()),
+            (b, l) if l == b + 1 => format!(" (from a snapshot at height {b})"),
+            (b, l) => format!(
+                " (from a snapshot at height {b}; {} stored from height {l}, those below pruned)",
+                store.stored_blocks()
+            ),
         },
         prev.as_ref().map_or(0, |h| h.view),
         hex::encode(store.last_hash()),

@@ -319,7 +319,9 @@ impl Api {
                 }
                 match err {
                     Some(e) => json_response(500, serde_json::json!({"error": e})),
-                    None => json_response(200, serde_json::json!({"blocks": out, "height": top, "lowest_retained": lowest})),
+                    None => {
+                        json_response(200, serde_json::json!({"blocks": out, "height": top, "lowest_retained": lowest}))
+                    }
                 }
             }
         }
@@ -577,7 +579,8 @@ mod tests {
         assert_eq!(get(&mut api, "/blocks/10").0, 404);
         let (code, body) = get(&mut api, "/blocks?from=1&limit=3");
         assert_eq!(code, 200);
-        let heights: Vec<u64> = body["blocks"].as_array().unwrap().iter().map(|b| b["height"].as_u64().unwrap()).collect();
+        let heights: Vec<u64> =
+            body["blocks"].as_array().unwrap().iter().map(|b| b["height"].as_u64().unwrap()).collect();
         assert_eq!((heights, body["lowest_retained"].clone()), (vec![4, 5, 6], 4.into()));
     }
 }

@@ -406,15 +406,22 @@ impl BlockStore {
         let tail = self.segments.back().expect("a store has a segment");
         if tail.log.len() >= self.segment_bytes && !tail.offsets.is_empty() {
             let first = self.height() + 1;
-            let (mut log, _) =
-                FramedFile::open_on(self.disk.clone(), &segment_path(&self.dir, first), MAGIC, Mode::Recover, |_, _| {
-                    Ok(())
-                })?;
+            let (mut log, _) = FramedFile::open_on(
+                self.disk.clone(),
+                &segment_path(&self.dir, first),
+                MAGIC,
+                Mode::Recover,
+                |_, _| Ok(()),
+            )?;
             log.drop_cached_after_sync();
             self.segments.push_back(Segment { first, log, offsets: vec![] });
         }
         let seg = self.segments.back_mut().expect("a store has a segment");
-        debug_assert_eq!(seg.end(), self.last.as_ref().map_or(1, |h| h.height + 1), "appends continue the last segment");
+        debug_assert_eq!(
+            seg.end(),
+            self.last.as_ref().map_or(1, |h| h.height + 1),
+            "appends continue the last segment"
+        );
         let offsets = seg.log.append_encoded(blocks, |(b, cert, outcome), buf| {
             b.encode_with_into(cert.as_ref(), outcome.as_ref(), buf)
         })?;
@@ -525,7 +532,9 @@ impl BlockStoreReader {
     fn find_segments(&mut self) -> std::io::Result<()> {
         let known = self.segments.last().map(|s| s.first);
         for (first, path) in segment_files(&*crate::edges::storage::os(), &self.dir, 0)? {
-            if known.is_none_or(|k| first > k) && segment_first(&path.file_name().unwrap_or_default().to_string_lossy()).is_some() {
+            if known.is_none_or(|k| first > k)
+                && segment_first(&path.file_name().unwrap_or_default().to_string_lossy()).is_some()
+            {
                 self.segments.push(ReaderSegment::open(first, path)?);
             }
         }
@@ -699,7 +708,12 @@ pub(crate) mod tests {
         drop(s);
         assert_eq!(
             files(dir.path()),
-            ["blocks-000000000001.dat", "blocks-000000000004.dat", "blocks-000000000007.dat", "blocks-000000000010.dat"]
+            [
+                "blocks-000000000001.dat",
+                "blocks-000000000004.dat",
+                "blocks-000000000007.dat",
+                "blocks-000000000010.dat"
+            ]
         );
         let (s, r) = BlockStore::open(dir.path(), Limits::default()).unwrap();
         assert_eq!((r.blocks, s.height(), s.lowest()), (10, 10, 1));
@@ -790,7 +804,8 @@ pub(crate) mod tests {
         }
         let full = std::fs::read(segment_path(dir.path(), 1)).unwrap();
         let (s, _) = BlockStore::open(dir.path(), Limits::default()).unwrap();
-        let ends: Vec<u64> = (1..=3).map(|h| if h < 3 { s.segments[0].offsets[h] } else { full.len() as u64 }).collect();
+        let ends: Vec<u64> =
+            (1..=3).map(|h| if h < 3 { s.segments[0].offsets[h] } else { full.len() as u64 }).collect();
         drop(s);
         for cut in 0..full.len() {
             let d2 = tempfile::tempdir().unwrap();
