@@ -581,6 +581,66 @@ fn retention_keeps_the_store_bounded_restarts_on_its_snapshot_and_a_wiped_valida
     drop(v3);
 }
 
+#[test]
+fn a_validator_behind_every_retained_block_moves_its_store_aside_and_joins_from_a_snapshot() {
+    const RETAIN: u64 = 16;
+    let c = Cluster::new(4, |cfg| {
+        cfg.block.max_txs = 10;
+        cfg.consensus.snapshot_interval = 8;
+        cfg.storage.retain_blocks = RETAIN;
+        cfg.storage.segment_bytes = 64 * 1024;
+        cfg.api.enabled = true;
+        cfg.api.listen = "127.0.0.1:0".into();
+    });
+    let (mut vs, mut clients) = four_that_committed(&c, 100);
+    vs[2].take().unwrap().kill9();
+    let behind = store_check(&c.net.nodes[2].data_dir);
+    let height: u64 = behind.split("OK: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    // The others go on until they pruned past it.
+    let b: Vec<_> = (100..1500).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().enumerate().filter(|(i, _)| *i != 2).map(|(_, c)| c).collect::<Vec<_>>(), &b);
+    let mut chain0 = collect(&mut clients[0], &nonces(&b));
+    let addrs: Vec<String> = vs.iter().flatten().map(api_addr).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for addr in &addrs {
+        loop {
+            let (code, body) = http_get(addr, "/blocks/1");
+            let lowest = serde_json::from_str::<serde_json::Value>(&body).unwrap()["lowest_retained"].as_u64();
+            if code == 410 && lowest.is_some_and(|l| l > height + 1) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{addr} did not prune past {height}: {code} {body}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    let v2 = c.start(2);
+    assert!(v2.recovered_height >= height.min(1));
+    let e = wait_log(&v2, "starting again to join from a snapshot", std::time::Duration::from_secs(60));
+    assert!(e["fields"]["message"].is_string());
+    let joined = wait_log(
+        &v2,
+        "joined from a snapshot; catching up with the blocks above it",
+        std::time::Duration::from_secs(60),
+    );
+    let base = joined["fields"]["height"].as_u64().unwrap();
+    assert!(base > height, "joined at {base}, behind at {height}");
+    // Its old store is kept aside, not deleted.
+    let aside = c.net.nodes[2].data_dir.join(format!("behind-{height}"));
+    assert!(std::fs::read_dir(&aside).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("blocks-")));
+    // The start again closed the direct connections: connect anew. New
+    // txs commit in the same blocks here and at validator 1 (so it caught
+    // up through every block above its snapshot first).
+    clients[2] = v2.connect();
+    let mut chain2 = BTreeMap::new();
+    let others: Vec<&Validator> = vs.iter().flatten().collect();
+    commits_everywhere(&c, &mut clients, 2, (&mut chain0, &mut chain2), 1500..1540, &others);
+    drop(v2);
+}
+
 /// A cluster with nothing to do stays whole: for a minute, sampled each
 /// second, every validator hears all three peers, is ready, and no view
 /// changes (the primary's heartbeats and every validator's liveness

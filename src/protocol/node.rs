@@ -156,6 +156,16 @@ pub enum Output {
         header: BlockHeader,
         bytes: Arc<Vec<u8>>,
     },
+    /// f + 1 peers have pruned the blocks this validator needs next (so at
+    /// least one honest one did): it cannot catch up block by block. The
+    /// host moves its block store aside (the consensus log stays: its votes
+    /// are remembered) and starts again, joining from a snapshot.
+    Rejoin {
+        /// This validator's executed height.
+        height: u64,
+        /// The lowest height those peers store.
+        lowest: u64,
+    },
 }
 
 /// A committed block as [`Ready`] hands it on: make it durable with its
@@ -428,6 +438,9 @@ pub struct Node<A: Auth + Clone> {
     /// Some while this validator, with an empty store, looks for a chain
     /// snapshot to start from: consensus waits (see `start_joining`).
     joining: Option<Box<Joining<A>>>,
+    /// Peers that said they pruned the blocks this validator fetched, with
+    /// the lowest height each stores (at most one entry per peer).
+    pruned_by: BTreeMap<Rid, u64>,
 }
 
 /// The snapshot join: the transfer (from the end of genesis), and what the
@@ -502,6 +515,7 @@ impl<A: Auth + Clone> Node<A> {
             pending_snapshot: None,
             genesis: None,
             joining: None,
+            pruned_by: BTreeMap::new(),
             cfg,
         }
     }
@@ -541,6 +555,32 @@ impl<A: Auth + Clone> Node<A> {
     /// `Replica::cluster_executed`).
     pub fn lag_blocks(&self) -> u64 {
         self.replica.cluster_executed().saturating_sub(self.replica.executed())
+    }
+
+    /// Peer `from` answered a fetch: it stores blocks from `lowest` on only
+    /// (pruned). Once f + 1 peers say so above this validator's next
+    /// height, `Output::Rejoin`. The first such answer from each peer asks
+    /// every peer (one fetch broadcast), so the others' answers come too.
+    pub fn on_fetch_pruned(&mut self, now: Now, from: Rid, lowest: u64, out: &mut Vec<Output>) {
+        let next = self.replica.executed() + 1;
+        if from >= self.replica.params().n || from == self.replica.id || lowest <= next || !self.started() {
+            return;
+        }
+        let f = self.replica.params().f();
+        if self.pruned_by.len() > f {
+            return; // already asked to rejoin
+        }
+        if self.pruned_by.insert(from, lowest).is_none() {
+            let now_ms = self.enter(now);
+            self.actions.push(Action::Broadcast(Message::Fetch { from: self.replica.id, from_seq: next }));
+            self.step(now_ms, out);
+        }
+        // Only answers about this validator's current height count.
+        self.pruned_by.retain(|_, &mut l| l > next);
+        if self.pruned_by.len() > f {
+            let lowest = *self.pruned_by.values().min().expect("f + 1 entries");
+            out.push(Output::Rejoin { height: next - 1, lowest });
+        }
     }
 
     /// Validator `peer` (its id) connected to this one: it may have
@@ -2688,6 +2728,41 @@ mod tests {
         assert_eq!(nodes[3].last_header().map(|h| h.hash()), nodes[0].last_header().map(|h| h.hash()));
         assert_eq!(nodes[3].state().root(), nodes[0].state().root());
         assert!(txs.iter().all(|t| nodes[3].state().has_nonce(&t.event.nonce)), "every tx is in its state");
+    }
+
+    #[test]
+    fn a_validator_rejoins_only_once_f_plus_one_peers_pruned_past_it() {
+        let k = crypto::generate_key();
+        let mut nodes = cluster(4, &k, 100);
+        let n = &mut nodes[3];
+        let rejoin = |out: &[Output]| {
+            out.iter().find_map(|o| match o {
+                Output::Rejoin { height, lowest } => Some((*height, *lowest)),
+                _ => None,
+            })
+        };
+        let fetches = |out: &[Output]| {
+            out.iter().filter(|o| matches!(o, Output::Broadcast(Message::Fetch { from: 3, from_seq: 1 }))).count()
+        };
+        let mut out = vec![];
+        // Blocks it needs next are still there (lowest 1): nothing.
+        n.on_fetch_pruned(at(10), 0, 1, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // One peer pruned past it: ask every peer, do not trust it alone.
+        n.on_fetch_pruned(at(10), 0, 50, &mut out);
+        assert_eq!((fetches(&out), rejoin(&out)), (1, None));
+        // The same peer again, itself, and a peer index out of range count nothing.
+        n.on_fetch_pruned(at(11), 0, 60, &mut out);
+        n.on_fetch_pruned(at(11), 3, 60, &mut out);
+        n.on_fetch_pruned(at(11), 9, 60, &mut out);
+        assert_eq!((fetches(&out), rejoin(&out)), (1, None));
+        // A second peer (f + 1 = 2): rejoin, from the lowest either stores.
+        n.on_fetch_pruned(at(12), 1, 40, &mut out);
+        assert_eq!(rejoin(&out), Some((0, 40)));
+        // Once only.
+        let mut more = vec![];
+        n.on_fetch_pruned(at(13), 2, 40, &mut more);
+        assert_eq!(rejoin(&more), None);
     }
 
     #[test]

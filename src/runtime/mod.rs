@@ -1070,6 +1070,13 @@ use crate::runtime::recovery::stored_cert;
 /// Answers a fetch with committed blocks from the store, each with its
 /// certificate (`recovery::committed_from`).
 fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> anyhow::Result<()> {
+    if from_seq < store.lowest() && from_seq <= store.height() {
+        // Pruned here (or below the snapshot this validator joined from).
+        if let Some(net) = &cons.net {
+            net.send(cons.ids[to], Arc::new(wire::encode_fetch_pruned(store.lowest())));
+        }
+        return Ok(());
+    }
     for cert in crate::runtime::recovery::committed_from(store, &cons.wire, from_seq)? {
         cons.send(to, &Message::Committed(cert));
     }
@@ -1274,6 +1281,7 @@ fn on_frame(
         Ok(Frame::Forward(txs)) => node.on_forward(clock, rid, txs, out),
         Ok(Frame::TxFetch { seq, tx_hashes }) => node.on_tx_fetch(clock, rid, seq, tx_hashes, out),
         Ok(Frame::TxBodies { seq, txs }) => node.on_bodies(clock, rid, seq, txs, out),
+        Ok(Frame::FetchPruned { lowest }) => node.on_fetch_pruned(clock, rid, lowest, out),
         Ok(Frame::Genesis(a)) => node.on_genesis_attestation(clock, from, a, out).context("genesis ceremony failed")?,
         Ok(Frame::SnapshotRequest(r)) => node.on_snapshot_request(rid, r, out),
         Ok(Frame::SnapshotChunk(c)) => node.on_snapshot_chunk(clock, rid, c, out),
@@ -1451,9 +1459,48 @@ fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, 
     Ok(stable)
 }
 
+/// The core stopped because this validator is behind every block its peers
+/// retain: its block store was moved aside; start it again to join from a
+/// snapshot (`run_blocking` does).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this validator executed height {height}, but f + 1 peers store blocks only from {lowest} on \
+     (STORAGE_RETAIN_BLOCKS): its block store was moved to {moved_to} and it starts again to join from a snapshot"
+)]
+pub struct RejoinRequired {
+    pub height: u64,
+    pub lowest: u64,
+    pub moved_to: String,
+}
+
+/// Moves the block store (segments, `blocks.base`) and the served snapshot
+/// of `dir` into `dir/behind-<height>/`, so the next start finds an empty
+/// store and joins from a peer's snapshot. The consensus log and the
+/// genesis certificate stay: the votes this validator cast are remembered.
+fn move_store_aside(dir: &std::path::Path, height: u64) -> anyhow::Result<std::path::PathBuf> {
+    let aside = dir.join(format!("behind-{height}"));
+    std::fs::create_dir_all(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    let disk = crate::edges::storage::os();
+    let mut moving: Vec<std::path::PathBuf> =
+        crate::edges::store::segment_files(&*disk, dir, 0)?.into_iter().map(|(_, p)| p).collect();
+    moving.push(dir.join(snapshot::BASE_FILE));
+    moving.push(dir.join(snapshot::SERVED_FILE));
+    for from in moving.into_iter().filter(|p| p.exists()) {
+        let to = aside.join(from.file_name().expect("a file"));
+        disk.rename(&from, &to).with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+    }
+    Ok(aside)
+}
+
 /// One output that is neither a record, a send nor a commit (`Ready::effects`).
 fn perform_effect(o: Output, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<()> {
     match o {
+        Output::Rejoin { height, lowest } => {
+            let moved_to = move_store_aside(&cons.data_dir, height)?.display().to_string();
+            let e = RejoinRequired { height, lowest, moved_to };
+            tracing::warn!(height, lowest, "{e}");
+            return Err(e.into());
+        }
         // Verdicts of committed state go out with their block's events
         // when those are published (Kafka); else to the DLQ file now.
         Output::Reject(r) if r.height.is_some() && cons.egress.is_some() => {}
@@ -1653,6 +1700,9 @@ pub fn run_blocking(config: Option<&std::path::Path>) -> anyhow::Result<()> {
                     return Err(e);
                 }
                 tracing::info!(data_dir = %v.config.node.data_dir.display(), "disk space freed; starting again");
+            }
+            Err(e) if e.downcast_ref::<RejoinRequired>().is_some() && !signal.load(Ordering::Relaxed) => {
+                tracing::info!("starting again to join from a snapshot");
             }
             Err(e) => return Err(e),
         }

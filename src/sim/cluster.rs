@@ -677,6 +677,10 @@ impl Sim {
                     self.report.snapshot_chunks += u64::from(chunk.chunks > 0);
                     sends.push((Some(to), Msg::SnapshotChunk(chunk)));
                 }
+                Output::Rejoin { height, lowest } => {
+                    // Nobody here prunes, so nobody answers a fetch with "pruned".
+                    panic!("validator {i} at {height} asked to rejoin below {lowest} in a simulation without pruning")
+                }
                 Output::Joined { header, bytes } => {
                     let h = header.height;
                     // Agreement reaches snapshots: a stable checkpoint vouches for the chain's block.

@@ -358,7 +358,8 @@ fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireErro
         | Msg::TxForward(_)
         | Msg::Alive(_)
         | Msg::TxFetch(_)
-        | Msg::TxBodies(_) => return Err(WireError::Decode("not a PBFT message".into())),
+        | Msg::TxBodies(_)
+        | Msg::FetchPruned(_) => return Err(WireError::Decode("not a PBFT message".into())),
     })
 }
 
@@ -385,6 +386,11 @@ pub enum Frame {
     TxBodies {
         seq: Seq,
         txs: Vec<proto::Transaction>,
+    },
+    /// The peer has pruned the blocks a fetch asked for; it stores from
+    /// `lowest` on.
+    FetchPruned {
+        lowest: u64,
     },
 }
 
@@ -432,6 +438,12 @@ pub fn encode_tx_bodies(seq: Seq, txs: &[Arc<crate::protocol::event::Event>]) ->
 }
 
 /// Encodes a liveness beacon (see `Frame::Alive`).
+/// Encodes the answer to a fetch below what this validator stores.
+pub fn encode_fetch_pruned(lowest: u64) -> Vec<u8> {
+    use proto::pbft_message::Msg;
+    proto::PbftMessage { msg: Some(Msg::FetchPruned(proto::FetchPruned { lowest })) }.encode_to_vec()
+}
+
 pub fn encode_alive() -> Vec<u8> {
     use proto::pbft_message::Msg;
     proto::PbftMessage { msg: Some(Msg::Alive(proto::PeerAlive {})) }.encode_to_vec()
@@ -500,6 +512,7 @@ pub fn decode_frame(bytes: &[u8], l: &WireLimits) -> Result<Frame, WireError> {
                 .collect::<Result<_, _>>()?,
         }),
         Some(Msg::TxBodies(b)) => Ok(Frame::TxBodies { seq: b.seq, txs: bounded(b.txs, MAX_FETCH_TXS, "tx bodies")? }),
+        Some(Msg::FetchPruned(p)) => Ok(Frame::FetchPruned { lowest: p.lowest }),
         _ => from_proto(m, l).map(Frame::Pbft),
     }
 }
