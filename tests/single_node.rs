@@ -122,6 +122,10 @@ fn audit_log_records_consensus_events_and_verify_names_an_edited_line() {
     let out = verify(&path, &key);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{} records", recs.len())));
+    // The data directory names the same log (its segments and active file).
+    let out = verify(&s.data_dir(), &key);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("{} records in 1 file(s), seq 1..{}", recs.len(), recs.len())), "{said}");
     // Edit one commit record: verification fails and names that line.
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
     let i = lines.iter().position(|l| l.contains("\"event\":\"commit\"")).unwrap();

@@ -98,8 +98,11 @@ enum StoreCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Check an audit log's HMAC chain; names the first bad line.
+    /// Check an audit log's HMAC chain across its segments; names the first
+    /// bad line and its file.
     Verify {
+        /// The data directory (its audit.jsonl), the active file (its
+        /// segments beside it are checked too), or one segment.
         file: PathBuf,
         /// The HMAC key (as AUDIT_SIGNING_KEY: hex, or raw text).
         #[arg(long, env = "AUDIT_SIGNING_KEY", hide_env_values = true)]
@@ -149,8 +152,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run { config } => cybermesh::runtime::run_blocking(config.as_deref()),
         Cmd::Monitor { apis, interval, rounds } => cybermesh::runtime::monitor::run(&apis, interval, rounds),
         Cmd::Audit { cmd: AuditCmd::Verify { file, key } } => {
-            let (n, _) = cybermesh::edges::audit::verify(&file, &cybermesh::edges::audit::key_from(&key))?;
-            println!("audit log OK: {n} records, chain and MACs verified");
+            let t = cybermesh::edges::audit::verify(&file, &cybermesh::edges::audit::key_from(&key))?;
+            println!(
+                "audit log OK: {} records in {} file(s), seq {}..{}, chain and MACs verified{}",
+                t.records,
+                t.files,
+                t.first_seq,
+                t.last_seq,
+                match t.first_seq {
+                    0 | 1 => String::new(),
+                    s => format!("; records before {s} were rotated out (AUDIT_LOG_KEEP)"),
+                }
+            );
             Ok(())
         }
         Cmd::Db { cmd: DbCmd::Migrate { config } } => {

@@ -380,7 +380,7 @@ impl Default for ApiConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecretsConfig {
     pub encryption_key: String,
@@ -390,6 +390,26 @@ pub struct SecretsConfig {
     /// AUDIT_LOG_PATH: the audit log (default `<data_dir>/audit.jsonl`);
     /// written when AUDIT_SIGNING_KEY is set.
     pub audit_log_path: String,
+    /// AUDIT_LOG_MAX_BYTES: the active audit file is closed into a segment
+    /// at this size.
+    pub audit_log_max_bytes: u64,
+    /// AUDIT_LOG_KEEP: closed segments kept (0: all).
+    pub audit_log_keep: usize,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        let r = crate::edges::audit::Rotation::default();
+        SecretsConfig {
+            encryption_key: String::new(),
+            secret_key: String::new(),
+            jwt_secret: String::new(),
+            audit_signing_key: String::new(),
+            audit_log_path: String::new(),
+            audit_log_max_bytes: r.max_bytes,
+            audit_log_keep: r.keep,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -633,6 +653,8 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("JWT_SECRET", |c, v| Ok(c.secrets.jwt_secret = v.into())),
     ("AUDIT_SIGNING_KEY", |c, v| Ok(c.secrets.audit_signing_key = v.into())),
     ("AUDIT_LOG_PATH", |c, v| Ok(c.secrets.audit_log_path = v.trim().into())),
+    ("AUDIT_LOG_MAX_BYTES", |c, v| Ok(c.secrets.audit_log_max_bytes = parse_num(v)?)),
+    ("AUDIT_LOG_KEEP", |c, v| Ok(c.secrets.audit_log_keep = parse_num(v)?)),
     ("LOG_LEVEL", |c, v| Ok(c.log.level = v.trim().into())),
 ];
 
@@ -1120,6 +1142,13 @@ fn validate_window(c: &Config, e: &mut Vec<ConfigError>) {
             "CONSENSUS_CHECKPOINT_INTERVAL (consensus.checkpoint_interval)",
             format!("{} must be between 1 and the window ({})", c.consensus.checkpoint_interval, c.consensus.window),
             "use half the window (default 8 of 16)",
+        ));
+    }
+    if c.secrets.audit_log_max_bytes < 64 * 1024 {
+        e.push(err(
+            "AUDIT_LOG_MAX_BYTES (secrets.audit_log_max_bytes)",
+            format!("{} bytes would close an audit segment every few records", c.secrets.audit_log_max_bytes),
+            "use at least 65536 (default 67108864, 64 MiB)",
         ));
     }
     if c.storage.segment_bytes < 64 * 1024 {

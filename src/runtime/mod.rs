@@ -612,7 +612,10 @@ fn open_audit(
             "" => c.node.data_dir.join("audit.jsonl"),
             p => std::path::PathBuf::from(p),
         };
-        let log = crate::edges::audit::AuditLog::open(&path, crate::edges::audit::key_from(&c.secrets.audit_signing_key))
+        let rotation =
+            crate::edges::audit::Rotation { max_bytes: c.secrets.audit_log_max_bytes, keep: c.secrets.audit_log_keep };
+        let key = crate::edges::audit::key_from(&c.secrets.audit_signing_key);
+        let log = crate::edges::audit::AuditLog::open_rotating(&path, key, rotation)
             .context("opening the audit log (a log that does not verify is not extended; `cybermesh audit verify` names the bad line)")?;
         tracing::info!(path = %path.display(), "audit log");
         Some(log)
