@@ -386,6 +386,107 @@ fn partitioned_validator_rejoins_after_the_partition_heals() {
     assert!(chain3.keys().next_back() > Some(&top));
 }
 
+/// A LAN of network namespaces: each has a veth into one bridge on the host
+/// (multicast floods across it), at 10.215.x.i/24; the host is .254.
+struct Lan {
+    bridge: String,
+    spaces: Vec<(String, String, std::net::Ipv4Addr)>,
+    net: String,
+}
+
+impl Lan {
+    fn new(n: usize) -> Lan {
+        let tag = std::process::id() % 100_000;
+        let octet = (tag % 250 + 1) as u8;
+        let bridge = format!("cmb{tag}");
+        ip(&["link", "add", &bridge, "type", "bridge", "mcast_snooping", "0"]);
+        ip(&["addr", "add", &format!("10.215.{octet}.254/24"), "dev", &bridge]);
+        ip(&["link", "set", &bridge, "up"]);
+        let mut spaces = vec![];
+        for i in 1..=n {
+            let (ns, host_if, ns_if) = (format!("cml{tag}x{i}"), format!("cmh{tag}x{i}"), format!("cmn{tag}x{i}"));
+            let addr = std::net::Ipv4Addr::new(10, 215, octet, i as u8);
+            ip(&["netns", "add", &ns]);
+            ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+            ip(&["link", "set", &ns_if, "netns", &ns]);
+            ip(&["link", "set", &host_if, "master", &bridge]);
+            ip(&["link", "set", &host_if, "up"]);
+            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", &ns_if]);
+            ip(&["-n", &ns, "link", "set", &ns_if, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            // mDNS sends to 224.0.0.251: route multicast out of the veth.
+            ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", &ns_if]);
+            spaces.push((ns, host_if, addr));
+        }
+        Lan { bridge, spaces, net: format!("10.215.{octet}.0/24") }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for (ns, host_if, _) in &self.spaces {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::process::Command::new("ip").args(["link", "del", host_if]).status();
+        }
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}
+
+#[test]
+fn validators_on_a_lan_find_each_other_by_mdns_and_commit_together() {
+    let lan = Lan::new(4);
+    let addrs: Vec<std::net::Ipv4Addr> = lan.spaces.iter().map(|s| s.2).collect();
+    let net = lan.net.clone();
+    // No peer addresses at all: every validator learns them by mDNS.
+    let c = Cluster::new(4, move |cfg| {
+        let me = addrs[cfg.node.id as usize - 1];
+        cfg.cluster.listen = with_ip(&cfg.cluster.listen, me);
+        cfg.ingest.direct_listen = with_ip(&cfg.ingest.direct_listen, me);
+        cfg.cluster.peers = vec![];
+        cfg.cluster.enable_mdns = true;
+        cfg.cluster.allowed_ips = vec![net.clone()];
+    });
+    let vs: Vec<Validator> = (0..4)
+        .map(|i| {
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["netns", "exec", &lan.spaces[i].0, BIN, "run", "--config"]).arg(&c.net.nodes[i].config);
+            Validator::spawn(cmd)
+        })
+        .collect();
+    // Each finds the other three (in any order with its genesis: the
+    // others' connections to it may complete genesis first).
+    for v in &vs {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let (mut found, mut genesis) = (std::collections::BTreeSet::new(), false);
+        while found.len() < 3 || !genesis {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let e = v.logs.recv_timeout(left).unwrap_or_else(|_| panic!("found {found:?}, genesis {genesis}"));
+            match e["fields"]["message"].as_str() {
+                Some("genesis complete") => genesis = true,
+                Some("validator found by mDNS") => {
+                    let addr: std::net::SocketAddr = e["fields"]["addr"].as_str().unwrap().parse().unwrap();
+                    assert!(
+                        lan.spaces.iter().any(|s| std::net::IpAddr::V4(s.2) == addr.ip()),
+                        "{addr} is not on the LAN"
+                    );
+                    found.insert(e["fields"]["peer"].as_u64().unwrap());
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+    let a: Vec<_> = (0..100).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
+    let chains: Vec<_> = clients.iter_mut().map(|cl| collect(cl, &nonces(&a))).collect();
+    for ch in &chains[1..] {
+        assert_same_blocks(&chains[0], ch);
+    }
+    for v in &vs {
+        assert_no_evidence(v);
+    }
+}
+
 #[test]
 fn validator_with_a_wiped_disk_rejoins_through_genesis_and_catch_up() {
     let c = Cluster::new(4, |cfg| cfg.block.max_txs = 20);

@@ -4,7 +4,7 @@
 //!
 //! Disk: `storage` (the seam the simulator replaces) → `framed` (checksummed
 //! record files) → `store` (block store), `consensus_log`. Network: `net`
-//! (QUIC between validators), `direct` (TCP source), `kafka` (source
+//! (QUIC between validators), `mdns` (finding peers on a LAN), `direct` (TCP source), `kafka` (source
 //! settings and offsets), `dlq`, `egress` (commit events). Mirror: `persist`
 //! (PostgreSQL). Operators: `api` (HTTP), `metrics`, `audit`.
 
@@ -16,6 +16,7 @@ pub mod dlq;
 pub mod egress;
 pub mod framed;
 pub mod kafka;
+pub mod mdns;
 pub mod metrics;
 pub mod net;
 pub mod persist;

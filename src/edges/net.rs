@@ -29,8 +29,26 @@ use tokio::sync::mpsc;
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub id: u32,
-    pub addr: SocketAddr,
+    /// None: not known yet (found later by mDNS: `AddressBook::set`).
+    pub addr: Option<SocketAddr>,
     pub key: PublicKey,
+}
+
+/// Where each peer is reached; a change takes effect at the next
+/// (re)connection, and wakes a connection attempt that waits for one.
+#[derive(Clone)]
+pub struct AddressBook(Arc<HashMap<u32, tokio::sync::watch::Sender<Option<SocketAddr>>>>);
+
+impl AddressBook {
+    /// Sets `id`'s address; false if it is not a peer or the address is the same.
+    pub fn set(&self, id: u32, addr: SocketAddr) -> bool {
+        self.0.get(&id).is_some_and(|tx| tx.send_if_modified(|a| a.replace(addr) != Some(addr)))
+    }
+
+    /// `id`'s address, if known.
+    pub fn get(&self, id: u32) -> Option<SocketAddr> {
+        self.0.get(&id).and_then(|tx| *tx.borrow())
+    }
 }
 
 pub struct NetConfig {
@@ -266,6 +284,9 @@ pub struct Net {
     /// Per peer: its queue and the bytes waiting in it (bounded by
     /// `max_queued_bytes`, so a dead peer's backlog cannot grow without end).
     out: HashMap<u32, PeerQueue>,
+    book: AddressBook,
+    /// The UDP address QUIC listens on.
+    pub local_addr: SocketAddr,
     max_out_bytes: usize,
     incoming: std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
     pub events: std::sync::mpsc::Receiver<NetEvent>,
@@ -287,12 +308,17 @@ impl Net {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let mut out = HashMap::new();
         let mut queues = vec![];
+        let mut book = HashMap::new();
         for p in &cfg.peers {
             let (tx, rx) = mpsc::channel(cfg.queue);
             let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             out.insert(p.id, (tx, bytes.clone()));
-            queues.push((p.clone(), rx, bytes));
+            let (addr_tx, addr_rx) = tokio::sync::watch::channel(p.addr);
+            book.insert(p.id, addr_tx);
+            queues.push((p.clone(), rx, bytes, addr_rx));
         }
+        let book = AddressBook(Arc::new(book));
+        let local_addr = cfg.socket.local_addr().map_err(|e| NetError::Endpoint(e.to_string()))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -316,8 +342,8 @@ impl Net {
             .name("net".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    for (peer, rx, bytes) in queues {
-                        tokio::spawn(send_loop(ep.clone(), peer, rx, bytes, ev_tx.clone(), st.clone()));
+                    for (peer, rx, bytes, addr) in queues {
+                        tokio::spawn(send_loop(ep.clone(), peer, addr, rx, bytes, ev_tx.clone(), st.clone()));
                     }
                     let acceptor = tokio::spawn(accept_loop(ep.clone(), allowed, gate, in_tx, ev_tx, st, max_frame));
                     let _ = stop_rx.await;
@@ -331,6 +357,8 @@ impl Net {
         let max_out_bytes = cfg.max_queued_bytes.max(cfg.max_frame);
         Ok(Net {
             out,
+            book,
+            local_addr,
             max_out_bytes,
             incoming,
             events,
@@ -340,6 +368,11 @@ impl Net {
             stop: Some(stop_tx),
             thread: Some(thread),
         })
+    }
+
+    /// Where each peer is reached (mDNS discovery updates it).
+    pub fn address_book(&self) -> AddressBook {
+        self.book.clone()
     }
 
     /// Queues `bytes` for `to`; false if it was dropped (unknown peer or full queue).
@@ -457,6 +490,7 @@ fn peer_id(conn: &quinn::Connection, allowed: &HashMap<PublicKey, u32>) -> Optio
 async fn send_loop(
     ep: quinn::Endpoint,
     peer: Peer,
+    mut addr_rx: tokio::sync::watch::Receiver<Option<SocketAddr>>,
     mut rx: mpsc::Receiver<Arc<Vec<u8>>>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
     ev: std::sync::mpsc::Sender<NetEvent>,
@@ -464,7 +498,16 @@ async fn send_loop(
 ) {
     let mut backoff = Duration::from_millis(20);
     'reconnect: loop {
-        let conn = match ep.connect(peer.addr, SERVER_NAME) {
+        // The newest address (none yet: wait until discovery finds one).
+        let addr = loop {
+            if let Some(a) = *addr_rx.borrow_and_update() {
+                break a;
+            }
+            if addr_rx.changed().await.is_err() {
+                return;
+            }
+        };
+        let conn = match ep.connect(addr, SERVER_NAME) {
             Ok(c) => c.await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
@@ -472,16 +515,14 @@ async fn send_loop(
             Ok(c) if peer_id(&c, &HashMap::from([(peer.key, peer.id)])) == Some(peer.id) => c,
             Ok(c) => {
                 c.close(1u32.into(), b"unexpected key");
-                let _ = ev.send(NetEvent::Failed {
-                    addr: peer.addr,
-                    reason: "peer presented another validator's key".into(),
-                });
-                tokio::time::sleep(backoff).await;
+                let _ = ev.send(NetEvent::Failed { addr, reason: "peer presented another validator's key".into() });
+                // A new address (from discovery) is tried at once.
+                let _ = tokio::time::timeout(backoff, addr_rx.changed()).await;
                 continue;
             }
             Err(e) => {
-                let _ = ev.send(NetEvent::Failed { addr: peer.addr, reason: e });
-                tokio::time::sleep(backoff).await;
+                let _ = ev.send(NetEvent::Failed { addr, reason: e });
+                let _ = tokio::time::timeout(backoff, addr_rx.changed()).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
@@ -662,7 +703,7 @@ mod tests {
         let peers = |me: usize| -> Vec<Peer> {
             (0..3)
                 .filter(|&i| i != me)
-                .map(|i| Peer { id: i as u32 + 1, addr: addrs[i], key: crypto::public_key(&keys[i]) })
+                .map(|i| Peer { id: i as u32 + 1, addr: Some(addrs[i]), key: crypto::public_key(&keys[i]) })
                 .collect()
         };
         let nets: Vec<Net> =
@@ -686,11 +727,29 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_without_an_address_is_reached_once_its_address_is_set() {
+        let (k1, k2) = (crypto::generate_key(), crypto::generate_key());
+        let (mut socks, addrs) = sockets(2);
+        let n2 =
+            node(2, k2.clone(), socks.pop().unwrap(), vec![Peer { id: 1, addr: None, key: crypto::public_key(&k1) }]);
+        let n1 = node(1, k1, socks.pop().unwrap(), vec![Peer { id: 2, addr: None, key: crypto::public_key(&k2) }]);
+        // Queued while no address is known; nothing is tried meanwhile.
+        assert!(n1.send(2, Arc::new(b"hello".to_vec())));
+        assert!(n1.events.recv_timeout(Duration::from_millis(300)).is_err(), "no attempt without an address");
+        let book = n1.address_book();
+        assert!(!book.set(9, addrs[1]), "not a peer");
+        assert!(book.set(2, addrs[1]));
+        assert!(!book.set(2, addrs[1]), "unchanged");
+        assert_eq!(book.get(2), Some(addrs[1]));
+        assert_eq!(recv_n(&n2, 1), vec![(1, b"hello".to_vec())]);
+    }
+
+    #[test]
     fn unknown_key_is_refused_and_oversized_frames_close_the_connection() {
         let (k1, k2, stranger) = (crypto::generate_key(), crypto::generate_key(), crypto::generate_key());
         let (socks, addrs) = sockets(3);
         let mut socks = socks.into_iter();
-        let p = |id: u32, i: usize, k: &SigningKey| Peer { id, addr: addrs[i], key: crypto::public_key(k) };
+        let p = |id: u32, i: usize, k: &SigningKey| Peer { id, addr: Some(addrs[i]), key: crypto::public_key(k) };
         let a = Net::start(NetConfig {
             max_frame: 64,
             queue: 16,
@@ -745,7 +804,7 @@ mod tests {
         let (k1, k2) = (crypto::generate_key(), crypto::generate_key());
         let (socks, addrs) = sockets(2);
         let mut socks = socks.into_iter();
-        let p = |id: u32, i: usize, k: &SigningKey| Peer { id, addr: addrs[i], key: crypto::public_key(k) };
+        let p = |id: u32, i: usize, k: &SigningKey| Peer { id, addr: Some(addrs[i]), key: crypto::public_key(k) };
         // Validator 2 has a configured key but connects from 127.0.0.1,
         // outside node 1's allowlist.
         let a = Net::start(NetConfig {
@@ -790,7 +849,7 @@ mod tests {
     fn a_dead_peers_queue_is_bounded_in_bytes() {
         let (k1, k2) = (crypto::generate_key(), crypto::generate_key());
         let (mut socks, addrs) = sockets(2);
-        let dead = Peer { id: 2, addr: addrs[1], key: crypto::public_key(&k2) };
+        let dead = Peer { id: 2, addr: Some(addrs[1]), key: crypto::public_key(&k2) };
         drop(socks.pop()); // nobody listens for validator 2
         let a = Net::start(NetConfig {
             max_frame: 100,

@@ -75,6 +75,12 @@ pub struct ClusterConfig {
     pub allowed_ips: Vec<String>,
     /// P2P_LISTEN_ADDR: UDP address for QUIC between validators (N > 1).
     pub listen: String,
+    /// P2P_ENABLE_MDNS: announce this validator and find the others' QUIC
+    /// addresses by mDNS on the LAN (peers may then be left out of
+    /// P2P_BOOTSTRAP_PEERS; keys are still proven by the handshake).
+    pub enable_mdns: bool,
+    /// P2P_MDNS_ALLOW_PRODUCTION: allow mDNS with ENVIRONMENT=production.
+    pub mdns_in_production: bool,
 }
 
 impl Default for ClusterConfig {
@@ -86,6 +92,8 @@ impl Default for ClusterConfig {
             peers: vec![],
             allowed_ips: vec![],
             listen: "0.0.0.0:8001".into(),
+            enable_mdns: false,
+            mdns_in_production: false,
         }
     }
 }
@@ -555,6 +563,8 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("QUORUM_SIZE", |c, v| Ok(c.cluster.quorum_size = parse_num(v)?)),
     ("P2P_BOOTSTRAP_PEERS", |c, v| Ok(c.cluster.peers = parse_list(v))),
     ("ALLOWED_IPS", |c, v| Ok(c.cluster.allowed_ips = parse_list(v))),
+    ("P2P_ENABLE_MDNS", |c, v| Ok(c.cluster.enable_mdns = parse_bool(v)?)),
+    ("P2P_MDNS_ALLOW_PRODUCTION", |c, v| Ok(c.cluster.mdns_in_production = parse_bool(v)?)),
     ("P2P_LISTEN_ADDR", |c, v| Ok(c.cluster.listen = v.trim().into())),
     ("GENESIS_STATE_PATH", |c, v| Ok(c.genesis.state_path = v.trim().into())),
     ("GENESIS_CLOCK_SKEW_TOLERANCE", |c, v| Ok(c.genesis.clock_skew_tolerance = parse_dur(v)?)),
@@ -702,6 +712,7 @@ fn validate_p2p(c: &Config, e: &mut Vec<ConfigError>) -> (BTreeMap<u32, std::net
     if c.cluster.nodes.len() > 1 {
         for id in &c.cluster.nodes {
             if *id != c.node.id
+                && !c.cluster.enable_mdns
                 && !peers.contains_key(id)
                 && !c.cluster.peers.iter().any(|p| p.starts_with(&format!("{id}@")))
             {
@@ -744,7 +755,8 @@ pub struct Validated {
     pub producers: Vec<PublicKey>,
     pub quorum: usize,
     pub faults: usize,
-    /// Other validators' QUIC addresses (from P2P_BOOTSTRAP_PEERS).
+    /// Other validators' QUIC addresses (from P2P_BOOTSTRAP_PEERS; with
+    /// mDNS some may be missing, found at run time).
     pub peers: BTreeMap<u32, std::net::SocketAddr>,
     pub allowed_ips: Vec<ipnet::IpNet>,
 }
@@ -1279,6 +1291,14 @@ fn is_placeholder(s: &str) -> bool {
 
 /// The manual's production checklist, enforced.
 fn production_checklist(c: &Config, e: &mut Vec<ConfigError>) {
+    if c.cluster.enable_mdns && !c.cluster.mdns_in_production {
+        e.push(err(
+            "P2P_ENABLE_MDNS (cluster.enable_mdns)",
+            "mDNS announces this validator to the whole LAN and takes peer addresses from it; not in production \
+             unless allowed",
+            "list the peers in P2P_BOOTSTRAP_PEERS, or set P2P_MDNS_ALLOW_PRODUCTION=true on a LAN you trust",
+        ));
+    }
     if c.ingest.source == SourceKind::Kafka {
         if !c.kafka.tls_enabled {
             e.push(err("KAFKA_TLS_ENABLED", "production requires TLS to Kafka", "set KAFKA_TLS_ENABLED=true"));
@@ -1489,6 +1509,23 @@ mod tests {
         let mut c = a.clone();
         c.consensus.heartbeat_interval = Duration::from_millis(501);
         assert_ne!(a.consensus_fingerprint(), c.consensus_fingerprint());
+    }
+
+    #[test]
+    fn mdns_lets_peers_go_unlisted_and_is_refused_in_production_unless_allowed() {
+        let mut c = good();
+        c.cluster.peers.truncate(1);
+        let k = keys_of(c.clone().validate().unwrap_err());
+        assert_eq!(k, vec!["P2P_BOOTSTRAP_PEERS (cluster.peers)"; 2], "two peers without an address");
+        c.cluster.enable_mdns = true;
+        let v = c.clone().validate().unwrap();
+        assert_eq!(v.peers.keys().copied().collect::<Vec<_>>(), vec![2], "the listed one keeps its address");
+        c.node.environment = Environment::Production;
+        let k = keys_of(c.clone().validate().unwrap_err());
+        assert!(k.contains(&"P2P_ENABLE_MDNS (cluster.enable_mdns)".to_string()), "{k:?}");
+        c.cluster.mdns_in_production = true;
+        let k = c.validate().err().map(keys_of).unwrap_or_default();
+        assert!(!k.contains(&"P2P_ENABLE_MDNS (cluster.enable_mdns)".to_string()), "{k:?}");
     }
 
     #[test]

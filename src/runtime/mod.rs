@@ -329,6 +329,22 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         true => Some(start_net(&v, &ids, &keys, &key, &wire, &params, &core_bell)?),
         false => None,
     };
+    // mDNS (P2P_ENABLE_MDNS): peers' addresses found on the LAN.
+    let mdns = match (&net, c.cluster.enable_mdns) {
+        (Some(net), true) => {
+            let me = crate::edges::mdns::Announce {
+                id: c.node.id,
+                key: crypto::public_key(&key),
+                chain: c.consensus_fingerprint(),
+                listen: net.local_addr,
+            };
+            let d = crate::edges::mdns::Discovery::start(me, v.validators.clone(), net.address_book())
+                .map_err(|e| anyhow::anyhow!("P2P_ENABLE_MDNS: {e}"))?;
+            tracing::info!(service = crate::edges::mdns::SERVICE_TYPE, "announcing and browsing by mDNS");
+            Some(d)
+        }
+        _ => None,
+    };
 
     // Core.
     let ncfg = NodeConfig {
@@ -393,6 +409,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         genesis_path: c.genesis_path(),
         data_dir: c.node.data_dir.clone(),
         snapshot_writer,
+        _mdns: mdns,
         retain_blocks: c.storage.retain_blocks,
         base_kept,
         feed_cursors,
@@ -519,7 +536,7 @@ fn start_net(
         .iter()
         .zip(keys)
         .filter(|(id, _)| **id != c.node.id)
-        .map(|(id, key)| Peer { id: *id, addr: v.peers[id], key: *key })
+        .map(|(id, key)| Peer { id: *id, addr: v.peers.get(id).copied(), key: *key })
         .collect();
     let bell = bell.clone();
     let max_frame = wire::max_frame(wire, params.q());
@@ -933,6 +950,8 @@ struct Consensus {
     /// To the thread that writes `snapshot.bin` (off the core thread), and
     /// whether to keep it as `blocks.base` too (pruning moves the base up).
     snapshot_writer: Option<SyncSender<(Box<snapshot::Recorded>, bool)>>,
+    /// mDNS discovery, while it runs (dropped with the core: unregisters).
+    _mdns: Option<crate::edges::mdns::Discovery>,
     /// STORAGE_RETAIN_BLOCKS (0: keep every block).
     retain_blocks: u64,
     /// The height of the snapshot last kept as `blocks.base` by the writer.

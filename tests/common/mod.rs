@@ -315,6 +315,9 @@ pub fn wait_log(v: &Validator, message: &str, within: Duration) -> serde_json::V
         if e["fields"]["message"] == message {
             return e;
         }
+        if std::env::var_os("CYBERMESH_TEST_LOGS").is_some() {
+            eprintln!("validator {} (waiting for {message:?}): {e}", v.child.id());
+        }
     }
 }
 
