@@ -59,3 +59,86 @@ fn monitor_shows_a_running_validator_in_a_terminal() {
     assert!(cols[8].parse::<f64>().is_ok(), "commit/s is a number: {row}");
     drop(v);
 }
+
+/// The monitor over HTTPS against a 4-validator devnet under load: a row per
+/// validator with every peer, and the stages' latency percentiles of the
+/// last interval.
+#[test]
+fn monitor_shows_a_four_validator_devnet_over_https_with_stage_latencies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_pem, key_pem, _) = localhost_cert(dir.path());
+    let (cert, key) = (cert_pem.display().to_string(), key_pem.display().to_string());
+    let c = Cluster::new(4, move |cfg| {
+        cfg.api.enabled = true;
+        cfg.api.listen = "127.0.0.1:0".into();
+        cfg.api.tls_enabled = true;
+        cfg.api.tls_cert = cert.clone();
+        cfg.api.tls_key = key.clone();
+    });
+    let vs: Vec<Validator> = (0..4).map(|i| c.start(i)).collect();
+    for v in &vs {
+        wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
+    }
+    // The certificate names "localhost".
+    let apis: Vec<String> =
+        vs.iter().map(|v| format!("https://localhost:{}", api_addr(v).rsplit_once(':').unwrap().1)).collect();
+    // Load while the monitor draws, so its interval sees every stage.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+    let producer = c.producer().clone();
+    let loader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let e = anomaly(&producer, i);
+                for cl in clients.iter_mut() {
+                    cl.send_event(&e);
+                }
+                i += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5)); // a steady trickle, not a timing assumption
+            }
+            i
+        })
+    };
+
+    let socket = format!("cybermesh-test-https-{}", std::process::id());
+    struct Session(String);
+    impl Drop for Session {
+        fn drop(&mut self) {
+            let _ = tmux(&self.0).arg("kill-server").output();
+        }
+    }
+    let _session = Session(socket.clone());
+    let tmux_cmd = format!("tmux -L {socket}");
+    let script = format!(
+        "{BIN} monitor --rounds 2 --interval 1s --ca-cert {} {}; {tmux_cmd} wait-for -S drawn; {tmux_cmd} wait-for end",
+        cert_pem.display(),
+        apis.join(" ")
+    );
+    let st = tmux(&socket).args(["new-session", "-d", "-s", "mon", "-x", "220", "-y", "30", &script]).status().unwrap();
+    assert!(st.success());
+    assert!(tmux(&socket).args(["wait-for", "drawn"]).status().unwrap().success());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = loader.join().unwrap();
+    assert!(sent > 0);
+    let out = tmux(&socket).args(["capture-pane", "-p", "-t", "mon"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("cybermesh monitor: 4 validator(s)"), "{text}");
+    for (i, api) in apis.iter().enumerate() {
+        let row =
+            text.lines().find(|l| l.starts_with(api.as_str())).unwrap_or_else(|| panic!("no row for {api}:\n{text}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[1], (i + 1).to_string(), "validator id: {row}");
+        assert_eq!(cols[2], "yes", "ready: {row}");
+        assert_eq!(cols[6], "4/4", "peers: {row}");
+        assert!(cols[8].parse::<f64>().unwrap() > 0.0, "committing under load: {row}");
+    }
+    let stages = text.lines().find(|l| l.starts_with("stage latency ms")).expect("the stage line");
+    for stage in ["verify", "prepare", "commit", "execute", "durable"] {
+        let figure = stages.split(&format!(" {stage} ")).nth(1).and_then(|r| r.split(' ').next()).unwrap();
+        let (p50, p99) = figure.split_once('/').unwrap_or_else(|| panic!("{stage}: {stages}"));
+        assert!(p50.parse::<f64>().is_ok() && p99.parse::<f64>().is_ok(), "{stage} {figure}: {stages}");
+    }
+    drop(vs);
+}

@@ -48,9 +48,13 @@ enum Cmd {
     /// received / rejected per second, mempool, verify rings and busy share,
     /// Kafka and mirror lag, rejections by reason.
     Monitor {
-        /// API addresses (host:port), one per validator.
+        /// API addresses (host:port, or https://host:port), one per validator.
         #[arg(required = true)]
         apis: Vec<String>,
+        /// PEM certificate(s) to trust for https:// APIs (the API's own
+        /// certificate or its CA); default: the system's roots.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
         /// Refresh period.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
@@ -150,7 +154,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { config } => cybermesh::runtime::run_blocking(config.as_deref()),
-        Cmd::Monitor { apis, interval, rounds } => cybermesh::runtime::monitor::run(&apis, interval, rounds),
+        Cmd::Monitor { apis, interval, rounds, ca_cert } => {
+            let tls = match apis.iter().any(|a| a.starts_with("https://")) {
+                true => Some(cybermesh::runtime::monitor::tls_client(ca_cert.as_deref())?),
+                false => None,
+            };
+            cybermesh::runtime::monitor::run(&apis, interval, rounds, tls)
+        }
         Cmd::Audit { cmd: AuditCmd::Verify { file, key } } => {
             let t = cybermesh::edges::audit::verify(&file, &cybermesh::edges::audit::key_from(&key))?;
             println!(
