@@ -227,7 +227,7 @@ fn store_check(data_dir: &std::path::Path, repair: bool) -> anyhow::Result<()> {
         (b, false) => format!(", torn tail of {b} bytes (the validator's next start truncates it)"),
         (b, true) => format!(", {b} bytes cut"),
     };
-    let base = cybermesh::protocol::snapshot::read_base_header(data_dir)?;
+    let base = cybermesh::edges::store::base_header_on(&*cybermesh::edges::storage::os(), data_dir)?;
     let (store, rec) = BlockStore::open_in(data_dir, Default::default(), base.clone(), mode)?;
     let mut txs = 0usize;
     let mut repeats = 0usize;

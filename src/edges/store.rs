@@ -75,6 +75,20 @@ pub fn segment_files(disk: &dyn Disk, dir: &Path, base_height: u64) -> std::io::
     Ok(out)
 }
 
+/// The header of the snapshot in `dir/blocks.base` on `disk`, its
+/// signatures unchecked (tools and repair; a start verifies it whole).
+pub fn base_header_on(disk: &dyn Disk, dir: &Path) -> std::io::Result<Option<BlockHeader>> {
+    let path = dir.join(crate::protocol::snapshot::BASE_FILE);
+    let bytes = match disk.read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
+    let s = proto::ChainSnapshot::decode(&bytes[..]).map_err(|e| bad(&e.to_string()))?;
+    s.header.and_then(header_from_proto).map(Some).ok_or_else(|| bad("no valid block header"))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("block store: {0}")]
@@ -192,6 +206,16 @@ impl BlockStore {
                 files[0].1 = to;
             }
         }
+        if mode == Mode::Repair {
+            // Segments wholly at or below the base are not needed (the base
+            // vouches for that state): a repair removes them rather than
+            // cut the chain above the base at damage among them.
+            while files.len() > 1 && files[1].0 <= base_height + 1 {
+                let (_, p) = files.remove(0);
+                tracing::warn!(path = %p.display(), "repair: removing a segment below the base");
+                disk.remove(&p).map_err(io(&p))?;
+            }
+        }
         if files.is_empty() {
             files.push((base_height + 1, segment_path(dir, base_height + 1)));
         }
@@ -211,8 +235,16 @@ impl BlockStore {
             f if f == base_height + 1 => base.clone(),
             _ => None,
         };
-        let mut files = files.into_iter();
+        let mut files = files.into_iter().peekable();
         while let Some((first, path)) = files.next() {
+            // Only the last segment takes appends: any earlier one was
+            // synced whole before the next began, so damage at its end is
+            // not a torn write but damage at rest (never cut on a start).
+            let sealed = files.peek().is_some();
+            let seg_mode = match (sealed, mode) {
+                (true, Mode::Recover) => Mode::ReadOnly,
+                _ => mode,
+            };
             let want_first = segments.back().map_or(first, |s: &Segment| s.end());
             if first != want_first {
                 let detail = format!(
@@ -233,7 +265,7 @@ impl BlockStore {
                 break;
             }
             let mut offsets = Vec::new();
-            let (mut log, scan) = FramedFile::open_on(disk.clone(), &path, MAGIC, mode, |off, payload| {
+            let (mut log, scan) = FramedFile::open_on(disk.clone(), &path, MAGIC, seg_mode, |off, payload| {
                 let h = HeaderOnly::decode(payload)
                     .ok()
                     .and_then(|h| h.header)
@@ -257,6 +289,18 @@ impl BlockStore {
                 last = Some(h);
                 Ok(())
             })?;
+            if sealed && mode != Mode::Repair && scan.truncated_bytes > 0 {
+                return Err(StoreError::Log(FramedError::Corrupt {
+                    path: path.clone(),
+                    offset: log.len(),
+                    index: scan.records,
+                    detail: format!(
+                        "the last {} bytes of a sealed segment (later segments follow it) do not form a record",
+                        scan.truncated_bytes
+                    ),
+                    following: 0,
+                }));
+            }
             log.drop_cached_after_sync();
             rec.blocks += scan.records as u64;
             rec.truncated_bytes += scan.truncated_bytes;
@@ -271,7 +315,17 @@ impl BlockStore {
             )));
         }
         if stored_end <= base_height {
-            // Repaired below the base: only blocks above the base count.
+            // Repaired below the base: what is left cannot continue above
+            // it. Start again empty on the base (peers send what is above).
+            for s in segments.drain(..) {
+                let p = s.log.path().to_path_buf();
+                drop(s);
+                disk.remove(&p).map_err(io(&p))?;
+            }
+            let path = segment_path(dir, base_height + 1);
+            let (mut log, _) = FramedFile::open_on(disk.clone(), &path, MAGIC, Mode::Recover, |_, _| Ok(()))?;
+            log.drop_cached_after_sync();
+            segments.push_back(Segment { first: base_height + 1, log, offsets: vec![] });
             last = base.clone();
         }
         let store = BlockStore {
@@ -777,6 +831,60 @@ pub(crate) mod tests {
         assert_eq!((s.height(), r.dropped_blocks), (3, 3));
         drop(s);
         assert_eq!(files(dir.path()), ["blocks-000000000001.dat"]);
+    }
+
+    #[test]
+    fn a_repair_keeps_what_is_above_the_base_when_the_damage_is_below_it() {
+        let blocks = chain(12);
+        let flip = |path: &Path, at: usize| {
+            let mut b = std::fs::read(path).unwrap();
+            b[at] ^= 0x40;
+            std::fs::write(path, b).unwrap();
+        };
+        // Damage in a segment wholly below the base (blocks 1-3, base 8):
+        // refused at a start; a repair removes the segments below the base.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = segmented(dir.path(), &blocks, 3);
+        s.rebase(blocks[7].header.clone());
+        drop(s);
+        flip(&segment_path(dir.path(), 1), 20);
+        let base = Some(blocks[7].header.clone());
+        assert!(BlockStore::open_above(dir.path(), Limits::default(), base.clone()).is_err());
+        let (s, _) = BlockStore::open_in(dir.path(), Limits::default(), base.clone(), Mode::Repair).unwrap();
+        assert_eq!((s.lowest(), s.height()), (7, 12), "1-3 and 4-6 lie wholly below the base");
+        drop(s);
+        let (s, _) = BlockStore::open_above(dir.path(), Limits::default(), base.clone()).unwrap();
+        assert_eq!(&s.read(12).unwrap().unwrap().0, &blocks[11]);
+        drop(s);
+        // Damage before the base in its own segment (7-9): what is left ends
+        // below the base, so the repaired store starts empty on it.
+        flip(&segment_path(dir.path(), 7), 20);
+        let (s, r) = BlockStore::open_in(dir.path(), Limits::default(), base.clone(), Mode::Repair).unwrap();
+        assert_eq!((s.lowest(), s.height(), s.stored_blocks()), (9, 8, 0));
+        assert!(r.dropped_blocks > 0);
+        drop(s);
+        let (mut s, _) = BlockStore::open_above(dir.path(), Limits::default(), base).unwrap();
+        s.append(&[(&blocks[8], None)]).unwrap();
+        assert_eq!(s.height(), 9);
+    }
+
+    #[test]
+    fn damage_at_the_end_of_a_sealed_segment_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = chain(6);
+        drop(segmented(dir.path(), &blocks, 3));
+        // The last byte of block 3, in the first segment: a start must not
+        // cut it as if it were a torn write (blocks 4-6 follow in the next).
+        let p = segment_path(dir.path(), 1);
+        let mut b = std::fs::read(&p).unwrap();
+        *b.last_mut().unwrap() ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        let e = BlockStore::open(dir.path(), Limits::default()).err().unwrap().to_string();
+        assert!(e.contains("corrupt record 2") && e.contains("sealed segment") && e.contains("--repair"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b, "nothing modified");
+        assert!(BlockStore::open_in(dir.path(), Limits::default(), None, Mode::ReadOnly).is_err());
+        let (s, r) = BlockStore::open_in(dir.path(), Limits::default(), None, Mode::Repair).unwrap();
+        assert_eq!((s.height(), r.dropped_blocks), (2, 3));
     }
 
     #[test]

@@ -40,21 +40,6 @@ pub const BASE_FILE: &str = "blocks.base";
 /// The newest complete snapshot, served to joining validators.
 pub const SERVED_FILE: &str = "snapshot.bin";
 
-/// The header of the block the store in `dir` sits on, read from
-/// `blocks.base` without checking its signatures (tools; the validator
-/// verifies the whole snapshot at startup).
-pub fn read_base_header(dir: &std::path::Path) -> std::io::Result<Option<BlockHeader>> {
-    let path = dir.join(BASE_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
-    let s = proto::ChainSnapshot::decode(&bytes[..]).map_err(|e| bad(&e.to_string()))?;
-    s.header.and_then(crate::protocol::block::header_from_proto).map(Some).ok_or_else(|| bad("no valid block header"))
-}
-
 /// Bytes per transfer chunk (well under the QUIC frame limit).
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Largest snapshot a joining validator accepts (chunks × CHUNK_BYTES).

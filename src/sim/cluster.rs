@@ -76,6 +76,11 @@ pub struct Config {
     /// The primaries' floor between blocks of an idle pipeline
     /// (`BuilderConfig::min_interval`; 0: a block as soon as one commits).
     pub min_block_interval_ms: u64,
+    /// Blocks kept below the newest (0: all): at each snapshot the store
+    /// moves its base up and prunes whole segments (`STORAGE_RETAIN_BLOCKS`).
+    pub retain_blocks: u64,
+    /// Bytes at which the block store starts a new segment.
+    pub segment_bytes: u64,
 }
 
 impl Config {
@@ -104,10 +109,16 @@ impl Config {
             byzantine: rng.gen_bool(0.4).then(|| rng.gen_range(0..n)),
             heal_at_ms: rng.gen_range(3_000..15_000),
             min_block_interval_ms: 0,
+            retain_blocks: 0,
+            segment_bytes: crate::edges::store::SEGMENT_BYTES_DEFAULT,
         };
         // Drawn last: the other fields stay what they were for each seed.
         c.wipes = crashes && rng.gen_bool(0.25);
         c.min_block_interval_ms = if rng.gen_bool(0.5) { rng.gen_range(1..=60) } else { 0 };
+        // Retention below the window too: laggards then rejoin.
+        c.retain_blocks = if rng.gen_bool(0.5) { rng.gen_range(2..=24) } else { 0 };
+        c.segment_bytes =
+            if rng.gen_bool(0.7) { rng.gen_range(1_000..8_000) } else { crate::edges::store::SEGMENT_BYTES_DEFAULT };
         // A disk damaged at rest and repaired, or wiped, loses durable
         // state: that validator is one of the f faulty ones (f = 2 of 7).
         if c.byzantine.is_some() && n < 7 {
@@ -151,6 +162,11 @@ pub struct Report {
     pub snapshots_refused: u64,
     /// Snapshot chunks served.
     pub snapshot_chunks: u64,
+    /// Blocks pruned, fetches answered "pruned", and validators that fell
+    /// behind every peer's retained blocks and rejoined from a snapshot.
+    pub pruned_blocks: u64,
+    pub fetches_pruned: u64,
+    pub rejoins: u64,
     /// A digest of every commit everywhere, in order (replays must match).
     pub trace: Hash32,
 }
@@ -164,6 +180,7 @@ enum Msg {
     Genesis(ReadyAttestation),
     SnapshotRequest(proto::SnapshotRequest),
     SnapshotChunk(proto::SnapshotChunk),
+    FetchPruned { lowest: u64 },
 }
 
 struct Packet {
@@ -432,8 +449,12 @@ impl Sim {
                 assert!(v.flipped, "validator {i}: corruption without a bit flip: {e:#}");
                 // The operator's way out (`store check --repair`), then start.
                 self.report.refused_corrupt += 1;
-                let repaired =
-                    BlockStore::open_on(Arc::new(v.disk.clone()), &v.dir, Limits::default(), None, Mode::Repair);
+                // On the base it sits on, as `store check` reads it.
+                let base = crate::edges::store::base_header_on(&v.disk, &v.dir);
+                let repaired = base.map_err(anyhow::Error::from).and_then(|base| {
+                    BlockStore::open_on(Arc::new(v.disk.clone()), &v.dir, Limits::default(), base, Mode::Repair)
+                        .map_err(anyhow::Error::from)
+                });
                 r = repaired.map_err(anyhow::Error::from).and_then(|_| recovery::recover(setup(&v.disk)));
             }
         }
@@ -452,9 +473,22 @@ impl Sim {
                 v.restart_at_ms = self.now_ms + 500;
                 return;
             }
-            Err(e) => panic!("validator {i} cannot recover: {e:#}"),
+            Err(e) => {
+                let files: Vec<_> = v.disk.list(&v.dir).unwrap_or_default();
+                let sizes: Vec<String> = files
+                    .iter()
+                    .map(|p| format!("{}={}", p.display(), v.disk.read(p).map(|b| b.len()).unwrap_or(0)))
+                    .collect();
+                panic!("validator {i} cannot recover: {e:#} (files: {sizes:?})")
+            }
         };
-        let Recovered { store, log, replica, state, reputation, base_bytes, join_records, .. } = r;
+        let Recovered { mut store, log, replica, state, reputation, base_bytes, join_records, .. } = r;
+        store.set_segment_bytes(self.cfg.segment_bytes);
+        // Blocks kept at or below the base (not pruned yet) are the chain's.
+        for h in store.lowest()..=store.base_height().min(store.height()) {
+            let (b, _) = store.read(h).unwrap().expect("indexed");
+            assert_eq!(self.chain.get(&h), Some(&b.hash()), "validator {i}: kept block {h} is not the chain's");
+        }
         if !v.flipped {
             assert!(
                 store.height() >= v.durable_height,
@@ -588,6 +622,40 @@ impl Sim {
         }
     }
 
+    /// Validator `i` heard from f + 1 peers that they pruned what it needs
+    /// next: as the runtime, its block store, base and served snapshot go
+    /// (the consensus log and genesis certificate stay), and it starts again,
+    /// joining from a snapshot.
+    fn rejoin(&mut self, i: Rid, height: u64, lowest: u64) {
+        // At least one honest peer really pruned past it (f + 1 said so).
+        let honest_pruned = self
+            .honest()
+            .filter(|&j| j != i)
+            .any(|j| self.vals[j].up.as_ref().is_some_and(|u| u.store.lowest() > height + 1));
+        assert!(honest_pruned, "validator {i} at {height} rejoins below {lowest}, but no honest peer pruned past it");
+        let v = &mut self.vals[i];
+        v.up = None;
+        let mut gone: Vec<PathBuf> = crate::edges::store::segment_files(&v.disk, &v.dir, 0)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        gone.push(v.dir.join(crate::protocol::snapshot::BASE_FILE));
+        gone.push(v.dir.join(crate::protocol::snapshot::SERVED_FILE));
+        for p in gone {
+            v.disk.remove(&p).expect("the simulated disk removes");
+        }
+        v.durable_height = 0;
+        v.flipped = false;
+        v.served = None;
+        v.restart_at_ms = self.now_ms + 10;
+        self.report.rejoins += 1;
+        self.trace.extend_from_slice(format!("rejoin {i} {height} {lowest}\n").as_bytes());
+        if self.debug {
+            eprintln!("{} validator {i} rejoins: at {height}, peers keep from {lowest}", self.now_ms);
+        }
+    }
+
     fn send(&mut self, from: Rid, to: Option<Rid>, msg: Msg) {
         let targets: Vec<Rid> = match to {
             Some(t) => vec![t],
@@ -622,6 +690,7 @@ impl Sim {
         // Other validators hear of this step only after its records are durable.
         let mut sends = vec![];
         let mut failed: Option<String> = None;
+        let mut rejoin: Option<(u64, u64)> = None;
         for o in ready.effects {
             match o {
                 Output::Persist(_) | Output::Send(..) | Output::Broadcast(_) | Output::Commit { .. } => {
@@ -633,6 +702,12 @@ impl Sim {
                 Output::FetchTxs { to, seq, tx_hashes } => sends.push((Some(to), Msg::TxFetch { seq, tx_hashes })),
                 Output::SendTxs { to, seq, txs } => {
                     sends.push((Some(to), Msg::TxBodies { seq, txs: txs.iter().map(|t| t.to_tx_proto()).collect() }))
+                }
+                Output::ServeFetch { to, from_seq }
+                    if from_seq < up.store.lowest() && from_seq <= up.store.height() =>
+                {
+                    self.report.fetches_pruned += 1;
+                    sends.push((Some(to), Msg::FetchPruned { lowest: up.store.lowest() }));
                 }
                 Output::ServeFetch { to, from_seq } => {
                     match recovery::committed_from(&up.store, &self.wire, from_seq) {
@@ -678,8 +753,8 @@ impl Sim {
                     sends.push((Some(to), Msg::SnapshotChunk(chunk)));
                 }
                 Output::Rejoin { height, lowest } => {
-                    // Nobody here prunes, so nobody answers a fetch with "pruned".
-                    panic!("validator {i} at {height} asked to rejoin below {lowest} in a simulation without pruning")
+                    rejoin = Some((height, lowest));
+                    break;
                 }
                 Output::Joined { header, bytes } => {
                     let h = header.height;
@@ -709,6 +784,42 @@ impl Sim {
                     let bytes = Arc::new(crate::protocol::snapshot::encode(*snap));
                     // As the runtime's writer: a failed write keeps the older file.
                     let _ = v.disk.write_atomically(&v.dir.join(crate::protocol::snapshot::SERVED_FILE), &bytes);
+                    // Retention, as the writer and then the core do: kept as
+                    // the base once its blocks are durable, the base moved
+                    // up, whole segments below min(base, newest - retain) gone.
+                    let store = &mut up.store;
+                    if self.cfg.retain_blocks > 0
+                        && store.height() >= h
+                        && h > store.base_height()
+                        && v.disk.write_atomically(&v.dir.join(crate::protocol::snapshot::BASE_FILE), &bytes).is_ok()
+                    {
+                        match store.read_header(h) {
+                            Ok(Some(header)) => store.rebase(header),
+                            other => {
+                                failed = Some(format!("reading the new base {h}: {other:?}"));
+                                break;
+                            }
+                        }
+                        match store.prune_through(
+                            store.base_height().min(store.height().saturating_sub(self.cfg.retain_blocks)),
+                        ) {
+                            Ok(n) => {
+                                self.report.pruned_blocks += n;
+                                if self.debug {
+                                    eprintln!(
+                                        "{} validator {i} base {h}, pruned {n}, keeps {}..={}",
+                                        self.now_ms,
+                                        store.lowest(),
+                                        store.height()
+                                    );
+                                }
+                            }
+                            Err(e) => {
+                                failed = Some(format!("pruning: {e}"));
+                                break;
+                            }
+                        }
+                    }
                     v.served = Some((h, bytes));
                 }
                 Output::Reject(_) | Output::Evidence { .. } => {}
@@ -729,6 +840,9 @@ impl Sim {
             if failed.is_some() {
                 break;
             }
+        }
+        if let Some((height, lowest)) = rejoin {
+            return self.rejoin(i, height, lowest);
         }
         if failed.is_none() {
             if let Err(e) = up.log.append(&records) {
@@ -887,6 +1001,11 @@ impl Sim {
                 let data: Vec<u8> = (0..64).map(|_| self.rng.gen()).collect();
                 vec![(to, Msg::SnapshotChunk(proto::SnapshotChunk { seq: c.seq + 8, chunk: 0, chunks: 1, data }))]
             }
+            // Catch-up replies: sometimes a lie that it pruned them (one
+            // voice must not make anyone rejoin: it takes f + 1).
+            Msg::Pbft(Message::Committed(c)) if self.rng.gen_bool(0.3) => {
+                vec![(to, Msg::FetchPruned { lowest: c.pre_prepare.body.seq + 1_000 })]
+            }
             // Fetch replies: withheld, or bodies that are not the ones named.
             Msg::TxBodies { seq, txs } => match self.rng.gen_range(0..3) {
                 0 => vec![],
@@ -974,6 +1093,7 @@ impl Sim {
             Msg::Forward(txs) => up.node.on_forward(now, p.from, txs, out),
             Msg::TxFetch { seq, tx_hashes } => up.node.on_tx_fetch(now, p.from, seq, tx_hashes, out),
             Msg::TxBodies { seq, txs } => up.node.on_bodies(now, p.from, seq, txs, out),
+            Msg::FetchPruned { lowest } => up.node.on_fetch_pruned(now, p.from, lowest, out),
         }
         self.perform(p.to);
     }
@@ -1206,6 +1326,9 @@ mod tests {
             total.joined_from_snapshot += r.joined_from_snapshot;
             total.snapshots_refused += r.snapshots_refused;
             total.snapshot_chunks += r.snapshot_chunks;
+            total.pruned_blocks += r.pruned_blocks;
+            total.fetches_pruned += r.fetches_pruned;
+            total.rejoins += r.rejoins;
             total.disk.wipes += r.disk.wipes;
             total.disk.lost_unsynced += r.disk.lost_unsynced;
             total.disk.torn_tails += r.disk.torn_tails;
