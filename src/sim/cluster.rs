@@ -455,7 +455,7 @@ impl Sim {
                     BlockStore::open_on(Arc::new(v.disk.clone()), &v.dir, Limits::default(), base, Mode::Repair)
                         .map_err(anyhow::Error::from)
                 });
-                r = repaired.map_err(anyhow::Error::from).and_then(|_| recovery::recover(setup(&v.disk)));
+                r = repaired.and_then(|_| recovery::recover(setup(&v.disk)));
             }
         }
         // Then the genesis certificate, as the runtime reads it.
