@@ -308,15 +308,18 @@ impl BlockStore {
             segments.push_back(Segment { first, log, offsets });
         }
         let stored_end = segments.back().map_or(base_height + 1, |s| s.end());
-        if stored_end <= base_height && !(mode == Mode::Repair && rec.dropped_blocks > 0) {
-            return Err(shape(format!(
-                "the stored blocks end at {} below the store's base {base_height}",
-                stored_end - 1
-            )));
-        }
-        if stored_end <= base_height {
-            // Repaired below the base: what is left cannot continue above
-            // it. Start again empty on the base (peers send what is above).
+        if stored_end <= base_height && mode == Mode::ReadOnly {
+            // Reported as it is; a start would begin again on the base.
+            last = base.clone();
+        } else if stored_end <= base_height {
+            // What is left ends below the base (a tail cut, or a repair): it
+            // cannot continue above it, and the base holds its state. Start
+            // again empty on the base (peers send the blocks above it).
+            tracing::warn!(
+                stored_end = stored_end - 1,
+                base = base_height,
+                "block store: the blocks kept end below the snapshot it sits on; starting again on the snapshot"
+            );
             for s in segments.drain(..) {
                 let p = s.log.path().to_path_buf();
                 drop(s);

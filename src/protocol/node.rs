@@ -557,12 +557,14 @@ impl<A: Auth + Clone> Node<A> {
         self.replica.cluster_executed().saturating_sub(self.replica.executed())
     }
 
-    /// Peer `from` answered a fetch: it stores blocks from `lowest` on only
-    /// (pruned). Once f + 1 peers say so above this validator's next
+    /// Peer `from` answered a fetch (of blocks, or of the bodies of a
+    /// committed block): it stores blocks from `lowest` on only (pruned). Once f + 1 peers say so above this validator's next
     /// height, `Output::Rejoin`. The first such answer from each peer asks
     /// every peer (one fetch broadcast), so the others' answers come too.
     pub fn on_fetch_pruned(&mut self, now: Now, from: Rid, lowest: u64, out: &mut Vec<Output>) {
-        let next = self.replica.executed() + 1;
+        // The next block to execute here (the replica may have committed
+        // values further whose bodies are the pruned ones).
+        let next = self.height() + 1;
         if from >= self.replica.params().n || from == self.replica.id || lowest <= next || !self.started() {
             return;
         }

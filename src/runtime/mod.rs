@@ -595,7 +595,8 @@ fn start_snapshot_writer(
         for (snap, keep_as_base) in rx {
             let height = snap.height();
             let bytes = Arc::new(snapshot::encode(*snap));
-            match write_atomically(&path, &bytes) {
+            let written = write_atomically(&path, &bytes);
+            match &written {
                 Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
                 Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the snapshot failed"),
             }
@@ -603,7 +604,11 @@ fn start_snapshot_writer(
             // only then): a restart may start from here, and pruning may
             // delete what is below.
             if keep_as_base {
-                match write_atomically(&base_path, &bytes) {
+                let kept = match written {
+                    Ok(()) => link_as_base(&path, &base_path),
+                    Err(_) => write_atomically(&base_path, &bytes),
+                };
+                match kept {
                     Ok(()) => base_kept.store(height, Ordering::Release),
                     Err(e) => tracing::error!(error = %e, path = %base_path.display(), "keeping the snapshot as the store's base failed; nothing is pruned"),
                 }
@@ -614,6 +619,19 @@ fn start_snapshot_writer(
         }
     })?;
     Ok(tx)
+}
+
+/// Makes `base` a second name of the snapshot file `served` (written whole
+/// and only ever replaced by a rename, so the two stay the same bytes until
+/// the next snapshot): no second copy of tens of MB on disk.
+fn link_as_base(served: &std::path::Path, base: &std::path::Path) -> std::io::Result<()> {
+    let tmp = base.with_extension("link");
+    let _ = std::fs::remove_file(&tmp);
+    match std::fs::hard_link(served, &tmp) {
+        Ok(()) => crate::edges::storage::os().rename(&tmp, base),
+        // A file system without hard links: a copy.
+        Err(_) => std::fs::read(served).and_then(|b| write_atomically(base, &b)),
+    }
 }
 
 /// The audit log (when `AUDIT_SIGNING_KEY` is set), with its `start` record.
@@ -1114,6 +1132,13 @@ fn serve_block_txs(
     height: u64,
     tx_hashes: &[crate::Hash32],
 ) -> anyhow::Result<()> {
+    if height < store.lowest() && height <= store.height() {
+        // Its block was pruned here: the asker may have to rejoin.
+        if let Some(net) = &cons.net {
+            net.send(cons.ids[to], Arc::new(wire::encode_fetch_pruned(store.lowest())));
+        }
+        return Ok(());
+    }
     cons.send_bodies(to, seq, &crate::runtime::recovery::block_txs(store, height, tx_hashes)?);
     Ok(())
 }

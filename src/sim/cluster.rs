@@ -717,6 +717,12 @@ impl Sim {
                         Err(e) => failed = Some(format!("serving a fetch: {e:#}")),
                     }
                 }
+                Output::ServeBlockTxs { to, height, .. }
+                    if height < up.store.lowest() && height <= up.store.height() =>
+                {
+                    self.report.fetches_pruned += 1;
+                    sends.push((Some(to), Msg::FetchPruned { lowest: up.store.lowest() }));
+                }
                 Output::ServeBlockTxs { to, seq, height, tx_hashes } => {
                     match recovery::block_txs(&up.store, height, &tx_hashes) {
                         Ok(txs) => sends.push((
