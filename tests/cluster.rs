@@ -519,6 +519,24 @@ fn validator_with_a_wiped_disk_rejoins_through_genesis_and_catch_up() {
     drop(v3);
 }
 
+/// Validator `i` gets a new disk (nothing but its config and key) and
+/// starts again: it joins from a peer's snapshot. Returns it, a client
+/// connected before the join (every block after it is seen) and the
+/// snapshot's height.
+fn wiped_joins(c: &Cluster, vs: &mut [Option<Validator>], i: usize) -> (Validator, Client, u64) {
+    vs[i].take().unwrap().kill9();
+    std::fs::remove_dir_all(&c.net.nodes[i].data_dir).unwrap();
+    let v = c.start(i);
+    let client = v.connect();
+    let joined = wait_log(
+        &v,
+        "joined from a snapshot; catching up with the blocks above it",
+        std::time::Duration::from_secs(60),
+    );
+    let base = joined["fields"]["height"].as_u64().unwrap();
+    (v, client, base)
+}
+
 #[test]
 fn fresh_validator_joins_from_a_snapshot_plus_later_blocks() {
     // A snapshot every 8 blocks (the checkpoint interval), small blocks.
@@ -535,17 +553,7 @@ fn fresh_validator_joins_from_a_snapshot_plus_later_blocks() {
         collect(cl, &nonces(&a));
     }
     wait_log(vs[0].as_ref().unwrap(), "chain snapshot ready", std::time::Duration::from_secs(30));
-    // A new disk: validator 3 starts with nothing but its config and key.
-    vs[3].take().unwrap().kill9();
-    std::fs::remove_dir_all(&c.net.nodes[3].data_dir).unwrap();
-    let v3 = c.start(3);
-    let mut c3 = v3.connect();
-    let joined = wait_log(
-        &v3,
-        "joined from a snapshot; catching up with the blocks above it",
-        std::time::Duration::from_secs(60),
-    );
-    let base = joined["fields"]["height"].as_u64().unwrap();
+    let (v3, mut c3, base) = wiped_joins(&c, &mut vs, 3);
     assert!(base >= 8 && base % 8 == 0, "joined at height {base}");
     // Only the blocks above the snapshot are fetched and executed.
     let top = *chain0.keys().next_back().unwrap();
@@ -643,7 +651,9 @@ fn retention_keeps_the_store_bounded_restarts_on_its_snapshot_and_a_wiped_valida
     // A restart starts on the kept snapshot and catches up.
     vs[1].take().unwrap().kill9();
     let text = store_check(dir1);
-    assert!(text.contains("block store OK") && text.contains("those below pruned"), "{text}");
+    assert!(text.contains("block store OK") && text.contains("from a snapshot at height"), "{text}");
+    let stored_from: u64 = text.split("; blocks ").nth(1).unwrap().split("..").next().unwrap().parse().unwrap();
+    assert!(stored_from > 1, "pruned: {text}");
     let b: Vec<_> = (1500..1600).map(|i| anomaly(c.producer(), i)).collect();
     send_all(&mut clients.iter_mut().enumerate().filter(|(i, _)| *i != 1).map(|(_, c)| c).collect::<Vec<_>>(), &b);
     merge(&mut chain0, collect(&mut clients[0], &nonces(&b)));
@@ -662,16 +672,7 @@ fn retention_keeps_the_store_bounded_restarts_on_its_snapshot_and_a_wiped_valida
 
     // A wiped validator joins the pruned cluster from a snapshot (blocks
     // from height 1 are gone everywhere) and takes part again.
-    vs[3].take().unwrap().kill9();
-    std::fs::remove_dir_all(&c.net.nodes[3].data_dir).unwrap();
-    let v3 = c.start(3);
-    let mut c3 = v3.connect();
-    let joined = wait_log(
-        &v3,
-        "joined from a snapshot; catching up with the blocks above it",
-        std::time::Duration::from_secs(60),
-    );
-    let base = joined["fields"]["height"].as_u64().unwrap();
+    let (v3, mut c3, base) = wiped_joins(&c, &mut vs, 3);
     assert!(base >= lowest, "joined at {base}, below the retained range from {lowest}");
     let top = *chain0.keys().next_back().unwrap();
     let mut chain3 = collect_to_height(&mut c3, top.max(base + 1));

@@ -265,11 +265,8 @@ fn store_check(data_dir: &std::path::Path, repair: bool) -> anyhow::Result<()> {
         store.height(),
         match (store.base_height(), store.lowest()) {
             (0, _) => String::new(),
-            (b, l) if l == b + 1 => format!(" (from a snapshot at height {b})"),
-            (b, l) => format!(
-                " (from a snapshot at height {b}; {} stored from height {l}, those below pruned)",
-                store.stored_blocks()
-            ),
+            // Blocks below the lowest stored: pruned, or never here (a join).
+            (b, l) => format!(" (from a snapshot at height {b}; blocks {l}..={} stored)", store.height()),
         },
         prev.as_ref().map_or(0, |h| h.view),
         hex::encode(store.last_hash()),
