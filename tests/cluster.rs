@@ -685,11 +685,11 @@ fn retention_keeps_the_store_bounded_restarts_on_its_snapshot_and_a_wiped_valida
 
 #[test]
 fn a_validator_behind_every_retained_block_moves_its_store_aside_and_joins_from_a_snapshot() {
-    const RETAIN: u64 = 16;
+    // Retention by a byte budget here: three 64 KiB segments.
     let c = Cluster::new(4, |cfg| {
         cfg.block.max_txs = 10;
         cfg.consensus.snapshot_interval = 8;
-        cfg.storage.retain_blocks = RETAIN;
+        cfg.storage.retain_bytes = 3 * 64 * 1024;
         cfg.storage.segment_bytes = 64 * 1024;
         cfg.api.enabled = true;
         cfg.api.listen = "127.0.0.1:0".into();
@@ -715,6 +715,9 @@ fn a_validator_behind_every_retained_block_moves_its_store_aside_and_joins_from_
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
+    // The budget holds, give or take the segments above the newest base.
+    let kept: u64 = segments(&c.net.nodes[0].data_dir).iter().map(|s| s.1).sum();
+    assert!(kept <= 6 * 64 * 1024, "{kept} bytes kept against a 192 KiB budget");
     let v2 = c.start(2);
     assert!(v2.recovered_height >= height.min(1));
     let e = wait_log(&v2, "starting again to join from a snapshot", std::time::Duration::from_secs(60));

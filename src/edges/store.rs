@@ -369,6 +369,19 @@ impl BlockStore {
         self.height() + 1 - self.lowest()
     }
 
+    /// The height through which segments must be pruned for the rest to
+    /// fit in `bytes` (0: all fit). The last segment always stays.
+    pub fn height_to_fit(&self, bytes: u64) -> u64 {
+        let mut kept = 0u64;
+        for (i, s) in self.segments.iter().enumerate().rev() {
+            kept += s.log.len();
+            if kept > bytes && i + 1 < self.segments.len() {
+                return s.end() - 1;
+            }
+        }
+        0
+    }
+
     /// Segment files and their bytes on disk.
     pub fn segments(&self) -> (usize, u64) {
         (self.segments.len(), self.segments.iter().map(|s| s.log.len()).sum())
@@ -807,6 +820,12 @@ pub(crate) mod tests {
         assert_eq!(&s.read(9).unwrap().unwrap().0, &blocks[8]);
         let other = chain(13);
         assert!(matches!(s.append(&[(&other[12], None)]), Err(StoreError::BadLink { .. })), "another chain's block 13");
+        // A byte budget: the newest segments that fit in it stay.
+        assert_eq!(s.height_to_fit(u64::MAX), 0);
+        let (_, bytes) = s.segments();
+        assert_eq!(s.height_to_fit(bytes), 0, "all fit");
+        assert_eq!(s.height_to_fit(bytes - 1), 9, "7-9 must go for 10-12 to fit");
+        assert_eq!(s.height_to_fit(0), 9, "the last segment stays");
         // The last segment is never deleted, even when all of it is below.
         s.rebase(blocks[11].header.clone());
         s.prune_through(12).unwrap();

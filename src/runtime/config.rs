@@ -120,6 +120,10 @@ pub struct StorageConfig {
     /// them and the event publisher and database mirror are past them.
     /// 0 keeps every block.
     pub retain_blocks: u64,
+    /// STORAGE_RETAIN_BYTES: a budget for the block store's bytes; the
+    /// oldest segments beyond it are pruned, under the same conditions.
+    /// 0: no budget. With both set, the smaller of the two ranges is kept.
+    pub retain_bytes: u64,
     /// STORAGE_SEGMENT_BYTES: size at which the block store starts a new
     /// segment file (the unit pruning deletes).
     pub segment_bytes: u64,
@@ -127,7 +131,7 @@ pub struct StorageConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { retain_blocks: 0, segment_bytes: crate::edges::store::SEGMENT_BYTES_DEFAULT }
+        StorageConfig { retain_blocks: 0, retain_bytes: 0, segment_bytes: crate::edges::store::SEGMENT_BYTES_DEFAULT }
     }
 }
 
@@ -583,6 +587,7 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("DLQ_FILE_MAX_BYTES", |c, v| Ok(c.ingest.dlq_file_max_bytes = parse_num(v)?)),
     ("DLQ_FILE_KEEP", |c, v| Ok(c.ingest.dlq_file_keep = parse_num(v)?)),
     ("STORAGE_RETAIN_BLOCKS", |c, v| Ok(c.storage.retain_blocks = parse_num(v)?)),
+    ("STORAGE_RETAIN_BYTES", |c, v| Ok(c.storage.retain_bytes = parse_num(v)?)),
     ("STORAGE_SEGMENT_BYTES", |c, v| Ok(c.storage.segment_bytes = parse_num(v)?)),
     ("KAFKA_MAX_TIMESTAMP_SKEW", |c, v| Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)),
     ("MEMPOOL_SKEW_TOLERANCE", |c, v| Ok(c.ingest.max_timestamp_skew = parse_dur(v)?)),
@@ -1170,6 +1175,24 @@ fn validate_window(c: &Config, e: &mut Vec<ConfigError>) {
             "use at least 65536 (default 268435456, 256 MiB)",
         ));
     }
+    if c.storage.retain_bytes > 0 && c.storage.retain_bytes < 2 * c.storage.segment_bytes {
+        e.push(err(
+            "STORAGE_RETAIN_BYTES (storage.retain_bytes)",
+            format!(
+                "{} bytes is under two segments ({} each): nearly every block would go at once",
+                c.storage.retain_bytes, c.storage.segment_bytes
+            ),
+            "allow several segments (e.g. 8 × STORAGE_SEGMENT_BYTES), or lower STORAGE_SEGMENT_BYTES",
+        ));
+    }
+    if c.storage.retain_bytes > 0 && (c.consensus.snapshot_interval == 0 || c.cluster.validators.len() < 2) {
+        e.push(err(
+            "STORAGE_RETAIN_BYTES (storage.retain_bytes)",
+            "pruning needs chain snapshots to restart from and serve joins, and a single validator (or \
+             CONSENSUS_SNAPSHOT_INTERVAL=0) makes none",
+            "set 0 for no byte budget, or run several validators with CONSENSUS_SNAPSHOT_INTERVAL > 0",
+        ));
+    }
     if c.storage.retain_blocks > 0 {
         if c.consensus.snapshot_interval == 0 || c.cluster.validators.len() < 2 {
             e.push(err(
@@ -1526,6 +1549,18 @@ mod tests {
         c.cluster.mdns_in_production = true;
         let k = c.validate().err().map(keys_of).unwrap_or_default();
         assert!(!k.contains(&"P2P_ENABLE_MDNS (cluster.enable_mdns)".to_string()), "{k:?}");
+    }
+
+    #[test]
+    fn a_byte_budget_needs_snapshots_and_room_for_several_segments() {
+        let mut c = good();
+        c.storage.retain_bytes = 1 << 30;
+        c.clone().validate().unwrap();
+        c.storage.retain_bytes = c.storage.segment_bytes;
+        assert_eq!(keys_of(c.clone().validate().unwrap_err()), vec!["STORAGE_RETAIN_BYTES (storage.retain_bytes)"]);
+        c.storage.retain_bytes = 1 << 30;
+        c.consensus.snapshot_interval = 0;
+        assert_eq!(keys_of(c.validate().unwrap_err()), vec!["STORAGE_RETAIN_BYTES (storage.retain_bytes)"]);
     }
 
     #[test]

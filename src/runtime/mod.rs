@@ -411,6 +411,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         snapshot_writer,
         _mdns: mdns,
         retain_blocks: c.storage.retain_blocks,
+        retain_bytes: c.storage.retain_bytes,
         base_kept,
         feed_cursors,
         egress: egress_feed,
@@ -970,8 +971,9 @@ struct Consensus {
     snapshot_writer: Option<SyncSender<(Box<snapshot::Recorded>, bool)>>,
     /// mDNS discovery, while it runs (dropped with the core: unregisters).
     _mdns: Option<crate::edges::mdns::Discovery>,
-    /// STORAGE_RETAIN_BLOCKS (0: keep every block).
+    /// STORAGE_RETAIN_BLOCKS and STORAGE_RETAIN_BYTES (0: no such limit).
     retain_blocks: u64,
+    retain_bytes: u64,
     /// The height of the snapshot last kept as `blocks.base` by the writer.
     base_kept: Arc<AtomicU64>,
     /// Cursor files of the downstream feeds (pruning stays below them).
@@ -993,6 +995,11 @@ struct Consensus {
 }
 
 impl Consensus {
+    /// Whether blocks are pruned (STORAGE_RETAIN_BLOCKS or STORAGE_RETAIN_BYTES).
+    fn retains(&self) -> bool {
+        self.retain_blocks > 0 || self.retain_bytes > 0
+    }
+
     fn audit(&mut self, event: &str, fields: serde_json::Value) -> anyhow::Result<()> {
         if let Some(a) = &mut self.audit {
             a.record(now_ms(), event, fields).context("writing the audit log")?;
@@ -1614,7 +1621,7 @@ fn perform_effect(o: Output, store: &mut BlockStore, cons: &mut Consensus, sh: &
         Output::Snapshot(snap) => {
             if let Some(w) = &cons.snapshot_writer {
                 let height = snap.height();
-                let keep_as_base = cons.retain_blocks > 0 && store.height() >= height;
+                let keep_as_base = cons.retains() && store.height() >= height;
                 if w.try_send((snap, keep_as_base)).is_err() {
                     tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
                 }
@@ -1792,7 +1799,7 @@ fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
 /// segments wholly below min(base, newest − retain, every feed's cursor).
 /// Nothing a restart, a join or a downstream consumer needs goes.
 fn prune(store: &mut BlockStore, cons: &Consensus, stats: &RuntimeStats) -> anyhow::Result<()> {
-    if cons.retain_blocks == 0 {
+    if !cons.retains() {
         return Ok(());
     }
     let kept = cons.base_kept.load(Ordering::Acquire);
@@ -1801,11 +1808,15 @@ fn prune(store: &mut BlockStore, cons: &Consensus, stats: &RuntimeStats) -> anyh
         store.rebase(header);
         tracing::debug!(height = kept, "the block store sits on a newer snapshot");
     }
-    let mut limit = store.base_height().min(store.height().saturating_sub(cons.retain_blocks));
+    let mut cursors = vec![];
     for path in &cons.feed_cursors {
-        let cursor = crate::edges::egress::read_cursor(path).with_context(|| format!("reading {}", path.display()))?;
-        limit = limit.min(cursor);
+        cursors.push(crate::edges::egress::read_cursor(path).with_context(|| format!("reading {}", path.display()))?);
     }
+    let by_bytes = match cons.retain_bytes {
+        0 => 0,
+        b => store.height_to_fit(b),
+    };
+    let limit = prune_limit(store.base_height(), store.height(), cons.retain_blocks, by_bytes, &cursors);
     let pruned = store.prune_through(limit)?;
     if pruned > 0 {
         tracing::info!(blocks = pruned, lowest = store.lowest(), "pruned block segments");
@@ -1813,6 +1824,17 @@ fn prune(store: &mut BlockStore, cons: &Consensus, stats: &RuntimeStats) -> anyh
     }
     publish_store(store, stats);
     Ok(())
+}
+
+/// The height through which blocks may be pruned: what either limit lets
+/// go (`retain_blocks` below the newest, `by_bytes` from the byte budget;
+/// 0 = off), never above the base nor a downstream feed's cursor.
+fn prune_limit(base: u64, height: u64, retain_blocks: u64, by_bytes: u64, cursors: &[u64]) -> u64 {
+    let by_blocks = match retain_blocks {
+        0 => 0,
+        r => height.saturating_sub(r),
+    };
+    cursors.iter().fold(base.min(by_blocks.max(by_bytes)), |l, c| l.min(*c))
 }
 
 /// The retained range and the block store's bytes.
@@ -1889,7 +1911,20 @@ fn wait_for_disk_space(
 
 #[cfg(test)]
 mod tests {
-    use super::next_compaction_at;
+    use super::{next_compaction_at, prune_limit};
+
+    #[test]
+    fn pruning_stays_below_the_base_and_every_cursor_and_takes_the_stricter_retention() {
+        // Base 100, newest 180: keep 50 blocks -> through 130, but the base caps it at 100.
+        assert_eq!(prune_limit(100, 180, 50, 0, &[]), 100);
+        assert_eq!(prune_limit(150, 180, 50, 0, &[]), 130);
+        // The byte budget wants more gone than the block count: the stricter wins.
+        assert_eq!(prune_limit(150, 180, 50, 140, &[]), 140);
+        assert_eq!(prune_limit(150, 180, 0, 120, &[]), 120);
+        assert_eq!(prune_limit(150, 180, 0, 0, &[]), 0, "no retention set");
+        // A feed (events, mirror) behind holds it back.
+        assert_eq!(prune_limit(150, 180, 50, 140, &[160, 90]), 90);
+    }
 
     #[test]
     fn the_log_compacts_again_only_once_it_doubles_its_live_size() {
