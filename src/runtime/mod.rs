@@ -596,7 +596,7 @@ fn start_snapshot_writer(
         for (snap, keep_as_base) in rx {
             let height = snap.height();
             let bytes = Arc::new(snapshot::encode(*snap));
-            let written = write_atomically(&path, &bytes);
+            let written = crate::edges::storage::write_atomically_paced(&path, &bytes);
             match &written {
                 Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
                 Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the snapshot failed"),
