@@ -11,6 +11,30 @@ fn tmux(socket: &str) -> Command {
     c
 }
 
+/// Runs `cybermesh monitor --rounds 2 ARGS` in a tmux pane `width` wide;
+/// returns its screen once both rounds are drawn. The pane signals `drawn`
+/// and stays open on `end`, so the screen is read then: no timing guesses.
+fn monitor_screen(tag: &str, args: &str, width: u32) -> String {
+    let socket = format!("cybermesh-test-{tag}-{}", std::process::id());
+    struct Session(String);
+    impl Drop for Session {
+        fn drop(&mut self) {
+            let _ = tmux(&self.0).arg("kill-server").output();
+        }
+    }
+    let _session = Session(socket.clone());
+    let tmux_cmd = format!("tmux -L {socket}");
+    let script = format!("{BIN} monitor --rounds 2 {args}; {tmux_cmd} wait-for -S drawn; {tmux_cmd} wait-for end");
+    let st = tmux(&socket)
+        .args(["new-session", "-d", "-s", "mon", "-x", &width.to_string(), "-y", "30", &script])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(tmux(&socket).args(["wait-for", "drawn"]).status().unwrap().success());
+    let out = tmux(&socket).args(["capture-pane", "-p", "-t", "mon"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 #[test]
 fn monitor_shows_a_running_validator_in_a_terminal() {
     assert!(
@@ -30,25 +54,8 @@ fn monitor_shows_a_running_validator_in_a_terminal() {
     c.send_event(&bad);
     wait_dlq(&v, &s.data_dir().join("dlq.jsonl"), 1);
 
-    let socket = format!("cybermesh-test-{}", std::process::id());
-    struct Session(String);
-    impl Drop for Session {
-        fn drop(&mut self) {
-            let _ = tmux(&self.0).arg("kill-server").output();
-        }
-    }
-    let _session = Session(socket.clone());
-    // Two rounds (levels, then rates), then the pane signals `drawn` and
-    // stays open on `end` so its screen can be read: no timing guesses.
-    let tmux_cmd = format!("tmux -L {socket}");
-    let script = format!(
-        "{BIN} monitor --rounds 2 --interval 300ms {addr}; {tmux_cmd} wait-for -S drawn; {tmux_cmd} wait-for end"
-    );
-    let st = tmux(&socket).args(["new-session", "-d", "-s", "mon", "-x", "200", "-y", "30", &script]).status().unwrap();
-    assert!(st.success());
-    assert!(tmux(&socket).args(["wait-for", "drawn"]).status().unwrap().success());
-    let out = tmux(&socket).args(["capture-pane", "-p", "-t", "mon"]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // Two rounds: levels, then rates.
+    let text = monitor_screen("http", &format!("--interval 300ms {addr}"), 200);
     assert!(text.contains("cybermesh monitor: 1 validator(s)"), "{text}");
     let row = text.lines().find(|l| l.starts_with(&addr)).unwrap_or_else(|| panic!("no row for {addr}:\n{text}"));
     let cols: Vec<&str> = row.split_whitespace().collect();
@@ -102,28 +109,11 @@ fn monitor_shows_a_four_validator_devnet_over_https_with_stage_latencies() {
         })
     };
 
-    let socket = format!("cybermesh-test-https-{}", std::process::id());
-    struct Session(String);
-    impl Drop for Session {
-        fn drop(&mut self) {
-            let _ = tmux(&self.0).arg("kill-server").output();
-        }
-    }
-    let _session = Session(socket.clone());
-    let tmux_cmd = format!("tmux -L {socket}");
-    let script = format!(
-        "{BIN} monitor --rounds 2 --interval 1s --ca-cert {} {}; {tmux_cmd} wait-for -S drawn; {tmux_cmd} wait-for end",
-        cert_pem.display(),
-        apis.join(" ")
-    );
-    let st = tmux(&socket).args(["new-session", "-d", "-s", "mon", "-x", "220", "-y", "30", &script]).status().unwrap();
-    assert!(st.success());
-    assert!(tmux(&socket).args(["wait-for", "drawn"]).status().unwrap().success());
+    let args = format!("--interval 1s --ca-cert {} {}", cert_pem.display(), apis.join(" "));
+    let text = monitor_screen("https", &args, 220);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = loader.join().unwrap();
     assert!(sent > 0);
-    let out = tmux(&socket).args(["capture-pane", "-p", "-t", "mon"]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains("cybermesh monitor: 4 validator(s)"), "{text}");
     for (i, api) in apis.iter().enumerate() {
         let row =
