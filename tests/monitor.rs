@@ -98,12 +98,13 @@ fn monitor_shows_a_four_validator_devnet_over_https_with_stage_latencies() {
         std::thread::spawn(move || {
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Paced by commits, not by a clock: the next tx once this one committed.
                 let e = anomaly(&producer, i);
                 for cl in clients.iter_mut() {
                     cl.send_event(&e);
                 }
+                clients[0].wait_committed(&[e.nonce]);
                 i += 1;
-                std::thread::sleep(std::time::Duration::from_millis(5)); // a steady trickle, not a timing assumption
             }
             i
         })

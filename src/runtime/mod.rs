@@ -1818,11 +1818,12 @@ fn prune(store: &mut BlockStore, cons: &Consensus, stats: &RuntimeStats) -> anyh
     };
     let limit = prune_limit(store.base_height(), store.height(), cons.retain_blocks, by_bytes, &cursors);
     let pruned = store.prune_through(limit)?;
-    if pruned > 0 {
-        tracing::info!(blocks = pruned, lowest = store.lowest(), "pruned block segments");
-        stats.pruned_blocks.fetch_add(pruned, Ordering::Relaxed);
-    }
+    // Published before the log line: whoever reads the log sees the API agree.
     publish_store(store, stats);
+    if pruned > 0 {
+        stats.pruned_blocks.fetch_add(pruned, Ordering::Relaxed);
+        tracing::info!(blocks = pruned, lowest = store.lowest(), "pruned block segments");
+    }
     Ok(())
 }
 
