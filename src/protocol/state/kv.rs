@@ -259,6 +259,8 @@ mod tests {
         assert_eq!(kv.len(), 101);
     }
 
+    type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+
     #[derive(Debug, Clone)]
     enum Op {
         Insert(u8, u8),
@@ -284,7 +286,7 @@ mod tests {
         fn behaves_like_a_map_with_copies_at_each_freeze(ops in proptest::collection::vec(op(), 1..400)) {
             let mut kv = Kv::default();
             let mut model = BTreeMap::<Vec<u8>, Vec<u8>>::new();
-            let mut frozen: Vec<(Frozen, BTreeMap<Vec<u8>, Vec<u8>>)> = vec![];
+            let mut frozen: Vec<(Frozen, Model)> = vec![];
             for op in ops {
                 match op {
                     Op::Insert(k, v) => prop_assert_eq!(kv.insert(vec![k], vec![v]), model.insert(vec![k], vec![v])),
