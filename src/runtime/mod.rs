@@ -595,8 +595,11 @@ fn start_snapshot_writer(
         lower_priority("snapshot-writer");
         for (snap, keep_as_base) in rx {
             let height = snap.height();
+            let started = std::time::Instant::now();
             let bytes = Arc::new(snapshot::encode(*snap));
+            let encode_ms = started.elapsed().as_millis() as u64;
             let written = crate::edges::storage::write_atomically_paced(&path, &bytes);
+            let write_ms = started.elapsed().as_millis() as u64 - encode_ms;
             match &written {
                 Ok(()) => tracing::debug!(bytes = bytes.len(), "snapshot written"),
                 Err(e) => tracing::error!(error = %e, path = %path.display(), "writing the snapshot failed"),
@@ -616,7 +619,7 @@ fn start_snapshot_writer(
             }
             let len = bytes.len();
             *served.lock().unwrap() = Some((height, bytes));
-            tracing::info!(height, bytes = len, "chain snapshot ready");
+            tracing::info!(height, bytes = len, encode_ms, write_ms, "chain snapshot ready");
         }
     })?;
     Ok(tx)
