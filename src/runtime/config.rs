@@ -9,6 +9,16 @@ use crate::protocol::event::Limits;
 use crate::protocol::mempool::MempoolConfig;
 use crate::protocol::state::StateConfig;
 pub use crate::runtime::ring::IdlePolicy;
+
+/// What runs the verify shards and the direct source (RUNTIME_EXECUTOR).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// A pinned glommio executor per shard, owning its connections.
+    Glommio,
+    /// Plain threads, one event-loop thread for the connections.
+    Threads,
+}
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -299,6 +309,22 @@ pub struct RuntimeConfig {
     pub idle: IdlePolicy,
     /// RUNTIME_PIN_CORES: pin threads to cores.
     pub pin_cores: bool,
+    /// RUNTIME_EXECUTOR: what runs the verify shards and the direct
+    /// source. `glommio`: each shard is a glommio executor (io_uring) that
+    /// accepts and reads its own share of the direct connections
+    /// (`SO_REUSEPORT`); `threads`: plain threads behind one event-loop
+    /// thread for all connections (where io_uring is unavailable, e.g.
+    /// Docker's default seccomp profile).
+    pub executor: ExecutorKind,
+    /// RUNTIME_IO_MEMORY_BYTES: memory each glommio executor registers with
+    /// io_uring (locked: shards × this must fit the memlock limit,
+    /// `LimitMEMLOCK` under systemd; ≥ 64 KiB).
+    pub io_memory_bytes: usize,
+    /// RUNTIME_SPIN_BEFORE_PARK: how long an idle glommio executor polls
+    /// before it sleeps (0: at once, so several validators share cores;
+    /// with `RUNTIME_IDLE=spin` and 0 here, 100 ms).
+    #[serde(with = "dur")]
+    pub spin_before_park: Duration,
     /// RUNTIME_VERIFY_NICE: how much nicer (0–19) than the core thread the
     /// verify shards run. On a machine whose cores are all busy (several
     /// validators on 2 cores), 5 let the core thread (votes, proposals,
@@ -327,6 +353,9 @@ impl Default for RuntimeConfig {
             verify_batch: 256,
             idle: IdlePolicy::Park,
             pin_cores: false,
+            executor: ExecutorKind::Glommio,
+            io_memory_bytes: 1 << 20,
+            spin_before_park: Duration::ZERO,
             verify_nice: 0,
             verify_cores: vec![],
             core_core: None,
@@ -651,6 +680,16 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("RUNTIME_PIN_CORES", |c, v| Ok(c.runtime.pin_cores = parse_bool(v)?)),
+    ("RUNTIME_EXECUTOR", |c, v| {
+        c.runtime.executor = match v.trim() {
+            "glommio" => ExecutorKind::Glommio,
+            "threads" => ExecutorKind::Threads,
+            _ => return Err(format!("expected glommio or threads, got {v:?}")),
+        };
+        Ok(())
+    }),
+    ("RUNTIME_IO_MEMORY_BYTES", |c, v| Ok(c.runtime.io_memory_bytes = parse_num(v)?)),
+    ("RUNTIME_SPIN_BEFORE_PARK", |c, v| Ok(c.runtime.spin_before_park = parse_dur(v)?)),
     ("ENABLE_PERSISTENCE", |c, v| Ok(c.database.enabled = parse_bool(v)?)),
     ("DB_DSN", |c, v| Ok(c.database.dsn = v.trim().into())),
     ("DATABASE_URL", |c, v| Ok(c.database.dsn = v.trim().into())),
@@ -1124,6 +1163,13 @@ fn validate_timeouts(c: &Config, e: &mut Vec<ConfigError>) {
 
 /// Pinned cores and the direct source's address.
 fn validate_runtime(c: &Config, e: &mut Vec<ConfigError>) {
+    if c.runtime.executor == ExecutorKind::Glommio && c.runtime.io_memory_bytes < 64 << 10 {
+        e.push(err(
+            "RUNTIME_IO_MEMORY_BYTES (runtime.io_memory_bytes)",
+            format!("{} is below glommio's minimum of 65536", c.runtime.io_memory_bytes),
+            "use e.g. 1048576 (1 MiB)",
+        ));
+    }
     if c.runtime.pin_cores {
         let avail = core_affinity::get_core_ids().map(|v| v.len()).unwrap_or(0);
         for core in c.runtime.verify_cores.iter().chain(c.runtime.core_core.iter()) {

@@ -8,6 +8,10 @@
 //! Backpressure is the same as before: a connection whose shard ring is
 //! full stops being read until the ring has room, so the client's TCP
 //! window closes; other connections go on.
+//!
+//! This is the `runtime.executor = "threads"` path; with `glommio` each
+//! verify shard's executor accepts and reads its own share of the
+//! connections ([`super::executor`]), through the same [`read_events`].
 
 use super::{mono_ms, send_reject, Shared};
 use crate::edges::direct::{decode_frame, split_frame, Split};
@@ -27,14 +31,14 @@ pub const MAX_DIRECT_CONNECTIONS: usize = 256;
 pub(super) const COMMIT_QUEUE_FRAMES: usize = 4096;
 /// Bytes read from a connection at a time (a buffer holds at most one
 /// unfinished frame besides).
-const READ_CHUNK_BYTES: usize = 256 * 1024;
+pub(super) const READ_CHUNK_BYTES: usize = 256 * 1024;
 /// How often the acceptor looks at the stop flag.
-const STOP_POLL_MS: u64 = 50;
+pub(super) const STOP_POLL_MS: u64 = 50;
 /// How long a reader whose shard ring is full waits before trying again.
 const RING_FULL_RETRY_MS: u64 = 1;
 /// How long the acceptor waits after a failed accept (out of descriptors
 /// repeats at once).
-const ACCEPT_RETRY_MS: u64 = 100;
+pub(super) const ACCEPT_RETRY_MS: u64 = 100;
 
 /// Each direct connection's commit-notice queue, by connection id.
 pub(super) type CommitSubscribers = std::sync::Mutex<Vec<(u64, mpsc::Sender<Arc<Vec<u8>>>)>>;
@@ -103,12 +107,13 @@ async fn connection(
     id: u64,
     origin: Arc<str>,
     sh: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(COMMIT_QUEUE_FRAMES);
     sh.subscribers.lock().unwrap().push((id, tx));
-    let reader = read_events(rd, &origin, &sh, &mut stop);
+    let mut rd = TokioConn { rd, stop };
+    let reader = read_events(&mut rd, &origin, &sh);
     let writer = write_commits(wr, rx);
     tokio::pin!(reader, writer);
     tokio::select! {
@@ -118,9 +123,37 @@ async fn connection(
     sh.subscribers.lock().unwrap().retain(|(c, _)| *c != id);
 }
 
+/// What [`read_events`] needs of a connection, whichever event loop runs it.
+pub(super) trait ReadConn {
+    /// Appends the next bytes to `buf`: false at the end of the stream, on
+    /// an error, or at shutdown.
+    async fn read_more(&mut self, buf: &mut Vec<u8>) -> bool;
+    /// Waits `ms` without holding the thread.
+    async fn pause_ms(&mut self, ms: u64);
+}
+
+struct TokioConn {
+    rd: OwnedReadHalf,
+    stop: watch::Receiver<bool>,
+}
+
+impl ReadConn for TokioConn {
+    async fn read_more(&mut self, buf: &mut Vec<u8>) -> bool {
+        buf.reserve(READ_CHUNK_BYTES);
+        tokio::select! {
+            read = self.rd.read_buf(buf) => matches!(read, Ok(n) if n > 0),
+            _ = self.stop.changed() => false,
+        }
+    }
+
+    async fn pause_ms(&mut self, ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await
+    }
+}
+
 /// Frames → decoded events → per-shard batches, handed on when full or
 /// when nothing more is buffered.
-async fn read_events(mut rd: OwnedReadHalf, origin: &Arc<str>, sh: &Shared, stop: &mut watch::Receiver<bool>) {
+pub(super) async fn read_events(rd: &mut impl ReadConn, origin: &Arc<str>, sh: &Shared) {
     let n = sh.shard_in.len();
     let max_len = sh.limits.max_event_bytes + 1;
     let mut batches: Vec<Vec<Incoming>> = (0..n).map(|_| Vec::with_capacity(sh.batch)).collect();
@@ -142,7 +175,7 @@ async fn read_events(mut rd: OwnedReadHalf, origin: &Arc<str>, sh: &Shared, stop
                                 pos: None,
                                 received_ms: mono_ms(),
                             });
-                            if batches[i].len() >= sh.batch && !hand_on(sh, &mut batches, i).await {
+                            if batches[i].len() >= sh.batch && !hand_on(rd, sh, &mut batches, i).await {
                                 return;
                             }
                         }
@@ -160,18 +193,13 @@ async fn read_events(mut rd: OwnedReadHalf, origin: &Arc<str>, sh: &Shared, stop
         }
         // Nothing more buffered: hand partial batches on rather than wait.
         for i in 0..n {
-            if !batches[i].is_empty() && !hand_on(sh, &mut batches, i).await {
+            if !batches[i].is_empty() && !hand_on(rd, sh, &mut batches, i).await {
                 return;
             }
         }
         buf.drain(..at);
-        buf.reserve(READ_CHUNK_BYTES);
-        tokio::select! {
-            read = rd.read_buf(&mut buf) => match read {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            },
-            _ = stop.changed() => break,
+        if !rd.read_more(&mut buf).await {
+            break;
         }
     }
     for (ring, batch) in sh.shard_in.iter().zip(batches) {
@@ -183,14 +211,14 @@ async fn read_events(mut rd: OwnedReadHalf, origin: &Arc<str>, sh: &Shared, stop
 
 /// Pushes shard `i`'s batch, waiting (without holding the thread) while
 /// its ring is full. False once the validator stops.
-async fn hand_on(sh: &Shared, batches: &mut [Vec<Incoming>], i: usize) -> bool {
+async fn hand_on(rd: &mut impl ReadConn, sh: &Shared, batches: &mut [Vec<Incoming>], i: usize) -> bool {
     let mut batch = std::mem::replace(&mut batches[i], Vec::with_capacity(sh.batch));
     loop {
         match sh.shard_in[i].try_push(batch) {
             Ok(()) => return true,
             Err(back) if !stopped(&sh.stop) => {
                 batch = back;
-                tokio::time::sleep(Duration::from_millis(RING_FULL_RETRY_MS)).await;
+                rd.pause_ms(RING_FULL_RETRY_MS).await;
             }
             Err(_) => return false,
         }

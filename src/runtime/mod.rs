@@ -20,6 +20,7 @@
 pub mod config;
 pub mod devnet;
 mod direct;
+mod executor;
 mod kafka;
 pub mod monitor;
 pub mod recovery;
@@ -47,7 +48,7 @@ use crate::protocol::reject::{RejectReason, Rejection};
 use crate::protocol::snapshot;
 use crate::protocol::verify::Incoming;
 use crate::protocol::verify::{Verifier, VerifyPolicy};
-use crate::runtime::config::{IdlePolicy, Validated};
+use crate::runtime::config::{ExecutorKind, IdlePolicy, Validated};
 use anyhow::{bail, Context};
 use prost::Message as _;
 use ring::{idle_wait, Doorbell, Ring};
@@ -271,9 +272,17 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let shard_out: Vec<Arc<Ring<Vec<VerifiedTx>>>> =
         (0..shards).map(|_| Arc::new(Ring::new(c.runtime.ring_capacity, core_bell.clone()))).collect();
 
-    let listener = TcpListener::bind(&c.ingest.direct_listen)
-        .with_context(|| format!("binding the direct source on {} (DIRECT_LISTEN_ADDR)", c.ingest.direct_listen))?;
-    let listen = listener.local_addr()?;
+    // The direct source's sockets: one per glommio shard (SO_REUSEPORT),
+    // or one for the threads path's event loop.
+    let glommio = c.runtime.executor == ExecutorKind::Glommio;
+    let mut listeners = if glommio {
+        executor::bind_listeners(&c.ingest.direct_listen, shards)?
+    } else {
+        vec![TcpListener::bind(&c.ingest.direct_listen).with_context(|| {
+            format!("binding the direct source on {} (DIRECT_LISTEN_ADDR)", c.ingest.direct_listen)
+        })?]
+    };
+    let listen = listeners[0].local_addr()?;
     let shared = Arc::new(Shared {
         stop: stop.clone(),
         idle: c.runtime.idle,
@@ -294,8 +303,23 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         producers: v.producers.iter().copied().collect(),
         skew_ms: c.ingest.max_timestamp_skew.as_millis() as u64,
     });
-    tracing::info!(shards, curve_backend = crate::protocol::crypto::curve_backend(), "starting signature verification");
-    threads.extend(start_shards(c, &policy, &shard_in, &shard_out, &shard_bells, &shared)?);
+    tracing::info!(shards, executor = ?c.runtime.executor, curve_backend = crate::protocol::crypto::curve_backend(), "starting signature verification");
+    if glommio {
+        let io = listeners
+            .drain(..)
+            .enumerate()
+            .map(|(i, listener)| executor::ShardIo {
+                input: shard_in[i].clone(),
+                output: shard_out[i].clone(),
+                bell: shard_bells[i].clone(),
+                verifier: Verifier::new(policy.clone()),
+                listener,
+            })
+            .collect();
+        threads.extend(executor::start(c, io, &shared)?);
+    } else {
+        threads.extend(start_shards(c, &policy, &shard_in, &shard_out, &shard_bells, &shared)?);
+    }
 
     if let Some(tracker) = shared.tracker.clone() {
         threads.push(start_kafka_source(c, tracker, &shared)?);
@@ -434,9 +458,11 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         r
     })?;
 
-    // Direct source acceptor.
-    let sh = shared.clone();
-    threads.push(std::thread::Builder::new().name("direct".into()).spawn(move || direct::serve(listener, sh))?);
+    // Direct source acceptor (the glommio shards accept their own).
+    if let Some(listener) = listeners.pop() {
+        let sh = shared.clone();
+        threads.push(std::thread::Builder::new().name("direct".into()).spawn(move || direct::serve(listener, sh))?);
+    }
     tracing::info!(addr = %listen, shards, "direct source listening");
     Ok(Running { shared, threads, core: Some(core), dlq: Some(dlq), dlq_done, egress, mirror, listen, stats })
 }
@@ -893,13 +919,7 @@ fn shard_loop(
     sh: &Shared,
 ) {
     loop {
-        let mut batch: Vec<Incoming> = Vec::new();
-        while batch.len() < sh.batch {
-            match input.pop() {
-                Some(mut b) => batch.append(&mut b),
-                None => break,
-            }
-        }
+        let batch = take_batch(input, sh.batch);
         if batch.is_empty() {
             if sh.stop.load(Ordering::Relaxed) {
                 return;
@@ -909,26 +929,45 @@ fn shard_loop(
         }
         let taken = batch.len();
         sh.verifying.fetch_add(taken, Ordering::Relaxed);
-        let waited: Vec<u64> = batch.iter().map(|i| i.received_ms).collect();
-        let (mut ok, mut bad) = (Vec::with_capacity(batch.len()), Vec::new());
-        let started = std::time::Instant::now();
-        v.process(batch, now_ms(), mono_ms(), &mut ok, &mut bad);
-        sh.stats.verify_busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let verified_ms = mono_ms();
-        let h = sh.stats.latencies.stage("verify");
-        for received_ms in waited {
-            h.observe(verified_ms.saturating_sub(received_ms) as f64);
-        }
-        sh.stats.verified.fetch_add(ok.len() as u64, Ordering::Relaxed);
-        for r in bad {
-            let _ = sh.dlq.send(r);
-        }
+        let ok = verify_batch(&mut v, batch, sh);
         let pushed = ok.is_empty() || output.push(ok, sh.idle, &sh.stop).is_ok();
         sh.verifying.fetch_sub(taken, Ordering::Relaxed);
         if !pushed {
             return;
         }
     }
+}
+
+/// Up to about `max` txs from a shard's ring (whole batches).
+fn take_batch(input: &Ring<Vec<Incoming>>, max: usize) -> Vec<Incoming> {
+    let mut batch: Vec<Incoming> = Vec::new();
+    while batch.len() < max {
+        match input.pop() {
+            Some(mut b) => batch.append(&mut b),
+            None => break,
+        }
+    }
+    batch
+}
+
+/// One batch through the checks and the batched verification: the
+/// rejected go to the DLQ, the verified are returned.
+fn verify_batch(v: &mut Verifier, batch: Vec<Incoming>, sh: &Shared) -> Vec<VerifiedTx> {
+    let waited: Vec<u64> = batch.iter().map(|i| i.received_ms).collect();
+    let (mut ok, mut bad) = (Vec::with_capacity(batch.len()), Vec::new());
+    let started = std::time::Instant::now();
+    v.process(batch, now_ms(), mono_ms(), &mut ok, &mut bad);
+    sh.stats.verify_busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    let verified_ms = mono_ms();
+    let h = sh.stats.latencies.stage("verify");
+    for received_ms in waited {
+        h.observe(verified_ms.saturating_sub(received_ms) as f64);
+    }
+    sh.stats.verified.fetch_add(ok.len() as u64, Ordering::Relaxed);
+    for r in bad {
+        let _ = sh.dlq.send(r);
+    }
+    ok
 }
 
 fn commit_frame(block: &Block) -> Arc<Vec<u8>> {

@@ -9,15 +9,22 @@
 use crossbeam_queue::ArrayQueue;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-/// Wakes a parked thread. Cheap to ring when nobody sleeps.
+/// Wakes a parked thread, or a task of an event loop ([`Doorbell::rung`]).
+/// Cheap to ring when nobody sleeps.
 #[derive(Default)]
 pub struct Doorbell {
     waiters: AtomicUsize,
     rung: Mutex<bool>,
     cv: Condvar,
+    /// The one task waiting in [`Doorbell::rung`], if any (a glommio
+    /// executor's: its wakers may be woken from other threads).
+    task: Mutex<Option<Waker>>,
 }
 
 impl Doorbell {
@@ -25,7 +32,16 @@ impl Doorbell {
         if self.waiters.load(Ordering::SeqCst) > 0 {
             *self.rung.lock().unwrap() = true;
             self.cv.notify_all();
+            if let Some(w) = self.task.lock().unwrap().take() {
+                w.wake();
+            }
         }
+    }
+
+    /// Resolves once `ready()` holds, checked at the first poll and after
+    /// each ring: the async form of [`Doorbell::wait`], for one task.
+    pub fn rung<F: Fn() -> bool + Unpin>(&self, ready: F) -> Rung<'_, F> {
+        Rung { bell: self, ready, registered: false }
     }
 
     /// Waits until rung or `timeout`, unless `ready()` already holds once the
@@ -40,6 +56,42 @@ impl Doorbell {
             *rung = false;
         }
         self.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// See [`Doorbell::rung`].
+pub struct Rung<'a, F> {
+    bell: &'a Doorbell,
+    ready: F,
+    registered: bool,
+}
+
+impl<F: Fn() -> bool + Unpin> Future for Rung<'_, F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if !this.registered {
+            this.bell.waiters.fetch_add(1, Ordering::SeqCst);
+            this.registered = true;
+        }
+        // The waker is in place before the check, so a push after the check
+        // finds it (the ring sees `waiters` > 0): no lost wake-up.
+        *this.bell.task.lock().unwrap() = Some(cx.waker().clone());
+        if (this.ready)() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl<F> Drop for Rung<'_, F> {
+    fn drop(&mut self) {
+        if self.registered {
+            // No later ring wakes a task that stopped waiting.
+            self.bell.task.lock().unwrap().take();
+            self.bell.waiters.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -177,5 +229,32 @@ mod tests {
             ring.push(i, IdlePolicy::Park, &stop).unwrap();
         }
         assert_eq!(h.join().unwrap(), (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_task_waiting_for_the_bell_wakes_on_push_from_another_thread() {
+        let bell = Arc::new(Doorbell::default());
+        let ring = Arc::new(Ring::new(8, bell.clone()));
+        let r2 = ring.clone();
+        let producer = std::thread::spawn(move || {
+            let stop = AtomicBool::new(false);
+            for i in 0..1000 {
+                r2.push(i, IdlePolicy::Park, &stop).unwrap();
+            }
+        });
+        let got = futures_lite::future::block_on(async {
+            let mut got = vec![];
+            while got.len() < 1000 {
+                match ring.pop() {
+                    Some(v) => got.push(v),
+                    // No timeout: a lost wake-up hangs the test, never passes it.
+                    None => bell.rung(|| !ring.is_empty()).await,
+                }
+            }
+            got
+        });
+        producer.join().unwrap();
+        assert_eq!(got, (0..1000).collect::<Vec<_>>());
+        assert_eq!(bell.waiters.load(Ordering::SeqCst), 0, "a finished wait left its registration");
     }
 }
