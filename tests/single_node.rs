@@ -562,3 +562,47 @@ fn a_full_data_disk_stops_the_validator_cleanly_and_it_resumes_once_space_is_fre
     let out = std::process::Command::new(BIN).args(["store", "check", "--data-dir"]).arg(&data).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The glommio shards register io memory with io_uring, which counts as
+/// locked memory for a user without CAP_IPC_LOCK. Under a memlock limit too
+/// low for it the validator stops at startup naming the limit and the
+/// fixes; with `RUNTIME_EXECUTOR=threads` it runs under the same limit and
+/// commits. (Needs root, to run the validator as `nobody` with the limit.)
+#[test]
+fn a_memlock_limit_too_low_for_glommio_is_named_with_its_fixes_and_threads_run_under_it() {
+    use std::process::{Command, Stdio};
+    let s = Setup::single("");
+    let owned = Command::new("chown").arg("-R").arg("65534:65534").arg(s.dir.path()).status().unwrap();
+    assert!(owned.success(), "chown needs root");
+    let as_nobody = |executor: &str| {
+        let mut cmd = Command::new("prlimit");
+        cmd.args(["--memlock=65536:65536", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&s.config)
+            .env("RUNTIME_EXECUTOR", executor);
+        cmd
+    };
+    let out = as_nobody("glommio").stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started under a 64 KiB memlock limit: {err}");
+    for needed in [
+        "glommio executor (io_uring) failed",
+        "RUNTIME_IO_MEMORY_BYTES = 1048576",
+        "the memlock limit here is 65536 bytes",
+        "LimitMEMLOCK",
+        "RUNTIME_EXECUTOR=threads",
+    ] {
+        assert!(err.contains(needed), "the error does not say {needed:?}: {err}");
+    }
+
+    let v = Validator::spawn(as_nobody("threads"));
+    assert!(v.startup_events.iter().any(|e| e["fields"]["executor"] == "Threads"), "{:?}", v.startup);
+    let mut c = v.connect();
+    let ev = anomaly(&s.producer, 1);
+    c.send_event(&ev);
+    let (got, _) = c.wait_committed(&[ev.nonce]);
+    assert_eq!(got, vec![ev.nonce]);
+    assert!(v.terminate().success());
+}
