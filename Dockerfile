@@ -19,6 +19,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && useradd --system --uid 10001 --home-dir /var/lib/cybermesh --create-home --shell /usr/sbin/nologin cybermesh
 COPY --from=build /src/target/release/cybermesh /usr/local/bin/cybermesh
 USER cybermesh
+# Docker's default seccomp profile refuses io_uring, which the glommio verify
+# shards need; the plain-thread runtime works everywhere. To use glommio,
+# run with a profile that allows io_uring and `--ulimit memlock=…` (shards
+# × RUNTIME_IO_MEMORY_BYTES), and `-e RUNTIME_EXECUTOR=glommio`.
+ENV RUNTIME_EXECUTOR=threads
 WORKDIR /var/lib/cybermesh
 VOLUME ["/var/lib/cybermesh"]
 # P2P (QUIC, UDP), direct source (loopback by default), HTTP API.
