@@ -241,5 +241,53 @@ fn store(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, signatures, shard, hashing, state, merkle, mempool, store);
+/// The block store's I/O primitive, the same bytes two ways (issue 22's
+/// question: would glommio's DmaFile make the store faster?): `write` +
+/// `fdatasync` through the page cache as the store does today, and a
+/// glommio `DmaStreamWriter` (O_DIRECT, io_uring) `write_all` + `sync` on a
+/// LocalExecutor, as a persistence executor would. Appends of one 500-tx
+/// block's size (~190 KB) to a fresh file under `target/` (the data disk's
+/// file system; tmpfs has no O_DIRECT).
+fn storage_io(c: &mut Criterion) {
+    use std::io::Write as _;
+    const BLOCK_BYTES: usize = 190_000;
+    let bytes = vec![0x5au8; BLOCK_BYTES];
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut g = c.benchmark_group("store");
+    g.sample_size(20);
+    g.throughput(Throughput::Bytes(BLOCK_BYTES as u64));
+    let mut f = std::fs::File::create(dir.path().join("std.dat")).unwrap();
+    g.bench_function("write_fdatasync_190KB_std", |b| {
+        b.iter(|| {
+            f.write_all(&bytes).unwrap();
+            f.sync_data().unwrap();
+        })
+    });
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).io_memory(1 << 20).make().unwrap();
+    let path = dir.path().join("dma.dat");
+    let mut w = ex.run(async {
+        let file = glommio::io::DmaFile::create(&path).await.unwrap();
+        glommio::io::DmaStreamWriterBuilder::new(file).with_buffer_size(256 << 10).with_write_behind(2).build()
+    });
+    g.bench_function("write_fdatasync_190KB_glommio_dma", |b| {
+        b.iter_custom(|iters| {
+            ex.run(async {
+                use futures_lite::io::AsyncWriteExt as _;
+                let t = std::time::Instant::now();
+                for _ in 0..iters {
+                    w.write_all(&bytes).await.unwrap();
+                    w.sync().await.unwrap();
+                }
+                t.elapsed()
+            })
+        })
+    });
+    g.finish();
+    ex.run(async move {
+        use futures_lite::io::AsyncWriteExt as _;
+        w.close().await.unwrap();
+    });
+}
+
+criterion_group!(benches, signatures, shard, hashing, state, merkle, mempool, store, storage_io);
 criterion_main!(benches);
