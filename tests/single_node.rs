@@ -606,3 +606,39 @@ fn a_memlock_limit_too_low_for_glommio_is_named_with_its_fixes_and_threads_run_u
     assert_eq!(got, vec![ev.nonce]);
     assert!(v.terminate().success());
 }
+
+/// CPU seconds (user + system) the process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap(); // utime, stime
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Several validators share two cores: an idle one must sleep, not spin,
+/// with either runtime (glommio executors park in io_uring by default).
+/// This measures a rate, so it waits a fixed wall interval by nature; a
+/// spinning thread would use the whole interval, the bound is a tenth.
+#[test]
+fn an_idle_validator_sleeps_with_either_runtime() {
+    use std::time::{Duration, Instant};
+    for executor in ["glommio", "threads"] {
+        let s = Setup::single("");
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("run").arg("--config").arg(&s.config).env("RUNTIME_EXECUTOR", executor);
+        let v = Validator::spawn(cmd);
+        // Up and through genesis: one tx committed, then nothing to do.
+        let mut c = v.connect();
+        let ev = anomaly(&s.producer, 1);
+        c.send_event(&ev);
+        c.wait_committed(&[ev.nonce]);
+        let (cpu0, t0) = (cpu_seconds(v.child.id()), Instant::now());
+        std::thread::sleep(Duration::from_secs(2));
+        let used = cpu_seconds(v.child.id()) - cpu0;
+        let wall = t0.elapsed().as_secs_f64();
+        assert!(used < wall / 10.0, "{executor}: an idle validator used {used:.2} s of CPU in {wall:.2} s");
+        assert!(v.terminate().success());
+    }
+}

@@ -103,6 +103,10 @@ enum Cmd {
         /// Block build interval.
         #[arg(long, default_value = "20ms")]
         build_interval: String,
+        /// Client connections, each sending its own share of the txs (with
+        /// glommio shards, the kernel spreads connections over the shards).
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
         /// Keep the temp dir (configs, keys, blocks, DLQ) and print its path.
         #[arg(long)]
         keep: bool,
@@ -205,9 +209,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Validator { config } => cybermesh::runtime::run_blocking(Some(&config)),
-        Cmd::Single { mut load, shards, block_max_txs, build_interval, keep } => {
+        Cmd::Single { mut load, shards, block_max_txs, build_interval, connections, keep } => {
             load.rate.get_or_insert(0);
-            single(load, shards, block_max_txs, &build_interval, keep)
+            single(load, shards, block_max_txs, &build_interval, connections, keep)
         }
         Cmd::MirrorBench { db_dsn, blocks, txs, batch } => mirror_bench(&db_dsn, blocks, txs, batch),
         Cmd::Kafka { brokers, count, payload, shards, block_max_txs } => {
@@ -465,7 +469,14 @@ verify_shards = {shards}
     Ok((cfg_path, producer))
 }
 
-fn single(load: LoadArgs, shards: usize, block_max_txs: usize, build_interval: &str, keep: bool) -> anyhow::Result<()> {
+fn single(
+    load: LoadArgs,
+    shards: usize,
+    block_max_txs: usize,
+    build_interval: &str,
+    connections: usize,
+    keep: bool,
+) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("cybermesh-single-").tempdir()?;
     let root = dir.path().to_path_buf();
     let port = free_port()?;
@@ -489,8 +500,10 @@ fn single(load: LoadArgs, shards: usize, block_max_txs: usize, build_interval: &
             .spawn()
             .context("starting the validator process")?,
     );
-    let stream = connect(addr, Duration::from_secs(30), &root.join("validator-1.log"))?;
-    let res = drive(vec![stream], frames, &nonces, &load, || Ok(()))?;
+    let streams = (0..connections.max(1))
+        .map(|_| connect(addr, Duration::from_secs(30), &root.join("validator-1.log")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let res = drive(streams, Fanout::Split, frames, &nonces, &load, || Ok(()))?;
     drop(child);
     report(&load, &res, raw, sign_rate, shards, "single validator (N = 1)");
     if keep {
@@ -562,7 +575,7 @@ fn devnet(load: LoadArgs, cluster: &ClusterArgs, keep: bool) -> anyhow::Result<(
     // latency percentiles.
     let scrape_all = || api_ports.iter().map(|p| scrape(*p)).collect::<anyhow::Result<Vec<Scrape>>>();
     let mut before = vec![];
-    let mut res = drive(streams, frames, &nonces, &load, || {
+    let mut res = drive(streams, Fanout::Every, frames, &nonces, &load, || {
         before = scrape_all()?;
         Ok(())
     })?;
@@ -725,8 +738,19 @@ type Results2 = (Vec<(String, f64, f64)>, Vec<(u32, bool, f64)>);
 /// delivers every tx to every validator); latency and throughput are
 /// measured on the first stream's commit notices. `on_warm` runs once the
 /// warm-up (`--warmup`) has passed.
+/// What [`drive`] sends on each of its streams.
+#[derive(Clone, Copy, PartialEq)]
+enum Fanout {
+    /// Every tx on every stream (one stream per validator, as Kafka would).
+    Every,
+    /// Each tx on one stream (several clients of one validator): chunks of
+    /// 64 dealt round robin.
+    Split,
+}
+
 fn drive(
     streams: Vec<TcpStream>,
+    send: Fanout,
     frames: Vec<Vec<u8>>,
     nonces: &[[u8; 16]],
     load: &LoadArgs,
@@ -747,13 +771,18 @@ fn drive(
         s.set_nodelay(true)?;
         let (w_stream, sa, ds, sc, fr, left) =
             (s.try_clone()?, sent_at.clone(), done_sending.clone(), sent.clone(), frames.clone(), writers_left.clone());
+        // Which chunks this stream sends, and whether it counts them.
+        let (stride, counts) = match send {
+            Fanout::Every => ((0, 1), k == 0),
+            Fanout::Split => ((k, streams.len()), true),
+        };
         writers.push(std::thread::spawn(move || -> std::io::Result<()> {
-            let r = write_frames(w_stream, &fr, start, rate, duration, |i, end, now| {
-                if k == 0 {
+            let r = write_frames(w_stream, &fr, stride, start, rate, duration, |i, end, now| {
+                if counts {
                     for a in &sa[i..end] {
                         a.store(now, Ordering::Relaxed);
                     }
-                    sc.store(end as u64, Ordering::Relaxed);
+                    sc.fetch_add((end - i) as u64, Ordering::Relaxed);
                 }
             });
             if left.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -881,9 +910,11 @@ fn drive(
 
 /// Writes frames in chunks of 64, open-loop at `rate` (0 = as fast as the
 /// socket takes them); `on_chunk(first, end, now_ns)` runs before each chunk.
+/// `(k, n)`: only chunks k, k + n, k + 2n, … (the whole rate is the sum).
 fn write_frames(
     stream: TcpStream,
     frames: &[Vec<u8>],
+    (k, n): (usize, usize),
     start: Instant,
     rate: u64,
     duration: Duration,
@@ -891,7 +922,8 @@ fn write_frames(
 ) -> std::io::Result<()> {
     let mut w = std::io::BufWriter::with_capacity(1 << 20, stream);
     let chunk = 64;
-    let mut i = 0;
+    let mut i = k * chunk;
+    let mut since_flush = 0;
     while i < frames.len() && start.elapsed() < duration {
         if rate > 0 {
             // Open loop: chunk k is due at k·chunk/rate seconds.
@@ -906,9 +938,11 @@ fn write_frames(
         for f in &frames[i..end] {
             w.write_all(f)?;
         }
-        i = end;
-        if rate == 0 && i % 4096 == 0 {
+        since_flush += end - i;
+        i += chunk * n;
+        if rate == 0 && since_flush >= 4096 {
             w.flush()?;
+            since_flush = 0;
         }
     }
     w.flush()
