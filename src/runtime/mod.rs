@@ -1,7 +1,10 @@
 //! Runtime: the validator's threads and the queues between them.
 //!
 //! ```text
-//! direct source ─ one thread (event loop) for every connection: frame → decode → route by hash(nonce)
+//! direct source: each verify shard's glommio executor accepts its share of
+//!   the connections (SO_REUSEPORT) and reads them (io_uring): frame → decode
+//!   → route by hash(nonce)   [RUNTIME_EXECUTOR=threads: one event-loop thread]
+//! Kafka source: rdkafka's threads, routed the same way
 //!        │  Ring<Vec<Incoming>> per shard
 //!        ▼
 //! verify shard × N (pinned when configured): checks → batched Ed25519 → nonces
@@ -12,7 +15,7 @@
 //!        │   └── net thread (tokio + quinn QUIC to the other validators)
 //!        │  consensus.log (fsync before sends) · block store (fsync) · committed blocks
 //!        ▼
-//! subscribers (each direct connection's notice queue, written by the direct thread)
+//! subscribers (each direct connection's notice queue, written by its connection's task)
 //! ```
 //! Each stage owns its data; queues are bounded, so a slow stage stops the
 //! one before it and, finally, the TCP reader: backpressure, never growth.
