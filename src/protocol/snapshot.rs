@@ -111,8 +111,10 @@ pub fn encode(rec: Recorded) -> Vec<u8> {
     let mut sorted: Vec<(u64, &Vec<u8>, &Vec<u8>)> = state.entries.iter().map(|(k, v)| (prefix(k), k, v)).collect();
     sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
     let entries: Vec<(&Vec<u8>, &Vec<u8>)> = sorted.into_iter().map(|(_, k, v)| (k, v)).collect();
-    let entry_len =
-        |k: &Vec<u8>, v: &Vec<u8>| prost::encoding::bytes::encoded_len(1, k) * usize::from(!k.is_empty()) + prost::encoding::bytes::encoded_len(2, v) * usize::from(!v.is_empty());
+    let entry_len = |k: &Vec<u8>, v: &Vec<u8>| {
+        prost::encoding::bytes::encoded_len(1, k) * usize::from(!k.is_empty())
+            + prost::encoding::bytes::encoded_len(2, v) * usize::from(!v.is_empty())
+    };
     let head = proto::StateSnapshot {
         height: state.height,
         state_root: state.state_root.to_vec(),
@@ -128,7 +130,8 @@ pub fn encode(rec: Recorded) -> Vec<u8> {
     // state (2), then the rest.
     let before = proto::ChainSnapshot { header: chain.header, ..Default::default() };
     let after = proto::ChainSnapshot { header: None, state: None, ..chain };
-    let total = before.encoded_len() + key_len(2) + encoded_len_varint(state_len as u64) + state_len + after.encoded_len();
+    let total =
+        before.encoded_len() + key_len(2) + encoded_len_varint(state_len as u64) + state_len + after.encoded_len();
     let mut out = Vec::with_capacity(total);
     before.encode(&mut out).expect("sized");
     encode_key(2, WireType::LengthDelimited, &mut out);
@@ -398,7 +401,10 @@ mod tests {
         for i in 0u32..3000 {
             // Keys and values of several lengths (varint lengths of 1 and
             // 2 bytes), one empty value.
-            kv.insert(crate::sha256(&i.to_be_bytes())[..(i % 32) as usize + 1].to_vec(), vec![i as u8; (i % 300) as usize]);
+            kv.insert(
+                crate::sha256(&i.to_be_bytes())[..(i % 32) as usize + 1].to_vec(),
+                vec![i as u8; (i % 300) as usize],
+            );
         }
         let held = kv.freeze();
         for i in 0u32..500 {

@@ -114,7 +114,7 @@ async fn connection(
     sh.subscribers.lock().unwrap().push((id, tx));
     let mut rd = TokioConn { rd, stop };
     let reader = read_events(&mut rd, &origin, &sh);
-    let writer = write_commits(wr, rx);
+    let writer = write_commits(tokio::io::BufWriter::new(wr), rx);
     tokio::pin!(reader, writer);
     tokio::select! {
         _ = &mut reader => {}
@@ -229,9 +229,23 @@ fn stopped(stop: &AtomicBool) -> bool {
     stop.load(Ordering::Relaxed)
 }
 
+/// What [`write_commits`] needs of a connection, whichever event loop runs it.
+pub(super) trait WriteConn {
+    async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()>;
+    async fn flush(&mut self) -> std::io::Result<()>;
+}
+
+impl WriteConn for tokio::io::BufWriter<OwnedWriteHalf> {
+    async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        AsyncWriteExt::write_all(self, buf).await
+    }
+    async fn flush(&mut self) -> std::io::Result<()> {
+        AsyncWriteExt::flush(self).await
+    }
+}
+
 /// Commit notices, written as they come (flushed once the queue is empty).
-async fn write_commits(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Arc<Vec<u8>>>) {
-    let mut w = tokio::io::BufWriter::new(wr);
+pub(super) async fn write_commits(mut w: impl WriteConn, mut rx: mpsc::Receiver<Arc<Vec<u8>>>) {
     while let Some(frame) = rx.recv().await {
         if w.write_all(&frame).await.is_err() {
             return;

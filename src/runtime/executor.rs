@@ -23,7 +23,10 @@
 //! io_uring, which counts against the memlock limit; [`start`] names the
 //! limit and the fixes when an executor cannot start.
 
-use super::direct::{read_events, ReadConn, ACCEPT_RETRY_MS, COMMIT_QUEUE_FRAMES, READ_CHUNK_BYTES, STOP_POLL_MS};
+use super::direct::{
+    read_events, write_commits, ReadConn, WriteConn, ACCEPT_RETRY_MS, COMMIT_QUEUE_FRAMES, READ_CHUNK_BYTES,
+    STOP_POLL_MS,
+};
 use super::ring::{Doorbell, IdlePolicy, Ring};
 use super::{set_nice, take_batch, verify_batch, Shared, MAX_DIRECT_CONNECTIONS};
 use crate::protocol::mempool::VerifiedTx;
@@ -229,7 +232,8 @@ async fn verify_loop(
 async fn accept_loop(listener: std::net::TcpListener, sh: &Arc<Shared>, open: &Arc<AtomicUsize>, ids: &AtomicU64) {
     // SAFETY: the descriptor is a bound, listening TCP socket whose
     // ownership moves here (into_raw_fd).
-    let listener = unsafe { <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(listener.into_raw_fd()) };
+    let listener =
+        unsafe { <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(listener.into_raw_fd()) };
     let (stop_tx, stop_rx) = watch::channel(false);
     let live = Rc::new(Cell::new(0usize));
     // One accept in flight for the listener's life: a dropped accept could
@@ -281,14 +285,20 @@ async fn accept_loop(listener: std::net::TcpListener, sh: &Arc<Shared>, open: &A
 /// One client, as in the threads path: events in (ends the connection when
 /// the client closes or breaks the framing, or at shutdown), commit notices
 /// out (a failed or dropped notice queue ends only the notices).
-async fn connection(stream: glommio::net::TcpStream, id: u64, origin: Arc<str>, sh: Arc<Shared>, stop: watch::Receiver<bool>) {
+async fn connection(
+    stream: glommio::net::TcpStream,
+    id: u64,
+    origin: Arc<str>,
+    sh: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
     let (rd, wr) = futures_lite::io::split(stream);
     let (tx, rx) = mpsc::channel(COMMIT_QUEUE_FRAMES);
     sh.subscribers.lock().unwrap().push((id, tx));
     let mut conn = GlommioConn { rd, stop, scratch: vec![0; READ_CHUNK_BYTES] };
     let reader = read_events(&mut conn, &origin, &sh);
     let writer = async {
-        write_commits(wr, rx).await;
+        write_commits(futures_lite::io::BufWriter::new(wr), rx).await;
         std::future::pending::<()>().await
     };
     or(reader, writer).await;
@@ -325,20 +335,11 @@ impl<R: AsyncRead + Unpin> ReadConn for GlommioConn<R> {
     }
 }
 
-/// Commit notices, written as they come (flushed once the queue is empty).
-async fn write_commits(wr: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Arc<Vec<u8>>>) {
-    let mut w = futures_lite::io::BufWriter::new(wr);
-    while let Some(frame) = rx.recv().await {
-        if w.write_all(&frame).await.is_err() {
-            return;
-        }
-        while let Ok(f) = rx.try_recv() {
-            if w.write_all(&f).await.is_err() {
-                return;
-            }
-        }
-        if w.flush().await.is_err() {
-            return;
-        }
+impl<W: AsyncWrite + Unpin> WriteConn for futures_lite::io::BufWriter<W> {
+    async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        AsyncWriteExt::write_all(self, buf).await
+    }
+    async fn flush(&mut self) -> std::io::Result<()> {
+        AsyncWriteExt::flush(self).await
     }
 }

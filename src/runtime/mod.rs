@@ -281,9 +281,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let mut listeners = if glommio {
         executor::bind_listeners(&c.ingest.direct_listen, shards)?
     } else {
-        vec![TcpListener::bind(&c.ingest.direct_listen).with_context(|| {
-            format!("binding the direct source on {} (DIRECT_LISTEN_ADDR)", c.ingest.direct_listen)
-        })?]
+        vec![TcpListener::bind(&c.ingest.direct_listen)
+            .with_context(|| format!("binding the direct source on {} (DIRECT_LISTEN_ADDR)", c.ingest.direct_listen))?]
     };
     let listen = listeners[0].local_addr()?;
     let shared = Arc::new(Shared {

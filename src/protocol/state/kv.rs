@@ -104,11 +104,7 @@ impl Kv {
         }
         self.settle();
         // A value written while shared is newer than the shard's.
-        let overlaid = if self.overlay.is_empty() {
-            None
-        } else {
-            Arc::make_mut(&mut self.overlay).swap_remove(&key)
-        };
+        let overlaid = if self.overlay.is_empty() { None } else { Arc::make_mut(&mut self.overlay).swap_remove(&key) };
         let shards = Arc::get_mut(&mut self.shards).expect("checked unshared above");
         let before = match value {
             Some(v) => shards[i].insert(key, v),
