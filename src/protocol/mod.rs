@@ -17,6 +17,7 @@ pub mod event;
 pub mod mempool;
 pub mod node;
 pub mod proposal;
+pub mod reconfig;
 pub mod reject;
 pub mod reputation;
 pub mod snapshot;

@@ -1,0 +1,296 @@
+//! Validator set changes (issue 21; the design is `docs/reconfiguration.md`):
+//! the signed change, its canonical bytes, and the rules every replica
+//! checks when it executes one. Pure: no clock, I/O or randomness.
+//!
+//! Not wired in yet: the state machine, consensus and the runtime do not
+//! use this module so far (the design's implementation order, step 1).
+//!
+//! The rule: a change is authorised by q = n − f signatures of the current
+//! epoch's validators over [`signed_bytes`]; at most f changes an epoch; the
+//! set after it keeps n ≥ [`MIN_VALIDATORS`] with unique ids and keys.
+
+use crate::protocol::crypto::{self, PublicKey, Signature, SigningKey};
+use crate::Hash32;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Domain separation of the signed bytes.
+pub const DOMAIN: &[u8] = b"cybermesh.reconfig.v1";
+/// The smallest set a change may leave (f ≥ 1).
+pub const MIN_VALIDATORS: usize = 4;
+
+/// Validator id → public key, in id order.
+pub type ValidatorSet = BTreeMap<u32, PublicKey>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ChangeKind {
+    Add = 1,
+    Remove = 2,
+    Rotate = 3,
+}
+
+/// One change: `key` is the added validator's or the rotated one's new key
+/// (all zero for a removal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub id: u32,
+    pub key: PublicKey,
+}
+
+/// A change of the set, with its signatures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconfiguration {
+    /// The chain it is for: the genesis config hash.
+    pub chain: Hash32,
+    /// The epoch it changes (the current one when it executes).
+    pub epoch: u64,
+    pub changes: Vec<Change>,
+    pub signatures: Vec<(u32, Signature)>,
+}
+
+/// Why a change is refused (every replica refuses it at the same height).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("signed for another chain")]
+    WrongChain,
+    #[error("changes epoch {got}, the current epoch is {current}")]
+    StaleEpoch { got: u64, current: u64 },
+    #[error("no changes")]
+    Empty,
+    #[error("{changes} changes in one epoch; at most f = {f}")]
+    TooMany { changes: usize, f: usize },
+    #[error("validator {id} is changed twice")]
+    ChangedTwice { id: u32 },
+    #[error("validator {id} is already in the set")]
+    AlreadyIn { id: u32 },
+    #[error("validator {id} is not in the set")]
+    NotIn { id: u32 },
+    #[error("a removal carries no key (validator {id})")]
+    KeyOnRemoval { id: u32 },
+    #[error("validator {id}'s key: {problem}")]
+    BadKey { id: u32, problem: String },
+    #[error("a key would be used by two validators ({a} and {b})")]
+    KeyInUse { a: u32, b: u32 },
+    #[error("the set would have {n} validators; at least {MIN_VALIDATORS}")]
+    TooSmall { n: usize },
+    #[error("{valid} valid signatures of current validators; {q} needed")]
+    TooFewSignatures { valid: usize, q: usize },
+}
+
+/// f and q of a set of n.
+pub fn fault_tolerance(n: usize) -> (usize, usize) {
+    let f = n.saturating_sub(1) / 3;
+    (f, n - f)
+}
+
+/// The bytes each validator signs: `DOMAIN ‖ chain ‖ u64 BE epoch ‖
+/// u32 BE count ‖ (u8 kind ‖ u32 BE id ‖ 32 B key)*`, changes in id order.
+pub fn signed_bytes(chain: &Hash32, epoch: u64, changes: &[Change]) -> Vec<u8> {
+    let mut sorted = changes.to_vec();
+    sorted.sort_by_key(|c| (c.id, c.kind));
+    let mut v = Vec::with_capacity(DOMAIN.len() + 44 + 37 * sorted.len());
+    v.extend_from_slice(DOMAIN);
+    v.extend_from_slice(chain);
+    v.extend_from_slice(&epoch.to_be_bytes());
+    v.extend_from_slice(&(sorted.len() as u32).to_be_bytes());
+    for c in &sorted {
+        v.push(c.kind as u8);
+        v.extend_from_slice(&c.id.to_be_bytes());
+        v.extend_from_slice(&c.key);
+    }
+    v
+}
+
+/// A validator's signature of a change.
+pub fn sign(key: &SigningKey, chain: &Hash32, epoch: u64, changes: &[Change]) -> Signature {
+    crypto::sign(key, &signed_bytes(chain, epoch, changes))
+}
+
+/// Checks `rc` against the chain, the current epoch and its set; returns
+/// the next epoch's set.
+pub fn check(rc: &Reconfiguration, chain: &Hash32, epoch: u64, set: &ValidatorSet) -> Result<ValidatorSet, Refused> {
+    if rc.chain != *chain {
+        return Err(Refused::WrongChain);
+    }
+    if rc.epoch != epoch {
+        return Err(Refused::StaleEpoch { got: rc.epoch, current: epoch });
+    }
+    if rc.changes.is_empty() {
+        return Err(Refused::Empty);
+    }
+    let (f, q) = fault_tolerance(set.len());
+    if rc.changes.len() > f {
+        return Err(Refused::TooMany { changes: rc.changes.len(), f });
+    }
+    let mut next = set.clone();
+    let mut seen = BTreeSet::new();
+    for c in &rc.changes {
+        if !seen.insert(c.id) {
+            return Err(Refused::ChangedTwice { id: c.id });
+        }
+        match c.kind {
+            ChangeKind::Add if set.contains_key(&c.id) => return Err(Refused::AlreadyIn { id: c.id }),
+            ChangeKind::Remove | ChangeKind::Rotate if !set.contains_key(&c.id) => {
+                return Err(Refused::NotIn { id: c.id })
+            }
+            ChangeKind::Remove if c.key != [0; 32] => return Err(Refused::KeyOnRemoval { id: c.id }),
+            ChangeKind::Remove => {
+                next.remove(&c.id);
+            }
+            ChangeKind::Add | ChangeKind::Rotate => {
+                crypto::check_public_key(&c.key).map_err(|e| Refused::BadKey { id: c.id, problem: e.to_string() })?;
+                next.insert(c.id, c.key);
+            }
+        }
+    }
+    if next.len() < MIN_VALIDATORS {
+        return Err(Refused::TooSmall { n: next.len() });
+    }
+    // A key used twice in the next set, or an old key coming back under
+    // another id, would let one signer count twice.
+    let mut by_key: BTreeMap<PublicKey, u32> = BTreeMap::new();
+    for (id, key) in set.iter().chain(next.iter()) {
+        if let Some(&other) = by_key.get(key) {
+            if other != *id {
+                return Err(Refused::KeyInUse { a: other.min(*id), b: other.max(*id) });
+            }
+        }
+        by_key.insert(*key, *id);
+    }
+    let msg = signed_bytes(chain, epoch, &rc.changes);
+    let mut signers = BTreeSet::new();
+    for (id, sig) in &rc.signatures {
+        let Some(key) = set.get(id) else { continue };
+        if signers.contains(id) {
+            continue;
+        }
+        if crypto::verify_one(key, &msg, sig).is_ok() {
+            signers.insert(*id);
+        }
+    }
+    if signers.len() < q {
+        return Err(Refused::TooFewSignatures { valid: signers.len(), q });
+    }
+    Ok(next)
+}
+
+/// The height a change executed at `height` takes effect after: the first
+/// multiple of the checkpoint interval at least one interval later.
+pub fn switch_height(height: u64, checkpoint_interval: u64) -> u64 {
+    assert!(checkpoint_interval > 0, "a checkpoint interval of 0");
+    (height + checkpoint_interval).div_ceil(checkpoint_interval) * checkpoint_interval
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_of(keys: &[SigningKey]) -> ValidatorSet {
+        keys.iter().enumerate().map(|(i, k)| (i as u32 + 1, crypto::public_key(k))).collect()
+    }
+
+    fn signed(
+        keys: &[SigningKey],
+        signers: &[usize],
+        chain: Hash32,
+        epoch: u64,
+        changes: Vec<Change>,
+    ) -> Reconfiguration {
+        let signatures = signers.iter().map(|&i| (i as u32 + 1, sign(&keys[i], &chain, epoch, &changes))).collect();
+        Reconfiguration { chain, epoch, changes, signatures }
+    }
+
+    #[test]
+    fn a_quorum_of_the_current_set_adds_removes_and_rotates() {
+        let keys: Vec<SigningKey> = (0..4).map(|_| crypto::generate_key()).collect();
+        let set = set_of(&keys);
+        let chain = [7; 32];
+        let new = crypto::public_key(&crypto::generate_key());
+        let add = vec![Change { kind: ChangeKind::Add, id: 5, key: new }];
+        let next = check(&signed(&keys, &[0, 1, 2], chain, 3, add.clone()), &chain, 3, &set).unwrap();
+        assert_eq!(next.len(), 5);
+        assert_eq!(next[&5], new);
+        // Five validators: f = 1, q = 4; removing one leaves four.
+        let rm = vec![Change { kind: ChangeKind::Remove, id: 2, key: [0; 32] }];
+        let mut keys5 = keys.clone();
+        keys5.push(crypto::generate_key());
+        let set5 = set_of(&keys5);
+        assert_eq!(
+            check(&signed(&keys5, &[0, 1, 2], chain, 4, rm.clone()), &chain, 4, &set5),
+            Err(Refused::TooFewSignatures { valid: 3, q: 4 })
+        );
+        let next = check(&signed(&keys5, &[0, 2, 3, 4], chain, 4, rm), &chain, 4, &set5).unwrap();
+        assert!(!next.contains_key(&2) && next.len() == 4);
+        let rotated = crypto::public_key(&crypto::generate_key());
+        let rot = vec![Change { kind: ChangeKind::Rotate, id: 1, key: rotated }];
+        let next = check(&signed(&keys, &[1, 2, 3], chain, 3, rot), &chain, 3, &set).unwrap();
+        assert_eq!(next[&1], rotated);
+    }
+
+    #[test]
+    fn each_rule_refuses_with_its_reason() {
+        let keys: Vec<SigningKey> = (0..4).map(|_| crypto::generate_key()).collect();
+        let set = set_of(&keys);
+        let chain = [7; 32];
+        let k = |i: u8| crypto::public_key(&SigningKey::from_bytes(&[i; 32]));
+        let add = |id| Change { kind: ChangeKind::Add, id, key: k(id as u8) };
+        let rm = |id| Change { kind: ChangeKind::Remove, id, key: [0; 32] };
+        let all = [0, 1, 2, 3];
+        let try_ = |rc: Reconfiguration| check(&rc, &chain, 3, &set);
+        assert_eq!(try_(signed(&keys, &all, [8; 32], 3, vec![add(5)])), Err(Refused::WrongChain));
+        assert_eq!(try_(signed(&keys, &all, chain, 2, vec![add(5)])), Err(Refused::StaleEpoch { got: 2, current: 3 }));
+        assert_eq!(try_(signed(&keys, &all, chain, 3, vec![])), Err(Refused::Empty));
+        assert_eq!(
+            try_(signed(&keys, &all, chain, 3, vec![add(5), add(6)])),
+            Err(Refused::TooMany { changes: 2, f: 1 })
+        );
+        assert_eq!(try_(signed(&keys, &all, chain, 3, vec![add(2)])), Err(Refused::AlreadyIn { id: 2 }));
+        assert_eq!(try_(signed(&keys, &all, chain, 3, vec![rm(9)])), Err(Refused::NotIn { id: 9 }));
+        assert_eq!(try_(signed(&keys, &all, chain, 3, vec![rm(4)])), Err(Refused::TooSmall { n: 3 }));
+        let reuse = Change { kind: ChangeKind::Add, id: 5, key: set[&1] };
+        assert_eq!(try_(signed(&keys, &all, chain, 3, vec![reuse])), Err(Refused::KeyInUse { a: 1, b: 5 }));
+        let bad = Change { kind: ChangeKind::Remove, id: 4, key: [1; 32] };
+        assert_eq!(try_(signed(&keys, &all, chain, 3, vec![bad])), Err(Refused::KeyOnRemoval { id: 4 }));
+        // Two signatures of one validator, a signature of a stranger and a
+        // forged one count once, never, never.
+        let mut rc = signed(&keys, &[0, 1], chain, 3, vec![add(5)]);
+        rc.signatures.push(rc.signatures[0]);
+        rc.signatures.push((9, sign(&crypto::generate_key(), &chain, 3, &rc.changes)));
+        rc.signatures.push((3, [0; 64]));
+        assert_eq!(try_(rc), Err(Refused::TooFewSignatures { valid: 2, q: 3 }));
+        // Seven validators (f = 2): two changes, one of each kind.
+        let keys7: Vec<SigningKey> = (0..7).map(|_| crypto::generate_key()).collect();
+        let set7 = set_of(&keys7);
+        let both = vec![rm(7), Change { kind: ChangeKind::Rotate, id: 1, key: k(42) }];
+        let next = check(&signed(&keys7, &[0, 1, 2, 3, 4], chain, 1, both), &chain, 1, &set7).unwrap();
+        assert_eq!((next.len(), next[&1]), (6, k(42)));
+    }
+
+    #[test]
+    fn the_signed_bytes_are_fixed_and_independent_of_the_changes_order() {
+        let a = Change { kind: ChangeKind::Add, id: 5, key: [0xaa; 32] };
+        let r = Change { kind: ChangeKind::Remove, id: 2, key: [0; 32] };
+        let bytes = signed_bytes(&[1; 32], 9, &[a, r]);
+        assert_eq!(bytes, signed_bytes(&[1; 32], 9, &[r, a]));
+        let mut want = b"cybermesh.reconfig.v1".to_vec();
+        want.extend_from_slice(&[1; 32]);
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 2]);
+        want.extend_from_slice(&[2, 0, 0, 0, 2]);
+        want.extend_from_slice(&[0; 32]);
+        want.extend_from_slice(&[1, 0, 0, 0, 5]);
+        want.extend_from_slice(&[0xaa; 32]);
+        assert_eq!(bytes, want);
+    }
+
+    #[test]
+    fn the_switch_is_at_least_one_checkpoint_interval_later_on_a_checkpoint() {
+        assert_eq!(switch_height(1, 16), 32);
+        assert_eq!(switch_height(16, 16), 32);
+        assert_eq!(switch_height(17, 16), 48);
+        assert_eq!(switch_height(31, 16), 48);
+        for h in 0..200 {
+            let s = switch_height(h, 16);
+            assert!(s % 16 == 0 && s >= h + 16 && s < h + 32, "{h} -> {s}");
+        }
+    }
+}
