@@ -572,12 +572,16 @@ fn a_full_data_disk_stops_the_validator_cleanly_and_it_resumes_once_space_is_fre
 fn a_memlock_limit_too_low_for_glommio_is_named_with_its_fixes_and_threads_run_under_it() {
     use std::process::{Command, Stdio};
     let s = Setup::single("");
+    // A copy of the binary beside the config: `nobody` may not reach the
+    // build directory.
+    let bin = s.dir.path().join("cybermesh");
+    std::fs::copy(BIN, &bin).unwrap();
     let owned = Command::new("chown").arg("-R").arg("65534:65534").arg(s.dir.path()).status().unwrap();
     assert!(owned.success(), "chown needs root");
     let as_nobody = |executor: &str| {
         let mut cmd = Command::new("prlimit");
         cmd.args(["--memlock=65536:65536", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(BIN)
+            .arg(&bin)
             .arg("run")
             .arg("--config")
             .arg(&s.config)
