@@ -185,6 +185,7 @@ fn http_api_and_prometheus_metrics() {
     assert_eq!(value("consensus_height"), last.height as f64);
     assert_eq!(value("consensus_quorum_size"), 1.0);
     assert_eq!(value("consensus_committed_txs_total"), 25.0);
+    assert_eq!(value("ingest_direct_connections"), 1.0, "the test's one client");
     assert_eq!(value("ingest_rejected_total{reason=\"bad_signature\"}"), 1.0);
     assert_eq!(value("consensus_round_latency_ms_count"), value("consensus_blocks_committed"));
     // One validator: it built and executed every block, each measured.

@@ -43,6 +43,8 @@ pub struct RuntimeStats {
     pub kafka_unfinished: AtomicU64,
     /// Batches waiting in the verify shards' input rings.
     pub ring_occupancy: AtomicU64,
+    /// Direct-source client connections open now.
+    pub direct_connections: AtomicU64,
     /// Verify shards running, and the microseconds they spent verifying
     /// (all shards summed): their busy share is its rate ÷ 10⁶ ÷ shards.
     pub verify_shards: AtomicU64,
@@ -235,6 +237,9 @@ pub const METRICS: &[MetricDecl] = &[
         load(&f.stats.kafka_unfinished)
     }),
     decl("ingest_received_total", Counter, "Inputs received from the sources", |f| load(&f.stats.received)),
+    decl("ingest_direct_connections", Gauge, "Direct-source client connections open", |f| {
+        load(&f.stats.direct_connections)
+    }),
     MetricDecl {
         name: "ingest_rejected_total",
         kind: Counter,

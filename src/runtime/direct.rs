@@ -110,6 +110,7 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     let (rd, wr) = stream.into_split();
+    let _open = OpenConnection::new(&sh);
     let (tx, rx) = mpsc::channel(COMMIT_QUEUE_FRAMES);
     sh.subscribers.lock().unwrap().push((id, tx));
     let mut rd = TokioConn { rd, stop };
@@ -121,6 +122,22 @@ async fn connection(
         _ = &mut writer => reader.await,
     }
     sh.subscribers.lock().unwrap().retain(|(c, _)| *c != id);
+}
+
+/// Counts a direct connection in `ingest_direct_connections` for its life.
+pub(super) struct OpenConnection<'a>(&'a Shared);
+
+impl<'a> OpenConnection<'a> {
+    pub(super) fn new(sh: &'a Shared) -> Self {
+        sh.stats.direct_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(sh)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.stats.direct_connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What [`read_events`] needs of a connection, whichever event loop runs it.

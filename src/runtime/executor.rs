@@ -24,8 +24,8 @@
 //! limit and the fixes when an executor cannot start.
 
 use super::direct::{
-    read_events, write_commits, ReadConn, WriteConn, ACCEPT_RETRY_MS, COMMIT_QUEUE_FRAMES, READ_CHUNK_BYTES,
-    STOP_POLL_MS,
+    read_events, write_commits, OpenConnection, ReadConn, WriteConn, ACCEPT_RETRY_MS, COMMIT_QUEUE_FRAMES,
+    READ_CHUNK_BYTES, STOP_POLL_MS,
 };
 use super::ring::{Doorbell, IdlePolicy, Ring};
 use super::{set_nice, take_batch, verify_batch, Shared, MAX_DIRECT_CONNECTIONS};
@@ -293,6 +293,7 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     let (rd, wr) = futures_lite::io::split(stream);
+    let _open = OpenConnection::new(&sh);
     let (tx, rx) = mpsc::channel(COMMIT_QUEUE_FRAMES);
     sh.subscribers.lock().unwrap().push((id, tx));
     let mut conn = GlommioConn { rd, stop, scratch: vec![0; READ_CHUNK_BYTES] };
