@@ -89,7 +89,7 @@ pub(super) fn start(
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let open = Arc::new(AtomicUsize::new(0));
     let ids = Arc::new(AtomicU64::new(0));
-    let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), (usize, String)>>();
     let n = shards.len();
     let mut threads = vec![];
     for (i, io) in shards.into_iter().enumerate() {
@@ -117,7 +117,7 @@ pub(super) fn start(
             let ex = match builder.make() {
                 Ok(ex) => ex,
                 Err(e) => {
-                    let _ = started.send(Err(e.to_string()));
+                    let _ = started.send(Err((i, e.to_string())));
                     return;
                 }
             };
@@ -127,11 +127,11 @@ pub(super) fn start(
         })?);
     }
     drop(started_tx);
-    for i in 0..n {
-        let failed = match started_rx.recv() {
+    for _ in 0..n {
+        let (i, failed) = match started_rx.recv() {
             Ok(Ok(())) => continue,
             Ok(Err(e)) => e,
-            Err(_) => "its thread ended before starting it".to_string(),
+            Err(_) => (0, "an executor's thread ended before starting it".to_string()),
         };
         sh.stop.store(true, Ordering::SeqCst);
         for t in threads {
