@@ -1365,9 +1365,16 @@ mod tests {
     /// still run a fault mix of their own).
     #[test]
     fn seeds_that_found_bugs_pass() {
-        for seed in
-            [146_565, 228_545, 222_126_145_517, 747_687_819_569, 694_698_751_374, 864_463_119_245, 864_463_039_274]
-        {
+        for seed in [
+            146_565,
+            228_545,
+            222_126_145_517,
+            747_687_819_569,
+            694_698_751_374,
+            864_463_119_245,
+            864_463_039_274,
+            807_871_247_006,
+        ] {
             let cfg = Config::random(&mut StdRng::seed_from_u64(seed));
             run(seed, &cfg);
         }

@@ -1200,8 +1200,17 @@ impl<A: Auth + Clone> Replica<A> {
                 let view_before = self.view;
                 let pending = self.next_excluded.clone().filter(|_| s.body.view > view_before);
                 let before = pending.map(|e| std::mem::replace(&mut self.excluded, e));
-                if s.from == self.primary(s.body.view) && self.auth.verify(s.from, &nv_bytes(&s.body), &s.sig) {
+                let signed = s.from < self.p.n && self.auth.verify(s.from, &nv_bytes(&s.body), &s.sig);
+                if signed && s.from == self.primary(s.body.view) {
                     self.on_new_view(s, out);
+                } else if signed && s.body.view > view_before && s.from != self.id {
+                    // A new view we cannot place: who leads it depends on
+                    // exclusions applied at a height we have not executed
+                    // (found by the simulator: a replica two blocks behind
+                    // dropped the real primary's new-view forever). Catch up
+                    // from its sender (commit certificates verify
+                    // themselves), then its new-view places.
+                    out.push(Action::Send(s.from, Message::Fetch { from: self.id, from_seq: self.executed + 1 }));
                 }
                 if let Some(before) = before {
                     if self.view > view_before {
