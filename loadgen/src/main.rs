@@ -734,10 +734,6 @@ fn breakdown(ids: &[u32], before: &[Scrape], after: &[Scrape], committed: u64) -
 
 type Results2 = (Vec<(String, f64, f64)>, Vec<(u32, bool, f64)>);
 
-/// Sends every frame to every stream (one writer thread each, as Kafka
-/// delivers every tx to every validator); latency and throughput are
-/// measured on the first stream's commit notices. `on_warm` runs once the
-/// warm-up (`--warmup`) has passed.
 /// What [`drive`] sends on each of its streams.
 #[derive(Clone, Copy, PartialEq)]
 enum Fanout {
@@ -748,6 +744,10 @@ enum Fanout {
     Split,
 }
 
+/// Sends the frames on the streams as `send` says (one writer thread
+/// each); latency and throughput are measured on the first stream's commit
+/// notices (every stream of a validator hears every commit). `on_warm` runs once the
+/// warm-up (`--warmup`) has passed.
 fn drive(
     streams: Vec<TcpStream>,
     send: Fanout,

@@ -108,9 +108,8 @@ pub fn encode(rec: Recorded) -> Vec<u8> {
         p[..n].copy_from_slice(&k[..n]);
         u64::from_be_bytes(p)
     };
-    let mut sorted: Vec<(u64, &Vec<u8>, &Vec<u8>)> = state.entries.iter().map(|(k, v)| (prefix(k), k, v)).collect();
-    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-    let entries: Vec<(&Vec<u8>, &Vec<u8>)> = sorted.into_iter().map(|(_, k, v)| (k, v)).collect();
+    let mut entries: Vec<(u64, &Vec<u8>, &Vec<u8>)> = state.entries.iter().map(|(k, v)| (prefix(k), k, v)).collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
     let entry_len = |k: &Vec<u8>, v: &Vec<u8>| {
         prost::encoding::bytes::encoded_len(1, k) * usize::from(!k.is_empty())
             + prost::encoding::bytes::encoded_len(2, v) * usize::from(!v.is_empty())
@@ -122,7 +121,7 @@ pub fn encode(rec: Recorded) -> Vec<u8> {
         entries: vec![],
     };
     let mut state_len = head.encoded_len();
-    for (k, v) in &entries {
+    for (_, k, v) in &entries {
         let l = entry_len(k, v);
         state_len += key_len(4) + encoded_len_varint(l as u64) + l;
     }
@@ -137,7 +136,7 @@ pub fn encode(rec: Recorded) -> Vec<u8> {
     encode_key(2, WireType::LengthDelimited, &mut out);
     encode_varint(state_len as u64, &mut out);
     head.encode(&mut out).expect("sized");
-    for (k, v) in &entries {
+    for (_, k, v) in &entries {
         encode_key(4, WireType::LengthDelimited, &mut out);
         encode_varint(entry_len(k, v) as u64, &mut out);
         if !k.is_empty() {

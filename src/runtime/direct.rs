@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 pub const MAX_DIRECT_CONNECTIONS: usize = 256;
 /// Commit notices queued per connection; a client that falls further
 /// behind is dropped from the notices (its connection stays open).
-pub(super) const COMMIT_QUEUE_FRAMES: usize = 4096;
+const COMMIT_QUEUE_FRAMES: usize = 4096;
 /// Bytes read from a connection at a time (a buffer holds at most one
 /// unfinished frame besides).
 pub(super) const READ_CHUNK_BYTES: usize = 256 * 1024;
@@ -63,7 +63,6 @@ pub(super) fn serve(listener: std::net::TcpListener, sh: Arc<Shared>) {
 async fn accept_loop(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
-    let mut next_id = 0u64;
     let mut stop_poll = tokio::time::interval(Duration::from_millis(STOP_POLL_MS));
     loop {
         tokio::select! {
@@ -72,14 +71,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
                 match accepted {
                     Ok((stream, addr)) => {
                         let peer = addr.to_string();
-                        if conns.len() >= MAX_DIRECT_CONNECTIONS {
-                            tracing::warn!(peer, max = MAX_DIRECT_CONNECTIONS, "direct source: too many connections; closing this one");
+                        let Some(slot) = OpenConnection::take(&sh, &peer) else {
                             continue; // dropped: closed
-                        }
+                        };
                         let _ = stream.set_nodelay(true);
-                        next_id += 1;
                         let origin: Arc<str> = format!("direct:{peer}").into();
-                        conns.spawn(connection(stream, next_id, origin, sh.clone(), stop_rx.clone()));
+                        conns.spawn(connection(stream, slot, origin, stop_rx.clone()));
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "direct source: accept failed");
@@ -104,39 +101,57 @@ async fn accept_loop(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
 /// notice queue ends only the notices.
 async fn connection(
     stream: tokio::net::TcpStream,
-    id: u64,
+    slot: OpenConnection,
     origin: Arc<str>,
-    sh: Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) {
     let (rd, wr) = stream.into_split();
-    let _open = OpenConnection::new(&sh);
-    let (tx, rx) = mpsc::channel(COMMIT_QUEUE_FRAMES);
-    sh.subscribers.lock().unwrap().push((id, tx));
+    let rx = slot.subscribe();
     let mut rd = TokioConn { rd, stop };
-    let reader = read_events(&mut rd, &origin, &sh);
+    let reader = read_events(&mut rd, &origin, &slot.sh);
     let writer = write_commits(tokio::io::BufWriter::new(wr), rx);
     tokio::pin!(reader, writer);
     tokio::select! {
         _ = &mut reader => {}
         _ = &mut writer => reader.await,
     }
-    sh.subscribers.lock().unwrap().retain(|(c, _)| *c != id);
 }
 
-/// Counts a direct connection in `ingest_direct_connections` for its life.
-pub(super) struct OpenConnection<'a>(&'a Shared);
+/// One of the [`MAX_DIRECT_CONNECTIONS`] slots, held by a connection for
+/// its life (with its commit subscription, dropped with it);
+/// `ingest_direct_connections` counts them over every shard.
+pub(super) struct OpenConnection {
+    pub(super) sh: Arc<Shared>,
+    id: u64,
+}
 
-impl<'a> OpenConnection<'a> {
-    pub(super) fn new(sh: &'a Shared) -> Self {
-        sh.stats.direct_connections.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(sh)
+impl OpenConnection {
+    /// A slot for a new connection from `peer`, or `None` (with a warning)
+    /// when every slot is taken.
+    pub(super) fn take(sh: &Arc<Shared>, peer: &str) -> Option<OpenConnection> {
+        let open = &sh.stats.direct_connections;
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_DIRECT_CONNECTIONS as u64 {
+            open.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(peer, max = MAX_DIRECT_CONNECTIONS, "direct source: too many connections; closing this one");
+            return None;
+        }
+        let id = sh.connection_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        Some(OpenConnection { sh: sh.clone(), id })
+    }
+
+    /// The connection's commit notices (at most [`COMMIT_QUEUE_FRAMES`]
+    /// queued; a client further behind is dropped from them).
+    pub(super) fn subscribe(&self) -> mpsc::Receiver<Arc<Vec<u8>>> {
+        let (tx, rx) = mpsc::channel(COMMIT_QUEUE_FRAMES);
+        self.sh.subscribers.lock().unwrap().push((self.id, tx));
+        rx
     }
 }
 
-impl Drop for OpenConnection<'_> {
+impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.stats.direct_connections.fetch_sub(1, Ordering::Relaxed);
+        self.sh.subscribers.lock().unwrap().retain(|(c, _)| *c != self.id);
+        self.sh.stats.direct_connections.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -24,11 +24,10 @@
 //! limit and the fixes when an executor cannot start.
 
 use super::direct::{
-    read_events, write_commits, OpenConnection, ReadConn, WriteConn, ACCEPT_RETRY_MS, COMMIT_QUEUE_FRAMES,
-    READ_CHUNK_BYTES, STOP_POLL_MS,
+    read_events, write_commits, OpenConnection, ReadConn, WriteConn, ACCEPT_RETRY_MS, READ_CHUNK_BYTES, STOP_POLL_MS,
 };
 use super::ring::{Doorbell, IdlePolicy, Ring};
-use super::{set_nice, take_batch, verify_batch, Shared, MAX_DIRECT_CONNECTIONS};
+use super::{set_nice, take_batch, verify_batch, Shared};
 use crate::protocol::mempool::VerifiedTx;
 use crate::protocol::verify::{Incoming, Verifier};
 use crate::runtime::config::Config;
@@ -38,10 +37,10 @@ use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::cell::Cell;
 use std::os::fd::IntoRawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// How long an idle verifier sleeps before it looks at the stop flag again
 /// (a push wakes it at once).
@@ -87,8 +86,6 @@ pub(super) fn start(
     shards: Vec<ShardIo>,
     sh: &Arc<Shared>,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
-    let open = Arc::new(AtomicUsize::new(0));
-    let ids = Arc::new(AtomicU64::new(0));
     let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), (usize, String)>>();
     let n = shards.len();
     let mut threads = vec![];
@@ -109,7 +106,7 @@ pub(super) fn start(
             builder = builder.spin_before_park(spin);
         }
         let nice = c.runtime.verify_nice;
-        let (sh, open, ids, started) = (sh.clone(), open.clone(), ids.clone(), started_tx.clone());
+        let (sh, started) = (sh.clone(), started_tx.clone());
         threads.push(std::thread::Builder::new().name(format!("verify-{i}")).spawn(move || {
             if nice > 0 {
                 set_nice("verify", nice); // runtime.verify_nice
@@ -123,7 +120,7 @@ pub(super) fn start(
             };
             let _ = started.send(Ok(()));
             drop(started);
-            ex.run(shard_main(io, sh, open, ids));
+            ex.run(shard_main(io, sh));
         })?);
     }
     drop(started_tx);
@@ -171,12 +168,12 @@ fn start_failure(c: &Config, i: usize, error: &str) -> String {
 /// A shard's tasks: the acceptor (with its connections) and the verifier,
 /// which stops only once the acceptor has and its ring is drained, so the
 /// connections' last batches are verified.
-async fn shard_main(io: ShardIo, sh: Arc<Shared>, open: Arc<AtomicUsize>, ids: Arc<AtomicU64>) {
+async fn shard_main(io: ShardIo, sh: Arc<Shared>) {
     let accepting = Rc::new(Cell::new(true));
     let acceptor = {
         let (sh, accepting) = (sh.clone(), accepting.clone());
         glommio::spawn_local(async move {
-            accept_loop(io.listener, &sh, &open, &ids).await;
+            accept_loop(io.listener, &sh).await;
             accepting.set(false);
         })
     };
@@ -227,9 +224,9 @@ async fn verify_loop(
 }
 
 /// Accepts this shard's share of the direct connections (at most
-/// [`MAX_DIRECT_CONNECTIONS`] over all shards) until the validator stops;
+/// [`super::MAX_DIRECT_CONNECTIONS`] over all shards) until the validator stops;
 /// then tells its connections to end and waits for them.
-async fn accept_loop(listener: std::net::TcpListener, sh: &Arc<Shared>, open: &Arc<AtomicUsize>, ids: &AtomicU64) {
+async fn accept_loop(listener: std::net::TcpListener, sh: &Arc<Shared>) {
     // SAFETY: the descriptor is a bound, listening TCP socket whose
     // ownership moves here (into_raw_fd).
     let listener =
@@ -259,19 +256,15 @@ async fn accept_loop(listener: std::net::TcpListener, sh: &Arc<Shared>, open: &A
             }
         };
         let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        if open.fetch_add(1, Ordering::SeqCst) >= MAX_DIRECT_CONNECTIONS {
-            open.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(peer, max = MAX_DIRECT_CONNECTIONS, "direct source: too many connections; closing this one");
+        let Some(slot) = OpenConnection::take(sh, &peer) else {
             continue; // dropped: closed
-        }
+        };
         let _ = stream.set_nodelay(true);
-        let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
         let origin: Arc<str> = format!("direct:{peer}").into();
         live.set(live.get() + 1);
-        let (sh, stop, live, open) = (sh.clone(), stop_rx.clone(), live.clone(), open.clone());
+        let (stop, live) = (stop_rx.clone(), live.clone());
         glommio::spawn_local(async move {
-            connection(stream, id, origin, sh, stop).await;
-            open.fetch_sub(1, Ordering::SeqCst);
+            connection(stream, slot, origin, stop).await;
             live.set(live.get() - 1);
         })
         .detach();
@@ -287,23 +280,19 @@ async fn accept_loop(listener: std::net::TcpListener, sh: &Arc<Shared>, open: &A
 /// out (a failed or dropped notice queue ends only the notices).
 async fn connection(
     stream: glommio::net::TcpStream,
-    id: u64,
+    slot: OpenConnection,
     origin: Arc<str>,
-    sh: Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) {
     let (rd, wr) = futures_lite::io::split(stream);
-    let _open = OpenConnection::new(&sh);
-    let (tx, rx) = mpsc::channel(COMMIT_QUEUE_FRAMES);
-    sh.subscribers.lock().unwrap().push((id, tx));
+    let rx = slot.subscribe();
     let mut conn = GlommioConn { rd, stop, scratch: vec![0; READ_CHUNK_BYTES] };
-    let reader = read_events(&mut conn, &origin, &sh);
+    let reader = read_events(&mut conn, &origin, &slot.sh);
     let writer = async {
         write_commits(futures_lite::io::BufWriter::new(wr), rx).await;
         std::future::pending::<()>().await
     };
     or(reader, writer).await;
-    sh.subscribers.lock().unwrap().retain(|(c, _)| *c != id);
 }
 
 struct GlommioConn<R> {

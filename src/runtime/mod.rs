@@ -97,6 +97,8 @@ struct Shared {
     tracker: Option<Arc<OffsetTracker>>,
     /// Txs a verify shard has taken from its ring and not yet handed on.
     verifying: AtomicUsize,
+    /// The last direct connection's id (ids name commit subscribers).
+    connection_ids: AtomicU64,
 }
 
 /// A running validator. Drop or `shutdown` to stop it.
@@ -296,6 +298,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         subscribers: Mutex::new(vec![]),
         tracker: from_kafka.then(|| Arc::new(OffsetTracker::default())),
         verifying: AtomicUsize::new(0),
+        connection_ids: AtomicU64::new(0),
     });
     let mut threads = vec![];
 

@@ -96,10 +96,13 @@ impl Kv {
         let i = self.shard_of(&key);
         if Arc::get_mut(&mut self.shards).is_none() {
             // A snapshot reads the shards: leave them as they are.
-            let before = Arc::make_mut(&mut self.overlay).insert(key.clone(), value);
-            return match before {
-                Some(v) => v,
-                None => self.shards[i].get(&key).cloned(),
+            return match Arc::make_mut(&mut self.overlay).entry(key) {
+                indexmap::map::Entry::Occupied(mut e) => e.insert(value),
+                indexmap::map::Entry::Vacant(e) => {
+                    let before = self.shards[i].get(e.key()).cloned();
+                    e.insert(value);
+                    before
+                }
             };
         }
         self.settle();
