@@ -279,15 +279,50 @@ fn endpoint(cfg: &NetConfig, allowed: Arc<HashMap<PublicKey, u32>>) -> Result<qu
 /// One peer's outgoing queue and the bytes waiting in it.
 type PeerQueue = (mpsc::Sender<Arc<Vec<u8>>>, Arc<std::sync::atomic::AtomicUsize>);
 
-/// A running transport. Dropping it stops the network thread.
-pub struct Net {
+/// The sending half of a transport: cheap to clone, usable from any
+/// thread (the persistence thread sends what waited for a sync).
+#[derive(Clone)]
+pub struct NetSender {
     /// Per peer: its queue and the bytes waiting in it (bounded by
     /// `max_queued_bytes`, so a dead peer's backlog cannot grow without end).
-    out: HashMap<u32, PeerQueue>,
+    out: Arc<HashMap<u32, PeerQueue>>,
+    max_out_bytes: usize,
+    stats: Arc<NetStats>,
+}
+
+impl NetSender {
+    /// Queues `bytes` for `to`; false if it was dropped (unknown peer,
+    /// full queue, or the transport stopped).
+    pub fn send(&self, to: u32, bytes: Arc<Vec<u8>>) -> bool {
+        let n = bytes.len();
+        let ok = self.out.get(&to).is_some_and(|(q, queued)| {
+            if queued.fetch_add(n, Ordering::SeqCst) + n > self.max_out_bytes || q.try_send(bytes).is_err() {
+                queued.fetch_sub(n, Ordering::SeqCst);
+                return false;
+            }
+            true
+        });
+        let c = if ok { &self.stats.sent } else { &self.stats.dropped_out };
+        c.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    pub fn broadcast(&self, bytes: Arc<Vec<u8>>) {
+        for id in self.out.keys() {
+            self.send(*id, bytes.clone());
+        }
+    }
+}
+
+/// A running transport. Dropping it stops the network thread.
+pub struct Net {
+    out: NetSender,
     book: AddressBook,
     /// The UDP address QUIC listens on.
     pub local_addr: SocketAddr,
-    max_out_bytes: usize,
     incoming: std::sync::mpsc::Receiver<(u32, Vec<u8>)>,
     pub events: std::sync::mpsc::Receiver<NetEvent>,
     pub stats: Arc<NetStats>,
@@ -356,10 +391,9 @@ impl Net {
             .map_err(|e| NetError::Endpoint(e.to_string()))?;
         let max_out_bytes = cfg.max_queued_bytes.max(cfg.max_frame);
         Ok(Net {
-            out,
+            out: NetSender { out: Arc::new(out), max_out_bytes, stats: stats.clone() },
             book,
             local_addr,
-            max_out_bytes,
             incoming,
             events,
             stats,
@@ -377,20 +411,12 @@ impl Net {
 
     /// Queues `bytes` for `to`; false if it was dropped (unknown peer or full queue).
     pub fn send(&self, to: u32, bytes: Arc<Vec<u8>>) -> bool {
-        let n = bytes.len();
-        let ok = self.out.get(&to).is_some_and(|(q, queued)| {
-            if queued.fetch_add(n, Ordering::SeqCst) + n > self.max_out_bytes || q.try_send(bytes).is_err() {
-                queued.fetch_sub(n, Ordering::SeqCst);
-                return false;
-            }
-            true
-        });
-        let c = if ok { &self.stats.sent } else { &self.stats.dropped_out };
-        c.fetch_add(1, Ordering::Relaxed);
-        if ok {
-            self.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        ok
+        self.out.send(to, bytes)
+    }
+
+    /// A sending handle for another thread.
+    pub fn sender(&self) -> NetSender {
+        self.out.clone()
     }
 
     /// Whether messages wait in `incoming` (counted by `take_incoming`).
@@ -415,9 +441,7 @@ impl Net {
     }
 
     pub fn broadcast(&self, bytes: Arc<Vec<u8>>) {
-        for id in self.out.keys() {
-            self.send(*id, bytes.clone());
-        }
+        self.out.broadcast(bytes)
     }
 }
 

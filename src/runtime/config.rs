@@ -336,6 +336,10 @@ pub struct RuntimeConfig {
     pub verify_cores: Vec<usize>,
     /// Core for the consensus core thread, used when pinning.
     pub core_core: Option<usize>,
+    /// Core for the persistence thread (consensus log and block store
+    /// appends and their fdatasyncs), used when pinning. It mostly waits
+    /// for the disk: it may share a core with the verify shards.
+    pub persist_core: Option<usize>,
     /// Capacity (in batches) of each ring between stages.
     pub ring_capacity: usize,
     /// Compact the consensus log at the first stable checkpoint once it
@@ -359,6 +363,7 @@ impl Default for RuntimeConfig {
             verify_nice: 0,
             verify_cores: vec![],
             core_core: None,
+            persist_core: None,
             ring_capacity: 64,
             consensus_log_compact_bytes: 64 << 20,
         }
@@ -1172,10 +1177,11 @@ fn validate_runtime(c: &Config, e: &mut Vec<ConfigError>) {
     }
     if c.runtime.pin_cores {
         let avail = core_affinity::get_core_ids().map(|v| v.len()).unwrap_or(0);
-        for core in c.runtime.verify_cores.iter().chain(c.runtime.core_core.iter()) {
+        let r = &c.runtime;
+        for core in r.verify_cores.iter().chain(r.core_core.iter()).chain(r.persist_core.iter()) {
             if *core >= avail {
                 e.push(err(
-                    "runtime.verify_cores / runtime.core_core",
+                    "runtime.verify_cores / runtime.core_core / runtime.persist_core",
                     format!("core {core} does not exist (this machine has {avail})"),
                     "use core numbers below the core count",
                 ));

@@ -13,9 +13,13 @@
 //! core thread (single owner): Node (genesis → snapshot join → mempool, PBFT replica, state)
 //!        │   ▲ consensus frames (bounded queue, rings the core's doorbell)
 //!        │   └── net thread (tokio + quinn QUIC to the other validators)
-//!        │  consensus.log (fsync before sends) · block store (fsync) · committed blocks
+//!        │  Job per pass (bounded FIFO): records, sends, commits, store-side effects
 //!        ▼
-//! subscribers (each direct connection's notice queue, written by its connection's task)
+//! persistence thread (`persistence`): consensus.log (fdatasync, then the sends)
+//!   · block store (fdatasync, then checkpoints) · committed blocks published
+//!        ▼
+//! subscribers (each direct connection's notice queue, written by its connection's task),
+//! the event publisher and the database mirror (their own threads)
 //! ```
 //! Each stage owns its data; queues are bounded, so a slow stage stops the
 //! one before it and, finally, the TCP reader: backpressure, never growth.
@@ -25,11 +29,11 @@ pub mod devnet;
 mod direct;
 mod executor;
 mod kafka;
+mod persistence;
 pub mod monitor;
 pub mod recovery;
 pub mod ring;
 
-use crate::edges::consensus_log::ConsensusLog;
 use crate::edges::dlq::{DlqFileSink, DlqKafkaSink};
 use crate::edges::framed::write_atomically;
 use crate::edges::kafka::OffsetTracker;
@@ -40,7 +44,7 @@ use crate::proto;
 use crate::protocol::block::Block;
 use crate::protocol::clock::Now;
 use crate::protocol::consensus::genesis::{Ceremony, Genesis, GenesisOutput};
-use crate::protocol::consensus::pbft::{CommitCert, Message, Record, Rid, Seq};
+use crate::protocol::consensus::pbft::{Message, Rid, Seq};
 use crate::protocol::consensus::wire::{self, Ed25519Auth, Frame, WireLimits};
 use crate::protocol::crypto;
 use crate::protocol::event::Limits;
@@ -54,10 +58,11 @@ use crate::protocol::verify::{Verifier, VerifyPolicy};
 use crate::runtime::config::{ExecutorKind, IdlePolicy, Validated};
 use anyhow::{bail, Context};
 use prost::Message as _;
+use persistence::{BlockFeed, MakeItem};
 use ring::{idle_wait, Doorbell, Ring};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -262,12 +267,12 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
 
     let stats = Arc::new(RuntimeStats::default());
     stats.height.store(store.height(), Ordering::Relaxed);
-    publish_store(&store, &stats);
+    persistence::publish_store(&store, &stats);
     stats.verify_shards.store(c.runtime.verify_shards as u64, Ordering::Relaxed);
     stats.mempool_max_txs.store(c.mempool.max_txs as u64, Ordering::Relaxed);
     stats.mempool_max_bytes.store(c.mempool.max_bytes as u64, Ordering::Relaxed);
     stats.mirror_enabled.store(c.database.enabled as u64, Ordering::Relaxed);
-    publish_disk_space(&c.node.data_dir, &stats);
+    persistence::publish_disk_space(&c.node.data_dir, &stats);
     let (dlq_tx, dlq_rx) = sync_channel::<Rejection>(8192);
     let core_bell = Arc::new(Doorbell::default());
     let shards = c.runtime.verify_shards;
@@ -425,20 +430,20 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         });
     }
     let audit = open_audit(c, &store, n)?;
-    let cons = Consensus {
+    let out = persistence::Outbox { net: net.as_ref().map(|n| n.sender()), ids: ids.clone().into() };
+    let compact_wanted = Arc::new(AtomicBool::new(false));
+    let persist = persistence::Persistence {
         log: clog,
-        net,
-        ids,
+        store,
+        out: out.clone(),
         wire,
-        pending: vec![],
         compact_at: c.runtime.consensus_log_compact_bytes,
         compact_min: c.runtime.consensus_log_compact_bytes,
-        served,
+        compact_wanted: compact_wanted.clone(),
+        served: served.clone(),
         base_path,
-        genesis_path: c.genesis_path(),
         data_dir: c.node.data_dir.clone(),
         snapshot_writer,
-        _mdns: mdns,
         retain_blocks: c.storage.retain_blocks,
         retain_bytes: c.storage.retain_bytes,
         base_kept,
@@ -448,14 +453,27 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         tracker: shared.tracker.clone(),
         audit,
         me: me_rid,
+    };
+    let cons = Consensus {
+        publishes_events: persist.egress.is_some(),
+        net,
+        out,
+        ids,
+        wire,
+        served,
+        genesis_path: c.genesis_path(),
+        _mdns: mdns,
+        tracker: shared.tracker.clone(),
         keys: keys.clone(),
         state_queries: state_rx,
+        compact_wanted,
     };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
+    let persist_pin = c.runtime.pin_cores.then_some(c.runtime.persist_core).flatten();
     let core = std::thread::Builder::new().name("core".into()).spawn(move || {
         pin(core_pin, "core");
-        let r = core_loop(node, store, cons, &outs, &bell, &sh);
+        let r = core_loop(node, persist, persist_pin, cons, &outs, &bell, &sh);
         if let Err(e) = &r {
             tracing::error!(error = %format!("{e:#}"), "core stopped");
             sh.stop.store(true, Ordering::SeqCst);
@@ -991,210 +1009,38 @@ fn commit_frame(block: &Block) -> Arc<Vec<u8>> {
 /// read by the core thread when a joiner asks.
 type Served = Arc<Mutex<Option<(Seq, Arc<Vec<u8>>)>>>;
 
-/// The core thread's consensus I/O: durable records, transport, id maps.
+/// The core thread's consensus I/O: the transport, id maps, and the queue
+/// to the persistence thread (which owns the files: `persistence`).
 struct Consensus {
-    /// None with one validator (no one to vote twice to).
-    log: Option<ConsensusLog>,
     net: Option<Net>,
+    /// Sends that need no sync (the persistence thread has its own).
+    out: persistence::Outbox,
     /// Replica index -> validator id.
     ids: Vec<u32>,
     wire: WireLimits,
-    /// Records to make durable before the next send.
-    pending: Vec<Record>,
-    /// Log size that triggers compaction at a stable checkpoint (see
-    /// `next_compaction_at`), and the configured floor of it.
-    compact_at: u64,
-    compact_min: u64,
     /// The encoded chain snapshot served to joining validators, by height.
     served: Served,
-    /// Where a joined snapshot is kept (`blocks.base`).
-    base_path: std::path::PathBuf,
     /// Where the genesis certificate is kept.
     genesis_path: std::path::PathBuf,
-    /// The data directory (its file system's free space is a metric).
-    data_dir: std::path::PathBuf,
-    /// To the thread that writes `snapshot.bin` (off the core thread), and
-    /// whether to keep it as `blocks.base` too (pruning moves the base up).
-    snapshot_writer: Option<SyncSender<(Box<snapshot::Recorded>, bool)>>,
     /// mDNS discovery, while it runs (dropped with the core: unregisters).
     _mdns: Option<crate::edges::mdns::Discovery>,
-    /// STORAGE_RETAIN_BLOCKS and STORAGE_RETAIN_BYTES (0: no such limit).
-    retain_blocks: u64,
-    retain_bytes: u64,
-    /// The height of the snapshot last kept as `blocks.base` by the writer.
-    base_kept: Arc<AtomicU64>,
-    /// Cursor files of the downstream feeds (pruning stays below them).
-    feed_cursors: Vec<std::path::PathBuf>,
-    /// Commit events to publish (Kafka).
-    egress: Option<BlockFeed<crate::edges::egress::HeightEvents>>,
-    /// Blocks to mirror into the database.
-    mirror: Option<BlockFeed<crate::edges::persist::MirrorBlock>>,
-    /// Kafka source: committed txs finish their messages.
+    /// Commit events go to Kafka: verdicts of committed state go out with them.
+    publishes_events: bool,
+    /// Kafka source: txs dropped unexecuted finish their messages.
     tracker: Option<Arc<OffsetTracker>>,
-    /// The HMAC-chained audit log (AUDIT_SIGNING_KEY set).
-    audit: Option<crate::edges::audit::AuditLog>,
-    /// This validator's replica id (to recognise its own proposals).
-    me: Rid,
     /// Validator keys in replica order.
     keys: Vec<crypto::PublicKey>,
     /// `/state/{key}` lookups from the API thread.
     state_queries: Receiver<crate::edges::api::StateQuery>,
+    /// Raised by the persistence thread once the consensus log outgrew its
+    /// compaction size.
+    compact_wanted: Arc<AtomicBool>,
 }
 
 impl Consensus {
-    /// Whether blocks are pruned (STORAGE_RETAIN_BLOCKS or STORAGE_RETAIN_BYTES).
-    fn retains(&self) -> bool {
-        self.retain_blocks > 0 || self.retain_bytes > 0
-    }
-
-    fn audit(&mut self, event: &str, fields: serde_json::Value) -> anyhow::Result<()> {
-        if let Some(a) = &mut self.audit {
-            a.record(now_ms(), event, fields).context("writing the audit log")?;
-        }
-        Ok(())
-    }
-}
-
-/// Builds what a downstream thread needs from a stored block (its commit
-/// certificate and outcome when known).
-type MakeItem<M> = Box<dyn Fn(&Arc<Block>, Option<&CommitCert>, Option<&proto::BlockOutcome>) -> M + Send>;
-
-/// Feeds a downstream thread (the event publisher, the database mirror)
-/// every stored block in height order from its cursor: live blocks as they
-/// commit, older ones (after a restart, or while it was behind) read back
-/// from the block store. Never blocks the core: a full queue waits for the
-/// next turn.
-struct BlockFeed<M> {
-    tx: SyncSender<M>,
-    next: u64,
-    held: Option<M>,
-    make: MakeItem<M>,
-}
-
-impl<M> BlockFeed<M> {
-    fn new(tx: SyncSender<M>, next: u64, make: MakeItem<M>) -> Self {
-        BlockFeed { tx, next, held: None, make }
-    }
-
-    /// The store now starts above `base` (a snapshot join): the blocks
-    /// below it are not here to feed (peers published and mirrored them).
-    fn start_above(&mut self, base: u64) {
-        self.next = self.next.max(base + 1);
-    }
-
-    fn offer(&mut self, item: M) -> bool {
-        match self.tx.try_send(item) {
-            Ok(()) => true,
-            Err(TrySendError::Full(item)) => {
-                self.held = Some(item);
-                false
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.next = u64::MAX; // the thread stopped (logged there); a restart resumes
-                false
-            }
-        }
-    }
-
-    fn on_commit(&mut self, block: &Arc<Block>, cert: &CommitCert, outcome: &proto::BlockOutcome) {
-        if self.held.is_none() && self.next == block.header.height {
-            let cert = (!cert.commits.is_empty()).then_some(cert);
-            let item = (self.make)(block, cert, Some(outcome));
-            self.next += 1;
-            self.offer(item);
-        }
-    }
-
-    fn catch_up(&mut self, store: &BlockStore, wire: &WireLimits) -> anyhow::Result<()> {
-        if let Some(item) = self.held.take() {
-            if !self.offer(item) {
-                return Ok(());
-            }
-        }
-        while self.next <= store.height() {
-            let h = self.next;
-            let (b, pc, outcome) =
-                store.read_full(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
-            let cert = match pc {
-                Some(pc) => Some(stored_cert(&b, Some(pc), wire)?),
-                None => None,
-            };
-            let item = (self.make)(&Arc::new(b), cert.as_ref(), outcome.as_ref());
-            self.next += 1;
-            if !self.offer(item) {
-                break;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Consensus {
-    fn flush(&mut self) -> anyhow::Result<()> {
-        if let Some(log) = &mut self.log {
-            log.append(&self.pending).context("consensus log append failed; stopping (restart recovers it)")?;
-        }
-        self.pending.clear();
-        Ok(())
-    }
-    fn send(&self, to: Rid, m: &Message) {
-        if let Some(net) = &self.net {
-            net.send(self.ids[to], Arc::new(wire::encode(m)));
-        }
-    }
-    fn send_bodies(&self, to: Rid, seq: Seq, txs: &[Arc<crate::protocol::event::Event>]) {
-        if let Some(net) = &self.net {
-            for frame in wire::encode_tx_bodies(seq, txs) {
-                net.send(self.ids[to], Arc::new(frame));
-            }
-        }
-    }
-    fn broadcast(&self, m: &Message) {
-        if let Some(net) = &self.net {
-            net.broadcast(Arc::new(wire::encode(m)));
-        }
-    }
     fn rid_of(&self, id: u32) -> Option<Rid> {
         self.ids.iter().position(|&i| i == id)
     }
-}
-
-use crate::runtime::recovery::stored_cert;
-
-/// Answers a fetch with committed blocks from the store, each with its
-/// certificate (`recovery::committed_from`).
-fn serve_fetch(store: &BlockStore, cons: &Consensus, to: Rid, from_seq: Seq) -> anyhow::Result<()> {
-    if from_seq < store.lowest() && from_seq <= store.height() {
-        // Pruned here (or below the snapshot this validator joined from).
-        if let Some(net) = &cons.net {
-            net.send(cons.ids[to], Arc::new(wire::encode_fetch_pruned(store.lowest())));
-        }
-        return Ok(());
-    }
-    for cert in crate::runtime::recovery::committed_from(store, &cons.wire, from_seq)? {
-        cons.send(to, &Message::Committed(cert));
-    }
-    Ok(())
-}
-
-/// Answers a tx fetch for a committed block from the store.
-fn serve_block_txs(
-    store: &BlockStore,
-    cons: &Consensus,
-    to: Rid,
-    seq: Seq,
-    height: u64,
-    tx_hashes: &[crate::Hash32],
-) -> anyhow::Result<()> {
-    if height < store.lowest() && height <= store.height() {
-        // Its block was pruned here: the asker may have to rejoin.
-        if let Some(net) = &cons.net {
-            net.send(cons.ids[to], Arc::new(wire::encode_fetch_pruned(store.lowest())));
-        }
-        return Ok(());
-    }
-    cons.send_bodies(to, seq, &crate::runtime::recovery::block_txs(store, height, tx_hashes)?);
-    Ok(())
 }
 
 /// Reuses a stored certificate if it matches this configuration (any
@@ -1222,14 +1068,48 @@ fn load_genesis(c: &crate::runtime::config::Config, v: &Validated, key: crypto::
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Runs the core thread's passes beside the persistence thread it starts
+/// (`persistence::run`); when either stops, the other is stopped and the
+/// first error is returned (the persistence thread's, when it caused it).
 fn core_loop(
-    mut node: Node<Ed25519Auth>,
-    mut store: BlockStore,
-    mut cons: Consensus,
+    node: Node<Ed25519Auth>,
+    persist: persistence::Persistence,
+    persist_pin: Option<usize>,
+    cons: Consensus,
     inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
     bell: &Doorbell,
     sh: &Shared,
+) -> anyhow::Result<()> {
+    let (jobs, queued) = sync_channel(persistence::JOBS_QUEUED_MAX);
+    std::thread::scope(|s| {
+        let writer = std::thread::Builder::new().name("persist".into()).spawn_scoped(s, move || {
+            pin(persist_pin, "persist");
+            let r = persistence::run(persist, queued, sh);
+            if let Err(e) = &r {
+                tracing::error!(error = %format!("{e:#}"), "persistence stopped");
+            }
+            r
+        })?;
+        // `jobs` ends with the passes: the thread carries out what was queued, then ends.
+        let passes = core_passes(node, &cons, jobs, inputs, bell, sh, &writer);
+        let written = writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the persistence thread panicked")));
+        match (passes, written) {
+            (Err(e), Ok(())) if e.is::<PersistenceStopped>() => Err(anyhow::anyhow!("the persistence thread stopped")),
+            (Err(e), Ok(())) => Err(e),
+            (_, Err(e)) => Err(e),
+            (Ok(()), Ok(())) => Ok(()),
+        }
+    })
+}
+
+fn core_passes(
+    mut node: Node<Ed25519Auth>,
+    cons: &Consensus,
+    jobs: SyncSender<persistence::Job>,
+    inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
+    bell: &Doorbell,
+    sh: &Shared,
+    writer: &std::thread::ScopedJoinHandle<'_, anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let mut out: Vec<Output> = Vec::new();
     let mut last_log = now_ms();
@@ -1268,7 +1148,7 @@ fn core_loop(
         for (from, bytes) in msgs {
             worked = true;
             last_heard.insert(from, now);
-            on_frame(&mut node, &cons, sh, clock, from, &bytes, &mut out)?;
+            on_frame(&mut node, cons, sh, clock, from, &bytes, &mut out)?;
         }
         // Timers only when one is due (`poll_timeout_ms` is exact, genesis
         // and the join included; the simulator ticks the same way).
@@ -1277,7 +1157,7 @@ fn core_loop(
         }
         if !out.is_empty() {
             worked = true;
-            execute(&node, &mut out, &mut store, &mut cons, sh)?;
+            execute(&node, &mut out, cons, &jobs, sh)?;
         }
         observe_latencies(&mut node, sh);
         if let Some(t) = &cons.tracker {
@@ -1285,23 +1165,12 @@ fn core_loop(
                 t.finish(&p);
             }
         }
-        if let Some(e) = &mut cons.egress {
-            e.catch_up(&store, &cons.wire)?;
-        }
-        if let Some(m) = &mut cons.mirror {
-            m.catch_up(&store, &cons.wire)?;
-        }
         let peers = last_heard.values().filter(|&&t| now < t + 5000).count() as u64;
-        publish_gauges(&node, &cons, sh, peers);
+        publish_gauges(&node, cons, sh, peers);
         if now >= next_alive_ms {
             next_alive_ms = now + ALIVE_INTERVAL_MS;
             if let Some(net) = &cons.net {
                 net.broadcast(Arc::new(wire::encode_alive()));
-            }
-        }
-        if worked {
-            if let Some(a) = cons.audit.as_mut() {
-                a.flush()?;
             }
         }
         while let Ok(q) = cons.state_queries.try_recv() {
@@ -1309,9 +1178,7 @@ fn core_loop(
         }
         if now >= last_validators + 1000 {
             last_validators = now;
-            publish_validators(&node, &cons, sh);
-            publish_disk_space(&cons.data_dir, &sh.stats);
-            prune(&mut store, &cons, &sh.stats)?;
+            publish_validators(&node, cons, sh);
             // Once a second: it walks the peers' checkpoints.
             sh.stats.lag_blocks.store(node.lag_blocks(), Ordering::Relaxed);
         }
@@ -1321,6 +1188,9 @@ fn core_loop(
         }
         if sh.stop.load(Ordering::Relaxed) && inputs.iter().all(|r| r.is_empty()) {
             return Ok(());
+        }
+        if writer.is_finished() {
+            return Err(PersistenceStopped.into());
         }
         if !worked {
             let wait = node.poll_timeout_ms().saturating_sub(mono_ms()).clamp(1, 100);
@@ -1392,12 +1262,13 @@ fn on_frame(
 }
 
 /// Carries out the node's outputs (`perform`), after publishing the
-/// counts they change; compacts the consensus log at a stable checkpoint.
+/// counts they change; asks for a compaction of the consensus log at a
+/// stable checkpoint once the persistence thread found it big.
 fn execute(
     node: &Node<Ed25519Auth>,
     out: &mut Vec<Output>,
-    store: &mut BlockStore,
-    cons: &mut Consensus,
+    cons: &Consensus,
+    jobs: &SyncSender<persistence::Job>,
     sh: &Shared,
 ) -> anyhow::Result<()> {
     // Counted once, in the core (`NodeStats`); published before
@@ -1407,14 +1278,108 @@ fn execute(
     sh.stats.view_changes.store(s.view_changes, Ordering::Relaxed);
     sh.stats.blocks_committed.store(s.committed_blocks, Ordering::Relaxed);
     sh.stats.committed_txs.store(s.committed_txs, Ordering::Relaxed);
-    let stable = perform(out, store, cons, sh)?;
-    // At a stable checkpoint, once the log is big, keep only what
-    // recovery needs (values below the checkpoint are in the store).
-    if let Some(log) = cons.log.as_mut().filter(|l| stable && l.len() > cons.compact_at) {
-        let before = log.len();
-        log.compact(&node.replica().durable_records()).context("compacting the consensus log")?;
-        cons.compact_at = next_compaction_at(cons.compact_min, log.len());
-        tracing::info!(before, after = log.len(), next_at = cons.compact_at, "consensus log compacted");
+    let stable = perform(out, cons, jobs, sh)?;
+    // Keep only what recovery needs (values below the checkpoint are in
+    // the store, or queued for it ahead of this job).
+    if stable && cons.compact_wanted.swap(false, Ordering::AcqRel) {
+        queue(jobs, persistence::Job::Compact(node.replica().durable_records()))?;
+    }
+    Ok(())
+}
+
+/// Hands a job to the persistence thread, waiting while its queue is full
+/// (the disk is behind: the core waits for it rather than run ahead).
+fn queue(jobs: &SyncSender<persistence::Job>, job: persistence::Job) -> anyhow::Result<()> {
+    jobs.send(job).map_err(|_| anyhow::Error::new(PersistenceStopped))
+}
+
+/// The persistence thread ended (its error is the cause, `core_loop`
+/// reports it).
+#[derive(Debug, thiserror::Error)]
+#[error("the persistence thread stopped")]
+struct PersistenceStopped;
+
+/// Carries out what needs no sync and no store at once (forwards, tx
+/// fetches, genesis and snapshot-join messages, rejections); queues the
+/// rest, in order, for the persistence thread. Returns whether a stable
+/// checkpoint was reached.
+fn perform(
+    out: &mut Vec<Output>,
+    cons: &Consensus,
+    jobs: &SyncSender<persistence::Job>,
+    sh: &Shared,
+) -> anyhow::Result<bool> {
+    let executed_ms = now_ms();
+    let mut ready = Ready::from_outputs(out.drain(..));
+    for o in std::mem::take(&mut ready.effects) {
+        if persistence::is_persistence_effect(&o) {
+            if let Output::Evidence { .. } = o {
+                sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
+            }
+            ready.effects.push(o);
+        } else {
+            perform_effect(o, cons, sh)?;
+        }
+    }
+    let stable = ready.stable;
+    let empty = ready.effects.is_empty()
+        && ready.records.is_empty()
+        && ready.sends.is_empty()
+        && ready.commits.is_empty()
+        && ready.after_commits.is_empty();
+    if !empty {
+        queue(jobs, persistence::Job::Ready { ready, executed_ms })?;
+    }
+    Ok(stable)
+}
+
+/// One output the core carries out itself (`persistence::is_persistence_effect`
+/// names the others).
+fn perform_effect(o: Output, cons: &Consensus, sh: &Shared) -> anyhow::Result<()> {
+    match o {
+        // Verdicts of committed state go out with their block's events
+        // when those are published (Kafka); else to the DLQ file now.
+        Output::Reject(r) if r.height.is_some() && cons.publishes_events => {}
+        Output::Reject(r) => {
+            let _ = sh.dlq.send(r);
+        }
+        Output::Genesis(GenesisOutput::Attest { to, attestation }) => {
+            if let Some(net) = &cons.net {
+                let frame = Arc::new(wire::encode_genesis(&attestation));
+                match to {
+                    Some(peer) => {
+                        net.send(peer, frame);
+                    }
+                    None => net.broadcast(frame),
+                }
+            }
+        }
+        Output::Genesis(GenesisOutput::Complete(cert)) => {
+            let path = &cons.genesis_path;
+            crate::edges::storage::os()
+                .write_atomically(path, &serde_json::to_vec_pretty(&cert)?)
+                .with_context(|| format!("writing the genesis certificate {}", path.display()))?;
+            tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
+        }
+        Output::Genesis(GenesisOutput::StillWaiting(waiting_for)) => {
+            tracing::warn!(?waiting_for, "genesis: still waiting for ready attestations (GENESIS_READY_TIMEOUT passed); start those validators or check P2P_BOOTSTRAP_PEERS");
+        }
+        Output::SnapshotRequest { to, request } => {
+            let frame = wire::encode_snapshot_request(request);
+            match to {
+                Some(peer) => cons.out.send_frame(peer, frame),
+                None => cons.out.broadcast_frame(frame),
+            }
+        }
+        Output::ServeSnapshot { to, request } => {
+            let served = cons.served.lock().unwrap().clone();
+            let chunk = snapshot::answer(served.as_ref().map(|(s, b)| (*s, b.as_slice())), &request);
+            cons.out.send_frame(to, wire::encode_snapshot_chunk(chunk));
+        }
+        Output::Forward { to, txs } => cons.out.send_frame(to, wire::encode_forward(&txs)),
+        Output::FetchTxs { to, seq, tx_hashes } => cons.out.send_frame(to, wire::encode_tx_fetch(seq, &tx_hashes)),
+        Output::SendTxs { to, seq, txs } => cons.out.send_bodies(to, seq, &txs),
+        other => unreachable!("{other:?} is the persistence thread's (`Ready` and `is_persistence_effect` sort it there)"),
     }
     Ok(())
 }
@@ -1501,269 +1466,6 @@ fn log_progress(node: &Node<Ed25519Auth>, sh: &Shared) {
 /// within which a peer counts as connected, so idle peers stay counted.
 const ALIVE_INTERVAL_MS: u64 = 1_000;
 
-/// The log size at which to compact next, after compacting to `live` bytes:
-/// twice that, and at least the configured size. What recovery needs (the
-/// values in flight: up to a window of blocks) can exceed the configured
-/// size; compacting at every checkpoint would then rewrite it each time.
-fn next_compaction_at(configured: u64, live: u64) -> u64 {
-    configured.max(live.saturating_mul(2))
-}
-
-/// Carries out the core's outputs in order: records durable before any
-/// later send; committed blocks appended with one fsync, then published.
-fn perform(out: &mut Vec<Output>, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<bool> {
-    let executed_ms = now_ms();
-    let ready = Ready::from_outputs(out.drain(..));
-    for o in ready.effects {
-        perform_effect(o, store, cons, sh)?;
-    }
-    // One fdatasync for all the records (flushing before each send
-    // instead cost one fsync per message), then the sends.
-    cons.pending.extend(ready.records);
-    cons.flush()?;
-    for (_, m) in &ready.sends {
-        if let Message::PrePrepare(p) = m {
-            if p.from == cons.me && cons.audit.is_some() {
-                let b = &p.body;
-                let fields = serde_json::json!({"view": b.view, "seq": b.seq, "digest": hex::encode(b.digest)});
-                cons.audit("proposal", fields)?;
-            }
-        }
-    }
-    let send_all = |cons: &Consensus, sends: &[(Option<Rid>, Message)]| {
-        for (to, m) in sends {
-            match to {
-                Some(to) => cons.send(*to, m),
-                None => cons.broadcast(m),
-            }
-        }
-    };
-    send_all(cons, &ready.sends);
-    let stable = ready.stable;
-    if ready.commits.is_empty() {
-        return Ok(stable);
-    }
-    let commits: Vec<(Arc<Block>, CommitCert, proto::BlockOutcome)> =
-        ready.commits.into_iter().map(|c| (c.block, c.cert, c.outcome)).collect();
-    store
-        .append_with_outcomes(&crate::runtime::recovery::stored_form(&commits))
-        .context("block store append failed; stopping (restart recovers the store)")?;
-    send_all(cons, &ready.after_commits);
-    let durable_ms = now_ms().saturating_sub(executed_ms) as f64;
-    let h = sh.stats.latencies.stage("durable");
-    for (block, _, _) in &commits {
-        for _ in 0..block.txs.len() {
-            h.observe(durable_ms);
-        }
-    }
-    publish_commits(&commits, cons, sh)?;
-    Ok(stable)
-}
-
-/// The core stopped because this validator is behind every block its peers
-/// retain: its block store was moved aside; start it again to join from a
-/// snapshot (`run_blocking` does).
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "this validator executed height {height}, but f + 1 peers store blocks only from {lowest} on \
-     (STORAGE_RETAIN_BLOCKS): its block store was moved to {moved_to} and it starts again to join from a snapshot"
-)]
-pub struct RejoinRequired {
-    pub height: u64,
-    pub lowest: u64,
-    pub moved_to: String,
-}
-
-/// Moves the block store (segments, `blocks.base`) and the served snapshot
-/// of `dir` into `dir/behind-<height>/`, so the next start finds an empty
-/// store and joins from a peer's snapshot. The consensus log and the
-/// genesis certificate stay: the votes this validator cast are remembered.
-fn move_store_aside(dir: &std::path::Path, height: u64) -> anyhow::Result<std::path::PathBuf> {
-    let aside = dir.join(format!("behind-{height}"));
-    std::fs::create_dir_all(&aside).with_context(|| format!("creating {}", aside.display()))?;
-    let disk = crate::edges::storage::os();
-    let mut moving: Vec<std::path::PathBuf> =
-        crate::edges::store::segment_files(&*disk, dir, 0)?.into_iter().map(|(_, p)| p).collect();
-    moving.push(dir.join(snapshot::BASE_FILE));
-    moving.push(dir.join(snapshot::SERVED_FILE));
-    for from in moving.into_iter().filter(|p| p.exists()) {
-        let to = aside.join(from.file_name().expect("a file"));
-        disk.rename(&from, &to).with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
-    }
-    Ok(aside)
-}
-
-/// One output that is neither a record, a send nor a commit (`Ready::effects`).
-fn perform_effect(o: Output, store: &mut BlockStore, cons: &mut Consensus, sh: &Shared) -> anyhow::Result<()> {
-    match o {
-        Output::Rejoin { height, lowest } => {
-            let moved_to = move_store_aside(&cons.data_dir, height)?.display().to_string();
-            let e = RejoinRequired { height, lowest, moved_to };
-            tracing::warn!(height, lowest, "{e}");
-            return Err(e.into());
-        }
-        // Verdicts of committed state go out with their block's events
-        // when those are published (Kafka); else to the DLQ file now.
-        Output::Reject(r) if r.height.is_some() && cons.egress.is_some() => {}
-        Output::Reject(r) => {
-            let _ = sh.dlq.send(r);
-        }
-        Output::Persist(_) | Output::Send(..) | Output::Broadcast(_) | Output::Commit { .. } => {
-            unreachable!("Ready::from_outputs sorts records, sends and commits out of its effects")
-        }
-        Output::Genesis(GenesisOutput::Attest { to, attestation }) => {
-            if let Some(net) = &cons.net {
-                let frame = Arc::new(wire::encode_genesis(&attestation));
-                match to {
-                    Some(peer) => {
-                        net.send(peer, frame);
-                    }
-                    None => net.broadcast(frame),
-                }
-            }
-        }
-        Output::Genesis(GenesisOutput::Complete(cert)) => {
-            let path = &cons.genesis_path;
-            crate::edges::storage::os()
-                .write_atomically(path, &serde_json::to_vec_pretty(&cert)?)
-                .with_context(|| format!("writing the genesis certificate {}", path.display()))?;
-            tracing::info!(path = %path.display(), genesis_time_ms = cert.genesis_time_ms, "genesis complete");
-        }
-        Output::Genesis(GenesisOutput::StillWaiting(waiting_for)) => {
-            tracing::warn!(?waiting_for, "genesis: still waiting for ready attestations (GENESIS_READY_TIMEOUT passed); start those validators or check P2P_BOOTSTRAP_PEERS");
-        }
-        Output::SnapshotRequest { to, request } => {
-            if let Some(net) = &cons.net {
-                let frame = Arc::new(wire::encode_snapshot_request(request));
-                match to {
-                    Some(peer) => {
-                        net.send(cons.ids[peer], frame);
-                    }
-                    None => net.broadcast(frame),
-                }
-            }
-        }
-        Output::ServeSnapshot { to, request } => {
-            let served = cons.served.lock().unwrap().clone();
-            let chunk = snapshot::answer(served.as_ref().map(|(s, b)| (*s, b.as_slice())), &request);
-            if let Some(net) = &cons.net {
-                net.send(cons.ids[to], Arc::new(wire::encode_snapshot_chunk(chunk)));
-            }
-        }
-        Output::Joined { header, bytes } => {
-            // Durable before the store starts above it.
-            write_atomically(&cons.base_path, &bytes)
-                .with_context(|| format!("writing {}", cons.base_path.display()))?;
-            let height = header.height;
-            store.set_base(header)?;
-            *cons.served.lock().unwrap() = Some((height, bytes));
-            // Else they would read block 1 of a store that starts above the snapshot.
-            if let Some(e) = cons.egress.as_mut() {
-                e.start_above(height);
-            }
-            if let Some(m) = cons.mirror.as_mut() {
-                m.start_above(height);
-            }
-        }
-        Output::Snapshot(snap) => {
-            if let Some(w) = &cons.snapshot_writer {
-                let height = snap.height();
-                let keep_as_base = cons.retains() && store.height() >= height;
-                if w.try_send((snap, keep_as_base)).is_err() {
-                    tracing::warn!(height, "snapshot writer busy; snapshot.bin keeps an older snapshot");
-                }
-            }
-        }
-        Output::ServeFetch { to, from_seq } => serve_fetch(store, cons, to, from_seq)?,
-        Output::Forward { to, txs } => {
-            if let Some(net) = &cons.net {
-                net.send(cons.ids[to], Arc::new(wire::encode_forward(&txs)));
-            }
-        }
-        Output::FetchTxs { to, seq, tx_hashes } => {
-            if let Some(net) = &cons.net {
-                net.send(cons.ids[to], Arc::new(wire::encode_tx_fetch(seq, &tx_hashes)));
-            }
-        }
-        Output::SendTxs { to, seq, txs } => cons.send_bodies(to, seq, &txs),
-        Output::ServeBlockTxs { to, seq, height, tx_hashes } => {
-            serve_block_txs(store, cons, to, seq, height, &tx_hashes)?
-        }
-        Output::ViewChanged { view, primary, cause, height } => {
-            let primary = cons.ids.get(primary).copied().unwrap_or(0);
-            tracing::info!(view, primary, height, cause = cause.as_str(), "view changed");
-            cons.audit("view_change", serde_json::json!({"view": view, "primary": primary, "height": height}))?;
-        }
-        Output::Quarantined { validator, height } => {
-            let validator = cons.ids.get(validator).copied().unwrap_or(0);
-            cons.audit("quarantine", serde_json::json!({"validator": validator, "height": height}))?;
-        }
-        Output::Evidence { culprit, what } => {
-            sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
-            let validator = cons.ids.get(culprit).copied().unwrap_or(0);
-            tracing::warn!(validator, what, "validator misbehaviour");
-            cons.audit("misbehaviour", serde_json::json!({"validator": validator, "what": what}))?;
-        }
-    }
-    Ok(())
-}
-
-/// Publishes blocks made durable: their Kafka offsets, commit events,
-/// database rows, audit records and direct-source commit notices.
-fn publish_commits(
-    commits: &[(Arc<Block>, CommitCert, proto::BlockOutcome)],
-    cons: &mut Consensus,
-    sh: &Shared,
-) -> anyhow::Result<()> {
-    for (block, cert, outcome) in commits {
-        // Durable: their Kafka messages are finished; their events may go out.
-        if let Some(t) = &cons.tracker {
-            t.finish_nonces(block.txs.iter().map(|t| &t.nonce));
-        }
-        if let Some(e) = &mut cons.egress {
-            e.on_commit(block, cert, outcome);
-        }
-        if let Some(m) = &mut cons.mirror {
-            m.on_commit(block, cert, outcome);
-        }
-    }
-    for (block, _, outcome) in commits {
-        let rejected = outcome.rejected.len();
-        sh.stats.latencies.consensus_round.observe(now_ms().saturating_sub(block.header.timestamp_ms) as f64);
-        if cons.audit.is_some() {
-            let h = &block.header;
-            let fields = serde_json::json!({
-                "height": h.height,
-                "hash": hex::encode(block.hash()),
-                "view": h.view,
-                "txs": block.txs.len(),
-                "rejected": rejected,
-                "state_root": hex::encode(h.state_root),
-            });
-            cons.audit("commit", fields)?;
-        }
-        sh.stats.height.store(block.header.height, Ordering::Relaxed);
-        tracing::debug!(
-            height = block.header.height,
-            view = block.header.view,
-            txs = block.txs.len(),
-            rejected,
-            age_ms = now_ms().saturating_sub(block.header.timestamp_ms),
-            "committed"
-        );
-        let frame = commit_frame(block);
-        sh.subscribers.lock().unwrap().retain(|(_, s)| match s.try_send(frame.clone()) {
-            Ok(()) => true,
-            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!("direct subscriber too slow; dropping it");
-                false
-            }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
-        });
-    }
-    Ok(())
-}
-
 /// Sets up logging per the config (idempotent).
 pub fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -1802,7 +1504,7 @@ pub fn run_blocking(config: Option<&std::path::Path>) -> anyhow::Result<()> {
                 }
                 tracing::info!(data_dir = %v.config.node.data_dir.display(), "disk space freed; starting again");
             }
-            Err(e) if e.downcast_ref::<RejoinRequired>().is_some() && !signal.load(Ordering::Relaxed) => {
+            Err(e) if e.downcast_ref::<persistence::RejoinRequired>().is_some() && !signal.load(Ordering::Relaxed) => {
                 tracing::info!("starting again to join from a snapshot");
             }
             Err(e) => return Err(e),
@@ -1838,65 +1540,6 @@ fn disk_space(dir: &std::path::Path) -> Option<(u64, u64)> {
         let mut st: libc::statvfs = std::mem::zeroed();
         (libc::statvfs(c.as_ptr(), &mut st) == 0)
             .then(|| (st.f_bavail as u64 * st.f_frsize as u64, st.f_blocks as u64 * st.f_frsize as u64))
-    }
-}
-
-/// Retention (STORAGE_RETAIN_BLOCKS): moves the store's base up to the
-/// snapshot the writer last kept as `blocks.base`, then deletes the
-/// segments wholly below min(base, newest − retain, every feed's cursor).
-/// Nothing a restart, a join or a downstream consumer needs goes.
-fn prune(store: &mut BlockStore, cons: &Consensus, stats: &RuntimeStats) -> anyhow::Result<()> {
-    if !cons.retains() {
-        return Ok(());
-    }
-    let kept = cons.base_kept.load(Ordering::Acquire);
-    if kept > store.base_height() && kept <= store.height() {
-        let header = store.read_header(kept)?.with_context(|| format!("block {kept} (the new base) is not stored"))?;
-        store.rebase(header);
-        tracing::debug!(height = kept, "the block store sits on a newer snapshot");
-    }
-    let mut cursors = vec![];
-    for path in &cons.feed_cursors {
-        cursors.push(crate::edges::egress::read_cursor(path).with_context(|| format!("reading {}", path.display()))?);
-    }
-    let by_bytes = match cons.retain_bytes {
-        0 => 0,
-        b => store.height_to_fit(b),
-    };
-    let limit = prune_limit(store.base_height(), store.height(), cons.retain_blocks, by_bytes, &cursors);
-    let pruned = store.prune_through(limit)?;
-    // Published before the log line: whoever reads the log sees the API agree.
-    publish_store(store, stats);
-    if pruned > 0 {
-        stats.pruned_blocks.fetch_add(pruned, Ordering::Relaxed);
-        tracing::info!(blocks = pruned, lowest = store.lowest(), "pruned block segments");
-    }
-    Ok(())
-}
-
-/// The height through which blocks may be pruned: what either limit lets
-/// go (`retain_blocks` below the newest, `by_bytes` from the byte budget;
-/// 0 = off), never above the base nor a downstream feed's cursor.
-fn prune_limit(base: u64, height: u64, retain_blocks: u64, by_bytes: u64, cursors: &[u64]) -> u64 {
-    let by_blocks = match retain_blocks {
-        0 => 0,
-        r => height.saturating_sub(r),
-    };
-    cursors.iter().fold(base.min(by_blocks.max(by_bytes)), |l, c| l.min(*c))
-}
-
-/// The retained range and the block store's bytes.
-fn publish_store(store: &BlockStore, stats: &RuntimeStats) {
-    stats.lowest_stored.store(store.lowest(), Ordering::Release);
-    stats.block_store_bytes.store(store.segments().1, Ordering::Relaxed);
-}
-
-/// `storage_free_bytes` / `storage_size_bytes` (left as they were if
-/// statvfs fails).
-fn publish_disk_space(dir: &std::path::Path, stats: &RuntimeStats) {
-    if let Some((free, size)) = disk_space(dir) {
-        stats.storage_free_bytes.store(free, Ordering::Relaxed);
-        stats.storage_size_bytes.store(size, Ordering::Relaxed);
     }
 }
 
@@ -1955,32 +1598,4 @@ fn wait_for_disk_space(
         let _ = t.join();
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{next_compaction_at, prune_limit};
-
-    #[test]
-    fn pruning_stays_below_the_base_and_every_cursor_and_takes_the_stricter_retention() {
-        // Base 100, newest 180: keep 50 blocks -> through 130, but the base caps it at 100.
-        assert_eq!(prune_limit(100, 180, 50, 0, &[]), 100);
-        assert_eq!(prune_limit(150, 180, 50, 0, &[]), 130);
-        // The byte budget wants more gone than the block count: the stricter wins.
-        assert_eq!(prune_limit(150, 180, 50, 140, &[]), 140);
-        assert_eq!(prune_limit(150, 180, 0, 120, &[]), 120);
-        assert_eq!(prune_limit(150, 180, 0, 0, &[]), 0, "no retention set");
-        // A feed (events, mirror) behind holds it back.
-        assert_eq!(prune_limit(150, 180, 50, 140, &[160, 90]), 90);
-    }
-
-    #[test]
-    fn the_log_compacts_again_only_once_it_doubles_its_live_size() {
-        // Small live set: the configured size rules.
-        assert_eq!(next_compaction_at(8 << 20, 1 << 20), 8 << 20);
-        // Live set (a window of big proposals) above it: wait for twice
-        // that, so each compaction drops at least half of what it reads.
-        assert_eq!(next_compaction_at(8 << 20, 12 << 20), 24 << 20);
-        assert_eq!(next_compaction_at(8 << 20, u64::MAX), u64::MAX);
-    }
 }
