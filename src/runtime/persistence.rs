@@ -222,27 +222,18 @@ impl Persistence {
                 self.perform_effect(o)?;
             }
         }
-        // A checkpoint vouches for a block: after a block of this group it
-        // waits for the group's store sync (`Ready` does the same within a pass).
-        let mut checkpoints = vec![];
-        let mut blocks_pending = false;
-        for (ready, _) in group.iter_mut() {
-            blocks_pending |= !ready.commits.is_empty();
-            for (to, m) in std::mem::take(&mut ready.sends) {
-                if blocks_pending && matches!(m, Message::Checkpoint(_)) {
-                    checkpoints.push((to, m));
-                    continue;
+        let (now, checkpoints) = split_sends(group.iter_mut().map(|(r, _)| {
+            (!r.commits.is_empty(), std::mem::take(&mut r.sends), std::mem::take(&mut r.after_commits))
+        }));
+        for (to, m) in now {
+            if let Message::PrePrepare(pp) = &m {
+                if pp.from == self.me && self.audit.is_some() {
+                    let b = &pp.body;
+                    let fields = serde_json::json!({"view": b.view, "seq": b.seq, "digest": hex::encode(b.digest)});
+                    self.audit("proposal", fields)?;
                 }
-                if let Message::PrePrepare(pp) = &m {
-                    if pp.from == self.me && self.audit.is_some() {
-                        let b = &pp.body;
-                        let fields = serde_json::json!({"view": b.view, "seq": b.seq, "digest": hex::encode(b.digest)});
-                        self.audit("proposal", fields)?;
-                    }
-                }
-                self.out.send_to(to, &m);
             }
-            checkpoints.append(&mut ready.after_commits);
+            self.out.send_to(to, &m);
         }
         let mut commits = vec![];
         let mut executed = vec![];
@@ -471,6 +462,30 @@ impl Persistence {
     }
 }
 
+type Sends = Vec<(Option<Rid>, Message)>;
+
+/// A group's sends, in order, split into those that go out once its
+/// records are durable and those that wait for its blocks: a checkpoint
+/// vouches for the blocks before it, so from the first pass that commits a
+/// block on, checkpoints wait for the group's store sync (`Ready` does the
+/// same within one pass: its `after_commits`). Each pass: whether it
+/// commits blocks, its sends, its `after_commits`.
+fn split_sends(passes: impl Iterator<Item = (bool, Sends, Sends)>) -> (Sends, Sends) {
+    let (mut now, mut after_blocks) = (vec![], vec![]);
+    let mut blocks_pending = false;
+    for (commits, sends, mut after_commits) in passes {
+        blocks_pending |= commits;
+        for (to, m) in sends {
+            match m {
+                Message::Checkpoint(_) if blocks_pending => after_blocks.push((to, m)),
+                m => now.push((to, m)),
+            }
+        }
+        after_blocks.append(&mut after_commits);
+    }
+    (now, after_blocks)
+}
+
 /// Whether the persistence thread carries out this effect (it reads or
 /// writes the store or the audit log); the core does the rest at once.
 pub(super) fn is_persistence_effect(o: &Output) -> bool {
@@ -630,7 +645,33 @@ pub(super) fn publish_disk_space(dir: &std::path::Path, stats: &RuntimeStats) {
 
 #[cfg(test)]
 mod tests {
-    use super::{next_compaction_at, prune_limit};
+    use super::{next_compaction_at, prune_limit, split_sends};
+    use crate::protocol::consensus::pbft::{Checkpoint, Message, Signed};
+
+    fn checkpoint(seq: u64) -> Message {
+        Message::Checkpoint(Signed { body: Checkpoint { seq, state: [0; 32], app: [0; 32] }, from: 0, sig: vec![] })
+    }
+    fn fetch(from_seq: u64) -> Message {
+        Message::Fetch { from: 0, from_seq }
+    }
+
+    #[test]
+    fn checkpoints_after_a_block_of_the_group_wait_for_the_store_sync_and_nothing_else_does() {
+        let passes = vec![
+            // Before any block of the group: an older block's checkpoint (durable already) goes at once.
+            (false, vec![(None, checkpoint(4)), (Some(1), fetch(1))], vec![]),
+            // This pass commits block 5; `Ready` put its own checkpoint in after_commits.
+            (true, vec![(Some(2), fetch(2))], vec![(None, checkpoint(5))]),
+            // A later pass's checkpoint of block 5 must wait too; its other sends need not.
+            (false, vec![(Some(3), checkpoint(5)), (None, fetch(3))], vec![]),
+        ];
+        let (now, after) = split_sends(passes.into_iter());
+        assert_eq!(now, vec![(None, checkpoint(4)), (Some(1), fetch(1)), (Some(2), fetch(2)), (None, fetch(3))]);
+        assert_eq!(after, vec![(None, checkpoint(5)), (Some(3), checkpoint(5))], "in their passes' order");
+        // A group without blocks sends everything once its records are durable.
+        let (now, after) = split_sends(vec![(false, vec![(None, checkpoint(4))], vec![])].into_iter());
+        assert_eq!((now.len(), after.len()), (1, 0));
+    }
 
     #[test]
     fn pruning_stays_below_the_base_and_every_cursor_and_takes_the_stricter_retention() {
