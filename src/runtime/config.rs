@@ -339,7 +339,7 @@ pub struct RuntimeConfig {
     /// Core for the persistence thread (consensus log and block store
     /// appends and their fdatasyncs), used when pinning. It mostly waits
     /// for the disk: it may share a core with the verify shards.
-    pub persist_core: Option<usize>,
+    pub storage_core: Option<usize>,
     /// Capacity (in batches) of each ring between stages.
     pub ring_capacity: usize,
     /// Compact the consensus log at the first stable checkpoint once it
@@ -363,7 +363,7 @@ impl Default for RuntimeConfig {
             verify_nice: 0,
             verify_cores: vec![],
             core_core: None,
-            persist_core: None,
+            storage_core: None,
             ring_capacity: 64,
             consensus_log_compact_bytes: 64 << 20,
         }
@@ -1178,10 +1178,10 @@ fn validate_runtime(c: &Config, e: &mut Vec<ConfigError>) {
     if c.runtime.pin_cores {
         let avail = core_affinity::get_core_ids().map(|v| v.len()).unwrap_or(0);
         let r = &c.runtime;
-        for core in r.verify_cores.iter().chain(r.core_core.iter()).chain(r.persist_core.iter()) {
+        for core in r.verify_cores.iter().chain(r.core_core.iter()).chain(r.storage_core.iter()) {
             if *core >= avail {
                 e.push(err(
-                    "runtime.verify_cores / runtime.core_core / runtime.persist_core",
+                    "runtime.verify_cores / runtime.core_core / runtime.storage_core",
                     format!("core {core} does not exist (this machine has {avail})"),
                     "use core numbers below the core count",
                 ));

@@ -470,10 +470,10 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     };
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
-    let persist_pin = c.runtime.pin_cores.then_some(c.runtime.persist_core).flatten();
+    let storage_pin = c.runtime.pin_cores.then_some(c.runtime.storage_core).flatten();
     let core = std::thread::Builder::new().name("core".into()).spawn(move || {
         pin(core_pin, "core");
-        let r = core_loop(node, persist, persist_pin, cons, &outs, &bell, &sh);
+        let r = core_loop(node, persist, storage_pin, cons, &outs, &bell, &sh);
         if let Err(e) = &r {
             tracing::error!(error = %format!("{e:#}"), "core stopped");
             sh.stop.store(true, Ordering::SeqCst);
@@ -1074,7 +1074,7 @@ fn load_genesis(c: &crate::runtime::config::Config, v: &Validated, key: crypto::
 fn core_loop(
     node: Node<Ed25519Auth>,
     persist: persistence::Persistence,
-    persist_pin: Option<usize>,
+    storage_pin: Option<usize>,
     cons: Consensus,
     inputs: &[Arc<Ring<Vec<VerifiedTx>>>],
     bell: &Doorbell,
@@ -1082,19 +1082,19 @@ fn core_loop(
 ) -> anyhow::Result<()> {
     let (jobs, queued) = sync_channel(persistence::JOBS_QUEUED_MAX);
     std::thread::scope(|s| {
-        let writer = std::thread::Builder::new().name("persist".into()).spawn_scoped(s, move || {
-            pin(persist_pin, "persist");
+        let writer = std::thread::Builder::new().name("storage".into()).spawn_scoped(s, move || {
+            pin(storage_pin, "storage");
             let r = persistence::run(persist, queued, sh);
             if let Err(e) = &r {
-                tracing::error!(error = %format!("{e:#}"), "persistence stopped");
+                tracing::error!(error = %format!("{e:#}"), "storage thread stopped");
             }
             r
         })?;
         // `jobs` ends with the passes: the thread carries out what was queued, then ends.
         let passes = core_passes(node, &cons, jobs, inputs, bell, sh, &writer);
-        let written = writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the persistence thread panicked")));
+        let written = writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the storage thread panicked")));
         match (passes, written) {
-            (Err(e), Ok(())) if e.is::<PersistenceStopped>() => Err(anyhow::anyhow!("the persistence thread stopped")),
+            (Err(e), Ok(())) if e.is::<PersistenceStopped>() => Err(anyhow::anyhow!("the storage thread stopped")),
             (Err(e), Ok(())) => Err(e),
             (_, Err(e)) => Err(e),
             (Ok(()), Ok(())) => Ok(()),
@@ -1296,7 +1296,7 @@ fn queue(jobs: &SyncSender<persistence::Job>, job: persistence::Job) -> anyhow::
 /// The persistence thread ended (its error is the cause, `core_loop`
 /// reports it).
 #[derive(Debug, thiserror::Error)]
-#[error("the persistence thread stopped")]
+#[error("the storage thread stopped")]
 struct PersistenceStopped;
 
 /// Carries out what needs no sync and no store at once (forwards, tx

@@ -1,4 +1,4 @@
-//! The persistence thread: makes the core's records and blocks durable, then
+//! The persistence thread (`storage` in `top -H`): makes the core's records and blocks durable, then
 //! sends and publishes what waited for them, so the core thread never waits
 //! for a disk.
 //!
