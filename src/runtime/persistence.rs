@@ -149,29 +149,47 @@ pub(super) struct Persistence {
 pub(super) fn run(mut p: Persistence, jobs: Receiver<Job>, sh: &Shared) -> anyhow::Result<()> {
     let mut next_housekeeping_ms = 0u64;
     let mut open = true;
-    while open {
+    // A job that starts the next group (see below).
+    let mut carried: Option<Job> = None;
+    while open || carried.is_some() {
         let mut group = vec![];
         let mut compact = None;
-        match jobs.recv_timeout(Duration::from_millis(IDLE_POLL_INTERVAL_MS)) {
-            Ok(job) => {
-                let mut next = Some(job);
-                // Everything already queued joins the group; a compaction
-                // closes it (records queued after it go into the new log).
-                while let Some(job) = next.take() {
-                    match job {
-                        Job::Ready { ready, executed_ms } => group.push((ready, executed_ms)),
-                        Job::Compact(records) => {
-                            compact = Some(records);
-                            break;
-                        }
-                    }
-                    if group.len() < GROUP_JOBS_MAX {
-                        next = jobs.try_recv().ok();
-                    }
+        let first = match carried.take() {
+            Some(job) => Some(job),
+            None => match jobs.recv_timeout(Duration::from_millis(IDLE_POLL_INTERVAL_MS)) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    open = false;
+                    None
+                }
+            },
+        };
+        // Everything already queued joins the group, but for two jobs that
+        // close it: a compaction (records queued after it go into the new
+        // log), and a pass with effects after a pass with blocks (effects
+        // see the store as their pass left it: a snapshot is kept as the
+        // store's base only once its block is stored).
+        let mut next = first;
+        let mut blocks = false;
+        while let Some(job) = next.take() {
+            match job {
+                Job::Ready { ready, executed_ms } if blocks && !ready.effects.is_empty() => {
+                    carried = Some(Job::Ready { ready, executed_ms });
+                    break;
+                }
+                Job::Ready { ready, executed_ms } => {
+                    blocks |= !ready.commits.is_empty();
+                    group.push((ready, executed_ms));
+                }
+                Job::Compact(records) => {
+                    compact = Some(records);
+                    break;
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => open = false,
+            if group.len() < GROUP_JOBS_MAX {
+                next = jobs.try_recv().ok();
+            }
         }
         if !group.is_empty() {
             p.perform(group, sh)?;
