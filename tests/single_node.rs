@@ -216,7 +216,9 @@ fn http_api_and_prometheus_metrics() {
     assert_eq!(http_get(&addr, "/blocks?from=x").0, 400);
     let (code, body) = http_get(&addr, "/validators");
     assert_eq!(code, 200);
-    let vs: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((page["epoch"].as_u64(), page["scheduled"].is_null()), (Some(0), true), "{page}");
+    let vs = &page["validators"];
     assert_eq!(vs[0]["id"], 1);
     assert_eq!(vs[0]["reputation"], 1.0);
     assert_eq!(vs[0]["quarantined"], false);

@@ -1,4 +1,4 @@
-//! Typed payloads (anomaly, evidence, policy).
+//! Typed payloads (anomaly, evidence, policy, reconfiguration).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -236,7 +236,8 @@ impl Api {
             }
             ("GET", "/validators") => {
                 let v = self.stats.validators_json.lock().expect("validators lock").clone();
-                json_response(200, v.map_or(serde_json::json!([]), |v| (*v).clone()))
+                let none = || serde_json::json!({"epoch": 0, "validators": [], "scheduled": null});
+                json_response(200, v.map_or_else(none, |v| (*v).clone()))
             }
             ("GET", "/blocks") => self.blocks_page(url),
             ("GET", p) if p.starts_with("/state/") => self.state_lookup(&p["/state/".len()..]),

@@ -6,16 +6,19 @@ use crate::protocol::reject::RejectReason;
 use crate::{proto, sha256, Hash32};
 use prost::Message;
 
-/// The three kinds of input event; each has its topic and signing domain.
+/// The kinds of input event; each has its topic and signing domain. The
+/// first three are the AI service's alerts; a reconfiguration changes the
+/// validator set (`protocol::reconfig`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TxKind {
     Anomaly,
     Evidence,
     Policy,
+    Reconfiguration,
 }
 
 impl TxKind {
-    pub const ALL: [TxKind; 3] = [TxKind::Anomaly, TxKind::Evidence, TxKind::Policy];
+    pub const ALL: [TxKind; 4] = [TxKind::Anomaly, TxKind::Evidence, TxKind::Policy, TxKind::Reconfiguration];
 
     /// Signing domain, bound into the signed bytes.
     pub fn domain(self) -> &'static str {
@@ -23,6 +26,7 @@ impl TxKind {
             TxKind::Anomaly => "ai.anomaly.v1",
             TxKind::Evidence => "ai.evidence.v1",
             TxKind::Policy => "ai.policy.v1",
+            TxKind::Reconfiguration => "cybermesh.reconfiguration.v1",
         }
     }
     /// Kafka topic it arrives on.
@@ -31,14 +35,16 @@ impl TxKind {
             TxKind::Anomaly => "ai.anomalies.v1",
             TxKind::Evidence => "ai.evidence.v1",
             TxKind::Policy => "ai.policy.v1",
+            TxKind::Reconfiguration => "control.reconfiguration.v1",
         }
     }
-    /// Tag byte on the direct source (1, 2, 3).
+    /// Tag byte on the direct source (1, 2, 3, 4).
     pub fn tag(self) -> u8 {
         match self {
             TxKind::Anomaly => 1,
             TxKind::Evidence => 2,
             TxKind::Policy => 3,
+            TxKind::Reconfiguration => 4,
         }
     }
     pub fn from_tag(t: u8) -> Option<TxKind> {
@@ -46,13 +52,16 @@ impl TxKind {
             1 => Some(TxKind::Anomaly),
             2 => Some(TxKind::Evidence),
             3 => Some(TxKind::Policy),
+            4 => Some(TxKind::Reconfiguration),
             _ => None,
         }
     }
     /// The kind of event a Kafka topic carries, from its name (containing
-    /// `anomal`, `evidence` or `policy`).
+    /// `anomal`, `evidence`, `policy` or `reconfig`).
     pub fn from_topic(topic: &str) -> Option<TxKind> {
-        if topic.contains("anomal") {
+        if topic.contains("reconfig") {
+            Some(TxKind::Reconfiguration)
+        } else if topic.contains("anomal") {
             Some(TxKind::Anomaly)
         } else if topic.contains("evidence") {
             Some(TxKind::Evidence)
@@ -67,6 +76,7 @@ impl TxKind {
             TxKind::Anomaly => "anomaly",
             TxKind::Evidence => "evidence",
             TxKind::Policy => "policy",
+            TxKind::Reconfiguration => "reconfiguration",
         }
     }
     fn to_proto(self) -> proto::TxKind {
@@ -74,6 +84,7 @@ impl TxKind {
             TxKind::Anomaly => proto::TxKind::Anomaly,
             TxKind::Evidence => proto::TxKind::Evidence,
             TxKind::Policy => proto::TxKind::Policy,
+            TxKind::Reconfiguration => proto::TxKind::Reconfiguration,
         }
     }
     fn from_proto(k: i32) -> Option<TxKind> {
@@ -81,6 +92,7 @@ impl TxKind {
             proto::TxKind::Anomaly => Some(TxKind::Anomaly),
             proto::TxKind::Evidence => Some(TxKind::Evidence),
             proto::TxKind::Policy => Some(TxKind::Policy),
+            proto::TxKind::Reconfiguration => Some(TxKind::Reconfiguration),
             proto::TxKind::Unspecified => None,
         }
     }
@@ -325,6 +337,7 @@ pub enum Payload {
     Anomaly(proto::AnomalyPayload),
     Evidence(proto::EvidencePayload),
     Policy(proto::PolicyPayload),
+    Reconfiguration(crate::protocol::reconfig::Reconfiguration),
 }
 
 fn check_len(field: &str, s: &str, max: usize) -> Result<(), String> {
@@ -375,6 +388,10 @@ pub fn parse_payload(kind: TxKind, bytes: &[u8]) -> Result<Payload, String> {
             check_len("target", &p.target, 256)?;
             check_len("rule", &p.rule, 4096)?;
             Ok(Payload::Policy(p))
+        }
+        TxKind::Reconfiguration => {
+            let p = proto::ReconfigurationPayload::decode(bytes).map_err(|e| e.to_string())?;
+            Ok(Payload::Reconfiguration(crate::protocol::reconfig::Reconfiguration::from_proto(p)?))
         }
     }
 }

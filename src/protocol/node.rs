@@ -644,7 +644,7 @@ impl<A: Auth + Clone> Node<A> {
             JoinStep::Complete { peer, bytes } => {
                 let s = &j.setup;
                 let verified =
-                    snapshot::verify(&bytes, s.me, &s.params, s.auth.clone(), &s.wire, s.state, s.reputation);
+                    snapshot::verify(&bytes, s.me, &s.params, s.auth.clone(), &s.wire, s.state.clone(), s.reputation);
                 let v = match verified {
                     Ok(v) => v,
                     Err(e) => {
@@ -2031,7 +2031,7 @@ mod tests {
         let nodes = (0..n)
             .map(|i| {
                 let r = Replica::new(i, params_for_tests(n), Ed25519Auth::new(keys[i].clone(), pks.clone()));
-                Node::new(cfg.clone(), r, State::new(state), None, Reputation::new(n, Some(0.7), true), at(0))
+                Node::new(cfg.clone(), r, State::new(state.clone()), None, Reputation::new(n, Some(0.7), true), at(0))
             })
             .collect();
         (nodes, keys)

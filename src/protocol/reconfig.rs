@@ -2,8 +2,12 @@
 //! the signed change, its canonical bytes, and the rules every replica
 //! checks when it executes one. Pure: no clock, I/O or randomness.
 //!
-//! Not wired in yet: the state machine, consensus and the runtime do not
-//! use this module so far (the design's implementation order, step 1).
+//! Wired in so far (the design's implementation order, step 1): the tx kind
+//! (`TxKind::Reconfiguration`), its payload, and its execution, which
+//! checks these rules against the state's epoch and set and records the
+//! scheduled change in the state. Not yet: the switch at the scheduled
+//! height (consensus keeps the genesis set), the runtime's and the
+//! transport's view of the set, the CLI.
 //!
 //! The rule: a change is authorised by q = n − f signatures of the current
 //! epoch's validators over [`signed_bytes`]; at most f changes an epoch; the
@@ -20,6 +24,124 @@ pub const MIN_VALIDATORS: usize = 4;
 
 /// Validator id → public key, in id order.
 pub type ValidatorSet = BTreeMap<u32, PublicKey>;
+
+/// Most changes one tx may carry, and most signatures (far above any f and
+/// n in use; a bound on what a decoder accepts).
+pub const MAX_CHANGES: usize = 64;
+pub const MAX_SIGNATURES: usize = 256;
+
+/// What execution needs to judge a change: the chain's identity, the set
+/// of epoch 0 (genesis), and the checkpoint interval that places switches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainRules {
+    pub chain: Hash32,
+    pub genesis: ValidatorSet,
+    pub checkpoint_interval: u64,
+}
+
+/// An epoch's set and where it starts: the state's record of the current
+/// epoch, and of the scheduled one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Epoch {
+    pub epoch: u64,
+    /// Heights above this one are ordered by this set (0 for genesis).
+    pub from_height: u64,
+    pub validators: ValidatorSet,
+}
+
+impl Epoch {
+    /// `u64 BE epoch ‖ u64 BE from_height ‖ (u32 BE id ‖ key (32))*` in id order.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16 + 36 * self.validators.len());
+        v.extend_from_slice(&self.epoch.to_be_bytes());
+        v.extend_from_slice(&self.from_height.to_be_bytes());
+        for (id, key) in &self.validators {
+            v.extend_from_slice(&id.to_be_bytes());
+            v.extend_from_slice(key);
+        }
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Epoch> {
+        if b.len() < 16 || (b.len() - 16) % 36 != 0 {
+            return None;
+        }
+        let epoch = u64::from_be_bytes(b[..8].try_into().ok()?);
+        let from_height = u64::from_be_bytes(b[8..16].try_into().ok()?);
+        let validators = b[16..]
+            .chunks_exact(36)
+            .map(|c| (u32::from_be_bytes(c[..4].try_into().expect("4 bytes")), c[4..].try_into().expect("32 bytes")))
+            .collect();
+        Some(Epoch { epoch, from_height, validators })
+    }
+}
+
+impl Reconfiguration {
+    /// From the tx payload, with every length checked (a decoder's error
+    /// is the tx's `invalid_payload` detail).
+    pub fn from_proto(p: crate::proto::ReconfigurationPayload) -> Result<Reconfiguration, String> {
+        let chain: Hash32 =
+            p.chain.as_slice().try_into().map_err(|_| format!("chain must be 32 bytes, got {}", p.chain.len()))?;
+        if p.changes.len() > MAX_CHANGES || p.signatures.len() > MAX_SIGNATURES {
+            return Err(format!(
+                "{} changes and {} signatures; at most {MAX_CHANGES} and {MAX_SIGNATURES}",
+                p.changes.len(),
+                p.signatures.len()
+            ));
+        }
+        let mut changes = Vec::with_capacity(p.changes.len());
+        for c in p.changes {
+            let kind = match crate::proto::ChangeKind::try_from(c.kind) {
+                Ok(crate::proto::ChangeKind::Add) => ChangeKind::Add,
+                Ok(crate::proto::ChangeKind::Remove) => ChangeKind::Remove,
+                Ok(crate::proto::ChangeKind::Rotate) => ChangeKind::Rotate,
+                _ => return Err(format!("change of validator {}: unknown kind {}", c.id, c.kind)),
+            };
+            let key: PublicKey = match (kind, c.public_key.len()) {
+                (ChangeKind::Remove, 0) => [0; 32],
+                (ChangeKind::Remove, n) => return Err(format!("removal of validator {} carries a {n}-byte key", c.id)),
+                (_, 32) => c.public_key.as_slice().try_into().expect("32 bytes"),
+                (_, n) => return Err(format!("validator {}'s key must be 32 bytes, got {n}", c.id)),
+            };
+            changes.push(Change { kind, id: c.id, key });
+        }
+        let mut signatures = Vec::with_capacity(p.signatures.len());
+        for s in p.signatures {
+            let sig: Signature = s
+                .signature
+                .as_slice()
+                .try_into()
+                .map_err(|_| format!("validator {}'s signature must be 64 bytes, got {}", s.id, s.signature.len()))?;
+            signatures.push((s.id, sig));
+        }
+        Ok(Reconfiguration { chain, epoch: p.epoch, changes, signatures })
+    }
+
+    pub fn to_proto(&self) -> crate::proto::ReconfigurationPayload {
+        crate::proto::ReconfigurationPayload {
+            chain: self.chain.to_vec(),
+            epoch: self.epoch,
+            changes: self
+                .changes
+                .iter()
+                .map(|c| crate::proto::ValidatorChange {
+                    kind: match c.kind {
+                        ChangeKind::Add => crate::proto::ChangeKind::Add,
+                        ChangeKind::Remove => crate::proto::ChangeKind::Remove,
+                        ChangeKind::Rotate => crate::proto::ChangeKind::Rotate,
+                    } as i32,
+                    id: c.id,
+                    public_key: if c.kind == ChangeKind::Remove { vec![] } else { c.key.to_vec() },
+                })
+                .collect(),
+            signatures: self
+                .signatures
+                .iter()
+                .map(|(id, sig)| crate::proto::ReconfigurationSignature { id: *id, signature: sig.to_vec() })
+                .collect(),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ChangeKind {
@@ -280,6 +402,41 @@ mod tests {
         want.extend_from_slice(&[1, 0, 0, 0, 5]);
         want.extend_from_slice(&[0xaa; 32]);
         assert_eq!(bytes, want);
+    }
+
+    #[test]
+    fn the_payload_round_trips_and_bad_lengths_are_named() {
+        use prost::Message;
+        let keys: Vec<SigningKey> = (0..4).map(|_| crypto::generate_key()).collect();
+        let changes = vec![
+            Change { kind: ChangeKind::Rotate, id: 2, key: [5; 32] },
+            Change { kind: ChangeKind::Remove, id: 3, key: [0; 32] },
+        ];
+        let rc = signed(&keys, &[0, 1, 2], [1; 32], 6, changes);
+        let bytes = rc.to_proto().encode_to_vec();
+        let back = Reconfiguration::from_proto(crate::proto::ReconfigurationPayload::decode(&bytes[..]).unwrap());
+        assert_eq!(back, Ok(rc.clone()));
+        let broken = |f: &dyn Fn(&mut crate::proto::ReconfigurationPayload)| {
+            let mut p = rc.to_proto();
+            f(&mut p);
+            Reconfiguration::from_proto(p).unwrap_err()
+        };
+        assert!(broken(&|p| p.chain.pop().map(drop).unwrap_or(())).contains("chain must be 32 bytes"));
+        assert!(broken(&|p| p.changes[0].public_key.truncate(31)).contains("validator 2's key must be 32 bytes"));
+        assert!(broken(&|p| p.changes[1].public_key = vec![1; 32]).contains("removal of validator 3"));
+        assert!(broken(&|p| p.changes[0].kind = 9).contains("unknown kind 9"));
+        assert!(broken(&|p| p.signatures[0].signature.clear()).contains("signature must be 64 bytes"));
+        assert!(broken(&|p| p.signatures = vec![p.signatures[0].clone(); MAX_SIGNATURES + 1]).contains("at most"));
+    }
+
+    #[test]
+    fn an_epoch_record_round_trips_and_a_torn_one_is_refused() {
+        let e = Epoch { epoch: 3, from_height: 48, validators: [(1, [1; 32]), (7, [7; 32])].into_iter().collect() };
+        let b = e.encode();
+        assert_eq!(b.len(), 16 + 2 * 36);
+        assert_eq!(Epoch::decode(&b), Some(e));
+        assert_eq!(Epoch::decode(&b[..b.len() - 1]), None);
+        assert_eq!(Epoch::decode(&b[..15]), None);
     }
 
     #[test]

@@ -50,10 +50,14 @@ pub enum RejectReason {
     /// An anomaly or evidence id already committed by another tx
     /// (committed state).
     DuplicateId,
+    /// A validator set change its rules refuse at its block (too few
+    /// signatures of the current set, stale epoch, too many changes, a
+    /// change already scheduled, ...: `protocol::reconfig`; committed state).
+    ReconfigurationRefused,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         RejectReason::Malformed,
         RejectReason::Oversized,
         RejectReason::UnknownProducer,
@@ -67,6 +71,7 @@ impl RejectReason {
         RejectReason::RateLimited,
         RejectReason::Expired,
         RejectReason::DuplicateId,
+        RejectReason::ReconfigurationRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +89,7 @@ impl RejectReason {
             RejectReason::RateLimited => "rate_limited",
             RejectReason::Expired => "expired",
             RejectReason::DuplicateId => "duplicate_id",
+            RejectReason::ReconfigurationRefused => "reconfiguration_refused",
         }
     }
 
@@ -97,7 +103,11 @@ impl RejectReason {
     pub fn is_local(self) -> bool {
         !matches!(
             self,
-            RejectReason::ReplayedNonce | RejectReason::RateLimited | RejectReason::Expired | RejectReason::DuplicateId
+            RejectReason::ReplayedNonce
+                | RejectReason::RateLimited
+                | RejectReason::Expired
+                | RejectReason::DuplicateId
+                | RejectReason::ReconfigurationRefused
         )
     }
 

@@ -810,6 +810,23 @@ pub struct Validated {
     pub allowed_ips: Vec<ipnet::IpNet>,
 }
 
+impl Validated {
+    /// The state machine's settings, with what it judges validator set
+    /// changes against (a chain of one validator takes none).
+    pub fn state_config(&self) -> StateConfig {
+        let c = &self.config;
+        let mut s = c.state_config();
+        if self.validators.len() > 1 {
+            s.chain = Some(std::sync::Arc::new(crate::protocol::reconfig::ChainRules {
+                chain: c.consensus_fingerprint(),
+                genesis: self.validators.clone(),
+                checkpoint_interval: c.consensus.checkpoint_interval,
+            }));
+        }
+        s
+    }
+}
+
 impl Config {
     /// Parses a TOML file (unknown keys are errors, named).
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
@@ -893,6 +910,7 @@ impl Config {
             future_skew_ms: self.ingest.max_timestamp_skew.as_millis() as u64,
             rate_per_second: self.mempool.rate_per_second,
             rate_burst: self.mempool.rate_burst,
+            chain: None,
         }
     }
 
@@ -1332,7 +1350,7 @@ fn validate_edges(c: &Config, e: &mut Vec<ConfigError>) {
                 e.push(err(
                     "KAFKA_INPUT_TOPICS (kafka.input_topics)",
                     format!("topic {t:?} does not say which events it carries"),
-                    "name each input topic with anomal…, evidence or policy in it (default ai.anomalies.v1,ai.evidence.v1,ai.policy.v1)",
+                    "name each input topic with anomal…, evidence, policy or reconfig in it (default ai.anomalies.v1,ai.evidence.v1,ai.policy.v1; validator set changes: add control.reconfiguration.v1)",
                 ));
             }
         }

@@ -257,7 +257,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         keys: &keys,
         wire,
         limits,
-        state: c.state_config(),
+        state: v.state_config(),
         reputation: rep_cfg,
     })?;
 
@@ -423,7 +423,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             params: params.clone(),
             auth: auth.clone(),
             wire,
-            state: c.state_config(),
+            state: v.state_config(),
             reputation: rep_cfg,
             records,
             timeout_ms: c.consensus.snapshot_join_timeout.as_millis() as u64,
@@ -1440,7 +1440,22 @@ fn publish_validators(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared) {
             })
         })
         .collect();
-    *sh.stats.validators_json.lock().unwrap() = Some(Arc::new(serde_json::Value::Array(v)));
+    let set = |e: &crate::protocol::reconfig::Epoch| -> Vec<serde_json::Value> {
+        e.validators.iter().map(|(id, key)| serde_json::json!({"id": id, "public_key": hex::encode(key)})).collect()
+    };
+    let current = node.state().current_epoch();
+    let page = serde_json::json!({
+        "epoch": current.as_ref().map_or(0, |e| e.epoch),
+        "validators": v,
+        // A change ordered and executed; the switch to it is not built yet
+        // (issue 21): consensus keeps the genesis set.
+        "scheduled": node.state().scheduled_epoch().map(|e| serde_json::json!({
+            "epoch": e.epoch,
+            "switch_height": e.from_height,
+            "validators": set(&e),
+        })),
+    });
+    *sh.stats.validators_json.lock().unwrap() = Some(Arc::new(page));
 }
 
 /// The operator's periodic progress line.

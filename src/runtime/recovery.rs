@@ -63,7 +63,7 @@ pub fn recover<A: Auth + Clone>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>>
     let base_path = s.dir.join(snapshot::BASE_FILE);
     let base = match s.disk.read(&base_path) {
         Ok(bytes) => {
-            let v = snapshot::verify(&bytes, s.me, &s.params, s.auth.clone(), &s.wire, s.state, s.reputation)
+            let v = snapshot::verify(&bytes, s.me, &s.params, s.auth.clone(), &s.wire, s.state.clone(), s.reputation)
                 .with_context(|| format!("{} (the snapshot this validator started from)", base_path.display()))?;
             tracing::info!(height = v.header.height, "starting above the snapshot in blocks.base");
             Some((v, bytes))

@@ -14,6 +14,12 @@
 //!   (replay protection and tx identity; deleted once all are past the TTL)
 //! * `r` + producer key (32) → `u64 BE accepted || u64 BE rejected ||
 //!   u64 BE tokens (thousandths) || u64 BE block timestamp_ms they were counted at`
+//! * `c` + id (16)           → `u64 BE height || tx_hash || content_hash` of a
+//!   reconfiguration tx that was applied
+//! * `vcurrent`              → the current epoch (`reconfig::Epoch`); absent: epoch 0,
+//!   the genesis set (`StateConfig::chain`)
+//! * `vnext`                 → the scheduled epoch, its set and `from_height`
+//!   (the switch height); at most one
 //!
 //! # Identity and verdicts
 //! A tx is its hash (of the signed bytes: domain, timestamp, nonce, id,
@@ -28,7 +34,8 @@ pub mod kv;
 pub mod merkle;
 pub mod spread;
 
-use crate::protocol::event::{parse_payload, Event, TxKind};
+use crate::protocol::event::{parse_payload, Event, Payload, TxKind};
+use crate::protocol::reconfig;
 use crate::protocol::reject::RejectReason;
 use crate::{proto, sha256, Hash32};
 use foldhash::{HashMap, HashMapExt};
@@ -44,7 +51,7 @@ const PRODUCER_RECORD: usize = 32;
 /// Token-bucket units per tx (integer arithmetic: every validator agrees).
 const MILLI: u64 = 1000;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StateConfig {
     /// A tx this much older than its block is expired. Its nonce is remembered
     /// at least this long after its timestamp (until every nonce its block
@@ -57,11 +64,20 @@ pub struct StateConfig {
     pub rate_per_second: u32,
     /// Bucket size (MEMPOOL_RATE_BURST); 0 means one second's worth.
     pub rate_burst: u32,
+    /// What reconfiguration txs are judged against; None refuses them
+    /// (a single validator, tests).
+    pub chain: Option<std::sync::Arc<reconfig::ChainRules>>,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { nonce_ttl_ms: 15 * 60_000, future_skew_ms: 5 * 60_000, rate_per_second: 0, rate_burst: 0 }
+        StateConfig {
+            nonce_ttl_ms: 15 * 60_000,
+            future_skew_ms: 5 * 60_000,
+            rate_per_second: 0,
+            rate_burst: 0,
+            chain: None,
+        }
     }
 }
 
@@ -127,6 +143,40 @@ pub struct State {
     tree: SparseMerkleTree,
     nonces: NonceIndex,
     height: u64,
+}
+
+/// State keys of the current and the scheduled epoch.
+pub const CURRENT_EPOCH_KEY: &[u8] = b"vcurrent";
+pub const NEXT_EPOCH_KEY: &[u8] = b"vnext";
+
+fn current_epoch(record: Option<&[u8]>, cfg: &StateConfig) -> Option<reconfig::Epoch> {
+    match record {
+        Some(v) => reconfig::Epoch::decode(v),
+        None => cfg.chain.as_ref().map(|c| reconfig::Epoch { epoch: 0, from_height: 0, validators: c.genesis.clone() }),
+    }
+}
+
+/// The epoch a reconfiguration executed at `height` schedules, or why not:
+/// one change at a time, judged against the current epoch's set
+/// (`reconfig::check`), switching at the first checkpoint at least one
+/// checkpoint interval later.
+fn schedule(
+    b: &Batch<'_>,
+    cfg: &StateConfig,
+    height: u64,
+    rc: &reconfig::Reconfiguration,
+) -> Result<reconfig::Epoch, String> {
+    let rules = cfg.chain.as_ref().ok_or("this chain takes no reconfigurations")?;
+    if b.get(NEXT_EPOCH_KEY).is_some() {
+        return Err("a change is already scheduled".into());
+    }
+    let now = current_epoch(b.get(CURRENT_EPOCH_KEY).map(Vec::as_slice), cfg).ok_or("the current epoch record is malformed")?;
+    let validators = reconfig::check(rc, &rules.chain, now.epoch, &now.validators).map_err(|e| e.to_string())?;
+    Ok(reconfig::Epoch {
+        epoch: now.epoch + 1,
+        from_height: reconfig::switch_height(height, rules.checkpoint_interval),
+        validators,
+    })
 }
 
 /// Shards of the nonce map (one entry per tx). One map doubled at the same
@@ -483,16 +533,38 @@ impl State {
         let key = match (ev.kind, &payload) {
             (TxKind::Anomaly, _) => [&[b'a'][..], &ev.id].concat(),
             (TxKind::Evidence, _) => [&[b'e'][..], &ev.id].concat(),
-            (TxKind::Policy, crate::protocol::event::Payload::Policy(p)) => {
-                [&[b'p'][..], p.policy_id.as_bytes()].concat()
+            (TxKind::Policy, Payload::Policy(p)) => [&[b'p'][..], p.policy_id.as_bytes()].concat(),
+            (TxKind::Reconfiguration, Payload::Reconfiguration(rc)) => {
+                let key = [&[b'c'][..], &ev.id].concat();
+                if b.get(&key).is_some() {
+                    return TxStatus::Rejected(RejectReason::DuplicateId);
+                }
+                match schedule(b, cfg, height, rc) {
+                    Ok(next) => b.put(NEXT_EPOCH_KEY.to_vec(), next.encode()),
+                    Err(_) => return TxStatus::Rejected(RejectReason::ReconfigurationRefused),
+                }
+                key
             }
-            (TxKind::Policy, _) => unreachable!("parse_payload returns the kind's payload"),
+            (TxKind::Policy | TxKind::Reconfiguration, _) => {
+                unreachable!("parse_payload returns the kind's payload")
+            }
         };
         if ev.kind != TxKind::Policy && b.get(&key).is_some() {
             return TxStatus::Rejected(RejectReason::DuplicateId);
         }
         b.put(key, record(height, tx_hash, &ev.content_hash));
         TxStatus::Applied
+    }
+
+    /// The current epoch: the state's record, or the genesis set (epoch 0).
+    pub fn current_epoch(&self) -> Option<reconfig::Epoch> {
+        current_epoch(self.kv.get(CURRENT_EPOCH_KEY).map(Vec::as_slice), &self.cfg)
+    }
+
+    /// The scheduled epoch (its set and switch height), if a change was
+    /// ordered and has not taken effect.
+    pub fn scheduled_epoch(&self) -> Option<reconfig::Epoch> {
+        self.kv.get(NEXT_EPOCH_KEY).and_then(|v| reconfig::Epoch::decode(v))
     }
 
     /// Rolls back the last executed block (its proposal was abandoned).
@@ -614,6 +686,68 @@ mod tests {
     fn run(s: &mut State, h: u64, ts: u64, evs: &[Event]) -> Executed {
         let txs: Vec<(&Event, Hash32)> = evs.iter().map(|e| (e, e.tx_hash())).collect();
         s.execute_block(h, ts, &txs)
+    }
+
+    /// A chain of four validators (ids 1..=4) with a checkpoint every 8 blocks.
+    fn chain_of_four() -> (Vec<crypto::SigningKey>, StateConfig) {
+        let keys: Vec<crypto::SigningKey> = (0..4).map(|_| crypto::generate_key()).collect();
+        let genesis = keys.iter().enumerate().map(|(i, k)| (i as u32 + 1, crypto::public_key(k))).collect();
+        let rules = reconfig::ChainRules { chain: [3; 32], genesis, checkpoint_interval: 8 };
+        (keys, StateConfig { chain: Some(std::sync::Arc::new(rules)), ..StateConfig::default() })
+    }
+
+    fn change_tx(submitter: &crypto::SigningKey, i: u64, ts: u64, rc: &reconfig::Reconfiguration) -> Event {
+        ev(submitter, TxKind::Reconfiguration, i, ts, rc.to_proto().encode_to_vec())
+    }
+
+    fn signed_change(keys: &[crypto::SigningKey], signers: &[usize], epoch: u64, change: reconfig::Change) -> reconfig::Reconfiguration {
+        let changes = vec![change];
+        let signatures =
+            signers.iter().map(|&i| (i as u32 + 1, reconfig::sign(&keys[i], &[3; 32], epoch, &changes))).collect();
+        reconfig::Reconfiguration { chain: [3; 32], epoch, changes, signatures }
+    }
+
+    #[test]
+    fn a_reconfiguration_signed_by_a_quorum_is_scheduled_in_the_state_once_and_others_are_refused() {
+        let (keys, cfg) = chain_of_four();
+        let submitter = crypto::generate_key();
+        let t0 = 1_700_000_000_000u64;
+        let new = crypto::public_key(&crypto::generate_key());
+        let add = reconfig::Change { kind: reconfig::ChangeKind::Add, id: 5, key: new };
+        let mut s = State::new(cfg.clone());
+        assert_eq!(s.current_epoch().map(|e| (e.epoch, e.validators.len())), Some((0, 4)), "epoch 0: the genesis set");
+        assert_eq!(s.scheduled_epoch(), None);
+        // Two signatures of four: q = 3, refused at execution.
+        let weak = change_tx(&submitter, 1, t0, &signed_change(&keys, &[0, 1], 0, add));
+        let e = run(&mut s, 1, t0 + 10, std::slice::from_ref(&weak));
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::ReconfigurationRefused));
+        assert_eq!(s.scheduled_epoch(), None);
+        // Three: scheduled at the first checkpoint at least one interval on (block 3 -> 16).
+        let ok = change_tx(&submitter, 2, t0, &signed_change(&keys, &[0, 2, 3], 0, add));
+        let root_before = s.root();
+        let e = run(&mut s, 2, t0 + 10, std::slice::from_ref(&ok));
+        assert_eq!(e.receipts[0].status, TxStatus::Applied);
+        assert_ne!(s.root(), root_before, "the scheduled change is in the state root");
+        let next = s.scheduled_epoch().expect("scheduled");
+        assert_eq!((next.epoch, next.from_height, next.validators.get(&5)), (1, 16, Some(&new)));
+        assert_eq!(s.current_epoch().unwrap().epoch, 0, "nothing switches before the switch height");
+        // A second change while one is scheduled is refused, even a valid one.
+        let rm = reconfig::Change { kind: reconfig::ChangeKind::Remove, id: 4, key: [0; 32] };
+        let rm4 = change_tx(&submitter, 3, t0, &signed_change(&keys, &[0, 1, 2], 0, rm));
+        let e = run(&mut s, 3, t0 + 10, std::slice::from_ref(&rm4));
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::ReconfigurationRefused));
+        // The same tx again is a repeat; a garbled payload is invalid.
+        assert_eq!(run(&mut s, 4, t0 + 10, std::slice::from_ref(&ok)).receipts[0].status, TxStatus::Repeat);
+        let garbled = ev(&submitter, TxKind::Reconfiguration, 5, t0, vec![0x0a, 0x03, 1, 2, 3]);
+        let e = run(&mut s, 5, t0 + 10, std::slice::from_ref(&garbled));
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::InvalidPayload));
+        // A snapshot carries the schedule; every validator computes the same root.
+        let restored = State::restore(&s.snapshot([0; 32]), cfg.clone()).unwrap();
+        assert_eq!(restored.scheduled_epoch(), s.scheduled_epoch());
+        // A chain without rules (one validator) refuses any change.
+        let mut single = State::new(StateConfig::default());
+        let e = run(&mut single, 1, t0 + 10, std::slice::from_ref(&ok));
+        assert_eq!(e.receipts[0].status, TxStatus::Rejected(RejectReason::ReconfigurationRefused));
     }
 
     #[test]
@@ -802,7 +936,7 @@ mod tests {
         let t0 = 1_700_000_000_000u64;
         let cfg = StateConfig { rate_per_second: 10, rate_burst: 2, ..StateConfig::default() };
         let evs: Vec<_> = (0..6).map(|i| ev(&k, TxKind::Anomaly, i, t0, sample_anomaly_payload(i, 50))).collect();
-        let mut a = State::new(cfg);
+        let mut a = State::new(cfg.clone());
         let mut b = State::new(cfg);
         let rl = TxStatus::Rejected(RejectReason::RateLimited);
         // Burst of two, then empty at the same block time.
