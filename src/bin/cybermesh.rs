@@ -67,6 +67,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Validator set changes: propose one, sign it (each validator's
+    /// operator), submit it once q = n - f have signed (docs/reconfiguration.md).
+    Reconfig {
+        #[command(subcommand)]
+        cmd: ReconfigCmd,
+    },
     #[command(hide = true)]
     Debug {
         #[command(subcommand)]
@@ -121,6 +127,56 @@ enum DbCmd {
     Migrate {
         #[arg(long, env = "CYBERMESH_CONFIG")]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReconfigCmd {
+    /// Write a change file for the chain of this config (its config hash)
+    /// and the epoch it changes (`GET /validators` shows the current one).
+    Propose {
+        #[arg(long, env = "CYBERMESH_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        epoch: u64,
+        /// Add a validator: ID:PUBLIC_KEY_HEX (from `cybermesh keygen`).
+        #[arg(long)]
+        add: Vec<String>,
+        /// Remove a validator: ID.
+        #[arg(long)]
+        remove: Vec<String>,
+        /// Give a validator a new key: ID:PUBLIC_KEY_HEX.
+        #[arg(long)]
+        rotate: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add this validator's signature (node.id, node.key_file of the config) to a change file.
+    Sign {
+        file: PathBuf,
+        #[arg(long, env = "CYBERMESH_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Sign the change as a tx (kind 4) with a configured producer key and send
+    /// it to a validator's direct source (waits for the block that orders it),
+    /// or write the tx for a Kafka input topic with "reconfig" in its name.
+    Submit {
+        file: PathBuf,
+        /// A configured producer's private key (PEM).
+        #[arg(long)]
+        producer_key: PathBuf,
+        /// A validator's direct source, host:port.
+        #[arg(long, conflicts_with = "out_event")]
+        direct: Option<String>,
+        /// Write the encoded tx here instead (for a Kafka producer).
+        #[arg(long)]
+        out_event: Option<PathBuf>,
+        /// A validator config to check the change against first (as execution will).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long to wait for the block that orders it.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
     },
 }
 
@@ -216,6 +272,70 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Store { cmd: StoreCmd::Check { data_dir, repair } } => store_check(&data_dir, repair),
         Cmd::Debug { cmd: DebugCmd::StoreWriter { data_dir } } => store_writer(&data_dir),
+        Cmd::Reconfig { cmd } => reconfig(cmd),
+    }
+}
+
+fn reconfig(cmd: ReconfigCmd) -> anyhow::Result<()> {
+    use cybermesh::protocol::reconfig::ChangeKind;
+    use cybermesh::runtime::reconfig_cli::{self as rc, ChangeFile};
+    match cmd {
+        ReconfigCmd::Propose { config, epoch, add, remove, rotate, out } => {
+            let v = Config::load(config.as_deref())?.validate()?;
+            let mut changes = vec![];
+            for (kind, args) in [(ChangeKind::Add, add), (ChangeKind::Remove, remove), (ChangeKind::Rotate, rotate)] {
+                for a in args {
+                    changes.push(rc::parse_change(kind, &a)?);
+                }
+            }
+            if changes.is_empty() {
+                anyhow::bail!("no change: give --add, --remove or --rotate");
+            }
+            let file = ChangeFile::new(&v.config.consensus_fingerprint(), epoch, &changes);
+            file.write(&out)?;
+            println!(
+                "wrote {}: {} change(s) of epoch {epoch}; each validator's operator runs `cybermesh reconfig sign {}`",
+                out.display(),
+                changes.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        ReconfigCmd::Sign { file, config } => {
+            let v = Config::load(config.as_deref())?.validate()?;
+            let mut f = ChangeFile::read(&file)?;
+            let (valid, q) = rc::sign(&mut f, &v)?;
+            f.write(&file)?;
+            println!("validator {} signed {}: {valid} of {q} signatures needed", v.config.node.id, file.display());
+            Ok(())
+        }
+        ReconfigCmd::Submit { file, producer_key, direct, out_event, config, wait } => {
+            let change = ChangeFile::read(&file)?.reconfiguration()?;
+            if let Some(config) = config {
+                rc::preflight(&change, &Config::load(Some(&config))?.validate()?)?;
+            }
+            let producer = crypto::read_key_file(&producer_key, true)
+                .with_context(|| format!("reading the producer key {}", producer_key.display()))?;
+            let ev = rc::envelope(&change, &producer, cybermesh::runtime::now_ms());
+            match (direct, out_event) {
+                (Some(addr), _) => {
+                    let height = rc::submit_direct(&addr, &ev, wait)?;
+                    println!(
+                        "ordered in block {height}; `GET /validators` shows it under `scheduled` \
+                         (or the DLQ has it as reconfiguration_refused)"
+                    );
+                }
+                (None, Some(path)) => {
+                    std::fs::write(&path, ev.encode()).with_context(|| format!("writing {}", path.display()))?;
+                    println!(
+                        "wrote the tx to {}: produce it to an input topic with \"reconfig\" in its name",
+                        path.display()
+                    );
+                }
+                (None, None) => anyhow::bail!("say where: --direct HOST:PORT or --out-event FILE"),
+            }
+            Ok(())
+        }
     }
 }
 

@@ -107,11 +107,10 @@ impl Reconfiguration {
         }
         let mut signatures = Vec::with_capacity(p.signatures.len());
         for s in p.signatures {
-            let sig: Signature = s
-                .signature
-                .as_slice()
-                .try_into()
-                .map_err(|_| format!("validator {}'s signature must be 64 bytes, got {}", s.id, s.signature.len()))?;
+            let sig: Signature =
+                s.signature.as_slice().try_into().map_err(|_| {
+                    format!("validator {}'s signature must be 64 bytes, got {}", s.id, s.signature.len())
+                })?;
             signatures.push((s.id, sig));
         }
         Ok(Reconfiguration { chain, epoch: p.epoch, changes, signatures })

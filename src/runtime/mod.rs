@@ -29,8 +29,9 @@ pub mod devnet;
 mod direct;
 mod executor;
 mod kafka;
-mod persistence;
 pub mod monitor;
+mod persistence;
+pub mod reconfig_cli;
 pub mod recovery;
 pub mod ring;
 
@@ -57,8 +58,8 @@ use crate::protocol::verify::Incoming;
 use crate::protocol::verify::{Verifier, VerifyPolicy};
 use crate::runtime::config::{ExecutorKind, IdlePolicy, Validated};
 use anyhow::{bail, Context};
-use prost::Message as _;
 use persistence::{BlockFeed, MakeItem};
+use prost::Message as _;
 use ring::{idle_wait, Doorbell, Ring};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -1379,7 +1380,9 @@ fn perform_effect(o: Output, cons: &Consensus, sh: &Shared) -> anyhow::Result<()
         Output::Forward { to, txs } => cons.out.send_frame(to, wire::encode_forward(&txs)),
         Output::FetchTxs { to, seq, tx_hashes } => cons.out.send_frame(to, wire::encode_tx_fetch(seq, &tx_hashes)),
         Output::SendTxs { to, seq, txs } => cons.out.send_bodies(to, seq, &txs),
-        other => unreachable!("{other:?} is the persistence thread's (`Ready` and `is_persistence_effect` sort it there)"),
+        other => {
+            unreachable!("{other:?} is the persistence thread's (`Ready` and `is_persistence_effect` sort it there)")
+        }
     }
     Ok(())
 }

@@ -240,9 +240,10 @@ impl Persistence {
                 self.perform_effect(o)?;
             }
         }
-        let (now, checkpoints) = split_sends(group.iter_mut().map(|(r, _)| {
-            (!r.commits.is_empty(), std::mem::take(&mut r.sends), std::mem::take(&mut r.after_commits))
-        }));
+        let (now, checkpoints) =
+            split_sends(group.iter_mut().map(|(r, _)| {
+                (!r.commits.is_empty(), std::mem::take(&mut r.sends), std::mem::take(&mut r.after_commits))
+            }));
         for (to, m) in now {
             if let Message::PrePrepare(pp) = &m {
                 if pp.from == self.me && self.audit.is_some() {
@@ -330,7 +331,9 @@ impl Persistence {
                 }
             }
             Output::ServeFetch { to, from_seq } => self.serve_fetch(to, from_seq)?,
-            Output::ServeBlockTxs { to, seq, height, tx_hashes } => self.serve_block_txs(to, seq, height, &tx_hashes)?,
+            Output::ServeBlockTxs { to, seq, height, tx_hashes } => {
+                self.serve_block_txs(to, seq, height, &tx_hashes)?
+            }
             Output::ViewChanged { view, primary, cause, height } => {
                 let primary = self.out.ids.get(primary).copied().unwrap_or(0);
                 tracing::info!(view, primary, height, cause = cause.as_str(), "view changed");
@@ -562,8 +565,7 @@ fn move_store_aside(dir: &std::path::Path, height: u64) -> anyhow::Result<std::p
     Ok(aside)
 }
 
-pub(super) type MakeItem<M> =
-    Box<dyn Fn(&Arc<Block>, Option<&CommitCert>, Option<&proto::BlockOutcome>) -> M + Send>;
+pub(super) type MakeItem<M> = Box<dyn Fn(&Arc<Block>, Option<&CommitCert>, Option<&proto::BlockOutcome>) -> M + Send>;
 
 /// Feeds a downstream thread (the event publisher, the database mirror)
 /// every stored block in height order from its cursor: live blocks as they

@@ -170,7 +170,8 @@ fn schedule(
     if b.get(NEXT_EPOCH_KEY).is_some() {
         return Err("a change is already scheduled".into());
     }
-    let now = current_epoch(b.get(CURRENT_EPOCH_KEY).map(Vec::as_slice), cfg).ok_or("the current epoch record is malformed")?;
+    let now = current_epoch(b.get(CURRENT_EPOCH_KEY).map(Vec::as_slice), cfg)
+        .ok_or("the current epoch record is malformed")?;
     let validators = reconfig::check(rc, &rules.chain, now.epoch, &now.validators).map_err(|e| e.to_string())?;
     Ok(reconfig::Epoch {
         epoch: now.epoch + 1,
@@ -700,7 +701,12 @@ mod tests {
         ev(submitter, TxKind::Reconfiguration, i, ts, rc.to_proto().encode_to_vec())
     }
 
-    fn signed_change(keys: &[crypto::SigningKey], signers: &[usize], epoch: u64, change: reconfig::Change) -> reconfig::Reconfiguration {
+    fn signed_change(
+        keys: &[crypto::SigningKey],
+        signers: &[usize],
+        epoch: u64,
+        change: reconfig::Change,
+    ) -> reconfig::Reconfiguration {
         let changes = vec![change];
         let signatures =
             signers.iter().map(|&i| (i as u32 + 1, reconfig::sign(&keys[i], &[3; 32], epoch, &changes))).collect();
