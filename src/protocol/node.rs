@@ -35,7 +35,7 @@ use crate::protocol::reject::{RejectReason, Rejection};
 /// Leader reputation lives in its own module; re-exported where it was.
 pub use crate::protocol::reputation::Reputation;
 use crate::protocol::snapshot::{self, JoinStep};
-use crate::protocol::state::{Executed, Receipt, State};
+use crate::protocol::state::{Executed, Receipt, State, TxStatus};
 use crate::protocol::verify::VerifyPolicy;
 use crate::Hash32;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -846,9 +846,12 @@ impl<A: Auth + Clone> Node<A> {
 
     fn drain_backlog(&mut self, out: &mut Vec<Output>) {
         while let Some(tx) = self.backlog.front() {
+            // One look-up of the nonce for both questions (the index misses
+            // the cache on nearly every tx).
+            let owner = self.state.nonce_owner(&tx.event.nonce).copied();
             // This very tx committed (a redelivery after restart, a resend)
             // or pending: a duplicate, finished without a DLQ record.
-            if self.state.is_committed(&tx.event.nonce, &tx.tx_hash) || self.mempool.contains(&tx.tx_hash) {
+            if owner == Some(tx.tx_hash) || self.mempool.contains(&tx.tx_hash) {
                 let tx = self.backlog.pop_front().expect("front exists");
                 self.stats.duplicates += 1;
                 self.dropped.extend(tx.pos);
@@ -856,7 +859,7 @@ impl<A: Auth + Clone> Node<A> {
             }
             // Another tx committed with its nonce: it can never commit (a
             // verdict from committed state, the same on every validator).
-            if let Some(owner) = self.state.nonce_owner(&tx.event.nonce) {
+            if let Some(owner) = owner {
                 let detail = format!("nonce already committed by tx {}", hex::encode(owner));
                 let tx = self.backlog.pop_front().expect("front exists");
                 out.push(Output::Reject(rejection(&tx, RejectReason::ReplayedNonce, detail, "mempool".into())));
@@ -1759,7 +1762,7 @@ impl<A: Auth + Clone> Node<A> {
         // Verdicts from committed state: every validator writes the same
         // DLQ records for this block (their txs are finished by the block).
         for ((tx, r), h) in p.txs.iter().zip(&receipts).zip(&p.tx_hashes) {
-            if let crate::protocol::state::TxStatus::Rejected(reason) = r.status {
+            if let TxStatus::Rejected(reason) = r.status {
                 if reason == RejectReason::RateLimited {
                     self.stats.rate_limited += 1;
                 }
@@ -1774,7 +1777,11 @@ impl<A: Auth + Clone> Node<A> {
                 }));
             }
             // Other txs holding a nonce this block consumed can never commit.
-            if self.state.is_committed(&tx.nonce, h) {
+            // The receipt says whether this tx owns its nonce now (the
+            // state's `consumes`; a repeat owned it already): no look-up.
+            let owns = !matches!(r.status, TxStatus::Rejected(RejectReason::ReplayedNonce | RejectReason::Expired));
+            debug_assert_eq!(owns, self.state.is_committed(&tx.nonce, h), "{:?}", r.status);
+            if owns {
                 for loser in self.mempool.remove_nonce_losers(&tx.nonce, h) {
                     let detail = format!("nonce committed at height {seq} by tx {}", hex::encode(h));
                     out.push(Output::Reject(rejection(&loser, RejectReason::ReplayedNonce, detail, "mempool".into())));
