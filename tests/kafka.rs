@@ -915,3 +915,89 @@ fn a_validator_joined_from_a_snapshot_publishes_commit_events_above_it() {
     assert!(lowest > base, "validator 4 executed the new alerts at height {lowest}, not above its snapshot at {base}");
     assert!(v3.terminate().success(), "validator 4 kept running after the join");
 }
+
+/// `cybermesh reconfig submit --kafka-topic`: the change goes through the
+/// broker like any tx, is consumed from an input topic naming `reconfig`,
+/// ordered and executed; a single validator takes no set changes, so its
+/// verdict is a `reconfiguration_refused` record on the DLQ topic, which the
+/// command's own check named before `--force` sent it anyway.
+#[test]
+fn a_set_change_submitted_through_kafka_is_ordered_and_judged_by_execution() {
+    let s = Setup::single("");
+    let t = Topics::new();
+    let reconfig_topic = format!("{}.reconfig", t.group);
+    let inputs = format!("{},{},{},{reconfig_topic}", t.anomalies, t.evidence, t.policy);
+    let env: Vec<(&str, String)> = t
+        .env()
+        .into_iter()
+        .filter(|(k, _)| *k != "KAFKA_INPUT_TOPICS")
+        .chain([("KAFKA_INPUT_TOPICS", inputs)])
+        .collect();
+    let v = {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("--config").arg(&s.config).envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        Validator::spawn(cmd)
+    };
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).envs(env.iter().map(|(k, v)| (*k, v.as_str()))).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let dir = s.dir.path();
+    let (config, change, producer) = (s.config.to_str().unwrap(), dir.join("change.json"), dir.join("producer.pem"));
+    crypto::write_key_file(&producer, &s.producer).unwrap();
+    let new = hex::encode(crypto::public_key(&crypto::generate_key()));
+    let (ok, out, err) = cli(&[
+        "reconfig",
+        "propose",
+        "--config",
+        config,
+        "--epoch",
+        "0",
+        "--add",
+        &format!("5:{new}"),
+        "--out",
+        change.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&["reconfig", "sign", change.to_str().unwrap(), "--config", config]);
+    assert!(ok && out.contains("1 of 1"), "{out}{err}");
+    let submit = |force: bool| {
+        let mut args = vec![
+            "reconfig",
+            "submit",
+            change.to_str().unwrap(),
+            "--producer-key",
+            producer.to_str().unwrap(),
+            "--kafka-topic",
+            &reconfig_topic,
+            "--config",
+            config,
+        ];
+        if force {
+            args.push("--force");
+        }
+        cli(&args)
+    };
+    // The check names why the validator will refuse it.
+    let (ok, _, err) = submit(false);
+    assert!(!ok && err.contains("a chain of one validator takes no set changes"), "{err}");
+    let (ok, out, err) = submit(true);
+    assert!(ok && out.contains("produced to") && err.contains("sending it anyway"), "{out}{err}");
+    let c = reader(&t.dlq);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "no DLQ record for the change");
+        let Some(Ok(m)) = c.poll(Duration::from_millis(200)) else { continue };
+        let reason = m.headers().and_then(|h| h.iter().find(|x| x.key == "reason").and_then(|x| x.value));
+        assert_eq!(reason, Some(&b"reconfiguration_refused"[..]));
+        let ev = proto::SignedEvent::decode(m.payload().unwrap()).unwrap();
+        let payload = proto::ReconfigurationPayload::decode(&ev.payload[..]).unwrap();
+        assert_eq!((payload.epoch, payload.changes.len(), payload.signatures.len()), (0, 1, 1));
+        break;
+    }
+    assert!(v.terminate().success());
+}

@@ -166,14 +166,22 @@ enum ReconfigCmd {
         #[arg(long)]
         producer_key: PathBuf,
         /// A validator's direct source, host:port.
-        #[arg(long, conflicts_with = "out_event")]
+        #[arg(long, conflicts_with_all = ["out_event", "kafka_topic"])]
         direct: Option<String>,
-        /// Write the encoded tx here instead (for a Kafka producer).
+        /// Produce it to this Kafka topic (one with "reconfig" in its name,
+        /// among the validators' KAFKA_INPUT_TOPICS), with --config's Kafka settings.
+        #[arg(long, requires = "config", conflicts_with = "out_event")]
+        kafka_topic: Option<String>,
+        /// Write the encoded tx here instead (for another Kafka producer).
         #[arg(long)]
         out_event: Option<PathBuf>,
         /// A validator config to check the change against first (as execution will).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Send it even if that check refuses it (every validator then refuses
+        /// it alike at its block, with a reconfiguration_refused DLQ record).
+        #[arg(long, requires = "config")]
+        force: bool,
         /// How long to wait for the block that orders it.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,
@@ -309,14 +317,37 @@ fn reconfig(cmd: ReconfigCmd) -> anyhow::Result<()> {
             println!("validator {} signed {}: {valid} of {q} signatures needed", v.config.node.id, file.display());
             Ok(())
         }
-        ReconfigCmd::Submit { file, producer_key, direct, out_event, config, wait } => {
+        ReconfigCmd::Submit { file, producer_key, direct, kafka_topic, out_event, config, force, wait } => {
             let change = ChangeFile::read(&file)?.reconfiguration()?;
-            if let Some(config) = config {
-                rc::preflight(&change, &Config::load(Some(&config))?.validate()?)?;
+            let v = match config {
+                Some(config) => Some(Config::load(Some(&config))?.validate()?),
+                None => None,
+            };
+            match (&v, force) {
+                (Some(v), false) => rc::preflight(&change, v)?,
+                (Some(v), true) => {
+                    if let Err(e) = rc::preflight(&change, v) {
+                        eprintln!("warning: {e:#}; sending it anyway (--force)");
+                    }
+                }
+                (None, _) => {}
             }
             let producer = crypto::read_key_file(&producer_key, true)
                 .with_context(|| format!("reading the producer key {}", producer_key.display()))?;
             let ev = rc::envelope(&change, &producer, cybermesh::runtime::now_ms());
+            if let (Some(topic), Some(v)) = (kafka_topic, &v) {
+                if cybermesh::protocol::event::TxKind::from_topic(&topic)
+                    != Some(cybermesh::protocol::event::TxKind::Reconfiguration)
+                {
+                    anyhow::bail!("--kafka-topic {topic:?}: the validators read set changes only from a topic with \"reconfig\" in its name");
+                }
+                let (partition, offset) = rc::submit_kafka(&v.config.kafka, &topic, &ev, wait)?;
+                println!(
+                    "produced to {topic} (partition {partition}, offset {offset}); once ordered, `GET /validators` \
+                     shows it under `scheduled` (or the DLQ topic has it as reconfiguration_refused)"
+                );
+                return Ok(());
+            }
             match (direct, out_event) {
                 (Some(addr), _) => {
                     let height = rc::submit_direct(&addr, &ev, wait)?;
@@ -332,7 +363,7 @@ fn reconfig(cmd: ReconfigCmd) -> anyhow::Result<()> {
                         path.display()
                     );
                 }
-                (None, None) => anyhow::bail!("say where: --direct HOST:PORT or --out-event FILE"),
+                (None, None) => anyhow::bail!("say where: --direct HOST:PORT, --kafka-topic TOPIC or --out-event FILE"),
             }
             Ok(())
         }

@@ -170,6 +170,9 @@ pub fn sign(file: &mut ChangeFile, v: &Validated) -> anyhow::Result<(usize, usiz
 /// Checks the change against the genesis set and `epoch` as execution
 /// will (so a refusal is named here, not found in the DLQ later).
 pub fn preflight(rc: &Reconfiguration, v: &Validated) -> anyhow::Result<()> {
+    if v.state_config().chain.is_none() {
+        bail!("the validators would refuse this change: a chain of one validator takes no set changes");
+    }
     reconfig::check(rc, &v.config.consensus_fingerprint(), rc.epoch, &v.validators)
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("the validators would refuse this change: {e}"))
@@ -210,6 +213,46 @@ pub fn submit_direct(addr: &str, ev: &Event, wait: Duration) -> anyhow::Result<u
         if c.nonces.iter().any(|n| n.as_slice() == ev.nonce) {
             return Ok(c.height);
         }
+    }
+}
+
+/// Produces `ev` to `topic` with the validator config's Kafka settings
+/// (brokers, TLS, SASL) and waits for the broker's acknowledgement;
+/// returns its partition and offset. The validators read it if `topic` is
+/// among their `KAFKA_INPUT_TOPICS`.
+pub fn submit_kafka(
+    k: &crate::runtime::config::KafkaConfig,
+    topic: &str,
+    ev: &Event,
+    wait: Duration,
+) -> anyhow::Result<(i32, i64)> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+    use rdkafka::Message as _;
+    type Delivered = std::sync::Mutex<Option<Result<(i32, i64), String>>>;
+    struct Ack(Delivered);
+    impl rdkafka::ClientContext for Ack {}
+    impl ProducerContext for Ack {
+        type DeliveryOpaque = ();
+        fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+            *self.0.lock().unwrap() = Some(match r {
+                Ok(m) => Ok((m.partition(), m.offset())),
+                Err((e, _)) => Err(e.to_string()),
+            });
+        }
+    }
+    let mut cfg = crate::edges::kafka::client_config(k);
+    cfg.set("acks", "all").set("message.timeout.ms", wait.as_millis().max(1).to_string());
+    let p: BaseProducer<Ack> =
+        cfg.create_with_context(Ack(Default::default())).context("creating a Kafka producer (KAFKA_BROKERS)")?;
+    let key = hex::encode(ev.nonce);
+    let bytes = ev.encode();
+    p.send(BaseRecord::to(topic).key(&key).payload(&bytes)).map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+    p.flush(wait).with_context(|| format!("no acknowledgement from {} within {wait:?}", k.brokers))?;
+    let acked = p.context().0.lock().unwrap().take();
+    match acked {
+        Some(Ok(at)) => Ok(at),
+        Some(Err(e)) => bail!("producing to {topic}: {e}"),
+        None => bail!("producing to {topic}: no delivery report"),
     }
 }
 
