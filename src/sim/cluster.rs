@@ -17,7 +17,8 @@
 //! hit that block at rest), the node's and the replica's own `invariants()`
 //! (bounded maps under floods), and once the faults heal, every tx
 //! committed on every honest validator (liveness).
-//! `SIM_SEED=n` replays one run exactly.
+//! `SIM_SEED=n` replays one run exactly (`SIM_RECONFIG=1` too for a seed of
+//! the reconfiguration test).
 
 use super::disk::{DiskFaults, FaultCounts, SimDisk};
 use crate::edges::consensus_log::ConsensusLog;
@@ -81,6 +82,11 @@ pub struct Config {
     pub retain_blocks: u64,
     /// Bytes at which the block store starts a new segment.
     pub segment_bytes: u64,
+    /// Two validator set changes among the txs (one signed by q of the
+    /// genesis set, one by q − 1): every validator must schedule the first
+    /// alike and refuse the second. Off in `random` (its seeds replay as
+    /// they did); `reconfigurations_schedule_alike_under_faults` turns it on.
+    pub reconfig: bool,
 }
 
 impl Config {
@@ -111,6 +117,7 @@ impl Config {
             min_block_interval_ms: 0,
             retain_blocks: 0,
             segment_bytes: crate::edges::store::SEGMENT_BYTES_DEFAULT,
+            reconfig: false,
         };
         // Drawn last: the other fields stay what they were for each seed.
         c.wipes = crashes && rng.gen_bool(0.25);
@@ -259,6 +266,11 @@ struct Sim {
     txs: Vec<VerifiedTx>,
     /// When each tx reaches which validators.
     plan: Vec<(u64, Vec<Rid>)>,
+    /// What every validator's state machine runs with (chain rules when
+    /// `cfg.reconfig`).
+    state_cfg: StateConfig,
+    /// `cfg.reconfig`: the change signed by q and the one signed by q − 1.
+    reconfigs: Option<(VerifiedTx, VerifiedTx, crate::protocol::reconfig::ValidatorSet)>,
     report: Report,
     trace: Vec<u8>,
     stranger: crypto::SigningKey,
@@ -281,6 +293,9 @@ const CONFIG_HASH: Hash32 = [7; 32];
 
 const STEP_MS: u64 = 10;
 const RUN_AFTER_HEAL_MS: u64 = 90_000;
+/// The chain rules' checkpoint interval with `Config::reconfig` (switch
+/// heights are its multiples).
+const RECONFIG_CHECKPOINT_INTERVAL: u64 = 8;
 
 fn params(n: usize) -> Params {
     Params {
@@ -343,7 +358,7 @@ impl Sim {
                 VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: ts, pos: None }
             })
             .collect();
-        let plan = (0..cfg.txs)
+        let plan: Vec<(u64, Vec<Rid>)> = (0..cfg.txs)
             .map(|_| {
                 let at = start + STEP_MS * rng.gen_range(0..(cfg.heal_at_ms / STEP_MS).max(1));
                 let to: Vec<Rid> = if cfg.kafka {
@@ -385,7 +400,48 @@ impl Sim {
         let genesis_keys: Vec<crypto::SigningKey> = (0..n)
             .map(|i| crypto::SigningKey::from_bytes(&crate::sha256(format!("sim-genesis-{seed}-{i}").as_bytes())))
             .collect();
-        let genesis_set = genesis_keys.iter().enumerate().map(|(i, k)| (i as u32 + 1, crypto::public_key(k))).collect();
+        let genesis_set: crate::protocol::reconfig::ValidatorSet =
+            genesis_keys.iter().enumerate().map(|(i, k)| (i as u32 + 1, crypto::public_key(k))).collect();
+        let (mut txs, mut plan) = (txs, plan);
+        let mut state_cfg = StateConfig::default();
+        let mut reconfigs = None;
+        if cfg.reconfig {
+            use crate::protocol::reconfig::{self, ChainRules, Change, ChangeKind, Reconfiguration};
+            let chain = crate::sha256(format!("sim-chain-{seed}").as_bytes());
+            state_cfg.chain = Some(Arc::new(ChainRules {
+                chain,
+                genesis: genesis_set.clone(),
+                checkpoint_interval: RECONFIG_CHECKPOINT_INTERVAL,
+            }));
+            // Its own stream: the seed's other draws stay as they were.
+            let mut r = StdRng::seed_from_u64(seed ^ 0x5e7c_4a9e);
+            let newcomer = crypto::public_key(&producer_key(seed ^ 0xadd));
+            let changes = vec![Change { kind: ChangeKind::Add, id: n as u32 + 1, key: newcomer }];
+            let q = reconfig::fault_tolerance(n).1;
+            let tx = |signers: usize, k: u64| {
+                let signatures = (0..signers)
+                    .map(|i| (i as u32 + 1, reconfig::sign(&genesis_keys[i], &chain, 0, &changes)))
+                    .collect();
+                let rc = Reconfiguration { chain, epoch: 0, changes: changes.clone(), signatures };
+                let ts = start + 100 * k;
+                let mut id = [0xcc; 16];
+                id[..8].copy_from_slice(&k.to_be_bytes());
+                id[8] = signers as u8;
+                let payload = prost::Message::encode_to_vec(&rc.to_proto());
+                let ev =
+                    Event::sign(TxKind::Reconfiguration, &producer, id, payload, ts, [0xcc, signers as u8, 0, k as u8]);
+                VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: ts, pos: None }
+            };
+            let (good, short) = (tx(q, r.gen_range(0..20)), tx(q - 1, r.gen_range(0..20)));
+            let mut next = genesis_set.clone();
+            next.insert(n as u32 + 1, newcomer);
+            for t in [&good, &short] {
+                let at = start + STEP_MS * r.gen_range(0..(cfg.heal_at_ms / STEP_MS).max(1));
+                txs.push(t.clone());
+                plan.push((at, (0..n).collect()));
+            }
+            reconfigs = Some((good, short, next));
+        }
         Sim {
             auths: SimAuth::cluster(n, seed),
             cfg,
@@ -403,6 +459,8 @@ impl Sim {
             committed: BTreeMap::new(),
             txs,
             plan,
+            state_cfg,
+            reconfigs,
             report: Report::default(),
             trace: Vec::new(),
             stranger,
@@ -439,7 +497,7 @@ impl Sim {
             keys: &self.ncfg.validators,
             wire: self.wire,
             limits: Limits::default(),
-            state: StateConfig::default(),
+            state: self.state_cfg.clone(),
             reputation: REPUTATION,
         };
         let io_error = |e: &anyhow::Error| e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some());
@@ -559,7 +617,7 @@ impl Sim {
                 params: self.params.clone(),
                 auth: self.auths[i].clone(),
                 wire: self.wire,
-                state: StateConfig::default(),
+                state: self.state_cfg.clone(),
                 reputation: REPUTATION,
                 records,
                 timeout_ms: 3_000,
@@ -1263,6 +1321,28 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
         let top = *sim.chain.keys().next_back().unwrap_or(&0);
         assert!(up.node.started(), "seed {seed}: validator {i} never finished genesis");
         assert_eq!(up.node.last_header().map(|h| h.hash()), sim.chain.get(&top).copied(), "seed {seed}: validator {i}");
+        // Set changes: the one signed by q scheduled on every validator,
+        // once, at the switch height its block gives; the short one refused.
+        if let Some((good, short, next)) = &sim.reconfigs {
+            let applied = |t: &VerifiedTx| up.node.state().get(&[&[b'c'][..], &t.event.id].concat()).is_some();
+            assert!(
+                applied(good) && !applied(short),
+                "seed {seed}: validator {i}; replay with SIM_SEED={seed} SIM_RECONFIG=1"
+            );
+            let at = sim.committed[&(good.event.nonce, good.tx_hash)];
+            let want = crate::protocol::reconfig::Epoch {
+                epoch: 1,
+                from_height: crate::protocol::reconfig::switch_height(at, RECONFIG_CHECKPOINT_INTERVAL),
+                validators: next.clone(),
+            };
+            let state = up.node.state();
+            assert_eq!(
+                state.scheduled_epoch(),
+                Some(want),
+                "seed {seed}: validator {i}; replay with SIM_SEED={seed} SIM_RECONFIG=1"
+            );
+            assert_eq!(state.current_epoch().map(|e| e.epoch), Some(0), "seed {seed}: validator {i}");
+        }
     }
     let mut r = std::mem::take(&mut sim.report);
     r.height = sim.chain.len() as u64;
@@ -1303,7 +1383,10 @@ mod tests {
     fn whole_nodes_stay_safe_and_live_under_random_faults() {
         if let Ok(one) = std::env::var("SIM_SEED") {
             let seed: u64 = one.parse().expect("SIM_SEED is a number");
-            let cfg = Config::random(&mut StdRng::seed_from_u64(seed));
+            let mut cfg = Config::random(&mut StdRng::seed_from_u64(seed));
+            // A seed of `reconfigurations_schedule_alike_under_faults` (its
+            // config prints `reconfig: true`).
+            cfg.reconfig = std::env::var_os("SIM_RECONFIG").is_some();
             eprintln!("seed {seed}: {cfg:?}\n{:?}", run(seed, &cfg));
             return;
         }
@@ -1376,6 +1459,19 @@ mod tests {
             807_871_247_006,
         ] {
             let cfg = Config::random(&mut StdRng::seed_from_u64(seed));
+            run(seed, &cfg);
+        }
+    }
+
+    /// Validator set changes ordered under the same faults: every honest
+    /// validator schedules the one signed by q alike and refuses the short
+    /// one (`run`'s end checks; blocks and roots agree at every height).
+    #[test]
+    fn reconfigurations_schedule_alike_under_faults() {
+        let seeds: u64 = std::env::var("SIM_RECONFIG_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+        for seed in 5_000..5_000 + seeds {
+            let mut cfg = Config::random(&mut StdRng::seed_from_u64(seed));
+            cfg.reconfig = true;
             run(seed, &cfg);
         }
     }
