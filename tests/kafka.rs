@@ -938,14 +938,8 @@ fn a_set_change_submitted_through_kafka_is_ordered_and_judged_by_execution() {
         cmd.arg("run").arg("--config").arg(&s.config).envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         Validator::spawn(cmd)
     };
-    let cli = |args: &[&str]| {
-        let out = Command::new(BIN).args(args).envs(env.iter().map(|(k, v)| (*k, v.as_str()))).output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cli = |args: &[&str]| cli(args, &env_refs);
     let dir = s.dir.path();
     let (config, change, producer) = (s.config.to_str().unwrap(), dir.join("change.json"), dir.join("producer.pem"));
     crypto::write_key_file(&producer, &s.producer).unwrap();

@@ -278,21 +278,25 @@ pub fn check(rc: &Reconfiguration, chain: &Hash32, epoch: u64, set: &ValidatorSe
         }
         by_key.insert(*key, *id);
     }
-    let msg = signed_bytes(chain, epoch, &rc.changes);
+    let valid = valid_signers(rc, set);
+    if valid < q {
+        return Err(Refused::TooFewSignatures { valid, q });
+    }
+    Ok(next)
+}
+
+/// How many distinct validators of `set` signed `rc` validly (over its own
+/// chain and epoch: `check` compares those with the current ones first).
+pub fn valid_signers(rc: &Reconfiguration, set: &ValidatorSet) -> usize {
+    let msg = signed_bytes(&rc.chain, rc.epoch, &rc.changes);
     let mut signers = BTreeSet::new();
     for (id, sig) in &rc.signatures {
         let Some(key) = set.get(id) else { continue };
-        if signers.contains(id) {
-            continue;
-        }
-        if crypto::verify_one(key, &msg, sig).is_ok() {
+        if !signers.contains(id) && crypto::verify_one(key, &msg, sig).is_ok() {
             signers.insert(*id);
         }
     }
-    if signers.len() < q {
-        return Err(Refused::TooFewSignatures { valid: signers.len(), q });
-    }
-    Ok(next)
+    signers.len()
 }
 
 /// The height a change executed at `height` takes effect after: the first

@@ -130,12 +130,15 @@ impl OpenConnection {
     /// when every slot is taken.
     pub(super) fn take(sh: &Arc<Shared>, peer: &str) -> Option<OpenConnection> {
         let open = &sh.stats.direct_connections;
-        if open.fetch_add(1, Ordering::SeqCst) >= MAX_DIRECT_CONNECTIONS as u64 {
+        let before = open.fetch_add(1, Ordering::SeqCst);
+        if before >= MAX_DIRECT_CONNECTIONS as u64 {
             open.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(peer, max = MAX_DIRECT_CONNECTIONS, "direct source: too many connections; closing this one");
             return None;
         }
         let id = sh.connection_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        // Each opening logs a distinct count: tests wait for the cap's.
+        tracing::debug!(peer, open = before + 1, "direct source: connection opened");
         Some(OpenConnection { sh: sh.clone(), id })
     }
 

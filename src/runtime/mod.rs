@@ -1115,6 +1115,8 @@ fn core_passes(
     let mut out: Vec<Output> = Vec::new();
     let mut last_log = now_ms();
     let mut last_validators = 0u64;
+    // The set change last logged as scheduled (`publish_validators`).
+    let mut announced = None;
     // When each peer was last heard from (p2p_peers_connected, /ready).
     let mut last_heard: std::collections::HashMap<u32, u64> = Default::default();
     // When this validator next tells its peers it is alive (idle or not).
@@ -1179,7 +1181,7 @@ fn core_passes(
         }
         if now >= last_validators + 1000 {
             last_validators = now;
-            publish_validators(&node, cons, sh);
+            publish_validators(&node, cons, sh, &mut announced);
             // Once a second: it walks the peers' checkpoints.
             sh.stats.lag_blocks.store(node.lag_blocks(), Ordering::Relaxed);
         }
@@ -1423,8 +1425,10 @@ fn publish_gauges(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, peers
     }
 }
 
-/// The validator set as `/validators` shows it.
-fn publish_validators(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared) {
+/// The validator set as `/validators` shows it; a newly scheduled set
+/// change is logged once (`announced`: the epoch and switch height last
+/// logged), after the page shows it.
+fn publish_validators(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, announced: &mut Option<(u64, u64)>) {
     let rep = node.reputation();
     let leader = node.replica().primary(node.replica().view());
     let v: Vec<serde_json::Value> = cons
@@ -1447,18 +1451,32 @@ fn publish_validators(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared) {
         e.validators.iter().map(|(id, key)| serde_json::json!({"id": id, "public_key": hex::encode(key)})).collect()
     };
     let current = node.state().current_epoch();
+    let scheduled = node.state().scheduled_epoch();
     let page = serde_json::json!({
         "epoch": current.as_ref().map_or(0, |e| e.epoch),
         "validators": v,
         // A change ordered and executed; the switch to it is not built yet
         // (issue 21): consensus keeps the genesis set.
-        "scheduled": node.state().scheduled_epoch().map(|e| serde_json::json!({
+        "scheduled": scheduled.as_ref().map(|e| serde_json::json!({
             "epoch": e.epoch,
             "switch_height": e.from_height,
-            "validators": set(&e),
+            "validators": set(e),
         })),
     });
     *sh.stats.validators_json.lock().unwrap() = Some(Arc::new(page));
+    let now = scheduled.as_ref().map(|e| (e.epoch, e.from_height));
+    if now != *announced {
+        if let Some(e) = &scheduled {
+            let ids: Vec<u32> = e.validators.keys().copied().collect();
+            tracing::info!(
+                epoch = e.epoch,
+                switch_height = e.from_height,
+                validators = ?ids,
+                "validator set change scheduled (the switch itself is not built yet: the genesis set stays)"
+            );
+        }
+        *announced = now;
+    }
 }
 
 /// The operator's periodic progress line.

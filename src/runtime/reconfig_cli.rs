@@ -6,7 +6,7 @@
 //! validator key, submitted once q signatures are in. Every step checks what
 //! it can and names what is wrong; execution decides, with the same rules.
 
-use crate::protocol::crypto::{self, PublicKey};
+use crate::protocol::crypto;
 use crate::protocol::event::{Event, TxKind};
 use crate::protocol::reconfig::{self, Change, ChangeKind, Reconfiguration};
 use crate::runtime::config::Validated;
@@ -54,17 +54,10 @@ pub fn parse_change(kind: ChangeKind, arg: &str) -> anyhow::Result<Change> {
     };
     let id: u32 = id.trim().parse().with_context(|| format!("{id:?} is not a validator id"))?;
     let key = match key {
-        Some(k) => public_key(k).with_context(|| format!("validator {id}'s key"))?,
+        Some(k) => crypto::parse_public_key_hex(k).map_err(|e| anyhow::anyhow!("validator {id}'s key: {e}"))?,
         None => [0; 32],
     };
     Ok(Change { kind, id, key })
-}
-
-fn public_key(hex_key: &str) -> anyhow::Result<PublicKey> {
-    let b = hex::decode(hex_key.trim()).context("not hex")?;
-    let key: PublicKey = b.try_into().map_err(|b: Vec<u8>| anyhow::anyhow!("{} bytes, not 32", b.len()))?;
-    crypto::check_public_key(&key).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(key)
 }
 
 impl ChangeFile {
@@ -111,7 +104,8 @@ impl ChangeFile {
             };
             let key = match kind {
                 ChangeKind::Remove => [0; 32],
-                _ => public_key(&c.public_key).with_context(|| format!("validator {}'s key", c.id))?,
+                _ => crypto::parse_public_key_hex(&c.public_key)
+                    .map_err(|e| anyhow::anyhow!("validator {}'s key: {e}", c.id))?,
             };
             changes.push(Change { kind, id: c.id, key });
         }
@@ -158,22 +152,17 @@ pub fn sign(file: &mut ChangeFile, v: &Validated) -> anyhow::Result<(usize, usiz
     file.signatures.push(SignatureEntry { id: me, signature: hex::encode(sig) });
     file.signatures.sort_by_key(|s| s.id);
     let rc = file.reconfiguration()?;
-    let msg = reconfig::signed_bytes(&rc.chain, rc.epoch, &rc.changes);
-    let valid = rc
-        .signatures
-        .iter()
-        .filter(|(id, sig)| v.validators.get(id).is_some_and(|k| crypto::verify_one(k, &msg, sig).is_ok()))
-        .count();
-    Ok((valid, reconfig::fault_tolerance(v.validators.len()).1))
+    Ok((reconfig::valid_signers(&rc, &v.validators), reconfig::fault_tolerance(v.validators.len()).1))
 }
 
 /// Checks the change against the genesis set and `epoch` as execution
 /// will (so a refusal is named here, not found in the DLQ later).
 pub fn preflight(rc: &Reconfiguration, v: &Validated) -> anyhow::Result<()> {
-    if v.state_config().chain.is_none() {
+    // The rules execution judges by (`Validated::state_config`).
+    let Some(rules) = v.state_config().chain else {
         bail!("the validators would refuse this change: a chain of one validator takes no set changes");
-    }
-    reconfig::check(rc, &v.config.consensus_fingerprint(), rc.epoch, &v.validators)
+    };
+    reconfig::check(rc, &rules.chain, rc.epoch, &rules.genesis)
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("the validators would refuse this change: {e}"))
 }

@@ -413,6 +413,12 @@ pub fn localhost_cert(dir: &Path) -> (PathBuf, PathBuf, rcgen::CertifiedKey) {
     (cert_pem, key_pem, cert)
 }
 
+/// `cybermesh` with `args` and `env`: whether it succeeded, its stdout and stderr.
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).envs(env.iter().copied()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
 /// The address the validator's HTTP API listens on (from its startup log).
 pub fn api_addr(v: &Validator) -> String {
     let e = v.startup_events.iter().find(|e| e["fields"]["message"] == "HTTP API listening").expect("API enabled");

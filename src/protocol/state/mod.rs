@@ -535,23 +535,17 @@ impl State {
             (TxKind::Anomaly, _) => [&[b'a'][..], &ev.id].concat(),
             (TxKind::Evidence, _) => [&[b'e'][..], &ev.id].concat(),
             (TxKind::Policy, Payload::Policy(p)) => [&[b'p'][..], p.policy_id.as_bytes()].concat(),
-            (TxKind::Reconfiguration, Payload::Reconfiguration(rc)) => {
-                let key = [&[b'c'][..], &ev.id].concat();
-                if b.get(&key).is_some() {
-                    return TxStatus::Rejected(RejectReason::DuplicateId);
-                }
-                match schedule(b, cfg, height, rc) {
-                    Ok(next) => b.put(NEXT_EPOCH_KEY.to_vec(), next.encode()),
-                    Err(_) => return TxStatus::Rejected(RejectReason::ReconfigurationRefused),
-                }
-                key
-            }
-            (TxKind::Policy | TxKind::Reconfiguration, _) => {
-                unreachable!("parse_payload returns the kind's payload")
-            }
+            (TxKind::Reconfiguration, _) => [&[b'c'][..], &ev.id].concat(),
+            (TxKind::Policy, _) => unreachable!("parse_payload returns the kind's payload"),
         };
         if ev.kind != TxKind::Policy && b.get(&key).is_some() {
             return TxStatus::Rejected(RejectReason::DuplicateId);
+        }
+        if let Payload::Reconfiguration(rc) = &payload {
+            match schedule(b, cfg, height, rc) {
+                Ok(next) => b.put(NEXT_EPOCH_KEY.to_vec(), next.encode()),
+                Err(_) => return TxStatus::Rejected(RejectReason::ReconfigurationRefused),
+            }
         }
         b.put(key, record(height, tx_hash, &ev.content_hash));
         TxStatus::Applied
