@@ -108,6 +108,7 @@ mod tests {
                     sig: vec![3; 64],
                 }],
             },
+            Record::Epoch { epoch: 1, base: 16 },
         ];
         {
             let (mut log, got, _) = ConsensusLog::open(dir.path(), &l).unwrap();

@@ -23,8 +23,8 @@ use crate::protocol::bodies::{ask_order, Bodies};
 use crate::protocol::clock::Now;
 use crate::protocol::consensus::genesis::{Genesis, GenesisError, GenesisOutput, ReadyAttestation};
 use crate::protocol::consensus::pbft::{
-    without_value, Action, Auth, Checkpoint, CommitCert, Message, PrePrepare, Proof, Record, Replica, Rid, Seq, Signed,
-    View,
+    without_value, Action, Auth, Checkpoint, CommitCert, EpochAuth, Message, Params, PrePrepare, Proof, Record, Replica,
+    Rid, Seq, Signed, View,
 };
 use crate::protocol::consensus::wire::MAX_FETCH_TXS;
 use crate::protocol::crypto::PublicKey;
@@ -155,6 +155,16 @@ pub enum Output {
     Joined {
         header: BlockHeader,
         bytes: Arc<Vec<u8>>,
+    },
+    /// A validator set change took effect: block `epoch.from_height` (the
+    /// old set's last) executed, and from this output on replica ids are
+    /// the new set's (`epoch.validators` in id order). `me`: this
+    /// validator's id there, None if the change removed it (it orders
+    /// nothing more; the host stops it). Comes alone in its `Ready`, after
+    /// the record that starts the new epoch's consensus log.
+    EpochSwitched {
+        epoch: crate::protocol::reconfig::Epoch,
+        me: Option<Rid>,
     },
     /// f + 1 peers have pruned the blocks this validator needs next (so at
     /// least one honest one did): it cannot catch up block by block. The
@@ -441,6 +451,15 @@ pub struct Node<A: Auth + Clone> {
     /// Peers that said they pruned the blocks this validator fetched, with
     /// the lowest height each stores (at most one entry per peer).
     pruned_by: BTreeMap<Rid, u64>,
+    /// The switch height executed: the next tick hands over to the new
+    /// set's replica (`switch_epoch`).
+    switch_due: bool,
+    /// Set once a change removed this validator: it orders nothing more.
+    removed: bool,
+    /// The consensus records the next epoch's replica wrote before a
+    /// restart that lost the switch block (recovery found them after the
+    /// log's epoch marker): restored into that replica at the switch.
+    next_epoch_records: Option<(u64, Vec<Record>)>,
 }
 
 /// The snapshot join: the transfer (from the end of genesis), and what the
@@ -450,7 +469,7 @@ struct Joining<A> {
     setup: snapshot::JoinSetup<A>,
 }
 
-impl<A: Auth + Clone> Node<A> {
+impl<A: EpochAuth> Node<A> {
     /// `state` must reflect every block up to `last`, and `replica` must have
     /// executed exactly as many values (see `runtime` recovery).
     /// `reputation` must have seen every block up to `last` (the runtime
@@ -516,8 +535,77 @@ impl<A: Auth + Clone> Node<A> {
             genesis: None,
             joining: None,
             pruned_by: BTreeMap::new(),
+            switch_due: false,
+            removed: false,
+            next_epoch_records: None,
             cfg,
         }
+        .with_epoch_schedule()
+    }
+
+    /// Applies what the state says of validator set changes: a scheduled
+    /// one caps the replica at its switch height; one the state made
+    /// current that the replica does not run yet is switched to.
+    fn with_epoch_schedule(mut self) -> Self {
+        if let Some(next) = self.state.scheduled_epoch() {
+            self.replica.set_ceiling(next.from_height);
+        }
+        let current = self.state.current_epoch().map_or(0, |e| e.epoch);
+        assert!(current >= self.replica.epoch(), "the replica's epoch is ahead of the state's");
+        self.switch_due = current > self.replica.epoch();
+        self
+    }
+
+    /// The consensus records of epoch `epoch`'s replica that recovery found
+    /// past the state (see `next_epoch_records`).
+    pub fn hold_next_epoch_records(&mut self, epoch: u64, records: Vec<Record>) {
+        self.next_epoch_records = Some((epoch, records));
+    }
+
+    /// A change removed this validator from the set.
+    pub fn removed(&self) -> bool {
+        self.removed
+    }
+
+    /// Hands over to the new set's replica at the switch height (see
+    /// `next_epoch`): this node is rebuilt on it, keeping its mempool and
+    /// the txs it remembers, as the snapshot join rebuilds one.
+    fn switch_epoch(&mut self, now: Now, out: &mut Vec<Output>) {
+        self.switch_due = false;
+        let (Some(epoch), Some(last)) = (self.state.current_epoch(), self.last.clone()) else { return };
+        let prev = self.state.epoch(epoch.epoch - 1).expect("the state keeps every epoch");
+        assert_eq!((self.height(), self.replica.executed()), (epoch.from_height, epoch.from_height), "switch at H");
+        let app = snapshot::app_digest(&last.hash(), &self.reputation);
+        let Some((mut replica, reputation)) = next_epoch(&self.replica, &self.reputation, &prev, &epoch, app) else {
+            tracing::warn!(epoch = epoch.epoch, height = epoch.from_height, "this validator is not in the new set: it orders nothing more");
+            self.removed = true;
+            out.push(Output::EpochSwitched { epoch, me: None });
+            return;
+        };
+        out.push(Output::Persist(Record::Epoch { epoch: epoch.epoch, base: epoch.from_height }));
+        if let Some((e, records)) = self.next_epoch_records.take() {
+            if e == epoch.epoch {
+                replica = replica.recover_onto(std::iter::empty(), records);
+            }
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.validators = epoch.validators.values().copied().collect();
+        let state = std::mem::replace(&mut self.state, State::new(Default::default()));
+        let me = replica.id;
+        let mut node = Node::new(cfg, replica, state, Some(last), reputation, now);
+        node.mempool = std::mem::replace(&mut self.mempool, Mempool::new(self.cfg.mempool));
+        node.backlog = std::mem::take(&mut self.backlog);
+        node.recent_tx = std::mem::take(&mut self.recent_tx);
+        node.recent_by_height = std::mem::take(&mut self.recent_by_height);
+        node.stopwatch = self.stopwatch;
+        node.stats = self.stats;
+        node.source_busy = self.source_busy;
+        node.genesis = self.genesis.take();
+        node.dropped = std::mem::take(&mut self.dropped);
+        node.last_proposal_ts = self.last_proposal_ts;
+        *self = node;
+        tracing::info!(epoch = epoch.epoch, height = epoch.from_height, validators = epoch.validators.len(), replica = me, "validator set change took effect");
+        out.push(Output::EpochSwitched { epoch, me: Some(me) });
     }
 
     /// Looks for a chain snapshot before taking part in consensus: a
@@ -1494,6 +1582,14 @@ impl<A: Auth + Clone> Node<A> {
             }
             return;
         }
+        if self.removed {
+            return;
+        }
+        if self.switch_due {
+            self.enter(now);
+            self.switch_epoch(now, out);
+            return;
+        }
         let now_ms = self.enter(now);
         self.replica.on_tick(now_ms, &mut self.actions);
         self.check_order(now_ms, out);
@@ -1819,7 +1915,9 @@ impl<A: Auth + Clone> Node<A> {
             self.proofs.retain(|(q, _)| q.culprit() != culprit);
             tracing::warn!(height = seq, validator = culprit, "validator quarantined: committed proof of misbehaviour");
         }
-        if self.reputation.on_block(prev_view, header.view, Some(proposer_id)) || changed {
+        // Views count from 0 again in a new set's epoch.
+        let since_view = if self.replica.epoch() > 0 && seq == self.replica.base() + 1 { 0 } else { prev_view };
+        if self.reputation.on_block(since_view, header.view, Some(proposer_id)) || changed {
             let ex = self.reputation.excluded().to_vec();
             tracing::info!(height = seq, excluded = ?ex, "leader exclusions changed (reputation); applied at the next view change");
             self.replica.exclude_from_next_view(ex);
@@ -1839,8 +1937,19 @@ impl<A: Auth + Clone> Node<A> {
             // The pipeline drained: the next block may wait its interval from now.
             self.last_proposal_ms = self.last_proposal_ms.min(now_ms);
         }
+        // A set change ordered here: nothing above its switch height is
+        // ordered by this set. At the switch height, the next tick switches.
+        let scheduled = block.txs.iter().zip(&receipts).any(|(t, r)| {
+            t.kind == crate::protocol::event::TxKind::Reconfiguration && r.status == TxStatus::Applied
+        });
+        if let Some(next) = self.state.scheduled_epoch().filter(|_| scheduled) {
+            self.replica.set_ceiling(next.from_height);
+        }
         let outcome = block_outcome(&block, &receipts, &self.state);
         out.push(Output::Commit { block, cert, receipts, outcome });
+        if seq == self.replica.ceiling() {
+            self.switch_due = true;
+        }
     }
 
     /// When (monotonic ms) `on_tick` must next run, exactly: the replica's
@@ -1854,6 +1963,12 @@ impl<A: Auth + Clone> Node<A> {
         }
         if let Some(j) = &self.joining {
             return j.join.as_ref().map_or(0, |join| join.poll_timeout_ms());
+        }
+        if self.switch_due {
+            return 0; // due now
+        }
+        if self.removed {
+            return u64::MAX;
         }
         let mut at_ms = self.replica.poll_timeout_ms();
         let unproposed_proofs = self.proofs.iter().any(|(_, proposed)| !proposed);
@@ -1905,6 +2020,29 @@ fn rejection(tx: &VerifiedTx, reason: RejectReason, detail: String, origin: Stri
 
 /// What executing `block` did: the txs refused, and every producer's
 /// totals after it.
+/// The replica and reputation of epoch `next`, whose set orders the seqs
+/// above `next.from_height`, taking over from `replica` (epoch `prev`'s,
+/// having executed exactly that height; `app` its application digest
+/// there): the same chained state at its base, the new set's parameters
+/// and signer, view 0. Reputation is carried by validator id. None if
+/// this validator holds none of the new set's keys.
+pub fn next_epoch<A: EpochAuth>(
+    replica: &Replica<A>,
+    reputation: &Reputation,
+    prev: &crate::protocol::reconfig::Epoch,
+    next: &crate::protocol::reconfig::Epoch,
+    app: Hash32,
+) -> Option<(Replica<A>, Reputation)> {
+    assert_eq!(replica.executed(), next.from_height, "the old set's replica stops at the switch height");
+    let keys: Vec<PublicKey> = next.validators.values().copied().collect();
+    let (rid, auth) = replica.auth().for_epoch(next.epoch, &keys)?;
+    let params = Params { n: keys.len(), ..replica.params().clone() };
+    let base = Replica::at_epoch_base(rid, params, auth, next.epoch, next.from_height, replica.state_digest(), app);
+    let old_ids: Vec<u32> = prev.validators.keys().copied().collect();
+    let new_ids: Vec<u32> = next.validators.keys().copied().collect();
+    Some((base, reputation.for_set(&old_ids, &new_ids)))
+}
+
 pub fn block_outcome(block: &Block, receipts: &[Receipt], state: &State) -> crate::proto::BlockOutcome {
     let rejected = receipts
         .iter()

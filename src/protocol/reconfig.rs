@@ -31,12 +31,14 @@ pub const MAX_CHANGES: usize = 64;
 pub const MAX_SIGNATURES: usize = 256;
 
 /// What execution needs to judge a change: the chain's identity, the set
-/// of epoch 0 (genesis), and the checkpoint interval that places switches.
+/// of epoch 0 (genesis), and the checkpoint interval and PBFT window that
+/// place switches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainRules {
     pub chain: Hash32,
     pub genesis: ValidatorSet,
     pub checkpoint_interval: u64,
+    pub window: u64,
 }
 
 /// An epoch's set and where it starts: the state's record of the current
@@ -300,10 +302,14 @@ pub fn valid_signers(rc: &Reconfiguration, set: &ValidatorSet) -> usize {
 }
 
 /// The height a change executed at `height` takes effect after: the first
-/// multiple of the checkpoint interval at least one interval later.
-pub fn switch_height(height: u64, checkpoint_interval: u64) -> u64 {
+/// multiple of the checkpoint interval at least one interval and one PBFT
+/// window later. The window matters for safety: a replica orders seqs up
+/// to its stable checkpoint plus the window, and a stable checkpoint needs
+/// execution, so no honest replica can have ordered a seq above the switch
+/// height before it executed the change (and capped its replica there).
+pub fn switch_height(height: u64, checkpoint_interval: u64, window: u64) -> u64 {
     assert!(checkpoint_interval > 0, "a checkpoint interval of 0");
-    (height + checkpoint_interval).div_ceil(checkpoint_interval) * checkpoint_interval
+    (height + checkpoint_interval.max(window)).div_ceil(checkpoint_interval) * checkpoint_interval
 }
 
 #[cfg(test)]
@@ -443,14 +449,18 @@ mod tests {
     }
 
     #[test]
-    fn the_switch_is_at_least_one_checkpoint_interval_later_on_a_checkpoint() {
-        assert_eq!(switch_height(1, 16), 32);
-        assert_eq!(switch_height(16, 16), 32);
-        assert_eq!(switch_height(17, 16), 48);
-        assert_eq!(switch_height(31, 16), 48);
+    fn the_switch_is_at_least_one_checkpoint_interval_and_window_later_on_a_checkpoint() {
+        assert_eq!(switch_height(1, 16, 16), 32);
+        assert_eq!(switch_height(16, 16, 16), 32);
+        assert_eq!(switch_height(17, 16, 16), 48);
+        assert_eq!(switch_height(31, 16, 8), 48);
+        assert_eq!(switch_height(1, 8, 16), 24);
         for h in 0..200 {
-            let s = switch_height(h, 16);
-            assert!(s % 16 == 0 && s >= h + 16 && s < h + 32, "{h} -> {s}");
+            for (interval, window) in [(16, 16), (8, 16), (16, 4), (4, 20)] {
+                let s = switch_height(h, interval, window);
+                let lead = u64::max(interval, window);
+                assert!(s % interval == 0 && s >= h + lead && s < h + lead + interval, "{h} -> {s}");
+            }
         }
     }
 }

@@ -118,6 +118,24 @@ impl Reputation {
         self.recompute()
     }
 
+    /// The same scores and quarantines for a new validator set's replica
+    /// ids, carried by validator id (`old`, `new`: the ids in replica
+    /// order); a validator new to the set starts with a full score.
+    pub fn for_set(&self, old: &[u32], new: &[u32]) -> Reputation {
+        let mut r = Reputation::new(new.len(), None, self.quarantine);
+        r.floor = self.floor;
+        for (rid, id) in new.iter().enumerate() {
+            if let Some(o) = old.iter().position(|x| x == id) {
+                r.scores[rid] = self.scores[o];
+                if self.quarantined.contains(&o) {
+                    r.quarantined.insert(rid);
+                }
+            }
+        }
+        r.recompute();
+        r
+    }
+
     fn recompute(&mut self) -> bool {
         let mut out: Vec<Rid> = self.quarantined.iter().copied().collect();
         if let Some(floor) = self.floor {

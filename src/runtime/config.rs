@@ -821,6 +821,7 @@ impl Validated {
                 chain: c.consensus_fingerprint(),
                 genesis: self.validators.clone(),
                 checkpoint_interval: c.consensus.checkpoint_interval,
+                window: c.consensus.window,
             }));
         }
         s

@@ -204,7 +204,7 @@ pub fn committed_from(store: &BlockStore, wire: &WireLimits, from_seq: u64) -> a
 /// Tells `node` the txs of the newest stored blocks (as many as it keeps:
 /// `Node::recent_heights`), so it can serve the bodies of txs a re-proposed
 /// value names after they committed, across a restart too.
-pub fn remember_recent<A: crate::protocol::consensus::pbft::Auth + Clone>(
+pub fn remember_recent<A: crate::protocol::consensus::pbft::EpochAuth>(
     node: &mut crate::protocol::node::Node<A>,
     store: &BlockStore,
 ) -> anyhow::Result<()> {

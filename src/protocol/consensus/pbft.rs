@@ -35,6 +35,26 @@ pub trait Auth {
     fn verify(&self, signer: Rid, bytes: &[u8], sig: &[u8]) -> bool;
 }
 
+/// An `Auth` that can sign for another validator set's epoch (a set
+/// change: see `Node`'s switch). Signatures of one epoch never verify in
+/// another: the epoch is part of what is signed (`in_epoch`).
+pub trait EpochAuth: Auth + Clone + Sized {
+    /// This validator's signer for `epoch` over `keys` (replica order), and
+    /// its replica id among them; None if it holds none of their keys (it
+    /// was removed).
+    fn for_epoch(&self, epoch: u64, keys: &[crate::protocol::crypto::PublicKey]) -> Option<(Rid, Self)>;
+}
+
+/// What is signed for `bytes` in `epoch`: the bytes themselves in epoch 0
+/// (the genesis set; as before set changes existed), else prefixed with a
+/// domain and the epoch.
+pub fn in_epoch(epoch: u64, bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    match epoch {
+        0 => std::borrow::Cow::Borrowed(bytes),
+        e => std::borrow::Cow::Owned([&b"cybermesh.epoch"[..], &e.to_be_bytes(), bytes].concat()),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signed<T> {
     pub body: T,
@@ -156,6 +176,13 @@ pub enum Record {
     Stable {
         seq: Seq,
         proof: Vec<Signed<Checkpoint>>,
+    },
+    /// The replica of validator set epoch `epoch` (starting above `base`)
+    /// took over: the records after it are its own, those before belong
+    /// to the previous set's replica (see `runtime::recovery`).
+    Epoch {
+        epoch: u64,
+        base: Seq,
     },
 }
 
@@ -404,6 +431,14 @@ pub struct Replica<A: Auth + Clone> {
     /// they stay (never vote twice), a bound fixed at recovery.
     recovered_top_seq: Seq,
     low: Seq,
+    /// The epoch's first stable checkpoint (0 at genesis): trusted without
+    /// a proof, as the state the previous set certified says it is.
+    base: Seq,
+    /// The validator set's epoch (0: the genesis set).
+    epoch: u64,
+    /// The last seq this replica's set orders (a validator set change is
+    /// scheduled to take effect above it), or `Seq::MAX`.
+    ceiling: Seq,
     stable_proof: Vec<Signed<Checkpoint>>,
     executed: Seq,
     state: Hash32,
@@ -477,6 +512,9 @@ impl<A: Auth + Clone> Replica<A> {
             next_seq: 1,
             recovered_top_seq: 0,
             low: 0,
+            base: 0,
+            epoch: 0,
+            ceiling: Seq::MAX,
             stable_proof: vec![],
             executed: 0,
             state: [0; 32],
@@ -544,6 +582,70 @@ impl<A: Auth + Clone> Replica<A> {
         Ok((r, app))
     }
 
+    /// The first replica of a new validator set's epoch: it starts where the
+    /// previous set stopped, at `seq` (the switch height, executed), with
+    /// the chained state digest `state` and application digest `app` there.
+    /// Its stable checkpoint at `seq` needs no signatures: the previous set
+    /// certified the block that made this set current.
+    pub fn at_epoch_base(id: Rid, p: Params, auth: A, epoch: u64, seq: Seq, state: Hash32, app: Hash32) -> Self {
+        let mut r = Replica::new(id, p, auth);
+        r.epoch = epoch;
+        r.state = state;
+        r.executed = seq;
+        r.next_seq = seq + 1;
+        r.low = seq;
+        r.base = seq;
+        r.own_checkpoints.insert(seq, (state, app));
+        r
+    }
+
+    /// The application digest this replica recorded at `seq` (its own
+    /// checkpoint there, if it keeps one).
+    pub fn own_checkpoint(&self, seq: Seq) -> Option<(Hash32, Hash32)> {
+        self.own_checkpoints.get(&seq).copied()
+    }
+
+    /// Orders nothing above `seq`: a set change takes effect there, and the
+    /// next set orders what follows (see `Node`'s epoch switch). No value
+    /// above it is pre-prepared, prepared or committed by this replica.
+    pub fn set_ceiling(&mut self, seq: Seq) {
+        assert!(seq >= self.executed, "a ceiling below what is executed");
+        self.ceiling = seq;
+    }
+
+    pub fn ceiling(&self) -> Seq {
+        self.ceiling
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The epoch's first stable checkpoint (0 at genesis).
+    pub fn base(&self) -> Seq {
+        self.base
+    }
+
+    pub fn auth(&self) -> &A {
+        &self.auth
+    }
+
+    /// Re-executes one committed value at recovery (the block store's),
+    /// with the application digest after it.
+    pub fn replay_executed(&mut self, c: CommitCert, app: Hash32) {
+        let mut sink = Vec::new();
+        let seq = c.pre_prepare.body.seq;
+        assert_eq!(seq, self.executed + 1, "committed values are replayed in order");
+        self.execute(seq, c, &mut sink);
+        self.on_app_digest(seq, app, &mut sink);
+    }
+
+    /// The highest seq this replica may order now: the window's top, or
+    /// the ceiling below it.
+    fn top(&self) -> Seq {
+        (self.low + self.p.window).min(self.ceiling)
+    }
+
     /// `recover` on top of this replica (new, or from a stable checkpoint).
     pub fn recover_onto(
         self,
@@ -552,16 +654,14 @@ impl<A: Auth + Clone> Replica<A> {
     ) -> Self {
         let mut r = self;
         let id = r.id;
-        let mut sink = Vec::new();
         for (c, app) in executed {
-            let seq = c.pre_prepare.body.seq;
-            assert_eq!(seq, r.executed + 1, "committed values are replayed in order");
-            r.execute(seq, c, &mut sink);
-            r.on_app_digest(seq, app, &mut sink);
-            sink.clear();
+            r.replay_executed(c, app);
         }
         for rec in records {
             match rec {
+                // The caller passes one epoch's records (those after its
+                // marker); a marker for this epoch says nothing more.
+                Record::Epoch { epoch, .. } => debug_assert_eq!(epoch, r.epoch, "records of another epoch"),
                 Record::View { view, changing, excluded } => {
                     if view > r.view || (view == r.view && !changing) {
                         r.view = view;
@@ -660,7 +760,11 @@ impl<A: Auth + Clone> Replica<A> {
     /// state from (with the committed values): what a compacted log holds.
     /// Everything in it was persisted before; nothing else is needed.
     pub fn durable_records(&self) -> Vec<Record> {
-        let mut out = vec![self.view_record(self.view, self.changing)];
+        let mut out = vec![];
+        if self.epoch > 0 {
+            out.push(Record::Epoch { epoch: self.epoch, base: self.base });
+        }
+        out.push(self.view_record(self.view, self.changing));
         if let Some(nv) = self.last_new_view.as_ref().filter(|nv| nv.body.view == self.view) {
             out.push(Record::NewView(nv.clone()));
         }
@@ -820,7 +924,7 @@ impl<A: Auth + Clone> Replica<A> {
     /// Whether a value proposed now would get a sequence number at once:
     /// this replica leads the current view and the window has room.
     pub fn can_propose(&self) -> bool {
-        self.is_primary() && self.next_seq <= self.low + self.p.window && self.queue.len() < self.p.window as usize
+        self.is_primary() && self.next_seq <= self.top() && self.queue.len() < self.p.window as usize
     }
 
     /// Forgets values proposed here that are not executed (after a view
@@ -993,7 +1097,7 @@ impl<A: Auth + Clone> Replica<A> {
         }
         let view = self.view;
         let mut i = 0;
-        while self.next_seq <= self.low + self.p.window && i < self.queue.len() {
+        while self.next_seq <= self.top() && i < self.queue.len() {
             let digest = self.queue[i].0;
             i += 1;
             if self.assigned.contains(&digest) {
@@ -1368,7 +1472,7 @@ impl<A: Auth + Clone> Replica<A> {
     }
 
     fn in_window(&self, seq: Seq) -> bool {
-        seq > self.low && seq <= self.low + self.p.window
+        seq > self.low && seq <= self.top()
     }
 
     fn accept_pre_prepare(&mut self, s: Signed<PrePrepare>, out: &mut Vec<Action>) {
@@ -1637,7 +1741,7 @@ impl<A: Auth + Clone> Replica<A> {
 
     fn on_commit_cert(&mut self, c: CommitCert, out: &mut Vec<Action>) {
         let seq = c.pre_prepare.body.seq;
-        if seq != self.executed + 1 || !self.valid_commit_cert(&c) {
+        if seq != self.executed + 1 || seq > self.ceiling || !self.valid_commit_cert(&c) {
             return;
         }
         // A certificate is only ever formed for the one value a quorum
@@ -1723,7 +1827,7 @@ impl<A: Auth + Clone> Replica<A> {
     }
 
     fn valid_stable_proof(&self, seq: Seq, proof: &[Signed<Checkpoint>]) -> bool {
-        if seq == 0 {
+        if seq == self.base {
             return true;
         }
         let Some(first) = proof.first() else { return false };

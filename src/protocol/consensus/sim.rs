@@ -18,6 +18,10 @@ use std::sync::Arc;
 pub(crate) struct SimAuth {
     secrets: Arc<Vec<[u8; 32]>>,
     me: Rid,
+    epoch: u64,
+    /// Secrets derived from public keys (the whole-node simulator, whose
+    /// sets change): the seed, this validator's key and the key it rotates to.
+    keyed: Option<Arc<(u64, [u8; 32], Option<[u8; 32]>)>>,
 }
 
 impl SimAuth {
@@ -25,16 +29,42 @@ impl SimAuth {
     pub(crate) fn cluster(n: usize, seed: u64) -> Vec<SimAuth> {
         let secrets: Arc<Vec<[u8; 32]>> =
             Arc::new((0..n).map(|i| sha256(format!("sim-secret-{seed}-{i}").as_bytes())).collect());
-        (0..n).map(|me| SimAuth { secrets: secrets.clone(), me }).collect()
+        (0..n).map(|me| SimAuth { secrets: secrets.clone(), me, epoch: 0, keyed: None }).collect()
+    }
+
+    /// The signer holding `own` (and `next`, the key it rotates to) among
+    /// `keys` (replica order); each key's secret derives from it and `seed`.
+    pub(crate) fn keyed(seed: u64, keys: &[[u8; 32]], own: [u8; 32], next: Option<[u8; 32]>) -> SimAuth {
+        let secrets = Arc::new(keys.iter().map(|k| Self::secret(seed, k)).collect());
+        let me = keys.iter().position(|k| *k == own).unwrap_or(usize::MAX);
+        SimAuth { secrets, me, epoch: 0, keyed: Some(Arc::new((seed, own, next))) }
+    }
+
+    fn secret(seed: u64, key: &[u8; 32]) -> [u8; 32] {
+        sha256(&[format!("sim-secret-{seed}-").as_bytes(), key].concat())
     }
 }
 
 impl Auth for SimAuth {
     fn sign(&self, bytes: &[u8]) -> Vec<u8> {
-        sha256(&[&self.secrets[self.me][..], bytes].concat()).to_vec()
+        sha256(&[&self.secrets[self.me][..], &in_epoch(self.epoch, bytes)].concat()).to_vec()
     }
     fn verify(&self, signer: Rid, bytes: &[u8], sig: &[u8]) -> bool {
-        signer < self.secrets.len() && sha256(&[&self.secrets[signer][..], bytes].concat())[..] == *sig
+        signer < self.secrets.len()
+            && sha256(&[&self.secrets[signer][..], &in_epoch(self.epoch, bytes)].concat())[..] == *sig
+    }
+}
+
+impl EpochAuth for SimAuth {
+    fn for_epoch(&self, epoch: u64, keys: &[[u8; 32]]) -> Option<(Rid, Self)> {
+        let (seed, own, next) = *self.keyed.as_deref().expect("a keyed signer (the whole-node simulator)");
+        let (own, next) = match keys.contains(&own) {
+            true => (own, next.filter(|n| *n != own)),
+            false => (next?, None),
+        };
+        let mut a = SimAuth::keyed(seed, keys, own, next);
+        a.epoch = epoch;
+        Some((a.me, a))
     }
 }
 
@@ -167,7 +197,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Outcome {
         // Replicas here answer every fetch from memory (no block store).
         keep_committed: u64::MAX,
     };
-    let auths: Vec<SimAuth> = (0..n).map(|i| SimAuth { secrets: secrets.clone(), me: i }).collect();
+    let auths: Vec<SimAuth> =
+        (0..n).map(|i| SimAuth { secrets: secrets.clone(), me: i, epoch: 0, keyed: None }).collect();
     let mut replicas: Vec<Replica<SimAuth>> =
         (0..n).map(|i| Replica::new(i, params.clone(), auths[i].clone())).collect();
     for r in replicas.iter_mut() {

@@ -17,22 +17,46 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct Ed25519Auth {
     key: SigningKey,
+    /// The key this validator rotates to (`node.next_key_file`): it signs
+    /// with it from the epoch whose set names it.
+    next: Option<SigningKey>,
     keys: Arc<Vec<PublicKey>>,
+    epoch: u64,
 }
 
 impl Ed25519Auth {
     pub fn new(key: SigningKey, keys: Vec<PublicKey>) -> Self {
-        Ed25519Auth { key, keys: Arc::new(keys) }
+        Ed25519Auth { key, next: None, keys: Arc::new(keys), epoch: 0 }
+    }
+
+    /// The same, able to sign with `next` once a set names it.
+    pub fn with_next_key(mut self, next: Option<SigningKey>) -> Self {
+        self.next = next;
+        self
+    }
+
+    /// The key it signs with.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
     }
 }
 
 impl Auth for Ed25519Auth {
     fn sign(&self, bytes: &[u8]) -> Vec<u8> {
-        crypto::sign(&self.key, bytes).to_vec()
+        crypto::sign(&self.key, &in_epoch(self.epoch, bytes)).to_vec()
     }
     fn verify(&self, signer: Rid, bytes: &[u8], sig: &[u8]) -> bool {
         let (Some(k), Ok(sig)) = (self.keys.get(signer), <&[u8; 64]>::try_from(sig)) else { return false };
-        crypto::verify_one(k, bytes, sig).is_ok()
+        crypto::verify_one(k, &in_epoch(self.epoch, bytes), sig).is_ok()
+    }
+}
+
+impl EpochAuth for Ed25519Auth {
+    fn for_epoch(&self, epoch: u64, keys: &[PublicKey]) -> Option<(Rid, Self)> {
+        let mine = |k: &SigningKey| keys.iter().position(|p| *p == crypto::public_key(k)).map(|r| (r, k.clone()));
+        let (rid, key) = mine(&self.key).or_else(|| self.next.as_ref().and_then(mine))?;
+        let next = self.next.clone().filter(|n| crypto::public_key(n) != crypto::public_key(&key));
+        Some((rid, Ed25519Auth { key, next, keys: Arc::new(keys.to_vec()), epoch }))
     }
 }
 
@@ -213,6 +237,7 @@ pub fn encode_record_into(r: &Record, buf: &mut Vec<u8>) {
         Record::Stable { seq, proof } => {
             Rec::Stable(proto::PbftStable { seq: *seq, proof: proof.iter().map(ck_to).collect() })
         }
+        Record::Epoch { epoch, base } => Rec::Epoch(proto::PbftEpoch { epoch: *epoch, base: *base }),
     };
     let rec = proto::PbftRecord { rec: Some(rec) };
     buf.reserve(rec.encoded_len());
@@ -244,6 +269,7 @@ pub fn decode_record(bytes: &[u8], l: &WireLimits) -> Result<Record, WireError> 
                 .map(|c| ck_from(c, l))
                 .collect::<Result<_, _>>()?,
         },
+        Rec::Epoch(e) => Record::Epoch { epoch: e.epoch, base: e.base },
     })
 }
 

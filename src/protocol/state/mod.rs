@@ -149,6 +149,12 @@ pub struct State {
 pub const CURRENT_EPOCH_KEY: &[u8] = b"vcurrent";
 pub const NEXT_EPOCH_KEY: &[u8] = b"vnext";
 
+/// State key of epoch `e`'s record (`e` ≥ 1; epoch 0 is the genesis set):
+/// every epoch stays, so the set that certified any height can be looked up.
+pub fn epoch_key(e: u64) -> Vec<u8> {
+    [&b"epoch"[..], &e.to_be_bytes()].concat()
+}
+
 fn current_epoch(record: Option<&[u8]>, cfg: &StateConfig) -> Option<reconfig::Epoch> {
     match record {
         Some(v) => reconfig::Epoch::decode(v),
@@ -175,7 +181,7 @@ fn schedule(
     let validators = reconfig::check(rc, &rules.chain, now.epoch, &now.validators).map_err(|e| e.to_string())?;
     Ok(reconfig::Epoch {
         epoch: now.epoch + 1,
-        from_height: reconfig::switch_height(height, rules.checkpoint_interval),
+        from_height: reconfig::switch_height(height, rules.checkpoint_interval, rules.window),
         validators,
     })
 }
@@ -492,6 +498,15 @@ impl State {
             self.nonces.blocks.insert((newest, height));
             b.put(nonce_block_key(height), consumed);
         }
+        // The scheduled epoch starts above its switch height: block H, the
+        // last of the old set, makes it current (so H's state root, which
+        // the old set certifies, names the set that orders H + 1).
+        let switch = b.get(NEXT_EPOCH_KEY).and_then(|v| reconfig::Epoch::decode(v)).filter(|e| e.from_height == height);
+        if let Some(next) = switch {
+            b.delete(NEXT_EPOCH_KEY);
+            b.put(epoch_key(next.epoch), next.encode());
+            b.put(CURRENT_EPOCH_KEY.to_vec(), next.encode());
+        }
         let undo_map = std::mem::take(&mut b.undo);
         let updates: Vec<merkle::Update> = undo_map.iter().map(|(k, (_, h))| (sha256(k), *h)).collect();
         self.tree.apply(updates);
@@ -549,6 +564,23 @@ impl State {
         }
         b.put(key, record(height, tx_hash, &ev.content_hash));
         TxStatus::Applied
+    }
+
+    /// Epoch `e`'s record (0: the genesis set), if the chain reached it.
+    pub fn epoch(&self, e: u64) -> Option<reconfig::Epoch> {
+        match e {
+            0 => current_epoch(None, &self.cfg),
+            e => self.kv.get(&epoch_key(e)).and_then(|v| reconfig::Epoch::decode(v)),
+        }
+    }
+
+    /// The epoch whose set orders (and certifies) block `height`.
+    pub fn epoch_at(&self, height: u64) -> Option<reconfig::Epoch> {
+        let mut e = self.current_epoch()?;
+        while height <= e.from_height && e.epoch > 0 {
+            e = self.epoch(e.epoch - 1)?;
+        }
+        Some(e)
     }
 
     /// The current epoch: the state's record, or the genesis set (epoch 0).
@@ -687,7 +719,7 @@ mod tests {
     fn chain_of_four() -> (Vec<crypto::SigningKey>, StateConfig) {
         let keys: Vec<crypto::SigningKey> = (0..4).map(|_| crypto::generate_key()).collect();
         let genesis = keys.iter().enumerate().map(|(i, k)| (i as u32 + 1, crypto::public_key(k))).collect();
-        let rules = reconfig::ChainRules { chain: [3; 32], genesis, checkpoint_interval: 8 };
+        let rules = reconfig::ChainRules { chain: [3; 32], genesis, checkpoint_interval: 8, window: 8 };
         (keys, StateConfig { chain: Some(std::sync::Arc::new(rules)), ..StateConfig::default() })
     }
 
@@ -744,6 +776,22 @@ mod tests {
         // A snapshot carries the schedule; every validator computes the same root.
         let restored = State::restore(&s.snapshot([0; 32]), cfg.clone()).unwrap();
         assert_eq!(restored.scheduled_epoch(), s.scheduled_epoch());
+        // Block 16 (the switch height, the old set's last) makes epoch 1
+        // current; undoing it schedules it again.
+        for h in 6..16 {
+            run(&mut s, h, t0 + 10, &[]);
+        }
+        assert_eq!(s.current_epoch().unwrap().epoch, 0);
+        let before = s.root();
+        let e = run(&mut s, 16, t0 + 10, &[]);
+        assert_eq!(s.current_epoch().as_ref(), Some(&next));
+        assert_eq!(s.scheduled_epoch(), None);
+        assert_eq!(s.epoch(1).as_ref(), Some(&next));
+        assert_eq!(s.epoch_at(16).map(|e| e.epoch), Some(0), "block 16 is the old set's");
+        assert_eq!(s.epoch_at(17).map(|e| e.epoch), Some(1));
+        assert_eq!(s.epoch_at(1).unwrap().validators.len(), 4);
+        s.rollback(e.undo);
+        assert_eq!((s.root(), s.scheduled_epoch(), s.current_epoch().unwrap().epoch), (before, Some(next.clone()), 0));
         // A chain without rules (one validator) refuses any change.
         let mut single = State::new(StateConfig::default());
         let e = run(&mut single, 1, t0 + 10, std::slice::from_ref(&ok));
