@@ -460,6 +460,9 @@ pub struct Node<A: Auth + Clone> {
     /// restart that lost the switch block (recovery found them after the
     /// log's epoch marker): restored into that replica at the switch.
     next_epoch_records: Option<(u64, Vec<Record>)>,
+    /// When each peer's heartbeat from another epoch may prompt a fetch or
+    /// a fetch's answer again (`on_other_epoch`).
+    other_epoch_ms: Vec<u64>,
 }
 
 /// The snapshot join: the transfer (from the end of genesis), and what the
@@ -484,6 +487,13 @@ impl<A: EpochAuth> Node<A> {
         now: Now,
     ) -> Self {
         let height = last.as_ref().map_or(0, |h| h.height);
+        // The replica's set names proposers and sizes the per-peer tables
+        // (the configured set is the genesis one).
+        let mut cfg = cfg;
+        if let Some(e) = state.epoch(replica.epoch()) {
+            cfg.validators = e.validators.values().copied().collect();
+        }
+        assert_eq!(cfg.validators.len(), replica.params().n, "the replica's set is the node's");
         if replica.excluded_recorded() {
             // Who leads the current view was recorded when this validator
             // entered it; what the chain says now applies from the next.
@@ -538,6 +548,7 @@ impl<A: EpochAuth> Node<A> {
             switch_due: false,
             removed: false,
             next_epoch_records: None,
+            other_epoch_ms: vec![0; cfg.validators.len()],
             cfg,
         }
         .with_epoch_schedule()
@@ -588,12 +599,13 @@ impl<A: EpochAuth> Node<A> {
                 replica = replica.recover_onto(std::iter::empty(), records);
             }
         }
-        let mut cfg = self.cfg.clone();
-        cfg.validators = epoch.validators.values().copied().collect();
+        let cfg = self.cfg.clone();
         let state = std::mem::replace(&mut self.state, State::new(Default::default()));
         let me = replica.id;
         let mut node = Node::new(cfg, replica, state, Some(last), reputation, now);
         node.mempool = std::mem::replace(&mut self.mempool, Mempool::new(self.cfg.mempool));
+        // What the old set had in flight and did not order is pending again.
+        node.mempool.unpropose_all();
         node.backlog = std::mem::take(&mut self.backlog);
         node.recent_tx = std::mem::take(&mut self.recent_tx);
         node.recent_by_height = std::mem::take(&mut self.recent_by_height);
@@ -744,7 +756,8 @@ impl<A: EpochAuth> Node<A> {
                 };
                 let j = self.joining.take().expect("joining");
                 let height = v.header.height;
-                let replica = v.replica.recover_onto(std::iter::empty(), j.setup.records);
+                let (records, _) = crate::protocol::consensus::pbft::epoch_records(j.setup.records, v.replica.epoch());
+                let replica = v.replica.recover_onto(std::iter::empty(), records);
                 let mut node = Node::new(self.cfg.clone(), replica, v.state, Some(v.header.clone()), v.reputation, now);
                 node.stopwatch = self.stopwatch;
                 node.stats = self.stats;
@@ -1059,6 +1072,12 @@ impl<A: EpochAuth> Node<A> {
                 self.step(now_ms, out);
                 return;
             }
+            Message::Heartbeat(ref s) if s.body.epoch != self.replica.epoch() => {
+                if s.from == from && from != self.replica.id {
+                    self.on_other_epoch(now_ms, from, s.body.epoch, s.body.executed, out);
+                }
+                return;
+            }
             Message::Committed(_) if self.exec_queue.len() >= 2 * self.replica.params().window as usize => {
                 return; // bodies of the values before it still missing: fetched again later
             }
@@ -1083,6 +1102,30 @@ impl<A: EpochAuth> Node<A> {
         self.replica.set_time(now_ms);
         self.replica.on_message(msg, &mut self.actions);
         self.step(now_ms, out);
+    }
+
+    /// A heartbeat from a validator in another validator set's epoch: its
+    /// signature cannot be checked here (its domain is the other epoch),
+    /// so only the connection vouches for the sender, and it is read as a
+    /// hint, as a fetch is. Behind it across a switch, this validator
+    /// fetches the blocks it lacks from that peer (the old set's
+    /// certificates verify here up to the switch; then it switches and
+    /// catches up in the new epoch); ahead of a peer still before the
+    /// switch, it serves that peer the blocks from its seq. At most once
+    /// per retransmit interval per peer.
+    fn on_other_epoch(&mut self, now_ms: u64, from: Rid, epoch: u64, executed: Seq, out: &mut Vec<Output>) {
+        let Some(next_ms) = self.other_epoch_ms.get_mut(from) else { return };
+        if *next_ms > now_ms {
+            return;
+        }
+        *next_ms = now_ms + self.replica.params().retransmit_ms;
+        let (mine, me) = (self.replica.executed(), self.replica.id);
+        if epoch > self.replica.epoch() && executed > mine {
+            self.actions.push(Action::Send(from, Message::Fetch { from: me, from_seq: mine + 1 }));
+            self.step(now_ms, out);
+        } else if epoch < self.replica.epoch() && executed < self.replica.base() {
+            out.push(Output::ServeFetch { to: from, from_seq: executed + 1 });
+        }
     }
 
     fn check_context(&self) -> CheckContext<'_> {

@@ -26,7 +26,9 @@
 //! height 1.
 
 use crate::protocol::block::BlockHeader;
-use crate::protocol::consensus::pbft::{Auth, Checkpoint, Params, Replica, Rid, Seq, Signed};
+use crate::protocol::consensus::pbft::{Auth, Checkpoint, EpochAuth, Params, Replica, Rid, Seq, Signed};
+use crate::protocol::crypto::PublicKey;
+use crate::protocol::reconfig;
 use crate::protocol::consensus::wire::{self, WireLimits};
 use crate::protocol::reputation::Reputation;
 use crate::protocol::state::{State, StateConfig};
@@ -179,7 +181,7 @@ pub struct ReputationConfig {
 
 /// Checks an encoded `ChainSnapshot` against its q-signed checkpoint and
 /// rebuilds what the validator starts from.
-pub fn verify<A: Auth + Clone>(
+pub fn verify<A: EpochAuth>(
     bytes: &[u8],
     id: Rid,
     params: &Params,
@@ -189,6 +191,24 @@ pub fn verify<A: Auth + Clone>(
     rep_cfg: ReputationConfig,
 ) -> Result<Verified<A>, SnapshotError> {
     let s = proto::ChainSnapshot::decode(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    let height = s.header.as_ref().map_or(0, |h| h.height);
+    // The set that signed its checkpoint: the genesis set, or the one its
+    // chain of set changes proves (then this validator's signer there).
+    let (signing, epoch) = match s.state.as_ref().map(|st| signing_epoch(st, &state_cfg, height)).transpose()? {
+        Some(Some((signing, epoch))) if signing.epoch > 0 => (Some(signing), Some(epoch)),
+        _ => (None, None),
+    };
+    let (id, params, auth, limits) = match &signing {
+        None => (id, params.clone(), auth, *limits),
+        Some(e) => {
+            let keys: Vec<PublicKey> = e.validators.values().copied().collect();
+            let (id, auth) = auth
+                .for_epoch(e.epoch, &keys)
+                .ok_or_else(|| SnapshotError::Proof(format!("this validator is not in epoch {}'s set", e.epoch)))?;
+            (id, Params { n: keys.len(), ..params.clone() }, auth, WireLimits { n: keys.len(), ..*limits })
+        }
+    };
+    let (params, limits) = (&params, &limits);
     if s.proof.len() > params.n {
         return Err(SnapshotError::Decode(format!(
             "{} checkpoint signatures for {} validators",
@@ -209,6 +229,10 @@ pub fn verify<A: Auth + Clone>(
     let seq = header.height;
     let (replica, app) = Replica::from_stable_checkpoint(id, params.clone(), auth, seq, proof)
         .map_err(|e| SnapshotError::Proof(format!("height {seq}: {e}")))?;
+    let replica = match &signing {
+        Some(e) => replica.in_epoch(e.epoch, e.from_height),
+        None => replica,
+    };
     let reputation = Reputation::restored(params.n, rep_cfg.floor, rep_cfg.quarantine, &s.reputation, &s.quarantined)
         .ok_or_else(|| SnapshotError::Decode("reputation table does not fit the validator set".into()))?;
     if app_digest(&header.hash(), &reputation) != app {
@@ -221,7 +245,59 @@ pub fn verify<A: Auth + Clone>(
         return Err(SnapshotError::Mismatch(format!("height {seq}: state is for another block")));
     }
     let state = State::restore(&snap, state_cfg).map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
+    if let Some(epoch) = epoch {
+        debug_assert_eq!(state.current_epoch(), Some(epoch), "read from the same entries");
+    }
     Ok(Verified { header, state, reputation, replica })
+}
+
+/// The epoch whose set signed the checkpoint at `height` (the last
+/// epoch starting below it), and the state's current epoch, from the
+/// snapshot's entries; each epoch's set is checked against the set change
+/// that made it, signed by the previous set, from genesis on (nothing of
+/// it is trusted because of who sent the snapshot; the entries themselves
+/// are checked against the signed state root afterwards). None for a
+/// chain without set changes (one validator).
+fn signing_epoch(
+    st: &proto::StateSnapshot,
+    cfg: &StateConfig,
+    height: u64,
+) -> Result<Option<(reconfig::Epoch, reconfig::Epoch)>, SnapshotError> {
+    let Some(rules) = cfg.chain.as_ref() else { return Ok(None) };
+    let entry = |key: &[u8]| st.entries.iter().find(|e| e.key == key).map(|e| e.value.as_slice());
+    let bad = |what: String| SnapshotError::Mismatch(format!("epoch chain: {what}"));
+    let current = match entry(crate::protocol::state::CURRENT_EPOCH_KEY) {
+        None => return Ok(Some((genesis_epoch(rules), genesis_epoch(rules)))),
+        Some(v) => reconfig::Epoch::decode(v).ok_or_else(|| bad("malformed current epoch".into()))?,
+    };
+    let mut epochs = vec![genesis_epoch(rules)];
+    for e in 1..=current.epoch {
+        let payload = entry(&crate::protocol::state::epoch_change_key(e))
+            .ok_or_else(|| bad(format!("the set change of epoch {e} is missing")))?;
+        let rc = proto::ReconfigurationPayload::decode(payload)
+            .map_err(|e| e.to_string())
+            .and_then(reconfig::Reconfiguration::from_proto)
+            .map_err(|err| bad(format!("epoch {e}'s set change: {err}")))?;
+        let prev = epochs.last().expect("genesis first");
+        let set = reconfig::check(&rc, &rules.chain, e - 1, &prev.validators)
+            .map_err(|err| bad(format!("epoch {e}'s set change: {err}")))?;
+        let record = entry(&crate::protocol::state::epoch_key(e))
+            .and_then(reconfig::Epoch::decode)
+            .ok_or_else(|| bad(format!("epoch {e}'s record is missing")))?;
+        if record.validators != set || record.epoch != e || record.from_height < prev.from_height {
+            return Err(bad(format!("epoch {e}'s record is not the set its change makes")));
+        }
+        epochs.push(record);
+    }
+    if epochs.last() != Some(&current) {
+        return Err(bad("the current epoch is not the last of the chain".into()));
+    }
+    let signing = epochs.iter().rev().find(|e| e.from_height < height || e.epoch == 0).expect("genesis");
+    Ok(Some((signing.clone(), current)))
+}
+
+fn genesis_epoch(rules: &reconfig::ChainRules) -> reconfig::Epoch {
+    reconfig::Epoch { epoch: 0, from_height: 0, validators: rules.genesis.clone() }
 }
 
 /// What a joining validator verifies a snapshot with and rebuilds its
@@ -478,6 +554,11 @@ mod tests {
         }
         fn verify(&self, _: Rid, _: &[u8], _: &[u8]) -> bool {
             true
+        }
+    }
+    impl crate::protocol::consensus::pbft::EpochAuth for AnySignature {
+        fn for_epoch(&self, _: u64, _: &[PublicKey]) -> Option<(Rid, Self)> {
+            Some((0, AnySignature))
         }
     }
 

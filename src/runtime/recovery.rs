@@ -14,7 +14,7 @@ use crate::edges::store::{self, BlockStore};
 use crate::proto;
 use crate::protocol::block::Block;
 use crate::protocol::consensus::genesis::{verify_certificate, GenesisCertificate};
-use crate::protocol::consensus::pbft::{Auth, CommitCert, Params, PrePrepare, Record, Replica, Rid, Signed};
+use crate::protocol::consensus::pbft::{Auth, CommitCert, EpochAuth, Params, PrePrepare, Record, Replica, Rid, Signed};
 use crate::protocol::consensus::wire::{self, WireLimits};
 use crate::protocol::crypto::PublicKey;
 use crate::protocol::event::Limits;
@@ -53,13 +53,15 @@ pub struct Recovered<A: Auth + Clone> {
     pub base_bytes: Option<Vec<u8>>,
     /// An empty store may still join from a snapshot: its records, again.
     pub join_records: Option<Vec<Record>>,
+    /// The next epoch's replica's records, if the log is ahead of the
+    /// store (`Node::hold_next_epoch_records`).
+    pub next_epoch_records: Option<(u64, Vec<Record>)>,
     pub store_scan: store::Recovery,
     pub log_scan: Option<Scan>,
 }
 
 /// Recovers a validator from `s.dir` on `s.disk` (see the module header).
-pub fn recover<A: Auth + Clone>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>> {
-    let n = s.keys.len();
+pub fn recover<A: EpochAuth>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>> {
     let base_path = s.dir.join(snapshot::BASE_FILE);
     let base = match s.disk.read(&base_path) {
         Ok(bytes) => {
@@ -78,26 +80,57 @@ pub fn recover<A: Auth + Clone>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>>
         base.as_ref().map(|(v, _)| v.header.clone()),
         Mode::Recover,
     )?;
-    let (mut state, mut reputation, mut prev_view, base_replica, base_bytes) = match base {
-        Some((v, bytes)) => (v.state, v.reputation, v.header.view, Some(v.replica), Some(bytes)),
-        None => (State::new(s.state), Reputation::new(n, s.reputation.floor, s.reputation.quarantine), 0, None, None),
+    let n = s.keys.len();
+    let (mut state, mut reputation, mut prev_view, replica, base_bytes) = match base {
+        Some((v, bytes)) => (v.state, v.reputation, v.header.view, v.replica, Some(bytes)),
+        None => (
+            State::new(s.state),
+            Reputation::new(n, s.reputation.floor, s.reputation.quarantine),
+            0,
+            Replica::new(s.me, s.params.clone(), s.auth.clone()),
+            None,
+        ),
     };
-    let mut failed: Option<anyhow::Error> = None;
-    let certs = (store.base_height() + 1..=store.height()).map_while(|h| {
-        let r = store.read(h).map_err(anyhow::Error::from).and_then(|x| {
-            let (b, cert) = x.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
+    let mut replica = Some(replica);
+    // Which keys name proposers: the current epoch's set.
+    let mut keys: Vec<PublicKey> = epoch_keys(&state).unwrap_or_else(|| s.keys.to_vec());
+    let mut removed_at = None;
+    let mut replayed = || -> anyhow::Result<()> {
+        for h in store.base_height() + 1..=store.height() {
+            let (b, cert) = store.read(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
             crate::protocol::node::replay(&mut state, &b).map_err(anyhow::Error::msg)?;
-            let proposer = s.keys.iter().position(|k| *k == b.header.proposer);
+            let proposer = keys.iter().position(|k| *k == b.header.proposer);
             let stored = cert.as_ref().and_then(|c| c.pre_prepare.as_ref()).map(|p| p.value.as_slice());
             for e in proposal::stored_evidence(stored.unwrap_or_default()) {
                 reputation.quarantine(e.culprit());
             }
-            reputation.on_block(prev_view, b.header.view, proposer);
+            // As `Node::execute_proposal`: views count from 0 again in a new epoch.
+            let r = replica.as_mut().context("blocks stored after the switch that removed this validator")?;
+            let since_view = if r.epoch() > 0 && h == r.base() + 1 { 0 } else { prev_view };
+            reputation.on_block(since_view, b.header.view, proposer);
             prev_view = b.header.view;
-            Ok((stored_cert(&b, cert, &s.wire)?, snapshot::app_digest(&b.hash(), &reputation)))
-        });
-        r.map_err(|e| failed = Some(e)).ok()
-    });
+            let app = snapshot::app_digest(&b.hash(), &reputation);
+            r.replay_executed(stored_cert(&b, cert, &s.wire)?, app);
+            // Block H made a new set current: its replica orders what follows.
+            let current = state.current_epoch().filter(|e| e.epoch > r.epoch());
+            if let Some(next) = current {
+                let prev = state.epoch(next.epoch - 1).context("the state keeps every epoch")?;
+                match crate::protocol::node::next_epoch(r, &reputation, &prev, &next, app) {
+                    Some((r, rep)) => {
+                        replica = Some(r);
+                        reputation = rep;
+                    }
+                    None => {
+                        replica = None;
+                        removed_at = Some(h);
+                    }
+                }
+                keys = next.validators.values().copied().collect();
+            }
+        }
+        Ok(())
+    };
+    let replayed = replayed();
     let (log, records, log_scan) = if n > 1 {
         let (log, records, scan) = ConsensusLog::open_on(s.disk.clone(), s.dir, &s.wire, Mode::Recover)
             .context("opening the consensus log")?;
@@ -106,18 +139,35 @@ pub fn recover<A: Auth + Clone>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>>
     } else {
         (None, vec![], None)
     };
-    let join_records = (store.height() == 0).then(|| records.clone());
-    let replica = match base_replica {
-        Some(r) => r.recover_onto(certs, records),
-        None => Replica::recover(s.me, s.params.clone(), s.auth.clone(), certs, records),
-    };
-    if let Some(e) = failed {
-        return Err(e.context("recovering from the block store"));
+    replayed.context("recovering from the block store")?;
+    if let Some(h) = removed_at {
+        bail!("a validator set change removed this validator at height {h}: it takes no part in consensus any more");
     }
+    let replica = replica.expect("present unless removed");
+    let join_records = (store.height() == 0).then(|| records.clone());
+    let (records, next_epoch_records) = crate::protocol::consensus::pbft::epoch_records(records, replica.epoch());
+    let replica = replica.recover_onto(std::iter::empty(), records);
     assert_eq!(replica.executed(), store.height(), "the replica resumes at the stored height");
-    tracing::info!(height = store.height(), view = replica.view(), truncated_bytes = store_scan.truncated_bytes, state_root = %hex::encode(state.root()), "block store recovered");
-    Ok(Recovered { store, log, replica, state, reputation, base_bytes, join_records, store_scan, log_scan })
+    tracing::info!(height = store.height(), view = replica.view(), epoch = replica.epoch(), truncated_bytes = store_scan.truncated_bytes, state_root = %hex::encode(state.root()), "block store recovered");
+    Ok(Recovered {
+        store,
+        log,
+        replica,
+        state,
+        reputation,
+        base_bytes,
+        join_records,
+        next_epoch_records,
+        store_scan,
+        log_scan,
+    })
 }
+
+/// The current epoch's keys in replica order (None: a chain without set changes).
+fn epoch_keys(state: &State) -> Option<Vec<PublicKey>> {
+    state.current_epoch().map(|e| e.validators.values().copied().collect())
+}
+
 
 /// The genesis certificate stored at `path`, checked against this
 /// configuration: `None` if there is none yet (the ceremony runs); an

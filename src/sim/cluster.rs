@@ -85,7 +85,7 @@ pub struct Config {
     /// Two validator set changes among the txs (one signed by q of the
     /// genesis set, one by q − 1): every validator must schedule the first
     /// alike and refuse the second. Off in `random` (its seeds replay as
-    /// they did); `reconfigurations_schedule_alike_under_faults` turns it on.
+    /// they did); `validator_set_changes_take_effect_alike_under_faults` turns it on.
     pub reconfig: bool,
 }
 
@@ -174,6 +174,8 @@ pub struct Report {
     pub pruned_blocks: u64,
     pub fetches_pruned: u64,
     pub rejoins: u64,
+    /// Validators that switched to a new set's replica (`Output::EpochSwitched`).
+    pub epoch_switches: u64,
     /// A digest of every commit everywhere, in order (replays must match).
     pub trace: Hash32,
 }
@@ -296,6 +298,9 @@ const RUN_AFTER_HEAL_MS: u64 = 90_000;
 /// The chain rules' checkpoint interval with `Config::reconfig` (switch
 /// heights are its multiples).
 const RECONFIG_CHECKPOINT_INTERVAL: u64 = 8;
+/// Txs sent after the faults heal with `Config::reconfig`, one every
+/// 150 ms: blocks past the switch height.
+const RECONFIG_TAIL_TXS: u64 = 64;
 
 fn params(n: usize) -> Params {
     Params {
@@ -320,7 +325,10 @@ impl Sim {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x0005_eed0_fa11);
         let n = cfg.n;
         let producer = producer_key(seed);
-        let validators: Vec<[u8; 32]> = (0..n).map(|i| [i as u8 + 1; 32]).collect();
+        let genesis_keys: Vec<crypto::SigningKey> = (0..n)
+            .map(|i| crypto::SigningKey::from_bytes(&crate::sha256(format!("sim-genesis-{seed}-{i}").as_bytes())))
+            .collect();
+        let validators: Vec<[u8; 32]> = genesis_keys.iter().map(crypto::public_key).collect();
         let ncfg = NodeConfig {
             builder: BuilderConfig {
                 max_txs: 4,
@@ -336,7 +344,7 @@ impl Sim {
                 skew_ms: 120_000,
             }),
             skew_ms: 60_000,
-            validators,
+            validators: validators.clone(),
             snapshot_interval: 8,
         };
         let params = params(n);
@@ -397,14 +405,12 @@ impl Sim {
         let flip_victim = (seed % n as u64) as Rid;
         let isolated = if cfg.partition { vec![rng.gen_range(0..n)] } else { vec![] };
         let stranger = crypto::SigningKey::from_bytes(&crate::sha256(b"sim-stranger"));
-        let genesis_keys: Vec<crypto::SigningKey> = (0..n)
-            .map(|i| crypto::SigningKey::from_bytes(&crate::sha256(format!("sim-genesis-{seed}-{i}").as_bytes())))
-            .collect();
         let genesis_set: crate::protocol::reconfig::ValidatorSet =
             genesis_keys.iter().enumerate().map(|(i, k)| (i as u32 + 1, crypto::public_key(k))).collect();
         let (mut txs, mut plan) = (txs, plan);
         let mut state_cfg = StateConfig::default();
         let mut reconfigs = None;
+        let mut next_keys: Vec<Option<[u8; 32]>> = vec![None; n];
         if cfg.reconfig {
             use crate::protocol::reconfig::{self, ChainRules, Change, ChangeKind, Reconfiguration};
             let chain = crate::sha256(format!("sim-chain-{seed}").as_bytes());
@@ -412,11 +418,15 @@ impl Sim {
                 chain,
                 genesis: genesis_set.clone(),
                 checkpoint_interval: RECONFIG_CHECKPOINT_INTERVAL,
+                window: params.window,
             }));
             // Its own stream: the seed's other draws stay as they were.
             let mut r = StdRng::seed_from_u64(seed ^ 0x5e7c_4a9e);
-            let newcomer = crypto::public_key(&producer_key(seed ^ 0xadd));
-            let changes = vec![Change { kind: ChangeKind::Add, id: n as u32 + 1, key: newcomer }];
+            // One validator's key rotates (it holds the new one already).
+            let rotated = r.gen_range(0..n);
+            let new_key = crypto::public_key(&producer_key(seed ^ 0xadd));
+            next_keys[rotated] = Some(new_key);
+            let changes = vec![Change { kind: ChangeKind::Rotate, id: rotated as u32 + 1, key: new_key }];
             let q = reconfig::fault_tolerance(n).1;
             let tx = |signers: usize, k: u64| {
                 let signatures = (0..signers)
@@ -434,16 +444,41 @@ impl Sim {
             };
             let (good, short) = (tx(q, r.gen_range(0..20)), tx(q - 1, r.gen_range(0..20)));
             let mut next = genesis_set.clone();
-            next.insert(n as u32 + 1, newcomer);
+            next.insert(rotated as u32 + 1, new_key);
+            let mut good_at = 0;
             for t in [&good, &short] {
                 let at = start + STEP_MS * r.gen_range(0..(cfg.heal_at_ms / STEP_MS).max(1));
+                good_at = good_at.max(at);
                 txs.push(t.clone());
                 plan.push((at, (0..n).collect()));
             }
             reconfigs = Some((good, short, next));
+            // Load after the faults heal, enough blocks for the chain to
+            // pass the switch height: the new set orders them.
+            // A burst right after the change too: a deep pipeline around
+            // the block that schedules it (the window's lead on the switch
+            // height is what keeps it below).
+            for k in 0..RECONFIG_TAIL_TXS {
+                let at = match k < RECONFIG_TAIL_TXS / 2 {
+                    true => good_at + STEP_MS * k,
+                    false => start + cfg.heal_at_ms / STEP_MS * STEP_MS + 150 * k,
+                };
+                let mut id = [0xdd; 16];
+                id[..8].copy_from_slice(&k.to_be_bytes());
+                let ev = Event::sign(
+                    TxKind::Anomaly,
+                    &producer,
+                    id,
+                    sample_anomaly_payload(k, 200),
+                    at,
+                    [0xdd, 0, (k >> 8) as u8, k as u8],
+                );
+                txs.push(VerifiedTx { tx_hash: ev.tx_hash(), event: Arc::new(ev), received_ms: at, pos: None });
+                plan.push((at, (0..n).collect()));
+            }
         }
         Sim {
-            auths: SimAuth::cluster(n, seed),
+            auths: (0..n).map(|i| SimAuth::keyed(seed, &validators, validators[i], next_keys[i])).collect(),
             cfg,
             rng,
             now_ms: start,
@@ -887,6 +922,14 @@ impl Sim {
                     v.served = Some((h, bytes));
                 }
                 Output::Reject(_) | Output::Evidence { .. } => {}
+                // A rotation keeps every id and replica id.
+                Output::EpochSwitched { epoch, me } => {
+                    assert_eq!(me, Some(i), "validator {i}: its replica id in epoch {}", epoch.epoch);
+                    self.report.epoch_switches += 1;
+                    if self.debug {
+                        eprintln!("{} validator {i} switched to epoch {} at {}", self.now_ms, epoch.epoch, epoch.from_height);
+                    }
+                }
                 Output::ViewChanged { view, primary, .. } => {
                     assert_eq!(primary, up.node.replica().primary(view), "validator {i}: the view's primary");
                     self.report.views_entered += 1;
@@ -1035,7 +1078,7 @@ impl Sim {
                     &[],
                 ));
                 let body = PrePrepare { view: p.body.view, seq: p.body.seq, digest: crate::sha256(&value), value };
-                let forged = Signed { sig: self.auths[i].sign(&pp_bytes(&body)), body, from: i };
+                let forged = Signed { sig: self.signer(i).sign(&pp_bytes(&body)), body, from: i };
                 (0..self.cfg.n)
                     .filter(|&j| j != i)
                     .map(|j| {
@@ -1085,13 +1128,19 @@ impl Sim {
 
     /// The Byzantine validator's floods: far-future checkpoints and view
     /// changes, signed with its own key.
+    /// What validator `i` signs with now: its running replica's signer (of
+    /// the set's current epoch), else its genesis one.
+    fn signer(&self, i: Rid) -> SimAuth {
+        self.vals[i].up.as_ref().map_or_else(|| self.auths[i].clone(), |up| up.node.replica().auth().clone())
+    }
+
     fn byzantine_flood(&mut self, b: Rid) {
         let Some(up) = self.vals[b].up.as_ref() else { return };
         let (low, view) = (up.node.replica().stable_checkpoint().0, up.node.replica().view());
         for _ in 0..4 {
             let cp =
                 Checkpoint { seq: low + self.rng.gen_range(1..10_000), state: self.rng.gen(), app: self.rng.gen() };
-            let m = Message::Checkpoint(Signed { sig: self.auths[b].sign(&ckpt_bytes(&cp)), body: cp, from: b });
+            let m = Message::Checkpoint(Signed { sig: self.signer(b).sign(&ckpt_bytes(&cp)), body: cp, from: b });
             self.send(b, None, Msg::Pbft(m));
             let vc = ViewChange {
                 new_view: view + self.rng.gen_range(1..1_000),
@@ -1099,7 +1148,7 @@ impl Sim {
                 stable_proof: vec![],
                 prepared: vec![],
             };
-            let m = Message::ViewChange(Signed { sig: self.auths[b].sign(&vc_bytes(&vc)), body: vc, from: b });
+            let m = Message::ViewChange(Signed { sig: self.signer(b).sign(&vc_bytes(&vc)), body: vc, from: b });
             self.send(b, None, Msg::Pbft(m));
             self.report.byzantine_msgs += 2;
         }
@@ -1330,18 +1379,38 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
                 "seed {seed}: validator {i}; replay with SIM_SEED={seed} SIM_RECONFIG=1"
             );
             let at = sim.committed[&(good.event.nonce, good.tx_hash)];
-            let want = crate::protocol::reconfig::Epoch {
-                epoch: 1,
-                from_height: crate::protocol::reconfig::switch_height(at, RECONFIG_CHECKPOINT_INTERVAL),
-                validators: next.clone(),
-            };
+            let switch = crate::protocol::reconfig::switch_height(at, RECONFIG_CHECKPOINT_INTERVAL, sim.params.window);
+            let want = crate::protocol::reconfig::Epoch { epoch: 1, from_height: switch, validators: next.clone() };
             let state = up.node.state();
-            assert_eq!(
-                state.scheduled_epoch(),
-                Some(want),
-                "seed {seed}: validator {i}; replay with SIM_SEED={seed} SIM_RECONFIG=1"
-            );
-            assert_eq!(state.current_epoch().map(|e| e.epoch), Some(0), "seed {seed}: validator {i}");
+            let replay = format!("seed {seed}: validator {i}; replay with SIM_SEED={seed} SIM_RECONFIG=1");
+            if top < switch {
+                assert_eq!(state.scheduled_epoch(), Some(want), "{replay}");
+                assert_eq!(state.current_epoch().map(|e| e.epoch), Some(0), "{replay}");
+                assert_eq!(up.node.replica().ceiling(), switch, "{replay}: ordering stops at the switch");
+                continue;
+            }
+            // The switch took place at its height: the new set orders
+            // everything above it, the old set nothing (each block's
+            // certificate verifies against its epoch's set only).
+            assert_eq!((state.current_epoch(), state.scheduled_epoch()), (Some(want), None), "{replay}");
+            assert_eq!((up.node.replica().epoch(), up.node.replica().base()), (1, switch), "{replay}");
+            let new_set = up.node.replica().auth().clone();
+            let q = up.node.replica().params().q();
+            for h in up.store.lowest().max(up.store.base_height() + 1)..=up.store.height() {
+                let (b, cert) = up.store.read(h).unwrap().expect("stored");
+                let cert = recovery::stored_cert(&b, cert, &sim.wire).unwrap();
+                let votes = |a: &SimAuth| {
+                    cert.commits
+                        .iter()
+                        .filter(|v| a.verify(v.from, &crate::protocol::consensus::pbft::vote_bytes(&v.body), &v.sig))
+                        .count()
+                };
+                let (by_old, by_new) = (votes(&sim.auths[i]), votes(&new_set));
+                match h <= switch {
+                    true => assert!(by_old >= q && by_new == 0, "{replay}: block {h} certified by {by_old} old, {by_new} new"),
+                    false => assert!(by_new >= q && by_old == 0, "{replay}: block {h} certified by {by_old} old, {by_new} new"),
+                }
+            }
         }
     }
     let mut r = std::mem::take(&mut sim.report);
@@ -1384,7 +1453,7 @@ mod tests {
         if let Ok(one) = std::env::var("SIM_SEED") {
             let seed: u64 = one.parse().expect("SIM_SEED is a number");
             let mut cfg = Config::random(&mut StdRng::seed_from_u64(seed));
-            // A seed of `reconfigurations_schedule_alike_under_faults` (its
+            // A seed of `validator_set_changes_take_effect_alike_under_faults` (its
             // config prints `reconfig: true`).
             cfg.reconfig = std::env::var_os("SIM_RECONFIG").is_some();
             eprintln!("seed {seed}: {cfg:?}\n{:?}", run(seed, &cfg));
@@ -1463,17 +1532,28 @@ mod tests {
         }
     }
 
-    /// Validator set changes ordered under the same faults: every honest
-    /// validator schedules the one signed by q alike and refuses the short
-    /// one (`run`'s end checks; blocks and roots agree at every height).
+    /// Validator set changes under the same faults (crashes, torn and
+    /// full disks, partitions, clock skew, a Byzantine validator, wipes,
+    /// pruning): a key rotation signed by q is applied alike and the short
+    /// one refused; ordering stops at the switch height, every honest
+    /// validator hands over to the new set's replica there, and each
+    /// block's certificate verifies against its own epoch's set only
+    /// (`run`'s end checks; blocks and roots agree at every height). A
+    /// burst of txs after the change fills the pipeline around it: without
+    /// the window's lead on the switch height a replica orders above it.
     #[test]
-    fn reconfigurations_schedule_alike_under_faults() {
+    fn validator_set_changes_take_effect_alike_under_faults() {
         let seeds: u64 = std::env::var("SIM_RECONFIG_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+        let (mut switched, mut switches) = (0, 0);
         for seed in 5_000..5_000 + seeds {
             let mut cfg = Config::random(&mut StdRng::seed_from_u64(seed));
             cfg.reconfig = true;
-            run(seed, &cfg);
+            let r = run(seed, &cfg);
+            switched += u64::from(r.epoch_switches > 0);
+            switches += r.epoch_switches;
         }
+        eprintln!("{switched} of {seeds} seeds reached the switch height ({switches} switches)");
+        assert!(switched * 10 >= seeds * 9, "{switched} of {seeds} seeds switched: the run proves little");
     }
 
     #[test]

@@ -148,6 +148,8 @@ pub enum Message {
 pub struct Heartbeat {
     pub view: View,
     pub executed: Seq,
+    /// The sender's validator set epoch (see `Node::on_other_epoch`).
+    pub epoch: u64,
 }
 
 /// What a replica must make durable before the sends that follow it in the
@@ -283,6 +285,39 @@ impl Params {
     pub fn q(&self) -> usize {
         self.n - self.f()
     }
+}
+
+/// The consensus records of the replica of epoch `epoch` (those after the
+/// log's last `Record::Epoch` marker for it, or all with no marker in
+/// epoch 0), and those of the next epoch's replica when the log is ahead
+/// of the store (the marker reached the disk, the switch block did not:
+/// the node restores them once it switches again). Records of an earlier
+/// epoch are dropped: that set orders nothing above its switch height,
+/// which is executed.
+pub fn epoch_records(records: Vec<Record>, epoch: u64) -> (Vec<Record>, Option<(u64, Vec<Record>)>) {
+    let markers: Vec<(usize, u64)> = records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Record::Epoch { epoch, .. } => Some((i, *epoch)),
+            _ => None,
+        })
+        .collect();
+    let start_of = |e: u64| -> Option<usize> {
+        match e {
+            0 => Some(0),
+            e => markers.iter().rev().find(|(_, m)| *m == e).map(|(i, _)| i + 1),
+        }
+    };
+    let end_of = |from: usize| markers.iter().find(|(i, _)| *i >= from).map_or(records.len(), |(i, _)| *i);
+    let Some(from) = start_of(epoch) else {
+        // No marker for this epoch yet (the switch block is stored, its
+        // marker was not): nothing of this epoch's replica was sent.
+        return (vec![], None);
+    };
+    let to = end_of(from);
+    let next = start_of(epoch + 1).filter(|_| epoch + 1 > 0).map(|i| (epoch + 1, records[i..end_of(i)].to_vec()));
+    (records[from..to].to_vec(), next)
 }
 
 // ---- canonical bytes that are signed -----------------------------------
@@ -597,6 +632,15 @@ impl<A: Auth + Clone> Replica<A> {
         r.base = seq;
         r.own_checkpoints.insert(seq, (state, app));
         r
+    }
+
+    /// The same replica, of set epoch `epoch` starting above `base` (one
+    /// built from a later epoch's snapshot).
+    pub fn in_epoch(mut self, epoch: u64, base: Seq) -> Self {
+        assert!(base <= self.low, "an epoch starts at or below the stable checkpoint");
+        self.epoch = epoch;
+        self.base = base;
+        self
     }
 
     /// The application digest this replica recorded at `seq` (its own
@@ -1149,7 +1193,7 @@ impl<A: Auth + Clone> Replica<A> {
             if self.is_primary() {
                 if self.timers.get(Timer::Heartbeat).is_none_or(|at| now >= at) {
                     self.timers.set(Timer::Heartbeat, now + self.p.heartbeat_ms);
-                    let h = Heartbeat { view: self.view, executed: self.executed };
+                    let h = Heartbeat { view: self.view, executed: self.executed, epoch: self.epoch };
                     let bytes = hb_bytes(&h);
                     out.push(Action::Broadcast(Message::Heartbeat(self.sign(h, bytes))));
                 }
@@ -2187,7 +2231,7 @@ mod tests {
     fn a_replica_behind_an_idle_primary_fetches_when_its_heartbeat_says_so() {
         let p = Params { retransmit_ms: 100, ..params() };
         let mut r = Replica::new(3, p, NoAuth);
-        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 0, sig: vec![] });
+        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 0, sig: vec![] });
         let fetches = |out: &[Action]| {
             out.iter().filter(|a| matches!(a, Action::Send(0, Message::Fetch { from: 3, from_seq: 1 }))).count()
         };
@@ -2231,7 +2275,7 @@ mod tests {
         let p = Params { retransmit_ms: 100, ..params() };
         let mut r = executed_one(3, &p);
         assert_eq!(r.executed(), 1);
-        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 0, sig: vec![] });
+        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 0, sig: vec![] });
         let sent = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Send(0, Message::Committed(_)))).count();
         let mut out = vec![];
         r.set_time(500);
@@ -2262,7 +2306,7 @@ mod tests {
         let p = Params { retransmit_ms: 100, ..params() };
         let mut r = executed_one(3, &p);
         // Replica 2 heartbeats view 0 as if it led it, stalled at 0.
-        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 2, sig: vec![] });
+        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 2, sig: vec![] });
         let sent = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Send(2, Message::Committed(_)))).count();
         let mut out = vec![];
         r.set_time(500);
@@ -2287,7 +2331,7 @@ mod tests {
     #[test]
     fn a_replica_missing_its_next_pre_prepare_fetches_at_the_primarys_next_heartbeat() {
         let p = Params { retransmit_ms: 1000, ..params() };
-        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed }, from: 0, sig: vec![] });
+        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 0, sig: vec![] });
         let fetches = |out: &[Action], from_seq| {
             out.iter()
                 .filter(|a| matches!(a, Action::Send(0, Message::Fetch { from: 3, from_seq: s }) if *s == from_seq))

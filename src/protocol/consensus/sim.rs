@@ -25,13 +25,6 @@ pub(crate) struct SimAuth {
 }
 
 impl SimAuth {
-    /// One signer per replica of an `n`-replica cluster made from `seed`.
-    pub(crate) fn cluster(n: usize, seed: u64) -> Vec<SimAuth> {
-        let secrets: Arc<Vec<[u8; 32]>> =
-            Arc::new((0..n).map(|i| sha256(format!("sim-secret-{seed}-{i}").as_bytes())).collect());
-        (0..n).map(|me| SimAuth { secrets: secrets.clone(), me, epoch: 0, keyed: None }).collect()
-    }
-
     /// The signer holding `own` (and `next`, the key it rotates to) among
     /// `keys` (replica order); each key's secret derives from it and `seed`.
     pub(crate) fn keyed(seed: u64, keys: &[[u8; 32]], own: [u8; 32], next: Option<[u8; 32]>) -> SimAuth {

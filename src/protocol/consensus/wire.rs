@@ -325,6 +325,7 @@ pub fn encode(m: &Message) -> Vec<u8> {
             from: h.from as u32,
             sig: h.sig.clone(),
             executed: h.body.executed,
+            epoch: h.body.epoch,
         }),
     };
     proto::PbftMessage { msg: Some(msg) }.encode_to_vec()
@@ -374,7 +375,7 @@ fn from_proto(m: proto::PbftMessage, l: &WireLimits) -> Result<Message, WireErro
         Msg::Fetch(f) => Message::Fetch { from: rid(f.from, l)?, from_seq: f.from_seq },
         Msg::Committed(c) => Message::Committed(commit_cert_from(c, l)?),
         Msg::Heartbeat(h) => Message::Heartbeat(Signed {
-            body: Heartbeat { view: h.view, executed: h.executed },
+            body: Heartbeat { view: h.view, executed: h.executed, epoch: h.epoch },
             from: rid(h.from, l)?,
             sig: sig(h.sig)?,
         }),
@@ -582,7 +583,7 @@ mod tests {
             }),
             Message::Fetch { from: 3, from_seq: 9 },
             Message::Committed(CommitCert { pre_prepare: spp, commits: vec![sv] }),
-            Message::Heartbeat(Signed { body: Heartbeat { view: 5, executed: 9 }, from: 1, sig: vec![5; 64] }),
+            Message::Heartbeat(Signed { body: Heartbeat { view: 5, executed: 9, epoch: 2 }, from: 1, sig: vec![5; 64] }),
         ]
     }
 

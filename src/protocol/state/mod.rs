@@ -155,6 +155,14 @@ pub fn epoch_key(e: u64) -> Vec<u8> {
     [&b"epoch"[..], &e.to_be_bytes()].concat()
 }
 
+/// State key of the set change that made epoch `e` (its payload, with the
+/// previous set's signatures): the epoch's certificate. From genesis, each
+/// one proves the next set (`reconfig::check`), so a snapshot proves the
+/// set that signed its checkpoint (`snapshot::verify`).
+pub fn epoch_change_key(e: u64) -> Vec<u8> {
+    [&b"epochchange"[..], &e.to_be_bytes()].concat()
+}
+
 fn current_epoch(record: Option<&[u8]>, cfg: &StateConfig) -> Option<reconfig::Epoch> {
     match record {
         Some(v) => reconfig::Epoch::decode(v),
@@ -558,7 +566,10 @@ impl State {
         }
         if let Payload::Reconfiguration(rc) = &payload {
             match schedule(b, cfg, height, rc) {
-                Ok(next) => b.put(NEXT_EPOCH_KEY.to_vec(), next.encode()),
+                Ok(next) => {
+                    b.put(epoch_change_key(next.epoch), ev.payload.clone());
+                    b.put(NEXT_EPOCH_KEY.to_vec(), next.encode());
+                }
                 Err(_) => return TxStatus::Rejected(RejectReason::ReconfigurationRefused),
             }
         }
@@ -572,6 +583,11 @@ impl State {
             0 => current_epoch(None, &self.cfg),
             e => self.kv.get(&epoch_key(e)).and_then(|v| reconfig::Epoch::decode(v)),
         }
+    }
+
+    /// The set change that made epoch `e` (its payload), for `e` ≥ 1.
+    pub fn epoch_change(&self, e: u64) -> Option<&[u8]> {
+        self.kv.get(&epoch_change_key(e)).map(Vec::as_slice)
     }
 
     /// The epoch whose set orders (and certifies) block `height`.
