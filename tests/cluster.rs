@@ -866,13 +866,13 @@ fn a_set_change_signed_by_a_quorum_is_scheduled_on_every_validator_and_one_short
     assert!(ok, "{out}{err}");
     let height: u64 = out.split("ordered in block ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
     assert!(height > refused_at);
-    let interval = 8; // CONSENSUS_CHECKPOINT_INTERVAL's default
-    let switch = (height + interval).div_ceil(interval) * interval;
+    let (interval, window) = (8, 16); // CONSENSUS_CHECKPOINT_INTERVAL's and CONSENSUS_WINDOW's defaults
+    let switch = (height + window).div_ceil(interval) * interval;
     for (v, addr) in vs.iter().zip(&apis) {
         // Logged once `/validators` shows it.
         let e = wait_log(
             v,
-            "validator set change scheduled (the switch itself is not built yet: the genesis set stays)",
+            "validator set change scheduled; it takes effect above the switch height",
             std::time::Duration::from_secs(60),
         );
         assert_eq!(
@@ -889,4 +889,173 @@ fn a_set_change_signed_by_a_quorum_is_scheduled_on_every_validator_and_one_short
         assert_eq!(next["validators"][4]["public_key"], pubkey.trim());
     }
     drop(vs);
+}
+
+/// A key rotation under load: validator 4 holds the key it rotates to; a
+/// `rotate` change signed by three of four is ordered at some height h and
+/// takes effect above the switch height H (the first checkpoint at least a
+/// window and an interval past h). Every validator hands over to the new
+/// set there and starts again on it; blocks up to H carry the old key's
+/// commits, blocks above it the new key's, never the old one; every tx
+/// sent before, across and after the switch commits exactly once.
+#[test]
+fn a_rotated_key_takes_effect_at_the_switch_height_under_load_and_nothing_is_lost() {
+    use cybermesh::protocol::consensus::pbft::in_epoch;
+    use cybermesh::protocol::crypto;
+    use std::ffi::OsStr;
+    let c = Cluster::new(4, |cfg| {
+        cfg.api.enabled = true;
+        cfg.api.listen = "127.0.0.1:0".into();
+        cfg.block.max_txs = 10; // many blocks: the load runs past the switch
+    });
+    let dir = c.dir.path();
+    let (change, next, producer) = (dir.join("change.json"), dir.join("v4-next.pem"), dir.join("producer.pem"));
+    let s = OsStr::new;
+    let cli = |args: &[&OsStr]| cli(args, &[]);
+    let (ok, next_pub, err) = cli(&[s("keygen"), s("--out"), next.as_os_str()]);
+    assert!(ok, "{err}");
+    let next_pub = next_pub.trim().to_string();
+    let mut vs: Vec<Validator> = (0..3).map(|i| c.start(i)).collect();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(&c.net.nodes[3].config).env("CYBERMESH_NEXT_KEY_FILE", &next);
+    vs.push(Validator::spawn(cmd));
+    for v in &vs {
+        wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
+    }
+    let apis: Vec<String> = vs.iter().map(api_addr).collect();
+    let page: serde_json::Value = serde_json::from_str(&http_get(&apis[0], "/validators").1).unwrap();
+    let old_pub = page["validators"][3]["public_key"].as_str().unwrap().to_string();
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+
+    // Before: committed by the genesis set.
+    let a: Vec<_> = (0..100).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
+    collect(&mut clients[0], &nonces(&a));
+
+    // The change, signed by validators 1, 2 and 3.
+    let cfg = |i: usize| c.net.nodes[i].config.as_os_str();
+    let rotate = format!("4:{next_pub}");
+    let (ok, out, err) = cli(&[
+        s("reconfig"),
+        s("propose"),
+        s("--config"),
+        cfg(0),
+        s("--epoch"),
+        s("0"),
+        s("--rotate"),
+        s(&rotate),
+        s("--out"),
+        change.as_os_str(),
+    ]);
+    assert!(ok, "{out}{err}");
+    for i in 0..3 {
+        let (ok, out, err) = cli(&[s("reconfig"), s("sign"), change.as_os_str(), s("--config"), cfg(i)]);
+        assert!(ok, "{out}{err}");
+    }
+    let direct = vs[0].addr.to_string();
+    let (ok, out, err) = cli(&[
+        s("reconfig"),
+        s("submit"),
+        change.as_os_str(),
+        s("--producer-key"),
+        producer.as_os_str(),
+        s("--direct"),
+        s(&direct),
+        s("--config"),
+        cfg(0),
+    ]);
+    assert!(ok, "{out}{err}");
+    let h: u64 = out.split("ordered in block ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
+    let (interval, window) = (8, 16); // CONSENSUS_CHECKPOINT_INTERVAL's and CONSENSUS_WINDOW's defaults
+    let switch = (h + window).div_ceil(interval) * interval;
+
+    // Load across the switch: each validator starts again on the new set
+    // there (its direct connections close with it).
+    let b: Vec<_> = (100..800).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &b);
+    let mut apis = vec![];
+    for v in vs.iter_mut() {
+        let e = wait_log(v, "validator set change took effect", std::time::Duration::from_secs(60));
+        assert_eq!((e["fields"]["epoch"].as_u64(), e["fields"]["height"].as_u64()), (Some(1), Some(switch)), "{e}");
+        let e = wait_log(v, "HTTP API listening", std::time::Duration::from_secs(60));
+        apis.push(e["fields"]["addr"].as_str().unwrap().to_string());
+        let e = wait_log(v, "direct source listening", std::time::Duration::from_secs(60));
+        v.addr = e["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    }
+    for addr in &apis {
+        let page: serde_json::Value = serde_json::from_str(&http_get(addr, "/validators").1).unwrap();
+        assert_eq!((page["epoch"].as_u64(), page["from_height"].as_u64()), (Some(1), Some(switch)), "{page}");
+        assert_eq!(page["validators"][3]["public_key"], next_pub.as_str(), "{page}");
+        assert!(page["scheduled"].is_null(), "{page}");
+    }
+
+    // The chain's txs by nonce, as validator 2 serves its blocks.
+    let block = |hh: u64| -> serde_json::Value {
+        serde_json::from_str(&http_get(&apis[1], &format!("/blocks/{hh}")).1).unwrap()
+    };
+    let top = || -> u64 {
+        serde_json::from_str::<serde_json::Value>(&http_get(&apis[1], "/blocks?limit=1").1).unwrap()["height"]
+            .as_u64()
+            .unwrap()
+    };
+    let committed = |to: u64| -> BTreeMap<String, u64> {
+        let mut seen = BTreeMap::new();
+        for hh in 1..=to {
+            for t in block(hh)["txs"].as_array().unwrap() {
+                *seen.entry(t["nonce"].as_str().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        seen
+    };
+
+    // After: what the switch cut off (its mempools started again empty) is
+    // sent again, as a client does on a closed connection (a repeat of a
+    // committed tx is refused as such), and new txs commit.
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+    let before = committed(top());
+    let d: Vec<_> = (800..900).map(|i| anomaly(c.producer(), i)).collect();
+    let cut_off: Vec<_> = b.iter().filter(|e| !before.contains_key(&hex::encode(e.nonce))).cloned().collect();
+    eprintln!("switch above {switch}; {} of {} txs sent across it were cut off", cut_off.len(), b.len());
+    let again: Vec<_> = b.iter().chain(&d).cloned().collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &again);
+    collect(&mut clients[0], &nonces(&cut_off.iter().chain(&d).cloned().collect::<Vec<_>>()));
+
+    // Every tx exactly once in the chain; each block certified by its
+    // epoch's keys: validator 4's old key up to the switch, its new key above.
+    let top = top();
+    assert!(top > switch + 1, "the chain went on past the switch ({top})");
+    let seen = committed(top);
+    let key = |hex_key: &str| -> crypto::PublicKey { hex::decode(hex_key).unwrap().try_into().unwrap() };
+    let (old, new) = (key(&old_pub), key(&next_pub));
+    for hh in 1..=top {
+        let blk = block(hh);
+        let cert = &blk["certificate"];
+        let epoch = u64::from(hh > switch);
+        let msg = cybermesh::edges::egress::commit_vote_bytes(
+            cert["view"].as_u64().unwrap(),
+            hh,
+            &hex::decode(cert["value_digest"].as_str().unwrap()).unwrap(),
+        );
+        let signed = in_epoch(epoch, &msg);
+        let by = |k: &crypto::PublicKey| {
+            cert["commits"].as_array().unwrap().iter().any(|v| {
+                let sig: [u8; 64] = hex::decode(v["signature"].as_str().unwrap()).unwrap().try_into().unwrap();
+                v["validator"] == 4 && crypto::verify_one(k, &signed, &sig).is_ok()
+            })
+        };
+        assert!(!by(if hh > switch { &old } else { &new }), "block {hh}: a commit by the wrong key of validator 4");
+        let commits = cert["commits"].as_array().unwrap().len();
+        assert!(commits >= 3, "block {hh}: {commits} commits");
+        // Validator 4's commit, when the certificate carries one, is by its
+        // key of that block's epoch.
+        if cert["commits"].as_array().unwrap().iter().any(|v| v["validator"] == 4) {
+            assert!(by(if hh > switch { &new } else { &old }), "block {hh}: validator 4's commit does not verify");
+        }
+    }
+    for e in a.iter().chain(&b).chain(&d) {
+        assert_eq!(seen.get(&hex::encode(e.nonce)), Some(&1), "tx {} committed once", hex::encode(e.nonce));
+    }
+    for v in &vs {
+        assert_no_evidence(v);
+    }
 }

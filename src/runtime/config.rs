@@ -57,6 +57,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// CONTROL_SIGNING_KEY_PATH / CYBERMESH_KEY_FILE: PKCS#8 PEM Ed25519 key.
     pub key_file: PathBuf,
+    /// CYBERMESH_NEXT_KEY_FILE: the key this validator rotates to. It signs
+    /// with it from the epoch whose set names it (a `rotate` set change),
+    /// with `key_file` until then.
+    pub next_key_file: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -66,6 +70,7 @@ impl Default for NodeConfig {
             environment: Environment::Development,
             data_dir: "./data".into(),
             key_file: "keys/validator.pem".into(),
+            next_key_file: None,
         }
     }
 }
@@ -594,6 +599,7 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("CYBERMESH_DATA_DIR", |c, v| Ok(c.node.data_dir = v.into())),
     ("CYBERMESH_KEY_FILE", |c, v| Ok(c.node.key_file = v.into())),
     ("CONTROL_SIGNING_KEY_PATH", |c, v| Ok(c.node.key_file = v.into())),
+    ("CYBERMESH_NEXT_KEY_FILE", |c, v| Ok(c.node.next_key_file = Some(v.into()))),
     ("CONSENSUS_NODES", |c, v| {
         c.cluster.nodes = parse_list(v).iter().map(|s| parse_num::<u32>(s)).collect::<Result<_, _>>()?;
         Ok(())
@@ -1459,23 +1465,21 @@ fn production_checklist(c: &Config, e: &mut Vec<ConfigError>) {
             ));
         }
     }
-    match std::fs::metadata(&c.node.key_file) {
-        Ok(m) => {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = m.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                e.push(err(
-                    "CONTROL_SIGNING_KEY_PATH (node.key_file)",
-                    format!("{} has mode {mode:o}", c.node.key_file.display()),
-                    format!("chmod 600 {}", c.node.key_file.display()),
-                ));
+    let mut files = vec![("CONTROL_SIGNING_KEY_PATH (node.key_file)", &c.node.key_file)];
+    files.extend(c.node.next_key_file.iter().map(|p| ("CYBERMESH_NEXT_KEY_FILE (node.next_key_file)", p)));
+    for (key, path) in files {
+        match std::fs::metadata(path) {
+            Ok(m) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = m.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    e.push(err(key, format!("{} has mode {mode:o}", path.display()), format!("chmod 600 {}", path.display())));
+                }
+            }
+            Err(er) => {
+                e.push(err(key, format!("{}: {er}", path.display()), "create it with `cybermesh keygen --out FILE`"))
             }
         }
-        Err(er) => e.push(err(
-            "CONTROL_SIGNING_KEY_PATH (node.key_file)",
-            format!("{}: {er}", c.node.key_file.display()),
-            "create it with `cybermesh keygen --out FILE`",
-        )),
     }
 }
 

@@ -214,27 +214,30 @@ pub fn refuse_huge_pages() {
 pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     refuse_huge_pages();
     let c = &v.config;
-    let key = load_key(&v)?;
+    let (key, next_key) = load_keys(&v)?;
     let from_kafka = c.ingest.source == crate::runtime::config::SourceKind::Kafka;
     let limits = c.limits();
     std::fs::create_dir_all(&c.node.data_dir)
         .with_context(|| format!("creating data dir {}", c.node.data_dir.display()))?;
 
-    // Validators in id order: replica i is the i-th id.
-    let ids: Vec<u32> = v.validators.keys().copied().collect();
-    let keys: Vec<crypto::PublicKey> = v.validators.values().copied().collect();
-    let me_rid = ids.iter().position(|&i| i == c.node.id).expect("validated: node.id is a validator");
-    let n = ids.len();
-    let params = c.pbft_params(n);
-    let wire = WireLimits {
+    // The genesis set in id order: replica i is the i-th id. Recovery
+    // starts from it and follows the set changes the chain made.
+    let genesis_ids: Vec<u32> = v.validators.keys().copied().collect();
+    let genesis_keys: Vec<crypto::PublicKey> = v.validators.values().copied().collect();
+    let me_rid = genesis_ids.iter().position(|&i| i == c.node.id).expect("validated: node.id is a validator");
+    let genesis_params = c.pbft_params(genesis_ids.len());
+    let wire_for = |n: usize| WireLimits {
         n,
         // Values name their txs (64 bytes each) and carry at most 16 proofs.
         max_value_bytes: proposal::TX_REF_BYTES * c.block.max_txs + proposal::MAX_EVIDENCE * 1024 + 1024,
-        window: params.window as usize,
+        window: genesis_params.window as usize,
     };
+    // Records and snapshots may come from a later set, larger by at most
+    // the changes of one epoch at a time: decoding bounds replica ids by it.
+    let wire = wire_for(genesis_ids.len() + crate::protocol::reconfig::MAX_CHANGES);
 
     // Recover (crate::runtime::recovery): the same function the simulator runs.
-    let auth = Ed25519Auth::new(key.clone(), keys.clone());
+    let auth = Ed25519Auth::new(key.clone(), genesis_keys.clone()).with_next_key(next_key.clone());
     let rep_cfg = snapshot::ReputationConfig {
         floor: c.consensus.enable_reputation.then_some(c.consensus.min_leader_reputation),
         quarantine: c.consensus.enable_quarantine,
@@ -253,14 +256,21 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         disk: crate::edges::storage::os(),
         dir: &c.node.data_dir,
         me: me_rid,
-        params: params.clone(),
+        params: genesis_params.clone(),
         auth: auth.clone(),
-        keys: &keys,
+        keys: &genesis_keys,
         wire,
         limits,
         state: v.state_config(),
         reputation: rep_cfg,
     })?;
+    // The set the chain names now, and this validator's key in it.
+    let (ids, keys, key) = current_set(&v, &state, replica.epoch(), key, next_key)?;
+    let n = ids.len();
+    let params = c.pbft_params(n);
+    if replica.epoch() > 0 {
+        tracing::info!(epoch = replica.epoch(), validators = ?ids, "validator set of the current epoch");
+    }
 
     store.set_segment_bytes(c.storage.segment_bytes);
 
@@ -421,7 +431,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     if let Some(records) = join_records.filter(|_| n > 1 && c.consensus.snapshot_interval > 0) {
         node.start_joining(snapshot::JoinSetup {
             me: me_rid,
-            params: params.clone(),
+            params: genesis_params.clone(),
             auth: auth.clone(),
             wire,
             state: v.state_config(),
@@ -476,7 +486,10 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         pin(core_pin, "core");
         let r = core_loop(node, persist, storage_pin, cons, &outs, &bell, &sh);
         if let Err(e) = &r {
-            tracing::error!(error = %format!("{e:#}"), "core stopped");
+            match e.downcast_ref::<persistence::EpochSwitch>() {
+                Some(s) => tracing::info!(epoch = s.epoch, height = s.height, "core stopped to switch validator sets"),
+                None => tracing::error!(error = %format!("{e:#}"), "core stopped"),
+            }
             sh.stop.store(true, Ordering::SeqCst);
         }
         r
@@ -492,26 +505,63 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
 }
 
 /// The validator's signing key, checked against its configured public key.
-fn load_key(v: &Validated) -> anyhow::Result<crypto::SigningKey> {
+/// The validator's key, and the key it rotates to (`node.next_key_file`),
+/// if one is configured.
+fn load_keys(v: &Validated) -> anyhow::Result<(crypto::SigningKey, Option<crypto::SigningKey>)> {
     let c = &v.config;
     let strict_key_mode = c.node.environment == crate::runtime::config::Environment::Production;
     let key = crypto::read_key_file(&c.node.key_file, strict_key_mode).with_context(|| {
         format!("loading the validator key (node.key_file / CONTROL_SIGNING_KEY_PATH = {})", c.node.key_file.display())
     })?;
-    let me = crypto::public_key(&key);
-    match v.validators.get(&c.node.id) {
-        Some(k) if *k == me => {}
-        Some(k) => bail!(
-            "the key in {} has public key {}, but VALIDATOR_{}_PUBKEY_HEX is {}: point node.key_file at validator {}'s key or fix the public key",
+    let next = match &c.node.next_key_file {
+        Some(p) => Some(crypto::read_key_file(p, strict_key_mode).with_context(|| {
+            format!("loading the key to rotate to (node.next_key_file / CYBERMESH_NEXT_KEY_FILE = {})", p.display())
+        })?),
+        None => None,
+    };
+    Ok((key, next))
+}
+
+/// The validator set the chain names now (the genesis set until a set
+/// change took effect: `epoch` is the recovered replica's), in id order,
+/// and the key this validator signs with in it: its key, or the key it
+/// rotates to once the set names that one.
+fn current_set(
+    v: &Validated,
+    state: &crate::protocol::state::State,
+    epoch: u64,
+    key: crypto::SigningKey,
+    next: Option<crypto::SigningKey>,
+) -> anyhow::Result<(Vec<u32>, Vec<crypto::PublicKey>, crypto::SigningKey)> {
+    let c = &v.config;
+    let set = match state.epoch(epoch) {
+        Some(e) => e.validators,
+        None => v.validators.clone(),
+    };
+    let Some(&want) = set.get(&c.node.id) else {
+        return Err(crate::runtime::recovery::RemovedFromSet { epoch, height: state.height() }.into());
+    };
+    let key = match (crypto::public_key(&key) == want, next) {
+        (true, _) => key,
+        (false, Some(n)) if crypto::public_key(&n) == want => n,
+        (false, next) if epoch == 0 => bail!(
+            "the key in {} has public key {}{}, but VALIDATOR_{}_PUBKEY_HEX is {}: point node.key_file at validator {}'s key or fix the public key",
             c.node.key_file.display(),
-            hex::encode(me),
+            hex::encode(crypto::public_key(&key)),
+            next.map(|n| format!(" (node.next_key_file: {})", hex::encode(crypto::public_key(&n)))).unwrap_or_default(),
             c.node.id,
-            hex::encode(k),
+            hex::encode(want),
             c.node.id
         ),
-        None => bail!("validator {} has no public key configured", c.node.id),
-    }
-    Ok(key)
+        (false, next) => bail!(
+            "validator {}'s key in epoch {epoch} is {}, but node.key_file holds {}{}: point node.key_file (or node.next_key_file) at the key the set change named",
+            c.node.id,
+            hex::encode(want),
+            hex::encode(crypto::public_key(&key)),
+            next.map(|n| format!(" and node.next_key_file {}", hex::encode(crypto::public_key(&n)))).unwrap_or_default(),
+        ),
+    };
+    Ok((set.keys().copied().collect(), set.values().copied().collect(), key))
 }
 
 /// The DLQ writer thread: the Kafka DLQ topic, or `dlq.jsonl` for the
@@ -1314,8 +1364,11 @@ fn perform(
 ) -> anyhow::Result<bool> {
     let executed_ms = now_ms();
     let mut ready = Ready::from_outputs(out.drain(..));
+    let mut switched = None;
     for o in std::mem::take(&mut ready.effects) {
-        if persistence::is_persistence_effect(&o) {
+        if let Output::EpochSwitched { epoch, me } = o {
+            switched = Some((epoch, me));
+        } else if persistence::is_persistence_effect(&o) {
             if let Output::Evidence { .. } = o {
                 sh.stats.evidence.fetch_add(1, Ordering::Relaxed);
             }
@@ -1332,6 +1385,16 @@ fn perform(
         && ready.after_commits.is_empty();
     if !empty {
         queue(jobs, persistence::Job::Ready { ready, executed_ms })?;
+    }
+    // A new validator set: stop here (the storage thread makes the new
+    // epoch's log marker durable with everything queued before it) and
+    // start again on the set the state now names.
+    if let Some((epoch, me)) = switched {
+        let (e, height) = (epoch.epoch, epoch.from_height);
+        return Err(match me {
+            Some(_) => anyhow::Error::new(persistence::EpochSwitch { epoch: e, height }),
+            None => anyhow::Error::new(crate::runtime::recovery::RemovedFromSet { epoch: e, height }),
+        });
     }
     Ok(stable)
 }
@@ -1454,9 +1517,10 @@ fn publish_validators(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, a
     let scheduled = node.state().scheduled_epoch();
     let page = serde_json::json!({
         "epoch": current.as_ref().map_or(0, |e| e.epoch),
+        // The set orders the heights above this one (0: genesis).
+        "from_height": current.as_ref().map_or(0, |e| e.from_height),
         "validators": v,
-        // A change ordered and executed; the switch to it is not built yet
-        // (issue 21): consensus keeps the genesis set.
+        // A change ordered and executed: it takes effect above its switch height.
         "scheduled": scheduled.as_ref().map(|e| serde_json::json!({
             "epoch": e.epoch,
             "switch_height": e.from_height,
@@ -1472,7 +1536,7 @@ fn publish_validators(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, a
                 epoch = e.epoch,
                 switch_height = e.from_height,
                 validators = ?ids,
-                "validator set change scheduled (the switch itself is not built yet: the genesis set stays)"
+                "validator set change scheduled; it takes effect above the switch height"
             );
         }
         *announced = now;
@@ -1542,6 +1606,13 @@ pub fn run_blocking(config: Option<&std::path::Path>) -> anyhow::Result<()> {
             }
             Err(e) if e.downcast_ref::<persistence::RejoinRequired>().is_some() && !signal.load(Ordering::Relaxed) => {
                 tracing::info!("starting again to join from a snapshot");
+            }
+            Err(e) if e.downcast_ref::<persistence::EpochSwitch>().is_some() && !signal.load(Ordering::Relaxed) => {
+                tracing::info!("starting again on the new validator set");
+            }
+            Err(e) if e.downcast_ref::<crate::runtime::recovery::RemovedFromSet>().is_some() => {
+                tracing::warn!("{e:#}");
+                return Ok(());
             }
             Err(e) => return Err(e),
         }

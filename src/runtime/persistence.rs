@@ -546,6 +546,17 @@ pub struct RejoinRequired {
     pub moved_to: String,
 }
 
+/// A validator set change took effect at `height`: the consensus core stops
+/// (everything queued made durable, the new epoch's log marker with it) and
+/// the validator starts again on the new set (`run_blocking` does): the
+/// transport, the replica and the API then follow the set the state names.
+#[derive(Debug, thiserror::Error)]
+#[error("validator set epoch {epoch} took effect above height {height}; starting again on the new set")]
+pub struct EpochSwitch {
+    pub epoch: u64,
+    pub height: u64,
+}
+
 /// Moves the block store (segments, `blocks.base`) and the served snapshot
 /// of `dir` into `dir/behind-<height>/`, so the next start finds an empty
 /// store and joins from a peer's snapshot. The consensus log and the

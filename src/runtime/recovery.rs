@@ -26,6 +26,17 @@ use anyhow::{bail, Context};
 use std::path::Path;
 use std::sync::Arc;
 
+/// A validator set change removed this validator: it orders nothing more.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a validator set change (epoch {epoch}) removed this validator above height {height}: it takes no part in \
+     consensus any more; stop its service (its data dir keeps the chain up to there)"
+)]
+pub struct RemovedFromSet {
+    pub epoch: u64,
+    pub height: u64,
+}
+
 /// What a validator recovers from.
 pub struct Setup<'a, A> {
     pub disk: Arc<dyn Disk>,
@@ -140,8 +151,8 @@ pub fn recover<A: EpochAuth>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>> {
         (None, vec![], None)
     };
     replayed.context("recovering from the block store")?;
-    if let Some(h) = removed_at {
-        bail!("a validator set change removed this validator at height {h}: it takes no part in consensus any more");
+    if let Some(height) = removed_at {
+        return Err(RemovedFromSet { epoch: state.current_epoch().map_or(0, |e| e.epoch), height }.into());
     }
     let replica = replica.expect("present unless removed");
     let join_records = (store.height() == 0).then(|| records.clone());
