@@ -987,6 +987,18 @@ fn a_rotated_key_takes_effect_at_the_switch_height_under_load_and_nothing_is_los
         assert_eq!((page["epoch"].as_u64(), page["from_height"].as_u64()), (Some(1), Some(switch)), "{page}");
         assert_eq!(page["validators"][3]["public_key"], next_pub.as_str(), "{page}");
         assert!(page["scheduled"].is_null(), "{page}");
+        // The chain of epochs: the genesis set, then the rotated one with
+        // the change that made it (signed by three of the genesis set).
+        let epochs: serde_json::Value = serde_json::from_str(&http_get(addr, "/epochs").1).unwrap();
+        let e = epochs["epochs"].as_array().unwrap();
+        assert_eq!(e.len(), 2, "{epochs}");
+        assert_eq!((e[0]["from_height"].as_u64(), e[0]["change"].is_null()), (Some(0), true), "{epochs}");
+        assert_eq!(e[0]["validators"][3]["public_key"], old_pub.as_str(), "{epochs}");
+        assert_eq!((e[1]["epoch"].as_u64(), e[1]["from_height"].as_u64()), (Some(1), Some(switch)), "{epochs}");
+        assert_eq!(e[1]["validators"][3]["public_key"], next_pub.as_str(), "{epochs}");
+        let change = hex::decode(e[1]["change"].as_str().unwrap()).unwrap();
+        let rc = <cybermesh::proto::ReconfigurationPayload as prost::Message>::decode(&change[..]).unwrap();
+        assert_eq!(rc.signatures.len(), 3, "{rc:?}");
     }
 
     // The chain's txs by nonce, as validator 2 serves its blocks.

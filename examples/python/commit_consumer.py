@@ -39,7 +39,7 @@ def check(e, validators, quorum):
     c = e.certificate
     if c.height != e.height or c.block_hash != e.block_hash:
         return "certificate is for another block"
-    msg = commit_vote_bytes(c.view, c.height, c.value_digest)
+    msg = commit_vote_bytes(c.view, c.height, c.value_digest, c.epoch)
     signers = {s.public_key for s in c.signatures if s.public_key in validators and valid(s.public_key, s.signature, msg)}
     if len(signers) < quorum:
         return f"{len(signers)} valid commit signatures, {quorum} needed"

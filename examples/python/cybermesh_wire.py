@@ -59,9 +59,10 @@ def commit_signed_bytes(e) -> bytes:
     )
 
 
-def commit_vote_bytes(view: int, height: int, value_digest: bytes) -> bytes:
-    """What each commit-certificate signature covers."""
-    return b"pbft.commit" + struct.pack(">Q", view) + struct.pack(">Q", height) + value_digest
+def commit_vote_bytes(view: int, height: int, value_digest: bytes, epoch: int = 0) -> bytes:
+    """What each commit-certificate signature covers (a set change's epoch > 0 prefixes its domain)."""
+    vote = b"pbft.commit" + struct.pack(">Q", view) + struct.pack(">Q", height) + value_digest
+    return vote if epoch == 0 else b"cybermesh.epoch" + struct.pack(">Q", epoch) + vote
 
 
 def sha256(b: bytes) -> bytes:

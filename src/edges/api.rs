@@ -239,6 +239,10 @@ impl Api {
                 let none = || serde_json::json!({"epoch": 0, "validators": [], "scheduled": null});
                 json_response(200, v.map_or_else(none, |v| (*v).clone()))
             }
+            ("GET", "/epochs") => {
+                let v = self.stats.epochs_json.lock().expect("epochs lock").clone();
+                json_response(200, v.map_or_else(|| serde_json::json!({"epochs": []}), |v| (*v).clone()))
+            }
             ("GET", "/blocks") => self.blocks_page(url),
             ("GET", p) if p.starts_with("/state/") => self.state_lookup(&p["/state/".len()..]),
             ("GET", p) if p.starts_with("/blocks/") => self.block(&p["/blocks/".len()..]),

@@ -52,9 +52,10 @@ pub fn commit_event(
     block: &Block,
     cert: Option<&CommitCert>,
     outcome: Option<&proto::BlockOutcome>,
-    validators: &[PublicKey],
+    set: &EpochKeys,
     key: &SigningKey,
 ) -> proto::CommitEvent {
+    let (epoch, validators) = (set.epoch, &set.keys[..]);
     let refused: std::collections::BTreeSet<u32> =
         outcome.map(|o| o.rejected.iter().map(|r| r.index).collect()).unwrap_or_default();
     let ids = |kind: TxKind| -> Vec<Vec<u8>> {
@@ -73,6 +74,7 @@ pub fn commit_event(
         view: c.pre_prepare.body.view,
         block_hash: block_hash.to_vec(),
         value_digest: c.pre_prepare.body.digest.to_vec(),
+        epoch,
         signatures: c
             .commits
             .iter()
@@ -110,8 +112,18 @@ pub fn commit_vote_bytes(view: u64, height: u64, value_digest: &[u8]) -> Vec<u8>
     v
 }
 
+/// A validator set's keys in replica order, the epoch it is, and the
+/// height above which it orders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochKeys {
+    pub epoch: u64,
+    pub from_height: u64,
+    pub keys: Vec<PublicKey>,
+}
+
 /// What a consumer checks: the publisher's signature, and `q` distinct
-/// validators' commit votes for the height (`validators`: the set's keys).
+/// validators' commit votes for the height (`validators`: the keys of the
+/// set of the certificate's epoch; the publisher must be among them).
 pub fn verify_commit_event(e: &proto::CommitEvent, validators: &[PublicKey], q: usize) -> Result<(), String> {
     let pk: PublicKey = e.public_key.as_slice().try_into().map_err(|_| "public_key is not 32 bytes")?;
     if !validators.contains(&pk) {
@@ -125,7 +137,8 @@ pub fn verify_commit_event(e: &proto::CommitEvent, validators: &[PublicKey], q: 
     if c.height != e.height || c.block_hash != e.block_hash {
         return Err("certificate is for another block".into());
     }
-    let msg = commit_vote_bytes(c.view, c.height, &c.value_digest);
+    let msg = crate::protocol::consensus::pbft::in_epoch(c.epoch, &commit_vote_bytes(c.view, c.height, &c.value_digest))
+        .into_owned();
     let mut signers = std::collections::BTreeSet::new();
     for s in &c.signatures {
         let (Ok(k), Ok(sig)) =
@@ -223,7 +236,9 @@ pub struct HeightEvents {
 pub struct EventMaker {
     key: SigningKey,
     public: PublicKey,
-    validators: Vec<PublicKey>,
+    /// Every set of the chain so far, oldest first: each block's
+    /// certificate names the keys of its own epoch.
+    epochs: Vec<EpochKeys>,
     commits: std::sync::Arc<str>,
     reputation: std::sync::Arc<str>,
     policy: std::sync::Arc<str>,
@@ -234,16 +249,22 @@ pub struct EventMaker {
 }
 
 impl EventMaker {
+    /// The set that certified block `height` (the last one starting below it).
+    fn epoch_of(&self, height: u64) -> &EpochKeys {
+        self.epochs.iter().rev().find(|e| e.from_height < height || e.epoch == 0).expect("the genesis set")
+    }
+
     pub fn new(
         key: SigningKey,
-        validators: Vec<PublicKey>,
+        epochs: Vec<EpochKeys>,
         k: &crate::edges::kafka::KafkaConfig,
         validator_id: String,
     ) -> Self {
+        assert!(epochs.first().is_some_and(|e| e.epoch == 0), "the genesis set first");
         EventMaker {
             public: crypto::public_key(&key),
             key,
-            validators,
+            epochs,
             commits: k.commits_topic.as_str().into(),
             reputation: k.reputation_topic.as_str().into(),
             policy: k.policy_topic.as_str().into(),
@@ -286,7 +307,7 @@ impl EventMaker {
         let mut events = vec![Outgoing {
             topic: self.commits.clone(),
             key: height.to_string(),
-            payload: commit_event(block, cert, outcome, &self.validators, &self.key).encode_to_vec(),
+            payload: commit_event(block, cert, outcome, self.epoch_of(block.header.height), &self.key).encode_to_vec(),
             headers: vec![],
         }];
         let Some(outcome) = outcome else { return HeightEvents { height, events } };
@@ -561,7 +582,8 @@ mod tests {
                 rejected: 4,
             }],
         };
-        let maker = EventMaker::new(vkey.clone(), vec![crypto::public_key(&vkey)], &Default::default(), "1".into());
+        let set = EpochKeys { epoch: 0, from_height: 0, keys: vec![crypto::public_key(&vkey)] };
+        let maker = EventMaker::new(vkey.clone(), vec![set], &Default::default(), "1".into());
         let mut out = maker.for_block(&block, None, Some(&outcome));
         assert_eq!(out.height, 7);
         let topics: Vec<&str> = out.events.iter().map(|e| &*e.topic).collect();

@@ -71,6 +71,8 @@ pub struct RuntimeStats {
     /// The validator set as `/validators` shows it (refreshed every second
     /// by the core; the lock is taken once a second, not per tx).
     pub validators_json: Mutex<Option<Arc<serde_json::Value>>>,
+    /// Every validator set epoch as `/epochs` shows it (refreshed with it).
+    pub epochs_json: Mutex<Option<Arc<serde_json::Value>>>,
 }
 
 /// Latency histograms observed by the stages (milliseconds).

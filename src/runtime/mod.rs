@@ -268,6 +268,17 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let (ids, keys, key) = current_set(&v, &state, replica.epoch(), key, next_key)?;
     let n = ids.len();
     let params = c.pbft_params(n);
+    // Every set so far: commit events name the keys of each block's epoch.
+    let epochs: Vec<crate::edges::egress::EpochKeys> = (0..=replica.epoch())
+        .map(|e| match state.epoch(e) {
+            Some(e) => crate::edges::egress::EpochKeys {
+                epoch: e.epoch,
+                from_height: e.from_height,
+                keys: e.validators.values().copied().collect(),
+            },
+            None => crate::edges::egress::EpochKeys { epoch: 0, from_height: 0, keys: keys.clone() },
+        })
+        .collect();
     if replica.epoch() > 0 {
         tracing::info!(epoch = replica.epoch(), validators = ?ids, "validator set of the current epoch");
     }
@@ -346,7 +357,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         threads.push(start_kafka_source(c, tracker, &shared)?);
     }
     let (egress_feed, egress) = match from_kafka {
-        true => start_egress(c, &stop, &stats, &store, &key, &keys).map(|(f, h)| (Some(f), Some(h)))?,
+        true => start_egress(c, &stop, &stats, &store, &key, &epochs).map(|(f, h)| (Some(f), Some(h)))?,
         false => (None, None),
     };
 
@@ -889,7 +900,7 @@ fn start_egress(
     stats: &RuntimeStats,
     store: &BlockStore,
     key: &crypto::SigningKey,
-    keys: &[crypto::PublicKey],
+    epochs: &[crate::edges::egress::EpochKeys],
 ) -> anyhow::Result<(BlockFeed<crate::edges::egress::HeightEvents>, std::thread::JoinHandle<()>)> {
     let cursor_path = c.node.data_dir.join("commits.cursor");
     let cursor = crate::edges::egress::read_cursor(&cursor_path)
@@ -904,7 +915,7 @@ fn start_egress(
     })?;
     tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
     let next = (cursor + 1).max(store.lowest());
-    let events = crate::edges::egress::EventMaker::new(key.clone(), keys.to_vec(), &c.kafka, c.node.id.to_string());
+    let events = crate::edges::egress::EventMaker::new(key.clone(), epochs.to_vec(), &c.kafka, c.node.id.to_string());
     let make: MakeItem<_> = Box::new(move |b, cert, outcome| events.for_block(b, cert, outcome));
     Ok((BlockFeed::new(tx, next, make), handle))
 }
@@ -1528,6 +1539,21 @@ fn publish_validators(node: &Node<Ed25519Auth>, cons: &Consensus, sh: &Shared, a
         })),
     });
     *sh.stats.validators_json.lock().unwrap() = Some(Arc::new(page));
+    // The chain of epochs from genesis: each set with the change, signed by
+    // the set before, that made it (what a consumer checks certificates by).
+    let state = node.state();
+    let epochs: Vec<serde_json::Value> = (0..=current.as_ref().map_or(0, |e| e.epoch))
+        .filter_map(|e| state.epoch(e))
+        .map(|e| {
+            serde_json::json!({
+                "epoch": e.epoch,
+                "from_height": e.from_height,
+                "validators": set(&e),
+                "change": state.epoch_change(e.epoch).map(hex::encode),
+            })
+        })
+        .collect();
+    *sh.stats.epochs_json.lock().unwrap() = Some(Arc::new(serde_json::json!({ "epochs": epochs })));
     let now = scheduled.as_ref().map(|e| (e.epoch, e.from_height));
     if now != *announced {
         if let Some(e) = &scheduled {
