@@ -1071,3 +1071,126 @@ fn a_rotated_key_takes_effect_at_the_switch_height_under_load_and_nothing_is_los
         assert_no_evidence(v);
     }
 }
+
+/// A removal under load, five validators to four: validator 3 (in the
+/// middle of the id order, so the ids after it take other replica ids) is
+/// removed by a change signed by four of five. Above the switch height it
+/// orders nothing: it stops cleanly (exit 0, naming why), the other four
+/// go on as a set of four (quorum 3) and nothing sent is lost.
+#[test]
+fn a_removed_validator_stops_at_the_switch_and_four_go_on_under_load() {
+    use std::ffi::OsStr;
+    let c = Cluster::new(5, |cfg| {
+        cfg.api.enabled = true;
+        cfg.api.listen = "127.0.0.1:0".into();
+        cfg.block.max_txs = 10;
+    });
+    let dir = c.dir.path();
+    let (change, producer) = (dir.join("change.json"), dir.join("producer.pem"));
+    let s = OsStr::new;
+    let cli = |args: &[&OsStr]| cli(args, &[]);
+    let mut vs: Vec<Validator> = (0..5).map(|i| c.start(i)).collect();
+    for v in &vs {
+        wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
+    }
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+    let a: Vec<_> = (0..100).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
+    collect(&mut clients[0], &nonces(&a));
+
+    let cfg = |i: usize| c.net.nodes[i].config.as_os_str();
+    let (ok, out, err) = cli(&[
+        s("reconfig"),
+        s("propose"),
+        s("--config"),
+        cfg(0),
+        s("--epoch"),
+        s("0"),
+        s("--remove"),
+        s("3"),
+        s("--out"),
+        change.as_os_str(),
+    ]);
+    assert!(ok, "{out}{err}");
+    for i in [0, 1, 3, 4] {
+        let (ok, out, err) = cli(&[s("reconfig"), s("sign"), change.as_os_str(), s("--config"), cfg(i)]);
+        assert!(ok, "{out}{err}");
+    }
+    let direct = vs[0].addr.to_string();
+    let (ok, out, err) = cli(&[
+        s("reconfig"),
+        s("submit"),
+        change.as_os_str(),
+        s("--producer-key"),
+        producer.as_os_str(),
+        s("--direct"),
+        s(&direct),
+        s("--config"),
+        cfg(0),
+    ]);
+    assert!(ok, "{out}{err}");
+    let h: u64 = out.split("ordered in block ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
+    let switch = (h + 16).div_ceil(8) * 8;
+
+    let b: Vec<_> = (100..800).map(|i| anomaly(c.producer(), i)).collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &b);
+    // Validator 3 stops at the switch, cleanly.
+    let mut removed = vs.remove(2);
+    let e = wait_log(&removed, "this validator is not in the new set: it orders nothing more", std::time::Duration::from_secs(60));
+    assert_eq!(e["fields"]["height"].as_u64(), Some(switch), "{e}");
+    assert!(removed.child.wait().unwrap().success(), "a removed validator exits cleanly");
+    let mut apis = vec![];
+    for v in vs.iter_mut() {
+        let e = wait_log(v, "validator set change took effect", std::time::Duration::from_secs(60));
+        assert_eq!((e["fields"]["epoch"].as_u64(), e["fields"]["height"].as_u64()), (Some(1), Some(switch)), "{e}");
+        let e = wait_log(v, "HTTP API listening", std::time::Duration::from_secs(60));
+        apis.push(e["fields"]["addr"].as_str().unwrap().to_string());
+        let e = wait_log(v, "direct source listening", std::time::Duration::from_secs(60));
+        v.addr = e["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    }
+    for addr in &apis {
+        let page: serde_json::Value = serde_json::from_str(&http_get(addr, "/validators").1).unwrap();
+        let ids: Vec<u64> = page["validators"].as_array().unwrap().iter().map(|v| v["id"].as_u64().unwrap()).collect();
+        assert_eq!((page["epoch"].as_u64(), ids), (Some(1), vec![1, 2, 4, 5]), "{page}");
+    }
+
+    // What the switch cut off is sent again; new txs commit with four.
+    let block = |hh: u64| -> serde_json::Value {
+        serde_json::from_str(&http_get(&apis[0], &format!("/blocks/{hh}")).1).unwrap()
+    };
+    let top = || -> u64 {
+        serde_json::from_str::<serde_json::Value>(&http_get(&apis[0], "/blocks?limit=1").1).unwrap()["height"]
+            .as_u64()
+            .unwrap()
+    };
+    let committed = |to: u64| -> BTreeMap<String, u64> {
+        let mut seen = BTreeMap::new();
+        for hh in 1..=to {
+            for t in block(hh)["txs"].as_array().unwrap() {
+                *seen.entry(t["nonce"].as_str().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        seen
+    };
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+    let before = committed(top());
+    let d: Vec<_> = (800..900).map(|i| anomaly(c.producer(), i)).collect();
+    let cut_off: Vec<_> = b.iter().filter(|e| !before.contains_key(&hex::encode(e.nonce))).cloned().collect();
+    let again: Vec<_> = b.iter().chain(&d).cloned().collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &again);
+    collect(&mut clients[0], &nonces(&cut_off.iter().chain(&d).cloned().collect::<Vec<_>>()));
+    let top = top();
+    assert!(top > switch + 1, "the chain went on past the switch ({top})");
+    let seen = committed(top);
+    for e in a.iter().chain(&b).chain(&d) {
+        assert_eq!(seen.get(&hex::encode(e.nonce)), Some(&1), "tx {} committed once", hex::encode(e.nonce));
+    }
+    // Above the switch, certificates of four (quorum 3), none by validator 3.
+    for hh in switch + 1..=top {
+        let commits = block(hh)["certificate"]["commits"].as_array().unwrap().clone();
+        assert!(commits.len() >= 3 && commits.iter().all(|v| v["validator"] != 3), "block {hh}: {commits:?}");
+    }
+    for v in &vs {
+        assert_no_evidence(v);
+    }
+}

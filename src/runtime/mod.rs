@@ -268,6 +268,8 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let (ids, keys, key) = current_set(&v, &state, replica.epoch(), key, next_key)?;
     let n = ids.len();
     let params = c.pbft_params(n);
+    // Peers' messages are bounded by the current set.
+    let wire = wire_for(n);
     // Every set so far: commit events name the keys of each block's epoch.
     let epochs: Vec<crate::edges::egress::EpochKeys> = (0..=replica.epoch())
         .map(|e| match state.epoch(e) {
@@ -490,6 +492,10 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         state_queries: state_rx,
         compact_wanted,
     };
+    // `/validators` and `/epochs` answer from the start (then the core
+    // refreshes them each second).
+    let mut logged_by_core = node.state().scheduled_epoch().map(|e| (e.epoch, e.from_height));
+    publish_validators(&node, &cons, &shared, &mut logged_by_core);
     let (sh, outs, bell) = (shared.clone(), shard_out.clone(), core_bell.clone());
     let core_pin = c.runtime.pin_cores.then_some(c.runtime.core_core).flatten();
     let storage_pin = c.runtime.pin_cores.then_some(c.runtime.storage_core).flatten();
