@@ -1194,3 +1194,170 @@ fn a_removed_validator_stops_at_the_switch_and_four_go_on_under_load() {
         assert_no_evidence(v);
     }
 }
+
+/// The node ids' API and direct addresses once each has started again on
+/// a new set (it logs both as it starts).
+fn restarted(v: &mut Validator) -> String {
+    let e = wait_log(v, "HTTP API listening", std::time::Duration::from_secs(60));
+    let api = e["fields"]["addr"].as_str().unwrap().to_string();
+    let e = wait_log(v, "direct source listening", std::time::Duration::from_secs(60));
+    v.addr = e["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    api
+}
+
+/// 4 → 5 → 4 under load: validator 5 is configured as one a set change
+/// adds (not in the genesis set); an `add` change signed by three of four
+/// makes the set five above its switch height, and validator 5 joins from
+/// the first snapshot whose set names it, then orders with the others.
+/// A `remove` of validator 2 signed by four of five makes it four again:
+/// validator 2 stops cleanly, the rest go on. Every tx commits once.
+#[test]
+fn four_to_five_to_four_validators_under_load_loses_nothing() {
+    use std::ffi::OsStr;
+    let c = Cluster::new(5, |cfg| {
+        cfg.api.enabled = true;
+        cfg.api.listen = "127.0.0.1:0".into();
+        cfg.block.max_txs = 10;
+        cfg.consensus.snapshot_interval = 8;
+        // Genesis is validators 1-4; validator 5's address stays known.
+        cfg.cluster.nodes.retain(|&i| i != 5);
+        cfg.cluster.validators.remove("5");
+        cfg.node.added_by_set_change = cfg.node.id == 5;
+    });
+    let dir = c.dir.path();
+    let producer = dir.join("producer.pem");
+    let key5 = cybermesh::protocol::crypto::read_key_file(&dir.join("validator-5.pem"), false).unwrap();
+    let pub5 = hex::encode(cybermesh::protocol::crypto::public_key(&key5));
+    let s = OsStr::new;
+    let cli = |args: &[&OsStr]| cli(args, &[]);
+    let cfg = |i: usize| c.net.nodes[i].config.as_os_str();
+    let mut vs: Vec<Validator> = (0..4).map(|i| c.start(i)).collect();
+    for v in &vs {
+        wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
+    }
+    vs.push(c.start(4)); // waits for a snapshot naming it
+    let mut clients: Vec<Client> = vs[..4].iter().map(|v| v.connect()).collect();
+    let mut sent = vec![];
+    let mut load = |clients: &mut [Client], range: std::ops::Range<u64>| {
+        let evs: Vec<_> = range.map(|i| anomaly(c.producer(), i)).collect();
+        send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &evs);
+        sent.extend(evs.iter().cloned());
+        evs
+    };
+    let a = load(&mut clients, 0..100);
+    collect(&mut clients[0], &nonces(&a));
+
+    // A change file proposed, signed by `signers`, and sent to validator 1:
+    // the height that ordered it and the switch height it gives.
+    let change = |epoch: &str, arg: &str, value: &str, signers: &[usize], direct: String, name: &str| -> (u64, u64) {
+        let file = dir.join(name);
+        let (ok, out, err) = cli(&[
+            s("reconfig"),
+            s("propose"),
+            s("--config"),
+            cfg(0),
+            s("--epoch"),
+            s(epoch),
+            s(arg),
+            s(value),
+            s("--out"),
+            file.as_os_str(),
+        ]);
+        assert!(ok, "{out}{err}");
+        for &i in signers {
+            let (ok, out, err) = cli(&[s("reconfig"), s("sign"), file.as_os_str(), s("--config"), cfg(i)]);
+            assert!(ok, "{out}{err}");
+        }
+        let (ok, out, err) = cli(&[
+            s("reconfig"),
+            s("submit"),
+            file.as_os_str(),
+            s("--producer-key"),
+            producer.as_os_str(),
+            s("--direct"),
+            s(&direct),
+        ]);
+        assert!(ok, "{out}{err}");
+        let h: u64 = out.split("ordered in block ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
+        (h, (h + 16).div_ceil(8) * 8)
+    };
+
+    // 4 → 5.
+    let (_, switch1) = change("0", "--add", &format!("5:{pub5}"), &[0, 1, 2], vs[0].addr.to_string(), "add.json");
+    load(&mut clients, 100..500);
+    let mut apis = vec![];
+    for v in vs[..4].iter_mut() {
+        let e = wait_log(v, "validator set change took effect", std::time::Duration::from_secs(60));
+        assert_eq!((e["fields"]["epoch"].as_u64(), e["fields"]["height"].as_u64()), (Some(1), Some(switch1)), "{e}");
+        apis.push(restarted(v));
+    }
+    // More blocks, for a snapshot of the five to join from.
+    let mut clients: Vec<Client> = vs[..4].iter().map(|v| v.connect()).collect();
+    let b = load(&mut clients, 500..700);
+    collect(&mut clients[0], &nonces(&b));
+    let e = wait_log(&vs[4], "joined from a snapshot; catching up with the blocks above it", std::time::Duration::from_secs(60));
+    assert!(e["fields"]["height"].as_u64().unwrap() >= switch1, "{e}");
+    apis.push(restarted(&mut vs[4]));
+    let page: serde_json::Value = serde_json::from_str(&http_get(&apis[4], "/validators").1).unwrap();
+    let ids: Vec<u64> = page["validators"].as_array().unwrap().iter().map(|v| v["id"].as_u64().unwrap()).collect();
+    assert_eq!((page["epoch"].as_u64(), ids), (Some(1), vec![1, 2, 3, 4, 5]), "{page}");
+    // Validator 5 orders with the others: new txs sent to it alone commit.
+    let mut c5 = vs[4].connect();
+    let e5 = load(std::slice::from_mut(&mut c5), 700..760);
+    collect(&mut c5, &nonces(&e5));
+
+    // 5 → 4: validator 2 removed.
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+    let (_, switch2) = change("1", "--remove", "2", &[0, 2, 3, 4], vs[0].addr.to_string(), "remove.json");
+    load(&mut clients, 760..1200);
+    let mut removed = vs.remove(1);
+    wait_log(&removed, "this validator is not in the new set: it orders nothing more", std::time::Duration::from_secs(60));
+    assert!(removed.child.wait().unwrap().success(), "a removed validator exits cleanly");
+    let mut apis = vec![];
+    for v in vs.iter_mut() {
+        let e = wait_log(v, "validator set change took effect", std::time::Duration::from_secs(60));
+        assert_eq!((e["fields"]["epoch"].as_u64(), e["fields"]["height"].as_u64()), (Some(2), Some(switch2)), "{e}");
+        apis.push(restarted(v));
+    }
+
+    // Nothing lost: what the switches cut off is sent again, and the last
+    // txs commit with the four.
+    let block = |hh: u64| -> serde_json::Value {
+        serde_json::from_str(&http_get(&apis[0], &format!("/blocks/{hh}")).1).unwrap()
+    };
+    let top = || -> u64 {
+        serde_json::from_str::<serde_json::Value>(&http_get(&apis[0], "/blocks?limit=1").1).unwrap()["height"]
+            .as_u64()
+            .unwrap()
+    };
+    let committed = |to: u64| -> BTreeMap<String, u64> {
+        let mut seen = BTreeMap::new();
+        for hh in 1..=to {
+            for t in block(hh)["txs"].as_array().unwrap() {
+                *seen.entry(t["nonce"].as_str().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        seen
+    };
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+    let before = committed(top());
+    let last = load(&mut clients, 1200..1300);
+    let cut_off: Vec<_> = sent.iter().filter(|e| !before.contains_key(&hex::encode(e.nonce))).cloned().collect();
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &cut_off);
+    collect(&mut clients[0], &nonces(&cut_off));
+    let top = top();
+    let seen = committed(top);
+    for e in &sent {
+        assert_eq!(seen.get(&hex::encode(e.nonce)), Some(&1), "tx {} committed once", hex::encode(e.nonce));
+    }
+    assert!(last.iter().all(|e| seen.contains_key(&hex::encode(e.nonce))));
+    // Certificates: five signers possible between the switches, validator 2
+    // never above the second.
+    for hh in switch2 + 1..=top {
+        let commits = block(hh)["certificate"]["commits"].as_array().unwrap().clone();
+        assert!(commits.len() >= 3 && commits.iter().all(|v| v["validator"] != 2), "block {hh}: {commits:?}");
+    }
+    for v in &vs {
+        assert_no_evidence(v);
+    }
+}

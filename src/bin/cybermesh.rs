@@ -312,9 +312,20 @@ fn reconfig(cmd: ReconfigCmd) -> anyhow::Result<()> {
         ReconfigCmd::Sign { file, config } => {
             let v = Config::load(config.as_deref())?.validate()?;
             let mut f = ChangeFile::read(&file)?;
-            let (valid, q) = rc::sign(&mut f, &v)?;
+            let counted = rc::sign(&mut f, &v)?;
             f.write(&file)?;
-            println!("validator {} signed {}: {valid} of {q} signatures needed", v.config.node.id, file.display());
+            match counted {
+                Some((valid, q)) => {
+                    println!("validator {} signed {}: {valid} of {q} signatures needed", v.config.node.id, file.display())
+                }
+                None => println!(
+                    "validator {} signed {} ({} signatures; epoch {}'s set judges them: GET /epochs)",
+                    v.config.node.id,
+                    file.display(),
+                    f.signatures.len(),
+                    f.epoch
+                ),
+            }
             Ok(())
         }
         ReconfigCmd::Submit { file, producer_key, direct, kafka_topic, out_event, config, force, wait } => {

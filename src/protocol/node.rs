@@ -470,6 +470,9 @@ pub struct Node<A: Auth + Clone> {
 struct Joining<A> {
     join: Option<snapshot::Join>,
     setup: snapshot::JoinSetup<A>,
+    /// When a member-only join asks again after every peer's snapshot was
+    /// refused (not naming this validator yet).
+    again_at_ms: u64,
 }
 
 impl<A: EpochAuth> Node<A> {
@@ -564,6 +567,12 @@ impl<A: EpochAuth> Node<A> {
         let current = self.state.current_epoch().map_or(0, |e| e.epoch);
         assert!(current >= self.replica.epoch(), "the replica's epoch is ahead of the state's");
         self.switch_due = current > self.replica.epoch();
+        if self.switch_due {
+            // Built at the switch height (a snapshot there): the old set's
+            // replica orders nothing more before it hands over.
+            let executed = self.replica.executed();
+            self.replica.set_ceiling(executed);
+        }
         self
     }
 
@@ -627,7 +636,7 @@ impl<A: EpochAuth> Node<A> {
     /// to be had it starts from height 1.
     pub fn start_joining(&mut self, setup: snapshot::JoinSetup<A>) {
         assert_eq!(self.height(), 0, "only an empty validator joins");
-        self.joining = Some(Box::new(Joining { join: None, setup }));
+        self.joining = Some(Box::new(Joining { join: None, setup, again_at_ms: 0 }));
     }
 
     /// Takes part in the genesis ceremony first (`done`: a stored
@@ -737,6 +746,11 @@ impl<A: EpochAuth> Node<A> {
             JoinStep::Request(to, request) => {
                 out.push(Output::SnapshotRequest { to: to.map(|r| r as Rid), request });
             }
+            JoinStep::GiveUp if j.setup.member_only => {
+                tracing::info!("no snapshot names this validator yet (the set change has not taken effect); asking again");
+                j.join = None;
+                j.again_at_ms = now.mono_ms + j.setup.timeout_ms.clamp(1_000, 10_000);
+            }
             JoinStep::GiveUp => {
                 tracing::info!("no peer offered a snapshot; catching up from height 1");
                 self.joining = None;
@@ -754,6 +768,15 @@ impl<A: EpochAuth> Node<A> {
                         return;
                     }
                 };
+                if s.member_only {
+                    let current = v.state.current_epoch();
+                    let keys: Vec<PublicKey> = current.iter().flat_map(|e| e.validators.values().copied()).collect();
+                    if s.auth.for_epoch(current.map_or(0, |e| e.epoch), &keys).is_none() {
+                        tracing::info!(peer, height = v.header.height, "this snapshot's set does not name this validator yet; asking the others");
+                        j.join.as_mut().expect("a transfer completed").refuse(peer, now.mono_ms);
+                        return;
+                    }
+                }
                 let j = self.joining.take().expect("joining");
                 let height = v.header.height;
                 let (records, _) = crate::protocol::consensus::pbft::epoch_records(j.setup.records, v.replica.epoch());
@@ -765,8 +788,16 @@ impl<A: EpochAuth> Node<A> {
                 node.backlog = std::mem::take(&mut self.backlog);
                 node.genesis = self.genesis.take();
                 *self = node;
+                let epoch = self.replica.epoch();
                 out.push(Output::Joined { header: v.header, bytes: Arc::new(bytes) });
-                tracing::info!(height, peer, "joined from a snapshot; catching up with the blocks above it");
+                tracing::info!(height, peer, epoch, "joined from a snapshot; catching up with the blocks above it");
+                // Joined into a later set's epoch: the host follows it (its
+                // transport and ids were the genesis set's). At a switch
+                // height itself, the switch does this at the next tick.
+                if epoch > 0 && !self.switch_due {
+                    let current = self.state.epoch(epoch).expect("the state's current epoch");
+                    out.push(Output::EpochSwitched { epoch: current, me: Some(self.replica.id) });
+                }
             }
         }
     }
@@ -1613,7 +1644,7 @@ impl<A: EpochAuth> Node<A> {
                 return;
             }
         }
-        if let Some(j) = self.joining.as_mut() {
+        if let Some(j) = self.joining.as_mut().filter(|j| j.join.is_some() || now.mono_ms >= j.again_at_ms) {
             let (me, n) = (self.replica.id, self.cfg.validators.len());
             // The join's timeout runs from the end of genesis, however long that took.
             let join = j.join.get_or_insert_with(|| {
@@ -2005,7 +2036,7 @@ impl<A: EpochAuth> Node<A> {
             return g.poll_timeout_ms();
         }
         if let Some(j) = &self.joining {
-            return j.join.as_ref().map_or(0, |join| join.poll_timeout_ms());
+            return j.join.as_ref().map_or(j.again_at_ms, |join| join.poll_timeout_ms());
         }
         if self.switch_due {
             return 0; // due now
@@ -2866,6 +2897,7 @@ mod tests {
             reputation: rep,
             records: vec![],
             timeout_ms: 10_000,
+            member_only: false,
         };
         fresh.start_joining(setup);
         assert!(!fresh.started() && !fresh.has_room(), "consensus waits for the join");

@@ -315,6 +315,10 @@ pub struct JoinSetup<A> {
     pub records: Vec<crate::protocol::consensus::pbft::Record>,
     /// How long to wait for any peer to offer a snapshot.
     pub timeout_ms: u64,
+    /// This validator is not in the genesis set (a set change adds it):
+    /// only a snapshot whose current set names it will do, and it never
+    /// gives up to catch up from height 1 (it orders nothing before).
+    pub member_only: bool,
 }
 
 /// What the joining validator does next.
@@ -360,7 +364,7 @@ impl Join {
             source: None,
             retry_ms: 1000,
             next_retry: now,
-            give_up_at: now + timeout_ms,
+            give_up_at: now.saturating_add(timeout_ms),
         }
     }
 

@@ -61,6 +61,10 @@ pub struct NodeConfig {
     /// with it from the epoch whose set names it (a `rotate` set change),
     /// with `key_file` until then.
     pub next_key_file: Option<PathBuf>,
+    /// NODE_ADDED_BY_SET_CHANGE: this validator is not in the genesis set
+    /// (`cluster.nodes`); an `add` set change names it. It takes no part in
+    /// the genesis ceremony and waits for a snapshot whose set names it.
+    pub added_by_set_change: bool,
 }
 
 impl Default for NodeConfig {
@@ -71,6 +75,7 @@ impl Default for NodeConfig {
             data_dir: "./data".into(),
             key_file: "keys/validator.pem".into(),
             next_key_file: None,
+            added_by_set_change: false,
         }
     }
 }
@@ -600,6 +605,7 @@ pub const ENV_VARS: &[(&str, Setter)] = &[
     ("CYBERMESH_KEY_FILE", |c, v| Ok(c.node.key_file = v.into())),
     ("CONTROL_SIGNING_KEY_PATH", |c, v| Ok(c.node.key_file = v.into())),
     ("CYBERMESH_NEXT_KEY_FILE", |c, v| Ok(c.node.next_key_file = Some(v.into()))),
+    ("NODE_ADDED_BY_SET_CHANGE", |c, v| Ok(c.node.added_by_set_change = parse_bool(v)?)),
     ("CONSENSUS_NODES", |c, v| {
         c.cluster.nodes = parse_list(v).iter().map(|s| parse_num::<u32>(s)).collect::<Result<_, _>>()?;
         Ok(())
@@ -745,14 +751,8 @@ fn validate_p2p(c: &Config, e: &mut Vec<ConfigError>) -> (BTreeMap<u32, std::net
             ));
             continue;
         };
-        if !c.cluster.nodes.contains(&id) {
-            e.push(err(
-                "P2P_BOOTSTRAP_PEERS (cluster.peers)",
-                format!("{p:?}: validator {id} is not in CONSENSUS_NODES"),
-                "list only configured validators",
-            ));
-            continue;
-        }
+        // An id outside the genesis set is a validator a set change adds
+        // (its address, for when the chain names it).
         match addr.trim().to_socket_addrs().ok().and_then(|mut a| a.next()) {
             Some(a) => {
                 peers.insert(id, a);
@@ -1029,11 +1029,22 @@ fn validate_cluster(c: &Config, e: &mut Vec<ConfigError>) -> (BTreeMap<u32, cryp
             ));
         }
     }
-    if !c.cluster.nodes.is_empty() && !c.cluster.nodes.contains(&c.node.id) {
+    let in_genesis = c.cluster.nodes.contains(&c.node.id);
+    if !c.cluster.nodes.is_empty() && !in_genesis && !c.node.added_by_set_change {
         e.push(err(
             "NODE_ID (node.id)",
             format!("node id {} is not in CONSENSUS_NODES {:?}", c.node.id, c.cluster.nodes),
-            "set NODE_ID to one of the listed ids or add it to CONSENSUS_NODES",
+            "set NODE_ID to one of the listed ids or add it to CONSENSUS_NODES (or, for a validator a set change adds, set NODE_ADDED_BY_SET_CHANGE=true)",
+        ));
+    }
+    if c.node.added_by_set_change && (in_genesis || c.cluster.nodes.len() < 4) {
+        e.push(err(
+            "NODE_ADDED_BY_SET_CHANGE (node.added_by_set_change)",
+            match in_genesis {
+                true => format!("validator {} is in the genesis set CONSENSUS_NODES", c.node.id),
+                false => "a set change needs a genesis set of at least 4 validators".to_string(),
+            },
+            "set it only on a validator an `add` set change names, with the chain's genesis settings unchanged",
         ));
     }
     let mut validators = BTreeMap::new();

@@ -224,7 +224,10 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     // starts from it and follows the set changes the chain made.
     let genesis_ids: Vec<u32> = v.validators.keys().copied().collect();
     let genesis_keys: Vec<crypto::PublicKey> = v.validators.values().copied().collect();
-    let me_rid = genesis_ids.iter().position(|&i| i == c.node.id).expect("validated: node.id is a validator");
+    // A validator a set change adds has no genesis replica id: it takes
+    // none until a snapshot of a set naming it (it only joins before).
+    let added = c.node.added_by_set_change;
+    let me_rid = genesis_ids.iter().position(|&i| i == c.node.id).unwrap_or(0);
     let genesis_params = c.pbft_params(genesis_ids.len());
     let wire_for = |n: usize| WireLimits {
         n,
@@ -265,7 +268,12 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         reputation: rep_cfg,
     })?;
     // The set the chain names now, and this validator's key in it.
-    let (ids, keys, key) = current_set(&v, &state, replica.epoch(), key, next_key)?;
+    let waiting_to_join = added && store.height() == 0;
+    let (ids, keys, key) = match waiting_to_join {
+        // Not in any set yet: the genesis set's peers serve the snapshot.
+        true => (genesis_ids.clone(), genesis_keys.clone(), key),
+        false => current_set(&v, &state, replica.epoch(), key, next_key)?,
+    };
     let n = ids.len();
     let params = c.pbft_params(n);
     // Peers' messages are bounded by the current set.
@@ -287,7 +295,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
 
     store.set_segment_bytes(c.storage.segment_bytes);
 
-    let genesis = if n > 1 { Some(load_genesis(c, &v, key.clone())?) } else { None };
+    let genesis = if n > 1 && !added { Some(load_genesis(c, &v, key.clone())?) } else { None };
 
     let stats = Arc::new(RuntimeStats::default());
     stats.height.store(store.height(), Ordering::Relaxed);
@@ -451,6 +459,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             reputation: rep_cfg,
             records,
             timeout_ms: c.consensus.snapshot_join_timeout.as_millis() as u64,
+            member_only: added,
         });
     }
     let audit = open_audit(c, &store, n)?;

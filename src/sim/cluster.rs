@@ -656,6 +656,7 @@ impl Sim {
                 reputation: REPUTATION,
                 records,
                 timeout_ms: 3_000,
+                member_only: false,
             });
         }
         // What it serves: its newest snapshot, else the one it sits on (as
