@@ -106,7 +106,36 @@ pub fn recover<A: EpochAuth>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>> {
     // Which keys name proposers: the current epoch's set.
     let mut keys: Vec<PublicKey> = epoch_keys(&state).unwrap_or_else(|| s.keys.to_vec());
     let mut removed_at = None;
+    // Once the state made a new set current at the switch height the
+    // replica stands at, that set's replica orders what follows.
+    let mut switch = |replica: &mut Option<Replica<A>>,
+                      reputation: &mut Reputation,
+                      keys: &mut Vec<PublicKey>,
+                      state: &State,
+                      app: crate::Hash32|
+     -> anyhow::Result<()> {
+        let Some(r) = replica.as_ref() else { return Ok(()) };
+        let Some(next) = state.current_epoch().filter(|e| e.epoch > r.epoch()) else { return Ok(()) };
+        let prev = state.epoch(next.epoch - 1).context("the state keeps every epoch")?;
+        match crate::protocol::node::next_epoch(r, reputation, &prev, &next, app) {
+            Some((r, rep)) => {
+                *replica = Some(r);
+                *reputation = rep;
+            }
+            None => {
+                *replica = None;
+                removed_at = Some(next.from_height);
+            }
+        }
+        *keys = next.validators.values().copied().collect();
+        Ok(())
+    };
     let mut replayed = || -> anyhow::Result<()> {
+        // A snapshot at a switch height itself (the old set signed it).
+        if let Some(base) = store.base() {
+            let app = snapshot::app_digest(&base.hash(), &reputation);
+            switch(&mut replica, &mut reputation, &mut keys, &state, app)?;
+        }
         for h in store.base_height() + 1..=store.height() {
             let (b, cert) = store.read(h)?.ok_or_else(|| anyhow::anyhow!("block {h} is indexed but unreadable"))?;
             crate::protocol::node::replay(&mut state, &b).map_err(anyhow::Error::msg)?;
@@ -122,22 +151,7 @@ pub fn recover<A: EpochAuth>(s: Setup<'_, A>) -> anyhow::Result<Recovered<A>> {
             prev_view = b.header.view;
             let app = snapshot::app_digest(&b.hash(), &reputation);
             r.replay_executed(stored_cert(&b, cert, &s.wire)?, app);
-            // Block H made a new set current: its replica orders what follows.
-            let current = state.current_epoch().filter(|e| e.epoch > r.epoch());
-            if let Some(next) = current {
-                let prev = state.epoch(next.epoch - 1).context("the state keeps every epoch")?;
-                match crate::protocol::node::next_epoch(r, &reputation, &prev, &next, app) {
-                    Some((r, rep)) => {
-                        replica = Some(r);
-                        reputation = rep;
-                    }
-                    None => {
-                        replica = None;
-                        removed_at = Some(h);
-                    }
-                }
-                keys = next.validators.values().copied().collect();
-            }
+            switch(&mut replica, &mut reputation, &mut keys, &state, app)?;
         }
         Ok(())
     };
