@@ -891,6 +891,60 @@ fn a_set_change_signed_by_a_quorum_is_scheduled_on_every_validator_and_one_short
     drop(vs);
 }
 
+/// Block `h` as validator API `api` serves it.
+fn api_block(api: &str, h: u64) -> serde_json::Value {
+    serde_json::from_str(&http_get(api, &format!("/blocks/{h}")).1).unwrap()
+}
+
+/// The chain's height at validator API `api`.
+fn api_top(api: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(&http_get(api, "/blocks?limit=1").1).unwrap()["height"].as_u64().unwrap()
+}
+
+/// How many times each tx nonce (hex) is in blocks 1..=`to` at `api`.
+fn api_nonces(api: &str, to: u64) -> BTreeMap<String, u64> {
+    let mut seen = BTreeMap::new();
+    for h in 1..=to {
+        for t in api_block(api, h)["txs"].as_array().unwrap() {
+            *seen.entry(t["nonce"].as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    seen
+}
+
+/// A set change proposed with validator 1's config (`--epoch epoch`, then
+/// `change`: e.g. `["--remove", "3"]`), signed by the validators at
+/// `signers` (indexes), and submitted to the direct source at `direct`
+/// (checked first with validator 1's config if `check`): the height that
+/// ordered it, and the switch height it gives with the default checkpoint
+/// interval (8) and window (16).
+fn set_change(c: &Cluster, epoch: u64, change: &[&str], signers: &[usize], direct: &str, check: bool) -> (u64, u64) {
+    use std::ffi::OsStr;
+    let s = OsStr::new;
+    let file = c.dir.path().join(format!("change-{epoch}.json"));
+    let producer = c.dir.path().join("producer.pem");
+    let cfg = |i: usize| c.net.nodes[i].config.as_os_str();
+    let epoch = epoch.to_string();
+    let mut args = vec![s("reconfig"), s("propose"), s("--config"), cfg(0), s("--epoch"), s(&epoch)];
+    args.extend(change.iter().map(|a| s(a)));
+    args.extend([s("--out"), file.as_os_str()]);
+    let (ok, out, err) = cli(&args, &[]);
+    assert!(ok, "{out}{err}");
+    for &i in signers {
+        let (ok, out, err) = cli(&[s("reconfig"), s("sign"), file.as_os_str(), s("--config"), cfg(i)], &[]);
+        assert!(ok, "{out}{err}");
+    }
+    let mut args =
+        vec![s("reconfig"), s("submit"), file.as_os_str(), s("--producer-key"), producer.as_os_str(), s("--direct"), s(direct)];
+    if check {
+        args.extend([s("--config"), cfg(0)]);
+    }
+    let (ok, out, err) = cli(&args, &[]);
+    assert!(ok, "{out}{err}");
+    let h: u64 = out.split("ordered in block ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
+    (h, (h + 16).div_ceil(8) * 8)
+}
+
 /// A key rotation under load: validator 4 holds the key it rotates to; a
 /// `rotate` change signed by three of four is ordered at some height h and
 /// takes effect above the switch height H (the first checkpoint at least a
@@ -902,17 +956,13 @@ fn a_set_change_signed_by_a_quorum_is_scheduled_on_every_validator_and_one_short
 fn a_rotated_key_takes_effect_at_the_switch_height_under_load_and_nothing_is_lost() {
     use cybermesh::protocol::consensus::pbft::in_epoch;
     use cybermesh::protocol::crypto;
-    use std::ffi::OsStr;
     let c = Cluster::new(4, |cfg| {
         cfg.api.enabled = true;
         cfg.api.listen = "127.0.0.1:0".into();
         cfg.block.max_txs = 10; // many blocks: the load runs past the switch
     });
-    let dir = c.dir.path();
-    let (change, next, producer) = (dir.join("change.json"), dir.join("v4-next.pem"), dir.join("producer.pem"));
-    let s = OsStr::new;
-    let cli = |args: &[&OsStr]| cli(args, &[]);
-    let (ok, next_pub, err) = cli(&[s("keygen"), s("--out"), next.as_os_str()]);
+    let next = c.dir.path().join("v4-next.pem");
+    let (ok, next_pub, err) = cli(&[std::ffi::OsStr::new("keygen"), "--out".as_ref(), next.as_os_str()], &[]);
     assert!(ok, "{err}");
     let next_pub = next_pub.trim().to_string();
     let mut vs: Vec<Validator> = (0..3).map(|i| c.start(i)).collect();
@@ -922,8 +972,7 @@ fn a_rotated_key_takes_effect_at_the_switch_height_under_load_and_nothing_is_los
     for v in &vs {
         wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
     }
-    let apis: Vec<String> = vs.iter().map(api_addr).collect();
-    let page: serde_json::Value = serde_json::from_str(&http_get(&apis[0], "/validators").1).unwrap();
+    let page: serde_json::Value = serde_json::from_str(&http_get(&api_addr(&vs[0]), "/validators").1).unwrap();
     let old_pub = page["validators"][3]["public_key"].as_str().unwrap().to_string();
     let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
 
@@ -932,42 +981,9 @@ fn a_rotated_key_takes_effect_at_the_switch_height_under_load_and_nothing_is_los
     send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
     collect(&mut clients[0], &nonces(&a));
 
-    // The change, signed by validators 1, 2 and 3.
-    let cfg = |i: usize| c.net.nodes[i].config.as_os_str();
+    // The change, signed by validators 1, 2 and 3 (checked first).
     let rotate = format!("4:{next_pub}");
-    let (ok, out, err) = cli(&[
-        s("reconfig"),
-        s("propose"),
-        s("--config"),
-        cfg(0),
-        s("--epoch"),
-        s("0"),
-        s("--rotate"),
-        s(&rotate),
-        s("--out"),
-        change.as_os_str(),
-    ]);
-    assert!(ok, "{out}{err}");
-    for i in 0..3 {
-        let (ok, out, err) = cli(&[s("reconfig"), s("sign"), change.as_os_str(), s("--config"), cfg(i)]);
-        assert!(ok, "{out}{err}");
-    }
-    let direct = vs[0].addr.to_string();
-    let (ok, out, err) = cli(&[
-        s("reconfig"),
-        s("submit"),
-        change.as_os_str(),
-        s("--producer-key"),
-        producer.as_os_str(),
-        s("--direct"),
-        s(&direct),
-        s("--config"),
-        cfg(0),
-    ]);
-    assert!(ok, "{out}{err}");
-    let h: u64 = out.split("ordered in block ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
-    let (interval, window) = (8, 16); // CONSENSUS_CHECKPOINT_INTERVAL's and CONSENSUS_WINDOW's defaults
-    let switch = (h + window).div_ceil(interval) * interval;
+    let (_, switch) = set_change(&c, 0, &["--rotate", &rotate], &[0, 1, 2], &vs[0].addr.to_string(), true);
 
     // Load across the switch: each validator starts again on the new set
     // there (its direct connections close with it).
@@ -977,10 +993,7 @@ fn a_rotated_key_takes_effect_at_the_switch_height_under_load_and_nothing_is_los
     for v in vs.iter_mut() {
         let e = wait_log(v, "validator set change took effect", std::time::Duration::from_secs(60));
         assert_eq!((e["fields"]["epoch"].as_u64(), e["fields"]["height"].as_u64()), (Some(1), Some(switch)), "{e}");
-        let e = wait_log(v, "HTTP API listening", std::time::Duration::from_secs(60));
-        apis.push(e["fields"]["addr"].as_str().unwrap().to_string());
-        let e = wait_log(v, "direct source listening", std::time::Duration::from_secs(60));
-        v.addr = e["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        apis.push(restarted(v));
     }
     for addr in &apis {
         let page: serde_json::Value = serde_json::from_str(&http_get(addr, "/validators").1).unwrap();
@@ -1001,75 +1014,101 @@ fn a_rotated_key_takes_effect_at_the_switch_height_under_load_and_nothing_is_los
         assert_eq!(rc.signatures.len(), 3, "{rc:?}");
     }
 
-    // The chain's txs by nonce, as validator 2 serves its blocks.
-    let block = |hh: u64| -> serde_json::Value {
-        serde_json::from_str(&http_get(&apis[1], &format!("/blocks/{hh}")).1).unwrap()
-    };
-    let top = || -> u64 {
-        serde_json::from_str::<serde_json::Value>(&http_get(&apis[1], "/blocks?limit=1").1).unwrap()["height"]
-            .as_u64()
-            .unwrap()
-    };
-    let committed = |to: u64| -> BTreeMap<String, u64> {
-        let mut seen = BTreeMap::new();
-        for hh in 1..=to {
-            for t in block(hh)["txs"].as_array().unwrap() {
-                *seen.entry(t["nonce"].as_str().unwrap().to_string()).or_default() += 1;
-            }
-        }
-        seen
-    };
-
     // After: what the switch cut off (its mempools started again empty) is
     // sent again, as a client does on a closed connection (a repeat of a
     // committed tx is refused as such), and new txs commit.
-    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
-    let before = committed(top());
+    let api = &apis[0];
     let d: Vec<_> = (800..900).map(|i| anomaly(c.producer(), i)).collect();
-    let cut_off: Vec<_> = b.iter().filter(|e| !before.contains_key(&hex::encode(e.nonce))).cloned().collect();
-    eprintln!("switch above {switch}; {} of {} txs sent across it were cut off", cut_off.len(), b.len());
-    let again: Vec<_> = b.iter().chain(&d).cloned().collect();
-    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &again);
-    collect(&mut clients[0], &nonces(&cut_off.iter().chain(&d).cloned().collect::<Vec<_>>()));
-
-    // Every tx exactly once in the chain; each block certified by its
-    // epoch's keys: validator 4's old key up to the switch, its new key above.
-    let top = top();
+    let all: Vec<_> = a.iter().chain(&b).chain(&d).cloned().collect();
+    let top = resend_what_was_cut_off(&vs, api, &all);
     assert!(top > switch + 1, "the chain went on past the switch ({top})");
-    let seen = committed(top);
+
+    // Each block certified by its epoch's keys: validator 4's old key up
+    // to the switch, its new key above.
     let key = |hex_key: &str| -> crypto::PublicKey { hex::decode(hex_key).unwrap().try_into().unwrap() };
     let (old, new) = (key(&old_pub), key(&next_pub));
     for hh in 1..=top {
-        let blk = block(hh);
-        let cert = &blk["certificate"];
-        let epoch = u64::from(hh > switch);
+        let cert = api_block(api, hh)["certificate"].clone();
         let msg = cybermesh::edges::egress::commit_vote_bytes(
             cert["view"].as_u64().unwrap(),
             hh,
             &hex::decode(cert["value_digest"].as_str().unwrap()).unwrap(),
         );
-        let signed = in_epoch(epoch, &msg);
+        let signed = in_epoch(u64::from(hh > switch), &msg);
+        let commits = cert["commits"].as_array().unwrap();
         let by = |k: &crypto::PublicKey| {
-            cert["commits"].as_array().unwrap().iter().any(|v| {
+            commits.iter().any(|v| {
                 let sig: [u8; 64] = hex::decode(v["signature"].as_str().unwrap()).unwrap().try_into().unwrap();
                 v["validator"] == 4 && crypto::verify_one(k, &signed, &sig).is_ok()
             })
         };
+        assert!(commits.len() >= 3, "block {hh}: {} commits", commits.len());
         assert!(!by(if hh > switch { &old } else { &new }), "block {hh}: a commit by the wrong key of validator 4");
-        let commits = cert["commits"].as_array().unwrap().len();
-        assert!(commits >= 3, "block {hh}: {commits} commits");
         // Validator 4's commit, when the certificate carries one, is by its
         // key of that block's epoch.
-        if cert["commits"].as_array().unwrap().iter().any(|v| v["validator"] == 4) {
+        if commits.iter().any(|v| v["validator"] == 4) {
             assert!(by(if hh > switch { &new } else { &old }), "block {hh}: validator 4's commit does not verify");
         }
-    }
-    for e in a.iter().chain(&b).chain(&d) {
-        assert_eq!(seen.get(&hex::encode(e.nonce)), Some(&1), "tx {} committed once", hex::encode(e.nonce));
     }
     for v in &vs {
         assert_no_evidence(v);
     }
+}
+
+/// After a switch (validators started again, mempools empty): connects to
+/// each of `vs`, sends every tx of `sent` not in the chain (as a client does
+/// on a closed connection) and waits for them; returns the height then,
+/// with every tx of `sent` in the chain exactly once. `api` is `vs[0]`'s,
+/// whose commit stream is read: what it had not committed when the stream
+/// opened is in the stream.
+fn resend_what_was_cut_off(vs: &[Validator], api: &str, sent: &[cybermesh::protocol::event::Event]) -> u64 {
+    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
+    let before = api_nonces(api, api_top(api));
+    let cut_off: Vec<_> = sent.iter().filter(|e| !before.contains_key(&hex::encode(e.nonce))).cloned().collect();
+    eprintln!("{} of {} txs sent again", cut_off.len(), sent.len());
+    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &cut_off);
+    collect(&mut clients[0], &nonces(&cut_off));
+    let top = api_top(api);
+    let seen = api_nonces(api, top);
+    for e in sent {
+        assert_eq!(seen.get(&hex::encode(e.nonce)), Some(&1), "tx {} committed once", hex::encode(e.nonce));
+    }
+    top
+}
+
+/// The validator's API address once it has started again on a new set (it
+/// logs it as it starts), with its direct address updated.
+fn restarted(v: &mut Validator) -> String {
+    let e = wait_log(v, "HTTP API listening", std::time::Duration::from_secs(60));
+    let api = e["fields"]["addr"].as_str().unwrap().to_string();
+    let e = wait_log(v, "direct source listening", std::time::Duration::from_secs(60));
+    v.addr = e["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    api
+}
+
+/// Waits for validator `removed` to stop at `switch` (a change removed it),
+/// cleanly, and for each of `vs` to take epoch `epoch` there and start again;
+/// returns their API addresses.
+fn switched(removed: Option<Validator>, vs: &mut [Validator], epoch: u64, switch: u64) -> Vec<String> {
+    if let Some(mut r) = removed {
+        let e = wait_log(&r, "this validator is not in the new set: it orders nothing more", std::time::Duration::from_secs(60));
+        assert_eq!(e["fields"]["height"].as_u64(), Some(switch), "{e}");
+        assert!(r.child.wait().unwrap().success(), "a removed validator exits cleanly");
+    }
+    let mut apis = vec![];
+    for v in vs.iter_mut() {
+        let e = wait_log(v, "validator set change took effect", std::time::Duration::from_secs(60));
+        assert_eq!((e["fields"]["epoch"].as_u64(), e["fields"]["height"].as_u64()), (Some(epoch), Some(switch)), "{e}");
+        apis.push(restarted(v));
+    }
+    apis
+}
+
+/// The ids `/validators` at `api` lists, with its epoch.
+fn api_set(api: &str) -> (Option<u64>, Vec<u64>) {
+    let page: serde_json::Value = serde_json::from_str(&http_get(api, "/validators").1).unwrap();
+    let ids = page["validators"].as_array().unwrap().iter().map(|v| v["id"].as_u64().unwrap()).collect();
+    (page["epoch"].as_u64(), ids)
 }
 
 /// A removal under load, five validators to four: validator 3 (in the
@@ -1079,16 +1118,11 @@ fn a_rotated_key_takes_effect_at_the_switch_height_under_load_and_nothing_is_los
 /// go on as a set of four (quorum 3) and nothing sent is lost.
 #[test]
 fn a_removed_validator_stops_at_the_switch_and_four_go_on_under_load() {
-    use std::ffi::OsStr;
     let c = Cluster::new(5, |cfg| {
         cfg.api.enabled = true;
         cfg.api.listen = "127.0.0.1:0".into();
         cfg.block.max_txs = 10;
     });
-    let dir = c.dir.path();
-    let (change, producer) = (dir.join("change.json"), dir.join("producer.pem"));
-    let s = OsStr::new;
-    let cli = |args: &[&OsStr]| cli(args, &[]);
     let mut vs: Vec<Validator> = (0..5).map(|i| c.start(i)).collect();
     for v in &vs {
         wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
@@ -1098,111 +1132,28 @@ fn a_removed_validator_stops_at_the_switch_and_four_go_on_under_load() {
     send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &a);
     collect(&mut clients[0], &nonces(&a));
 
-    let cfg = |i: usize| c.net.nodes[i].config.as_os_str();
-    let (ok, out, err) = cli(&[
-        s("reconfig"),
-        s("propose"),
-        s("--config"),
-        cfg(0),
-        s("--epoch"),
-        s("0"),
-        s("--remove"),
-        s("3"),
-        s("--out"),
-        change.as_os_str(),
-    ]);
-    assert!(ok, "{out}{err}");
-    for i in [0, 1, 3, 4] {
-        let (ok, out, err) = cli(&[s("reconfig"), s("sign"), change.as_os_str(), s("--config"), cfg(i)]);
-        assert!(ok, "{out}{err}");
-    }
-    let direct = vs[0].addr.to_string();
-    let (ok, out, err) = cli(&[
-        s("reconfig"),
-        s("submit"),
-        change.as_os_str(),
-        s("--producer-key"),
-        producer.as_os_str(),
-        s("--direct"),
-        s(&direct),
-        s("--config"),
-        cfg(0),
-    ]);
-    assert!(ok, "{out}{err}");
-    let h: u64 = out.split("ordered in block ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
-    let switch = (h + 16).div_ceil(8) * 8;
-
+    let (_, switch) = set_change(&c, 0, &["--remove", "3"], &[0, 1, 3, 4], &vs[0].addr.to_string(), true);
     let b: Vec<_> = (100..800).map(|i| anomaly(c.producer(), i)).collect();
     send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &b);
-    // Validator 3 stops at the switch, cleanly.
-    let mut removed = vs.remove(2);
-    let e = wait_log(&removed, "this validator is not in the new set: it orders nothing more", std::time::Duration::from_secs(60));
-    assert_eq!(e["fields"]["height"].as_u64(), Some(switch), "{e}");
-    assert!(removed.child.wait().unwrap().success(), "a removed validator exits cleanly");
-    let mut apis = vec![];
-    for v in vs.iter_mut() {
-        let e = wait_log(v, "validator set change took effect", std::time::Duration::from_secs(60));
-        assert_eq!((e["fields"]["epoch"].as_u64(), e["fields"]["height"].as_u64()), (Some(1), Some(switch)), "{e}");
-        let e = wait_log(v, "HTTP API listening", std::time::Duration::from_secs(60));
-        apis.push(e["fields"]["addr"].as_str().unwrap().to_string());
-        let e = wait_log(v, "direct source listening", std::time::Duration::from_secs(60));
-        v.addr = e["fields"]["addr"].as_str().unwrap().parse().unwrap();
-    }
+    let removed = vs.remove(2);
+    let apis = switched(Some(removed), &mut vs, 1, switch);
     for addr in &apis {
-        let page: serde_json::Value = serde_json::from_str(&http_get(addr, "/validators").1).unwrap();
-        let ids: Vec<u64> = page["validators"].as_array().unwrap().iter().map(|v| v["id"].as_u64().unwrap()).collect();
-        assert_eq!((page["epoch"].as_u64(), ids), (Some(1), vec![1, 2, 4, 5]), "{page}");
+        assert_eq!(api_set(addr), (Some(1), vec![1, 2, 4, 5]));
     }
 
     // What the switch cut off is sent again; new txs commit with four.
-    let block = |hh: u64| -> serde_json::Value {
-        serde_json::from_str(&http_get(&apis[0], &format!("/blocks/{hh}")).1).unwrap()
-    };
-    let top = || -> u64 {
-        serde_json::from_str::<serde_json::Value>(&http_get(&apis[0], "/blocks?limit=1").1).unwrap()["height"]
-            .as_u64()
-            .unwrap()
-    };
-    let committed = |to: u64| -> BTreeMap<String, u64> {
-        let mut seen = BTreeMap::new();
-        for hh in 1..=to {
-            for t in block(hh)["txs"].as_array().unwrap() {
-                *seen.entry(t["nonce"].as_str().unwrap().to_string()).or_default() += 1;
-            }
-        }
-        seen
-    };
-    let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
-    let before = committed(top());
     let d: Vec<_> = (800..900).map(|i| anomaly(c.producer(), i)).collect();
-    let cut_off: Vec<_> = b.iter().filter(|e| !before.contains_key(&hex::encode(e.nonce))).cloned().collect();
-    let again: Vec<_> = b.iter().chain(&d).cloned().collect();
-    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &again);
-    collect(&mut clients[0], &nonces(&cut_off.iter().chain(&d).cloned().collect::<Vec<_>>()));
-    let top = top();
+    let all: Vec<_> = a.iter().chain(&b).chain(&d).cloned().collect();
+    let top = resend_what_was_cut_off(&vs, &apis[0], &all);
     assert!(top > switch + 1, "the chain went on past the switch ({top})");
-    let seen = committed(top);
-    for e in a.iter().chain(&b).chain(&d) {
-        assert_eq!(seen.get(&hex::encode(e.nonce)), Some(&1), "tx {} committed once", hex::encode(e.nonce));
-    }
     // Above the switch, certificates of four (quorum 3), none by validator 3.
     for hh in switch + 1..=top {
-        let commits = block(hh)["certificate"]["commits"].as_array().unwrap().clone();
+        let commits = api_block(&apis[0], hh)["certificate"]["commits"].as_array().unwrap().clone();
         assert!(commits.len() >= 3 && commits.iter().all(|v| v["validator"] != 3), "block {hh}: {commits:?}");
     }
     for v in &vs {
         assert_no_evidence(v);
     }
-}
-
-/// The node ids' API and direct addresses once each has started again on
-/// a new set (it logs both as it starts).
-fn restarted(v: &mut Validator) -> String {
-    let e = wait_log(v, "HTTP API listening", std::time::Duration::from_secs(60));
-    let api = e["fields"]["addr"].as_str().unwrap().to_string();
-    let e = wait_log(v, "direct source listening", std::time::Duration::from_secs(60));
-    v.addr = e["fields"]["addr"].as_str().unwrap().parse().unwrap();
-    api
 }
 
 /// 4 → 5 → 4 under load: validator 5 is configured as one a set change
@@ -1213,7 +1164,6 @@ fn restarted(v: &mut Validator) -> String {
 /// validator 2 stops cleanly, the rest go on. Every tx commits once.
 #[test]
 fn four_to_five_to_four_validators_under_load_loses_nothing() {
-    use std::ffi::OsStr;
     let c = Cluster::new(5, |cfg| {
         cfg.api.enabled = true;
         cfg.api.listen = "127.0.0.1:0".into();
@@ -1224,13 +1174,8 @@ fn four_to_five_to_four_validators_under_load_loses_nothing() {
         cfg.cluster.validators.remove("5");
         cfg.node.added_by_set_change = cfg.node.id == 5;
     });
-    let dir = c.dir.path();
-    let producer = dir.join("producer.pem");
-    let key5 = cybermesh::protocol::crypto::read_key_file(&dir.join("validator-5.pem"), false).unwrap();
+    let key5 = cybermesh::protocol::crypto::read_key_file(&c.dir.path().join("validator-5.pem"), false).unwrap();
     let pub5 = hex::encode(cybermesh::protocol::crypto::public_key(&key5));
-    let s = OsStr::new;
-    let cli = |args: &[&OsStr]| cli(args, &[]);
-    let cfg = |i: usize| c.net.nodes[i].config.as_os_str();
     let mut vs: Vec<Validator> = (0..4).map(|i| c.start(i)).collect();
     for v in &vs {
         wait_log(v, "genesis complete", std::time::Duration::from_secs(60));
@@ -1247,114 +1192,40 @@ fn four_to_five_to_four_validators_under_load_loses_nothing() {
     let a = load(&mut clients, 0..100);
     collect(&mut clients[0], &nonces(&a));
 
-    // A change file proposed, signed by `signers`, and sent to validator 1:
-    // the height that ordered it and the switch height it gives.
-    let change = |epoch: &str, arg: &str, value: &str, signers: &[usize], direct: String, name: &str| -> (u64, u64) {
-        let file = dir.join(name);
-        let (ok, out, err) = cli(&[
-            s("reconfig"),
-            s("propose"),
-            s("--config"),
-            cfg(0),
-            s("--epoch"),
-            s(epoch),
-            s(arg),
-            s(value),
-            s("--out"),
-            file.as_os_str(),
-        ]);
-        assert!(ok, "{out}{err}");
-        for &i in signers {
-            let (ok, out, err) = cli(&[s("reconfig"), s("sign"), file.as_os_str(), s("--config"), cfg(i)]);
-            assert!(ok, "{out}{err}");
-        }
-        let (ok, out, err) = cli(&[
-            s("reconfig"),
-            s("submit"),
-            file.as_os_str(),
-            s("--producer-key"),
-            producer.as_os_str(),
-            s("--direct"),
-            s(&direct),
-        ]);
-        assert!(ok, "{out}{err}");
-        let h: u64 = out.split("ordered in block ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
-        (h, (h + 16).div_ceil(8) * 8)
-    };
-
     // 4 → 5.
-    let (_, switch1) = change("0", "--add", &format!("5:{pub5}"), &[0, 1, 2], vs[0].addr.to_string(), "add.json");
+    let add = format!("5:{pub5}");
+    let (_, switch1) = set_change(&c, 0, &["--add", &add], &[0, 1, 2], &vs[0].addr.to_string(), true);
     load(&mut clients, 100..500);
-    let mut apis = vec![];
-    for v in vs[..4].iter_mut() {
-        let e = wait_log(v, "validator set change took effect", std::time::Duration::from_secs(60));
-        assert_eq!((e["fields"]["epoch"].as_u64(), e["fields"]["height"].as_u64()), (Some(1), Some(switch1)), "{e}");
-        apis.push(restarted(v));
-    }
+    switched(None, &mut vs[..4], 1, switch1);
     // More blocks, for a snapshot of the five to join from.
     let mut clients: Vec<Client> = vs[..4].iter().map(|v| v.connect()).collect();
     let b = load(&mut clients, 500..700);
     collect(&mut clients[0], &nonces(&b));
     let e = wait_log(&vs[4], "joined from a snapshot; catching up with the blocks above it", std::time::Duration::from_secs(60));
     assert!(e["fields"]["height"].as_u64().unwrap() >= switch1, "{e}");
-    apis.push(restarted(&mut vs[4]));
-    let page: serde_json::Value = serde_json::from_str(&http_get(&apis[4], "/validators").1).unwrap();
-    let ids: Vec<u64> = page["validators"].as_array().unwrap().iter().map(|v| v["id"].as_u64().unwrap()).collect();
-    assert_eq!((page["epoch"].as_u64(), ids), (Some(1), vec![1, 2, 3, 4, 5]), "{page}");
+    let api5 = restarted(&mut vs[4]);
+    assert_eq!(api_set(&api5), (Some(1), vec![1, 2, 3, 4, 5]));
     // Validator 5 orders with the others: new txs sent to it alone commit.
     let mut c5 = vs[4].connect();
     let e5 = load(std::slice::from_mut(&mut c5), 700..760);
     collect(&mut c5, &nonces(&e5));
 
-    // 5 → 4: validator 2 removed.
+    // 5 → 4: validator 2 removed (a change of epoch 1, judged against its set).
     let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
-    let (_, switch2) = change("1", "--remove", "2", &[0, 2, 3, 4], vs[0].addr.to_string(), "remove.json");
+    let (_, switch2) = set_change(&c, 1, &["--remove", "2"], &[0, 2, 3, 4], &vs[0].addr.to_string(), false);
     load(&mut clients, 760..1200);
-    let mut removed = vs.remove(1);
-    wait_log(&removed, "this validator is not in the new set: it orders nothing more", std::time::Duration::from_secs(60));
-    assert!(removed.child.wait().unwrap().success(), "a removed validator exits cleanly");
-    let mut apis = vec![];
-    for v in vs.iter_mut() {
-        let e = wait_log(v, "validator set change took effect", std::time::Duration::from_secs(60));
-        assert_eq!((e["fields"]["epoch"].as_u64(), e["fields"]["height"].as_u64()), (Some(2), Some(switch2)), "{e}");
-        apis.push(restarted(v));
-    }
+    let removed = vs.remove(1);
+    let apis = switched(Some(removed), &mut vs, 2, switch2);
+    assert_eq!(api_set(&apis[0]), (Some(2), vec![1, 3, 4, 5]));
 
     // Nothing lost: what the switches cut off is sent again, and the last
     // txs commit with the four.
-    let block = |hh: u64| -> serde_json::Value {
-        serde_json::from_str(&http_get(&apis[0], &format!("/blocks/{hh}")).1).unwrap()
-    };
-    let top = || -> u64 {
-        serde_json::from_str::<serde_json::Value>(&http_get(&apis[0], "/blocks?limit=1").1).unwrap()["height"]
-            .as_u64()
-            .unwrap()
-    };
-    let committed = |to: u64| -> BTreeMap<String, u64> {
-        let mut seen = BTreeMap::new();
-        for hh in 1..=to {
-            for t in block(hh)["txs"].as_array().unwrap() {
-                *seen.entry(t["nonce"].as_str().unwrap().to_string()).or_default() += 1;
-            }
-        }
-        seen
-    };
     let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
-    let before = committed(top());
-    let last = load(&mut clients, 1200..1300);
-    let cut_off: Vec<_> = sent.iter().filter(|e| !before.contains_key(&hex::encode(e.nonce))).cloned().collect();
-    send_all(&mut clients.iter_mut().collect::<Vec<_>>(), &cut_off);
-    collect(&mut clients[0], &nonces(&cut_off));
-    let top = top();
-    let seen = committed(top);
-    for e in &sent {
-        assert_eq!(seen.get(&hex::encode(e.nonce)), Some(&1), "tx {} committed once", hex::encode(e.nonce));
-    }
-    assert!(last.iter().all(|e| seen.contains_key(&hex::encode(e.nonce))));
-    // Certificates: five signers possible between the switches, validator 2
-    // never above the second.
+    load(&mut clients, 1200..1300);
+    let top = resend_what_was_cut_off(&vs, &apis[0], &sent);
+    // Validator 2 signs nothing above the second switch.
     for hh in switch2 + 1..=top {
-        let commits = block(hh)["certificate"]["commits"].as_array().unwrap().clone();
+        let commits = api_block(&apis[0], hh)["certificate"]["commits"].as_array().unwrap().clone();
         assert!(commits.len() >= 3 && commits.iter().all(|v| v["validator"] != 2), "block {hh}: {commits:?}");
     }
     for v in &vs {

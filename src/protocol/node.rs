@@ -749,7 +749,7 @@ impl<A: EpochAuth> Node<A> {
             JoinStep::GiveUp if j.setup.member_only => {
                 tracing::info!("no snapshot names this validator yet (the set change has not taken effect); asking again");
                 j.join = None;
-                j.again_at_ms = now.mono_ms + j.setup.timeout_ms.clamp(1_000, 10_000);
+                j.again_at_ms = now.mono_ms + 1_000;
             }
             JoinStep::GiveUp => {
                 tracing::info!("no peer offered a snapshot; catching up from height 1");
@@ -1649,7 +1649,10 @@ impl<A: EpochAuth> Node<A> {
             // The join's timeout runs from the end of genesis, however long that took.
             let join = j.join.get_or_insert_with(|| {
                 let peers = (0..n).filter(|&r| r != me).map(|r| r as u32);
-                snapshot::Join::new(peers, now.mono_ms, j.setup.timeout_ms)
+                // A member-only join asks round after round until a
+                // snapshot names it: a short round, a second apart.
+                let timeout_ms = if j.setup.member_only { j.setup.timeout_ms.min(3_000) } else { j.setup.timeout_ms };
+                snapshot::Join::new(peers, now.mono_ms, timeout_ms)
             });
             if let Some(step) = join.tick(now.mono_ms) {
                 self.join_step(now, step, out);
