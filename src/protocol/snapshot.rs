@@ -573,7 +573,10 @@ mod tests {
         fn arbitrary_snapshots_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
             let limits = WireLimits { n: 4, max_value_bytes: 1 << 20, window: 16 };
             let rep = ReputationConfig { floor: Some(0.7), quarantine: true };
-            let _ = verify(&bytes, 0, &Params::manual_defaults(4), AnySignature, &limits, StateConfig::default(), rep);
+            let genesis = (1..=4u32).map(|i| (i, [i as u8; 32])).collect();
+            let rules = reconfig::ChainRules { chain: [9; 32], genesis, checkpoint_interval: 8, window: 16 };
+            let state = StateConfig { chain: Some(std::sync::Arc::new(rules)), ..StateConfig::default() };
+            let _ = verify(&bytes, 0, &Params::manual_defaults(4), AnySignature, &limits, state, rep);
         }
     }
 
