@@ -451,9 +451,14 @@ pub struct Node<A: Auth + Clone> {
     /// Peers that said they pruned the blocks this validator fetched, with
     /// the lowest height each stores (at most one entry per peer).
     pruned_by: BTreeMap<Rid, u64>,
-    /// The switch height executed: the next tick hands over to the new
-    /// set's replica (`switch_epoch`).
+    /// The switch height executed: a tick hands over to the new set's
+    /// replica (`switch_epoch`) once the old set's checkpoint there is
+    /// stable (its proof completes the snapshot at H, which a validator the
+    /// change adds joins from), or a later epoch's validator was heard, or
+    /// at `switch_by_ms` at the latest (a checkpoint that never completes,
+    /// with peers gone ahead, does not hold this one back).
     switch_due: bool,
+    switch_by_ms: u64,
     /// Set once a change removed this validator: it orders nothing more.
     removed: bool,
     /// The consensus records the next epoch's replica wrote before a
@@ -549,6 +554,7 @@ impl<A: EpochAuth> Node<A> {
             joining: None,
             pruned_by: BTreeMap::new(),
             switch_due: false,
+            switch_by_ms: 0,
             removed: false,
             next_epoch_records: None,
             other_epoch_ms: vec![0; cfg.validators.len()],
@@ -793,8 +799,11 @@ impl<A: EpochAuth> Node<A> {
                 tracing::info!(height, peer, epoch, "joined from a snapshot; catching up with the blocks above it");
                 // Joined into a later set's epoch: the host follows it (its
                 // transport and ids were the genesis set's). At a switch
-                // height itself, the switch does this at the next tick.
-                if epoch > 0 && !self.switch_due {
+                // height itself, the old set's replica hands over at once
+                // (a validator the change adds has no place in the old set).
+                if self.switch_due {
+                    self.switch_epoch(now, out);
+                } else if epoch > 0 {
                     let current = self.state.epoch(epoch).expect("the state's current epoch");
                     out.push(Output::EpochSwitched { epoch: current, me: Some(self.replica.id) });
                 }
@@ -1071,8 +1080,11 @@ impl<A: EpochAuth> Node<A> {
         }
         let now_ms = self.enter(now);
         match msg {
-            Message::Fetch { from: asker, from_seq } => {
-                if asker == from && asker != self.replica.id {
+            // Answered to the connection's sender, whatever rid the message
+            // names: across a set change, its own set numbers it otherwise.
+            Message::Fetch { from: _, from_seq } => {
+                let asker = from;
+                if asker != self.replica.id {
                     out.push(Output::ServeFetch { to: asker, from_seq });
                     for c in self.replica.stable_proof_for(from_seq) {
                         self.actions.push(Action::Send(asker, Message::Checkpoint(c.clone())));
@@ -1151,6 +1163,10 @@ impl<A: EpochAuth> Node<A> {
         }
         *next_ms = now_ms + self.replica.params().retransmit_ms;
         let (mine, me) = (self.replica.executed(), self.replica.id);
+        if epoch > self.replica.epoch() && self.switch_due {
+            self.switch_by_ms = 0; // the others went ahead: no checkpoint to wait for
+            return;
+        }
         if epoch > self.replica.epoch() && executed > mine {
             self.actions.push(Action::Send(from, Message::Fetch { from: me, from_seq: mine + 1 }));
             self.step(now_ms, out);
@@ -1662,7 +1678,7 @@ impl<A: EpochAuth> Node<A> {
         if self.removed {
             return;
         }
-        if self.switch_due {
+        if self.switch_ready(now.mono_ms) {
             self.enter(now);
             self.switch_epoch(now, out);
             return;
@@ -2026,7 +2042,13 @@ impl<A: EpochAuth> Node<A> {
         out.push(Output::Commit { block, cert, receipts, outcome });
         if seq == self.replica.ceiling() {
             self.switch_due = true;
+            self.switch_by_ms = now_ms + 2 * self.replica.params().retransmit_ms;
         }
+    }
+
+    /// Whether the executed switch height hands over now (see `switch_due`).
+    fn switch_ready(&self, now_ms: u64) -> bool {
+        self.switch_due && (now_ms >= self.switch_by_ms || self.replica.stable_checkpoint().0 >= self.replica.ceiling())
     }
 
     /// When (monotonic ms) `on_tick` must next run, exactly: the replica's
@@ -2041,13 +2063,16 @@ impl<A: EpochAuth> Node<A> {
         if let Some(j) = &self.joining {
             return j.join.as_ref().map_or(j.again_at_ms, |join| join.poll_timeout_ms());
         }
-        if self.switch_due {
-            return 0; // due now
-        }
         if self.removed {
             return u64::MAX;
         }
+        if self.switch_ready(0) {
+            return 0; // due now
+        }
         let mut at_ms = self.replica.poll_timeout_ms();
+        if self.switch_due {
+            at_ms = at_ms.min(self.switch_by_ms);
+        }
         let unproposed_proofs = self.proofs.iter().any(|(_, proposed)| !proposed);
         if unproposed_proofs && self.replica.can_propose() && self.exec_queue.is_empty() {
             return 0; // due now

@@ -1543,14 +1543,34 @@ mod tests {
         c.cluster.allowed_ips = vec!["10.0.0.0/8".into(), "127.0.0.1".into(), "not-an-ip".into()];
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("\"3-127.0.0.1:8003\" is not id@host:port"), "{e}");
-        assert!(e.contains("validator 7 is not in CONSENSUS_NODES"), "{e}");
+        // 7 is outside the genesis set: a validator a set change may add.
+        assert!(!e.contains("7@"), "{e}");
         assert!(e.contains("no address for validator 4"), "{e}");
         assert!(e.contains("\"not-an-ip\" is not a CIDR"), "{e}");
         let mut c = good();
         c.cluster.allowed_ips = vec!["10.0.0.0/8".into(), "127.0.0.1".into()];
+        c.cluster.peers.push("7@127.0.0.1:8007".into());
         let v = c.validate().unwrap();
         assert_eq!(v.allowed_ips.len(), 2);
         assert!(v.allowed_ips[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
+        assert_eq!(v.peers.get(&7), Some(&"127.0.0.1:8007".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_validator_outside_the_genesis_set_says_a_set_change_adds_it() {
+        let mut c = good();
+        c.node.id = 9;
+        c.cluster.peers = (1..=4).map(|i| format!("{i}@127.0.0.1:800{i}")).collect();
+        assert_eq!(keys_of(c.clone().validate().unwrap_err()), vec!["NODE_ID (node.id)"]);
+        c.node.added_by_set_change = true;
+        let v = c.clone().validate().unwrap();
+        assert!(!v.validators.contains_key(&9), "the genesis set stays");
+        c.node.id = 1;
+        assert_eq!(
+            keys_of(c.validate().unwrap_err()),
+            vec!["NODE_ADDED_BY_SET_CHANGE (node.added_by_set_change)"],
+            "a genesis validator is not added"
+        );
     }
 
     #[test]

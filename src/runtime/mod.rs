@@ -254,6 +254,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         reputation,
         base_bytes,
         join_records,
+        next_epoch_records,
         ..
     } = crate::runtime::recovery::recover(crate::runtime::recovery::Setup {
         disk: crate::edges::storage::os(),
@@ -427,6 +428,9 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         tracing::info!(excluded = ?reputation.excluded(), "leaders excluded by reputation");
     }
     let mut node = Node::new(ncfg.clone(), replica, state, last, reputation, clocks());
+    if let Some((epoch, records)) = next_epoch_records {
+        node.hold_next_epoch_records(epoch, records);
+    }
     node.set_stopwatch(monotonic_ns);
     crate::runtime::recovery::remember_recent(&mut node, &store).context("reading the newest blocks' txs")?;
     let served = served_snapshot(c, &store, base_bytes);

@@ -176,6 +176,8 @@ pub struct Report {
     pub rejoins: u64,
     /// Validators that switched to a new set's replica (`Output::EpochSwitched`).
     pub epoch_switches: u64,
+    /// `Config::reconfig`: the kind of change the seed made (rotate, add, remove).
+    pub set_change: Option<&'static str>,
     /// A digest of every commit everywhere, in order (replays must match).
     pub trace: Hash32,
 }
@@ -221,6 +223,10 @@ struct Up {
     store: BlockStore,
     log: ConsensusLog,
     out: Vec<Output>,
+    /// The validator ids of its replica's set, in replica order: how its
+    /// replica ids map to validators (node index = id − 1), as the
+    /// runtime's `ids`.
+    ids: Vec<u32>,
 }
 
 struct Validator {
@@ -287,6 +293,15 @@ struct Sim {
     /// Every validator finished genesis once: the partition starts then
     /// (the ceremony needs all N; consensus under the partition is the test).
     genesis_all_done: bool,
+    /// `cfg.reconfig` with an `add`: the node (index N) outside the genesis
+    /// set that the change adds; it joins from a snapshot naming it.
+    added: Option<Rid>,
+    /// Validators a change removed (stopped at the switch, never restarted).
+    removed: Vec<Rid>,
+    /// `cfg.reconfig` with a `remove`: the validator it removes. Once any
+    /// validator switched, it is not owed a place at the end (one cut off
+    /// then never hears that it was removed: the set no longer talks to it).
+    leaving: Option<Rid>,
 }
 
 const GENESIS_FILE: &str = "genesis.json";
@@ -348,7 +363,8 @@ impl Sim {
             snapshot_interval: 8,
         };
         let params = params(n);
-        let wire = WireLimits { n, max_value_bytes: 1 << 20, window: params.window as usize };
+        // Records and certificates of a later, larger set decode too (as the runtime bounds them).
+        let wire = WireLimits { n: n + crate::protocol::reconfig::MAX_CHANGES, max_value_bytes: 1 << 20, window: params.window as usize };
         let start = 10_000;
         let txs: Vec<VerifiedTx> = (0..cfg.txs)
             .map(|i| {
@@ -381,7 +397,7 @@ impl Sim {
                 (at, to)
             })
             .collect();
-        let vals = (0..n)
+        let vals: Vec<Validator> = (0..n)
             .map(|i| Validator {
                 disk: SimDisk::new(seed.wrapping_mul(31).wrapping_add(i as u64), cfg.disk),
                 dir: PathBuf::from(format!("/v{i}")),
@@ -411,6 +427,10 @@ impl Sim {
         let mut state_cfg = StateConfig::default();
         let mut reconfigs = None;
         let mut next_keys: Vec<Option<[u8; 32]>> = vec![None; n];
+        let mut added = None;
+        let mut leaving = None;
+        let mut set_change = "";
+        let mut vals = vals;
         if cfg.reconfig {
             use crate::protocol::reconfig::{self, ChainRules, Change, ChangeKind, Reconfiguration};
             let chain = crate::sha256(format!("sim-chain-{seed}").as_bytes());
@@ -422,11 +442,50 @@ impl Sim {
             }));
             // Its own stream: the seed's other draws stay as they were.
             let mut r = StdRng::seed_from_u64(seed ^ 0x5e7c_4a9e);
-            // One validator's key rotates (it holds the new one already).
-            let rotated = r.gen_range(0..n);
+            // One change: a key rotated (its validator holds the new one
+            // already), a validator added (node N, outside genesis), or one
+            // removed (with 7: the Byzantine or damaged one if any, so the
+            // six left stay within f = 1).
             let new_key = crypto::public_key(&producer_key(seed ^ 0xadd));
-            next_keys[rotated] = Some(new_key);
-            let changes = vec![Change { kind: ChangeKind::Rotate, id: rotated as u32 + 1, key: new_key }];
+            let (kind, target) = match r.gen_range(0..3) {
+                0 => (ChangeKind::Rotate, r.gen_range(0..n)),
+                2 if n >= 7 => {
+                    let faulty = cfg.byzantine.or((cfg.wipes || cfg.bit_flips).then_some(flip_victim));
+                    (ChangeKind::Remove, faulty.unwrap_or_else(|| r.gen_range(0..n)))
+                }
+                _ => (ChangeKind::Add, n),
+            };
+            let key = match kind {
+                ChangeKind::Remove => [0; 32],
+                _ => new_key,
+            };
+            set_change = match kind {
+                ChangeKind::Rotate => "rotate",
+                ChangeKind::Add => "add",
+                ChangeKind::Remove => "remove",
+            };
+            match kind {
+                ChangeKind::Rotate => next_keys[target] = Some(new_key),
+                ChangeKind::Add => {
+                    added = Some(n);
+                    vals.push(Validator {
+                        disk: SimDisk::new(seed.wrapping_mul(31).wrapping_add(n as u64), cfg.disk),
+                        dir: PathBuf::from(format!("/v{n}")),
+                        up: None,
+                        restart_at_ms: 0,
+                        clock_offset_ms: 0,
+                        mono_zero_ms: 0,
+                        drift_ppm: 0,
+                        durable_height: 0,
+                        flipped: false,
+                        inbox: VecDeque::new(),
+                        started_once: false,
+                        served: None,
+                    });
+                }
+                ChangeKind::Remove => leaving = Some(target),
+            }
+            let changes = vec![Change { kind, id: target as u32 + 1, key }];
             let q = reconfig::fault_tolerance(n).1;
             let tx = |signers: usize, k: u64| {
                 let signatures = (0..signers)
@@ -444,7 +503,14 @@ impl Sim {
             };
             let (good, short) = (tx(q, r.gen_range(0..20)), tx(q - 1, r.gen_range(0..20)));
             let mut next = genesis_set.clone();
-            next.insert(rotated as u32 + 1, new_key);
+            match kind {
+                ChangeKind::Remove => {
+                    next.remove(&(target as u32 + 1));
+                }
+                _ => {
+                    next.insert(target as u32 + 1, new_key);
+                }
+            }
             let mut good_at = 0;
             for t in [&good, &short] {
                 let at = start + STEP_MS * r.gen_range(0..(cfg.heal_at_ms / STEP_MS).max(1));
@@ -477,8 +543,12 @@ impl Sim {
                 plan.push((at, (0..n).collect()));
             }
         }
+        let report = Report { set_change: reconfigs.as_ref().map(|_| set_change), ..Report::default() };
         Sim {
-            auths: (0..n).map(|i| SimAuth::keyed(seed, &validators, validators[i], next_keys[i])).collect(),
+            auths: (0..n)
+                .map(|i| SimAuth::keyed(seed, &validators, validators[i], next_keys[i]))
+                .chain(added.map(|_| SimAuth::keyed(seed, &validators, crypto::public_key(&producer_key(seed ^ 0xadd)), None)))
+                .collect(),
             cfg,
             rng,
             now_ms: start,
@@ -496,7 +566,7 @@ impl Sim {
             plan,
             state_cfg,
             reconfigs,
-            report: Report::default(),
+            report,
             trace: Vec::new(),
             stranger,
             flip_victim,
@@ -504,6 +574,9 @@ impl Sim {
             genesis_keys,
             genesis_set,
             genesis_all_done: false,
+            added,
+            removed: vec![],
+            leaving,
         }
     }
 
@@ -522,11 +595,17 @@ impl Sim {
 
     /// Starts validator `i` from its disk through the real recovery.
     fn start(&mut self, i: Rid) {
+        // A validator a change adds has no genesis replica id (the runtime
+        // gives it a placeholder too: it only joins until a set names it).
+        let (added, me) = match Some(i) == self.added {
+            true => (true, 0),
+            false => (false, i),
+        };
         let v = &mut self.vals[i];
         let setup = |disk: &SimDisk| Setup {
             disk: Arc::new(disk.clone()),
             dir: &v.dir,
-            me: i,
+            me,
             params: self.params.clone(),
             auth: self.auths[i].clone(),
             keys: &self.ncfg.validators,
@@ -575,7 +654,7 @@ impl Sim {
                 panic!("validator {i} cannot recover: {e:#} (files: {sizes:?})")
             }
         };
-        let Recovered { mut store, log, replica, state, reputation, base_bytes, join_records, .. } = r;
+        let Recovered { mut store, log, replica, state, reputation, base_bytes, join_records, next_epoch_records, .. } = r;
         store.set_segment_bytes(self.cfg.segment_bytes);
         // Blocks kept at or below the base (not pruned yet) are the chain's.
         for h in store.lowest()..=store.base_height().min(store.height()) {
@@ -626,7 +705,7 @@ impl Sim {
         }
         v.durable_height = store.height();
         v.flipped = false;
-        if cert.is_none() && v.started_once {
+        if cert.is_none() && v.started_once && !added {
             self.report.genesis_reruns += 1;
         }
         if self.debug {
@@ -644,11 +723,14 @@ impl Sim {
         let now = self.local(i);
         let v = &mut self.vals[i];
         let mut node = Node::new(self.ncfg.clone(), replica, state, last, reputation, now);
+        if let Some((epoch, records)) = next_epoch_records {
+            node.hold_next_epoch_records(epoch, records);
+        }
         recovery::remember_recent(&mut node, &store).expect("blocks read at recovery read again");
         if let Some(records) = join_records {
             self.report.joins += 1;
             node.start_joining(crate::protocol::snapshot::JoinSetup {
-                me: i,
+                me,
                 params: self.params.clone(),
                 auth: self.auths[i].clone(),
                 wire: self.wire,
@@ -656,7 +738,7 @@ impl Sim {
                 reputation: REPUTATION,
                 records,
                 timeout_ms: 3_000,
-                member_only: false,
+                member_only: added,
             });
         }
         // What it serves: its newest snapshot, else the one it sits on (as
@@ -669,9 +751,12 @@ impl Sim {
             Err(_) => None,
         }
         .or_else(|| base_bytes.map(|b| (store.base_height(), Arc::new(b))));
-        let ceremony = Ceremony::new(i as u32 + 1, CONFIG_HASH, self.genesis_set.clone(), 60_000);
-        node.start_genesis(Genesis::new(ceremony, self.genesis_keys[i].clone(), cert.is_some(), 2_000, 10_000, now));
-        v.up = Some(Up { node, store, log: log.expect("n > 1"), out: Vec::new() });
+        if !added {
+            let ceremony = Ceremony::new(i as u32 + 1, CONFIG_HASH, self.genesis_set.clone(), 60_000);
+            node.start_genesis(Genesis::new(ceremony, self.genesis_keys[i].clone(), cert.is_some(), 2_000, 10_000, now));
+        }
+        let ids = set_ids(node.state(), node.replica().epoch(), self.cfg.n);
+        v.up = Some(Up { node, store, log: log.expect("n > 1"), out: Vec::new(), ids });
         // The source redelivers what it sent before (Kafka resumes from its
         // committed offsets; the node drops repeats of committed txs).
         v.inbox.clear();
@@ -750,10 +835,20 @@ impl Sim {
         }
     }
 
+    /// Sends `msg` from node `from` to its replica id `to` (None: every
+    /// other validator of its set), as the runtime maps replica ids to
+    /// validator ids; genesis attestations name node indexes (validator
+    /// id − 1) and go to every genesis validator.
     fn send(&mut self, from: Rid, to: Option<Rid>, msg: Msg) {
-        let targets: Vec<Rid> = match to {
-            Some(t) => vec![t],
-            None => (0..self.cfg.n).filter(|&j| j != from).collect(),
+        let ids: Vec<u32> = match (&msg, self.vals[from].up.as_ref()) {
+            (Msg::Genesis(_), _) | (_, None) => (1..=self.cfg.n as u32).collect(),
+            (_, Some(up)) => up.ids.clone(),
+        };
+        let node = |id: u32| id as Rid - 1;
+        let targets: Vec<Rid> = match (to, &msg) {
+            (Some(t), Msg::Genesis(_)) => vec![t],
+            (Some(t), _) => ids.get(t).map(|&id| node(id)).into_iter().collect(),
+            (None, _) => ids.iter().map(|&id| node(id)).filter(|&j| j != from).collect(),
         };
         for to in targets {
             let healed = self.healed();
@@ -785,6 +880,7 @@ impl Sim {
         let mut sends = vec![];
         let mut failed: Option<String> = None;
         let mut rejoin: Option<(u64, u64)> = None;
+        let mut removed = false;
         for o in ready.effects {
             match o {
                 Output::Persist(_) | Output::Send(..) | Output::Broadcast(_) | Output::Commit { .. } => {
@@ -923,12 +1019,17 @@ impl Sim {
                     v.served = Some((h, bytes));
                 }
                 Output::Reject(_) | Output::Evidence { .. } => {}
-                // A rotation keeps every id and replica id.
+                // Its replica ids follow the new set (ids in order).
                 Output::EpochSwitched { epoch, me } => {
-                    assert_eq!(me, Some(i), "validator {i}: its replica id in epoch {}", epoch.epoch);
+                    let at = epoch.validators.keys().position(|&id| id == i as u32 + 1);
+                    assert_eq!(me, at, "validator {i}: its replica id in epoch {}", epoch.epoch);
                     self.report.epoch_switches += 1;
                     if self.debug {
                         eprintln!("{} validator {i} switched to epoch {} at {}", self.now_ms, epoch.epoch, epoch.from_height);
+                    }
+                    up.ids = epoch.validators.keys().copied().collect();
+                    if me.is_none() {
+                        removed = true;
                     }
                 }
                 Output::ViewChanged { view, primary, .. } => {
@@ -938,9 +1039,10 @@ impl Sim {
                 // Only a faulty validator's signatures can prove misbehaviour.
                 // A wiped one forgot what it signed: it may sign again.
                 Output::Quarantined { validator, height } => {
+                    let node = up.ids.get(validator).map(|&id| id as Rid - 1);
                     assert!(
-                        Some(validator) == self.cfg.byzantine || (self.cfg.wipes && validator == self.flip_victim),
-                        "validator {i} quarantined {validator} at {height}"
+                        node == self.cfg.byzantine || (self.cfg.wipes && node == Some(self.flip_victim)),
+                        "validator {i} quarantined {validator} (node {node:?}) at {height}"
                     );
                     self.report.quarantines += 1;
                 }
@@ -951,6 +1053,13 @@ impl Sim {
         }
         if let Some((height, lowest)) = rejoin {
             return self.rejoin(i, height, lowest);
+        }
+        // A change removed it: it stops (its operator's service ends).
+        if removed {
+            self.removed.push(i);
+            self.vals[i].up = None;
+            self.vals[i].restart_at_ms = u64::MAX;
+            return;
         }
         if failed.is_none() {
             if let Err(e) = up.log.append(&records) {
@@ -1158,6 +1267,14 @@ impl Sim {
     fn deliver(&mut self, p: Packet) {
         let now = self.local(p.to);
         let Some(up) = self.vals[p.to].up.as_mut() else { return };
+        // The sender's replica id here: a validator outside this one's set
+        // is not heard (the runtime's transport refuses its key).
+        let from = match &p.msg {
+            Msg::Genesis(_) => Some(p.from),
+            _ => up.ids.iter().position(|&id| id as Rid == p.from + 1),
+        };
+        let Some(from) = from else { return };
+        let p = Packet { from, ..p };
         self.report.delivered += 1;
         let out = &mut up.out;
         // Each phase's inputs go to the node in any phase: it drops what its
@@ -1229,7 +1346,10 @@ impl Sim {
             }
         }
         // Restarts, and crashes at any step before the heal.
-        for i in 0..self.cfg.n {
+        for i in 0..self.vals.len() {
+            if self.removed.contains(&i) {
+                continue;
+            }
             if self.vals[i].up.is_none() && self.now_ms >= self.vals[i].restart_at_ms {
                 self.start(i);
             } else if self.cfg.crashes && !healed && self.rng.gen_bool(0.002) {
@@ -1246,7 +1366,7 @@ impl Sim {
                 }
             }
         }
-        for i in 0..self.cfg.n {
+        for i in 0..self.vals.len() {
             let now = self.local(i);
             let v = &mut self.vals[i];
             let Some(up) = v.up.as_mut() else { continue };
@@ -1280,15 +1400,22 @@ impl Sim {
         }
     }
 
+    /// The validators that must end level with the chain: all but the
+    /// Byzantine one and those a change removed (an added one included).
     fn honest(&self) -> impl Iterator<Item = Rid> + '_ {
-        (0..self.cfg.n).filter(|&i| Some(i) != self.cfg.byzantine)
+        (0..self.vals.len()).filter(|&i| Some(i) != self.cfg.byzantine && !self.gone(i))
+    }
+
+    /// Removed by a change that took effect (see `leaving`).
+    fn gone(&self, i: Rid) -> bool {
+        self.removed.contains(&i) || (self.leaving == Some(i) && self.report.epoch_switches > 0)
     }
 
     /// Every tx committed, and every honest validator at the chain's height.
     /// Whether tx `k` must commit: it reached an honest validator (one
     /// that only the Byzantine validator received may be dropped by it).
     fn owed(&self, k: usize) -> bool {
-        self.plan[k].1.iter().any(|&i| Some(i) != self.cfg.byzantine)
+        self.plan[k].1.iter().any(|&i| Some(i) != self.cfg.byzantine && !self.gone(i))
     }
 
     fn is_committed(&self, k: usize) -> bool {
@@ -1302,10 +1429,16 @@ impl Sim {
     }
 }
 
+/// The ids of the set of `epoch` in replica order (the genesis set, ids
+/// 1..=n, on a chain without set changes).
+fn set_ids(state: &crate::protocol::state::State, epoch: u64, n: usize) -> Vec<u32> {
+    state.epoch(epoch).map_or_else(|| (1..=n as u32).collect(), |e| e.validators.keys().copied().collect())
+}
+
 /// Runs one seed; panics (naming the seed) on a broken invariant.
 pub fn run(seed: u64, cfg: &Config) -> Report {
     let mut sim = Sim::new(seed, cfg.clone());
-    for i in 0..cfg.n {
+    for i in 0..sim.vals.len() {
         sim.start(i);
     }
     let end = 10_000 + cfg.heal_at_ms + RUN_AFTER_HEAL_MS;
@@ -1396,7 +1529,7 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
             assert_eq!((state.current_epoch(), state.scheduled_epoch()), (Some(want), None), "{replay}");
             assert_eq!((up.node.replica().epoch(), up.node.replica().base()), (1, switch), "{replay}");
             let new_set = up.node.replica().auth().clone();
-            let q = up.node.replica().params().q();
+            let (q_old, q_new) = (sim.params.q(), up.node.replica().params().q());
             for h in up.store.lowest().max(up.store.base_height() + 1)..=up.store.height() {
                 let (b, cert) = up.store.read(h).unwrap().expect("stored");
                 let cert = recovery::stored_cert(&b, cert, &sim.wire).unwrap();
@@ -1408,8 +1541,14 @@ pub fn run(seed: u64, cfg: &Config) -> Report {
                 };
                 let (by_old, by_new) = (votes(&sim.auths[i]), votes(&new_set));
                 match h <= switch {
-                    true => assert!(by_old >= q && by_new == 0, "{replay}: block {h} certified by {by_old} old, {by_new} new"),
-                    false => assert!(by_new >= q && by_old == 0, "{replay}: block {h} certified by {by_old} old, {by_new} new"),
+                    true => assert!(
+                        by_old >= q_old && by_new == 0,
+                        "{replay}: block {h} certified by {by_old} old, {by_new} new"
+                    ),
+                    false => assert!(
+                        by_new >= q_new && by_old == 0,
+                        "{replay}: block {h} certified by {by_old} old, {by_new} new"
+                    ),
                 }
             }
         }
@@ -1547,6 +1686,7 @@ mod tests {
         let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
         let (from, seeds) = (env("SIM_RECONFIG_FROM", 5_000), env("SIM_RECONFIG_SEEDS", 300));
         let (mut switched, mut switches) = (0, 0);
+        let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
         // Seeds that found bugs first: a snapshot kept as the store's base
         // at a switch height itself (recovery switched only after a block).
         for seed in [15_858] {
@@ -1560,8 +1700,10 @@ mod tests {
             let r = run(seed, &cfg);
             switched += u64::from(r.epoch_switches > 0);
             switches += r.epoch_switches;
+            *kinds.entry(r.set_change.expect("a reconfig seed")).or_default() += 1;
         }
-        eprintln!("{switched} of {seeds} seeds reached the switch height ({switches} switches)");
+        eprintln!("{switched} of {seeds} seeds reached the switch height ({switches} switches; changes {kinds:?})");
+        assert_eq!(kinds.len(), 3, "every kind of change made: {kinds:?}");
         assert!(switched * 10 >= seeds * 9, "{switched} of {seeds} seeds switched: the run proves little");
     }
 
