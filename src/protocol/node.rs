@@ -41,6 +41,11 @@ use crate::Hash32;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+/// Retransmit intervals a validator waits, after executing a switch
+/// height, for the old set's checkpoint there to become stable before it
+/// hands over without it (see `Node::switch_due`).
+const SWITCH_WAIT_RETRANSMITS: u64 = 10;
+
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub builder: BuilderConfig,
@@ -454,9 +459,10 @@ pub struct Node<A: Auth + Clone> {
     /// The switch height executed: a tick hands over to the new set's
     /// replica (`switch_epoch`) once the old set's checkpoint there is
     /// stable (its proof completes the snapshot at H, which a validator the
-    /// change adds joins from), or a later epoch's validator was heard, or
-    /// at `switch_by_ms` at the latest (a checkpoint that never completes,
-    /// with peers gone ahead, does not hold this one back).
+    /// change adds joins from), or at `switch_by_ms` at the latest (a
+    /// checkpoint that never completes, with peers gone ahead, does not
+    /// hold this one back). A peer's word that it switched does not cut the
+    /// wait short: a Byzantine one could then deny the snapshot at H.
     switch_due: bool,
     switch_by_ms: u64,
     /// Set once a change removed this validator: it orders nothing more.
@@ -1163,10 +1169,6 @@ impl<A: EpochAuth> Node<A> {
         }
         *next_ms = now_ms + self.replica.params().retransmit_ms;
         let (mine, me) = (self.replica.executed(), self.replica.id);
-        if epoch > self.replica.epoch() && self.switch_due {
-            self.switch_by_ms = 0; // the others went ahead: no checkpoint to wait for
-            return;
-        }
         if epoch > self.replica.epoch() && executed > mine {
             self.actions.push(Action::Send(from, Message::Fetch { from: me, from_seq: mine + 1 }));
             self.step(now_ms, out);
@@ -2042,7 +2044,9 @@ impl<A: EpochAuth> Node<A> {
         out.push(Output::Commit { block, cert, receipts, outcome });
         if seq == self.replica.ceiling() {
             self.switch_due = true;
-            self.switch_by_ms = now_ms + 2 * self.replica.params().retransmit_ms;
+            // The replica retransmits its checkpoint each interval: a few
+            // intervals ride out lost ones.
+            self.switch_by_ms = now_ms + SWITCH_WAIT_RETRANSMITS * self.replica.params().retransmit_ms;
         }
     }
 
