@@ -1223,10 +1223,20 @@ fn four_to_five_to_four_validators_under_load_loses_nothing() {
     let mut clients: Vec<Client> = vs.iter().map(|v| v.connect()).collect();
     load(&mut clients, 1200..1300);
     let top = resend_what_was_cut_off(&vs, &apis[0], &sent);
-    // Validator 2 signs nothing above the second switch.
-    for hh in switch2 + 1..=top {
-        let commits = api_block(&apis[0], hh)["certificate"]["commits"].as_array().unwrap().clone();
-        assert!(commits.len() >= 3 && commits.iter().all(|v| v["validator"] != 2), "block {hh}: {commits:?}");
+    // Each certificate names its epoch and that set's signers: validator 5
+    // none before the first switch, validator 2 none after the second.
+    for hh in 1..=top {
+        let cert = api_block(&apis[0], hh)["certificate"].clone();
+        let epoch = u64::from(hh > switch1) + u64::from(hh > switch2);
+        let signers: Vec<u64> =
+            cert["commits"].as_array().unwrap().iter().map(|v| v["validator"].as_u64().unwrap()).collect();
+        let (set, quorum): (&[u64], usize) = match epoch {
+            0 => (&[1, 2, 3, 4], 3),
+            1 => (&[1, 2, 3, 4, 5], 4),
+            _ => (&[1, 3, 4, 5], 3),
+        };
+        assert_eq!(cert["epoch"].as_u64(), Some(epoch), "block {hh}: {cert}");
+        assert!(signers.len() >= quorum && signers.iter().all(|v| set.contains(v)), "block {hh}: {signers:?}");
     }
     for v in &vs {
         assert_no_evidence(v);

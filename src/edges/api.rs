@@ -39,6 +39,10 @@ pub struct StaticInfo {
     pub quorum: usize,
     /// Validator ids in replica order (certificate signers are replica indexes).
     pub ids: Vec<u32>,
+    /// Every validator set epoch so far: (epoch, the height above which it
+    /// orders, its ids in replica order), oldest first; a block's signers
+    /// are named by its own epoch's ids. Empty: `ids` for every block.
+    pub epochs: Vec<(u64, u64, Vec<u32>)>,
     /// More blocks behind the cluster than this (the PBFT window: beyond
     /// it a validator cannot vote in the current rounds) is not ready.
     pub ready_lag_blocks: u64,
@@ -87,8 +91,15 @@ fn header_json(b: &crate::protocol::block::Block) -> serde_json::Value {
 fn block_json(
     b: &crate::protocol::block::Block,
     cert: Option<&crate::proto::PbftCommitCert>,
-    ids: &[u32],
+    info: &StaticInfo,
 ) -> serde_json::Value {
+    let height = b.header.height;
+    let (epoch, ids) = info
+        .epochs
+        .iter()
+        .rev()
+        .find(|(e, from, _)| *from < height || *e == 0)
+        .map_or((0, &info.ids[..]), |(e, _, ids)| (*e, &ids[..]));
     let mut v = header_json(b);
     v["txs"] = b
         .txs
@@ -109,6 +120,7 @@ fn block_json(
         Some(c) => serde_json::json!({
             "view": c.pre_prepare.as_ref().map_or(0, |p| p.view),
             "value_digest": hex::encode(c.pre_prepare.as_ref().map(|p| p.digest.clone()).unwrap_or_default()),
+            "epoch": epoch,
             "commits": c.commits.iter().map(|v| serde_json::json!({
                 "validator": ids.get(v.from as usize).copied(),
                 "signature": hex::encode(&v.sig),
@@ -378,7 +390,7 @@ impl Api {
                 r.forget_below(s.lowest_stored.load(Ordering::Acquire));
                 r.read(h)
             }) {
-                Some(Ok(Some((b, cert)))) => json_response(200, block_json(&b, cert.as_ref(), &self.info.ids)),
+                Some(Ok(Some((b, cert)))) => json_response(200, block_json(&b, cert.as_ref(), &self.info)),
                 Some(Ok(None)) | None => {
                     json_response(404, serde_json::json!({"error": format!("block {h} is not stored here")}))
                 }
@@ -512,7 +524,14 @@ mod tests {
     use super::*;
 
     fn api(stats: Arc<RuntimeStats>) -> Api {
-        let info = StaticInfo { validator: 1, validators: 4, quorum: 3, ids: vec![1, 2, 3, 4], ready_lag_blocks: 8 };
+        let info = StaticInfo {
+            validator: 1,
+            validators: 4,
+            quorum: 3,
+            ids: vec![1, 2, 3, 4],
+            epochs: vec![],
+            ready_lag_blocks: 8,
+        };
         let (tx, _rx) = std::sync::mpsc::sync_channel(1);
         let latencies = Latencies::default();
         Api::new(info, stats, &latencies, None, tx).unwrap()
@@ -569,7 +588,14 @@ mod tests {
         let stats = Arc::new(RuntimeStats::default());
         stats.height.store(9, Ordering::Relaxed);
         stats.lowest_stored.store(store.lowest(), Ordering::Relaxed);
-        let info = StaticInfo { validator: 1, validators: 4, quorum: 3, ids: vec![1, 2, 3, 4], ready_lag_blocks: 8 };
+        let info = StaticInfo {
+            validator: 1,
+            validators: 4,
+            quorum: 3,
+            ids: vec![1, 2, 3, 4],
+            epochs: vec![],
+            ready_lag_blocks: 8,
+        };
         let (tx, _rx) = std::sync::mpsc::sync_channel(1);
         let mut api = Api::new(info, stats, &Latencies::default(), Some(reader), tx).unwrap();
         let get = |api: &mut Api, path: &str| {

@@ -290,6 +290,11 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             None => crate::edges::egress::EpochKeys { epoch: 0, from_height: 0, keys: keys.clone() },
         })
         .collect();
+    // The same sets by id, for the API's certificate signers.
+    let epoch_ids: Vec<(u64, u64, Vec<u32>)> = (0..=replica.epoch())
+        .filter_map(|e| state.epoch(e))
+        .map(|e| (e.epoch, e.from_height, e.validators.keys().copied().collect()))
+        .collect();
     if replica.epoch() > 0 {
         tracing::info!(epoch = replica.epoch(), validators = ?ids, "validator set of the current epoch");
     }
@@ -385,6 +390,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             validators: n,
             quorum: params.q(),
             ids: ids.clone(),
+            epochs: epoch_ids,
             ready_lag_blocks: params.window,
         };
         threads.push(start_api(c, info, &stats, &stop, state_tx.clone())?);
