@@ -934,8 +934,15 @@ fn set_change(c: &Cluster, epoch: u64, change: &[&str], signers: &[usize], direc
         let (ok, out, err) = cli(&[s("reconfig"), s("sign"), file.as_os_str(), s("--config"), cfg(i)], &[]);
         assert!(ok, "{out}{err}");
     }
-    let mut args =
-        vec![s("reconfig"), s("submit"), file.as_os_str(), s("--producer-key"), producer.as_os_str(), s("--direct"), s(direct)];
+    let mut args = vec![
+        s("reconfig"),
+        s("submit"),
+        file.as_os_str(),
+        s("--producer-key"),
+        producer.as_os_str(),
+        s("--direct"),
+        s(direct),
+    ];
     if check {
         args.extend([s("--config"), cfg(0)]);
     }
@@ -1091,7 +1098,11 @@ fn restarted(v: &mut Validator) -> String {
 /// returns their API addresses.
 fn switched(removed: Option<Validator>, vs: &mut [Validator], epoch: u64, switch: u64) -> Vec<String> {
     if let Some(mut r) = removed {
-        let e = wait_log(&r, "this validator is not in the new set: it orders nothing more", std::time::Duration::from_secs(60));
+        let e = wait_log(
+            &r,
+            "this validator is not in the new set: it orders nothing more",
+            std::time::Duration::from_secs(60),
+        );
         assert_eq!(e["fields"]["height"].as_u64(), Some(switch), "{e}");
         assert!(r.child.wait().unwrap().success(), "a removed validator exits cleanly");
     }
@@ -1201,7 +1212,11 @@ fn four_to_five_to_four_validators_under_load_loses_nothing() {
     let mut clients: Vec<Client> = vs[..4].iter().map(|v| v.connect()).collect();
     let b = load(&mut clients, 500..700);
     collect(&mut clients[0], &nonces(&b));
-    let e = wait_log(&vs[4], "joined from a snapshot; catching up with the blocks above it", std::time::Duration::from_secs(60));
+    let e = wait_log(
+        &vs[4],
+        "joined from a snapshot; catching up with the blocks above it",
+        std::time::Duration::from_secs(60),
+    );
     assert!(e["fields"]["height"].as_u64().unwrap() >= switch1, "{e}");
     let api5 = restarted(&mut vs[4]);
     assert_eq!(api_set(&api5), (Some(1), vec![1, 2, 3, 4, 5]));

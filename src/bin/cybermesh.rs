@@ -316,7 +316,11 @@ fn reconfig(cmd: ReconfigCmd) -> anyhow::Result<()> {
             f.write(&file)?;
             match counted {
                 Some((valid, q)) => {
-                    println!("validator {} signed {}: {valid} of {q} signatures needed", v.config.node.id, file.display())
+                    println!(
+                        "validator {} signed {}: {valid} of {q} signatures needed",
+                        v.config.node.id,
+                        file.display()
+                    )
                 }
                 None => println!(
                     "validator {} signed {} ({} signatures; epoch {}'s set judges them: GET /epochs)",

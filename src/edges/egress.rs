@@ -137,8 +137,9 @@ pub fn verify_commit_event(e: &proto::CommitEvent, validators: &[PublicKey], q: 
     if c.height != e.height || c.block_hash != e.block_hash {
         return Err("certificate is for another block".into());
     }
-    let msg = crate::protocol::consensus::pbft::in_epoch(c.epoch, &commit_vote_bytes(c.view, c.height, &c.value_digest))
-        .into_owned();
+    let msg =
+        crate::protocol::consensus::pbft::in_epoch(c.epoch, &commit_vote_bytes(c.view, c.height, &c.value_digest))
+            .into_owned();
     let mut signers = std::collections::BTreeSet::new();
     for s in &c.signatures {
         let (Ok(k), Ok(sig)) =
@@ -235,10 +236,12 @@ pub struct HeightEvents {
 /// Makes a block's signed events (the validator's key, the topics).
 pub struct EventMaker {
     key: SigningKey,
-    public: PublicKey,
     /// Every set of the chain so far, oldest first: each block's
     /// certificate names the keys of its own epoch.
     epochs: Vec<EpochKeys>,
+    /// Keys this validator held in earlier epochs and still holds (before
+    /// a rotation: `node.key_file` while `next_key_file` signs).
+    older: Vec<SigningKey>,
     commits: std::sync::Arc<str>,
     reputation: std::sync::Arc<str>,
     policy: std::sync::Arc<str>,
@@ -254,6 +257,14 @@ impl EventMaker {
         self.epochs.iter().rev().find(|e| e.from_height < height || e.epoch == 0).expect("the genesis set")
     }
 
+    /// The same, also holding `keys` (this validator's keys of earlier
+    /// epochs: blocks of those are signed with them).
+    pub fn with_older_keys(mut self, keys: Vec<SigningKey>) -> Self {
+        let current = crypto::public_key(&self.key);
+        self.older = keys.into_iter().filter(|k| crypto::public_key(k) != current).collect();
+        self
+    }
+
     pub fn new(
         key: SigningKey,
         epochs: Vec<EpochKeys>,
@@ -262,9 +273,9 @@ impl EventMaker {
     ) -> Self {
         assert!(epochs.first().is_some_and(|e| e.epoch == 0), "the genesis set first");
         EventMaker {
-            public: crypto::public_key(&key),
             key,
             epochs,
+            older: vec![],
             commits: k.commits_topic.as_str().into(),
             reputation: k.reputation_topic.as_str().into(),
             policy: k.policy_topic.as_str().into(),
@@ -304,14 +315,20 @@ impl EventMaker {
         use prost::Message as _;
         let h = &block.header;
         let (height, ts) = (h.height, h.timestamp_ms);
+        let set = self.epoch_of(height);
+        // Signed with this validator's key of the block's epoch when it holds
+        // it (a block before a rotation, published after it), so a consumer
+        // finds the publisher in that epoch's set.
+        let key = self.older.iter().find(|k| set.keys.contains(&crypto::public_key(k))).unwrap_or(&self.key);
+        let public = crypto::public_key(key);
         let mut events = vec![Outgoing {
             topic: self.commits.clone(),
             key: height.to_string(),
-            payload: commit_event(block, cert, outcome, self.epoch_of(block.header.height), &self.key).encode_to_vec(),
+            payload: commit_event(block, cert, outcome, set, key).encode_to_vec(),
             headers: vec![],
         }];
         let Some(outcome) = outcome else { return HeightEvents { height, events } };
-        let sign = |bytes: Vec<u8>| crypto::sign(&self.key, &bytes).to_vec();
+        let sign = |bytes: Vec<u8>| crypto::sign(key, &bytes).to_vec();
         for p in &outcome.producers {
             let total = p.accepted + p.rejected;
             let mut e = proto::ReputationEvent {
@@ -322,7 +339,7 @@ impl EventMaker {
                 height,
                 timestamp_ms: ts,
                 signature: vec![],
-                public_key: self.public.to_vec(),
+                public_key: public.to_vec(),
             };
             e.signature = sign(reputation_signed_bytes(&e));
             events.push(Outgoing {
@@ -352,7 +369,7 @@ impl EventMaker {
                         tx_id: tx.id.to_vec(),
                         timestamp_ms: ts,
                         signature: vec![],
-                        public_key: self.public.to_vec(),
+                        public_key: public.to_vec(),
                     };
                     e.signature = sign(policy_signed_bytes(&e));
                     events.push(Outgoing {
@@ -374,7 +391,7 @@ impl EventMaker {
                         height,
                         timestamp_ms: ts,
                         signature: vec![],
-                        public_key: self.public.to_vec(),
+                        public_key: public.to_vec(),
                     };
                     e.signature = sign(evidence_request_signed_bytes(&e));
                     events.push(Outgoing {
@@ -624,5 +641,40 @@ mod tests {
         assert!(!sign_ok(&forged.public_key, &forged.signature, &policy_signed_bytes(&forged)));
         // Without an outcome (blocks stored before outcomes were kept): the commit event only.
         assert_eq!(maker.for_block(&block, None, None).events.len(), 1);
+    }
+
+    /// Across a key rotation: a block of the old epoch published after the
+    /// switch is signed with the old key (the publisher its epoch's set
+    /// names), one of the new epoch with the new key; each verifies against
+    /// its own epoch's set only.
+    #[test]
+    fn each_block_is_published_with_the_key_of_its_epoch() {
+        let (old, new) = (crypto::generate_key(), crypto::generate_key());
+        let epochs = vec![
+            EpochKeys { epoch: 0, from_height: 0, keys: vec![crypto::public_key(&old)] },
+            EpochKeys { epoch: 1, from_height: 16, keys: vec![crypto::public_key(&new)] },
+        ];
+        let maker = EventMaker::new(new.clone(), epochs, &Default::default(), "1".into())
+            .with_older_keys(vec![old.clone(), new.clone()]);
+        let block = |height: u64| {
+            let header = BlockHeader {
+                height,
+                view: 0,
+                timestamp_ms: 2000,
+                previous_hash: [1; 32],
+                tx_root: tx_root(&[]),
+                state_root: [2; 32],
+                proposer: [0; 32],
+                tx_count: 0,
+            };
+            Block { header, txs: vec![], tx_hashes: vec![] }
+        };
+        for (height, key, other) in [(16, &old, &new), (17, &new, &old)] {
+            let out = maker.for_block(&block(height), None, None);
+            let c = proto::CommitEvent::decode(&out.events[0].payload[..]).unwrap();
+            assert_eq!(c.public_key, crypto::public_key(key).to_vec(), "block {height}");
+            verify_commit_event(&c, &[crypto::public_key(key)], 1).unwrap();
+            assert!(verify_commit_event(&c, &[crypto::public_key(other)], 1).is_err(), "block {height}");
+        }
     }
 }

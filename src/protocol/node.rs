@@ -23,8 +23,8 @@ use crate::protocol::bodies::{ask_order, Bodies};
 use crate::protocol::clock::Now;
 use crate::protocol::consensus::genesis::{Genesis, GenesisError, GenesisOutput, ReadyAttestation};
 use crate::protocol::consensus::pbft::{
-    without_value, Action, Auth, Checkpoint, CommitCert, EpochAuth, Message, Params, PrePrepare, Proof, Record, Replica,
-    Rid, Seq, Signed, View,
+    without_value, Action, Auth, Checkpoint, CommitCert, EpochAuth, Message, Params, PrePrepare, Proof, Record,
+    Replica, Rid, Seq, Signed, View,
 };
 use crate::protocol::consensus::wire::MAX_FETCH_TXS;
 use crate::protocol::crypto::PublicKey;
@@ -609,7 +609,11 @@ impl<A: EpochAuth> Node<A> {
         assert_eq!((self.height(), self.replica.executed()), (epoch.from_height, epoch.from_height), "switch at H");
         let app = snapshot::app_digest(&last.hash(), &self.reputation);
         let Some((mut replica, reputation)) = next_epoch(&self.replica, &self.reputation, &prev, &epoch, app) else {
-            tracing::warn!(epoch = epoch.epoch, height = epoch.from_height, "this validator is not in the new set: it orders nothing more");
+            tracing::warn!(
+                epoch = epoch.epoch,
+                height = epoch.from_height,
+                "this validator is not in the new set: it orders nothing more"
+            );
             self.removed = true;
             out.push(Output::EpochSwitched { epoch, me: None });
             return;
@@ -637,7 +641,13 @@ impl<A: EpochAuth> Node<A> {
         node.dropped = std::mem::take(&mut self.dropped);
         node.last_proposal_ts = self.last_proposal_ts;
         *self = node;
-        tracing::info!(epoch = epoch.epoch, height = epoch.from_height, validators = epoch.validators.len(), replica = me, "validator set change took effect");
+        tracing::info!(
+            epoch = epoch.epoch,
+            height = epoch.from_height,
+            validators = epoch.validators.len(),
+            replica = me,
+            "validator set change took effect"
+        );
         out.push(Output::EpochSwitched { epoch, me: Some(me) });
     }
 
@@ -759,7 +769,9 @@ impl<A: EpochAuth> Node<A> {
                 out.push(Output::SnapshotRequest { to: to.map(|r| r as Rid), request });
             }
             JoinStep::GiveUp if j.setup.member_only => {
-                tracing::info!("no snapshot names this validator yet (the set change has not taken effect); asking again");
+                tracing::info!(
+                    "no snapshot names this validator yet (the set change has not taken effect); asking again"
+                );
                 j.join = None;
                 j.again_at_ms = now.mono_ms + 1_000;
             }
@@ -784,7 +796,11 @@ impl<A: EpochAuth> Node<A> {
                     let current = v.state.current_epoch();
                     let keys: Vec<PublicKey> = current.iter().flat_map(|e| e.validators.values().copied()).collect();
                     if s.auth.for_epoch(current.map_or(0, |e| e.epoch), &keys).is_none() {
-                        tracing::info!(peer, height = v.header.height, "this snapshot's set does not name this validator yet; asking the others");
+                        tracing::info!(
+                            peer,
+                            height = v.header.height,
+                            "this snapshot's set does not name this validator yet; asking the others"
+                        );
                         j.join.as_mut().expect("a transfer completed").refuse(peer, now.mono_ms);
                         return;
                     }
@@ -2034,9 +2050,10 @@ impl<A: EpochAuth> Node<A> {
         }
         // A set change ordered here: nothing above its switch height is
         // ordered by this set. At the switch height, the next tick switches.
-        let scheduled = block.txs.iter().zip(&receipts).any(|(t, r)| {
-            t.kind == crate::protocol::event::TxKind::Reconfiguration && r.status == TxStatus::Applied
-        });
+        let scheduled =
+            block.txs.iter().zip(&receipts).any(|(t, r)| {
+                t.kind == crate::protocol::event::TxKind::Reconfiguration && r.status == TxStatus::Applied
+            });
         if let Some(next) = self.state.scheduled_epoch().filter(|_| scheduled) {
             self.replica.set_ceiling(next.from_height);
         }

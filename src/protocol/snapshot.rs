@@ -27,9 +27,9 @@
 
 use crate::protocol::block::BlockHeader;
 use crate::protocol::consensus::pbft::{Auth, Checkpoint, EpochAuth, Params, Replica, Rid, Seq, Signed};
+use crate::protocol::consensus::wire::{self, WireLimits};
 use crate::protocol::crypto::PublicKey;
 use crate::protocol::reconfig;
-use crate::protocol::consensus::wire::{self, WireLimits};
 use crate::protocol::reputation::Reputation;
 use crate::protocol::state::{State, StateConfig};
 use crate::{proto, sha256, Hash32};

@@ -1484,7 +1484,11 @@ fn production_checklist(c: &Config, e: &mut Vec<ConfigError>) {
                 use std::os::unix::fs::PermissionsExt;
                 let mode = m.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
-                    e.push(err(key, format!("{} has mode {mode:o}", path.display()), format!("chmod 600 {}", path.display())));
+                    e.push(err(
+                        key,
+                        format!("{} has mode {mode:o}", path.display()),
+                        format!("chmod 600 {}", path.display()),
+                    ));
                 }
             }
             Err(er) => {

@@ -269,6 +269,9 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         reputation: rep_cfg,
     })?;
     // The set the chain names now, and this validator's key in it.
+    // Every key this validator holds: blocks of an earlier epoch are
+    // published with the one of their set.
+    let held: Vec<crypto::SigningKey> = std::iter::once(key.clone()).chain(next_key.clone()).collect();
     let waiting_to_join = added && store.height() == 0;
     let (ids, keys, key) = match waiting_to_join {
         // Not in any set yet: the genesis set's peers serve the snapshot.
@@ -373,7 +376,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         threads.push(start_kafka_source(c, tracker, &shared)?);
     }
     let (egress_feed, egress) = match from_kafka {
-        true => start_egress(c, &stop, &stats, &store, &key, &epochs).map(|(f, h)| (Some(f), Some(h)))?,
+        true => start_egress(c, &stop, &stats, &store, &key, &held, &epochs).map(|(f, h)| (Some(f), Some(h)))?,
         false => (None, None),
     };
 
@@ -925,6 +928,7 @@ fn start_egress(
     stats: &RuntimeStats,
     store: &BlockStore,
     key: &crypto::SigningKey,
+    held: &[crypto::SigningKey],
     epochs: &[crate::edges::egress::EpochKeys],
 ) -> anyhow::Result<(BlockFeed<crate::edges::egress::HeightEvents>, std::thread::JoinHandle<()>)> {
     let cursor_path = c.node.data_dir.join("commits.cursor");
@@ -940,7 +944,8 @@ fn start_egress(
     })?;
     tracing::info!(topic = %c.kafka.commits_topic, cursor, "publishing commit events");
     let next = (cursor + 1).max(store.lowest());
-    let events = crate::edges::egress::EventMaker::new(key.clone(), epochs.to_vec(), &c.kafka, c.node.id.to_string());
+    let events = crate::edges::egress::EventMaker::new(key.clone(), epochs.to_vec(), &c.kafka, c.node.id.to_string())
+        .with_older_keys(held.to_vec());
     let make: MakeItem<_> = Box::new(move |b, cert, outcome| events.for_block(b, cert, outcome));
     Ok((BlockFeed::new(tx, next, make), handle))
 }

@@ -193,7 +193,6 @@ fn epoch_keys(state: &State) -> Option<Vec<PublicKey>> {
     state.current_epoch().map(|e| e.validators.values().copied().collect())
 }
 
-
 /// The genesis certificate stored at `path`, checked against this
 /// configuration: `None` if there is none yet (the ceremony runs); an
 /// error naming the difference if it was made with another one.

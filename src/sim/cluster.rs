@@ -364,7 +364,11 @@ impl Sim {
         };
         let params = params(n);
         // Records and certificates of a later, larger set decode too (as the runtime bounds them).
-        let wire = WireLimits { n: n + crate::protocol::reconfig::MAX_CHANGES, max_value_bytes: 1 << 20, window: params.window as usize };
+        let wire = WireLimits {
+            n: n + crate::protocol::reconfig::MAX_CHANGES,
+            max_value_bytes: 1 << 20,
+            window: params.window as usize,
+        };
         let start = 10_000;
         let txs: Vec<VerifiedTx> = (0..cfg.txs)
             .map(|i| {
@@ -552,7 +556,11 @@ impl Sim {
         Sim {
             auths: (0..n)
                 .map(|i| SimAuth::keyed(seed, &validators, validators[i], next_keys[i]))
-                .chain(added.map(|_| SimAuth::keyed(seed, &validators, crypto::public_key(&producer_key(seed ^ 0xadd)), None)))
+                .chain(
+                    added.map(|_| {
+                        SimAuth::keyed(seed, &validators, crypto::public_key(&producer_key(seed ^ 0xadd)), None)
+                    }),
+                )
                 .collect(),
             cfg,
             rng,
@@ -659,7 +667,9 @@ impl Sim {
                 panic!("validator {i} cannot recover: {e:#} (files: {sizes:?})")
             }
         };
-        let Recovered { mut store, log, replica, state, reputation, base_bytes, join_records, next_epoch_records, .. } = r;
+        let Recovered {
+            mut store, log, replica, state, reputation, base_bytes, join_records, next_epoch_records, ..
+        } = r;
         store.set_segment_bytes(self.cfg.segment_bytes);
         // Blocks kept at or below the base (not pruned yet) are the chain's.
         for h in store.lowest()..=store.base_height().min(store.height()) {
@@ -758,7 +768,14 @@ impl Sim {
         .or_else(|| base_bytes.map(|b| (store.base_height(), Arc::new(b))));
         if !added {
             let ceremony = Ceremony::new(i as u32 + 1, CONFIG_HASH, self.genesis_set.clone(), 60_000);
-            node.start_genesis(Genesis::new(ceremony, self.genesis_keys[i].clone(), cert.is_some(), 2_000, 10_000, now));
+            node.start_genesis(Genesis::new(
+                ceremony,
+                self.genesis_keys[i].clone(),
+                cert.is_some(),
+                2_000,
+                10_000,
+                now,
+            ));
         }
         let ids = set_ids(node.state(), node.replica().epoch(), self.cfg.n);
         v.up = Some(Up { node, store, log: log.expect("n > 1"), out: Vec::new(), ids });
@@ -1030,7 +1047,10 @@ impl Sim {
                     assert_eq!(me, at, "validator {i}: its replica id in epoch {}", epoch.epoch);
                     self.report.epoch_switches += 1;
                     if self.debug {
-                        eprintln!("{} validator {i} switched to epoch {} at {}", self.now_ms, epoch.epoch, epoch.from_height);
+                        eprintln!(
+                            "{} validator {i} switched to epoch {} at {}",
+                            self.now_ms, epoch.epoch, epoch.from_height
+                        );
                     }
                     up.ids = epoch.validators.keys().copied().collect();
                     if me.is_none() {

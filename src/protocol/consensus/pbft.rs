@@ -2231,7 +2231,9 @@ mod tests {
     fn a_replica_behind_an_idle_primary_fetches_when_its_heartbeat_says_so() {
         let p = Params { retransmit_ms: 100, ..params() };
         let mut r = Replica::new(3, p, NoAuth);
-        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 0, sig: vec![] });
+        let hb = |executed| {
+            Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 0, sig: vec![] })
+        };
         let fetches = |out: &[Action]| {
             out.iter().filter(|a| matches!(a, Action::Send(0, Message::Fetch { from: 3, from_seq: 1 }))).count()
         };
@@ -2275,7 +2277,9 @@ mod tests {
         let p = Params { retransmit_ms: 100, ..params() };
         let mut r = executed_one(3, &p);
         assert_eq!(r.executed(), 1);
-        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 0, sig: vec![] });
+        let hb = |executed| {
+            Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 0, sig: vec![] })
+        };
         let sent = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Send(0, Message::Committed(_)))).count();
         let mut out = vec![];
         r.set_time(500);
@@ -2306,7 +2310,9 @@ mod tests {
         let p = Params { retransmit_ms: 100, ..params() };
         let mut r = executed_one(3, &p);
         // Replica 2 heartbeats view 0 as if it led it, stalled at 0.
-        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 2, sig: vec![] });
+        let hb = |executed| {
+            Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 2, sig: vec![] })
+        };
         let sent = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::Send(2, Message::Committed(_)))).count();
         let mut out = vec![];
         r.set_time(500);
@@ -2331,7 +2337,9 @@ mod tests {
     #[test]
     fn a_replica_missing_its_next_pre_prepare_fetches_at_the_primarys_next_heartbeat() {
         let p = Params { retransmit_ms: 1000, ..params() };
-        let hb = |executed| Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 0, sig: vec![] });
+        let hb = |executed| {
+            Message::Heartbeat(Signed { body: Heartbeat { view: 0, executed, epoch: 0 }, from: 0, sig: vec![] })
+        };
         let fetches = |out: &[Action], from_seq| {
             out.iter()
                 .filter(|a| matches!(a, Action::Send(0, Message::Fetch { from: 3, from_seq: s }) if *s == from_seq))

@@ -583,7 +583,11 @@ mod tests {
             }),
             Message::Fetch { from: 3, from_seq: 9 },
             Message::Committed(CommitCert { pre_prepare: spp, commits: vec![sv] }),
-            Message::Heartbeat(Signed { body: Heartbeat { view: 5, executed: 9, epoch: 2 }, from: 1, sig: vec![5; 64] }),
+            Message::Heartbeat(Signed {
+                body: Heartbeat { view: 5, executed: 9, epoch: 2 },
+                from: 1,
+                sig: vec![5; 64],
+            }),
         ]
     }
 
