@@ -58,35 +58,11 @@ pub struct Devnet {
     pub producer: SigningKey,
 }
 
-/// Loopback ports for a devnet, free when chosen. Not from the kernel's
-/// ephemeral range (Linux: 32768–60999): a port taken there by bind(0) and
-/// released until the validator binds it could meanwhile go to any
-/// outgoing connection or socket on the host (tests running side by side
-/// saw "Address already in use"). Below it, only another devnet picks
-/// ports, each process from its own stretch (by process id), each port
-/// checked free.
-fn free_port(free: impl Fn(u16) -> bool) -> anyhow::Result<SocketAddr> {
-    const FIRST: u32 = 10_000;
-    const STRETCHES: u32 = 256;
-    const PER_STRETCH: u32 = 88; // 10_000 + 256 × 88 = 32_528, below 32_768
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let stretch = std::process::id() % STRETCHES;
-    for _ in 0..STRETCHES * PER_STRETCH {
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // This process's stretch first, then the others in turn.
-        let s = (stretch + n / PER_STRETCH) % STRETCHES;
-        let port = (FIRST + s * PER_STRETCH + n % PER_STRETCH) as u16;
-        if free(port) {
-            return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-        }
-    }
-    anyhow::bail!("no free loopback port between {FIRST} and {}", FIRST + STRETCHES * PER_STRETCH)
-}
 fn free_tcp() -> anyhow::Result<SocketAddr> {
-    free_port(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 fn free_udp() -> anyhow::Result<SocketAddr> {
-    free_port(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// Writes keys and configs for `opts.validators` validators under `root`;
