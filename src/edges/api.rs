@@ -39,10 +39,9 @@ pub struct StaticInfo {
     pub quorum: usize,
     /// Validator ids in replica order (certificate signers are replica indexes).
     pub ids: Vec<u32>,
-    /// Every validator set epoch so far: (epoch, the height above which it
-    /// orders, its ids in replica order), oldest first; a block's signers
+    /// Every validator set epoch so far, oldest first: a block's signers
     /// are named by its own epoch's ids. Empty: `ids` for every block.
-    pub epochs: Vec<(u64, u64, Vec<u32>)>,
+    pub epochs: Vec<crate::protocol::reconfig::Epoch>,
     /// More blocks behind the cluster than this (the PBFT window: beyond
     /// it a validator cannot vote in the current rounds) is not ready.
     pub ready_lag_blocks: u64,
@@ -94,12 +93,10 @@ fn block_json(
     info: &StaticInfo,
 ) -> serde_json::Value {
     let height = b.header.height;
-    let (epoch, ids) = info
-        .epochs
-        .iter()
-        .rev()
-        .find(|(e, from, _)| *from < height || *e == 0)
-        .map_or((0, &info.ids[..]), |(e, _, ids)| (*e, &ids[..]));
+    let (epoch, ids) = match crate::protocol::reconfig::certifying(&info.epochs, height) {
+        Some(e) => (e.epoch, e.validators.keys().copied().collect()),
+        None => (0, info.ids.clone()),
+    };
     let mut v = header_json(b);
     v["txs"] = b
         .txs
@@ -523,15 +520,20 @@ async fn accept_loop<R: Respond + 'static>(
 mod tests {
     use super::*;
 
-    fn api(stats: Arc<RuntimeStats>) -> Api {
-        let info = StaticInfo {
+    /// Validator 1 of four.
+    fn info() -> StaticInfo {
+        StaticInfo {
             validator: 1,
             validators: 4,
             quorum: 3,
             ids: vec![1, 2, 3, 4],
             epochs: vec![],
             ready_lag_blocks: 8,
-        };
+        }
+    }
+
+    fn api(stats: Arc<RuntimeStats>) -> Api {
+        let info = info();
         let (tx, _rx) = std::sync::mpsc::sync_channel(1);
         let latencies = Latencies::default();
         Api::new(info, stats, &latencies, None, tx).unwrap()
@@ -588,14 +590,7 @@ mod tests {
         let stats = Arc::new(RuntimeStats::default());
         stats.height.store(9, Ordering::Relaxed);
         stats.lowest_stored.store(store.lowest(), Ordering::Relaxed);
-        let info = StaticInfo {
-            validator: 1,
-            validators: 4,
-            quorum: 3,
-            ids: vec![1, 2, 3, 4],
-            epochs: vec![],
-            ready_lag_blocks: 8,
-        };
+        let info = info();
         let (tx, _rx) = std::sync::mpsc::sync_channel(1);
         let mut api = Api::new(info, stats, &Latencies::default(), Some(reader), tx).unwrap();
         let get = |api: &mut Api, path: &str| {

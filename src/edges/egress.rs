@@ -28,6 +28,7 @@ use crate::protocol::block::Block;
 use crate::protocol::consensus::pbft::CommitCert;
 use crate::protocol::crypto::{self, PublicKey, SigningKey};
 use crate::protocol::event::TxKind;
+use crate::protocol::reconfig::Epoch;
 
 pub const COMMITS_DOMAIN: &str = "control.commits.v1";
 
@@ -52,10 +53,9 @@ pub fn commit_event(
     block: &Block,
     cert: Option<&CommitCert>,
     outcome: Option<&proto::BlockOutcome>,
-    set: &EpochKeys,
+    set: &Epoch,
     key: &SigningKey,
 ) -> proto::CommitEvent {
-    let (epoch, validators) = (set.epoch, &set.keys[..]);
     let refused: std::collections::BTreeSet<u32> =
         outcome.map(|o| o.rejected.iter().map(|r| r.index).collect()).unwrap_or_default();
     let ids = |kind: TxKind| -> Vec<Vec<u8>> {
@@ -74,12 +74,12 @@ pub fn commit_event(
         view: c.pre_prepare.body.view,
         block_hash: block_hash.to_vec(),
         value_digest: c.pre_prepare.body.digest.to_vec(),
-        epoch,
+        epoch: set.epoch,
         signatures: c
             .commits
             .iter()
             .filter_map(|v| {
-                let k = validators.get(v.from)?;
+                let k = set.validators.values().nth(v.from)?;
                 Some(proto::ValidatorSignature { public_key: k.to_vec(), signature: v.sig.clone() })
             })
             .collect(),
@@ -110,15 +110,6 @@ pub fn commit_vote_bytes(view: u64, height: u64, value_digest: &[u8]) -> Vec<u8>
     v.extend_from_slice(&height.to_be_bytes());
     v.extend_from_slice(value_digest);
     v
-}
-
-/// A validator set's keys in replica order, the epoch it is, and the
-/// height above which it orders.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EpochKeys {
-    pub epoch: u64,
-    pub from_height: u64,
-    pub keys: Vec<PublicKey>,
 }
 
 /// What a consumer checks: the publisher's signature, and `q` distinct
@@ -238,7 +229,7 @@ pub struct EventMaker {
     key: SigningKey,
     /// Every set of the chain so far, oldest first: each block's
     /// certificate names the keys of its own epoch.
-    epochs: Vec<EpochKeys>,
+    epochs: Vec<Epoch>,
     /// Keys this validator held in earlier epochs and still holds (before
     /// a rotation: `node.key_file` while `next_key_file` signs).
     older: Vec<SigningKey>,
@@ -253,8 +244,8 @@ pub struct EventMaker {
 
 impl EventMaker {
     /// The set that certified block `height` (the last one starting below it).
-    fn epoch_of(&self, height: u64) -> &EpochKeys {
-        self.epochs.iter().rev().find(|e| e.from_height < height || e.epoch == 0).expect("the genesis set")
+    fn epoch_of(&self, height: u64) -> &Epoch {
+        crate::protocol::reconfig::certifying(&self.epochs, height).expect("the genesis set first")
     }
 
     /// The same, also holding `keys` (this validator's keys of earlier
@@ -267,7 +258,7 @@ impl EventMaker {
 
     pub fn new(
         key: SigningKey,
-        epochs: Vec<EpochKeys>,
+        epochs: Vec<Epoch>,
         k: &crate::edges::kafka::KafkaConfig,
         validator_id: String,
     ) -> Self {
@@ -319,7 +310,8 @@ impl EventMaker {
         // Signed with this validator's key of the block's epoch when it holds
         // it (a block before a rotation, published after it), so a consumer
         // finds the publisher in that epoch's set.
-        let key = self.older.iter().find(|k| set.keys.contains(&crypto::public_key(k))).unwrap_or(&self.key);
+        let held = |k: &&SigningKey| set.validators.values().any(|p| *p == crypto::public_key(k));
+        let key = self.older.iter().find(held).unwrap_or(&self.key);
         let public = crypto::public_key(key);
         let mut events = vec![Outgoing {
             topic: self.commits.clone(),
@@ -599,7 +591,7 @@ mod tests {
                 rejected: 4,
             }],
         };
-        let set = EpochKeys { epoch: 0, from_height: 0, keys: vec![crypto::public_key(&vkey)] };
+        let set = Epoch { epoch: 0, from_height: 0, validators: [(1, crypto::public_key(&vkey))].into() };
         let maker = EventMaker::new(vkey.clone(), vec![set], &Default::default(), "1".into());
         let mut out = maker.for_block(&block, None, Some(&outcome));
         assert_eq!(out.height, 7);
@@ -651,8 +643,8 @@ mod tests {
     fn each_block_is_published_with_the_key_of_its_epoch() {
         let (old, new) = (crypto::generate_key(), crypto::generate_key());
         let epochs = vec![
-            EpochKeys { epoch: 0, from_height: 0, keys: vec![crypto::public_key(&old)] },
-            EpochKeys { epoch: 1, from_height: 16, keys: vec![crypto::public_key(&new)] },
+            Epoch { epoch: 0, from_height: 0, validators: [(1, crypto::public_key(&old))].into() },
+            Epoch { epoch: 1, from_height: 16, validators: [(1, crypto::public_key(&new))].into() },
         ];
         let maker = EventMaker::new(new.clone(), epochs, &Default::default(), "1".into())
             .with_older_keys(vec![old.clone(), new.clone()]);

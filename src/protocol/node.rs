@@ -594,11 +594,6 @@ impl<A: EpochAuth> Node<A> {
         self.next_epoch_records = Some((epoch, records));
     }
 
-    /// A change removed this validator from the set.
-    pub fn removed(&self) -> bool {
-        self.removed
-    }
-
     /// Hands over to the new set's replica at the switch height (see
     /// `next_epoch`): this node is rebuilt on it, keeping its mempool and
     /// the txs it remembers, as the snapshot join rebuilds one.

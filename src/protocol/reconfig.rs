@@ -301,6 +301,12 @@ pub fn valid_signers(rc: &Reconfiguration, set: &ValidatorSet) -> usize {
     signers.len()
 }
 
+/// The epoch whose set orders (and certifies) block `height` among
+/// `epochs` (oldest first, from genesis): the last one starting below it.
+pub fn certifying(epochs: &[Epoch], height: u64) -> Option<&Epoch> {
+    epochs.iter().rev().find(|e| e.from_height < height || e.epoch == 0)
+}
+
 /// The height a change executed at `height` takes effect after: the first
 /// multiple of the checkpoint interval at least one interval and one PBFT
 /// window later. The window matters for safety: a replica orders seqs up

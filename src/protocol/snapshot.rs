@@ -292,7 +292,7 @@ fn signing_epoch(
     if epochs.last() != Some(&current) {
         return Err(bad("the current epoch is not the last of the chain".into()));
     }
-    let signing = epochs.iter().rev().find(|e| e.from_height < height || e.epoch == 0).expect("genesis");
+    let signing = reconfig::certifying(&epochs, height).expect("genesis first");
     Ok(Some((signing.clone(), current)))
 }
 

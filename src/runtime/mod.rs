@@ -268,10 +268,10 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
         state: v.state_config(),
         reputation: rep_cfg,
     })?;
-    // The set the chain names now, and this validator's key in it.
     // Every key this validator holds: blocks of an earlier epoch are
     // published with the one of their set.
     let held: Vec<crypto::SigningKey> = std::iter::once(key.clone()).chain(next_key.clone()).collect();
+    // The set the chain names now, and this validator's key in it.
     let waiting_to_join = added && store.height() == 0;
     let (ids, keys, key) = match waiting_to_join {
         // Not in any set yet: the genesis set's peers serve the snapshot.
@@ -282,21 +282,14 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
     let params = c.pbft_params(n);
     // Peers' messages are bounded by the current set.
     let wire = wire_for(n);
-    // Every set so far: commit events name the keys of each block's epoch.
-    let epochs: Vec<crate::edges::egress::EpochKeys> = (0..=replica.epoch())
-        .map(|e| match state.epoch(e) {
-            Some(e) => crate::edges::egress::EpochKeys {
-                epoch: e.epoch,
-                from_height: e.from_height,
-                keys: e.validators.values().copied().collect(),
-            },
-            None => crate::edges::egress::EpochKeys { epoch: 0, from_height: 0, keys: keys.clone() },
+    // Every set so far (a chain without set changes: the configured one):
+    // commit events and the API name each block's signers by its epoch's.
+    let epochs: Vec<crate::protocol::reconfig::Epoch> = (0..=replica.epoch())
+        .map(|e| {
+            let genesis =
+                || crate::protocol::reconfig::Epoch { epoch: 0, from_height: 0, validators: v.validators.clone() };
+            state.epoch(e).unwrap_or_else(genesis)
         })
-        .collect();
-    // The same sets by id, for the API's certificate signers.
-    let epoch_ids: Vec<(u64, u64, Vec<u32>)> = (0..=replica.epoch())
-        .filter_map(|e| state.epoch(e))
-        .map(|e| (e.epoch, e.from_height, e.validators.keys().copied().collect()))
         .collect();
     if replica.epoch() > 0 {
         tracing::info!(epoch = replica.epoch(), validators = ?ids, "validator set of the current epoch");
@@ -393,7 +386,7 @@ pub fn start(v: Validated, stop: Arc<AtomicBool>) -> anyhow::Result<Running> {
             validators: n,
             quorum: params.q(),
             ids: ids.clone(),
-            epochs: epoch_ids,
+            epochs: epochs.clone(),
             ready_lag_blocks: params.window,
         };
         threads.push(start_api(c, info, &stats, &stop, state_tx.clone())?);
@@ -929,7 +922,7 @@ fn start_egress(
     store: &BlockStore,
     key: &crypto::SigningKey,
     held: &[crypto::SigningKey],
-    epochs: &[crate::edges::egress::EpochKeys],
+    epochs: &[crate::protocol::reconfig::Epoch],
 ) -> anyhow::Result<(BlockFeed<crate::edges::egress::HeightEvents>, std::thread::JoinHandle<()>)> {
     let cursor_path = c.node.data_dir.join("commits.cursor");
     let cursor = crate::edges::egress::read_cursor(&cursor_path)

@@ -643,12 +643,6 @@ impl<A: Auth + Clone> Replica<A> {
         self
     }
 
-    /// The application digest this replica recorded at `seq` (its own
-    /// checkpoint there, if it keeps one).
-    pub fn own_checkpoint(&self, seq: Seq) -> Option<(Hash32, Hash32)> {
-        self.own_checkpoints.get(&seq).copied()
-    }
-
     /// Orders nothing above `seq`: a set change takes effect there, and the
     /// next set orders what follows (see `Node`'s epoch switch). No value
     /// above it is pre-prepared, prepared or committed by this replica.

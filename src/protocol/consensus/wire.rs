@@ -34,11 +34,6 @@ impl Ed25519Auth {
         self.next = next;
         self
     }
-
-    /// The key it signs with.
-    pub fn signing_key(&self) -> &SigningKey {
-        &self.key
-    }
 }
 
 impl Auth for Ed25519Auth {

@@ -590,15 +590,6 @@ impl State {
         self.kv.get(&epoch_change_key(e)).map(Vec::as_slice)
     }
 
-    /// The epoch whose set orders (and certifies) block `height`.
-    pub fn epoch_at(&self, height: u64) -> Option<reconfig::Epoch> {
-        let mut e = self.current_epoch()?;
-        while height <= e.from_height && e.epoch > 0 {
-            e = self.epoch(e.epoch - 1)?;
-        }
-        Some(e)
-    }
-
     /// The current epoch: the state's record, or the genesis set (epoch 0).
     pub fn current_epoch(&self) -> Option<reconfig::Epoch> {
         current_epoch(self.kv.get(CURRENT_EPOCH_KEY).map(Vec::as_slice), &self.cfg)
@@ -803,9 +794,11 @@ mod tests {
         assert_eq!(s.current_epoch().as_ref(), Some(&next));
         assert_eq!(s.scheduled_epoch(), None);
         assert_eq!(s.epoch(1).as_ref(), Some(&next));
-        assert_eq!(s.epoch_at(16).map(|e| e.epoch), Some(0), "block 16 is the old set's");
-        assert_eq!(s.epoch_at(17).map(|e| e.epoch), Some(1));
-        assert_eq!(s.epoch_at(1).unwrap().validators.len(), 4);
+        let epochs: Vec<_> = (0..=1).filter_map(|e| s.epoch(e)).collect();
+        let epoch_at = |h| reconfig::certifying(&epochs, h);
+        assert_eq!(epoch_at(16).map(|e| e.epoch), Some(0), "block 16 is the old set's");
+        assert_eq!(epoch_at(17).map(|e| e.epoch), Some(1));
+        assert_eq!(epoch_at(1).unwrap().validators.len(), 4);
         s.rollback(e.undo);
         assert_eq!((s.root(), s.scheduled_epoch(), s.current_epoch().unwrap().epoch), (before, Some(next.clone()), 0));
         // A chain without rules (one validator) refuses any change.
