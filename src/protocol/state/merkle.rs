@@ -368,7 +368,7 @@ impl SparseMerkleTree {
     fn update_parallel(&mut self, ups: &[Update]) -> (Ref, Hash32, isize) {
         let mut at_split = [(Ref::EMPTY, EMPTY); SUBTREES];
         let mut top = std::mem::take(&mut self.arenas[TOP]);
-        unwind(&mut top, &mut *self.arenas, self.root, self.root_hash, 0, 0, &mut at_split);
+        unwind(&mut top, &mut self.arenas, self.root, self.root_hash, 0, 0, &mut at_split);
         self.arenas[TOP] = top;
         let bounds: Vec<usize> = (0..=SUBTREES).map(|s| ups.partition_point(|u| subtree(&u.0) < s)).collect();
         let (low, _) = self.arenas.split_at_mut(TOP);
