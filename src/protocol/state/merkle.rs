@@ -203,8 +203,11 @@ trait Nodes {
             return;
         }
         let a = self.arena(r.arena());
-        let p: *const u8 =
-            if r.is_leaf() { (&a.leaves[r.idx()] as *const Leaf).cast() } else { (&a.inner[r.idx()] as *const Inner).cast() };
+        let p: *const u8 = if r.is_leaf() {
+            (&a.leaves[r.idx()] as *const Leaf).cast()
+        } else {
+            (&a.inner[r.idx()] as *const Inner).cast()
+        };
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is a hint; it never faults or changes memory.
         unsafe {
@@ -388,19 +391,15 @@ impl SparseMerkleTree {
                 .collect()
         };
         let delta = done.iter().map(|d| d.2).sum();
-        let mut level: Vec<(Ref, Hash32, Hash32)> = done.iter().enumerate().map(|(s, d)| {
-            // Any key of the subtree: the top node's arena is TOP anyway.
-            let mut key = EMPTY;
-            key[0] = (s as u8) << (8 - SPLIT_DEPTH);
-            (d.0, d.1, key)
-        }).collect();
+        // Above the split depth every internal node lives in TOP, whatever
+        // key `join` is given.
+        let mut level: Vec<(Ref, Hash32)> = done.iter().map(|d| (d.0, d.1)).collect();
         for depth in (0..SPLIT_DEPTH).rev() {
             level = level
                 .chunks_exact(2)
                 .map(|pair| {
                     let node = Inner { hash: [pair[0].1, pair[1].1], child: [pair[0].0, pair[1].0] };
-                    let (r, h) = join(&mut *self.arenas, depth, &pair[0].2, node);
-                    (r, h, pair[0].2)
+                    join(&mut *self.arenas, depth, &EMPTY, node)
                 })
                 .collect();
         }
@@ -449,7 +448,15 @@ impl SparseMerkleTree {
 /// frees the internal nodes above `SPLIT_DEPTH` and records, per subtree, the
 /// node at the split depth and its hash (a leaf above it goes to its key's
 /// subtree; the subtrees it does not reach stay empty).
-fn unwind(top: &mut Arena, low: &mut [Arena], r: Ref, hash: Hash32, depth: usize, prefix: usize, out: &mut [(Ref, Hash32); SUBTREES]) {
+fn unwind(
+    top: &mut Arena,
+    low: &mut [Arena],
+    r: Ref,
+    hash: Hash32,
+    depth: usize,
+    prefix: usize,
+    out: &mut [(Ref, Hash32); SUBTREES],
+) {
     if depth == SPLIT_DEPTH {
         out[prefix] = (r, hash);
     } else if r.is_leaf() {
